@@ -1,0 +1,65 @@
+"""Fields every stage-1 config shares; each experiment file overrides what differs."""
+
+import ml_collections
+
+
+def parse_arg(arg):
+  """Parses a config-file argument like ``smoke`` or ``smoke,res=64``."""
+  out = {}
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    out[key.strip()] = value.strip() if value else True
+  return out
+
+
+def stage1_base():
+  c = ml_collections.ConfigDict()
+  c.stage = 'vqgan'
+  c.seed = 0
+  # The first-stage model (taming `ddconfig` + quantizer fields).
+  c.model = ml_collections.ConfigDict(dict(
+      ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+      dropout=0.0, in_channels=3, out_ch=3, resolution=256, z_channels=256,
+      n_embed=1024, embed_dim=256, beta=0.25, legacy_beta=True,
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      # Batches (not optimizer steps); a float in (0, 1) is a fraction of train.num_steps.
+      disc_start=250001,
+      codebook_weight=1.0, perceptual_weight=1.0,
+      disc_factor=1.0, disc_weight=0.8, disc_loss='hinge',
+      disc_num_layers=3, disc_ndf=64,
+      # The original trains with LPIPS dropout on (Lightning's train() undoes its eval()).
+      lpips_dropout=True,
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=4.5e-6,
+      scale_lr=True,  # lr = base_lr * global batch, as taming's main.py
+      b1=0.5, b2=0.9, eps=1e-8,
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      name='imagenet2012',   # any prepared TFDS image dataset, 'fashion_mnist' or 'folder'
+      data_dir='',           # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+      folder='',             # source images when name == 'folder'
+      source_dir='/usr/share/datasets/fashion-mnist',  # IDX files for fashion_mnist
+      image_key='image',
+      image_size=256,
+      train_split='train', eval_split='validation',
+      random_crop=True,
+      worker_count=0,
+      eval_examples=-1,      # -1: the whole eval split
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=12,          # global
+      eval_batch_size=16,     # global
+      num_steps=1_000_000,
+      log_every=100,
+      eval_every=5000,
+      checkpoint_every=5000,
+      max_to_keep=3,
+      dtype='float32',        # compute dtype; bfloat16 on accelerators
+      num_grid_images=16,
+  ))
+  # Mesh axis sizes; -1 takes the remaining devices. Params/opt-state shard over fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.init_from = ''
+  return c

@@ -1,0 +1,30 @@
+"""The embedded demo: a small VQGAN on Fashion-MNIST (32x32), minutes on 2 CPU cores.
+
+  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm
+  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir=/tmp/fm_smoke
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg)
+  c = common.stage1_base()
+  c.model.update(
+      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+      resolution=32, z_channels=64, n_embed=256, embed_dim=32,
+  )
+  c.loss.update(disc_start=0.6, disc_weight=0.8, disc_num_layers=2, disc_ndf=32)
+  c.optim.base_lr = 1e-5
+  c.data.update(name='fashion_mnist', image_size=32, eval_split='test',
+                random_crop=False)
+  c.train.update(batch_size=32, eval_batch_size=250, num_steps=1500, log_every=50,
+                 eval_every=500, checkpoint_every=500, num_grid_images=32)
+  if args.get('smoke'):
+    c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                   z_channels=32, n_embed=64, embed_dim=16)
+    c.loss.update(disc_start=4, disc_ndf=16)
+    c.data.eval_examples = 64
+    c.train.update(batch_size=8, eval_batch_size=32, num_steps=8, log_every=2,
+                   eval_every=8, checkpoint_every=4, num_grid_images=8)
+  return c
