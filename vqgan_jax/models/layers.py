@@ -1,0 +1,177 @@
+"""Building blocks of the taming VQGAN (`taming/modules/diffusionmodules/model.py`).
+
+Submodule names follow the original state-dict keys: torch `down.0.block.1.conv1.weight` is
+flax `down_0/block_1/conv1/kernel`, so weight conversion is a table, not a search.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def torch_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv/linear init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
+  fan_in = 1
+  for d in shape[:-1]:
+    fan_in *= d
+  bound = 1.0 / jnp.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Conv(nn.Module):
+  """A 2-D NHWC convolution with torch-default init (bias ~ U(+-1/sqrt(fan_in)) too).
+
+  `padding` is explicit ((top, bottom), (left, right)) so torch's layouts are reproduced.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: Any = 'torch'  # 'torch': symmetric kernel_size // 2, like nn.Conv2d(padding=k//2)
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = torch_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    in_features = x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (k, k, in_features, self.features))
+    pad = self.padding
+    if pad == 'torch':
+      pad = ((k // 2, k // 2), (k // 2, k // 2))
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides), padding=pad,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      fan_in = k * k * in_features
+      bound = 1.0 / jnp.sqrt(fan_in)
+      bias = self.param(
+          'bias', lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound),
+          (self.features,))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def Normalize(name=None, dtype: Dtype = jnp.float32):  # pylint: disable=invalid-name
+  """GroupNorm(32, eps=1e-6, affine) as the original; statistics in float32."""
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                      name=name)
+
+
+def swish(x):
+  return x * jax.nn.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+  out_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    in_channels = x.shape[-1]
+    h = swish(Normalize('norm1', self.dtype)(x))
+    h = Conv(self.out_channels, 3, dtype=self.dtype, name='conv1')(h)
+    h = swish(Normalize('norm2', self.dtype)(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
+    h = Conv(self.out_channels, 3, dtype=self.dtype, name='conv2')(h)
+    if in_channels != self.out_channels:
+      x = Conv(self.out_channels, 1, padding=((0, 0), (0, 0)), dtype=self.dtype,
+               name='nin_shortcut')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head global self-attention over H*W positions, scaled by C**-0.5.
+
+  The original's q/k/v/proj_out are 1x1 convs; here they are Dense layers on NHWC
+  (torch weight[:, :, 0, 0].T is the Dense kernel).
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hh, ww, c = x.shape
+    h = Normalize('norm', self.dtype)(x)
+    dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=torch_kernel_init,
+                                  bias_init=_torch_bias_init(c), name=name)
+    q = dense('q')(h).reshape(b, hh * ww, c)
+    k = dense('k')(h).reshape(b, hh * ww, c)
+    v = dense('v')(h).reshape(b, hh * ww, c)
+    w = jnp.einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bqk,bkc->bqc', w, v).reshape(b, hh, ww, c)
+    return x + dense('proj_out')(out)
+
+
+def _torch_bias_init(fan_in):
+  bound = 1.0 / (fan_in ** 0.5)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv after zero-padding only right and bottom by one (the original's quirk)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
+                name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then a 3x3 conv."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return Conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(x)
+
+
+class Level(nn.Module):
+  """One resolution level: `num_blocks` ResnetBlocks (each followed by attention when
+  `use_attn`), then an optional resampler. Named `down_i` / `up_i` by its parent."""
+  out_channels: int
+  num_blocks: int
+  use_attn: bool
+  resample: str  # 'down', 'up' or 'none'
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    for j in range(self.num_blocks):
+      x = ResnetBlock(self.out_channels, self.dropout, self.dtype, name=f'block_{j}')(
+          x, deterministic)
+      if self.use_attn:
+        x = AttnBlock(self.dtype, name=f'attn_{j}')(x)
+    if self.resample == 'down':
+      x = Downsample(self.dtype, name='downsample')(x)
+    elif self.resample == 'up':
+      x = Upsample(self.dtype, name='upsample')(x)
+    return x
+
+
+class MidBlock(nn.Module):
+  channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    x = ResnetBlock(self.channels, self.dropout, self.dtype, name='block_1')(x, deterministic)
+    x = AttnBlock(self.dtype, name='attn_1')(x)
+    return ResnetBlock(self.channels, self.dropout, self.dtype, name='block_2')(
+        x, deterministic)
+
+
+def level_resolutions(resolution: int, ch_mult: Sequence[int]):
+  """Configured resolution at each level (attention placement follows it, not the input)."""
+  return [resolution // 2 ** i for i in range(len(ch_mult))]

@@ -1,0 +1,136 @@
+"""Encoder, Decoder and the VQGAN composition (taming `VQModel`)."""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vqgan_jax.models import layers
+from vqgan_jax.models.quantizer import VectorQuantizer
+
+Dtype = Any
+
+
+class Encoder(nn.Module):
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  z_channels: int
+  dropout: float = 0.0
+  double_z: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    n = len(self.ch_mult)
+    h = layers.Conv(self.ch, 3, dtype=self.dtype, name='conv_in')(x)
+    for i, res in enumerate(layers.level_resolutions(self.resolution, self.ch_mult)):
+      h = layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks,
+                       use_attn=res in self.attn_resolutions,
+                       resample='down' if i < n - 1 else 'none',
+                       dropout=self.dropout, dtype=self.dtype, name=f'down_{i}')(
+                           h, deterministic)
+    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, name='mid')(h, deterministic)
+    h = layers.swish(layers.Normalize('norm_out', self.dtype)(h))
+    out = 2 * self.z_channels if self.double_z else self.z_channels
+    return layers.Conv(out, 3, dtype=self.dtype, name='conv_out')(h)
+
+
+class Decoder(nn.Module):
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  resolution: int
+  out_ch: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    n = len(self.ch_mult)
+    res = layers.level_resolutions(self.resolution, self.ch_mult)
+    self.conv_in = layers.Conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype)
+    self.mid = layers.MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype)
+    # Indexed by level like the original's `up.i`; run from the lowest resolution up.
+    self.up = [
+        layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
+                     use_attn=res[i] in self.attn_resolutions,
+                     resample='up' if i > 0 else 'none', dropout=self.dropout,
+                     dtype=self.dtype)
+        for i in range(n)]
+    self.norm_out = layers.Normalize(dtype=self.dtype)
+    self.conv_out = layers.Conv(self.out_ch, 3, dtype=self.dtype)
+
+  def features(self, z, deterministic: bool = True):
+    """Activations entering `conv_out` (the adaptive GAN weight differentiates there)."""
+    h = self.conv_in(z)
+    h = self.mid(h, deterministic)
+    for level in reversed(self.up):
+      h = level(h, deterministic)
+    return layers.swish(self.norm_out(h))
+
+  def __call__(self, z, deterministic: bool = True):
+    return self.conv_out(self.features(z, deterministic))
+
+
+class VQGAN(nn.Module):
+  """Taming's VQModel: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
+
+  Entry points for `apply(..., method=...)`: `encode`, `decode`, `encode_to_indices`,
+  `decode_indices`, `decode_with_features`; `__call__` returns (xrec, qloss, indices).
+  Images are NHWC in [-1, 1]; the decoder output is unbounded, as in the original.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  resolution: int = 256
+  in_channels: int = 3
+  out_ch: int = 3
+  z_channels: int = 256
+  n_embed: int = 1024
+  embed_dim: int = 256
+  beta: float = 0.25
+  legacy_beta: bool = True
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                  dropout=self.dropout, dtype=self.dtype)
+    self.encoder = Encoder(z_channels=self.z_channels, **common)
+    self.decoder = Decoder(out_ch=self.out_ch, **common)
+    one = ((0, 0), (0, 0))
+    self.quant_conv = layers.Conv(self.embed_dim, 1, padding=one, dtype=self.dtype)
+    self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=one, dtype=self.dtype)
+    self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta)
+
+  @property
+  def downsample_factor(self):
+    return 2 ** (len(self.ch_mult) - 1)
+
+  def encode(self, x, deterministic: bool = True):
+    """Returns (z_q (B,h,w,embed_dim) float32, qloss, indices (B,h,w))."""
+    h = self.quant_conv(self.encoder(x, deterministic))
+    return self.quantize(h)
+
+  def encode_to_indices(self, x):
+    return self.encode(x)[2]
+
+  def decode(self, z_q, deterministic: bool = True):
+    return self.decoder(self.post_quant_conv(z_q), deterministic)
+
+  def decode_indices(self, indices):
+    return self.decode(self.quantize.lookup(indices))
+
+  def decode_with_features(self, z_q, deterministic: bool = True):
+    """(features entering decoder.conv_out, reconstruction)."""
+    h = self.decoder.features(self.post_quant_conv(z_q), deterministic)
+    return h, self.decoder.conv_out(h)
+
+  def __call__(self, x, deterministic: bool = True):
+    z_q, qloss, indices = self.encode(x, deterministic)
+    return self.decode(z_q, deterministic), qloss, indices
