@@ -24,7 +24,7 @@ def stage1_base():
   ))
   c.loss = ml_collections.ConfigDict(dict(
       # Batches (not optimizer steps); a float in (0, 1) is a fraction of train.num_steps.
-      disc_start=250001,
+      disc_start=250001.0,
       codebook_weight=1.0, perceptual_weight=1.0,
       disc_factor=1.0, disc_weight=0.8, disc_loss='hinge',
       disc_num_layers=3, disc_ndf=64,

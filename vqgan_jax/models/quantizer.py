@@ -31,15 +31,6 @@ def vq_loss(z, z_q, beta: float, legacy: bool):
   return beta * commit + codebook
 
 
-def usage_stats(indices, n_embed: int):
-  """Fraction of the codebook used and the perplexity of the code histogram."""
-  counts = jnp.bincount(indices.reshape(-1), length=n_embed).astype(jnp.float32)
-  p = counts / jnp.maximum(counts.sum(), 1.0)
-  perplexity = jnp.exp(-jnp.sum(p * jnp.log(p + 1e-10)))
-  usage = jnp.mean((counts > 0).astype(jnp.float32))
-  return usage, perplexity
-
-
 class VectorQuantizer(nn.Module):
   """Nearest-codebook quantizer. torch `quantize.embedding.weight` = `embedding/embedding`."""
   n_embed: int

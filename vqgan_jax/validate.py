@@ -1,0 +1,48 @@
+"""Config checks that run before anything is compiled: one clear sentence per problem."""
+
+import math
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the model or the run cannot use."""
+
+
+def _check(cond, msg):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate_stage1(config, batch_divisor: int = 1):
+  m, d, t, loss = config.model, config.data, config.train, config.loss
+  _check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
+  factor = 2 ** (len(m.ch_mult) - 1)
+  for name in ('resolution',):
+    _check(m[name] % factor == 0,
+           f'config.model.{name}={m[name]} is not divisible by the downsampling factor '
+           f'{factor} (2**(len(ch_mult)-1) with ch_mult={tuple(m.ch_mult)})')
+  _check(d.image_size % factor == 0,
+         f'config.data.image_size={d.image_size} is not divisible by the downsampling factor '
+         f'{factor} of config.model.ch_mult={tuple(m.ch_mult)}')
+  for i, mult in enumerate(m.ch_mult):
+    c = m.ch * mult
+    _check(c % 32 == 0,
+           f'config.model.ch * ch_mult[{i}] = {m.ch} * {mult} = {c} channels is not divisible '
+           'by 32 (GroupNorm uses 32 groups)')
+  for name in ('n_embed', 'embed_dim', 'z_channels', 'num_res_blocks'):
+    _check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
+  _check(m.in_channels in (1, 3) and m.out_ch == m.in_channels,
+         f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}')
+  _check(loss.disc_loss in ('hinge', 'vanilla'),
+         f"config.loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
+  _check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
+  _check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
+  _check(t.dtype in ('float32', 'bfloat16'),
+         f"config.train.dtype must be 'float32' or 'bfloat16', got {t.dtype!r}")
+  for name in ('batch_size', 'eval_batch_size'):
+    _check(t[name] % batch_divisor == 0,
+           f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
+           "of the mesh's batch axes (config.mesh)")
+  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+    _check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
+  _check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
+         f'config.optim.base_lr must be a positive number, got {config.optim.base_lr}')
