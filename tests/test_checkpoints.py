@@ -1,0 +1,426 @@
+"""Checkpointer: round trips, retention, resharding, handoff, config checks, crashes."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from vqgan_jax import checkpoints as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**model):
+  c = ml_collections.ConfigDict()
+  c.stage = 'vqgan'
+  c.model = ml_collections.ConfigDict(dict(ch=64, ch_mult=(1, 2), n_embed=16))
+  c.model.update(model)
+  c.loss = ml_collections.ConfigDict(dict(disc_num_layers=2, disc_ndf=16,
+                                          disc_weight=0.8))
+  c.train = ml_collections.ConfigDict(dict(num_steps=100, log_every=10))
+  return c
+
+
+def _mesh(shape, names):
+  return jax.make_mesh(shape, names, devices=jax.devices()[:int(np.prod(shape))])
+
+
+def _state(seed=0, mesh=None):
+  k = jax.random.split(jax.random.key(seed), 3)
+  params = {'enc': {'conv': {'kernel': jax.random.normal(k[0], (3, 3, 4, 16)),
+                             'bias': jnp.zeros((16,))}},
+            'codebook': jax.random.normal(k[1], (16, 8))}
+  if mesh is not None:
+    params = jax.device_put(params, {
+        'enc': {'conv': {'kernel': NamedSharding(mesh, P(None, None, None, 'fsdp')),
+                         'bias': NamedSharding(mesh, P('fsdp'))}},
+        'codebook': NamedSharding(mesh, P('fsdp'))})
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)
+  # One update so the moments are not all zeros.
+  grads = jax.tree.map(lambda p: 0.1 * p + 1.0, params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  return {'step': jnp.asarray(7, jnp.int32), 'params': params,
+          'opt_state': opt_state,
+          'disc_params': {'w': jax.random.normal(k[2], (4, 4))},
+          'batch_stats': {'mean': jnp.arange(4.0)},
+          'rng': jax.random.key(seed + 1),               # typed key
+          'raw_rng': jax.random.PRNGKey(seed + 2)}       # raw uint32 key data
+
+
+def _host(tree):
+  """Host copies; typed keys as ('key', impl, key data)."""
+  def f(x):
+    if not hasattr(x, 'dtype'):
+      return x
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return ('key', str(x.dtype), np.asarray(jax.random.key_data(x)))
+    return np.asarray(x)
+  return jax.tree.map(f, tree)
+
+
+def _assert_bit_equal(a, b):
+  a, b = _host(a), _host(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if isinstance(x, np.ndarray):
+      assert x.dtype == y.dtype and x.shape == y.shape
+      np.testing.assert_array_equal(x, y)
+    else:
+      assert x == y
+
+
+def test_round_trip_bit_equal(tmp_path):
+  state = _state()
+  expected = _host(state)
+  data_state = b'{"last_seen_indices": {"0": 41}, "worker_count": 0}'
+  ck = ckpt_lib.Checkpointer(tmp_path, save_every=1)
+  assert ck.latest_step() is None
+  assert ck.save(7, state, data_state, _config())
+  # save() returned after the device-to-host copy: the state may be donated.
+  for x in jax.tree.leaves(state):
+    x.delete()
+  ck.wait()
+  assert ck.latest_step() == 7
+
+  target = ckpt_lib.abstract_like(_state())
+  restored, data, saved_config = ck.restore(target, config=_config())
+  ck.close()
+  _assert_bit_equal(restored, expected)
+  # optax states come back as their namedtuples, keys as typed keys.
+  assert isinstance(restored['opt_state'][0], optax.ScaleByAdamState)
+  assert isinstance(restored['opt_state'][1], optax.EmptyState)
+  assert jnp.issubdtype(restored['rng'].dtype, jax.dtypes.prng_key)
+  assert restored['raw_rng'].dtype == jnp.uint32
+  assert data == data_state and isinstance(data, bytes)
+  assert saved_config['model']['ch_mult'] == [1, 2]
+  assert saved_config == ckpt_lib.config_to_dict(_config())
+
+
+@pytest.mark.parametrize('data_state', [
+    None, 'text', {'next_index': 3}, b'\xff\x00binary', b'utf8 bytes'])
+def test_data_state_types_round_trip(tmp_path, data_state):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1, async_save=False) as ck:
+    ck.save(1, {'x': jnp.ones(2)}, lambda: data_state, {'stage': 'vqgan'})
+    _, data, cfg = ck.restore({'x': jax.ShapeDtypeStruct((2,), jnp.float32)})
+  assert data == data_state and type(data) is type(data_state)
+  assert cfg == {'stage': 'vqgan'}
+
+
+def test_max_to_keep_and_save_every(tmp_path):
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, save_every=3)
+  saved = [s for s in range(1, 11) if ck.save(s, {'x': jnp.full(2, s)}, None, {})]
+  assert saved == [3, 6, 9]
+  assert ck.save(10, {'x': jnp.full(2, 10)}, None, {}, force=True)
+  # The step exists already (e.g. the final save right after a resume).
+  assert not ck.save(10, {'x': jnp.full(2, 10)}, None, {}, force=True)
+  ck.wait()
+  assert ck.all_steps() == [9, 10]
+  assert sorted(os.listdir(ck.directory)) == ['10', '9']
+  restored, _, _ = ck.restore({'x': jax.ShapeDtypeStruct((2,), jnp.int32)}, step=9)
+  np.testing.assert_array_equal(restored['x'], [9, 9])
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'step 3 .*\[9, 10\]'):
+    ck.restore({'x': jax.ShapeDtypeStruct((2,), jnp.int32)}, step=3)
+  ck.close()
+
+
+def _shardings_2x4(mesh, state):
+  def spec(x):
+    if x.ndim == 4:
+      return P(None, None, 'data', 'fsdp')
+    if x.ndim == 2:
+      return P('fsdp', 'data')
+    if x.ndim == 1 and x.shape[0] % 4 == 0:
+      return P('fsdp')
+    return P()
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
+
+
+def test_restore_onto_other_meshes(tmp_path):
+  assert jax.device_count() == 8
+  mesh8 = _mesh((8,), ('fsdp',))
+  state = _state(mesh=mesh8)
+  assert state['params']['codebook'].sharding.spec == P('fsdp')
+  expected = _host(state)
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(7, state, None, _config())
+
+  ck = ckpt_lib.Checkpointer(tmp_path, read_only=True)
+  # One device.
+  one = SingleDeviceSharding(jax.devices()[3])
+  target = ckpt_lib.abstract_like(state, one)
+  restored, _, _ = ck.restore(target)
+  _assert_bit_equal(restored, expected)
+  for x in jax.tree.leaves(restored):
+    assert x.sharding == one
+  # A 2x4 mesh splitting the arrays differently.
+  mesh = _mesh((2, 4), ('data', 'fsdp'))
+  shardings = _shardings_2x4(mesh, state)
+  restored, _, _ = ck.restore(ckpt_lib.abstract_like(state, shardings))
+  _assert_bit_equal(restored, expected)
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
+    assert x.sharding == s
+  assert restored['params']['enc']['conv']['kernel'].sharding.spec == P(
+      None, None, 'data', 'fsdp')
+  ck.close()
+
+
+def test_restore_params_subtree(tmp_path):
+  mesh8 = _mesh((8,), ('fsdp',))
+  state = _state(mesh=mesh8)
+  with ckpt_lib.Checkpointer(tmp_path / 'stage1', save_every=1) as ck:
+    ck.save(7, state, None, _config())
+    ck.save(8, {**state, 'params': jax.tree.map(lambda x: x + 1, state['params'])},
+            None, _config())
+
+  mesh = _mesh((2, 4), ('data', 'fsdp'))
+  shardings = _shardings_2x4(mesh, state['params'])
+  target = ckpt_lib.abstract_like(state['params'], shardings)
+  params = ckpt_lib.restore_params(tmp_path / 'stage1', target)  # latest: 8
+  _assert_bit_equal(_host(params),
+                    _host(jax.tree.map(lambda x: x + 1, state['params'])))
+  for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    assert x.sharding == s
+  params = ckpt_lib.restore_params(tmp_path / 'stage1', target, step=7)
+  _assert_bit_equal(_host(params), _host(state['params']))
+  # A nested key.
+  conv = ckpt_lib.restore_params(tmp_path / 'stage1',
+                                 ckpt_lib.abstract_like(state['params']['enc']),
+                                 key='params/enc', step=7)
+  np.testing.assert_array_equal(conv['conv']['bias'], state['params']['enc']['conv']['bias'])
+
+  with pytest.raises(ckpt_lib.CheckpointError, match='nowhere'):
+    ckpt_lib.restore_params(tmp_path / 'nowhere', target)
+  os.makedirs(tmp_path / 'empty' / 'checkpoints')
+  with pytest.raises(ckpt_lib.CheckpointError, match='no committed checkpoint.*empty'):
+    ckpt_lib.restore_params(tmp_path / 'empty', target)
+  with pytest.raises(ckpt_lib.CheckpointError, match="stage1.*no 'ema'.*top level holds: batch_stats, disc_params"):
+    ckpt_lib.restore_params(tmp_path / 'stage1', target, key='ema')
+
+
+def test_incompatible_config_names_every_field(tmp_path):
+  saved = ckpt_lib.config_to_dict(_config())
+  # Lists from JSON equal tuples; train.* may differ on resume.
+  new = _config()
+  new.model.ch_mult = (1, 2)
+  new.train.num_steps = 5000
+  new.loss.disc_weight = 0.1
+  ckpt_lib.check_compatible(saved, new)
+
+  new = _config(ch=128, ch_mult=(1, 2, 4))
+  new.loss.disc_ndf = 32
+  new.stage = 'transformer'
+  new.model.attn_resolutions = (8,)
+  new.train.num_steps = 5000
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
+    ckpt_lib.check_compatible(saved, new, where='/x/ckpt/7')
+  msg = str(e.value)
+  assert '/x/ckpt/7' in msg
+  assert 'model.ch: checkpoint 64, config 128' in msg
+  assert 'model.ch_mult: checkpoint [1, 2], config [1, 2, 4]' in msg
+  assert 'loss.disc_ndf: checkpoint 16, config 32' in msg
+  assert "stage: checkpoint 'vqgan', config 'transformer'" in msg
+  assert 'model.attn_resolutions: checkpoint <absent>, config [8]' in msg
+  assert 'num_steps' not in msg and 'disc_weight' not in msg
+  # The field list is a parameter.
+  ckpt_lib.check_compatible(saved, new, fields=('loss.disc_num_layers',))
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='train.num_steps'):
+    ckpt_lib.check_compatible(saved, new, fields=('train.*',))
+
+  # restore(config=...) refuses before reading any array.
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'x': jnp.ones(3)}, None, _config())
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.ch: checkpoint 64, config 128'):
+      ck.restore({'x': jax.ShapeDtypeStruct((3,), jnp.float32)}, config=new)
+
+
+def test_interrupted_save_left_behind_is_ignored(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'x': jnp.full(4, 1.0)}, 'one', {})
+  # What an interrupted save leaves: a half-written temporary step directory.
+  tmp = os.path.join(ck.directory, '2.orbax-checkpoint-tmp-1764172800000000')
+  os.makedirs(os.path.join(tmp, 'state', 'd'))
+  with open(os.path.join(tmp, 'state', 'd', 'chunk'), 'wb') as f:
+    f.write(b'\0' * 100)
+
+  target = {'x': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  reader = ckpt_lib.Checkpointer(tmp_path, read_only=True)
+  assert reader.latest_step() == 1 and os.path.isdir(tmp)  # Readers keep it.
+  x, data, _ = reader.restore(target)
+  np.testing.assert_array_equal(x['x'], np.ones(4))
+  assert data == 'one'
+  reader.close()
+  # The next writer clears it and saves that step again.
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    assert ck.latest_step() == 1
+    assert ck.save(2, {'x': jnp.full(4, 2.0)}, 'two', {})
+    assert ck.all_steps() == [1, 2]
+    x, data, _ = ck.restore(target)  # Waits for the save in flight.
+  np.testing.assert_array_equal(x['x'], np.full(4, 2.0))
+  assert not os.path.exists(tmp)
+
+
+def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path):
+  target = {'x': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with pytest.raises(ckpt_lib.CheckpointError, match=str(tmp_path / 'none')):
+    ckpt_lib.Checkpointer(tmp_path / 'none', read_only=True)
+  ck = ckpt_lib.Checkpointer(tmp_path / 'new')
+  with pytest.raises(ckpt_lib.CheckpointError, match='No checkpoint in .*new'):
+    ck.restore(target)
+  ck.close()
+
+  with ckpt_lib.Checkpointer(tmp_path / 'bad', save_every=1) as ck:
+    ck.save(1, {'x': jnp.ones(4)}, None, {})
+  step_dir = os.path.join(ck.directory, '1')
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  ck = ckpt_lib.Checkpointer(tmp_path / 'bad', read_only=True)
+  with pytest.raises(ckpt_lib.CheckpointError, match=f'{step_dir}'):
+    ck.restore(target)
+  ck.close()
+
+
+_KILLED_CHILD = textwrap.dedent('''
+    import os, signal, sys
+    import jax
+    jax.config.update('jax_num_cpu_devices', 8)
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from vqgan_jax import checkpoints
+
+    mesh = jax.make_mesh((8,), ('fsdp',))
+    def state(step):  # ~64 MiB, sharded 8 ways.
+      keys = jax.random.split(jax.random.key(step), 4)
+      arrays = {f'w{i}': jax.random.normal(k, (4096, 1024)) for i, k in enumerate(keys)}
+      return {'step': jnp.int32(step),
+              'params': jax.device_put(arrays, NamedSharding(mesh, P('fsdp')))}
+
+    ck = checkpoints.Checkpointer(sys.argv[1], save_every=1)
+    ck.save(1, state(1), b'one', {'stage': 'vqgan'})
+    ck.wait()
+    s2 = jax.block_until_ready(state(2))
+    ck.save(2, s2, b'two', {'stage': 'vqgan'})
+    os.kill(os.getpid(), signal.SIGKILL)  # Right after save() returns.
+''')
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_save_keeps_last_committed(tmp_path):
+  proc = subprocess.run([sys.executable, '-c', _KILLED_CHILD, str(tmp_path)],
+                        cwd=REPO, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  directory = ckpt_lib.checkpoint_dir(tmp_path)
+  leftovers = [n for n in os.listdir(directory) if 'tmp' in n]
+  assert leftovers and leftovers[0].startswith('2.'), os.listdir(directory)
+
+  def state(step):
+    keys = jax.random.split(jax.random.key(step), 4)
+    return {'step': jnp.int32(step),
+            'params': {f'w{i}': jax.random.normal(k, (4096, 1024))
+                       for i, k in enumerate(keys)}}
+
+  mesh = _mesh((2, 4), ('data', 'fsdp'))
+  target = ckpt_lib.abstract_like(jax.eval_shape(lambda: state(1)),
+                                  NamedSharding(mesh, P()))
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    assert ck.latest_step() == 1
+    restored, data, _ = ck.restore(target)
+  assert data == b'one'
+  _assert_bit_equal(_host(restored), _host(state(1)))
+
+
+def test_target_mismatch_names_the_leaves(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'params': {'a': jnp.ones(3), 'b': jnp.ones(2)}}, None, {})
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=r'/1 does not match .*params/a: checkpoint shape '
+                             r'\(3,\), target shape \(4,\)'):
+      ck.restore({'params': {'a': jax.ShapeDtypeStruct((4,), jnp.float32),
+                             'b': jax.ShapeDtypeStruct((2,), jnp.float32)}})
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match='missing in the checkpoint: params/c; in the '
+                             'checkpoint but not in the target: params/b'):
+      ck.restore({'params': {'a': jax.ShapeDtypeStruct((3,), jnp.float32),
+                             'c': jax.ShapeDtypeStruct((2,), jnp.float32)}})
+  # A partial restore does not silently hand back an unrestored leaf.
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match='missing in the checkpoint: params/new_layer'):
+    ckpt_lib.restore_params(tmp_path, {
+        'a': jax.ShapeDtypeStruct((3,), jnp.float32),
+        'new_layer': jax.ShapeDtypeStruct((3,), jnp.float32)})
+
+
+_PROCESS = textwrap.dedent('''
+    import sys
+    import jax
+    pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.config.update('jax_num_cpu_devices', 4)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                               num_processes=2, process_id=pid)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from vqgan_jax import checkpoints
+
+    mesh = jax.make_mesh((8,), ('fsdp',))  # Spans both processes.
+    values = np.arange(64.0).reshape(16, 4)
+    w = jax.make_array_from_callback((16, 4), NamedSharding(mesh, P('fsdp')),
+                                     lambda idx: values[idx])
+    step = jax.make_array_from_callback((), NamedSharding(mesh, P()),
+                                        lambda idx: np.int32(3))
+    state = {'params': {'w': w}, 'step': step}
+    with checkpoints.Checkpointer(workdir, save_every=1) as ck:
+      assert ck.save(3, state, f'iterator {pid}'.encode(), {'stage': 'vqgan'})
+      ck.wait()
+      mesh2 = jax.make_mesh((2, 4), ('data', 'fsdp'))
+      target = checkpoints.abstract_like(
+          state, {'params': NamedSharding(mesh2, P('fsdp', 'data')),
+                  'step': NamedSharding(mesh2, P())})
+      restored, data, config = ck.restore(target)
+    assert data == f'iterator {pid}'.encode(), data
+    assert config == {'stage': 'vqgan'}, config
+    got = multihost_utils.process_allgather(restored['params']['w'], tiled=True)
+    np.testing.assert_array_equal(got, values)
+    print('OK', flush=True)
+''')
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_restore(tmp_path):
+  """Every process saves its own iterator state; arrays span both processes."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = str(s.getsockname()[1])
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _PROCESS, str(i), port, str(tmp_path)], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0 and 'OK' in out, out[-3000:]
+
+  # One process, 8 devices: arrays restore; the two iterator states do not map.
+  mesh = _mesh((8,), ('fsdp',))
+  target = {'params': {'w': jax.ShapeDtypeStruct(
+                (16, 4), jnp.float32, sharding=NamedSharding(mesh, P('fsdp')))},
+            'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
+    restored, data, _ = ck.restore(target)
+  assert data is None
+  np.testing.assert_array_equal(restored['params']['w'],
+                                np.arange(64.0).reshape(16, 4))
+  assert int(restored['step']) == 3
