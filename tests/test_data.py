@@ -1,0 +1,434 @@
+"""Tests of vqgan_jax.data: TFDS builders (no TensorFlow) and grain pipelines."""
+
+import gzip
+import os
+import struct
+import threading
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import common
+from vqgan_jax.data import builders
+from vqgan_jax.data import pipeline
+
+FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
+_HAVE_FMNIST = all(
+    os.path.exists(os.path.join(FMNIST_DIR, name))
+    for pair in builders.FASHION_MNIST_FILES.values() for name in pair)
+needs_fmnist = pytest.mark.skipif(
+    not _HAVE_FMNIST,
+    reason=f'Fashion-MNIST IDX files absent from {FMNIST_DIR} '
+    '(apt-get install dataset-fashion-mnist)')
+
+
+def data_config(**overrides):
+  c = common.stage1_base().data
+  c.update(overrides)
+  return c
+
+
+def write_idx(path, array):
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
+      f'>{array.ndim}I', *array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+class ListSource:
+  """In-memory random-access source; `label` = index identifies examples."""
+
+  def __init__(self, n, shape=(20, 24, 3)):
+    self._n, self._shape = n, shape
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, i):
+    image = np.full(self._shape, i % 256, np.uint8)
+    return {'image': image, 'label': np.int64(i)}
+
+
+# ----------------------------------------------------------------------------
+# Folder builder.
+
+
+def _save(path, array, **kwargs):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, **kwargs)
+  return path
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('folder') / 'My Pics')
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (20, 30, 3), np.uint8)
+  _save(f'{root}/cats/rgb.jpg', rgb, quality=95)
+  _save(f'{root}/cats/gray.png', np.full((16, 12), 77, np.uint8))
+  rgba = np.zeros((10, 14, 4), np.uint8)
+  rgba[..., 0] = 200
+  rgba[:, :7, 3] = 255  # left half opaque red, right half transparent
+  _save(f'{root}/cats/rgba.png', rgba)
+  pal = Image.fromarray(rgb).convert('P', palette=Image.Palette.ADAPTIVE)
+  os.makedirs(f'{root}/dogs')
+  pal.save(f'{root}/dogs/palette.gif')
+  pal.save(f'{root}/dogs/palette.png')
+  Image.fromarray(np.full((9, 11), 65535, np.uint16)).save(
+      f'{root}/dogs/deep16.png')
+  _save(f'{root}/dogs/sub/nested.bmp', rgb)
+  with open(f'{root}/dogs/corrupt.jpg', 'wb') as f:
+    f.write(b'\xff\xd8\xff this is not a JPEG')
+  png = open(f'{root}/cats/gray.png', 'rb').read()
+  with open(f'{root}/dogs/truncated.png', 'wb') as f:
+    f.write(png[:len(png) // 2])
+  with open(f'{root}/dogs/notes.txt', 'w') as f:
+    f.write('not an image, not counted')
+  return root
+
+
+@pytest.fixture(scope='module')
+def folder_builder(image_folder, tmp_path_factory):
+  cfg = data_config(name='folder', folder=image_folder,
+                    data_dir=str(tmp_path_factory.mktemp('tfds_folder')),
+                    eval_split='train')
+  return cfg, builders.prepare(cfg, is_chief=True)
+
+
+def test_folder_builder_modes_and_corrupt_files(folder_builder):
+  cfg, builder = folder_builder
+  assert builders.num_skipped(builder) == 2
+  assert builder.info.features['label'].names == ['cats', 'dogs']
+  source = builders.get_source(cfg, 'train')
+  assert len(source) == 7  # 9 image files, 2 unreadable
+  shapes = {}
+  for ex in source:
+    image = ex['image']
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    shapes.setdefault(image.shape, []).append((image, int(ex['label'])))
+  gray, label = shapes[(16, 12, 3)][0]
+  assert label == 0 and (gray == 77).all()
+  rgba, _ = shapes[(10, 14, 3)][0]
+  assert (rgba[:, :7] == [200, 0, 0]).all()  # opaque part kept
+  assert (rgba[:, 7:] == 255).all()  # transparent part composited on white
+  deep, label = shapes[(9, 11, 3)][0]
+  assert label == 1 and (deep == 255).all()  # 16-bit max -> 8-bit max
+  assert len(shapes[(20, 30, 3)]) == 4  # jpg, gif, png palette, nested bmp
+
+
+def test_folder_builder_reuses_and_is_deterministic(image_folder, tmp_path):
+  cfg = data_config(name='folder', folder=image_folder,
+                    data_dir=str(tmp_path / 'a'), eval_split='validation')
+  first = [ex['label'] for ex in builders.get_source(cfg, 'train')]
+  first_val = builders.get_source(cfg, 'validation')
+  assert len(first_val) == 1  # 5% of 9, at least one
+  cfg2 = data_config(name='folder', folder=image_folder,
+                     data_dir=str(tmp_path / 'b'), eval_split='validation')
+  second = [ex['label'] for ex in builders.get_source(cfg2, 'train')]
+  assert first == second
+  np.testing.assert_array_equal(
+      first_val[0]['image'], builders.get_source(cfg2, 'validation')[0]['image'])
+  with pytest.raises(builders.DataError, match="available: \\['train', "
+                     "'validation'\\]"):
+    builders.get_source(cfg, 'test')
+
+
+def test_folder_names_do_not_collide(tmp_path):
+  for name in ('x', 'y'):
+    _save(str(tmp_path / name / 'imgs' / 'a.png'), np.zeros((4, 4, 3), np.uint8))
+  names = {builders.image_folder_config(str(tmp_path / n / 'imgs')).name
+           for n in ('x', 'y')}
+  assert len(names) == 2 and all(n.startswith('imgs_') for n in names)
+
+
+def test_folder_single_class_flat(tmp_path):
+  for i in range(3):
+    _save(str(tmp_path / 'flat' / f'{i}.png'), np.full((5, 6), i, np.uint8))
+  cfg = data_config(name='folder', folder=str(tmp_path / 'flat'),
+                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  builder = builders.prepare(cfg, is_chief=True)
+  assert builder.info.features['label'].names == ['flat']
+  assert builders.num_skipped(builder) == 0
+  assert sorted(int(ex['image'][0, 0, 0]) for ex in
+                builders.get_source(cfg, 'train')) == [0, 1, 2]
+
+
+@pytest.mark.parametrize('kind', ['missing', 'empty', 'no_images', 'unset'])
+def test_folder_bad_path(tmp_path, kind):
+  path = str(tmp_path / 'nowhere')
+  if kind == 'empty':
+    os.makedirs(path)
+  elif kind == 'no_images':
+    os.makedirs(path)
+    open(os.path.join(path, 'readme.txt'), 'w').close()
+  elif kind == 'unset':
+    path = ''
+  cfg = data_config(name='folder', folder=path, data_dir=str(tmp_path / 't'))
+  with pytest.raises(builders.DataError,
+                     match='config.data.folder' if kind == 'unset' else path):
+    builders.prepare(cfg, is_chief=True)
+
+
+def test_folder_all_corrupt(tmp_path):
+  os.makedirs(tmp_path / 'bad')
+  (tmp_path / 'bad' / 'x.png').write_bytes(b'garbage')
+  cfg = data_config(name='folder', folder=str(tmp_path / 'bad'),
+                    data_dir=str(tmp_path / 't'), eval_split='train')
+  with pytest.raises(builders.DataError, match='No readable image'):
+    builders.prepare(cfg, is_chief=True)
+
+
+def test_concurrent_prepare_and_waiting(image_folder, tmp_path):
+  cfg = data_config(name='folder', folder=image_folder,
+                    data_dir=str(tmp_path), eval_split='train')
+  with pytest.raises(builders.DataError, match='Waited'):
+    builders.prepare(cfg, is_chief=False, timeout_s=0.1)
+  results, errors = [], []
+
+  def run(is_chief):
+    try:
+      results.append(len(builders.get_source(cfg, 'train',
+                                              is_chief=is_chief)))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=run, args=(c,))
+             for c in (True, True, False)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert not errors and results == [7, 7, 7]
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST and other names.
+
+
+@pytest.fixture(scope='module')
+def fmnist(tmp_path_factory):
+  """Real test split (10k) and the first 2000 real train images.
+
+  Preparing all 70k takes ~13 s on 2 cores; 12k keep the suite fast.
+  """
+  if not _HAVE_FMNIST:
+    pytest.skip(f'Fashion-MNIST IDX files absent from {FMNIST_DIR}')
+  src = tmp_path_factory.mktemp('fmnist_src')
+  for name in builders.FASHION_MNIST_FILES['test']:
+    os.symlink(os.path.join(FMNIST_DIR, name), src / name)
+  images, labels = builders.load_fashion_mnist(FMNIST_DIR, 'train')
+  image_file, label_file = builders.FASHION_MNIST_FILES['train']
+  write_idx(src / image_file, images[:2000])
+  write_idx(src / label_file, labels[:2000])
+  cfg = data_config(name='fashion_mnist', source_dir=str(src),
+                    data_dir=str(tmp_path_factory.mktemp('tfds_fm')),
+                    image_size=32, eval_split='test', random_crop=False)
+  builders.prepare(cfg, is_chief=True)
+  return cfg
+
+
+@needs_fmnist
+def test_fashion_mnist_real_files(fmnist):
+  source = builders.get_source(fmnist, 'test')
+  assert len(source) == 10000
+  assert len(builders.get_source(fmnist, 'train')) == 2000
+  images, labels = builders.load_fashion_mnist(FMNIST_DIR, 'test')
+  for i in (0, 1, 4321, 9999):  # IDX order is kept
+    ex = source[i]
+    assert ex['image'].shape == (28, 28, 1) and ex['image'].dtype == np.uint8
+    np.testing.assert_array_equal(ex['image'][..., 0], images[i])
+    assert ex['label'] == labels[i]
+  assert set(np.unique(labels)) == set(range(10))
+  builder = builders.prepare(fmnist)
+  assert builder.info.features['label'].names[9] == 'Ankle boot'
+
+
+def test_fashion_mnist_missing_dir(tmp_path):
+  cfg = data_config(name='fashion_mnist', source_dir=str(tmp_path / 'none'),
+                    data_dir=str(tmp_path / 't'))
+  with pytest.raises(builders.DataError,
+                     match='apt-get install dataset-fashion-mnist'):
+    builders.prepare(cfg, is_chief=True)
+
+
+def test_fashion_mnist_missing_and_malformed_file(tmp_path):
+  src = tmp_path / 'src'
+  os.makedirs(src)
+  for split in ('train', 'test'):
+    image_file, label_file = builders.FASHION_MNIST_FILES[split]
+    write_idx(src / image_file, np.zeros((3, 28, 28), np.uint8))
+    write_idx(src / label_file, np.zeros((3,), np.uint8))
+  cfg = data_config(name='fashion_mnist', source_dir=str(src),
+                    data_dir=str(tmp_path / 't'))
+  bad = src / 't10k-labels-idx1-ubyte.gz'
+  bad.write_bytes(gzip.compress(b'\x00\x00\x08\x03garbage'))
+  with pytest.raises(builders.DataError, match=f'Malformed IDX file {bad}'):
+    builders.prepare(cfg, is_chief=True)
+  bad.write_bytes(b'\x1f\x8b truncated gzip')
+  with pytest.raises(builders.DataError, match=str(bad)):
+    builders.read_idx(str(bad), 1)
+  bad.unlink()
+  with pytest.raises(builders.DataError, match=f'{bad} is missing'):
+    builders.prepare(cfg, is_chief=True)
+  assert not os.path.exists(tmp_path / 't' / 'fashion_mnist_idx' / '1.0.0')
+
+
+def test_unknown_dataset_name(tmp_path):
+  cfg = data_config(name='no_such_dataset_xyz', data_dir=str(tmp_path))
+  with pytest.raises(builders.DataError,
+                     match="config.data.name='no_such_dataset_xyz'"):
+    builders.get_source(cfg, 'train')
+
+
+def test_unprepared_tfds_dataset(tmp_path):
+  cfg = data_config(name='mnist', data_dir=str(tmp_path))
+  with pytest.raises(builders.DataError, match=f'not prepared in {tmp_path}'):
+    builders.prepare(cfg)
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing.
+
+
+def test_center_and_random_crop():
+  image = np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) % 256
+  image = image.astype(np.uint8)
+  out = pipeline.preprocess(image, 32)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  assert (out[..., 0] == out[..., 2]).all()  # gray repeated
+  seen = set()
+  for seed in range(8):
+    crop = pipeline.preprocess(image, 32, np.random.default_rng(seed))
+    assert crop.shape == (32, 32, 3)
+    again = pipeline.preprocess(image, 32, np.random.default_rng(seed))
+    np.testing.assert_array_equal(crop, again)
+    seen.add(crop.tobytes())
+  assert len(seen) > 1
+  rgba = np.zeros((28, 28, 4), np.uint8)
+  assert (pipeline.preprocess(rgba, 32) == 255).all()  # transparent -> white
+  x = pipeline.to_model_range(np.array([0, 255], np.uint8))
+  assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
+  y = pipeline.to_model_range(jax.numpy.asarray(out))
+  assert isinstance(y, jax.Array) and -1.0 <= float(y.min()) <= float(y.max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _labels(batches):
+  return np.concatenate([b['label'] for b in batches])
+
+
+def test_train_iterator_deterministic_and_reshuffled():
+  cfg = data_config(image_size=16, random_crop=True)
+  src = ListSource(40)
+  make = lambda seed: pipeline.make_train_iterator(
+      cfg, 8, seed, process_index=0, process_count=1, source=src)
+  a, b, c = _take(make(0), 10), _take(make(0), 10), _take(make(1), 10)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  assert a[0]['image'].shape == (8, 16, 16, 3)
+  assert a[0]['image'].dtype == np.uint8 and a[0]['label'].dtype == np.int32
+  assert not np.array_equal(_labels(a), _labels(c))
+  epochs = _labels(a).reshape(2, 40)
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
+
+
+def test_train_iterator_resume():
+  cfg = data_config(image_size=16, random_crop=True)
+  src = ListSource(30, shape=(24, 20, 3))
+  make = lambda: pipeline.make_train_iterator(
+      cfg, 4, 3, process_index=0, process_count=1, source=src)
+  it = make()
+  _take(it, 5)
+  state = it.get_state()
+  assert isinstance(state, str)
+  expected = _take(it, 12)  # crosses an epoch boundary
+  resumed = make()
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, 12)):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+
+
+def test_train_iterator_process_shards():
+  cfg = data_config(image_size=8)
+  src = ListSource(48, shape=(8, 8, 3))
+  shards = []
+  for p in range(2):
+    it = pipeline.make_train_iterator(cfg, 8, 0, process_index=p,
+                                      process_count=2, source=src)
+    batches = _take(it, 6)  # one epoch of the 24-example shard
+    assert all(b['image'].shape[0] == 4 for b in batches)
+    shards.append(set(_labels(batches)))
+    assert len(shards[-1]) == 24
+  assert not shards[0] & shards[1]
+  assert shards[0] | shards[1] == set(range(48))
+
+
+def test_indivisible_batch():
+  cfg = data_config(image_size=8)
+  with pytest.raises(builders.DataError, match='train.batch_size=9'):
+    pipeline.make_train_iterator(cfg, 9, 0, process_index=0, process_count=2,
+                                 source=ListSource(40))
+  with pytest.raises(builders.DataError, match='train.eval_batch_size=5'):
+    pipeline.make_eval_iterator(cfg, 5, process_index=1, process_count=2,
+                                source=ListSource(40))
+
+
+@pytest.mark.parametrize('limit,expected', [(-1, 23), (10, 10)])
+def test_eval_iterator_covers_once_with_mask(limit, expected):
+  cfg = data_config(image_size=8, eval_examples=limit)
+  src = ListSource(23, shape=(10, 12, 3))
+  assert pipeline.num_eval_examples(cfg, source=src) == expected
+  per_process = []
+  for p in range(2):
+    batches = list(pipeline.make_eval_iterator(
+        cfg, 8, process_index=p, process_count=2, source=src))
+    per_process.append(batches)
+    assert len(batches) == -(-expected // 8)  # same count on every process
+    for b in batches:
+      assert b['image'].shape == (4, 8, 8, 3) and b['mask'].dtype == bool
+      assert (b['image'][~b['mask']] == 0).all()
+  # Assemble global batches as to_global would: process 0's rows, then 1's.
+  labels = np.concatenate([np.concatenate([b0['label'], b1['label']])
+                           for b0, b1 in zip(*per_process)])
+  mask = np.concatenate([np.concatenate([b0['mask'], b1['mask']])
+                         for b0, b1 in zip(*per_process)])
+  np.testing.assert_array_equal(labels[mask], np.arange(expected))
+  assert not mask[expected:].any()
+
+
+@needs_fmnist
+def test_fashion_mnist_iterators(fmnist):
+  it = pipeline.make_train_iterator(fmnist, 16, 0, process_index=0,
+                                    process_count=1)
+  batch = next(it)
+  assert batch['image'].shape == (16, 32, 32, 3)
+  assert batch['label'].min() >= 0 and batch['label'].max() < 10
+  cfg = data_config(**{**fmnist.to_dict(), 'eval_examples': 100})
+  batches = list(pipeline.make_eval_iterator(cfg, 64, process_index=0,
+                                             process_count=1))
+  assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 100
+
+
+def test_to_global():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  batch = next(pipeline.make_eval_iterator(
+      data_config(image_size=8), 4, process_index=0, process_count=1,
+      source=ListSource(6)))
+  out = pipeline.to_global(batch, sharding)
+  assert set(out) == {'image', 'label', 'mask'}
+  assert isinstance(out['image'], jax.Array) and out['image'].shape == (4, 8, 8, 3)
+  np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
+

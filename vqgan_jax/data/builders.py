@@ -1,0 +1,552 @@
+"""TFDS datasets for training: Fashion-MNIST from IDX files, image folders, or
+any prepared TFDS dataset.
+
+Everything is written as `array_record` with PNG-encoded images so that
+preparing and reading works without TensorFlow (TFDS then encodes and decodes
+with PIL; numpy images, `tfds.load` and tfrecord would need TF).
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import warnings
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+import tensorflow_datasets as tfds
+
+
+class DataError(ValueError):
+  """A dataset cannot be found, prepared or read; the message says why."""
+
+
+def default_data_dir():
+  return os.path.expanduser(
+      os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def _data_dir(data_config):
+  return os.path.abspath(
+      os.path.expanduser(data_config.data_dir or default_data_dir()))
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST from IDX files.
+
+FASHION_MNIST_CLASSES = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+    'Sneaker', 'Bag', 'Ankle boot')
+
+FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+
+_FASHION_MNIST_HOWTO = (
+    'Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; '
+    'files land in /usr/share/datasets/fashion-mnist), or download the 4 IDX '
+    'files ({files}) from '
+    'https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a '
+    'directory DIR and pass --config.data.source_dir=DIR.').format(
+        files=', '.join(f for pair in FASHION_MNIST_FILES.values()
+                        for f in pair))
+
+
+def _find_idx_file(source_dir, name):
+  """`name` (.gz) or, as some mirrors ship them, its uncompressed twin."""
+  path = os.path.join(source_dir, name)
+  if os.path.exists(path):
+    return path
+  plain = path[:-len('.gz')]
+  if os.path.exists(plain):
+    return plain
+  raise DataError(f'Fashion-MNIST file {path} is missing. '
+                  f'{_FASHION_MNIST_HOWTO}')
+
+
+def read_idx(path, ndim):
+  """Reads an IDX file of uint8 (optionally gzipped) into a numpy array."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+    if raw[:2] == b'\x1f\x8b':
+      raw = gzip.decompress(raw)
+  except (OSError, EOFError) as e:
+    raise DataError(f'Cannot read IDX file {path}: {e}') from e
+  # Header: 2 zero bytes, dtype code (0x08 = uint8), ndim, ndim big-endian
+  # uint32 sizes, then the row-major payload.
+  head = 4 + 4 * ndim
+  if (len(raw) < head or raw[:2] != b'\0\0' or raw[2] != 0x08
+      or raw[3] != ndim):
+    raise DataError(
+        f'Malformed IDX file {path}: expected a uint8 IDX header with {ndim} '
+        f'dimension(s), got bytes {raw[:4].hex() or "(empty)"}.')
+  dims = tuple(int(d) for d in np.frombuffer(raw[4:head], dtype='>u4'))
+  size = int(np.prod(dims))
+  if len(raw) - head != size:
+    raise DataError(
+        f'Malformed IDX file {path}: header says shape {dims} '
+        f'({size} bytes) but the payload has {len(raw) - head} bytes.')
+  return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+
+
+def check_fashion_mnist_dir(source_dir):
+  if not source_dir or not os.path.isdir(source_dir):
+    raise DataError(
+        f'Fashion-MNIST source directory {source_dir!r} does not exist. '
+        f'{_FASHION_MNIST_HOWTO}')
+  for pair in FASHION_MNIST_FILES.values():
+    for name in pair:
+      _find_idx_file(source_dir, name)
+
+
+def load_fashion_mnist(source_dir, split):
+  """Returns (images uint8 [N, 28, 28], labels uint8 [N]) of one split."""
+  check_fashion_mnist_dir(source_dir)
+  image_file, label_file = (_find_idx_file(source_dir, n)
+                            for n in FASHION_MNIST_FILES[split])
+  images = read_idx(image_file, ndim=3)
+  labels = read_idx(label_file, ndim=1)
+  if images.shape[1:] != (28, 28):
+    raise DataError(f'Malformed IDX file {image_file}: images are '
+                    f'{images.shape[1:]}, expected (28, 28).')
+  if len(images) != len(labels):
+    raise DataError(f'{image_file} has {len(images)} images but {label_file} '
+                    f'has {len(labels)} labels.')
+  if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+    raise DataError(f'Malformed IDX file {label_file}: label {labels.max()} '
+                    f'outside [0, {len(FASHION_MNIST_CLASSES)}).')
+  return images, labels
+
+
+def _png(array_or_image):
+  image = (array_or_image if isinstance(array_or_image, Image.Image)
+           else Image.fromarray(array_or_image))
+  buf = io.BytesIO()
+  image.save(buf, format='PNG')
+  return buf.getvalue()
+
+
+class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
+  """Fashion-MNIST (60k train, 10k test) from the 4 IDX files in manual_dir.
+
+  Records keep the IDX order: record i of a split is IDX record i.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _FASHION_MNIST_HOWTO
+
+  def __init__(self, *, file_format='array_record', **kwargs):
+    # array_record: the only format TFDS writes and reads without TensorFlow.
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Fashion-MNIST read from its IDX files.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(28, 28, 1),
+                                         encoding_format='png'),
+            'label': tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
+        }),
+        supervised_keys=('image', 'label'),
+        homepage='https://github.com/zalandoresearch/fashion-mnist',
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    source_dir = os.fspath(dl_manager.manual_dir)
+    # Fail on a missing or malformed file before TFDS writes anything.
+    check_fashion_mnist_dir(source_dir)
+    return {split: self._generate_examples(source_dir, split)
+            for split in FASHION_MNIST_FILES}
+
+  def _generate_examples(self, source_dir, split):
+    images, labels = load_fashion_mnist(source_dir, split)
+    for i, (image, label) in enumerate(zip(images, labels)):
+      # PNG bytes, not numpy: TFDS encodes numpy images with TensorFlow.
+      yield i, {'image': _png(image), 'label': int(label)}
+
+
+# ----------------------------------------------------------------------------
+# A folder of images.
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif',
+                    '.tiff', '.ppm', '.pgm', '.pbm', '.pnm', '.jfif')
+
+# Decoding failures PIL reports for corrupt, truncated or unsupported files.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
+                  Image.DecompressionBombError)
+
+
+def list_image_folder(folder):
+  """Returns (sorted relative paths, class names, label per path).
+
+  Classes are the immediate subfolders when every image lies in one;
+  otherwise the folder is one class named after itself. Hidden files and
+  folders (e.g. macOS `._x.jpg` resource forks) are ignored.
+  """
+  if not folder or not os.path.isdir(folder):
+    raise DataError(f'Image folder {folder!r} does not exist or is not a '
+                    'directory (config.data.folder).')
+  paths = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    for name in sorted(files):
+      if (not name.startswith('.')
+          and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS):
+        paths.append(os.path.relpath(os.path.join(root, name), folder))
+  paths.sort()
+  if not paths:
+    raise DataError(f'Image folder {folder!r} contains no image files '
+                    f'({", ".join(IMAGE_EXTENSIONS)}).')
+  if all(os.sep in p for p in paths):
+    classes = sorted({p.split(os.sep, 1)[0] for p in paths})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[p.split(os.sep, 1)[0]] for p in paths]
+  else:
+    classes = [os.path.basename(os.path.normpath(folder)) or 'images']
+    labels = [0] * len(paths)
+  return paths, classes, labels
+
+
+def _alpha_on_white(image):
+  """Composites an image with alpha onto white: transparent pixels carry no
+  meaningful colour (often black), and white is how viewers show them."""
+  image = image.convert('RGBA')
+  background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+  return Image.alpha_composite(background, image).convert('RGB')
+
+
+def to_rgb(image):
+  """Any PIL image -> RGB uint8 PIL image (alpha composited onto white)."""
+  image = ImageOps.exif_transpose(image)  # camera photos stored rotated
+  mode = image.mode
+  if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      mode in ('P', 'L', 'RGB') and 'transparency' in image.info):
+    return _alpha_on_white(image)
+  if mode.startswith('I') or mode == 'F':
+    # 16-bit (I;16*, or I from older Pillow) and float: PIL's convert clips
+    # instead of rescaling, so rescale to 8 bits here.
+    x = np.asarray(image).astype(np.float64)
+    if mode.startswith('I;16') or (mode == 'I' and x.max(initial=0) > 255):
+      x = x / 257.0
+    elif mode == 'F' and x.max(initial=0) <= 1.0:
+      x = x * 255.0
+    gray = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+  return image.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def load_rgb(path):
+  """Decodes an image file fully (so truncation shows) as RGB uint8 [H,W,3]."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # EXIF/palette chatter on odd files
+    with Image.open(path) as image:
+      image.load()
+      rgb = to_rgb(image)
+  array = np.asarray(rgb, dtype=np.uint8)
+  if array.ndim != 3 or array.shape[-1] != 3 or 0 in array.shape:
+    raise ValueError(f'decoded to shape {array.shape}')
+  return array
+
+
+def _split_key(path):
+  return hashlib.sha1(path.encode('utf-8')).hexdigest()
+
+
+def validation_count(num_files, fraction):
+  if not fraction or num_files < 2:
+    return 0
+  return min(num_files - 1, max(1, int(round(fraction * num_files))))
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  folder: str = ''
+  validation_fraction: float = 0.0
+  classes: tuple[str, ...] = ()  # filled by `prepare` from the listing
+
+
+def image_folder_config(folder, validation_fraction=0.0):
+  """A config whose name is unique per (absolute folder, fraction)."""
+  folder = os.path.abspath(os.path.expanduser(folder))
+  if not 0.0 <= validation_fraction < 1.0:
+    raise DataError(f'validation_fraction must be in [0, 1), got '
+                    f'{validation_fraction}.')
+  base = re.sub(r'[^a-z0-9]+', '_', os.path.basename(folder).lower())
+  digest = hashlib.sha1(
+      f'{folder}\0{validation_fraction!r}'.encode('utf-8')).hexdigest()[:10]
+  return ImageFolderConfig(
+      name=f'{base.strip("_") or "root"}_{digest}', folder=folder,
+      validation_fraction=float(validation_fraction),
+      description=f'Images under {folder}')
+
+
+class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
+  """A folder of images as `train` (+ optional `validation`) splits.
+
+  Build with `config=image_folder_config(folder, fraction)`. Images are
+  decoded with PIL, turned into RGB uint8 (see `to_rgb`) and stored as PNG
+  (lossless, so JPEG sources grow on disk). Unreadable files are skipped;
+  their number and names are logged and kept in the dataset's
+  `metadata.json` (`info.metadata['num_skipped']`, `['skipped']`).
+  Record order is TFDS's deterministic key-hash shuffle of the file list.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, file_format='array_record', **kwargs):
+    # array_record: the only format TFDS writes and reads without TensorFlow.
+    super().__init__(file_format=file_format, **kwargs)
+
+  def _info(self):
+    classes = (self.builder_config.classes
+               or list_image_folder(self.builder_config.folder)[1])
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'Images from {self.builder_config.folder}.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3),
+                                         encoding_format='png'),
+            'label': tfds.features.ClassLabel(names=classes),
+        }),
+        supervised_keys=('image', 'label'),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    paths, _, labels = list_image_folder(cfg.folder)
+    self._skipped = []
+    # Held out: the first readable files in a fixed hash order, so the split
+    # depends neither on listing order nor on corrupt files. Only these are
+    # decoded twice (here and when written).
+    held_out = []
+    for path in sorted(paths, key=_split_key):
+      if len(held_out) == validation_count(len(paths), cfg.validation_fraction):
+        break
+      if self._load(path) is not None:
+        held_out.append(path)
+    excluded = set(held_out) | set(self._skipped)
+    splits = {'train': [(p, y) for p, y in zip(paths, labels)
+                        if p not in excluded]}
+    if held_out:
+      label_of = dict(zip(paths, labels))
+      splits['validation'] = [(p, label_of[p]) for p in sorted(held_out)]
+    return {split: self._generate_examples(split, items)
+            for split, items in splits.items()}
+
+  def _load(self, path):
+    try:
+      return load_rgb(os.path.join(self.builder_config.folder, path))
+    except _DECODE_ERRORS as e:
+      self._skipped.append(path)
+      logging.warning('Skipping unreadable image %s: %s', path, e)
+      return None
+
+  def _generate_examples(self, split, items):
+    count = 0
+    for path, label in items:
+      image = self._load(path)
+      if image is not None:
+        count += 1
+        yield path, {'image': _png(image), 'label': label}
+    if not count:
+      raise DataError(
+          f'No readable image for split {split!r} in '
+          f'{self.builder_config.folder!r}: {len(self._skipped)} of the image '
+          'files failed to decode.')
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config=download_config)
+    # Written with dataset_info into the not-yet-renamed directory, so readers
+    # never see a dataset without it.
+    skipped = sorted(self._skipped)
+    self.info.metadata['num_skipped'] = len(skipped)
+    self.info.metadata['skipped'] = skipped
+    if skipped:
+      logging.warning('Skipped %d unreadable image file(s) in %s: %s',
+                      len(skipped), self.builder_config.folder,
+                      ', '.join(skipped[:50]))
+
+
+def num_skipped(builder):
+  """Unreadable files skipped when a folder dataset was built (else 0)."""
+  path = os.path.join(os.fspath(builder.data_path), 'metadata.json')
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return int(json.load(f).get('num_skipped', 0))
+
+
+# ----------------------------------------------------------------------------
+# Preparing and opening.
+
+
+def _is_chief(is_chief):
+  if is_chief is not None:
+    return is_chief
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_prepared(data_path):
+  # TFDS renames a complete temporary dir into place, info file included.
+  return os.path.exists(os.path.join(data_path, 'dataset_info.json'))
+
+
+def _prepare_once(make_builder, data_path, download_config, is_chief,
+                  timeout_s, poll_s=1.0):
+  """Prepares a dataset once per data_dir, however many processes race for it.
+
+  The chief prepares under a file lock (TFDS writes into a temporary dir and
+  renames it, so readers never see half a dataset); the others only wait for
+  `data_path` to appear, and need no source files. On hosts without a shared
+  data_dir pass is_chief=True on every host: each prepares its own copy, and
+  a lost rename race is harmless.
+  """
+  if not _is_prepared(data_path) and is_chief:
+    parent, version = os.path.split(data_path)
+    with _file_lock(os.path.join(parent, f'.{version}.lock')):
+      if not _is_prepared(data_path):  # else another process just did it
+        builder = make_builder()
+        start = time.time()
+        try:
+          builder.download_and_prepare(download_config=download_config)
+        except OSError:
+          # The final rename lost against a host whose lock we cannot see.
+          if not _is_prepared(data_path):
+            raise
+        logging.info('Prepared %s in %.1f s.', data_path, time.time() - start)
+  deadline = time.time() + timeout_s
+  while not _is_prepared(data_path):
+    left = deadline - time.time()
+    if left <= 0:
+      raise DataError(
+          f'Waited {timeout_s:.0f} s for process 0 to prepare {data_path}. '
+          'If data_dir is not shared between hosts, prepare on every host '
+          '(is_chief=True).')
+    time.sleep(min(poll_s, left))
+  return make_builder()
+
+
+def folder_validation_fraction(data_config):
+  """Held-out fraction for a folder: `data.validation_fraction` if the config
+  has it, else 5% when the eval split is `validation`, else none."""
+  if 'validation_fraction' in data_config:
+    return float(data_config.validation_fraction)
+  return 0.05 if data_config.eval_split == 'validation' else 0.0
+
+
+def prepare(data_config, *, is_chief=None, timeout_s=3600.0):
+  """Returns a prepared TFDS builder for `config.data` (preparing if needed).
+
+  'fashion_mnist': our IDX builder over `source_dir` (dataset
+  `fashion_mnist_idx` in data_dir). 'folder': `ImageFolderArray` over
+  `folder` (dataset `image_folder_array/<folder name>_<hash>`). Anything else:
+  an already-prepared TFDS dataset `name` in data_dir (array_record).
+  Only the chief (default: jax process 0) prepares; others wait.
+  """
+  name = data_config.name
+  data_dir = _data_dir(data_config)
+  if name == 'fashion_mnist':
+    source_dir = os.path.expanduser(data_config.source_dir or '')
+    path = os.path.join(data_dir, FashionMnistIdx.name,
+                        str(FashionMnistIdx.VERSION))
+    is_chief = _is_chief(is_chief)
+    if is_chief and not _is_prepared(path):
+      check_fashion_mnist_dir(source_dir)  # before TFDS's own, vaguer checks
+    return _prepare_once(
+        lambda: FashionMnistIdx(data_dir=data_dir), path,
+        tfds.download.DownloadConfig(manual_dir=source_dir), is_chief,
+        timeout_s)
+  if name == 'folder':
+    if not data_config.folder:
+      raise DataError("config.data.name='folder' needs config.data.folder "
+                      '(a directory of images).')
+    config = image_folder_config(data_config.folder,
+                                 folder_validation_fraction(data_config))
+    path = os.path.join(data_dir, ImageFolderArray.name, config.name,
+                        str(ImageFolderArray.VERSION))
+
+    def make():
+      # Once prepared, read from disk alone: the source folder may be gone.
+      if _is_prepared(path):
+        return tfds.builder_from_directory(path)
+      config.classes = tuple(list_image_folder(config.folder)[1])
+      return ImageFolderArray(config=config, data_dir=data_dir)
+
+    return _prepare_once(make, path, None, _is_chief(is_chief), timeout_s)
+  return open_prepared(name, data_dir)
+
+
+def open_prepared(name, data_dir):
+  """Opens a TFDS dataset that must already be prepared in data_dir."""
+  if not name:
+    raise DataError("config.data.name is empty: use 'fashion_mnist', "
+                    "'folder' or a prepared TFDS dataset name.")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f'config.data.name={name!r}: no such dataset (TFDS: '
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). '
+        "Use 'fashion_mnist', 'folder', or a TFDS dataset prepared in "
+        f'{data_dir}.') from e
+  if not builder.is_prepared():
+    raise DataError(
+        f'TFDS dataset {name!r} (config.data.name) is not prepared in '
+        f'{data_dir} (config.data.data_dir). Prepare it there first, e.g. '
+        f'`tfds build {name} --data_dir={data_dir} '
+        '--file_format=array_record` (needs TensorFlow and any manual '
+        'downloads), or set config.data.data_dir to where it is.')
+  return builder
+
+
+def _split_names(split):
+  # 'train', 'train[:10%]', 'train+validation' -> the base split names.
+  return [part.split('[', 1)[0].strip() for part in str(split).split('+')]
+
+
+def get_source(data_config, split, *, is_chief=None):
+  """A random-access source of {'image': uint8 [H,W,C], 'label': int, ...}."""
+  builder = prepare(data_config, is_chief=is_chief)
+  return source_from_builder(builder, split)
+
+
+def source_from_builder(builder, split):
+  available = sorted(builder.info.splits.keys())
+  missing = [s for s in _split_names(split) if s not in available]
+  if missing:
+    raise DataError(
+        f'Split {split!r} is not in dataset {builder.info.full_name} '
+        f'(config.data.train_split / eval_split); available: {available}.')
+  try:
+    return builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f'Cannot open split {split!r} of {builder.info.full_name} in '
+        f'{builder.data_path} as a random-access source ({e}). Without '
+        'TensorFlow, datasets must be stored as array_record.') from e

@@ -1,0 +1,278 @@
+"""Grain input pipelines: uint8 NHWC batches, sharded by JAX process.
+
+Train: `grain.DataLoader` over an `IndexSampler` (infinite, reshuffled every
+epoch, per-process shard); its iterator state is a small JSON document, so a
+resumed run sees exactly the batches an uninterrupted one would.
+Eval: one ordered pass, padded to whole batches with a `mask`.
+"""
+
+import json
+import math
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from vqgan_jax.data import builders
+
+DataError = builders.DataError
+
+
+def to_model_range(images):
+  """uint8 [0, 255] -> float32 [-1, 1]; numpy in, numpy out; jnp likewise."""
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------
+# Per-example preprocessing.
+
+
+def to_rgb(image):
+  """uint8 [H,W], [H,W,1|2|3|4] -> [H,W,3]: gray repeated, alpha composited
+  on white (as the folder builder does)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  channels = image.shape[-1]
+  if channels in (2, 4):
+    alpha = image[..., -1:].astype(np.float32) / 255.0
+    color = image[..., :-1].astype(np.float32)
+    image = np.round(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    channels -= 1
+  if channels == 1:
+    image = np.repeat(image, 3, axis=-1)
+  elif channels != 3:
+    raise DataError(f'Cannot turn an image of shape {image.shape} into RGB.')
+  return image.astype(np.uint8, copy=False)
+
+
+def resize_smaller_side(image, size):
+  """Scales so the smaller side is `size`, keeping the aspect ratio.
+
+  Shrinking uses PIL's BOX filter, which is area averaging like the original's
+  albumentations SmallestMaxSize (cv2.INTER_AREA) and does not alias;
+  enlarging (e.g. Fashion-MNIST 28 -> 32) uses BICUBIC, which stays smooth
+  where area/box would repeat pixels.
+  """
+  h, w = image.shape[:2]
+  if min(h, w) == size:
+    return image
+  scale = size / min(h, w)
+  new_w = size if w <= h else max(size, round(w * scale))
+  new_h = size if h < w else max(size, round(h * scale))
+  resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+  return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+
+
+def crop(image, size, rng=None):
+  """size x size crop: uniformly random when `rng` is given, else centred."""
+  h, w = image.shape[:2]
+  if rng is None:
+    top, left = (h - size) // 2, (w - size) // 2
+  else:
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+  return image[top:top + size, left:left + size]
+
+
+def preprocess(image, size, rng=None):
+  """Decoded image -> uint8 [size, size, 3]: RGB, resize, crop."""
+  return np.ascontiguousarray(
+      crop(resize_smaller_side(to_rgb(image), size), size, rng))
+
+
+def _example(element, image, mask=None):
+  out = {'image': image,
+         'label': np.int32(element.get('label', -1))}  # -1: unlabelled
+  if mask is not None:
+    out['mask'] = np.bool_(mask)
+  return out
+
+
+class _TrainPreprocess(grain.transforms.RandomMap):
+  """Random crop with an rng grain derives from (seed, record index)."""
+
+  def __init__(self, data_config):
+    self._key = data_config.image_key
+    self._size = data_config.image_size
+    self._random = bool(data_config.random_crop)
+
+  def random_map(self, element, rng):
+    image = preprocess(element[self._key], self._size,
+                       rng if self._random else None)
+    return _example(element, image)
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+
+
+def _process(process_index, process_count):
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} not in '
+                    f'[0, {process_count}).')
+  return process_index, process_count
+
+
+def local_batch_size(global_batch_size, process_count, field):
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise DataError(
+        f'{field}={global_batch_size} must be a positive multiple of the '
+        f'number of processes ({process_count}): each process loads '
+        f'{field} / {process_count} examples.')
+  return global_batch_size // process_count
+
+
+def _allow_workers(worker_count):
+  # Grain worker processes read absl flags; outside an absl app (tests,
+  # notebooks) they are unparsed and the workers would fail.
+  if worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+  """Infinite iterator of local batches with a JSON-able state.
+
+  `get_state()` returns a str; `set_state(state)` restores it (str, bytes or
+  the parsed dict), after which `next()` continues exactly where the saved
+  iterator stood. `grain_iterator` is the underlying
+  `grain.DataLoaderIterator` (for orbax's grain checkpoint handler).
+  """
+
+  def __init__(self, loader):
+    self._loader = loader
+    self.grain_iterator = iter(loader)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.grain_iterator)
+
+  def get_state(self):
+    return self.grain_iterator.get_state().decode('utf-8')
+
+  def set_state(self, state):
+    if isinstance(state, dict):
+      state = json.dumps(state)
+    if isinstance(state, str):
+      state = state.encode('utf-8')
+    self.grain_iterator.set_state(state)
+
+
+def make_train_iterator(data_config, global_batch_size, seed, *,
+                        process_index=None, process_count=None, source=None):
+  """Infinite shuffled batches {'image': uint8 [B,S,S,3], 'label': int32 [B]},
+  B = global_batch_size / process_count, from this process's shard.
+
+  The same seed gives the same batches; each epoch is reshuffled. `source`
+  overrides the dataset (tests); by default it is `config.data.train_split`.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  batch = local_batch_size(global_batch_size, process_count,
+                           'train.batch_size')
+  if source is None:
+    source = builders.get_source(data_config, data_config.train_split)
+  shard = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count,
+      drop_remainder=True)  # equal shards: processes stay in step per epoch
+  if len(source) // process_count < batch:
+    raise DataError(
+        f'Split {data_config.train_split!r} has {len(source)} examples: too '
+        f'few for {process_count} process(es) x {batch} (train.batch_size).')
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard, shuffle=True,
+      num_epochs=None, seed=int(seed) % 2**32)
+  worker_count = int(data_config.worker_count)
+  _allow_workers(worker_count)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[_TrainPreprocess(data_config),
+                  grain.transforms.Batch(batch, drop_remainder=True)],
+      worker_count=worker_count, shard_options=shard)
+  return TrainIterator(loader)
+
+
+def num_eval_examples(data_config, *, source=None):
+  """Examples one eval pass covers: the split, or its first eval_examples."""
+  if source is None:
+    source = builders.get_source(data_config, data_config.eval_split)
+  limit = int(data_config.eval_examples)
+  return min(len(source), limit) if limit > 0 else len(source)
+
+
+class _PaddedEvalSource:
+  """This process's part of each global eval batch, padded past the end.
+
+  Global batch b holds examples [b*G, (b+1)*G); process p takes the slice
+  [b*G + p*L, b*G + (p+1)*L), so all processes run the same number of
+  batches and the assembled global batch is in dataset order.
+  """
+
+  def __init__(self, source, data_config, num_examples, global_batch,
+               local_batch, process_index):
+    self._source = source
+    self._key = data_config.image_key
+    self._size = data_config.image_size
+    self._n = num_examples
+    self._global = global_batch
+    self._local = local_batch
+    self._offset = process_index * local_batch
+    self._len = math.ceil(num_examples / global_batch) * local_batch
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, k):
+    index = (k // self._local) * self._global + self._offset + k % self._local
+    if index >= self._n:
+      return {'image': np.zeros((self._size, self._size, 3), np.uint8),
+              'label': np.int32(-1), 'mask': np.bool_(False)}
+    element = self._source[index]
+    return _example(element, preprocess(element[self._key], self._size),
+                    mask=True)
+
+
+def make_eval_iterator(data_config, global_batch_size, *, process_index=None,
+                       process_count=None, source=None):
+  """One ordered pass over the eval split (first eval_examples if > 0).
+
+  Yields {'image': uint8 [B,S,S,3], 'label': int32 [B], 'mask': bool [B]}
+  with B = global_batch_size / process_count; padding has mask False, so
+  every batch has one shape. Every process yields the same number of batches.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  batch = local_batch_size(global_batch_size, process_count,
+                           'train.eval_batch_size')
+  if source is None:
+    source = builders.get_source(data_config, data_config.eval_split)
+  n = num_eval_examples(data_config, source=source)
+  padded = _PaddedEvalSource(source, data_config, n, global_batch_size, batch,
+                             process_index)
+  ds = grain.MapDataset.source(padded).batch(batch, drop_remainder=False)
+  it_ds = ds.to_iter_dataset()
+  worker_count = int(data_config.worker_count)
+  if worker_count:
+    _allow_workers(worker_count)
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
+
+
+def to_global(batch, sharding):
+  """Per-process numpy batches -> global jax.Arrays.
+
+  `sharding` is one sharding for every entry (e.g. NamedSharding(mesh,
+  P('data'))) or a matching dict of them.
+  """
+  if isinstance(sharding, jax.sharding.Sharding):
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding[k], v)
+          for k, v in batch.items()}
