@@ -34,6 +34,9 @@ def main(argv):
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import loop  # pylint: disable=g-import-not-at-top
 
+  if not flags.FLAGS['verbosity'].present:
+    # orbax and TFDS log every file operation at INFO; the progress bar says what matters.
+    logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if _MODE.value == 'train':

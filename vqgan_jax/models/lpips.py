@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax.models import layers
+
 Array = jax.Array
 Dtype = Any
 
@@ -107,8 +109,9 @@ class VGG16Features(nn.Module):
       for slice_idx, idx, ch in VGG16_CONVS:
         if slice_idx != s:
           continue
-        x = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    param_dtype=jnp.float32, name=f'slice{s}_{idx}')(x)
+        # Our Conv: same params, and it avoids XLA:CPU's slow tiny-spatial convs.
+        x = layers.Conv(ch, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
+                        name=f'slice{s}_{idx}')(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
