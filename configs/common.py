@@ -40,6 +40,7 @@ def stage1_base():
       name='imagenet2012',   # any prepared TFDS image dataset, 'fashion_mnist' or 'folder'
       data_dir='',           # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
       folder='',             # source images when name == 'folder'
+      validation_fraction=0.05,  # held out of a folder dataset as its 'validation' split
       source_dir='/usr/share/datasets/fashion-mnist',  # IDX files for fashion_mnist
       image_key='image',
       image_size=256,
@@ -62,4 +63,17 @@ def stage1_base():
   # Mesh axis sizes; -1 takes the remaining devices. Params/opt-state shard over fsdp.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.init_from = ''
+  return c
+
+
+def apply_smoke(c):
+  """Shrinks a stage-1 config to a tiny model and a few steps on Fashion-MNIST (offline),
+  keeping every part of the pipeline: data, both updates, eval, checkpoints, images."""
+  c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                 resolution=32, z_channels=32, n_embed=64, embed_dim=16)
+  c.loss.update(disc_start=4.0, disc_ndf=16, disc_num_layers=2)
+  c.data.update(name='fashion_mnist', image_size=32, eval_split='test', random_crop=False,
+                eval_examples=64)
+  c.train.update(batch_size=8, eval_batch_size=32, num_steps=8, log_every=2, eval_every=8,
+                 checkpoint_every=4, num_grid_images=8)
   return c

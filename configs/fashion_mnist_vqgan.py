@@ -21,10 +21,5 @@ def get_config(arg=None):
   c.train.update(batch_size=32, eval_batch_size=250, num_steps=1500, log_every=50,
                  eval_every=500, checkpoint_every=500, num_grid_images=32)
   if args.get('smoke'):
-    c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                   z_channels=32, n_embed=64, embed_dim=16)
-    c.loss.update(disc_start=4.0, disc_ndf=16)
-    c.data.eval_examples = 64
-    c.train.update(batch_size=8, eval_batch_size=32, num_steps=8, log_every=2,
-                   eval_every=8, checkpoint_every=4, num_grid_images=8)
+    common.apply_smoke(c)
   return c
