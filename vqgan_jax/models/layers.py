@@ -76,10 +76,37 @@ class Conv(nn.Module):
     return y
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm(32 groups, eps 1e-6, affine) with statistics in float32.
+
+  Same parameters as flax's GroupNorm (`scale`, `bias`), computed as per-channel moments
+  reduced to groups, then one fused multiply-add: XLA:CPU runs flax's grouped-reshape
+  reduction 3-4x slower at 64+ channels, and the norm sits before every conv here.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, c = x.shape[0], x.shape[-1]
+    g = self.num_groups
+    scale = self.param('scale', nn.initializers.ones, (c,))
+    bias = self.param('bias', nn.initializers.zeros, (c,))
+    xf = x.astype(jnp.float32).reshape(b, -1, c)
+    mean = jnp.mean(xf, axis=1).reshape(b, g, c // g).mean(-1)
+    meansq = jnp.mean(jnp.square(xf), axis=1).reshape(b, g, c // g).mean(-1)
+    # E[x^2] - E[x]^2 in float32, floored at 0 against cancellation.
+    inv = jax.lax.rsqrt(jnp.maximum(meansq - jnp.square(mean), 0.0) + self.epsilon)
+    a = jnp.repeat(inv, c // g, axis=1) * scale
+    shift = bias - jnp.repeat(mean, c // g, axis=1) * a
+    y = x.astype(jnp.float32) * a[:, None, None, :] + shift[:, None, None, :]
+    return y.astype(self.dtype)
+
+
 def Normalize(name=None, dtype: Dtype = jnp.float32):  # pylint: disable=invalid-name
-  """GroupNorm(32, eps=1e-6, affine) as the original; statistics in float32."""
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  """GroupNorm(32, eps=1e-6, affine) as the original."""
+  return GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def swish(x):

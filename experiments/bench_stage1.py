@@ -1,0 +1,153 @@
+"""Stage-1 throughput: our fused train step and eval forward vs the original PyTorch step.
+
+  python experiments/bench_stage1.py [--configs=demo,small_ref] [--iters=8] [--no_reference]
+
+Prints one JSON object per line: `name`, `images_per_s`, and with the [reference] extra
+installed `original_images_per_s` and `ratio_vs_original` (ours / original). The original
+is timed in the same process, right after ours, with the same config, batch and thread
+count, replaying both optimizer passes of a PyTorch Lightning 1.0.8 iteration.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from configs import common  # pylint: disable=g-import-not-at-top
+from configs import fashion_mnist_vqgan
+from vqgan_jax import parallel
+from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.train import stage1
+
+_CONFIGS = flags.DEFINE_list('configs', ['demo', 'small_ref'], 'Which configs to time.')
+_ITERS = flags.DEFINE_integer('iters', 8, 'Timed steps (median is reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
+_NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
+_BATCH = flags.DEFINE_integer('batch', 0, 'Override the batch size (0: the config default).')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype of our step.')
+
+
+def bench_config(name):
+  """Our config for a benchmark name; all keep the GAN active (disc_start 0)."""
+  if name == 'demo':
+    c = fashion_mnist_vqgan.get_config()
+  else:
+    c = common.stage1_base()
+    if name == 'small_ref':  # the issue's small reference config
+      c.model.update(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+                     resolution=64, z_channels=256, n_embed=1024, embed_dim=256)
+      c.data.image_size = 64
+      c.train.batch_size = 8
+    elif name == 'f16':  # the ImageNet f16 architecture at 256x256 (for accelerators)
+      c.data.image_size = 256
+      c.train.batch_size = 8
+    else:
+      raise app.UsageError(f'unknown config {name!r}: demo, small_ref or f16')
+  c.loss.disc_start = 0.0
+  if _BATCH.value:
+    c.train.batch_size = _BATCH.value
+  c.train.dtype = _DTYPE.value
+  return c
+
+
+def _median_time(fn, iters, warmup):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def time_ours(config, iters, warmup):
+  mesh = parallel.make_mesh(config.mesh)
+  models = stage1.build_models(config)
+  state, shardings = stage1.create_sharded_state(config, models, mesh, jax.random.PRNGKey(0))
+  lpips_params = lpips_lib.load_pretrained_params()
+  lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
+  lpips_params = jax.device_put(lpips_params, lpips_sh)
+  step = stage1.make_train_step(config, models, mesh, shardings, lpips_sh)
+  evaluate = stage1.make_eval_step(models, mesh, shardings['params'], lpips_sh)
+  b, s = config.train.batch_size, config.data.image_size
+  images = jax.device_put(
+      np.random.RandomState(0).randint(0, 256, (b, s, s, 3)).astype(np.uint8),
+      parallel.batch_sharding(mesh))
+  mask = jax.device_put(np.ones((b,), bool), parallel.batch_sharding(mesh))
+
+  t0 = time.perf_counter()
+  holder = {'state': state}
+  holder['state'], metrics = step(holder['state'], lpips_params, images)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+
+  def train_once():
+    holder['state'], m = step(holder['state'], lpips_params, images)
+    jax.block_until_ready(m)
+
+  def eval_once():
+    jax.block_until_ready(evaluate(holder['state']['params'], lpips_params, images, mask))
+
+  train_s = _median_time(train_once, iters, warmup)
+  eval_s = _median_time(eval_once, iters, 1)
+  return {'images_per_s': b / train_s, 'eval_images_per_s': b / eval_s,
+          'step_ms': 1e3 * train_s, 'compile_s': compile_s}
+
+
+def time_original(config, iters, warmup, threads):
+  from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+  m = config.model
+  ddconfig = dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                  attn_resolutions=list(m.attn_resolutions), resolution=m.resolution,
+                  z_channels=m.z_channels, in_channels=m.in_channels, out_ch=m.out_ch,
+                  dropout=m.dropout, double_z=False)
+  lossconfig = dict(disc_start=0, disc_weight=config.loss.disc_weight,
+                    disc_num_layers=config.loss.disc_num_layers, disc_ndf=config.loss.disc_ndf,
+                    codebook_weight=config.loss.codebook_weight,
+                    perceptual_weight=config.loss.perceptual_weight,
+                    disc_loss=config.loss.disc_loss)
+  return reference.time_original_stage1(
+      ddconfig, m.n_embed, m.embed_dim, lossconfig, config.train.batch_size,
+      config.data.image_size, threads=threads, warmup=warmup, iters=iters)
+
+
+def _reference_available():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import taming  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def main(argv):
+  del argv
+  use_ref = not _NO_REF.value and _reference_available()
+  for name in _CONFIGS.value:
+    config = bench_config(name)
+    row = {'name': f'stage1_train_{name}', 'batch': config.train.batch_size,
+           'image_size': config.data.image_size, 'dtype': config.train.dtype,
+           'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count()}
+    row.update(time_ours(config, _ITERS.value, _WARMUP.value))
+    if use_ref:
+      orig = time_original(config, _ITERS.value, _WARMUP.value, _THREADS.value)
+      row['original_images_per_s'] = orig
+      row['ratio_vs_original'] = row['images_per_s'] / orig
+    row['load_avg_1m'] = os.getloadavg()[0]
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+          flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
