@@ -157,3 +157,14 @@ def test_batchnorm_matches_torch_semantics():
                              (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5), atol=1e-5)
   np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * xn.mean(0), rtol=1e-5)
   np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * xn.var(0, ddof=1), rtol=1e-5)
+
+
+def test_groupnorm_matches_flax_groupnorm():
+  import flax.linen as nn
+  from vqgan_jax.models.layers import GroupNorm
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 7, 64))
+  ours, ref = GroupNorm(), nn.GroupNorm(num_groups=32, epsilon=1e-6)
+  p = {'params': {'scale': jax.random.normal(jax.random.key(1), (64,)),
+                  'bias': jax.random.normal(jax.random.key(2), (64,))}}
+  assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(p)
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=2e-5)
