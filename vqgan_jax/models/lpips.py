@@ -151,14 +151,14 @@ class LPIPS(nn.Module):
     shift = jnp.asarray(SHIFT, jnp.float32)
     scale = jnp.asarray(SCALE, jnp.float32)
     b = x.shape[0]
-    # One backbone pass over both batches (nothing in VGG mixes samples).
-    xy = jnp.concatenate([x, y], axis=0).astype(jnp.float32)
-    xy = ((xy - shift) / scale).astype(self.dtype)
-    taps = VGG16Features(dtype=self.dtype, name='net')(xy)
+    scaled = lambda im: ((im.astype(jnp.float32) - shift) / scale).astype(self.dtype)
+    net = VGG16Features(dtype=self.dtype, name='net')
+    # Two backbone passes rather than one on the concatenation: in training only y needs
+    # gradients, and a concatenated pass would back-propagate through x's half as well.
+    taps_x, taps_y = net(scaled(x)), net(scaled(y))
     total = jnp.zeros((b,), jnp.float32)
-    for k, f in enumerate(taps):
-      f = _normalize(f.astype(jnp.float32))
-      d = jnp.square(f[:b] - f[b:])
+    for k, (fx, fy) in enumerate(zip(taps_x, taps_y)):
+      d = jnp.square(_normalize(fx.astype(jnp.float32)) - _normalize(fy.astype(jnp.float32)))
       d = NetLinLayer(dtype=jnp.float32, name=f'lin{k}')(
           d, deterministic=deterministic)
       total = total + jnp.mean(d, axis=(1, 2, 3))
