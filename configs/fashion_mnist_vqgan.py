@@ -18,8 +18,10 @@ def get_config(arg=None):
   c.optim.base_lr = 1e-5
   c.data.update(name='fashion_mnist', image_size=32, eval_split='test',
                 random_crop=False)
-  c.train.update(batch_size=32, eval_batch_size=250, num_steps=1500, log_every=50,
-                 eval_every=500, checkpoint_every=500, num_grid_images=32)
+  # ~10 minutes on 2 CPU cores: the GAN joins for the last 40% of the steps; one eval over
+  # the whole 10k test split at the end.
+  c.train.update(batch_size=32, eval_batch_size=250, num_steps=600, log_every=25,
+                 eval_every=600, checkpoint_every=200, num_grid_images=32)
   if args.get('smoke'):
     common.apply_smoke(c)
   return c

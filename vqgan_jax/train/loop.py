@@ -77,7 +77,7 @@ def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer)
         ncol = min(ncol, len(inputs))
         grid = images_lib.make_grid(images_lib.interleave_rows(inputs, recons, ncol), ncol)
         images_lib.save_png(os.path.join(workdir, f'reconstructions_{step:07d}.png'), grid,
-                            scale=2 if grid.shape[0] < 256 else 1)
+                            scale=max(1, 512 // grid.shape[1]))
         writer.image(step, 'eval/reconstructions', grid)
       grid_written = True
   count = max(float(totals['count']), 1.0)
