@@ -1,0 +1,392 @@
+"""The stage-2 GPT of Taming Transformers (taming's minGPT), in flax.linen.
+
+Numerics follow `taming/modules/transformer/mingpt.py`: pre-LN blocks, LayerNorm eps 1e-5,
+separate key/query/value Linears with bias, exact (erf) GELU, a learned position embedding
+initialised to zero, `head` without bias, N(0, 0.02) weights and zero biases. `n_unmasked` of
+the original is always 0 in taming's configs and is not supported.
+
+Parameter names map one-to-one onto the original state-dict keys (the `transformer.` prefix
+of a Net2NetTransformer checkpoint dropped; torch Linear weights are (out, in), flax kernels
+(in, out), so they are transposed; `attn.mask` is a buffer, recomputed, never loaded):
+
+  torch key                                   flax path (canonical layout)      logical axes
+  tok_emb.weight           [V, C]             tok_emb/embedding     [V, C]      (vocab, embed)
+  pos_emb                  [1, T, C]          pos_emb               [1, T, C]   (-, -, embed)
+  blocks.{l}.ln1.weight/bias   [C]            blocks_{l}/ln1/scale, bias [C]    (embed,)
+  blocks.{l}.ln2.weight/bias   [C]            blocks_{l}/ln2/scale, bias [C]    (embed,)
+  blocks.{l}.attn.key.weight   [C, C]         blocks_{l}/attn/key/kernel [C, C] (embed, heads)
+  blocks.{l}.attn.key.bias     [C]            blocks_{l}/attn/key/bias   [C]    (heads,)
+    (same for attn.query, attn.value)
+  blocks.{l}.attn.proj.weight  [C, C]         blocks_{l}/attn/proj/kernel [C, C] (heads, embed)
+  blocks.{l}.attn.proj.bias    [C]            blocks_{l}/attn/proj/bias  [C]    (embed,)
+  blocks.{l}.mlp.0.weight  [4C, C]            blocks_{l}/mlp_0/kernel [C, 4C]   (embed, mlp)
+  blocks.{l}.mlp.0.bias    [4C]               blocks_{l}/mlp_0/bias   [4C]      (mlp,)
+  blocks.{l}.mlp.2.weight  [C, 4C]            blocks_{l}/mlp_2/kernel [4C, C]   (mlp, embed)
+  blocks.{l}.mlp.2.bias    [C]                blocks_{l}/mlp_2/bias   [C]       (embed,)
+  ln_f.weight/bias         [C]                ln_f/scale, bias      [C]         (embed,)
+  head.weight              [V, C]             head/kernel           [C, V]      (embed, vocab)
+
+The C axis of key/query/value is viewed as (n_head, head_dim), head-major, exactly as torch's
+`.view(B, T, n_head, hd)`, so no permutation is needed.
+
+Two layouts. `GPT(scan_layers=False)` (the default) owns one `blocks_{l}` subtree per layer:
+the canonical layout of checkpoints and conversion, and the one the sampler runs on (per-layer
+weights are loop invariants of its decode loop; indexing stacked weights inside a loop copies
+them every step). `GPT(scan_layers=True)` runs the layers under `nn.scan` (2x faster training
+on CPU than unrolled layers) and its `init` produces one `blocks` subtree whose leaves carry a
+leading layer axis (logical name `layers`). `stack_layers` / `unstack_layers` convert between
+the two; both models compute the same function.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Dtype = Any
+
+LN_EPS = 1e-5
+INIT_STD = 0.02
+
+# Logical axis -> mesh axis. 'tensor' may be absent from a mesh (e.g. parallel.py's
+# ('data', 'fsdp')): `logical_shardings` drops mesh axes the mesh lacks.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+    ('act_embed', None),
+)
+
+# Logical axes of one K/V cache entry, (batch, heads, length, head_dim).
+CACHE_AXES = ('batch', 'heads', 'length', 'kv')
+
+# bf16 x bf16 dots accumulating into float32 are the fast ones on CPU (bf16 outputs are not);
+# with dtype=float32 this is an ordinary dot.
+_f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def _dense(features, axes, dtype, use_bias=True, name=None):
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, dot_general=_f32_dot,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+      name=name)
+
+
+def _layer_norm(x, name):
+  """torch LayerNorm (eps 1e-5), statistics and output in float32 whatever the compute dtype."""
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+      name=name)(x.astype(jnp.float32))
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention; with a cache, attends to cache slots [0, pos + t]."""
+  n_head: int
+  dtype: Dtype = jnp.float32
+  attn_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, cache=None, pos=None):
+    b, t, c = x.shape
+    hd = c // self.n_head
+
+    def heads(name):  # (B, T, C) -> (B, H, T, hd): heads leading, so dots need no transposes
+      y = _dense(c, ('embed', 'heads'), self.dtype, name=name)(x)
+      return y.astype(self.dtype).reshape(b, t, self.n_head, hd).transpose(0, 2, 1, 3)
+
+    k, q, v = heads('key'), heads('query'), heads('value')
+    if cache is None:
+      mask = jnp.tril(jnp.ones((t, t), bool))
+    else:
+      k = lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, 0, pos, 0))
+      v = lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, 0, pos, 0))
+      cache = {'k': k, 'v': v}
+      # Query t sits at absolute position pos + t; slots beyond it are stale or empty.
+      mask = jnp.arange(k.shape[2])[None, :] <= pos + jnp.arange(t)[:, None]
+    att = jnp.einsum('bhqd,bhkd->bhqk', q, k.astype(self.dtype),
+                     preferred_element_type=jnp.float32) * (1.0 / np.sqrt(hd))
+    att = jax.nn.softmax(jnp.where(mask, att, -jnp.inf), axis=-1)
+    att = nn.Dropout(self.attn_pdrop)(att, deterministic=self.deterministic)
+    y = jnp.einsum('bhqk,bhkd->bhqd', att.astype(self.dtype), v.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, c)
+    y = _dense(c, ('heads', 'embed'), self.dtype, name='proj')(y)
+    y = nn.Dropout(self.resid_pdrop)(y, deterministic=self.deterministic)
+    return y, cache
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block. Returns (x, cache) so that it is also an `nn.scan` body."""
+  n_head: int
+  dtype: Dtype = jnp.float32
+  attn_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, cache=None, pos=None):
+    c = x.shape[-1]
+    # The residual stream stays float32; sublayers compute in self.dtype.
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    h, cache = CausalSelfAttention(
+        self.n_head, self.dtype, self.attn_pdrop, self.resid_pdrop, self.deterministic,
+        name='attn')(_layer_norm(x, 'ln1'), cache, pos)
+    x = x + h.astype(jnp.float32)
+    h = _dense(4 * c, ('embed', 'mlp'), self.dtype, name='mlp_0')(_layer_norm(x, 'ln2'))
+    h = nn.gelu(h, approximate=False)
+    h = _dense(c, ('mlp', 'embed'), self.dtype, name='mlp_2')(h)
+    h = nn.Dropout(self.resid_pdrop)(h, deterministic=self.deterministic)
+    return x + h.astype(jnp.float32), cache
+
+
+class GPT(nn.Module):
+  """taming's minGPT. `__call__(tokens) -> logits (B, T, vocab)` in float32.
+
+  Attributes:
+    dtype: compute dtype of the matmuls (softmax, LayerNorm statistics, the residual stream
+      and the logits stay float32). Parameters are always float32.
+    remat: False, True (recompute everything per block) or the name of a
+      `jax.checkpoint_policies` policy, e.g. 'dots_with_no_batch_dims_saveable'.
+    scan_layers: run the blocks under `nn.scan` over stacked params (training layout, see the
+      module docstring); `decode` needs the per-layer layout.
+  """
+  vocab_size: int
+  block_size: int
+  n_layer: int = 12
+  n_head: int = 8
+  n_embd: int = 256
+  embd_pdrop: float = 0.0
+  resid_pdrop: float = 0.0
+  attn_pdrop: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool | str = False
+  scan_layers: bool = False
+
+  def __call__(self, tokens, deterministic: bool = True):
+    if tokens.shape[1] > self.block_size:
+      raise ValueError(f'sequence length {tokens.shape[1]} > block_size {self.block_size}')
+    logits, _ = self._forward(tokens, deterministic, None, 0, None)
+    return logits
+
+  def decode(self, tokens, cache, pos, logits_at=None):
+    """Runs tokens (B, T_new) at absolute positions [pos, pos + T_new) against `cache`.
+
+    Use T_new > 1 to prefill (from pos=0), then T_new=1 per step. Cache slots >= pos are
+    overwritten before they are attended to, so stale contents there are harmless.
+    Returns (logits, cache): logits (B, T_new, vocab) float32, or (B, vocab) for the single
+    position `logits_at` (an index into T_new, may be traced) which skips the head elsewhere.
+    """
+    if self.scan_layers:
+      raise ValueError('decode needs per-layer params: use unstack_layers(params) and '
+                       'model.clone(scan_layers=False)')
+    return self._forward(tokens, True, cache, pos, logits_at)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None):
+    """Preallocated K/V cache: per layer {'k', 'v'} of (batch, n_head, max_len, head_dim)."""
+    if max_len > self.block_size:
+      raise ValueError(f'cache length {max_len} > block_size {self.block_size}')
+    shape = (batch, self.n_head, max_len, self.n_embd // self.n_head)
+    dtype = self.dtype if dtype is None else dtype
+    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+                 for _ in range(self.n_layer))
+
+  @nn.compact
+  def _forward(self, tokens, deterministic, cache, pos, logits_at):
+    if self.n_embd % self.n_head:
+      raise ValueError(f'n_embd {self.n_embd} not divisible by n_head {self.n_head}')
+    t = tokens.shape[1]
+    x = nn.Embed(
+        self.vocab_size, self.n_embd,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
+                                                    ('vocab', 'embed')),
+        name='tok_emb')(tokens)
+    pos_emb = self.param(
+        'pos_emb',
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, 'embed')),
+        (1, self.block_size, self.n_embd))
+    x = x + lax.dynamic_slice_in_dim(pos_emb, pos, t, axis=1)
+    x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
+
+    block = Block
+    if self.remat and cache is None:
+      policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
+      block = nn.remat(Block, policy=policy, prevent_cse=not self.scan_layers)
+    kw = dict(n_head=self.n_head, dtype=self.dtype, attn_pdrop=self.attn_pdrop,
+              resid_pdrop=self.resid_pdrop, deterministic=deterministic)
+    if self.scan_layers:
+      x, _ = nn.scan(block, variable_axes={'params': 0},
+                     split_rngs={'params': True, 'dropout': True}, length=self.n_layer,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})(**kw, name='blocks')(x, None)
+    else:
+      new_cache = []
+      for l in range(self.n_layer):
+        x, c = block(**kw, name=f'blocks_{l}')(x, None if cache is None else cache[l], pos)
+        new_cache.append(c)
+      cache = None if cache is None else tuple(new_cache)
+
+    if logits_at is not None:
+      x = lax.dynamic_index_in_dim(x, logits_at, axis=1, keepdims=False)
+    x = _layer_norm(x, 'ln_f')
+    logits = _dense(self.vocab_size, ('embed', 'vocab'), self.dtype, use_bias=False,
+                    name='head')(x)
+    return logits.astype(jnp.float32), cache
+
+
+# ----------------------------------------------------------------------------------------
+# Layout converters
+# ----------------------------------------------------------------------------------------
+
+def _inner(params):
+  """Accepts {'params': tree} or the tree itself; returns (tree, rewrap)."""
+  if isinstance(params, Mapping) and set(params) == {'params'}:
+    return params['params'], lambda p: {'params': p}
+  return params, lambda p: p
+
+
+def stack_layers(params):
+  """Per-layer `blocks_{l}` -> `blocks` with a leading layer axis (the scan_layers layout)."""
+  p, wrap = _inner(nn.unbox(params))
+  n = sum(1 for k in p if k.startswith('blocks_'))
+  out = {k: v for k, v in p.items() if not k.startswith('blocks_')}
+  out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[f'blocks_{l}'] for l in range(n)])
+  return wrap(out)
+
+
+def unstack_layers(params):
+  """`blocks` with a leading layer axis -> per-layer `blocks_{l}` (the canonical layout)."""
+  p, wrap = _inner(nn.unbox(params))
+  out = {k: v for k, v in p.items() if k != 'blocks'}
+  n = jax.tree.leaves(p['blocks'])[0].shape[0]
+  for l in range(n):
+    out[f'blocks_{l}'] = jax.tree.map(lambda x: x[l], p['blocks'])
+  return wrap(out)
+
+
+# ----------------------------------------------------------------------------------------
+# Torch state dict <-> params (numpy only, no torch import)
+# ----------------------------------------------------------------------------------------
+
+_LINEARS = ('attn.key', 'attn.query', 'attn.value', 'attn.proj', 'mlp.0', 'mlp.2')
+
+
+def from_torch_state_dict(sd: Mapping[str, Any], n_layer: int) -> dict:
+  """Original GPT (or Net2NetTransformer) state dict -> canonical flax params (float32 numpy).
+
+  Keys may carry the `transformer.` prefix of a Net2NetTransformer checkpoint (other
+  submodules' keys are then ignored). Every GPT key must be consumed; `attn.mask` buffers are
+  dropped.
+  """
+  if any(k.startswith('transformer.') for k in sd):
+    sd = {k[len('transformer.'):]: v for k, v in sd.items() if k.startswith('transformer.')}
+  sd = {k: np.asarray(v, dtype=np.float32) for k, v in sd.items()
+        if not k.endswith('attn.mask')}
+  used = set()
+
+  def get(key):
+    if key not in sd:
+      raise KeyError(f'missing key {key!r} in the state dict')
+    used.add(key)
+    return sd[key]
+
+  def ln(prefix):
+    return {'scale': get(f'{prefix}.weight'), 'bias': get(f'{prefix}.bias')}
+
+  def linear(prefix, bias=True):
+    p = {'kernel': get(f'{prefix}.weight').T.copy()}
+    if bias:
+      p['bias'] = get(f'{prefix}.bias')
+    return p
+
+  params = {'tok_emb': {'embedding': get('tok_emb.weight')}, 'pos_emb': get('pos_emb')}
+  for l in range(n_layer):
+    b = f'blocks.{l}'
+    params[f'blocks_{l}'] = {
+        'ln1': ln(f'{b}.ln1'), 'ln2': ln(f'{b}.ln2'),
+        'attn': {n: linear(f'{b}.attn.{n}') for n in ('key', 'query', 'value', 'proj')},
+        'mlp_0': linear(f'{b}.mlp.0'), 'mlp_2': linear(f'{b}.mlp.2')}
+  params['ln_f'] = ln('ln_f')
+  params['head'] = linear('head', bias=False)
+  unused = set(sd) - used
+  if unused:
+    raise ValueError(f'state dict keys not mapped (wrong n_layer?): {sorted(unused)[:8]}')
+  return params
+
+
+def to_torch_state_dict(params) -> dict:
+  """Canonical flax params -> the original GPT's state-dict keys (numpy, no `attn.mask`)."""
+  p, _ = _inner(nn.unbox(params))
+  if 'blocks' in p:
+    p, _ = _inner(unstack_layers(p))
+  sd = {'tok_emb.weight': p['tok_emb']['embedding'], 'pos_emb': p['pos_emb']}
+  n = sum(1 for k in p if k.startswith('blocks_'))
+
+  def ln(prefix, tree):
+    sd[f'{prefix}.weight'], sd[f'{prefix}.bias'] = tree['scale'], tree['bias']
+
+  def linear(prefix, tree):
+    sd[f'{prefix}.weight'] = np.asarray(tree['kernel']).T
+    if 'bias' in tree:
+      sd[f'{prefix}.bias'] = tree['bias']
+
+  for l in range(n):
+    blk = p[f'blocks_{l}']
+    ln(f'blocks.{l}.ln1', blk['ln1'])
+    ln(f'blocks.{l}.ln2', blk['ln2'])
+    for name in ('key', 'query', 'value', 'proj'):
+      linear(f'blocks.{l}.attn.{name}', blk['attn'][name])
+    linear(f'blocks.{l}.mlp.0', blk['mlp_0'])
+    linear(f'blocks.{l}.mlp.2', blk['mlp_2'])
+  ln('ln_f', p['ln_f'])
+  linear('head', p['head'])
+  return {k: np.asarray(v) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Sharding by logical axes
+# ----------------------------------------------------------------------------------------
+
+def mesh_rules(mesh, rules=DEFAULT_RULES):
+  """`rules` restricted to the mesh's axes (a rule naming an absent axis maps to None)."""
+  names = set(mesh.axis_names)
+  out = []
+  for logical, axes in rules:
+    if axes is None:
+      out.append((logical, None))
+      continue
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in names)
+    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+  return tuple(out)
+
+
+def logical_shardings(boxed_tree, mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (params from `init`, or
+  `jax.eval_shape` of it). A dimension the mapped mesh axes do not divide is replicated
+  (e.g. vocab 33 over tensor=2); unannotated leaves are replicated."""
+  rules = mesh_rules(mesh, rules)
+
+  def one(leaf):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    dims = []
+    for size, axes in zip(leaf.value.shape, tuple(spec) + (None,) * leaf.value.ndim):
+      n = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])) \
+          if axes is not None else 1
+      dims.append(axes if axes is not None and size % n == 0 else None)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*dims))
+
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -1,0 +1,296 @@
+"""Stage-2 sampling: logit filtering, a KV-cached sampler and taming's sliding window.
+
+Randomness: the token at raster index t (0-based, counting sampled tokens only; for a grid
+t = i * grid_w + j) is drawn with `jax.random.fold_in(rng, t)`, shared by the whole batch
+(one categorical draw per row). Both samplers use this rule, so a sliding window whose grid
+equals the window reproduces `sample` for the same key, and a key always gives the same tokens.
+
+Classifier-free guidance (an addition; the original has none): the conditional and the
+unconditional batch run as one batch of 2B through the same cache, and the logits fed to the
+filter are `uncond + cfg_scale * (cond - uncond)`. Both batches are continued with the same
+(guided) tokens.
+"""
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vqgan_jax.models import transformer as tf
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=1.0):
+  """taming's filtering: `logits / temperature`, then top-k, then top-p; removed -> -inf.
+
+  top-k keeps every logit >= the k-th largest (ties at the k-th value survive). top-p follows
+  HF transformers 4.3.1 `top_k_top_p_filtering`: sort descending, cumulative softmax, remove
+  tokens whose cumulative probability exceeds p, shifted right by one so the token that
+  crosses p is kept (the most likely token is always kept). top_k None/0 and top_p 1.0 (or
+  None) disable. top_k must be a Python int; top_p a Python float to be skipped at 1.0.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    k = min(int(top_k), logits.shape[-1])
+    kth = lax.top_k(logits, k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and not (isinstance(top_p, (int, float)) and top_p >= 1.0):
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove = cum > top_p
+    remove = jnp.concatenate([jnp.zeros_like(remove[..., :1]), remove[..., :-1]], axis=-1)
+    remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+# ----------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------
+
+def _decoding(model, params):
+  """The per-layer model and {'params': ...} variables the decode loop runs on."""
+  if isinstance(params, Mapping) and 'params' in params:
+    params = params['params']
+  if model.scan_layers or 'blocks' in params:
+    params = tf.unstack_layers(params)
+    model = model.clone(scan_layers=False)
+  return model, {'params': params}
+
+
+def _norm_filters(top_k, top_p):
+  return (int(top_k) if top_k else None), (1.0 if top_p is None else float(top_p))
+
+
+def _with_uncond(cond, uncond, guided):
+  if not guided:
+    return cond
+  if uncond.shape != cond.shape:
+    raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
+  return jnp.concatenate([cond, uncond], axis=0)
+
+
+class _Stepper:
+  """Runs the model on the (possibly doubled) batch and draws guided, filtered tokens."""
+
+  def __init__(self, model, variables, rng, temperature, cfg_scale, guided, top_k, top_p):
+    self.model, self.variables, self.rng = model, variables, rng
+    self.temperature, self.cfg_scale, self.guided = temperature, cfg_scale, guided
+    self.top_k, self.top_p = top_k, top_p
+
+  def logits(self, tokens, cache, pos, logits_at):
+    """tokens (B, T) for the conditional batch; returns guided logits (B, V) at logits_at."""
+    if self.guided:
+      tokens = jnp.concatenate([tokens, tokens], axis=0)
+    logits, cache = self.model.apply(self.variables, tokens, cache, pos, logits_at,
+                                     method=self.model.decode)
+    if self.guided:
+      c, u = jnp.split(logits, 2, axis=0)
+      logits = u + self.cfg_scale * (c - u)
+    return logits, cache
+
+  def draw(self, logits, t):
+    logits = filter_logits(logits, self.temperature, self.top_k, self.top_p)
+    return jax.random.categorical(jax.random.fold_in(self.rng, t), logits,
+                                  axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# Plain (KV-cached) sampler
+# ----------------------------------------------------------------------------------------
+
+def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=None, top_p=1.0,
+           cfg_scale=None, uncond_tokens=None):
+  """Samples `steps` tokens after the conditioning tokens (B, Lc); returns (B, steps) int32.
+
+  The conditioning (SOS token, class id, or a cond-stage code sequence) is prefilled into a
+  preallocated K/V cache in one forward, then one token per step inside a `lax.fori_loop`.
+  Compiled once per (model, shapes, steps, top_k, top_p, guidance on/off); temperature and
+  cfg_scale are traced. `params` may be either layout ({'params': ...} or the bare tree).
+  """
+  model, variables = _decoding(model, params)
+  top_k, top_p = _norm_filters(top_k, top_p)
+  guided = cfg_scale is not None
+  if guided and uncond_tokens is None:
+    raise ValueError('cfg_scale needs uncond_tokens')
+  cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
+  if cond_tokens.shape[1] < 1 or steps < 1:
+    raise ValueError('need at least one conditioning token and one step')
+  if cond_tokens.shape[1] + steps - 1 > model.block_size:
+    raise ValueError(f'{cond_tokens.shape[1]} cond tokens + {steps} steps exceed block_size '
+                     f'{model.block_size} + 1')
+  uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
+  return _sample(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
+                 jnp.float32(cfg_scale if guided else 0.0), steps=steps, top_k=top_k,
+                 top_p=top_p, guided=guided)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'steps', 'top_k', 'top_p', 'guided'))
+def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, steps, top_k, top_p,
+            guided):
+  b, lc = cond.shape
+  st = _Stepper(model, variables, rng, temperature, cfg_scale, guided, top_k, top_p)
+  # The last sampled token is never fed back, hence steps - 1.
+  cache = model.init_cache(b * (2 if guided else 1), lc + steps - 1)
+  if guided:
+    # Prefill differs per half (cond vs uncond); afterwards both halves get the same tokens.
+    logits, cache = model.apply(variables, _with_uncond(cond, uncond, True), cache, 0, lc - 1,
+                                method=model.decode)
+    c, u = jnp.split(logits, 2, axis=0)
+    logits = u + cfg_scale * (c - u)
+  else:
+    logits, cache = st.logits(cond, cache, 0, lc - 1)
+  first = st.draw(logits, 0)
+  out = jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first)
+
+  def body(t, carry):
+    out, prev, cache = carry
+    logits, cache = st.logits(prev[:, None], cache, lc + t - 1, 0)
+    tok = st.draw(logits, t)
+    out = lax.dynamic_update_slice(out, tok[:, None], (0, t))
+    return out, tok, cache
+
+  out, _, _ = lax.fori_loop(1, steps, body, (out, first, cache))
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# Sliding window (taming-spec f.3)
+# ----------------------------------------------------------------------------------------
+
+def window_offset(i, size, window):
+  """taming's local index of grid row/column i in a window of `window` over `size`."""
+  half = window // 2
+  return jnp.where(i <= half, i, jnp.where(size - i < half, window - (size - i), half))
+
+
+def sliding_window_sample(params, model, cond_tokens, rng, *, grid_h, grid_w, window=16,
+                          temperature=1.0, top_k=None, top_p=1.0, cfg_scale=None,
+                          uncond_tokens=None, cond_is_grid=None):
+  """Samples a (B, grid_h, grid_w) code grid larger than the training crop, as taming does.
+
+  For each position (i, j) in raster order the window (window x window tokens) is placed by
+  taming's rule (local index li = i if i <= half, window - (grid_h - i) near the far edge,
+  half otherwise; the same for columns), the model sees the window's cond tokens followed by
+  its image tokens in window-raster order, and the token at (li, lj) is sampled.
+
+  cond_tokens: (B, grid_h * grid_w) cond-stage codes of a grid the same size as the image
+  grid (the window's part is cut out at each step), or a constant (B, Lc) prefix such as the
+  SOS token / class id (Lc = 1) of unconditional / class-conditional models. `cond_is_grid`
+  defaults to `Lc == grid_h * grid_w`.
+
+  Exactness and cost: positions after (li, lj) in the window are causally masked, so only
+  finished tokens matter. While the window does not move (j <= half, and j >= grid_w - half
+  where it rests at the right edge) each step appends one token, so a K/V cache is prefilled
+  once and extended one token per step. Where it slides every position in it changes, so
+  the window's prefix is re-encoded, truncated to the length that position needs (two static
+  lengths: li <= half and li > half). All images run as one batch.
+  """
+  model, variables = _decoding(model, params)
+  top_k, top_p = _norm_filters(top_k, top_p)
+  guided = cfg_scale is not None
+  if guided and uncond_tokens is None:
+    raise ValueError('cfg_scale needs uncond_tokens')
+  if window % 2 or window < 2:
+    raise ValueError(f'window must be even and >= 2 (taming uses 16), got {window}')
+  if grid_h < window or grid_w < window:
+    raise ValueError(f'grid {grid_h}x{grid_w} smaller than the window {window}')
+  cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
+  if cond_is_grid is None:
+    cond_is_grid = cond_tokens.shape[1] == grid_h * grid_w
+  lc = window * window if cond_is_grid else cond_tokens.shape[1]
+  if lc < 1:
+    raise ValueError('need at least one conditioning token')
+  if lc + window * window - 1 > model.block_size:
+    raise ValueError(f'{lc} cond + {window}x{window} window tokens exceed block_size '
+                     f'{model.block_size} + 1')
+  uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
+  return _sliding(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
+                  jnp.float32(cfg_scale if guided else 0.0), h=grid_h, w=grid_w, win=window,
+                  is_grid=bool(cond_is_grid), top_k=top_k, top_p=top_p, guided=guided)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'h', 'w', 'win', 'is_grid', 'top_k',
+                                             'top_p', 'guided'))
+def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, w, win, is_grid,
+             top_k, top_p, guided):
+  b = cond.shape[0]
+  half = win // 2
+  cond_all = _with_uncond(cond, uncond, guided)
+  bb = cond_all.shape[0]
+  if is_grid:
+    cond_all = cond_all.reshape(bb, h, w)
+  lc = win * win if is_grid else cond_all.shape[1]
+  st = _Stepper(model, variables, rng, temperature, cfg_scale, False, top_k, top_p)
+  # Longest prefix a re-encode needs: up to (li, half) inclusive of what precedes it.
+  short_len = lc + half * win + half      # li <= half
+  full_len = lc + (win - 1) * win + half  # li > half (last rows of the grid)
+
+  def guide(logits):
+    if not guided:
+      return logits
+    c, u = jnp.split(logits, 2, axis=0)
+    return u + cfg_scale * (c - u)
+
+  def prefill(grid, cache, r0, c0, li, lj):
+    """Encodes the window at (r0, c0) into the cache; guided logits for (li, lj)."""
+    img = lax.dynamic_slice(grid, (0, r0, c0), (b, win, win)).reshape(b, win * win)
+    if guided:
+      img = jnp.concatenate([img, img], axis=0)
+    if is_grid:
+      cw = lax.dynamic_slice(cond_all, (0, r0, c0), (bb, win, win)).reshape(bb, win * win)
+    else:
+      cw = cond_all
+    seq = jnp.concatenate([cw, img], axis=1)
+    at = lc - 1 + li * win + lj
+
+    def run(n):
+      return lambda cache: model.apply(variables, seq[:, :n], cache, 0, at, method=model.decode)
+
+    if short_len == full_len:
+      logits, cache = run(full_len)(cache)
+    else:
+      logits, cache = lax.cond(li <= half, run(short_len), run(full_len), cache)
+    return guide(logits), cache
+
+  def put(grid, i, j, tok):
+    return lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
+
+  def extend(grid, cache, i, li, c0, j0, j1):
+    """Samples columns [j0, j1) of row i with the window fixed at column c0."""
+    def body(j, carry):
+      grid, cache = carry
+      prev = lax.dynamic_slice(grid, (0, i, j - 1), (b, 1, 1)).reshape(b, 1)
+      if guided:
+        prev = jnp.concatenate([prev, prev], axis=0)
+      logits, cache = model.apply(variables, prev, cache, lc + li * win + (j - 1 - c0), 0,
+                                  method=model.decode)
+      return put(grid, i, j, st.draw(guide(logits), i * w + j)), cache
+    return lax.fori_loop(j0, j1, body, (grid, cache))
+
+  def row(i, carry):
+    grid, cache = carry
+    li = window_offset(i, h, win)
+    r0 = i - li
+    logits, cache = prefill(grid, cache, r0, 0, li, 0)
+    grid = put(grid, i, 0, st.draw(logits, i * w))
+    if w == win:  # the window never moves along the row
+      return extend(grid, cache, i, li, 0, 1, w)
+    grid, cache = extend(grid, cache, i, li, 0, 1, half + 1)
+
+    def slide(j, carry):
+      grid, cache = carry
+      logits, cache = prefill(grid, cache, r0, j - half, li, half)
+      return put(grid, i, j, st.draw(logits, i * w + j)), cache
+
+    # The last sliding position already has the window at the right edge (c0 = w - win);
+    # its cache then serves the rest of the row.
+    grid, cache = lax.fori_loop(half + 1, w - half + 1, slide, (grid, cache))
+    return extend(grid, cache, i, li, w - win, w - half + 1, w)
+
+  grid = jnp.zeros((b, h, w), jnp.int32)
+  cache = model.init_cache(bb, lc + win * win - 1)
+  grid, _ = lax.fori_loop(0, h, row, (grid, cache))
+  return grid
