@@ -266,11 +266,6 @@ def test_incompatible_resume_is_refused_and_leaves_the_checkpoint(smoke_run, env
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason='vqgan_jax/train/loop.py builds the mesh (parallel.make_mesh -> mesh_shape raises a '
-           'plain ValueError) before validate_stage1, and main.py only turns ConfigError/'
-           'DataError/IncompatibleCheckpointError into exit 2: a bad config.mesh gives a '
-           'traceback and exit 1', strict=True)
 def test_bad_mesh_exits_2_with_one_line(env, tmp_path):
   proc, _ = _main(env, tmp_path / 'bad_mesh', '--config.mesh.data=3')
   assert proc.returncode == 2, _explain(proc)

@@ -12,6 +12,8 @@ from typing import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vqgan_jax.validate import ConfigError
+
 MESH_AXES = ('data', 'fsdp')
 BATCH_AXES = ('data', 'fsdp')
 
@@ -21,14 +23,14 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int):
   sizes = {a: int(axis_sizes.get(a, 1)) for a in MESH_AXES}
   unknown = [a for a, s in sizes.items() if s == -1]
   if len(unknown) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(sizes)}')
+    raise ConfigError(f'config.mesh: at most one axis may be -1, got {dict(sizes)}')
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
     if num_devices % known:
-      raise ValueError(f'config.mesh: {dict(sizes)} does not divide {num_devices} devices')
+      raise ConfigError(f'config.mesh: {dict(sizes)} does not divide {num_devices} devices')
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f'config.mesh: axis sizes {dict(sizes)} multiply to {math.prod(sizes.values())}, '
         f'but there are {num_devices} devices')
   return sizes
