@@ -132,12 +132,18 @@ def train_and_evaluate(config, workdir):
   bar = tqdm.tqdm(total=total, initial=start, disable=jax.process_index() != 0,
                   dynamic_ncols=True, desc='stage1')
   t0, steps_since = time.perf_counter(), 0
+  pending = None
   for step in range(start + 1, total + 1):
     batch = next(train_it)
     images = pipeline.to_global({'image': batch['image']}, batch_sharding)['image']
     state, metrics = train_fn(state, lpips_params, images)
+    # Wait for the previous step only: the host prepares the next batch while this one
+    # runs, and the progress bar counts finished steps, not dispatched ones.
+    if pending is not None:
+      jax.block_until_ready(pending)
+      bar.update(1)
+    pending = metrics['total_loss']
     steps_since += 1
-    bar.update(1)
     if step % config.train.log_every == 0 or step == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       dt = time.perf_counter() - t0
@@ -155,6 +161,9 @@ def train_and_evaluate(config, workdir):
       bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
       t0, steps_since = time.perf_counter(), 0
     ckpt.save(step, state, train_it.get_state, config, force=step == total)
+  if pending is not None:
+    jax.block_until_ready(pending)
+    bar.update(1)
   bar.close()
   if start >= total:  # Already finished: report the final model again.
     result = evaluate(config, eval_fn, state['params'], lpips_params, mesh, workdir, start,
