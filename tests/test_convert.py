@@ -1,0 +1,311 @@
+"""The taming checkpoint converter: the table, its errors, the CLI's output, fine-tuning.
+
+The numpy core is tested without torch (round trip through the inverse table); reading a
+Lightning .ckpt and the Net2NetTransformer layout need the [reference] extra and are skipped
+without it. Numerical parity of the converted models, and fine-tuning a converted original
+model on Fashion-MNIST (it reuses that module's compiled train step), are in
+test_parity_stage1.py.
+"""
+
+import contextlib
+import io
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vqgan_jax import checkpoints
+from vqgan_jax.convert import taming as convert
+from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.train import stage1
+
+_HINT = ("the original implementation is not installed: "
+         "pip install -e '.[reference]' -c reference-constraints.txt")
+
+# The spec's exhaustive small example (taming-spec g.2), with a 2-layer D of ndf 16.
+DDCONFIG = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], resolution=32,
+                z_channels=16, double_z=False, in_channels=3, out_ch=3, dropout=0.0)
+N_EMBED, EMBED_DIM = 32, 8
+LOSS = dict(disc_start=0, disc_weight=0.8, disc_num_layers=2, disc_ndf=16)
+
+
+def _random_like(tree, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), tree)
+
+
+@pytest.fixture(scope='module')
+def synthetic():
+  """A torch-layout VQModel state dict (numpy) made from random params of our own shapes."""
+  kw = convert.vqgan_kwargs(DDCONFIG, N_EMBED, EMBED_DIM)
+  params = _random_like(convert._abstract_vqgan(kw)['params'])  # pylint: disable=protected-access
+  d = convert._abstract_disc(2, 16, 3, 32)  # pylint: disable=protected-access
+  trees = {'params': params, 'disc_params': _random_like(d['params'], 1),
+           'disc_stats': _random_like(d['batch_stats'], 2),
+           'lpips_params': lpips_lib.load_pretrained_params()}
+  sd = convert.vqmodel_to_torch_state_dict(trees)
+  # Buffers a real checkpoint carries that hold nothing of ours.
+  sd['loss.discriminator.main.3.num_batches_tracked'] = np.asarray(1)
+  sd['loss.discriminator.main.6.num_batches_tracked'] = np.asarray(1)
+  sd['loss.perceptual_loss.scaling_layer.shift'] = np.zeros((1, 3, 1, 1), np.float32)
+  sd['loss.perceptual_loss.scaling_layer.scale'] = np.ones((1, 3, 1, 1), np.float32)
+  return trees, sd
+
+
+def test_table_names_and_shapes_follow_the_spec(synthetic):
+  _, sd = synthetic
+  expected = {  # taming-spec g.2
+      'encoder.conv_in.weight': (32, 3, 3, 3),
+      'encoder.down.0.downsample.conv.weight': (32, 32, 3, 3),
+      'encoder.down.1.block.0.nin_shortcut.weight': (64, 32, 1, 1),
+      'encoder.down.1.attn.0.q.weight': (64, 64, 1, 1),
+      'encoder.mid.attn_1.proj_out.bias': (64,),
+      'encoder.mid.block_2.conv2.weight': (64, 64, 3, 3),
+      'encoder.conv_out.weight': (16, 64, 3, 3),
+      'decoder.up.0.block.0.nin_shortcut.weight': (32, 64, 1, 1),
+      'decoder.up.1.attn.1.norm.weight': (64,),
+      'decoder.up.1.upsample.conv.weight': (64, 64, 3, 3),
+      'decoder.conv_out.weight': (3, 32, 3, 3),
+      'quantize.embedding.weight': (32, 8),
+      'quant_conv.weight': (8, 16, 1, 1),
+      'post_quant_conv.weight': (16, 8, 1, 1),
+      'loss.discriminator.main.0.bias': (16,),
+      'loss.discriminator.main.3.running_var': (32,),
+      'loss.discriminator.main.8.weight': (1, 64, 4, 4),
+      'loss.perceptual_loss.net.slice3.14.weight': (256, 256, 3, 3),
+      'loss.perceptual_loss.lin4.model.1.weight': (1, 512, 1, 1),
+  }
+  for k, shape in expected.items():
+    assert sd[k].shape == shape, k
+  assert 'loss.discriminator.main.2.bias' not in sd  # no bias before BatchNorm
+  n_ae = sum(1 for k in sd if not k.startswith('loss.'))
+  assert n_ae == 155  # 62 encoder + 88 decoder + 5 quantizer/convs for this config
+
+
+def test_numpy_round_trip(synthetic):
+  trees, sd = synthetic
+  out = convert.convert_vqmodel_state_dict(sd, DDCONFIG, N_EMBED, EMBED_DIM)
+  assert set(out) == {'params', 'disc_params', 'disc_stats', 'lpips_params'}
+  jax.tree.map(np.testing.assert_array_equal, out, trees)
+  # Attention q/k/v/proj_out are Dense kernels: torch weight[:, :, 0, 0].T.
+  np.testing.assert_array_equal(out['params']['encoder']['mid']['attn_1']['q']['kernel'],
+                                sd['encoder.mid.attn_1.q.weight'][:, :, 0, 0].T)
+  np.testing.assert_array_equal(out['params']['decoder']['conv_in']['kernel'],
+                                sd['decoder.conv_in.weight'].transpose(2, 3, 1, 0))
+  # Without the loss keys (a DummyLoss model), or when told to drop them: params only.
+  no_loss = {k: v for k, v in sd.items() if not k.startswith('loss.')}
+  assert set(convert.convert_vqmodel_state_dict(no_loss, DDCONFIG, N_EMBED, EMBED_DIM)) == {
+      'params'}
+  assert set(convert.convert_vqmodel_state_dict(sd, DDCONFIG, N_EMBED, EMBED_DIM,
+                                                with_loss=False)) == {'params'}
+
+
+def test_one_error_names_every_bad_key(synthetic):
+  _, sd = synthetic
+  bad = dict(sd)
+  bad['encoder.extra.weight'] = np.zeros(3, np.float32)
+  bad['loss.discriminator.main.99.weight'] = np.zeros((1, 1, 4, 4), np.float32)
+  del bad['decoder.up.1.attn.0.k.bias']
+  bad['quant_conv.weight'] = np.zeros((8, 15, 1, 1), np.float32)
+  with pytest.raises(convert.ConversionError) as e:
+    convert.convert_vqmodel_state_dict(bad, DDCONFIG, N_EMBED, EMBED_DIM)
+  msg = str(e.value)
+  for needle in ('encoder.extra.weight', 'loss.discriminator.main.99.weight',
+                 'missing key decoder.up.1.attn.0.k.bias',
+                 'quant_conv.weight: shape (8, 15, 1, 1) does not fit '
+                 'params/quant_conv/kernel (1, 1, 16, 8)'):
+    assert needle in msg, msg
+  # A wrong config is a wall of shape mismatches, named as such.
+  with pytest.raises(convert.ConversionError, match='encoder.conv_out.weight: shape'):
+    convert.convert_vqmodel_state_dict(sd, dict(DDCONFIG, z_channels=32), N_EMBED, EMBED_DIM)
+
+
+def test_gumbel_and_actnorm_are_refused_clearly(synthetic):
+  _, sd = synthetic
+  gumbel = {k: v for k, v in sd.items() if not k.startswith('quantize.')}
+  gumbel['quantize.proj.weight'] = np.zeros((N_EMBED, 16, 1, 1), np.float32)
+  gumbel['quantize.proj.bias'] = np.zeros((N_EMBED,), np.float32)
+  gumbel['quantize.embed.weight'] = np.zeros((N_EMBED, EMBED_DIM), np.float32)
+  with pytest.raises(convert.ConversionError,
+                     match=r'GumbelVQ.*not supported yet.*quantize\.embed\.weight, '
+                           r'quantize\.proj\.bias, quantize\.proj\.weight'):
+    convert.convert_vqmodel_state_dict(gumbel, DDCONFIG, N_EMBED, EMBED_DIM)
+  actnorm = dict(sd)
+  actnorm['loss.discriminator.main.3.loc'] = np.zeros((1, 32, 1, 1), np.float32)
+  with pytest.raises(convert.ConversionError, match='ActNorm.*main.3.loc'):
+    convert.convert_vqmodel_state_dict(actnorm, DDCONFIG, N_EMBED, EMBED_DIM)
+
+
+def test_reading_a_ckpt_without_torch_names_the_install(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[reference\]'"):
+    convert.read_lightning_ckpt(str(tmp_path / 'model.ckpt'))
+
+
+def test_stage1_config_from_the_yaml_fields():
+  c = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                            {'target': convert.VQLPIPS_TARGET, 'params': LOSS}, base_lr=1e-5)
+  assert c.model.ch_mult == (1, 2) and c.model.attn_resolutions == (16,)
+  assert (c.model.z_channels, c.model.n_embed, c.model.embed_dim) == (16, 32, 8)
+  assert c.data.image_size == 32 and c.optim.base_lr == 1e-5
+  assert (c.loss.disc_num_layers, c.loss.disc_ndf, c.loss.disc_weight) == (2, 16, 0.8)
+  assert c.loss.disc_start == 0.0 and isinstance(c.loss.disc_start, float)
+  # Fields the yaml leaves out take taming's defaults, not ours.
+  c = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                            {'target': convert.VQLPIPS_TARGET, 'params': {'disc_start': 10}})
+  assert (c.loss.disc_num_layers, c.loss.disc_ndf, c.loss.disc_weight) == (3, 64, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning checkpoints (need torch and the original code)
+# ---------------------------------------------------------------------------------------------
+
+def _reference():
+  pytest.importorskip('torch', reason=_HINT)
+  pytest.importorskip('taming', reason=_HINT)
+  from vqgan_jax import reference as R  # pylint: disable=g-import-not-at-top
+  R.install_torchvision_standin()
+  pytest.importorskip('pytorch_lightning', reason=_HINT)
+  return R
+
+
+def _write_yaml(path, model):
+  import yaml  # pylint: disable=g-import-not-at-top
+  with open(path, 'w') as f:
+    yaml.safe_dump({'model': model}, f)
+
+
+@pytest.fixture(scope='module')
+def vqmodel_ckpt(tmp_path_factory):
+  """A random-init original VQModel saved as a Lightning .ckpt + its yaml."""
+  R = _reference()
+  import torch  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('vqmodel')
+  model = R.build_vqmodel(DDCONFIG, N_EMBED, EMBED_DIM, LOSS, seed=0)
+  torch.save({'state_dict': model.state_dict(), 'global_step': 7, 'epoch': 1}, d / 'last.ckpt')
+  _write_yaml(d / 'model.yaml', {
+      'base_learning_rate': 4.5e-6, 'target': 'taming.models.vqgan.VQModel',
+      'params': {'embed_dim': EMBED_DIM, 'n_embed': N_EMBED, 'ddconfig': DDCONFIG,
+                 'lossconfig': {'target': convert.VQLPIPS_TARGET, 'params': LOSS}}})
+  return d, {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope='module')
+def converted_dir(vqmodel_ckpt, tmp_path_factory):
+  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  d, _ = vqmodel_ckpt
+  out = tmp_path_factory.mktemp('converted') / 'run'
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    rc = cli.main(['taming', '--ckpt', str(d / 'last.ckpt'), '--config', str(d / 'model.yaml'),
+                   '--out', str(out)])
+  assert rc == 0
+  (out.parent / 'summary.txt').write_text(printed.getvalue())
+  return out
+
+
+def _config_of(out):
+  with open(out / 'config.json') as f:
+    saved = json.load(f)
+  config = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                                 {'target': convert.VQLPIPS_TARGET, 'params': LOSS})
+  return saved, config
+
+
+def test_cli_writes_a_stage1_workdir(vqmodel_ckpt, converted_dir):
+  _, sd = vqmodel_ckpt
+  out = converted_dir
+  summary = (out.parent / 'summary.txt').read_text()
+  assert '"discriminator": "converted"' in summary and 'converted in' in summary
+  assert sorted(os.listdir(out)) == ['checkpoints', 'config.json']
+  saved, config = _config_of(out)
+  assert saved['model']['ch_mult'] == [1, 2] and saved['loss']['disc_ndf'] == 16
+  assert saved['converted_from']['global_step'] == 7
+  # The step is the original's global_step; the whole training state restores under the
+  # config's compatibility check (what resuming in this workdir does) ...
+  models = stage1.build_models(config)
+  abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r),
+                            jax.random.PRNGKey(0))
+  with checkpoints.Checkpointer(out, read_only=True) as ckpt:
+    assert ckpt.all_steps() == [7]
+    state, _, _ = ckpt.restore(checkpoints.abstract_like(abstract), config=config)
+  assert int(state['step']) == 7
+  np.testing.assert_array_equal(state['params']['encoder']['conv_in']['kernel'],
+                                sd['encoder.conv_in.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(state['disc_stats']['main_3']['var'],
+                                sd['loss.discriminator.main.3.running_var'])
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state['opt_state'][0].mu))
+  # ... and `init_from` reads its params.
+  params = checkpoints.restore_params(out, checkpoints.abstract_like(abstract['params']))
+  jax.tree.map(np.testing.assert_array_equal, params, state['params'])
+
+
+def test_cli_refuses_to_overwrite_and_reports_errors(vqmodel_ckpt, converted_dir, capsys):
+  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  d, _ = vqmodel_ckpt
+  args = ['taming', '--ckpt', str(d / 'last.ckpt'), '--config', str(d / 'model.yaml'),
+          '--out', str(converted_dir)]
+  assert cli.main(args) == 2
+  assert 'already holds a checkpoint at step 7' in capsys.readouterr().err
+  assert cli.main(['taming', '--ckpt', str(d / 'missing.ckpt'), '--config',
+                   str(d / 'model.yaml'), '--out', str(d / 'x')]) == 2
+  assert 'no checkpoint file' in capsys.readouterr().err
+
+
+def test_net2net_checkpoint(tmp_path):
+  """An unconditional Net2NetTransformer: first stage and GPT, both written."""
+  R = _reference()
+  import torch  # pylint: disable=g-import-not-at-top
+  from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import transformer as gpt_lib  # pylint: disable=g-import-not-at-top
+  del R
+  gpt = dict(vocab_size=N_EMBED, block_size=17, n_layer=2, n_head=2, n_embd=32)
+  params = {
+      'transformer_config': {'target': 'taming.modules.transformer.mingpt.GPT', 'params': gpt},
+      'first_stage_config': {
+          'target': 'taming.models.vqgan.VQModel',
+          'params': {'embed_dim': EMBED_DIM, 'n_embed': N_EMBED, 'ddconfig': DDCONFIG,
+                     'lossconfig': {'target': 'taming.modules.losses.vqperceptual.DummyLoss'}}},
+      'cond_stage_config': '__is_unconditional__',
+      'first_stage_key': 'image',
+  }
+  torch.manual_seed(0)
+  model = Net2NetTransformer(**params)
+  with torch.no_grad():  # pos_emb is zero-initialised: make it count
+    model.transformer.pos_emb.normal_(0, 0.02)
+  torch.save({'state_dict': model.state_dict(), 'global_step': 3}, tmp_path / 'n2n.ckpt')
+  _write_yaml(tmp_path / 'n2n.yaml', {
+      'base_learning_rate': 4.5e-6, 'params': params,
+      'target': 'taming.models.cond_transformer.Net2NetTransformer'})
+  out = tmp_path / 'out'
+  assert cli.main(['taming', '--ckpt', str(tmp_path / 'n2n.ckpt'), '--config',
+                   str(tmp_path / 'n2n.yaml'), '--out', str(out)]) == 0
+  assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'first_stage']
+  with open(out / 'config.json') as f:
+    cfg = json.load(f)
+  assert cfg['stage'] == 'transformer' and cfg['transformer']['n_layer'] == 2
+  assert cfg['cond_stage']['kind'] == 'is_unconditional'
+  assert cfg['first_stage']['init_from'] == str(out / 'first_stage')
+  # GPT params: the canonical per-layer layout under 'params'; logits match the original.
+  abstract = jax.eval_shape(gpt_lib.GPT(**gpt).init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 1), jnp.int32))['params']
+  gparams = checkpoints.restore_params(out, checkpoints.abstract_like(
+      gpt_lib.nn.unbox(abstract)))
+  tokens = np.random.default_rng(0).integers(0, N_EMBED, (2, 17))
+  with torch.no_grad():
+    ref, _ = model.transformer(torch.from_numpy(tokens))
+  ours = gpt_lib.GPT(**gpt).apply({'params': gparams}, jnp.asarray(tokens))
+  np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4 * float(ref.abs().max()))
+  # The first stage is a stage-1 workdir (fresh D: DummyLoss has none).
+  config = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM)
+  models = stage1.build_models(config)
+  abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), jax.random.PRNGKey(0))
+  fs = checkpoints.restore_params(out / 'first_stage', checkpoints.abstract_like(
+      abstract['params']))
+  np.testing.assert_array_equal(fs['quantize']['embedding']['embedding'],
+                                model.first_stage_model.quantize.embedding.weight.detach().numpy())
