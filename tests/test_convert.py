@@ -288,9 +288,14 @@ def test_net2net_checkpoint(tmp_path):
   assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'first_stage']
   with open(out / 'config.json') as f:
     cfg = json.load(f)
+  # A stage-2 workdir: taming's shared vocabulary, per-layer params, the first stage beside it.
   assert cfg['stage'] == 'transformer' and cfg['transformer']['n_layer'] == 2
-  assert cfg['cond_stage']['kind'] == 'is_unconditional'
-  assert cfg['first_stage']['init_from'] == str(out / 'first_stage')
+  assert cfg['transformer']['shared_vocab'] and not cfg['transformer']['scan_layers']
+  assert (cfg['transformer']['vocab_size'], cfg['transformer']['block_size']) == (N_EMBED, 17)
+  assert cfg['cond']['kind'] == 'unconditional' and cfg['cond']['sos_token'] == 0
+  assert cfg['stage1_workdir'] == str(out / 'first_stage')
+  assert cfg['stage1_config']['ch_mult'] == [1, 2]
+  assert cfg['taming']['permuter'].endswith('permuter.Identity')
   # GPT params: the canonical per-layer layout under 'params'; logits match the original.
   abstract = jax.eval_shape(gpt_lib.GPT(**gpt).init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 1), jnp.int32))['params']

@@ -566,11 +566,54 @@ def _net2net_cond_kind(cond_cfg) -> str:
               target, 'vqgan' if target in VQMODEL_TARGETS else target)
 
 
+def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
+  """A stage-2 config (configs/common_transformer.py schema when present) for a converted
+  Net2NetTransformer: shared vocabulary (taming's convention), per-layer params layout."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  fs = model_params['first_stage_config']['params']
+  fs_model = stage1_config(fs['ddconfig'], fs['n_embed'], fs['embed_dim']).model
+  try:
+    _configs_common()
+    from configs import common_transformer  # pylint: disable=g-import-not-at-top
+    c = common_transformer.stage2_base()
+  except (ImportError, AttributeError):
+    c = ml_collections.ConfigDict(dict(
+        stage='transformer', seed=0, stage1_workdir='', stage1_config=fs_model.to_dict(),
+        cond=dict(kind='unconditional', n_classes=0, sos_token=0, key='', workdir='',
+                  model=fs_model.to_dict()),
+        transformer=dict(vocab_size=-1, block_size=-1, n_layer=12, n_head=8, n_embd=256,
+                         embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0, pkeep=1.0,
+                         shared_vocab=True, scan_layers=False),
+        optim=dict(base_lr=4.5e-6)))
+  c.stage1_workdir = os.path.join(out_dir, 'first_stage')
+  c.stage1_config.update(fs_model.to_dict())
+  c.transformer.update(**gcfg, pkeep=float(model_params.get('pkeep', 1.0)), shared_vocab=True,
+                       scan_layers=False)
+  c.cond.sos_token = int(model_params.get('sos_token', 0))
+  c.cond.kind = {'is_unconditional': 'unconditional', 'sos': 'unconditional', 'class': 'class',
+                 'vqgan': 'spatial', 'is_first_stage': 'spatial'}.get(kind, kind)
+  if kind == 'class':
+    c.cond.n_classes = int(cond_cfg.get('params', {}).get('n_classes', 0))
+  elif kind == 'vqgan':
+    cp = cond_cfg['params']
+    c.cond.workdir = os.path.join(out_dir, 'cond_stage')
+    c.cond.model.update(stage1_config(cp['ddconfig'], cp['n_embed'], cp['embed_dim']).model)
+  elif kind == 'is_first_stage':
+    c.cond.workdir = c.stage1_workdir
+    c.cond.model.update(fs_model.to_dict())
+  if kind in ('vqgan', 'is_first_stage'):
+    c.cond.key = model_params.get('cond_stage_key', 'depth')
+  if base_lr is not None:
+    c.optim.base_lr = float(base_lr)
+  return c
+
+
 def convert_net2net(sd, model_params: Mapping[str, Any], out_dir: str, *, step: int = 0,
                     base_lr=None, extra=None) -> dict:
   """Net2NetTransformer -> `out_dir/first_stage` (stage-1 workdir), `out_dir/cond_stage` (when
-  the cond stage is its own VQModel) and `out_dir` itself (GPT params)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  the cond stage is its own VQModel) and `out_dir` itself (GPT params, per-layer layout, as a
+  stage-2 workdir: {'step', 'params'} + a stage-2 config)."""
   from vqgan_jax.models import transformer as gpt_lib  # pylint: disable=g-import-not-at-top
 
   if model_params.get('unconditional'):
@@ -629,21 +672,13 @@ def convert_net2net(sd, model_params: Mapping[str, Any], out_dir: str, *, step: 
     raise ConversionError(f'transformer params do not match GPT({gcfg}): {bad[:12]}')
   permuter = (model_params.get('permuter_config') or {}).get(
       'target', 'taming.modules.transformer.permuter.Identity')
-  c = ml_collections.ConfigDict()
-  c.stage = 'transformer'
-  c.seed = 0
-  c.transformer = gcfg
-  c.first_stage = dict(init_from=os.path.join(os.path.abspath(out_dir), 'first_stage'),
-                       key=model_params.get('first_stage_key', 'image'))
-  c.cond_stage = dict(kind=kind, key=model_params.get('cond_stage_key', 'depth'),
-                      init_from=(os.path.join(os.path.abspath(out_dir), 'cond_stage')
-                                 if kind == 'vqgan' else ''),
-                      target=cond_cfg if isinstance(cond_cfg, str) else cond_cfg.get('target'))
-  c.sos_token = int(model_params.get('sos_token', 0))
-  c.pkeep = float(model_params.get('pkeep', 1.0))
-  c.downsample_cond_size = int(model_params.get('downsample_cond_size', -1))
-  c.permuter = permuter
-  c.optim = dict(base_lr=float(base_lr) if base_lr is not None else 4.5e-6)
+  c = _stage2_config(model_params, gcfg, kind, cond_cfg, os.path.abspath(out_dir), base_lr)
+  c.taming = dict(  # what our stage-2 schema has no field for
+      first_stage_key=model_params.get('first_stage_key', 'image'),
+      cond_stage_key=model_params.get('cond_stage_key', 'depth'),
+      cond_stage_target=cond_cfg if isinstance(cond_cfg, str) else cond_cfg.get('target'),
+      downsample_cond_size=int(model_params.get('downsample_cond_size', -1)),
+      permuter=permuter)
   summary['transformer_params'] = count_params(gpt_params)
   summary['permuter'] = permuter
   c.converted_from = dict(extra or {}, summary={k: v for k, v in summary.items()
