@@ -71,7 +71,7 @@ def to_numpy_state_dict(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
       v = v.detach().cpu()
       v = (v.float() if v.is_floating_point() else v).numpy()
     v = np.asarray(v)
-    out[k] = v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+    out[k] = v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v
   return out
 
 
@@ -306,7 +306,7 @@ def convert_vqmodel_state_dict(sd: Mapping[str, Any], ddconfig: Mapping[str, Any
     layout = discriminator_layout(sd, prefix + 'loss.discriminator.')
     if layout:
       target = _abstract_disc(layout['n_layers'], layout['ndf'], layout['in_channels'],
-                              kw['resolution'])
+                              256)  # any size the layers fit: shapes do not depend on it
       trees, u = map_module(sd, prefix + 'loss.discriminator.', target, problems, 'disc/')
       out['disc_params'], out['disc_stats'] = trees['params'], trees['batch_stats']
       used |= u
