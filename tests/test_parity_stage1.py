@@ -14,7 +14,6 @@ import copy
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

