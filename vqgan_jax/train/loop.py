@@ -119,6 +119,14 @@ def train_and_evaluate(config, workdir):
     if config.init_from:
       abstract_params = checkpoints.abstract_like(abstract['params'], shardings['params'])
       state['params'] = checkpoints.restore_params(config.init_from, abstract_params)
+      # A converted release trains with its GAN on from step 0: start from its
+      # discriminator too when the source has a compatible one.
+      try:
+        for key in ('disc_params', 'disc_stats'):
+          state[key] = checkpoints.restore_params(
+              config.init_from, checkpoints.abstract_like(abstract[key], shardings[key]), key=key)
+      except checkpoints.CheckpointError as e:
+        logging.warning('init_from %s: discriminator not restored (%s)', config.init_from, e)
       logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
 
   train_fn = stage1.make_train_step(config, models, mesh, shardings, lpips_shardings)

@@ -13,6 +13,8 @@ One jitted, donated step does both updates of taming's two-optimizer iteration:
 The one intended difference from the original: the discriminator is trained on the
 reconstruction of the *same* AE forward, where PyTorch Lightning recomputed it with the
 freshly updated autoencoder (one more AE forward per step, and a one-step-stale fake).
+As a consequence D's BatchNorm running statistics move twice per step (fakes, then
+reals) instead of three times (fakes, reals, fakes); they are only used in eval mode.
 """
 
 import functools
