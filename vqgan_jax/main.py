@@ -4,6 +4,14 @@
       [--config.train.num_steps=2000 ...]
 
 Rerunning the same command in the same workdir resumes from the latest checkpoint.
+
+Modes (`--mode`):
+  train   config.stage 'vqgan': the stage-1 loop; 'transformer': the stage-2 loop.
+  encode  (stage 2) encodes data.train_split and data.eval_split with the stage-1 VQGAN of
+          config.stage1_workdir into a codes dataset under <workdir>/codes (or
+          config.data.codes_dir), which stage-2 training reads.
+  sample  (stage 2) samples with the workdir's latest GPT (config.sample.*), decodes with the
+          stage-1 decoder, writes samples_<step>.png (one row per class) and .npz of tokens.
 """
 
 import os
@@ -22,7 +30,8 @@ if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (file.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'encode', 'sample'],
+                          'What to run (encode and sample: stage-2 configs).')
 
 
 def main(argv):
@@ -30,22 +39,40 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so `--help` and flag errors do not pay for importing jax.
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import loop2  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS['verbosity'].present:
     # orbax and TFDS log every file operation at INFO; the progress bar says what matters.
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  stage = config.get('stage', 'vqgan')
   try:
+    if stage not in ('vqgan', 'transformer'):
+      raise validate.ConfigError(f"config.stage={stage!r}: use 'vqgan' or 'transformer'")
+    if _MODE.value != 'train' and stage != 'transformer':
+      raise validate.ConfigError(f'--mode={_MODE.value} needs a stage-2 config '
+                                 f"(config.stage='transformer'), got stage={stage!r}")
     if _MODE.value == 'train':
-      result = loop.train_and_evaluate(config, workdir)
+      train = loop.train_and_evaluate if stage == 'vqgan' else loop2.train_and_evaluate
+      result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
         print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
       print(f'workdir: {os.path.abspath(workdir)}')
-  except (validate.ConfigError, DataError, IncompatibleCheckpointError) as e:
+    elif _MODE.value == 'encode':
+      path, counts = loop2.encode(config, workdir)
+      print('encoded: ' + ', '.join(f'{k}={v}' for k, v in counts.items()))
+      print(f'codes: {path}')
+    elif _MODE.value == 'sample':
+      out = loop2.sample(config, workdir)
+      print(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
+            f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
+      print(f"tokens: {out['npz']}")
+      print(f"grid: {out['png']}")
+  except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

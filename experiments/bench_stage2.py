@@ -1,0 +1,281 @@
+"""Stage-2 throughput: the GPT train step and the sampler, vs the original PyTorch code.
+
+  python experiments/bench_stage2.py [--iters=5] [--no_reference] [--dtype=float32]
+
+The issue's workload: batch 8 x 256 tokens (SOS + 256 codes), 8 layers, 8 heads, 512 wide,
+vocab 513 (512 codes + SOS), AdamW; sampling 256 tokens for 8 sequences, top-k 100,
+temperature 1. Prints one JSON object per line: `name`, `tokens_per_s`, and with the
+[reference] extra installed `original_tokens_per_s` and `ratio_vs_original` (ours / original),
+timed in the same process right after ours, with `--threads` torch threads:
+
+* stage2_train_step: our sharded, donated `stage2.make_train_step` vs the original GPT
+  (`vqgan_jax.reference.build_gpt`) with taming's AdamW parameter groups (decay on Linear
+  weights only), cross-entropy over the image positions, backward and step. Also the achieved
+  GFLOP/s: (6 x matmul params x tokens + 12 x layers x T^2 x width x batch) / step time.
+* stage2_sample: `sampling.sample` (preallocated KV cache, one jitted loop) vs
+  `sample_with_past` of taming's scripts/sample_fast.py (a KV cache re-concatenated every
+  step). That script is not in the pip package; its loop is re-implemented here over the
+  original GPT's `forward_with_past` (which is): step 0 feeds the conditioning, later steps
+  one token with all presents concatenated along time, logits / temperature, HF
+  `top_k_top_p_filtering`, softmax, multinomial.
+* stage2_sample_recompute: the same sampler vs `Net2NetTransformer.sample`, which reruns the
+  GPT on the whole prefix for every token (--orig_recompute_steps to shorten it; the row
+  then says how many steps were timed, and per-token cost grows with the prefix).
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common_transformer  # pylint: disable=g-import-not-at-top
+from vqgan_jax import sampling
+from vqgan_jax.train import stage2
+
+_ITERS = flags.DEFINE_integer('iters', 5, 'Timed repetitions (median is reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed repetitions after compilation.')
+_THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
+_NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype of ours.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step / sampled in parallel.')
+_ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
+    'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).')
+_ONLY = flags.DEFINE_list('only', ['train', 'sample'], 'Which benchmarks to run.')
+
+N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD = 512, 16, 8, 8, 512
+TOP_K, TEMPERATURE = 100, 1.0
+
+
+def bench_config():
+  c = common_transformer.stage2_base()
+  c.stage1_config.update(n_embed=N_CODES, ch_mult=(1, 1, 2, 2, 4))  # f16: 256 px -> 16x16
+  c.data.image_size = 256
+  c.cond.kind = 'unconditional'
+  c.transformer.update(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False,
+                       scan_layers=True)
+  c.train.update(batch_size=_BATCH.value, dtype=_DTYPE.value)
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  return c
+
+
+def _median_time(fn, iters, warmup):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def train_flops(layout, batch):
+  """(matmul params, FLOPs per step): 6 N per token, plus attention's QK^T and AV."""
+  c, t, v = N_EMBD, layout.seq_len, layout.vocab_size
+  n_matmul = N_LAYER * 12 * c * c + c * v
+  attn = 12 * N_LAYER * t * t * c * batch  # 2 matmuls x 2 FLOPs x 3 (fwd + bwd)
+  return n_matmul, 6 * n_matmul * t * batch + attn
+
+
+def time_ours_train(config, layout, iters, warmup):
+  mesh = stage2.make_mesh(config.mesh, jax.devices()[:1])
+  model = stage2.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  shardings = stage2.state_shardings(model, tx, mesh)
+  state = jax.jit(lambda r: stage2.init_state(model, tx, r),
+                  out_shardings=shardings)(jax.random.PRNGKey(0))
+  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
+  rng = np.random.RandomState(0)
+  batch = {'codes': jnp.asarray(rng.randint(0, N_CODES, (_BATCH.value, layout.image_len)),
+                                jnp.int32),
+           'label': jnp.zeros((_BATCH.value,), jnp.int32)}
+  holder = {'state': state}
+  t0 = time.perf_counter()
+  holder['state'], m = step(holder['state'], {}, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+
+  def once():
+    holder['state'], metrics = step(holder['state'], {}, batch)
+    jax.block_until_ready(metrics)
+
+  return _median_time(once, iters, warmup), compile_s, holder['state']['params']
+
+
+def time_ours_sample(config, layout, params, iters, warmup):
+  model = stage2.build_model(config, layout, scan_layers=False)
+  from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
+  params = tf.unstack_layers(params)
+  cond = stage2.class_tokens(layout, np.zeros((_BATCH.value,), np.int32))
+  key = jax.random.PRNGKey(0)
+  run = lambda: jax.block_until_ready(sampling.sample(
+      params, model, cond, key, steps=layout.image_len, temperature=TEMPERATURE, top_k=TOP_K))
+  t0 = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t0
+  return _median_time(run, iters, warmup), compile_s
+
+
+# ----------------------------------------------------------------------------------------
+# The original
+# ----------------------------------------------------------------------------------------
+
+def _reference_available():
+  try:
+    import taming  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def _original_optimizer(torch, gpt, lr):
+  """taming's Net2NetTransformer.configure_optimizers: AdamW(0.9, 0.95), weight decay 0.01
+  on Linear weights; none on biases, LayerNorm / Embedding weights and pos_emb."""
+  decay, no_decay = set(), set()
+  for mn, m in gpt.named_modules():
+    for pn, _ in m.named_parameters(recurse=False):
+      fpn = f'{mn}.{pn}' if mn else pn
+      if pn.endswith('weight') and isinstance(m, torch.nn.Linear):
+        decay.add(fpn)
+      else:
+        no_decay.add(fpn)
+  params = dict(gpt.named_parameters())
+  groups = [{'params': [params[n] for n in sorted(decay)], 'weight_decay': 0.01},
+            {'params': [params[n] for n in sorted(no_decay)], 'weight_decay': 0.0}]
+  return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def time_original_train(layout, iters, warmup, threads):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+  from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD, N_EMBD)
+  gpt.train()
+  opt = _original_optimizer(torch, gpt, 4.5e-6 * _BATCH.value)
+  g = torch.Generator().manual_seed(0)
+  z = torch.randint(0, N_CODES, (_BATCH.value, layout.image_len), generator=g)
+  c = torch.full((_BATCH.value, 1), layout.sos_id, dtype=torch.long)
+  seq = torch.cat([c, z], dim=1)
+
+  def once():
+    logits, _ = gpt(seq[:, :-1])
+    logits = logits[:, c.shape[1] - 1:]  # Net2NetTransformer.forward: image positions only
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), z.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  return _median_time(once, iters, warmup), gpt
+
+
+def _sample_with_past(torch, gpt, cond, steps, temperature, top_k, top_p):
+  """scripts/sample_fast.py's loop over `forward_with_past` (see the module docstring)."""
+  from transformers import top_k_top_p_filtering  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+  x, out, past, lc = cond, [], None, cond.shape[1]
+  with torch.no_grad():
+    for n in range(steps):
+      logits, _, present = gpt.forward_with_past(x, past=past, past_length=n + lc - 1)
+      past = [present] if past is None else past + [present]
+      logits = logits[:, -1, :] / temperature
+      logits = top_k_top_p_filtering(logits, top_k=top_k, top_p=top_p)
+      x = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+      out.append(x)
+  return torch.cat(out, dim=1)
+
+
+def time_original_samplers(gpt, layout, iters, warmup, threads):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  gpt.eval()
+  cond = torch.full((_BATCH.value, 1), layout.sos_id, dtype=torch.long)
+  torch.manual_seed(0)
+  with_past = _median_time(
+      lambda: _sample_with_past(torch, gpt, cond, layout.image_len, TEMPERATURE, TOP_K, 1.0),
+      max(1, iters // 2), min(warmup, 1))
+  recompute = None
+  steps = min(_ORIG_RECOMPUTE_STEPS.value, layout.image_len)
+  if steps:
+    from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
+    shim = types.SimpleNamespace(
+        transformer=gpt, pkeep=1.0,
+        top_k_logits=lambda logits, k: Net2NetTransformer.top_k_logits(None, logits, k))
+    x = torch.zeros((_BATCH.value, 0), dtype=torch.long)
+    t0 = time.perf_counter()
+    Net2NetTransformer.sample(shim, x, cond, steps, temperature=TEMPERATURE, sample=True,
+                              top_k=TOP_K)
+    recompute = (time.perf_counter() - t0, steps)
+  return with_past, recompute
+
+
+def main(argv):
+  del argv
+  use_ref = not _NO_REF.value and _reference_available()
+  config = stage2.resolve_config(bench_config())
+  layout = stage2.make_layout(config)
+  assert (layout.vocab_size, layout.seq_len, layout.image_len) == (513, 256, 256)
+  b = _BATCH.value
+  common = {'batch': b, 'seq_len': layout.seq_len, 'n_layer': N_LAYER, 'n_head': N_HEAD,
+            'n_embd': N_EMBD, 'vocab': layout.vocab_size, 'dtype': _DTYPE.value,
+            'device': jax.devices()[0].device_kind, 'threads_original': _THREADS.value}
+
+  def emit(row):
+    row['load_avg_1m'] = os.getloadavg()[0]
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+          flush=True)
+
+  step_s, compile_s, params = time_ours_train(config, layout, _ITERS.value, _WARMUP.value)
+  n_matmul, flops = train_flops(layout, b)
+  gpt = None
+  if 'train' in _ONLY.value:
+    row = {'name': 'stage2_train_step', **common, 'tokens_per_s': b * layout.seq_len / step_s,
+           'step_ms': 1e3 * step_s, 'compile_s': compile_s,
+           'gflops_per_s': flops / step_s / 1e9, 'matmul_params': n_matmul,
+           'gflop_per_step': flops / 1e9}
+    if use_ref:
+      orig_s, gpt = time_original_train(layout, _ITERS.value, _WARMUP.value, _THREADS.value)
+      row.update(original_tokens_per_s=b * layout.seq_len / orig_s,
+                 original_gflops_per_s=flops / orig_s / 1e9, ratio_vs_original=orig_s / step_s)
+    emit(row)
+  if 'sample' in _ONLY.value:
+    sample_s, compile_s = time_ours_sample(config, layout, params, _ITERS.value, _WARMUP.value)
+    ours = b * layout.image_len / sample_s
+    row = {'name': 'stage2_sample', **common, 'top_k': TOP_K, 'temperature': TEMPERATURE,
+           'steps': layout.image_len, 'tokens_per_s': ours, 'compile_s': compile_s}
+    recompute = None
+    if use_ref:
+      if gpt is None:
+        from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+        gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD,
+                                  N_EMBD)
+      with_past, recompute = time_original_samplers(gpt, layout, _ITERS.value, _WARMUP.value,
+                                                    _THREADS.value)
+      orig = b * layout.image_len / with_past
+      row.update(original='sample_with_past (scripts/sample_fast.py loop)',
+                 original_tokens_per_s=orig, ratio_vs_original=ours / orig)
+    emit(row)
+    if recompute is not None:
+      seconds, steps = recompute
+      orig = b * steps / seconds
+      emit({'name': 'stage2_sample_recompute', **common, 'top_k': TOP_K,
+            'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
+            'original': 'Net2NetTransformer.sample (reruns the prefix)',
+            'original_steps': steps, 'original_tokens_per_s': orig,
+            'ratio_vs_original': ours / orig})
+
+
+if __name__ == '__main__':
+  app.run(main)

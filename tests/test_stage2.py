@@ -1,0 +1,433 @@
+"""Stage 2: loss masking, pkeep, the weight-decay mask, vocabulary layouts, the sharded step,
+held-out NLL over a whole split, spatial conditioning, and the stage-1 -> encode -> stage-2
+-> sample handoff through `python -m vqgan_jax.main`."""
+
+import functools
+import importlib
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common_transformer
+from configs import fashion_mnist_transformer
+from vqgan_jax.data import tokens
+from vqgan_jax.train import loop2
+from vqgan_jax.train import stage2
+from vqgan_jax.validate import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(kind='class', **transformer):
+  """A stage-2 config over an 8x8 code grid of 32 codes (no checkpoint needed)."""
+  c = fashion_mnist_transformer.get_config('smoke')
+  c.stage1_workdir = ''
+  c.stage1_config.update(ch_mult=(1, 2, 2, 2), n_embed=32)  # f8: 64 -> 8x8
+  c.data.image_size = 64
+  c.cond.kind = kind
+  c.cond.n_classes = 5 if kind == 'class' else 0
+  c.transformer.update(n_layer=2, n_head=2, n_embd=32, **transformer)
+  c.train.update(batch_size=8, eval_batch_size=4)
+  c.optim.update(warmup_steps=0, schedule='constant', base_lr=1e-4)
+  return c  # vocab_size / block_size stay -1: derived by make_layout
+
+
+def _random_batch(layout, b, seed=0):
+  rng = np.random.RandomState(seed)
+  batch = {'codes': rng.randint(0, layout.n_image, (b, layout.image_len)).astype(np.int32),
+           'label': rng.randint(0, max(layout.n_classes, 1), (b,)).astype(np.int32)}
+  if layout.kind == 'spatial':
+    batch['cond_codes'] = rng.randint(0, layout.cond_n_embed, (b, layout.cond_len)).astype(
+        np.int32)
+  return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Loss masking, pkeep, weight decay
+# ----------------------------------------------------------------------------------------
+
+def test_loss_scores_only_image_positions():
+  b, lc, l, n_image, vocab = 3, 4, 6, 10, 15
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(b, lc + l - 1, vocab), jnp.float32)
+  codes = jnp.asarray(rng.randint(0, n_image, (b, l)), jnp.int32)
+  nll = stage2.image_token_nll(logits, codes, lc, n_image)
+  # By hand: output lc - 1 + i predicts code i, softmax over the image codes only.
+  lg = np.asarray(logits)[:, lc - 1:, :n_image].astype(np.float64)
+  ref = (np.log(np.exp(lg).sum(-1)) -
+         np.take_along_axis(lg, np.asarray(codes)[..., None], -1)[..., 0])
+  np.testing.assert_allclose(np.asarray(nll), ref, rtol=1e-5)
+  # Anything at the condition positions (their outputs would predict condition tokens)
+  # changes nothing: other logits there, and no gradient reaches them.
+  other = logits.at[:, :lc - 1].set(jnp.asarray(rng.randn(b, lc - 1, vocab) * 50))
+  np.testing.assert_array_equal(np.asarray(stage2.image_token_nll(other, codes, lc, n_image)),
+                                np.asarray(nll))
+  grad = jax.grad(lambda x: stage2.image_token_nll(x, codes, lc, n_image).mean())(logits)
+  assert not np.any(np.asarray(grad)[:, :lc - 1])
+  assert not np.any(np.asarray(grad)[..., n_image:])  # condition ids are never predicted
+  assert np.all(np.abs(np.asarray(grad)[:, lc - 1:, :n_image]).sum(-1) > 0)
+  # Changing an image target changes the loss.
+  changed = codes.at[0, 2].set((codes[0, 2] + 1) % n_image)
+  assert not np.allclose(np.asarray(stage2.image_token_nll(logits, changed, lc, n_image)),
+                         np.asarray(nll))
+
+
+def test_pkeep():
+  codes = jax.random.randint(jax.random.PRNGKey(1), (64, 256), 0, 1000)
+  key = jax.random.PRNGKey(2)
+  np.testing.assert_array_equal(np.asarray(stage2.corrupt(key, codes, 1.0, 1000)),
+                                np.asarray(codes))
+  noisy = np.asarray(stage2.corrupt(key, codes, 0.0, 1000))
+  assert noisy.min() >= 0 and noisy.max() < 1000
+  assert np.mean(noisy == np.asarray(codes)) < 0.01  # all random (1/1000 by chance)
+  for pkeep in (0.3, 0.8):
+    kept = np.mean(np.asarray(stage2.corrupt(key, codes, pkeep, 1000)) == np.asarray(codes))
+    assert abs(kept - (pkeep + (1 - pkeep) / 1000)) < 0.01, (pkeep, kept)
+
+  # In the step the inputs are corrupted, the targets stay clean, and the loss is the mean
+  # image-code NLL of the model on those inputs.
+  config = tiny_config('class', pkeep=0.0)
+  layout = stage2.make_layout(config)
+  model = stage2.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  state = jax.jit(functools.partial(stage2.init_state, model, tx))(jax.random.PRNGKey(0))
+  state['params']['head']['kernel'] *= 30.0  # make the loss sensitive to the inputs
+  batch = jax.tree.map(jnp.asarray, _random_batch(layout, 4))
+  step = jax.jit(functools.partial(stage2.train_step, model, layout, tx, schedule,
+                                   stage2.Frozen(), 0.0, 0.0))
+  _, metrics = step(state, {}, batch)
+  # The step's keys: fold_in(rng, step) split into (cond, keep, dropout).
+  k_keep = jax.random.split(jax.random.fold_in(state['rng'], 0), 3)[1]
+  cond = stage2.cond_tokens(layout, batch)
+  # The class is a token after the image codes (the offset convention).
+  np.testing.assert_array_equal(np.asarray(cond)[:, 0],
+                                np.asarray(batch['label']) + layout.n_image)
+  noisy = stage2.corrupt(k_keep, batch['codes'], 0.0, layout.n_image)
+  assert np.mean(np.asarray(noisy) == np.asarray(batch['codes'])) < 0.2
+  logits = jax.jit(model.apply)({'params': state['params']}, stage2.model_inputs(cond, noisy))
+  clean_targets = jnp.mean(stage2.image_token_nll(logits, batch['codes'], 1, layout.n_image))
+  noisy_targets = jnp.mean(stage2.image_token_nll(logits, noisy, 1, layout.n_image))
+  np.testing.assert_allclose(float(metrics['loss']), float(clean_targets), rtol=1e-5)
+  assert abs(float(noisy_targets) - float(clean_targets)) > 1e-3
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_weight_decay_mask_covers_exactly_the_kernels(scan):
+  config = tiny_config('class', scan_layers=scan)
+  layout = stage2.make_layout(config)
+  model = stage2.build_model(config, layout)
+  params = jax.eval_shape(functools.partial(stage2.init_params, model), jax.random.PRNGKey(0))
+  flat = {'/'.join(str(k.key) for k in path): v for path, v in
+          jax.tree_util.tree_flatten_with_path(stage2.decay_mask(params))[0]}
+  decayed = {p for p, v in flat.items() if v}
+  prefix = 'blocks/' if scan else 'blocks_0/'
+  expected_layer = {f'{prefix}attn/{n}/kernel' for n in ('key', 'query', 'value', 'proj')}
+  expected_layer |= {f'{prefix}mlp_0/kernel', f'{prefix}mlp_2/kernel'}
+  assert expected_layer <= decayed
+  assert 'head/kernel' in decayed
+  assert decayed == {p for p in flat if p.endswith('/kernel')}
+  for p in ('tok_emb/embedding', 'pos_emb', 'ln_f/scale', 'ln_f/bias', f'{prefix}ln1/scale',
+            f'{prefix}ln2/bias', f'{prefix}attn/key/bias', f'{prefix}mlp_0/bias'):
+    assert not flat[p], p
+  # AdamW with zero gradients moves exactly the decayed leaves, by lr * wd * p.
+  tx, _ = stage2.make_optimizer(config)
+  p = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), params)
+  updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(p)
+  lr = stage2.peak_learning_rate(config)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = '/'.join(str(k.key) for k in path)
+    want = -lr * config.optim.weight_decay if name in decayed else 0.0
+    np.testing.assert_allclose(np.asarray(u), want, rtol=1e-6, err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Vocabulary and configs
+# ----------------------------------------------------------------------------------------
+
+def test_vocabulary_conventions():
+  lay = stage2.make_layout(tiny_config('class'))
+  assert (lay.vocab_size, lay.cond_offset, lay.block_size) == (32 + 5, 32, 64)
+  lay = stage2.make_layout(tiny_config('class', shared_vocab=True))
+  assert (lay.vocab_size, lay.cond_offset) == (32, 0)
+  lay = stage2.make_layout(tiny_config('unconditional'))
+  assert (lay.vocab_size, lay.sos_id) == (33, 32)
+  lay = stage2.make_layout(tiny_config('unconditional', shared_vocab=True))
+  assert (lay.vocab_size, lay.sos_id) == (32, 0)
+  c = tiny_config('class')
+  c.cond.drop_prob = 0.1
+  lay = stage2.make_layout(c)
+  assert (lay.vocab_size, lay.null_id) == (32 + 5 + 1, 37)
+  c.transformer.update(vocab_size=20)
+  with pytest.raises(ConfigError, match='vocab_size'):
+    stage2.make_layout(c)
+  # The demo: 8x8 codes of 256 after a class token.
+  demo = stage2.make_layout(stage2.resolve_config(fashion_mnist_transformer.get_config()))
+  assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 266, 64)
+
+
+@pytest.mark.parametrize('name,vocab,block,layers,heads,width,kind', [
+    ('imagenet_cin_transformer', 16384, 256, 48, 24, 1536, 'class'),
+    ('ffhq_transformer', 1024, 256, 24, 16, 1664, 'unconditional'),
+    ('celebahq_transformer', 1024, 256, 24, 16, 1664, 'unconditional'),
+    ('drin_transformer', 1024, 512, 24, 16, 1024, 'spatial'),
+    ('sflckr_transformer', 1024, 512, 24, 16, 1024, 'spatial'),
+])
+def test_paper_configs(name, vocab, block, layers, heads, width, kind):
+  module = importlib.import_module(f'configs.{name}')
+  c = stage2.resolve_config(module.get_config())
+  t = c.transformer
+  assert (t.vocab_size, t.block_size, t.n_layer, t.n_head, t.n_embd, c.cond.kind) == (
+      vocab, block, layers, heads, width, kind)
+  assert t.shared_vocab  # converted taming checkpoints load as they are
+  smoke = stage2.resolve_config(module.get_config('smoke'))
+  stage2.validate_config(smoke)
+  assert smoke.transformer.n_layer <= 2 and smoke.train.num_steps <= 10
+
+
+def test_stage1_fields_checked_against_the_checkpoint():
+  fields = ml_collections.ConfigDict({'ch': 32, 'ch_mult': (1, 2), 'n_embed': 64})
+  saved = {'stage': 'vqgan', 'model': {'ch': 32, 'ch_mult': [1, 2], 'n_embed': 64,
+                                       'embed_dim': 16}}
+  stage2._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
+  assert fields.embed_dim == 16  # filled from the checkpoint
+  saved['model']['n_embed'] = 128
+  with pytest.raises(ConfigError, match=r'config\.stage1_config\.n_embed=64'):
+    stage2._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------------------
+# Sharding and evaluation
+# ----------------------------------------------------------------------------------------
+
+def _run_steps(config, layout, mesh, batches):
+  model = stage2.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  shardings = stage2.state_shardings(model, tx, mesh)
+  state = jax.jit(functools.partial(stage2.init_state, model, tx),
+                  out_shardings=shardings)(jax.random.PRNGKey(0))
+  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, {}, jax.device_put(
+        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))))
+    losses.append(float(metrics['loss']))
+  return jax.tree.map(np.asarray, jax.device_get(state['params'])), losses, shardings
+
+
+def test_sharded_step_matches_single_device():
+  config = tiny_config('class', pkeep=0.9)
+  config.transformer.n_embd = 64  # 4C = 256 and C divisible by every mesh axis
+  config.cond.n_classes = 8  # vocab 40: divisible by tensor=2
+  layout = stage2.make_layout(config)
+  batches = [_random_batch(layout, 8, seed) for seed in range(2)]
+  single = stage2.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  multi = stage2.make_mesh(config.mesh)
+  assert dict(multi.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  p1, l1, _ = _run_steps(config, layout, single, batches)
+  p8, l8, shardings = _run_steps(config, layout, multi, batches)
+  spec = shardings['params']['blocks']['mlp_0']['kernel'].spec
+  assert tuple(spec) == (None, 'fsdp', 'tensor')  # (layers, embed, mlp)
+  assert tuple(shardings['opt_state'][0].mu['head']['kernel'].spec) == ('fsdp', 'tensor')
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # atol: the key biases' true gradient is 0 (softmax ignores a shift shared by all keys), so
+  # Adam turns their ~1e-9 float noise into updates of ~1e-6 whose sign differs by layout.
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p8)):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_eval_nll_covers_the_whole_split():
+  config = tiny_config('class')
+  layout = stage2.make_layout(config)
+  model = stage2.build_model(config, layout)
+  params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(3))
+  params['head']['kernel'] *= 20.0  # a non-uniform model
+  data = _random_batch(layout, 7, seed=5)
+  source = [{'codes': data['codes'][i].astype(np.uint16), 'label': data['label'][i],
+             'index': i} for i in range(7)]
+  mesh = stage2.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:2])
+  eval_fn = stage2.make_eval_step(model, layout, mesh, stage2.param_shardings(model, mesh))
+  batches = tokens.make_eval_iterator(None, 'test', 4, source=source, process_index=0,
+                                      process_count=1)  # 2 batches, the second padded
+  result = loop2.evaluate(eval_fn, params, {}, batches, mesh)
+  assert result['num_examples'] == 7 and result['num_tokens'] == 7 * layout.image_len
+  # By hand over all 7 examples, in float64.
+  seq = np.concatenate([data['label'][:, None] + layout.cond_offset, data['codes']], axis=1)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(seq[:, :-1])),
+                      np.float64)[:, :, :layout.n_image]
+  m = logits.max(-1)
+  logz = np.log(np.exp(logits - m[..., None]).sum(-1)) + m
+  picked = np.take_along_axis(logits, data['codes'][..., None], -1)[..., 0]
+  bits = np.sum(logz - picked) / (7 * layout.image_len) / np.log(2.0)
+  np.testing.assert_allclose(result['bits_per_token'], bits, rtol=1e-5)
+
+
+def test_spatial_conditioning_with_a_random_cond_vqgan():
+  c = tiny_config('spatial')
+  c.data.image_size = 16
+  c.stage1_config.update(ch_mult=(1, 2, 2))  # f4: 4x4 image codes
+  c.cond.update(key='segmentation', one_hot=5, random_init=True)
+  c.cond.model.update(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                      resolution=16, in_channels=5, out_ch=5, z_channels=8, n_embed=16,
+                      embed_dim=8)
+  layout = stage2.make_layout(c)
+  assert (layout.cond_len, layout.cond_offset, layout.vocab_size) == (16, 32, 32 + 16)
+  assert layout.block_size == 16 + 16 - 1
+  shared = stage2.make_layout(dict_update(c, 'transformer.shared_vocab', True))
+  assert (shared.cond_offset, shared.vocab_size) == (0, 32)
+  cond_vqgan = stage2.build_vqgan(c.cond.model)
+  # Random encoder params without compiling an init (GroupNorm absorbs their scale).
+  shapes = jax.eval_shape(lambda r: cond_vqgan.init(r, jnp.zeros((1, 16, 16, 5)),
+                                                    method='encode_to_indices')['params'],
+                          jax.random.PRNGKey(1))
+  rng = np.random.RandomState(1)
+  cond_params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.randn(*s.shape), s.dtype), shapes)
+  frozen = stage2.Frozen(cond=cond_vqgan, cond_one_hot=5)
+  model = stage2.build_model(c, layout)
+  tx, schedule = stage2.make_optimizer(c)
+  state = jax.jit(functools.partial(stage2.init_state, model, tx))(jax.random.PRNGKey(0))
+  batch = _random_batch(layout, 2)
+  del batch['cond_codes']
+  labels = np.random.RandomState(0).randint(0, 5, (2, 16, 16)).astype(np.int32)
+  batch['cond_map'] = labels
+  step = jax.jit(functools.partial(stage2.train_step, model, layout, tx, schedule, frozen,
+                                   1.0, 0.0))
+  new_state, metrics = step(state, {'cond': cond_params}, jax.tree.map(jnp.asarray, batch))
+  assert np.isfinite(float(metrics['loss'])) and int(new_state['step']) == 1
+  # The cond tokens: the cond VQGAN's codes of the one-hot maps, after the image codes.
+  @jax.jit
+  def both(p, b, x):
+    tokens_ = stage2.cond_tokens(layout, stage2.encode_batch(frozen, {'cond': p}, b))
+    return tokens_, cond_vqgan.apply({'params': p}, x, method='encode_to_indices')
+
+  enc, codes = both(cond_params, jax.tree.map(jnp.asarray, batch), jax.nn.one_hot(labels, 5))
+  codes = codes.reshape(2, -1)
+  assert int(codes.max()) < 16 and len(np.unique(np.asarray(codes))) > 1
+  np.testing.assert_array_equal(np.asarray(enc), np.asarray(codes) + 32)
+  # The label-map preprocessing keeps labels (nearest) and crops like the image.
+  m = tokens.preprocess_cond_map(np.arange(4 * 6).reshape(4, 6) % 5, 4, one_hot=5)
+  assert m.shape == (4, 4) and m.dtype == np.int32 and set(np.unique(m)) <= set(range(5))
+
+
+def dict_update(config, field, value):
+  """A copy of `config` with one dotted field changed."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  node = c
+  *parents, name = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[name] = value
+  return c
+
+
+def test_sampling_never_draws_condition_ids():
+  config = tiny_config('class')
+  layout = stage2.make_layout(config)
+  model = stage2.build_model(config, layout, scan_layers=False)
+  params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(0))
+  # Make the condition ids the most likely outputs: the sampler must still avoid them.
+  head = params['head']['kernel']
+  params['head']['kernel'] = head.at[:, layout.n_image:].set(
+      jnp.sum(jnp.abs(head), axis=1, keepdims=True) * 100)
+  from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+  out = sampling.sample(params, model, stage2.class_tokens(layout, [0, 1, 2]),
+                        jax.random.PRNGKey(0), steps=layout.image_len, top_k=None)
+  assert out.shape == (3, layout.image_len) and int(out.max()) < layout.n_image
+
+
+# ----------------------------------------------------------------------------------------
+# End to end: stage 1 -> encode -> stage 2 -> sample, through main
+# ----------------------------------------------------------------------------------------
+
+def _png_size(path):
+  with open(path, 'rb') as f:
+    head = f.read(24)
+  assert head[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  return struct.unpack('>II', head[16:24])
+
+
+def _folder(root, per_class=12):
+  """Two classes of 32x32 images: a small, fast-to-prepare stand-in for Fashion-MNIST."""
+  rng = np.random.RandomState(0)
+  for c, name in enumerate(('dark', 'light')):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      base = 60 + 120 * c
+      img = np.clip(base + 40 * rng.randn(32, 32, 3), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(root / name / f'{i:02d}.png')
+  return root
+
+
+@pytest.mark.slow
+def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
+  env.update({
+      'TFDS_DATA_DIR': str(tmp_path / 'tfds'), 'PYTHONUNBUFFERED': '1',
+      # A compilation cache kept in .pytest_cache: reruns skip most of the compiling.
+      'JAX_COMPILATION_CACHE_DIR': str(request.config.cache.mkdir('stage2_jax_cache')),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
+  })
+  folder = _folder(tmp_path / 'images')
+  data = [f'--config.data.name=folder', f'--config.data.folder={folder}',
+          '--config.data.validation_fraction=0.25', '--config.data.eval_split=validation']
+  a, b = tmp_path / 'A', tmp_path / 'B'
+  times = {}
+
+  def main(config, workdir, *flags):
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, '-m', 'vqgan_jax.main', f'--config={config}', f'--workdir={workdir}',
+         *data, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    times[' '.join(flags[:1]) or config] = time.perf_counter() - t0
+    assert proc.returncode == 0, f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
+    return proc.stdout
+
+  main('configs/fashion_mnist_vqgan.py:smoke', a, '--config.train.num_steps=2',
+       '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+       '--config.train.log_every=1')
+  s2 = 'configs/fashion_mnist_transformer.py:smoke'
+  out = main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')
+  path = out.split('codes: ')[-1].strip()
+  assert path == str(b / 'codes' / 'vqgan_codes' / 'folder_32_images' / '1.0.0')
+  builder = tokens.open_codes(str(b / 'codes'), 'folder_32_images')
+  train = builder.as_data_source('train')
+  assert len(train) == 18 and len(builder.as_data_source('validation')) == 6
+  ex = train[0]
+  # The stage-1 smoke VQGAN: f2 -> 16x16 codes of 64.
+  assert ex['codes'].shape == (256,) and ex['codes'].max() < 64 and ex['label'] in (0, 1)
+  assert tokens.metadata(builder)['stage1_step'] == 2
+
+  out = main(s2, b, '--mode=train', f'--config.stage1_workdir={a}',
+             '--config.train.num_steps=4', '--config.train.eval_every=4')
+  assert 'bits_per_token' in out and (b / 'checkpoints' / '4').is_dir()
+  assert (b / 'metrics.jsonl').exists()
+
+  out = main(s2, b, '--mode=sample', f'--config.stage1_workdir={a}')
+  png, npz = b / 'samples_0000004.png', b / 'samples_0000004.npz'
+  assert f'grid: {png}' in out and png.exists() and npz.exists()
+  samples = np.load(npz)
+  n = 10 * 2  # 10 classes x num_per_class 2
+  assert samples['tokens'].shape == (n, 16, 16)
+  assert samples['tokens'].min() >= 0 and samples['tokens'].max() < 64
+  np.testing.assert_array_equal(samples['labels'], np.repeat(np.arange(10), 2))
+  w, h = _png_size(png)
+  assert (w, h) == ((2 * 34 + 2) * (512 // 70), (10 * 34 + 2) * (512 // 70))
+  # A stage-1 config with different model fields is refused with the field named.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vqgan_jax.main', f'--config={s2}', f'--workdir={b}', *data,
+       '--mode=sample', f'--config.stage1_workdir={a}', '--config.stage1_config.n_embed=128'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and 'config.stage1_config.n_embed=128' in proc.stderr
+  print('handoff times (s):', {k: round(v, 1) for k, v in times.items()})
