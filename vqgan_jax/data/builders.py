@@ -453,11 +453,12 @@ def _prepare_once(make_builder, data_path, download_config, is_chief,
 
 
 def folder_validation_fraction(data_config):
-  """Held-out fraction for a folder: `data.validation_fraction` if the config
-  has it, else 5% when the eval split is `validation`, else none."""
-  if 'validation_fraction' in data_config:
-    return float(data_config.validation_fraction)
-  return 0.05 if data_config.eval_split == 'validation' else 0.0
+  """Held-out fraction for a folder: only when eval reads a `validation` split
+  (otherwise the held-out images would be used by nothing); then
+  `data.validation_fraction`, 5% by default."""
+  if data_config.eval_split != 'validation':
+    return 0.0
+  return float(data_config.get('validation_fraction', 0.05))
 
 
 def prepare(data_config, *, is_chief=None, timeout_s=3600.0):
