@@ -106,6 +106,16 @@ def test_round_trip_bit_equal(tmp_path):
   assert saved_config == ckpt_lib.config_to_dict(_config())
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  # orbax's OCDBT writer refuses relative paths, and only when an async save commits.
+  monkeypatch.chdir(tmp_path)
+  with ckpt_lib.Checkpointer('runs/relative', save_every=1) as ck:
+    ck.save(3, {'x': jnp.arange(4.0)}, None, {'stage': 'vqgan'})
+    ck.wait()
+    assert ck.latest_step() == 3
+  assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '3').is_dir()
+
+
 @pytest.mark.parametrize('data_state', [
     None, 'text', {'next_index': 3}, b'\xff\x00binary', b'utf8 bytes'])
 def test_data_state_types_round_trip(tmp_path, data_state):

@@ -45,8 +45,9 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
-  """Where the checkpoints of a run's workdir live."""
-  return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+  """Where the checkpoints of a run's workdir live (absolute: orbax's OCDBT writer
+  rejects relative paths, and only when the first async save commits)."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
 
 
 # --------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # orbax and TFDS log every file operation at INFO; the progress bar says what matters.
     logging.set_verbosity(logging.WARNING)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   stage = config.get('stage', 'vqgan')
   try:
     if stage not in ('vqgan', 'transformer'):
