@@ -6,7 +6,8 @@ The issue's workload: batch 8 x 256 tokens (SOS + 256 codes), 8 layers, 8 heads,
 vocab 513 (512 codes + SOS), AdamW; sampling 256 tokens for 8 sequences, top-k 100,
 temperature 1. Prints one JSON object per line: `name`, `tokens_per_s`, and with the
 [reference] extra installed `original_tokens_per_s` and `ratio_vs_original` (ours / original),
-timed in the same process right after ours, with `--threads` torch threads:
+timed in the same process in alternation with ours (A, B, A, B: both see the same machine
+load; medians, and `*_best` for the fastest repetition), with `--threads` torch threads:
 
 * stage2_train_step: our sharded, donated `stage2.make_train_step` vs the original GPT
   (`vqgan_jax.reference.build_gpt`) with taming's AdamW parameter groups (decay on Linear
@@ -69,15 +70,19 @@ def bench_config():
   return c
 
 
-def _median_time(fn, iters, warmup):
-  for _ in range(warmup):
-    fn()
-  times = []
+def _interleaved(fns, iters, warmup):
+  """Median and best seconds of each callable, timed in alternation (A, B, A, B, ...) so that
+  ours and the original see the same machine load."""
+  for fn in fns:
+    for _ in range(warmup):
+      fn()
+  times = [[] for _ in fns]
   for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+  return [(statistics.median(ts), min(ts)) for ts in times]
 
 
 def train_flops(layout, batch):
@@ -88,7 +93,8 @@ def train_flops(layout, batch):
   return n_matmul, 6 * n_matmul * t * batch + attn
 
 
-def time_ours_train(config, layout, iters, warmup):
+def ours_train(config, layout):
+  """(one timed step, compile seconds, current params)."""
   mesh = stage2.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
@@ -110,10 +116,11 @@ def time_ours_train(config, layout, iters, warmup):
     holder['state'], metrics = step(holder['state'], {}, batch)
     jax.block_until_ready(metrics)
 
-  return _median_time(once, iters, warmup), compile_s, holder['state']['params']
+  return once, compile_s, lambda: holder['state']['params']
 
 
-def time_ours_sample(config, layout, params, iters, warmup):
+def ours_sample(config, layout, params):
+  """(one timed sampling of batch x 256 tokens, compile seconds)."""
   model = stage2.build_model(config, layout, scan_layers=False)
   from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
   params = tf.unstack_layers(params)
@@ -124,7 +131,7 @@ def time_ours_sample(config, layout, params, iters, warmup):
   t0 = time.perf_counter()
   run()
   compile_s = time.perf_counter() - t0
-  return _median_time(run, iters, warmup), compile_s
+  return run, compile_s
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,7 +164,8 @@ def _original_optimizer(torch, gpt, lr):
   return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def time_original_train(layout, iters, warmup, threads):
+def original_train(layout, threads):
+  """(one timed step of the original, its GPT)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
   from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
@@ -178,7 +186,7 @@ def time_original_train(layout, iters, warmup, threads):
     loss.backward()
     opt.step()
 
-  return _median_time(once, iters, warmup), gpt
+  return once, gpt
 
 
 def _sample_with_past(torch, gpt, cond, steps, temperature, top_k, top_p):
@@ -197,28 +205,26 @@ def _sample_with_past(torch, gpt, cond, steps, temperature, top_k, top_p):
   return torch.cat(out, dim=1)
 
 
-def time_original_samplers(gpt, layout, iters, warmup, threads):
+def original_samplers(gpt, layout, threads):
+  """(one sample_with_past run, one timed Net2NetTransformer.sample run or None, its steps)."""
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   gpt.eval()
   cond = torch.full((_BATCH.value, 1), layout.sos_id, dtype=torch.long)
   torch.manual_seed(0)
-  with_past = _median_time(
-      lambda: _sample_with_past(torch, gpt, cond, layout.image_len, TEMPERATURE, TOP_K, 1.0),
-      max(1, iters // 2), min(warmup, 1))
-  recompute = None
+  with_past = lambda: _sample_with_past(torch, gpt, cond, layout.image_len, TEMPERATURE, TOP_K,
+                                        1.0)
   steps = min(_ORIG_RECOMPUTE_STEPS.value, layout.image_len)
-  if steps:
-    from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
-    shim = types.SimpleNamespace(
-        transformer=gpt, pkeep=1.0,
-        top_k_logits=lambda logits, k: Net2NetTransformer.top_k_logits(None, logits, k))
-    x = torch.zeros((_BATCH.value, 0), dtype=torch.long)
-    t0 = time.perf_counter()
-    Net2NetTransformer.sample(shim, x, cond, steps, temperature=TEMPERATURE, sample=True,
-                              top_k=TOP_K)
-    recompute = (time.perf_counter() - t0, steps)
-  return with_past, recompute
+  if not steps:
+    return with_past, None, 0
+  from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
+  shim = types.SimpleNamespace(
+      transformer=gpt, pkeep=1.0,
+      top_k_logits=lambda logits, k: Net2NetTransformer.top_k_logits(None, logits, k))
+  x = torch.zeros((_BATCH.value, 0), dtype=torch.long)
+  recompute = lambda: Net2NetTransformer.sample(shim, x, cond, steps, temperature=TEMPERATURE,
+                                                sample=True, top_k=TOP_K)
+  return with_past, recompute, steps
 
 
 def main(argv):
@@ -237,39 +243,56 @@ def main(argv):
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
           flush=True)
 
-  step_s, compile_s, params = time_ours_train(config, layout, _ITERS.value, _WARMUP.value)
+  iters, warmup = _ITERS.value, _WARMUP.value
+  train_once, compile_s, params = ours_train(config, layout)
   n_matmul, flops = train_flops(layout, b)
   gpt = None
   if 'train' in _ONLY.value:
-    row = {'name': 'stage2_train_step', **common, 'tokens_per_s': b * layout.seq_len / step_s,
-           'step_ms': 1e3 * step_s, 'compile_s': compile_s,
-           'gflops_per_s': flops / step_s / 1e9, 'matmul_params': n_matmul,
-           'gflop_per_step': flops / 1e9}
+    fns = [train_once]
     if use_ref:
-      orig_s, gpt = time_original_train(layout, _ITERS.value, _WARMUP.value, _THREADS.value)
+      orig_once, gpt = original_train(layout, _THREADS.value)
+      fns.append(orig_once)
+    timed = _interleaved(fns, iters, warmup)
+    (step_s, best_s) = timed[0]
+    row = {'name': 'stage2_train_step', **common, 'tokens_per_s': b * layout.seq_len / step_s,
+           'tokens_per_s_best': b * layout.seq_len / best_s, 'step_ms': 1e3 * step_s,
+           'compile_s': compile_s, 'gflops_per_s': flops / step_s / 1e9,
+           'matmul_params': n_matmul, 'gflop_per_step': flops / 1e9}
+    if use_ref:
+      orig_s, orig_best = timed[1]
       row.update(original_tokens_per_s=b * layout.seq_len / orig_s,
+                 original_tokens_per_s_best=b * layout.seq_len / orig_best,
                  original_gflops_per_s=flops / orig_s / 1e9, ratio_vs_original=orig_s / step_s)
     emit(row)
   if 'sample' in _ONLY.value:
-    sample_s, compile_s = time_ours_sample(config, layout, params, _ITERS.value, _WARMUP.value)
-    ours = b * layout.image_len / sample_s
-    row = {'name': 'stage2_sample', **common, 'top_k': TOP_K, 'temperature': TEMPERATURE,
-           'steps': layout.image_len, 'tokens_per_s': ours, 'compile_s': compile_s}
-    recompute = None
+    sample_once, compile_s = ours_sample(config, layout, params())
+    fns, steps = [sample_once], 0
     if use_ref:
       if gpt is None:
         from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
         gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD,
                                   N_EMBD)
-      with_past, recompute = time_original_samplers(gpt, layout, _ITERS.value, _WARMUP.value,
-                                                    _THREADS.value)
-      orig = b * layout.image_len / with_past
+      with_past, recompute, steps = original_samplers(gpt, layout, _THREADS.value)
+      fns.append(with_past)
+    # The original samplers take seconds to minutes per run: fewer repetitions.
+    timed = _interleaved(fns, max(1, iters // 2), min(warmup, 1))
+    sample_s, sample_best = timed[0]
+    ours = b * layout.image_len / sample_s
+    row = {'name': 'stage2_sample', **common, 'top_k': TOP_K, 'temperature': TEMPERATURE,
+           'steps': layout.image_len, 'tokens_per_s': ours,
+           'tokens_per_s_best': b * layout.image_len / sample_best, 'compile_s': compile_s}
+    if use_ref:
+      orig_s, orig_best = timed[1]
+      orig = b * layout.image_len / orig_s
       row.update(original='sample_with_past (scripts/sample_fast.py loop)',
-                 original_tokens_per_s=orig, ratio_vs_original=ours / orig)
+                 original_tokens_per_s=orig,
+                 original_tokens_per_s_best=b * layout.image_len / orig_best,
+                 ratio_vs_original=ours / orig)
     emit(row)
-    if recompute is not None:
-      seconds, steps = recompute
-      orig = b * steps / seconds
+    if use_ref and recompute is not None:
+      (ours_s, _), (orig_s, _) = _interleaved([sample_once, recompute], 1, 0)
+      ours = b * layout.image_len / ours_s
+      orig = b * steps / orig_s
       emit({'name': 'stage2_sample_recompute', **common, 'top_k': TOP_K,
             'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
             'original': 'Net2NetTransformer.sample (reruns the prefix)',

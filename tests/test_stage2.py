@@ -167,6 +167,10 @@ def test_vocabulary_conventions():
   c.cond.drop_prob = 0.1
   lay = stage2.make_layout(c)
   assert (lay.vocab_size, lay.null_id) == (32 + 5 + 1, 37)
+  # Class dropout replaces the class token by the null id at drop_prob.
+  labels = {'codes': jnp.zeros((4000, 1), jnp.int32), 'label': jnp.ones((4000,), jnp.int32)}
+  ids = np.asarray(stage2.cond_tokens(lay, labels, jax.random.PRNGKey(0), 0.1))[:, 0]
+  assert set(np.unique(ids)) == {33, 37} and abs(np.mean(ids == 37) - 0.1) < 0.02
   c.transformer.update(vocab_size=20)
   with pytest.raises(ConfigError, match='vocab_size'):
     stage2.make_layout(c)
@@ -332,6 +336,7 @@ def dict_update(config, field, value):
 
 def test_sampling_never_draws_condition_ids():
   config = tiny_config('class')
+  config.cond.drop_prob = 0.1  # a null class: classifier-free guidance
   layout = stage2.make_layout(config)
   model = stage2.build_model(config, layout, scan_layers=False)
   params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(0))
@@ -340,9 +345,15 @@ def test_sampling_never_draws_condition_ids():
   params['head']['kernel'] = head.at[:, layout.n_image:].set(
       jnp.sum(jnp.abs(head), axis=1, keepdims=True) * 100)
   from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
-  out = sampling.sample(params, model, stage2.class_tokens(layout, [0, 1, 2]),
-                        jax.random.PRNGKey(0), steps=layout.image_len, top_k=None)
+  cond = stage2.class_tokens(layout, [0, 1, 2])
+  out = sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=layout.image_len,
+                        top_k=None)
   assert out.shape == (3, layout.image_len) and int(out.max()) < layout.n_image
+  guided = sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=layout.image_len,
+                           top_k=None, cfg_scale=3.0,
+                           uncond_tokens=jnp.full_like(cond, layout.null_id))
+  assert guided.shape == (3, layout.image_len) and 0 <= int(guided.min())
+  assert int(guided.max()) < layout.n_image
 
 
 # ----------------------------------------------------------------------------------------

@@ -252,17 +252,17 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
   if chief:
     if os.path.exists(path):
       shutil.rmtree(path)
+    # Built under _build/<name> (TFDS names the folder after the builder), then moved into
+    # place, so readers never see a half-written dataset; a stale build is discarded.
+    build_dir = os.path.join(os.path.abspath(os.path.expanduser(codes_dir)), '_build', name)
+    shutil.rmtree(build_dir, ignore_errors=True)
     builder = VqganCodes(name=name, splits=splits, seq_len=seq_len, n_embed=n_embed,
                          cond_len=cond_len, cond_n_embed=cond_n_embed, examples=examples,
-                         metadata=metadata, data_dir=os.path.join(
-                             os.path.abspath(os.path.expanduser(codes_dir)), '_build', name))
+                         metadata=metadata, data_dir=build_dir)
     builder.download_and_prepare()
-    # Built under _build/<name> (TFDS names the folder after the builder), then moved into
-    # place, so readers never see a half-written dataset.
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.replace(os.fspath(builder.data_path), path)
-    shutil.rmtree(os.path.join(os.path.abspath(os.path.expanduser(codes_dir)), '_build', name),
-                  ignore_errors=True)
+    shutil.rmtree(build_dir, ignore_errors=True)
   else:
     for split in splits:
       for _ in examples(split):

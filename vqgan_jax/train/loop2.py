@@ -41,7 +41,7 @@ def codes_dir(config, workdir):
 def _stage1_step(workdir):
   if not workdir or not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     return None
-  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None)
   try:
     return ckpt.latest_step()
   finally:
@@ -305,7 +305,7 @@ def sample(config, workdir):
   """Samples with the latest stage-2 params; writes samples_<step>.png/.npz; returns paths."""
   config, mesh, layout = _setup(config)
   s = config.sample
-  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None)
   try:
     step = ckpt.latest_step()
     if step is None:

@@ -74,7 +74,7 @@ def saved_stage1_config(workdir):
   """The config saved with a stage-1 run's latest checkpoint, or None if it has none."""
   if not workdir or not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     return None
-  ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+  ckpt = checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None)
   try:
     if ckpt.latest_step() is None:
       return None
@@ -569,7 +569,7 @@ def restore_gpt_params(workdir, model, mesh, saved_config=None):
   converted (`stack_layers` / `unstack_layers`) when it differs from `model.scan_layers`.
   """
   if saved_config is None:
-    ckpt = checkpoints.Checkpointer(workdir, read_only=True)
+    ckpt = checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None)
     try:
       saved_config = ckpt.restore_config()
     finally:
