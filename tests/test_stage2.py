@@ -419,6 +419,15 @@ def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
   # The stage-1 smoke VQGAN: f2 -> 16x16 codes of 64.
   assert ex['codes'].shape == (256,) and ex['codes'].max() < 64 and ex['label'] in (0, 1)
   assert tokens.metadata(builder)['stage1_step'] == 2
+  # Encoding again keeps up-to-date codes; codes made differently are replaced only when
+  # asked, and the refusal names the field.
+  assert 'up to date, kept: ' in main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vqgan_jax.main', f'--config={s2}', f'--workdir={b}', *data,
+       '--mode=encode', f'--config.stage1_workdir={a}', '--config.encode.max_examples=4'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and 'config.encode.overwrite' in proc.stderr
+  assert len(tokens.open_codes(str(b / 'codes'), 'folder_32_images').as_data_source('train')) == 18
 
   out = main(s2, b, '--mode=train', f'--config.stage1_workdir={a}',
              '--config.train.num_steps=4', '--config.train.eval_every=4')

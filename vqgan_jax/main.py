@@ -63,8 +63,9 @@ def main(argv):
         print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
       print(f'workdir: {os.path.abspath(workdir)}')
     elif _MODE.value == 'encode':
-      path, counts = loop2.encode(config, workdir)
-      print('encoded: ' + ', '.join(f'{k}={v}' for k, v in counts.items()))
+      path, counts, kept = loop2.encode(config, workdir)
+      print(('up to date, kept: ' if kept else 'encoded: ')
+            + ', '.join(f'{k}={v}' for k, v in counts.items()))
       print(f'codes: {path}')
     elif _MODE.value == 'sample':
       out = loop2.sample(config, workdir)

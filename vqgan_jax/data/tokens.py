@@ -231,7 +231,7 @@ class VqganCodes(tfds.core.GeneratorBasedBuilder):
         yield int(rows['index'][i]), ex
 
 
-def _is_prepared(path):
+def is_prepared(path):
   return os.path.exists(os.path.join(path, 'dataset_info.json'))
 
 
@@ -246,7 +246,7 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
   """
   path = dataset_path(codes_dir, name)
   chief = jax.process_index() == 0
-  if _is_prepared(path) and not overwrite:
+  if is_prepared(path) and not overwrite:
     raise DataError(f'The codes dataset {path} exists already; pass '
                     '--config.encode.overwrite=True to encode again.')
   if chief:
@@ -268,7 +268,7 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
       for _ in examples(split):
         pass
     deadline = time.time() + timeout_s
-    while not _is_prepared(path):
+    while not is_prepared(path):
       if time.time() > deadline:
         raise DataError(f'Waited {timeout_s:.0f} s for process 0 to write {path}; '
                         'config.data.codes_dir must be shared between hosts.')
@@ -279,7 +279,7 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
 def open_codes(codes_dir, name):
   """The prepared codes dataset's builder; a clear error if --mode=encode has not run."""
   path = dataset_path(codes_dir, name)
-  if not _is_prepared(path):
+  if not is_prepared(path):
     raise DataError(f'No codes dataset at {path}: run --mode=encode with this config and '
                     "workdir first (or set config.data.source='images' to encode in the "
                     'training step).')

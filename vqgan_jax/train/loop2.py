@@ -7,6 +7,7 @@
 """
 
 import functools
+import json
 import os
 import time
 
@@ -91,9 +92,33 @@ def _setup(config):
 # --mode=encode
 # ----------------------------------------------------------------------------------------
 
+def _codes_metadata(config, layout):
+  """What the codes depend on: equal metadata means the codes on disk are up to date."""
+  return {'grid_h': layout.grid[0], 'grid_w': layout.grid[1],
+          'n_embed': layout.n_image, 'cond_kind': layout.kind,
+          'cond_grid': list(layout.cond_grid), 'cond_n_embed': layout.cond_n_embed,
+          'stage1_workdir': os.path.abspath(config.stage1_workdir),
+          'stage1_step': _stage1_step(config.stage1_workdir),
+          'source': config.data.name, 'image_size': config.data.image_size,
+          'max_examples': config.encode.max_examples}
+
+
 def encode(config, workdir):
-  """Writes the codes of data.train_split and data.eval_split; returns the dataset path."""
+  """Writes the codes of data.train_split and data.eval_split; returns (path, counts, kept).
+
+  Codes already on disk with the same metadata (same stage-1 run and step, data and grid)
+  are kept and not encoded again; different ones are replaced only with
+  config.encode.overwrite.
+  """
   config, mesh, layout = _setup(config)
+  name = tokens.codes_name(config.data)
+  meta = _codes_metadata(config, layout)
+  path = tokens.dataset_path(codes_dir(config, workdir), name)
+  if tokens.is_prepared(path):
+    builder = tokens.open_codes(codes_dir(config, workdir), name)
+    if tokens.metadata(builder) == json.loads(json.dumps(meta)):
+      logging.info('The codes in %s are up to date; not encoding again.', path)
+      return path, {k: v.num_examples for k, v in builder.info.splits.items()}, True
   frozen, params, shardings = load_frozen(config, layout, mesh)
   spatial = layout.kind == 'spatial'
   batch_sh = parallel.batch_sharding(mesh)
@@ -129,14 +154,6 @@ def encode(config, workdir):
       yield rows
     bar.close()
 
-  name = tokens.codes_name(config.data)
-  meta = {'grid_h': layout.grid[0], 'grid_w': layout.grid[1],
-          'n_embed': layout.n_image, 'cond_kind': layout.kind,
-          'cond_grid': list(layout.cond_grid), 'cond_n_embed': layout.cond_n_embed,
-          'stage1_workdir': os.path.abspath(config.stage1_workdir),
-          'stage1_step': _stage1_step(config.stage1_workdir),
-          'source': config.data.name, 'image_size': config.data.image_size,
-          'max_examples': config.encode.max_examples}
   t0 = time.perf_counter()
   path = tokens.write_codes(
       codes_dir(config, workdir), name, splits=splits, examples=examples,
@@ -144,7 +161,7 @@ def encode(config, workdir):
       cond_len=layout.cond_len if spatial else 0, cond_n_embed=layout.cond_n_embed,
       metadata=meta, overwrite=config.encode.overwrite)
   logging.info('Encoded %s in %.1f s', counts, time.perf_counter() - t0)
-  return path, counts
+  return path, counts, False
 
 
 def _open_codes(config, workdir, layout):
