@@ -143,6 +143,65 @@ def test_dropout_and_bf16(model, params):
   assert float(jnp.abs(low - ref).max()) < 0.05 * float(jnp.abs(ref).max())
 
 
+def _dot_operand_dtypes(fn, *args):
+  """dtypes of the operands of every dot_general in fn's jaxpr (nested jaxprs included)."""
+  out = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return out
+
+
+def test_bf16_backward_stays_in_bf16(model, params):
+  """In bf16 every dot of the training gradient, backward included, takes bf16 operands
+  (a float32 cotangent would otherwise promote the backward dots to float32 speed), and the
+  loss and gradients stay close to float32's."""
+  tokens = _tokens(7)
+
+  def loss(p, m):
+    logits = m.apply({'params': p}, tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  low = model.clone(dtype=jnp.bfloat16)
+  dtypes = _dot_operand_dtypes(jax.grad(functools.partial(loss, m=low)), params)
+  # Per layer: 6 Dense + 2 attention dots, each with 1 forward and 2 backward dots; head too.
+  assert len(dtypes) == 3 * (8 * LAYERS + 1)
+  assert set(dtypes) == {('bfloat16', 'bfloat16')}, set(dtypes)
+  assert {('float32', 'float32')} == set(
+      _dot_operand_dtypes(jax.grad(functools.partial(loss, m=model)), params))
+
+  (l32, g32), (l16, g16) = (jax.jit(jax.value_and_grad(functools.partial(loss, m=m)))(params)
+                            for m in (model, low))
+  assert abs(float(l16) - float(l32)) < 1e-2 * abs(float(l32))
+  overall = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g32))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
+    # The key bias's true gradient is 0 (softmax ignores a shift): floor the scale.
+    scale = max(float(jnp.abs(a).max()), 1e-2 * overall)
+    assert float(jnp.abs(a - b).max()) < 0.05 * scale, jax.tree_util.keystr(path)
+
+
+def test_mixed_einsum_gradients():
+  rng = np.random.RandomState(0)
+  for spec, sa, sb in [('...i,io->...o', (4, 5, 16), (16, 8)),
+                       ('bhqd,bhkd->bhqk', (2, 3, 5, 8), (2, 3, 6, 8)),
+                       ('bhqk,bhkd->bhqd', (2, 3, 5, 6), (2, 3, 6, 8))]:
+    a, b = (jnp.asarray(rng.randn(*s), jnp.float32) for s in (sa, sb))
+    w = jnp.asarray(rng.randn(*jnp.einsum(spec, a, b).shape), jnp.float32)
+    ref = jax.grad(lambda a, b: jnp.sum(w * jnp.einsum(spec, a, b)), (0, 1))(a, b)
+    got = jax.grad(lambda a, b: jnp.sum(w * tf.mixed_einsum(
+        spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))), (0, 1))(a, b)
+    for r, g in zip(ref, got):
+      assert g.dtype == jnp.float32
+      err = float(jnp.abs(r - g).max() / jnp.abs(r).max())
+      assert 1e-5 < err < 1e-2, (spec, err)  # bf16 rounding, not a different function
+
+
 def test_sharded_forward_matches(model):
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -69,14 +69,64 @@ DEFAULT_RULES = (
 # Logical axes of one K/V cache entry, (batch, heads, length, head_dim).
 CACHE_AXES = ('batch', 'heads', 'length', 'kv')
 
-# bf16 x bf16 dots accumulating into float32 are the fast ones on CPU (bf16 outputs are not);
-# with dtype=float32 this is an ordinary dot.
-_f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
+# Matmuls in a low-precision compute dtype (bf16) take bf16 operands and accumulate and return
+# float32: on CPU these are the fast dots (bf16 outputs are not), and on accelerators the
+# standard mixed precision. Plain autodiff of such a dot would run the backward in float32 (the
+# float32 cotangent promotes the bf16 operand), at float32 speed; `mixed_einsum` keeps both
+# backward dots in the compute dtype, accumulating in float32, as the forward does.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mixed_einsum(spec: str, a, b):
+  """`einsum(spec, a, b)` of same-dtype operands, accumulated and returned in float32.
+
+  spec is 'lhs,rhs->out' where every index of an operand appears in the other operand or in
+  the output (true of Dense and attention dots): its gradients are then the einsums
+  'out,rhs->lhs' and 'lhs,out->rhs', run in the operands' dtype with float32 accumulation.
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _mixed_einsum_fwd(spec, a, b):
+  return mixed_einsum(spec, a, b), (a, b)
+
+
+def _mixed_einsum_bwd(spec, res, g):
+  a, b = res
+  ins, out = spec.split('->')
+  sa, sb = ins.split(',')
+  g = g.astype(a.dtype)
+  da = jnp.einsum(f'{out},{sb}->{sa}', g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f'{sa},{out}->{sb}', a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def _einsum(spec, a, b, dtype):
+  """float32: the exact einsum (plain autodiff); lower precision: `mixed_einsum`."""
+  a, b = a.astype(dtype), b.astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  return mixed_einsum(spec, a, b)
+
+
+def _dense_dot(dtype):
+  """A `dot_general` for nn.Dense (x (..., in) . kernel (in, out)) through `_einsum`."""
+
+  def dot_general(x, kernel, dimension_numbers, precision=None, **unused):
+    del precision
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2:
+      raise ValueError(f'unexpected Dense dot {dimension_numbers}')
+    return _einsum('...i,io->...o', x, kernel, dtype)
+
+  return dot_general
 
 
 def _dense(features, axes, dtype, use_bias=True, name=None):
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, dot_general=_f32_dot,
+      features, use_bias=use_bias, dtype=dtype, dot_general=_dense_dot(dtype),
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
       name=name)
@@ -117,12 +167,10 @@ class CausalSelfAttention(nn.Module):
       cache = {'k': k, 'v': v}
       # Query t sits at absolute position pos + t; slots beyond it are stale or empty.
       mask = jnp.arange(k.shape[2])[None, :] <= pos + jnp.arange(t)[:, None]
-    att = jnp.einsum('bhqd,bhkd->bhqk', q, k.astype(self.dtype),
-                     preferred_element_type=jnp.float32) * (1.0 / np.sqrt(hd))
+    att = _einsum('bhqd,bhkd->bhqk', q, k, self.dtype) * (1.0 / np.sqrt(hd))
     att = jax.nn.softmax(jnp.where(mask, att, -jnp.inf), axis=-1)
     att = nn.Dropout(self.attn_pdrop)(att, deterministic=self.deterministic)
-    y = jnp.einsum('bhqk,bhkd->bhqd', att.astype(self.dtype), v.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    y = _einsum('bhqk,bhkd->bhqd', att, v, self.dtype)
     y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, c)
     y = _dense(c, ('heads', 'embed'), self.dtype, name='proj')(y)
     y = nn.Dropout(self.resid_pdrop)(y, deterministic=self.deterministic)
