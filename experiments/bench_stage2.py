@@ -1,6 +1,6 @@
 """Stage-2 throughput: the GPT train step and the sampler, vs the original PyTorch code.
 
-  python experiments/bench_stage2.py [--iters=5] [--no_reference] [--dtype=float32]
+  python experiments/bench_stage2.py [--iters=5] [--no_reference] [--dtypes=float32,bfloat16]
 
 The issue's workload: batch 8 x 256 tokens (SOS + 256 codes), 8 layers, 8 heads, 512 wide,
 vocab 513 (512 codes + SOS), AdamW; sampling 256 tokens for 8 sequences, top-k 100,
@@ -48,7 +48,8 @@ _ITERS = flags.DEFINE_integer('iters', 5, 'Timed repetitions (median is reported
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed repetitions after compilation.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
 _NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype of ours.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
+                            'Compute dtypes of ours; each is timed against the same original.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step / sampled in parallel.')
 _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
     'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).')
@@ -58,14 +59,14 @@ N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD = 512, 16, 8, 8, 512
 TOP_K, TEMPERATURE = 100, 1.0
 
 
-def bench_config():
+def bench_config(dtype):
   c = common_transformer.stage2_base()
   c.stage1_config.update(n_embed=N_CODES, ch_mult=(1, 1, 2, 2, 4))  # f16: 256 px -> 16x16
   c.data.image_size = 256
   c.cond.kind = 'unconditional'
   c.transformer.update(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False,
                        scan_layers=True)
-  c.train.update(batch_size=_BATCH.value, dtype=_DTYPE.value)
+  c.train.update(batch_size=_BATCH.value, dtype=dtype)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c
 
@@ -94,7 +95,7 @@ def train_flops(layout, batch):
 
 
 def ours_train(config, layout):
-  """(one timed step, compile seconds, current params)."""
+  """(one timed step, compile seconds, current params, the first step's loss)."""
   mesh = stage2.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
@@ -116,7 +117,7 @@ def ours_train(config, layout):
     holder['state'], metrics = step(holder['state'], {}, batch)
     jax.block_until_ready(metrics)
 
-  return once, compile_s, lambda: holder['state']['params']
+  return once, compile_s, lambda: holder['state']['params'], float(m['loss'])
 
 
 def ours_sample(config, layout, params):
@@ -230,12 +231,13 @@ def original_samplers(gpt, layout, threads):
 def main(argv):
   del argv
   use_ref = not _NO_REF.value and _reference_available()
-  config = stage2.resolve_config(bench_config())
-  layout = stage2.make_layout(config)
+  dtypes = list(_DTYPES.value)
+  configs = {d: stage2.resolve_config(bench_config(d)) for d in dtypes}
+  layout = stage2.make_layout(configs[dtypes[0]])
   assert (layout.vocab_size, layout.seq_len, layout.image_len) == (513, 256, 256)
   b = _BATCH.value
   common = {'batch': b, 'seq_len': layout.seq_len, 'n_layer': N_LAYER, 'n_head': N_HEAD,
-            'n_embd': N_EMBD, 'vocab': layout.vocab_size, 'dtype': _DTYPE.value,
+            'n_embd': N_EMBD, 'vocab': layout.vocab_size,
             'device': jax.devices()[0].device_kind, 'threads_original': _THREADS.value}
 
   def emit(row):
@@ -244,29 +246,36 @@ def main(argv):
           flush=True)
 
   iters, warmup = _ITERS.value, _WARMUP.value
-  train_once, compile_s, params = ours_train(config, layout)
+  # Same seed and batch for every dtype: the first step's loss compares them.
+  trains = {d: ours_train(configs[d], layout) for d in dtypes}
   n_matmul, flops = train_flops(layout, b)
   gpt = None
   if 'train' in _ONLY.value:
-    fns = [train_once]
+    fns = [trains[d][0] for d in dtypes]
     if use_ref:
       orig_once, gpt = original_train(layout, _THREADS.value)
       fns.append(orig_once)
     timed = _interleaved(fns, iters, warmup)
-    (step_s, best_s) = timed[0]
-    row = {'name': 'stage2_train_step', **common, 'tokens_per_s': b * layout.seq_len / step_s,
-           'tokens_per_s_best': b * layout.seq_len / best_s, 'step_ms': 1e3 * step_s,
-           'compile_s': compile_s, 'gflops_per_s': flops / step_s / 1e9,
-           'matmul_params': n_matmul, 'gflop_per_step': flops / 1e9}
-    if use_ref:
-      orig_s, orig_best = timed[1]
-      row.update(original_tokens_per_s=b * layout.seq_len / orig_s,
-                 original_tokens_per_s_best=b * layout.seq_len / orig_best,
-                 original_gflops_per_s=flops / orig_s / 1e9, ratio_vs_original=orig_s / step_s)
-    emit(row)
+    loss0 = trains[dtypes[0]][3]
+    for i, d in enumerate(dtypes):
+      step_s, best_s = timed[i]
+      row = {'name': 'stage2_train_step', 'dtype': d, **common,
+             'tokens_per_s': b * layout.seq_len / step_s,
+             'tokens_per_s_best': b * layout.seq_len / best_s, 'step_ms': 1e3 * step_s,
+             'compile_s': trains[d][1], 'gflops_per_s': flops / step_s / 1e9,
+             'matmul_params': n_matmul, 'gflop_per_step': flops / 1e9,
+             'first_loss': trains[d][3],
+             f'first_loss_rel_diff_vs_{dtypes[0]}': abs(trains[d][3] - loss0) / abs(loss0)}
+      if use_ref:
+        orig_s, orig_best = timed[-1]
+        row.update(original_tokens_per_s=b * layout.seq_len / orig_s,
+                   original_tokens_per_s_best=b * layout.seq_len / orig_best,
+                   original_gflops_per_s=flops / orig_s / 1e9,
+                   ratio_vs_original=orig_s / step_s)
+      emit(row)
   if 'sample' in _ONLY.value:
-    sample_once, compile_s = ours_sample(config, layout, params())
-    fns, steps = [sample_once], 0
+    samplers = {d: ours_sample(configs[d], layout, trains[d][2]()) for d in dtypes}
+    fns, steps = [samplers[d][0] for d in dtypes], 0
     if use_ref:
       if gpt is None:
         from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
@@ -276,28 +285,32 @@ def main(argv):
       fns.append(with_past)
     # The original samplers take seconds to minutes per run: fewer repetitions.
     timed = _interleaved(fns, max(1, iters // 2), min(warmup, 1))
-    sample_s, sample_best = timed[0]
-    ours = b * layout.image_len / sample_s
-    row = {'name': 'stage2_sample', **common, 'top_k': TOP_K, 'temperature': TEMPERATURE,
-           'steps': layout.image_len, 'tokens_per_s': ours,
-           'tokens_per_s_best': b * layout.image_len / sample_best, 'compile_s': compile_s}
-    if use_ref:
-      orig_s, orig_best = timed[1]
-      orig = b * layout.image_len / orig_s
-      row.update(original='sample_with_past (scripts/sample_fast.py loop)',
-                 original_tokens_per_s=orig,
-                 original_tokens_per_s_best=b * layout.image_len / orig_best,
-                 ratio_vs_original=ours / orig)
-    emit(row)
+    for i, d in enumerate(dtypes):
+      sample_s, sample_best = timed[i]
+      ours = b * layout.image_len / sample_s
+      row = {'name': 'stage2_sample', 'dtype': d, **common, 'top_k': TOP_K,
+             'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
+             'tokens_per_s_best': b * layout.image_len / sample_best,
+             'compile_s': samplers[d][1]}
+      if use_ref:
+        orig_s, orig_best = timed[-1]
+        orig = b * layout.image_len / orig_s
+        row.update(original='sample_with_past (scripts/sample_fast.py loop)',
+                   original_tokens_per_s=orig,
+                   original_tokens_per_s_best=b * layout.image_len / orig_best,
+                   ratio_vs_original=ours / orig)
+      emit(row)
     if use_ref and recompute is not None:
-      (ours_s, _), (orig_s, _) = _interleaved([sample_once, recompute], 1, 0)
-      ours = b * layout.image_len / ours_s
-      orig = b * steps / orig_s
-      emit({'name': 'stage2_sample_recompute', **common, 'top_k': TOP_K,
-            'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
-            'original': 'Net2NetTransformer.sample (reruns the prefix)',
-            'original_steps': steps, 'original_tokens_per_s': orig,
-            'ratio_vs_original': ours / orig})
+      fns = [samplers[d][0] for d in dtypes] + [recompute]
+      timed = _interleaved(fns, 1, 0)
+      orig = b * steps / timed[-1][0]
+      for i, d in enumerate(dtypes):
+        ours = b * layout.image_len / timed[i][0]
+        emit({'name': 'stage2_sample_recompute', 'dtype': d, **common, 'top_k': TOP_K,
+              'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
+              'original': 'Net2NetTransformer.sample (reruns the prefix)',
+              'original_steps': steps, 'original_tokens_per_s': orig,
+              'ratio_vs_original': ours / orig})
 
 
 if __name__ == '__main__':

@@ -57,6 +57,11 @@ def _decoding(model, params):
   if model.scan_layers or 'blocks' in params:
     params = tf.unstack_layers(params)
     model = model.clone(scan_layers=False)
+  if jnp.dtype(model.dtype) != jnp.float32:
+    # Kernels in the compute dtype once, before the decode loop: a step streams every kernel,
+    # and casting float32 kernels inside the loop would read them at full width every step.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(model.dtype) if path[-1].key == 'kernel' else x, params)
   return model, {'params': params}
 
 
