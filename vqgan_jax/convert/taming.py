@@ -461,7 +461,8 @@ def stage1_config(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
   c.model.update(**vqgan_kwargs(ddconfig, n_embed, embed_dim, **quantizer))
   c.data.image_size = c.model.resolution
   lp = dict(lossconfig or {})
-  target = lp.get('target', VQLPIPS_TARGET)
+  # No lossconfig (a frozen stage of a Net2NetTransformer): nothing to read or check.
+  target = lp.get('target', VQLPIPS_TARGET) if lossconfig is not None else None
   lp = dict(lp.get('params', {}) or {}) if 'target' in lp or 'params' in lp else lp
   # taming's constructor defaults, not ours: a yaml that omits a field got these.
   taming_defaults = dict(codebook_weight=1.0, perceptual_weight=1.0, disc_factor=1.0,
@@ -649,6 +650,10 @@ def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
         optim=dict(base_lr=4.5e-6)))
   c.stage1_workdir = os.path.join(out_dir, 'first_stage')
   c.stage1_config.update(fs_model.to_dict())
+  if 'data' in c:
+    # The original trains on crops of the first stage's resolution: code grid and block size
+    # follow from it (the schema's default, 256, fits only f16 models at 256x256).
+    c.data.image_size = fs_model.resolution
   c.transformer.update(**gcfg, pkeep=float(model_params.get('pkeep', 1.0)), shared_vocab=True,
                        scan_layers=False)
   c.cond.sos_token = int(model_params.get('sos_token', 0))
