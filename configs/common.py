@@ -21,6 +21,10 @@ def stage1_base():
       ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
       dropout=0.0, in_channels=3, out_ch=3, resolution=256, z_channels=256,
       n_embed=1024, embed_dim=256, beta=0.25, legacy_beta=True,
+      # 'vq': taming VQModel (VectorQuantizer2); 'gumbel': GumbelVQ (GumbelQuantize), whose
+      # KL-to-uniform loss weight and Gumbel-softmax training temperature (constant here; the
+      # original anneals it) are the next two fields.
+      quantizer='vq', kl_weight=1e-8, temperature=1.0,
   ))
   c.loss = ml_collections.ConfigDict(dict(
       # Batches (not optimizer steps); a float in (0, 1) is a fraction of train.num_steps.

@@ -438,3 +438,19 @@ def test_two_processes_save_and_restore(tmp_path):
   np.testing.assert_array_equal(restored['params']['w'],
                                 np.arange(64.0).reshape(16, 4))
   assert int(restored['step']) == 3
+
+
+def test_fields_added_later_default_to_their_old_meaning():
+  """A checkpoint saved before model.quantizer/kl_weight/temperature existed resumes under a
+  config that has their defaults (the VQ quantizer), but not under a Gumbel config."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.stage1_base()
+  old = ckpt_lib.config_to_dict(config)
+  for k in ckpt_lib.ADDED_FIELD_DEFAULTS:
+    del old['model'][k.split('.')[1]]
+  assert ckpt_lib.config_differences(old, config) == []
+  config.model.quantizer = 'gumbel'
+  config.model.temperature = 0.5
+  assert ckpt_lib.config_differences(old, config) == [
+      "model.quantizer: checkpoint 'vq', config 'gumbel'",
+      'model.temperature: checkpoint 1.0, config 0.5']

@@ -131,13 +131,70 @@ def test_gumbel_and_actnorm_are_refused_clearly(synthetic):
   gumbel['quantize.proj.bias'] = np.zeros((N_EMBED,), np.float32)
   gumbel['quantize.embed.weight'] = np.zeros((N_EMBED, EMBED_DIM), np.float32)
   with pytest.raises(convert.ConversionError,
-                     match=r'GumbelVQ.*not supported yet.*quantize\.embed\.weight, '
-                           r'quantize\.proj\.bias, quantize\.proj\.weight'):
+                     match=r'GumbelVQ state dict.*quantize\.embed\.weight, '
+                           r"quantize\.proj\.bias, quantize\.proj\.weight.*quantizer='gumbel'"):
     convert.convert_vqmodel_state_dict(gumbel, DDCONFIG, N_EMBED, EMBED_DIM)
+  # As a GumbelVQ it converts (embed_dim == z_channels, as the original requires) ...
+  gumbel['quantize.proj.weight'] = np.zeros((N_EMBED, 16, 1, 1), np.float32)
+  gumbel['quantize.embed.weight'] = np.zeros((N_EMBED, 16), np.float32)
+  gumbel['quant_conv.weight'] = np.zeros((16, 16, 1, 1), np.float32)
+  gumbel['quant_conv.bias'] = np.zeros((16,), np.float32)
+  gumbel['post_quant_conv.weight'] = np.zeros((16, 16, 1, 1), np.float32)
+  out = convert.convert_vqmodel_state_dict(gumbel, DDCONFIG, N_EMBED, 16, quantizer='gumbel')
+  assert out['params']['quantize']['proj']['kernel'].shape == (16, N_EMBED)
+  # ... and a VQModel state dict is not one.
+  with pytest.raises(convert.ConversionError, match='VectorQuantizer2 codebook'):
+    convert.convert_vqmodel_state_dict(sd, DDCONFIG, N_EMBED, EMBED_DIM, quantizer='gumbel')
   actnorm = dict(sd)
   actnorm['loss.discriminator.main.3.loc'] = np.zeros((1, 32, 1, 1), np.float32)
   with pytest.raises(convert.ConversionError, match='ActNorm.*main.3.loc'):
     convert.convert_vqmodel_state_dict(actnorm, DDCONFIG, N_EMBED, EMBED_DIM)
+
+
+# The released vqgan_gumbel_f8's model.yaml `params` (taming issue #67).
+GUMBEL_F8 = {
+    'kl_weight': 1.0e-08, 'embed_dim': 256, 'n_embed': 8192, 'monitor': 'val/rec_loss',
+    'temperature_scheduler_config': {
+        'target': 'taming.lr_scheduler.LambdaWarmUpCosineScheduler',
+        'params': {'warm_up_steps': 0, 'max_decay_steps': 1000001, 'lr_start': 0.9,
+                   'lr_max': 0.9, 'lr_min': 1.0e-06}},
+    'ddconfig': {'double_z': False, 'z_channels': 256, 'resolution': 256, 'in_channels': 3,
+                 'out_ch': 3, 'ch': 128, 'ch_mult': [1, 1, 2, 4], 'num_res_blocks': 2,
+                 'attn_resolutions': [32], 'dropout': 0.0},
+    'lossconfig': {'target': 'taming.modules.losses.vqperceptual.DummyLoss'},
+}
+
+
+def test_gumbel_f8_release_config():
+  """The converter's reading of the release's yaml is configs/openimages_vqgan_gumbel_f8.py."""
+  from configs import openimages_vqgan_gumbel_f8  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
+  q = convert.quantizer_fields(convert.GUMBEL_TARGET, GUMBEL_F8, step=0)
+  assert q == {'quantizer': 'gumbel', 'kl_weight': 1e-8, 'temperature': 0.9}
+  got = convert.stage1_config(GUMBEL_F8['ddconfig'], 8192, 256, GUMBEL_F8['lossconfig'], **q)
+  want = openimages_vqgan_gumbel_f8.get_config()
+  assert got.model.to_dict() == want.model.to_dict()
+  validate.validate_stage1(want)
+  # Its quantizer: proj 256 -> 8192 logits, embed 8192 x 256; 32x32 codes at 256x256.
+  kw = convert.vqgan_kwargs(GUMBEL_F8['ddconfig'], 8192, 256, **q)
+  abstract = convert._abstract_vqgan(kw)  # pylint: disable=protected-access
+  shapes = jax.tree.map(lambda a: a.shape, abstract['params']['quantize'])
+  assert shapes == {'proj': {'kernel': (256, 8192), 'bias': (8192,)},
+                    'embed': {'embedding': (8192, 256)}}
+  # The temperature the original would resume training with (its cosine schedule).
+  t = 1e-6 + 0.5 * (0.9 - 1e-6) * (1 + np.cos(np.pi * 500_000 / 1000001))
+  assert convert.quantizer_fields(convert.GUMBEL_TARGET, GUMBEL_F8, step=500_000)[
+      'temperature'] == pytest.approx(t, rel=1e-12)
+  # A yaml without a target is recognised from the state dict's keys.
+  assert convert.quantizer_fields(None, {}, {'quantize.proj.weight': 0})['quantizer'] == 'gumbel'
+  assert convert.quantizer_fields(None, {}, {'quantize.embedding.weight': 0}) == {'quantizer': 'vq'}
+  smoke = openimages_vqgan_gumbel_f8.get_config('smoke')
+  validate.validate_stage1(smoke)
+  assert smoke.model.quantizer == 'gumbel' and smoke.model.embed_dim == smoke.model.z_channels
+  bad = openimages_vqgan_gumbel_f8.get_config()
+  bad.model.quantizer = 'ema'
+  with pytest.raises(validate.ConfigError, match="quantizer must be 'vq' or 'gumbel'"):
+    validate.validate_stage1(bad)
 
 
 def test_reading_a_ckpt_without_torch_names_the_install(monkeypatch, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from vqgan_jax.models.discriminator import NLayerDiscriminator
-from vqgan_jax.models.quantizer import VectorQuantizer, codebook_distances, vq_loss
+from vqgan_jax.models.quantizer import GumbelQuantizer, VectorQuantizer, codebook_distances
+from vqgan_jax.models.quantizer import gumbel_kl_loss, gumbel_softmax, vq_loss
 from vqgan_jax.models.vqgan import VQGAN
 
 CONFIGS = {
@@ -127,6 +128,97 @@ def test_argmin_takes_first_index_on_ties():
   q = VectorQuantizer(3, 2)
   _, _, idx = q.apply({'params': {'embedding': {'embedding': codebook}}}, jnp.array([[1.0, 0.0]]))
   assert int(idx[0]) == 0
+
+
+# Small enough to compile fast: f2, no attention levels, 16x16 images.
+GUMBEL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
+              z_channels=16, n_embed=32, embed_dim=16, quantizer='gumbel', kl_weight=1e-3)
+
+
+def test_gumbel_vqgan_names_eval_and_train_modes():
+  model = VQGAN(**GUMBEL)
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  # Random params of init's shapes (init itself runs the model eagerly: slow on CPU).
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  rng = np.random.default_rng(0)
+
+  def leaf(path, s):
+    name = path[-1].key
+    if name == 'scale':
+      return np.ones(s.shape, np.float32)
+    fan_in = int(np.prod(s.shape[:-1])) if name == 'kernel' else 1
+    return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(np.float32) * (
+        0.1 if name == 'bias' else 1.0)
+
+  params = jax.tree_util.tree_map_with_path(leaf, abstract)
+  names = {'/'.join(k): v.shape for k, v in flatten_dict(params['quantize']).items()}
+  assert names == {'proj/kernel': (16, 32), 'proj/bias': (32,), 'embed/embedding': (32, 16)}
+
+  def pieces(m, x):
+    h = m.quant_conv(m.encoder(x))
+    return m.quantize.logits(h), m.encode(x), m(x)
+
+  def train(p, k):
+    return model.apply({'params': p}, x, train=True, rngs={'gumbel': k}, method='encode')
+
+  def grads(p, train):
+    def loss(p):
+      xr, _, _ = model.apply({'params': p}, x, train=train, rngs={'gumbel': jax.random.key(3)})
+      return jnp.mean(xr ** 2)
+    return jax.grad(loss)(p)
+
+  @jax.jit
+  def everything(p):
+    return (model.apply({'params': p}, x, method=pieces),
+            [train(p, jax.random.key(k)) for k in (5, 5, 6)],
+            grads(p, True), grads(p, False),
+            model.apply({'params': p}, jnp.zeros((2, 8, 8), jnp.int32) + 3,
+                        method='decode_indices'))
+
+  (logits, (z_q, kl, idx), (xrec, _, idx2)), (a, b, c), g_train, g_eval, dec3 = everything(params)
+  # Inference: argmax of the logits, no noise; z_q is the codebook row.
+  np.testing.assert_array_equal(idx, jnp.argmax(logits, -1))
+  np.testing.assert_array_equal(idx2, idx)
+  emb = params['quantize']['embed']['embedding']
+  np.testing.assert_array_equal(z_q, emb[idx])
+  np.testing.assert_allclose(kl, gumbel_kl_loss(logits, 1e-3), rtol=1e-6)
+  # decode_indices looks codes up in `embed`: code 3 everywhere decodes like z_q = embed[3].
+  dec_ref = jax.jit(lambda p, z: model.apply({'params': p}, z, method='decode'))(
+      params, jnp.broadcast_to(emb[3], (2, 8, 8, 16)))
+  np.testing.assert_allclose(dec3, dec_ref, atol=1e-5)
+  # Training forward: noise from the 'gumbel' rng (reproducible), hard one-hot forward, and
+  # the KL term is the noise-free one.
+  np.testing.assert_array_equal(a[2], b[2])
+  assert not np.array_equal(a[2], c[2])
+  np.testing.assert_array_equal(a[0], emb[a[2]])
+  np.testing.assert_allclose(a[1], kl, rtol=1e-6)
+  with pytest.raises(Exception, match='gumbel'):
+    jax.eval_shape(lambda p: model.apply({'params': p}, x, train=True, method='encode'), params)
+  # Straight-through: the reconstruction's gradient reaches proj and the encoder in training
+  # mode only (at inference z_q = embed[argmax] carries no gradient to them).
+  for g, want in ((g_train, True), (g_eval, False)):
+    for tree in (g['quantize']['proj'], g['encoder']):
+      assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(tree)) == want
+
+
+def test_gumbel_softmax_hard_and_soft():
+  logits = jnp.array([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+  noise = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  soft, idx = gumbel_softmax(logits, noise, 0.5, hard=False)
+  np.testing.assert_allclose(soft, jax.nn.softmax((logits + noise) / 0.5, -1), rtol=1e-6)
+  np.testing.assert_array_equal(idx, [0, 2])  # the noise moved the first row's argmax
+  hard, _ = gumbel_softmax(logits, noise, 0.5)
+  np.testing.assert_allclose(hard, jax.nn.one_hot(idx, 3), atol=1e-7)
+  # Straight-through: the gradient is the soft one's.
+  w = jnp.array([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]])
+  g_hard = jax.grad(lambda l: jnp.sum(gumbel_softmax(l, noise, 0.5)[0] * w))(logits)
+  g_soft = jax.grad(lambda l: jnp.sum(gumbel_softmax(l, noise, 0.5, False)[0] * w))(logits)
+  np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6)
+  # KL to uniform: 0 for uniform logits, log K for a one-hot distribution (x kl_weight).
+  np.testing.assert_allclose(gumbel_kl_loss(jnp.zeros((4, 8)), 2.0), 0.0, atol=1e-6)
+  np.testing.assert_allclose(gumbel_kl_loss(jnp.array([[100.0, 0, 0, 0]]), 1.0), np.log(4),
+                             rtol=1e-6)
+  assert GumbelQuantizer(4, 2).kl_weight == 1e-8  # GumbelVQ's default
 
 
 @pytest.mark.parametrize('n_layers,size,out', [(3, 256, 30), (2, 256, 62), (2, 32, 6)])

@@ -35,6 +35,11 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf',
                         'stage')
 
+# Fields added to the configs after checkpoints were already being written, with the value
+# that means what a config without the field meant: absent and this value compare equal.
+ADDED_FIELD_DEFAULTS = {'model.quantizer': 'vq', 'model.kl_weight': 1e-8,
+                        'model.temperature': 1.0}
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, corrupt, or cannot be read into the target."""
@@ -179,7 +184,8 @@ def config_differences(saved_config: Mapping[str, Any], config,
     if not any(name == f or name.startswith(f.rstrip('.*') + '.')
                for f in fields):
       continue
-    a, b = saved.get(name, _ABSENT), current.get(name, _ABSENT)
+    default = ADDED_FIELD_DEFAULTS.get(name, _ABSENT)
+    a, b = saved.get(name, default), current.get(name, default)
     if a != b:
       fmt = lambda v: '<absent>' if v is _ABSENT else repr(v)
       lines.append(f'{name}: checkpoint {fmt(a)}, config {fmt(b)}')

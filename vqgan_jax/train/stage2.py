@@ -58,7 +58,8 @@ COMPATIBILITY_FIELDS = (
 
 # Stage-1 model fields that must agree between a config and the stage-1 checkpoint.
 _STAGE1_MODEL_FIELDS = ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resolution',
-                        'in_channels', 'out_ch', 'z_channels', 'n_embed', 'embed_dim')
+                        'in_channels', 'out_ch', 'z_channels', 'n_embed', 'embed_dim',
+                        'quantizer')
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,7 +288,9 @@ def build_vqgan(fields, dtype=jnp.float32) -> VQGAN:
                attn_resolutions=tuple(fields.attn_resolutions), resolution=fields.resolution,
                in_channels=fields.in_channels, out_ch=fields.out_ch,
                z_channels=fields.z_channels, n_embed=fields.n_embed,
-               embed_dim=fields.embed_dim, dropout=0.0, dtype=dtype)
+               embed_dim=fields.embed_dim, quantizer=fields.get('quantizer', 'vq'),
+               kl_weight=fields.get('kl_weight', 1e-8),
+               temperature=fields.get('temperature', 1.0), dropout=0.0, dtype=dtype)
 
 
 class Frozen(NamedTuple):
