@@ -134,6 +134,13 @@ def test_sample_deterministic_and_greedy(model, params, forward):
     logits = forward({'params': params}, jnp.asarray(seq))[:, t]
     seq[:, t + 1] = np.argmax(logits, -1)
   np.testing.assert_array_equal(greedy, seq[:, 1:])
+  # A cache grown in segments (several decode loops) draws the same tokens.
+  for seg in (1, 4, 5):
+    np.testing.assert_array_equal(sampling.sample(
+        params, model, COND, jax.random.key(0), steps=12, top_k=1, cache_segment=seg),
+                                  greedy)
+    np.testing.assert_array_equal(sampling.sample(
+        params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=seg), a)
 
 
 def test_class_conditional_first_step_distribution(model, params, forward):
@@ -157,6 +164,11 @@ def test_classifier_free_guidance(model, params):
   scale1 = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=1.0,
                            uncond_tokens=uncond)
   np.testing.assert_array_equal(scale1, base)
+  guided = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=2.0,
+                           uncond_tokens=uncond)
+  np.testing.assert_array_equal(guided, sampling.sample(
+      params, model, COND, jax.random.key(3), steps=8, cfg_scale=2.0, uncond_tokens=uncond,
+      cache_segment=3))
   scale0 = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=0.0,
                            uncond_tokens=uncond)
   np.testing.assert_array_equal(

@@ -21,6 +21,11 @@ from jax import lax
 from vqgan_jax.models import transformer as tf
 
 
+# Cache slots added per decode loop of `sample` (see there): smaller reads less of the cache
+# per step, larger compiles fewer loops (256 steps: 4).
+CACHE_SEGMENT = 64
+
+
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=1.0):
   """taming's filtering: `logits / temperature`, then top-k, then top-p; removed -> -inf.
 
@@ -107,13 +112,17 @@ class _Stepper:
 # ----------------------------------------------------------------------------------------
 
 def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=None, top_p=1.0,
-           cfg_scale=None, uncond_tokens=None):
+           cfg_scale=None, uncond_tokens=None, cache_segment=CACHE_SEGMENT):
   """Samples `steps` tokens after the conditioning tokens (B, Lc); returns (B, steps) int32.
 
   The conditioning (SOS token, class id, or a cond-stage code sequence) is prefilled into a
   preallocated K/V cache in one forward, then one token per step inside a `lax.fori_loop`.
   Compiled once per (model, shapes, steps, top_k, top_p, guidance on/off); temperature and
   cfg_scale are traced. `params` may be either layout ({'params': ...} or the bare tree).
+
+  The cache grows in `cache_segment`-slot steps (one decode loop per size, each compiled):
+  a step reads every slot of the cache it runs on, so a cache sized for the whole sequence
+  would be read in full from the first token on. Tokens do not depend on the segment size.
   """
   model, variables = _decoding(model, params)
   top_k, top_p = _norm_filters(top_k, top_p)
@@ -129,16 +138,29 @@ def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=Non
   uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
   return _sample(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
                  jnp.float32(cfg_scale if guided else 0.0), steps=steps, top_k=top_k,
-                 top_p=top_p, guided=guided)
+                 top_p=top_p, guided=guided, cache_segment=max(1, int(cache_segment)))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'steps', 'top_k', 'top_p', 'guided'))
+def _grow(cache, length):
+  """The cache with its length axis zero-padded to `length` slots."""
+  def pad(x):
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+  return jax.tree.map(pad, cache)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'steps', 'top_k', 'top_p', 'guided',
+                                             'cache_segment'))
 def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, steps, top_k, top_p,
-            guided):
+            guided, cache_segment):
   b, lc = cond.shape
   st = _Stepper(model, variables, rng, temperature, cfg_scale, guided, top_k, top_p)
-  # The last sampled token is never fed back, hence steps - 1.
-  cache = model.init_cache(b * (2 if guided else 1), lc + steps - 1)
+  # Step t (1 <= t < steps) writes slot lc + t - 1 and reads slots [0, lc + t): the cache
+  # needs lc + steps - 1 slots in all (the last token is never fed back), and a loop over
+  # steps [t0, t1) can run on the first lc + t1 - 1 of them.
+  total = lc + steps - 1
+  sizes = sorted({min(total, -(-(lc + t) // cache_segment) * cache_segment)
+                  for t in range(1, steps)} | {total})
+  cache = model.init_cache(b * (2 if guided else 1), sizes[0])
   if guided:
     # Prefill differs per half (cond vs uncond); afterwards both halves get the same tokens.
     logits, cache = model.apply(variables, _with_uncond(cond, uncond, True), cache, 0, lc - 1,
@@ -157,8 +179,14 @@ def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, step
     out = lax.dynamic_update_slice(out, tok[:, None], (0, t))
     return out, tok, cache
 
-  out, _, _ = lax.fori_loop(1, steps, body, (out, first, cache))
-  return out
+  carry, t0 = (out, first, cache), 1
+  for size in sizes:
+    t1 = min(steps, size - lc + 1)
+    if t1 > t0:
+      carry = (carry[0], carry[1], _grow(carry[2], size))
+      carry = lax.fori_loop(t0, t1, body, carry)
+      t0 = t1
+  return carry[0]
 
 
 # ----------------------------------------------------------------------------------------
