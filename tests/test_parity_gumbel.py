@@ -28,15 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-_HINT = ("the original implementation is not installed: "
-         "pip install -e '.[reference]' -c reference-constraints.txt")
-torch = pytest.importorskip('torch', reason=_HINT)
-pytest.importorskip('taming', reason=_HINT)
-
-from vqgan_jax import reference as R  # noqa: E402
-
-R.install_torchvision_standin()  # before anything imports torchvision
-pytest.importorskip('pytorch_lightning', reason=_HINT)
+# Skips this module without the original implementation.
+from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402,F401
 
 from vqgan_jax import checkpoints  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
@@ -46,7 +39,6 @@ from vqgan_jax.train import stage1  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
-TOL = 1e-4
 BATCH = 2
 NEAR_TIE = 1e-4  # logit gap (float64) below which float32 rounding may pick either code
 
@@ -60,42 +52,12 @@ CONFIGS = {
                  n_embed=512, embed_dim=64, kl_weight=5e-4),
 }
 
-ERRORS = {}
-INFO = {}
-
-
-def _check(name, ours, ref, tol=TOL, floor=1e-2):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
-  scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, floor)
-  ERRORS[name] = (err, scale)
-  assert err <= tol * scale, f'{name}: max abs error {err:.3g} > {tol} x scale {scale:.3g}'
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report():
-  yield
-  width = max((len(k) for k in ERRORS), default=0)
-  lines = [f'{k:<{width}}  max abs err {e:9.2e}   scale {s:9.3g}   rel {e / s:9.2e}'
-           for k, (e, s) in sorted(ERRORS.items())]
-  print('\nGumbelVQ parity errors (ours vs original, float32):\n' + '\n'.join(lines))
-  print('\n'.join(f'{k}: {v}' for k, v in sorted(INFO.items())))
-
-
-def nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-  return t.detach().numpy().transpose(0, 2, 3, 1)
+_REC = Recorder('GumbelVQ parity errors (ours vs original, float32)')
+ERRORS, INFO, _check, report = _REC.errors, _REC.info, _REC.check, _REC.report
 
 
 def _images(seed, size, batch=BATCH):
-  rng = np.random.default_rng(seed)
-  low = rng.integers(0, 256, (batch, size // 4, size // 4, 3)).astype(np.float32)
-  hi = low.repeat(4, axis=1).repeat(4, axis=2) + rng.normal(0, 20, (batch, size, size, 3))
-  return np.clip(hi, 0, 255).astype(np.uint8).astype(np.float32) / 127.5 - 1.0
+  return images_uint8(seed, size, batch).astype(np.float32) / 127.5 - 1.0
 
 
 def _gaps(logits):

@@ -17,15 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-_HINT = ("the original implementation is not installed: "
-         "pip install -e '.[reference]' -c reference-constraints.txt")
-torch = pytest.importorskip('torch', reason=_HINT)
-pytest.importorskip('taming', reason=_HINT)
-
-from vqgan_jax import reference as R  # noqa: E402
-
-R.install_torchvision_standin()  # before anything imports torchvision
-pytest.importorskip('pytorch_lightning', reason=_HINT)
+# Skips this module without the original implementation.
+from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402
 
 from vqgan_jax.convert import taming as convert  # noqa: E402
 from vqgan_jax.models import lpips as lpips_lib  # noqa: E402
@@ -33,7 +26,6 @@ from vqgan_jax.train import stage1  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
-TOL = 1e-4
 LR = 1e-3  # one Adam step moves weights visibly; also the fine-tuning test's lr
 BATCH = 2
 
@@ -49,44 +41,12 @@ CONFIGS = {
                  loss=dict(disc_start=0, disc_weight=0.75, disc_num_layers=3, disc_ndf=16)),
 }
 
-ERRORS = {}  # name -> (max abs error, scale)
-INFO = {}    # name -> text, for the record
-
-
-def _check(name, ours, ref, tol=TOL, floor=1e-2):
-  """max |ours - ref| <= tol * max(max |ref|, floor); records the error."""
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
-  scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, floor)
-  ERRORS[name] = (err, scale)
-  assert err <= tol * scale, f'{name}: max abs error {err:.3g} > {tol} x scale {scale:.3g}'
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report():
-  yield
-  width = max((len(k) for k in ERRORS), default=0)
-  lines = [f'{k:<{width}}  max abs err {e:9.2e}   scale {s:9.3g}   rel {e / s:9.2e}'
-           for k, (e, s) in sorted(ERRORS.items())]
-  print('\nparity errors (ours vs original, float32):\n' + '\n'.join(lines))
-  print('\n'.join(f'{k}: {v}' for k, v in sorted(INFO.items())))
-
-
-def nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-  return t.detach().numpy().transpose(0, 2, 3, 1)
+_REC = Recorder('parity errors (ours vs original, float32)')
+ERRORS, INFO, _check, report = _REC.errors, _REC.info, _REC.check, _REC.report
 
 
 def _images(seed, size, batch=BATCH):
-  """Smooth-ish uint8 images (upsampled noise plus fine noise)."""
-  rng = np.random.default_rng(seed)
-  low = rng.integers(0, 256, (batch, size // 4, size // 4, 3)).astype(np.float32)
-  hi = low.repeat(4, axis=1).repeat(4, axis=2) + rng.normal(0, 20, (batch, size, size, 3))
-  return np.clip(hi, 0, 255).astype(np.uint8)
+  return images_uint8(seed, size, batch)
 
 
 class Pair:

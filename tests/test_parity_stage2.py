@@ -35,15 +35,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-_HINT = ("the original implementation is not installed: "
-         "pip install -e '.[reference]' -c reference-constraints.txt")
-torch = pytest.importorskip('torch', reason=_HINT)
-pytest.importorskip('taming', reason=_HINT)
-
-from vqgan_jax import reference as R  # noqa: E402
-
-R.install_torchvision_standin()  # before anything imports torchvision
-pytest.importorskip('pytorch_lightning', reason=_HINT)
+# Skips this module without the original implementation.
+from parity import R, TOL, Recorder, torch  # noqa: E402,F401
 
 from vqgan_jax import checkpoints  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
@@ -51,7 +44,6 @@ from vqgan_jax.train import stage2  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
-TOL = 1e-4
 BATCH = 3
 SIZE = 16
 N_EMBED = 32  # image codes; an f2 first stage: 8x8 = 64 codes per image
@@ -78,27 +70,8 @@ CASES = {
         key='class_label', vocab=40, cond_len=1),
 }
 
-ERRORS = {}
-INFO = {}
-
-
-def _check(name, ours, ref, tol=TOL, floor=1e-2):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  err = float(np.max(np.abs(ours - ref)))
-  scale = max(float(np.max(np.abs(ref))), floor)
-  ERRORS[name] = (err, scale)
-  assert err <= tol * scale, f'{name}: max abs error {err:.3g} > {tol} x scale {scale:.3g}'
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report():
-  yield
-  width = max((len(k) for k in ERRORS), default=0)
-  lines = [f'{k:<{width}}  max abs err {e:9.2e}   scale {s:9.3g}   rel {e / s:9.2e}'
-           for k, (e, s) in sorted(ERRORS.items())]
-  print('\nNet2NetTransformer parity errors (ours vs original, float32):\n' + '\n'.join(lines))
-  print('\n'.join(f'{k}: {v}' for k, v in sorted(INFO.items())))
+_REC = Recorder('Net2NetTransformer parity errors (ours vs original, float32)')
+ERRORS, INFO, _check, report = _REC.errors, _REC.info, _REC.check, _REC.report
 
 
 def _original(case):
