@@ -235,3 +235,24 @@ def test_sliding_window_first_window_equals_plain_sampler(model, params):
   np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), plain)
   with pytest.raises(ValueError, match='even'):
     sampling.sliding_window_sample(params, model, cond, rng, grid_h=5, grid_w=5, window=5)
+
+
+def test_sample_images_decodes_the_sampled_codes(model, params):
+  """`sample_images`: one condition repeated num_samples times, the tokens of `sample`, and
+  the stage-1 decoder's images of exactly those codes."""
+  from vqgan_jax.models.vqgan import VQGAN  # pylint: disable=g-import-not-at-top
+  vqgan = VQGAN(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=8,
+                in_channels=1, out_ch=1, z_channels=4, n_embed=V, embed_dim=4, dropout=0.0)
+  vq_params = jax.jit(vqgan.init)(jax.random.key(2), jnp.zeros((1, 8, 8, 1)))['params']
+  both = {'gpt': params, 'vqgan': vq_params}
+  tokens, images = sampling.sample_images(both, model, vqgan, jnp.array([3]), jax.random.key(5),
+                                          grid=(4, 4), num_samples=3, top_k=5)
+  want = sampling.sample(params, model, jnp.full((3, 1), 3, jnp.int32), jax.random.key(5),
+                         steps=16, top_k=5)
+  np.testing.assert_array_equal(tokens, np.asarray(want).reshape(3, 4, 4))
+  assert images.shape == (3, 8, 8, 1) and images.dtype == jnp.float32
+  np.testing.assert_allclose(
+      images, vqgan.apply({'params': vq_params}, tokens, method='decode_indices'), atol=1e-4)
+  with pytest.raises(ValueError, match='num_samples repeats one condition'):
+    sampling.sample_images(both, model, vqgan, jnp.array([[3], [4]]), jax.random.key(5),
+                           grid=(4, 4), num_samples=3)

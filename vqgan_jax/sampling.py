@@ -189,6 +189,47 @@ def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, step
   return carry[0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def decode_codes(vqgan, vqgan_params, codes):
+  """(N, h, w) code grids -> (N, H, W, C) float32 images in [-1, 1] by the stage-1 decoder."""
+  return vqgan.apply({'params': vqgan_params}, codes, method='decode_indices')
+
+
+def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=None,
+                  temperature=1.0, top_k=None, top_p=1.0, cfg_scale=None, uncond_tokens=None,
+                  window=None):
+  """Samples code grids and decodes them: returns (tokens (N, h, w) int32, images (N, H, W, C)
+  float32 in [-1, 1]).
+
+  params: {'gpt': GPT params (either layout), 'vqgan': stage-1 VQGAN params}.
+  condition: (B, Lc) conditioning tokens (see `sample`); with `num_samples`, a single
+    condition ((Lc,) or (1, Lc)) is repeated num_samples times.
+  grid: (h, w) of the code grid; larger than the training grid it needs `window` (the
+    training grid's side), and then runs `sliding_window_sample` with a constant prefix.
+  Both samplers and the decoder are jitted (compiled once per shape and filter settings).
+  """
+  condition = jnp.asarray(condition, jnp.int32)
+  if condition.ndim == 1:
+    condition = condition[None]
+  if num_samples is not None:
+    if condition.shape[0] != 1:
+      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
+    condition = jnp.repeat(condition, num_samples, axis=0)
+    if uncond_tokens is not None:
+      uncond_tokens = jnp.repeat(jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1),
+                                 num_samples, axis=0)
+  h, w = grid
+  filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                 uncond_tokens=uncond_tokens)
+  if window is None:
+    tokens = sample(params['gpt'], model, condition, rng, steps=h * w, **filters)
+    tokens = tokens.reshape(-1, h, w)
+  else:
+    tokens = sliding_window_sample(params['gpt'], model, condition, rng, grid_h=h, grid_w=w,
+                                   window=window, cond_is_grid=False, **filters)
+  return tokens, decode_codes(vqgan, params['vqgan'], tokens)
+
+
 # ----------------------------------------------------------------------------------------
 # Sliding window (taming-spec f.3)
 # ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import time
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -318,10 +319,19 @@ def _conditions(config, layout, workdir):
   return (batch['cond_codes'][keep] + layout.cond_offset, batch['label'][keep], None)
 
 
-def sample(config, workdir):
-  """Samples with the latest stage-2 params; writes samples_<step>.png/.npz; returns paths."""
+class Sampling(NamedTuple):
+  """A trained stage-2 run, ready for `sampling.sample_images(params, model, vqgan, ...)`."""
+  config: Any
+  layout: stage2.Layout
+  model: Any              # the GPT, per-layer layout (what the decode loop runs on)
+  vqgan: Any              # the frozen stage-1 VQGAN (decoder for the codes)
+  params: dict            # {'gpt': ..., 'vqgan': ...}
+  step: int
+
+
+def load_sampling(config, workdir) -> Sampling:
+  """The latest stage-2 params of `workdir` and its stage-1 decoder, for sampling."""
   config, mesh, layout = _setup(config)
-  s = config.sample
   ckpt = checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None)
   try:
     step = ckpt.latest_step()
@@ -337,7 +347,15 @@ def sample(config, workdir):
   model = stage2.build_model(config, layout, scan_layers=False)
   params = stage2.restore_gpt_params(workdir, model, mesh, saved)
   frozen, frozen_params, _ = load_frozen(config, layout, mesh, cond=False)
+  return Sampling(config, layout, model, frozen.stage1,
+                  {'gpt': params, 'vqgan': frozen_params['stage1']}, step)
 
+
+def sample(config, workdir):
+  """Samples with the latest stage-2 params; writes samples_<step>.png/.npz; returns paths."""
+  run = load_sampling(config, workdir)
+  config, layout, step = run.config, run.layout, run.step
+  s = config.sample
   h, w = s.grid_h or layout.grid[0], s.grid_w or layout.grid[1]
   windowed = (h, w) != tuple(layout.grid)
   if windowed:
@@ -351,28 +369,22 @@ def sample(config, workdir):
     raise ConfigError('config.sample.cfg_scale != 1 needs a model trained with class dropout '
                       '(config.cond.drop_prob > 0, offset vocabulary)')
   filters = dict(temperature=float(s.temperature), top_k=int(s.top_k) or None,
-                 top_p=float(s.top_p), cfg_scale=float(s.cfg_scale) if guided else None)
+                 top_p=float(s.top_p), cfg_scale=float(s.cfg_scale) if guided else None,
+                 grid=(h, w), window=layout.grid[0] if windowed else None)
 
   cond, labels, ncol = _conditions(config, layout, workdir)
   n = len(cond)
   rng = jax.random.PRNGKey(s.seed)
-  decode = jax.jit(lambda p, idx: frozen.stage1.apply({'params': p}, idx,
-                                                      method='decode_indices'))
   out_tokens, out_images = [], []
   t0 = time.perf_counter()
   for i, start in enumerate(range(0, n, s.batch_size)):
     c = jnp.asarray(cond[start:start + s.batch_size])
     uncond = jnp.full_like(c, layout.null_id) if guided else None
-    key = jax.random.fold_in(rng, i)
-    if windowed:
-      grid = sampling.sliding_window_sample(params, model, c, key, grid_h=h, grid_w=w,
-                                            window=layout.grid[0], uncond_tokens=uncond,
-                                            cond_is_grid=False, **filters)
-    else:
-      grid = sampling.sample(params, model, c, key, steps=layout.image_len,
-                             uncond_tokens=uncond, **filters).reshape(-1, h, w)
+    grid, images = sampling.sample_images(run.params, run.model, run.vqgan, c,
+                                          jax.random.fold_in(rng, i), uncond_tokens=uncond,
+                                          **filters)
     out_tokens.append(np.asarray(grid))
-    out_images.append(images_lib.to_uint8(decode(frozen_params['stage1'], grid)))
+    out_images.append(images_lib.to_uint8(images))
   elapsed = time.perf_counter() - t0
   toks = np.concatenate(out_tokens)
   imgs = np.concatenate(out_images)
