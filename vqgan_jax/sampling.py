@@ -191,7 +191,7 @@ def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, step
 
 @functools.partial(jax.jit, static_argnums=0)
 def decode_codes(vqgan, vqgan_params, codes):
-  """(N, h, w) code grids -> (N, H, W, C) float32 images in [-1, 1] by the stage-1 decoder."""
+  """(N, h, w) code grids -> (N, H, W, C) float32 images (nominally [-1, 1]) by the decoder."""
   return vqgan.apply({'params': vqgan_params}, codes, method='decode_indices')
 
 
@@ -199,7 +199,7 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
                   temperature=1.0, top_k=None, top_p=1.0, cfg_scale=None, uncond_tokens=None,
                   window=None):
   """Samples code grids and decodes them: returns (tokens (N, h, w) int32, images (N, H, W, C)
-  float32 in [-1, 1]).
+  float32, the decoder's output: nominally [-1, 1], unclipped).
 
   params: {'gpt': GPT params (either layout), 'vqgan': stage-1 VQGAN params}.
   condition: (B, Lc) conditioning tokens (see `sample`); with `num_samples`, a single
