@@ -12,6 +12,20 @@ Modes (`--mode`):
           config.data.codes_dir), which stage-2 training reads.
   sample  (stage 2) samples with the workdir's latest GPT (config.sample.*), decodes with the
           stage-1 decoder, writes samples_<step>.png (one row per class) and .npz of tokens.
+
+Several hosts (a TPU pod, a GPU cluster): run the same command on every host. JAX's
+distributed runtime (`jax.distributed.initialize`) starts before anything else touches JAX:
+  --distributed=auto (default)  when --coordinator_address/--num_processes/--process_id, or
+                                $JAX_COORDINATOR_ADDRESS, are given, or a multi-process
+                                Slurm step (srun, SLURM_NTASKS > 1) or Open MPI job
+                                (mpirun, OMPI_COMM_WORLD_SIZE > 1) is detected; missing
+                                values are filled in by JAX's cluster auto-detection.
+  --distributed=on              always (e.g. a Cloud TPU pod slice: JAX reads the topology from
+                                the TPU metadata; or any cluster JAX auto-detects).
+  --distributed=off             never: one process.
+Every process then loads its slice of each global batch; process 0 alone writes logs,
+TensorBoard, metrics.jsonl and images; checkpoints are written by all processes together, so
+--workdir (and a stage-2 codes_dir) must be one shared filesystem path.
 """
 
 import os
@@ -32,12 +46,75 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'encode', 'sample'],
                           'What to run (encode and sample: stage-2 configs).')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'Call jax.distributed.initialize (several hosts): auto = when a coordinator flag or '
+    '$JAX_COORDINATOR_ADDRESS is given or a multi-process Slurm / Open MPI job is detected; '
+    'on = always (e.g. TPU pods); off = never.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0\'s coordinator service (same on every process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id in [0, num_processes).')
+
+
+def _cluster_detected():
+  """The launcher of a multi-process job that JAX can read its parameters from, or None."""
+  env = os.environ
+  if 'SLURM_JOB_ID' in env and 'SLURM_STEP_NODELIST' in env and 'SLURM_PROCID' in env:
+    if int(env.get('SLURM_NTASKS', '1') or 1) > 1:
+      return 'Slurm'
+  if 'OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+    return 'Open MPI'
+  return None
+
+
+def initialize_distributed(mode, coordinator_address=None, num_processes=None,
+                           process_id=None):
+  """Starts JAX's distributed runtime if `mode` (see --distributed) asks for it.
+
+  Must run before any other JAX call (backends must not exist yet). Returns a one-line
+  description of what it did, or None when it did nothing.
+  """
+  explicit = [coordinator_address, num_processes, process_id]
+  if mode == 'off':
+    if any(v is not None for v in explicit):
+      raise ValueError('--distributed=off contradicts --coordinator_address/--num_processes/'
+                       '--process_id')
+    return None
+  why = None
+  if mode == 'on':
+    why = '--distributed=on'
+  elif any(v is not None for v in explicit):
+    why = 'flags'
+  elif os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    why = '$JAX_COORDINATOR_ADDRESS'
+  else:
+    cluster = _cluster_detected()
+    why = f'{cluster} job detected' if cluster else None
+  if why is None:
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return (f'jax.distributed: process {jax.process_index()} of {jax.process_count()} '
+          f'({why}), {jax.local_device_count()} local / {jax.device_count()} devices')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before anything else touches JAX (the config file is plain ml_collections).
+  try:
+    started = initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                     _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    print(f'error: jax.distributed.initialize failed: {e}', file=sys.stderr)
+    sys.exit(2)
+  if started:
+    print(started, flush=True)
   # Imported here so `--help` and flag errors do not pay for importing jax.
+  import jax  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
@@ -49,6 +126,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   stage = config.get('stage', 'vqgan')
+  # Several processes: the summary lines below come from process 0 (like the logs).
+  say = print if jax.process_index() == 0 else lambda *a, **k: None
   try:
     if stage not in ('vqgan', 'transformer'):
       raise validate.ConfigError(f"config.stage={stage!r}: use 'vqgan' or 'transformer'")
@@ -60,18 +139,18 @@ def main(argv):
       result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
-        print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-      print(f'workdir: {os.path.abspath(workdir)}')
+        say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+      say(f'workdir: {os.path.abspath(workdir)}')
     elif _MODE.value == 'encode':
       path, counts = loop2.encode(config, workdir)
-      print('encoded: ' + ', '.join(f'{k}={v}' for k, v in counts.items()))
-      print(f'codes: {path}')
+      say('encoded: ' + ', '.join(f'{k}={v}' for k, v in counts.items()))
+      say(f'codes: {path}')
     elif _MODE.value == 'sample':
       out = loop2.sample(config, workdir)
-      print(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
-            f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
-      print(f"tokens: {out['npz']}")
-      print(f"grid: {out['png']}")
+      say(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
+          f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
+      say(f"tokens: {out['npz']}")
+      say(f"grid: {out['png']}")
   except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)

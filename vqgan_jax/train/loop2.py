@@ -29,8 +29,10 @@ from vqgan_jax.validate import ConfigError
 
 
 def _gather_host(x):
+  """The whole of `x` as numpy on every process: a process-local batch gathered in process
+  order (numpy in), or a global jax.Array's value, however it is sharded."""
   if jax.process_count() == 1:
-    return x
+    return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -121,7 +123,7 @@ def encode(config, workdir):
       out = encode_jit(params, pipeline.to_global(inputs, batch_sh))
       rows = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
       # Host-side bookkeeping of the whole global batch, in the same (process) order.
-      meta = {k: _gather_host(np.asarray(batch[k])) for k in ('label', 'index', 'mask')}
+      meta = {k: _gather_host(batch[k]) for k in ('label', 'index', 'mask')}
       keep = meta['mask']
       rows = {k: v[keep] for k, v in rows.items()}
       rows.update(label=meta['label'][keep], index=meta['index'][keep])
@@ -264,7 +266,8 @@ def train_and_evaluate(config, workdir):
         raise FloatingPointError(f'loss is {metrics["loss"]} at step {step}')
     if step % config.train.eval_every == 0 or step == total:
       result = run_eval(step)
-      bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+      if jax.process_index() == 0:  # tqdm.write ignores `disable`
+        bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
       t0, steps_since = time.perf_counter(), 0
     ckpt.save(step, state, train_it.get_state, config, force=step == total)
   bar.close()
@@ -341,11 +344,15 @@ def sample(config, workdir):
   rng = jax.random.PRNGKey(s.seed)
   decode = jax.jit(lambda p, idx: frozen.stage1.apply({'params': p}, idx,
                                                       method='decode_indices'))
+  # Every process samples the same batches (the same conditions and keys) on the mesh that
+  # spans them all: the inputs are replicated global arrays, the outputs gathered.
+  rep = parallel.replicated(mesh)
   out_tokens, out_images = [], []
   t0 = time.perf_counter()
   for i, start in enumerate(range(0, n, s.batch_size)):
-    c = jnp.asarray(cond[start:start + s.batch_size])
-    uncond = jnp.full_like(c, layout.null_id) if guided else None
+    c_host = np.asarray(cond[start:start + s.batch_size], np.int32)
+    c = jax.device_put(c_host, rep)
+    uncond = jax.device_put(np.full_like(c_host, layout.null_id), rep) if guided else None
     key = jax.random.fold_in(rng, i)
     if windowed:
       grid = sampling.sliding_window_sample(params, model, c, key, grid_h=h, grid_w=w,
@@ -354,8 +361,8 @@ def sample(config, workdir):
     else:
       grid = sampling.sample(params, model, c, key, steps=layout.image_len,
                              uncond_tokens=uncond, **filters).reshape(-1, h, w)
-    out_tokens.append(np.asarray(grid))
-    out_images.append(images_lib.to_uint8(decode(frozen_params['stage1'], grid)))
+    out_tokens.append(_gather_host(grid))
+    out_images.append(images_lib.to_uint8(_gather_host(decode(frozen_params['stage1'], grid))))
   elapsed = time.perf_counter() - t0
   toks = np.concatenate(out_tokens)
   imgs = np.concatenate(out_images)
