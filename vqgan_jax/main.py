@@ -36,6 +36,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vqgan_jax import distributed  # imports no JAX
+
 # configs/*.py import `configs.common`: make the repo root importable wherever we run from.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
@@ -58,55 +60,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id in [0, num_processes).')
 
 
-def _cluster_detected():
-  """The launcher of a multi-process job that JAX can read its parameters from, or None."""
-  env = os.environ
-  if 'SLURM_JOB_ID' in env and 'SLURM_STEP_NODELIST' in env and 'SLURM_PROCID' in env:
-    if int(env.get('SLURM_NTASKS', '1') or 1) > 1:
-      return 'Slurm'
-  if 'OMPI_MCA_orte_hnp_uri' in env and int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
-    return 'Open MPI'
-  return None
-
-
-def initialize_distributed(mode, coordinator_address=None, num_processes=None,
-                           process_id=None):
-  """Starts JAX's distributed runtime if `mode` (see --distributed) asks for it.
-
-  Must run before any other JAX call (backends must not exist yet). Returns a one-line
-  description of what it did, or None when it did nothing.
-  """
-  explicit = [coordinator_address, num_processes, process_id]
-  if mode == 'off':
-    if any(v is not None for v in explicit):
-      raise ValueError('--distributed=off contradicts --coordinator_address/--num_processes/'
-                       '--process_id')
-    return None
-  why = None
-  if mode == 'on':
-    why = '--distributed=on'
-  elif any(v is not None for v in explicit):
-    why = 'flags'
-  elif os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    why = '$JAX_COORDINATOR_ADDRESS'
-  else:
-    cluster = _cluster_detected()
-    why = f'{cluster} job detected' if cluster else None
-  if why is None:
-    return None
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  return (f'jax.distributed: process {jax.process_index()} of {jax.process_count()} '
-          f'({why}), {jax.local_device_count()} local / {jax.device_count()} devices')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before anything else touches JAX (the config file is plain ml_collections).
   try:
-    started = initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+    started = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
                                      _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (ValueError, RuntimeError) as e:
     print(f'error: jax.distributed.initialize failed: {e}', file=sys.stderr)
