@@ -68,7 +68,7 @@ def main(argv):
     started = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
                                      _NUM_PROCESSES.value, _PROCESS_ID.value)
   except (ValueError, RuntimeError) as e:
-    print(f'error: jax.distributed.initialize failed: {e}', file=sys.stderr)
+    print(f'error: jax.distributed: {e}', file=sys.stderr)
     sys.exit(2)
   if started:
     print(started, flush=True)
