@@ -375,6 +375,23 @@ def test_train_iterator_process_shards():
   assert shards[0] | shards[1] == set(range(48))
 
 
+def test_train_iterator_global_batches_do_not_depend_on_process_count():
+  # Process p loads its slice of every global batch: concatenated in process order, the
+  # local batches of 2 or 3 processes are the global batches of 1, random crops included.
+  cfg = data_config(image_size=16, random_crop=True)
+  src = ListSource(30, shape=(24, 20, 3))
+  single = _take(pipeline.make_train_iterator(cfg, 6, 5, process_index=0, process_count=1,
+                                              source=src), 12)  # crosses 2 epochs
+  for count in (2, 3):
+    parts = [_take(pipeline.make_train_iterator(cfg, 6, 5, process_index=p,
+                                                process_count=count, source=src), 12)
+             for p in range(count)]
+    for n, expected in enumerate(single):
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(
+            np.concatenate([parts[p][n][key] for p in range(count)]), expected[key])
+
+
 def test_indivisible_batch():
   cfg = data_config(image_size=8)
   with pytest.raises(builders.DataError, match='train.batch_size=9'):

@@ -12,6 +12,20 @@ Modes (`--mode`):
           config.data.codes_dir), which stage-2 training reads.
   sample  (stage 2) samples with the workdir's latest GPT (config.sample.*), decodes with the
           stage-1 decoder, writes samples_<step>.png (one row per class) and .npz of tokens.
+
+Several hosts (a TPU pod, a GPU cluster): run the same command on every host. JAX's
+distributed runtime (`jax.distributed.initialize`) starts before anything else touches JAX:
+  --distributed=auto (default)  when --coordinator_address/--num_processes/--process_id, or
+                                $JAX_COORDINATOR_ADDRESS, are given, or a multi-process
+                                Slurm step (srun, SLURM_NTASKS > 1) or Open MPI job
+                                (mpirun, OMPI_COMM_WORLD_SIZE > 1) is detected; missing
+                                values are filled in by JAX's cluster auto-detection.
+  --distributed=on              always (e.g. a Cloud TPU pod slice: JAX reads the topology from
+                                the TPU metadata; or any cluster JAX auto-detects).
+  --distributed=off             never: one process.
+Every process then loads its slice of each global batch; process 0 alone writes logs,
+TensorBoard, metrics.jsonl and images; checkpoints are written by all processes together, so
+--workdir (and a stage-2 codes_dir) must be one shared filesystem path.
 """
 
 import os
@@ -21,6 +35,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from vqgan_jax import distributed  # imports no JAX
 
 # configs/*.py import `configs.common`: make the repo root importable wherever we run from.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +48,32 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'encode', 'sample'],
                           'What to run (encode and sample: stage-2 configs).')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'Call jax.distributed.initialize (several hosts): auto = when a coordinator flag or '
+    '$JAX_COORDINATOR_ADDRESS is given or a multi-process Slurm / Open MPI job is detected; '
+    'on = always (e.g. TPU pods); off = never.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0\'s coordinator service (same on every process).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id in [0, num_processes).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before anything else touches JAX (the config file is plain ml_collections).
+  try:
+    started = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
+                                     _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except (ValueError, RuntimeError) as e:
+    print(f'error: jax.distributed: {e}', file=sys.stderr)
+    sys.exit(2)
+  if started:
+    print(started, flush=True)
   # Imported here so `--help` and flag errors do not pay for importing jax.
+  import jax  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
@@ -49,6 +85,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   stage = config.get('stage', 'vqgan')
+  # Several processes: the summary lines below come from process 0 (like the logs).
+  say = print if jax.process_index() == 0 else lambda *a, **k: None
   try:
     if stage not in ('vqgan', 'transformer'):
       raise validate.ConfigError(f"config.stage={stage!r}: use 'vqgan' or 'transformer'")
@@ -60,19 +98,19 @@ def main(argv):
       result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
-        print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-      print(f'workdir: {os.path.abspath(workdir)}')
+        say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+      say(f'workdir: {os.path.abspath(workdir)}')
     elif _MODE.value == 'encode':
       path, counts, kept = loop2.encode(config, workdir)
-      print(('up to date, kept: ' if kept else 'encoded: ')
-            + ', '.join(f'{k}={v}' for k, v in counts.items()))
-      print(f'codes: {path}')
+      say(('up to date, kept: ' if kept else 'encoded: ')
+          + ', '.join(f'{k}={v}' for k, v in counts.items()))
+      say(f'codes: {path}')
     elif _MODE.value == 'sample':
       out = loop2.sample(config, workdir)
-      print(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
-            f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
-      print(f"tokens: {out['npz']}")
-      print(f"grid: {out['png']}")
+      say(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
+          f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
+      say(f"tokens: {out['npz']}")
+      say(f"grid: {out['png']}")
   except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)

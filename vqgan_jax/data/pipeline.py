@@ -1,13 +1,17 @@
 """Grain input pipelines: uint8 NHWC batches, sharded by JAX process.
 
-Train: `grain.DataLoader` over an `IndexSampler` (infinite, reshuffled every
-epoch, per-process shard); its iterator state is a small JSON document, so a
-resumed run sees exactly the batches an uninterrupted one would.
-Eval: one ordered pass, padded to whole batches with a `mask`.
+Train: `grain.DataLoader` over one global `IndexSampler` stream (infinite,
+reshuffled every epoch); each process loads only its slice of every global
+batch, so the global batches do not depend on the process count. The iterator
+state is a small JSON document, so a resumed run sees exactly the batches an
+uninterrupted one would.
+Eval: one ordered pass, padded to whole batches with a `mask`; process p loads
+its slice of each global batch.
 """
 
 import json
 import math
+import sys
 
 from absl import flags
 import grain
@@ -166,37 +170,95 @@ class TrainIterator:
     self.grain_iterator.set_state(state)
 
 
+class GlobalBatchSampler:
+  """Sampler of one process's part of every global training batch.
+
+  The global stream is one `grain.samplers.IndexSampler` over the whole split
+  (shuffled with `seed`, reshuffled every epoch, a per-position rng for random
+  crops); global batch n is its positions [n*G, (n+1)*G), and process p loads
+  only positions n*G + p*L + [0, L) of it (G global, L local batch size).
+  grain's DataLoader gives worker w of W the sampler indices j = w (mod W),
+  batches L consecutive ones inside that worker and emits the workers' batches
+  round robin; `__getitem__` undoes that, so the n-th local batch is this
+  process's slice of global batch n for *any* process and worker count: a run
+  on 2 hosts trains on exactly the batches a run on 1 host does.
+  """
+
+  def __init__(self, num_records, global_batch, local_batch, process_index,
+               seed, worker_count=0):
+    # ShardOptions(0, 1) rather than NoSharding: the same sampler (and repr)
+    # that one process used before, so its iterator checkpoints still load.
+    self._base = grain.samplers.IndexSampler(
+        num_records=num_records,
+        shard_options=grain.sharding.ShardOptions(
+            shard_index=0, shard_count=1, drop_remainder=True),
+        shuffle=True, num_epochs=None, seed=int(seed) % 2**32)
+    self._global, self._local = int(global_batch), int(local_batch)
+    self._process = int(process_index)
+    self._workers = max(int(worker_count), 1)
+
+  def __len__(self):
+    return sys.maxsize
+
+  def global_position(self, j):
+    """The position in the global stream of this process's sampler index j."""
+    w, k = j % self._workers, j // self._workers
+    n = (k // self._local) * self._workers + w  # the local (= global) batch
+    return n * self._global + self._process * self._local + k % self._local
+
+  def __getitem__(self, j):
+    meta = self._base[self.global_position(j)]
+    return grain.RecordMetadata(index=j, record_key=meta.record_key,
+                                rng=meta.rng)
+
+  def __repr__(self):
+    if self._global == self._local and self._workers == 1:
+      return repr(self._base)  # One process, no workers: the plain stream.
+    return (f'GlobalBatchSampler({self._base!r}, global_batch={self._global}, '
+            f'local_batch={self._local}, process_index={self._process}, '
+            f'workers={self._workers})')
+
+
+def make_loader(source, operations, global_batch_size, seed, *, worker_count,
+                process_index=None, process_count=None,
+                field='train.batch_size'):
+  """An infinite `TrainIterator` of this process's part of each global batch
+  (see `GlobalBatchSampler`); `operations` map one record and batch them."""
+  process_index, process_count = _process(process_index, process_count)
+  batch = local_batch_size(global_batch_size, process_count, field)
+  sampler = GlobalBatchSampler(len(source), global_batch_size, batch,
+                               process_index, seed, worker_count)
+  worker_count = int(worker_count)
+  _allow_workers(worker_count)
+  loader = grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[*operations, grain.transforms.Batch(batch,
+                                                      drop_remainder=True)],
+      worker_count=worker_count, shard_options=grain.sharding.NoSharding())
+  return TrainIterator(loader)
+
+
 def make_train_iterator(data_config, global_batch_size, seed, *,
                         process_index=None, process_count=None, source=None):
   """Infinite shuffled batches {'image': uint8 [B,S,S,3], 'label': int32 [B]},
-  B = global_batch_size / process_count, from this process's shard.
+  B = global_batch_size / process_count: this process's part of each global
+  batch (`GlobalBatchSampler`: the same global batches for any process count).
 
   The same seed gives the same batches; each epoch is reshuffled. `source`
   overrides the dataset (tests); by default it is `config.data.train_split`.
   """
   process_index, process_count = _process(process_index, process_count)
-  batch = local_batch_size(global_batch_size, process_count,
-                           'train.batch_size')
+  local_batch_size(global_batch_size, process_count, 'train.batch_size')
   if source is None:
     source = builders.get_source(data_config, data_config.train_split)
-  shard = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count,
-      drop_remainder=True)  # equal shards: processes stay in step per epoch
-  if len(source) // process_count < batch:
+  if len(source) < global_batch_size:
     raise DataError(
         f'Split {data_config.train_split!r} has {len(source)} examples: too '
-        f'few for {process_count} process(es) x {batch} (train.batch_size).')
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=True,
-      num_epochs=None, seed=int(seed) % 2**32)
-  worker_count = int(data_config.worker_count)
-  _allow_workers(worker_count)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[_TrainPreprocess(data_config),
-                  grain.transforms.Batch(batch, drop_remainder=True)],
-      worker_count=worker_count, shard_options=shard)
-  return TrainIterator(loader)
+        f'few for train.batch_size={global_batch_size}.')
+  return make_loader(source, [_TrainPreprocess(data_config)],
+                     global_batch_size, seed,
+                     worker_count=data_config.worker_count,
+                     process_index=process_index, process_count=process_count)
 
 
 def num_eval_examples(data_config, *, source=None):

@@ -17,8 +17,8 @@ fixed per image (no crop augmentation across epochs, unlike on-the-fly encoding)
 
 With several processes, every process encodes its slice of each global batch on the mesh;
 process 0 gathers the codes and writes the dataset (codes_dir must then be shared), the
-others wait for it. Stage-2 training reads it with grain: deterministic shuffling, sharded by
-process, a checkpointable iterator state; evaluation makes one ordered, padded pass.
+others wait for it. Stage-2 training reads it with grain: deterministic shuffling, each process loading its slice
+of every global batch, a checkpointable iterator state; evaluation makes one ordered, padded pass.
 """
 
 import math
@@ -311,25 +311,20 @@ def get_source(builder, split):
 
 def make_train_iterator(builder, split, global_batch_size, seed, *, worker_count=0,
                         process_index=None, process_count=None, source=None):
-  """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']} of this
-  process's shard; the state (`get_state`/`set_state`) is checkpointed with the run."""
+  """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']}: this
+  process's part of each global batch (the same global batches for any process count, see
+  `pipeline.GlobalBatchSampler`); the state (`get_state`/`set_state`) is checkpointed with
+  the run."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
-  batch = pipeline.local_batch_size(global_batch_size, process_count, 'train.batch_size')
+  pipeline.local_batch_size(global_batch_size, process_count, 'train.batch_size')
   if source is None:
     source = get_source(builder, split)
-  if len(source) // process_count < batch:
+  if len(source) < global_batch_size:
     raise DataError(f'Codes split {split!r} has {len(source)} examples: too few for '
-                    f'{process_count} process(es) x {batch} (train.batch_size).')
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                      drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
-                                        shuffle=True, num_epochs=None, seed=int(seed) % 2**32)
-  pipeline._allow_workers(worker_count)  # pylint: disable=protected-access
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[_ToArrays(), grain.transforms.Batch(batch, drop_remainder=True)],
-      worker_count=int(worker_count), shard_options=shard)
-  return pipeline.TrainIterator(loader)
+                    f'train.batch_size={global_batch_size}.')
+  return pipeline.make_loader(source, [_ToArrays()], global_batch_size, seed,
+                              worker_count=worker_count, process_index=process_index,
+                              process_count=process_count)
 
 
 class _PaddedCodes:

@@ -166,7 +166,8 @@ def train_and_evaluate(config, workdir):
     if step % config.train.eval_every == 0 or step == total:
       result = evaluate(config, eval_fn, state['params'], lpips_params, mesh, workdir, step,
                         writer)
-      bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+      if jax.process_index() == 0:  # tqdm.write ignores `disable`
+        bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
       t0, steps_since = time.perf_counter(), 0
     ckpt.save(step, state, train_it.get_state, config, force=step == total)
   if pending is not None:

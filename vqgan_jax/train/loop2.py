@@ -31,8 +31,10 @@ from vqgan_jax.validate import ConfigError
 
 
 def _gather_host(x):
+  """The whole of `x` as numpy on every process: a process-local batch gathered in process
+  order (numpy in), or a global jax.Array's value, however it is sharded."""
   if jax.process_count() == 1:
-    return x
+    return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -147,7 +149,7 @@ def encode(config, workdir):
       out = encode_jit(params, pipeline.to_global(inputs, batch_sh))
       rows = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
       # Host-side bookkeeping of the whole global batch, in the same (process) order.
-      meta = {k: _gather_host(np.asarray(batch[k])) for k in ('label', 'index', 'mask')}
+      meta = {k: _gather_host(batch[k]) for k in ('label', 'index', 'mask')}
       keep = meta['mask']
       rows = {k: v[keep] for k, v in rows.items()}
       rows.update(label=meta['label'][keep], index=meta['index'][keep])
@@ -282,7 +284,8 @@ def train_and_evaluate(config, workdir):
         raise FloatingPointError(f'loss is {metrics["loss"]} at step {step}')
     if step % config.train.eval_every == 0 or step == total:
       result = run_eval(step)
-      bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+      if jax.process_index() == 0:  # tqdm.write ignores `disable`
+        bar.write(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
       t0, steps_since = time.perf_counter(), 0
     ckpt.save(step, state, train_it.get_state, config, force=step == total)
   bar.close()
@@ -327,6 +330,7 @@ class Sampling(NamedTuple):
   vqgan: Any              # the frozen stage-1 VQGAN (decoder for the codes)
   params: dict            # {'gpt': ..., 'vqgan': ...}
   step: int
+  mesh: Any
 
 
 def load_sampling(config, workdir) -> Sampling:
@@ -348,7 +352,7 @@ def load_sampling(config, workdir) -> Sampling:
   params = stage2.restore_gpt_params(workdir, model, mesh, saved)
   frozen, frozen_params, _ = load_frozen(config, layout, mesh, cond=False)
   return Sampling(config, layout, model, frozen.stage1,
-                  {'gpt': params, 'vqgan': frozen_params['stage1']}, step)
+                  {'gpt': params, 'vqgan': frozen_params['stage1']}, step, mesh)
 
 
 def sample(config, workdir):
@@ -375,16 +379,20 @@ def sample(config, workdir):
   cond, labels, ncol = _conditions(config, layout, workdir)
   n = len(cond)
   rng = jax.random.PRNGKey(s.seed)
+  # Every process samples the same batches (the same conditions and keys) on the mesh that
+  # spans them all: the inputs are replicated global arrays, the outputs gathered.
+  rep = parallel.replicated(run.mesh)
   out_tokens, out_images = [], []
   t0 = time.perf_counter()
   for i, start in enumerate(range(0, n, s.batch_size)):
-    c = jnp.asarray(cond[start:start + s.batch_size])
-    uncond = jnp.full_like(c, layout.null_id) if guided else None
+    c_host = np.asarray(cond[start:start + s.batch_size], np.int32)
+    c = jax.device_put(c_host, rep)
+    uncond = jax.device_put(np.full_like(c_host, layout.null_id), rep) if guided else None
     grid, images = sampling.sample_images(run.params, run.model, run.vqgan, c,
                                           jax.random.fold_in(rng, i), uncond_tokens=uncond,
                                           **filters)
-    out_tokens.append(np.asarray(grid))
-    out_images.append(images_lib.to_uint8(images))
+    out_tokens.append(_gather_host(grid))
+    out_images.append(images_lib.to_uint8(_gather_host(images)))
   elapsed = time.perf_counter() - t0
   toks = np.concatenate(out_tokens)
   imgs = np.concatenate(out_images)
