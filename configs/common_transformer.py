@@ -101,6 +101,7 @@ def stage2_base():
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;
   # parameters by their logical axes (embed -> fsdp; heads, mlp, vocab -> tensor).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = common.logical_axis_rules()
   c.init_from = ''           # a stage-2 workdir whose latest params start this run
   return c
 

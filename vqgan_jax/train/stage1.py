@@ -89,7 +89,7 @@ def create_sharded_state(config, models: Models, mesh, rng):
   """Initialises the state directly into its shardings (never whole on one device)."""
   init = functools.partial(init_state, config, models)
   abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
