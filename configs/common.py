@@ -84,6 +84,12 @@ def stage1_base():
       checkpoint_every=5000,
       max_to_keep=3,
       dtype='float32',        # compute dtype; bfloat16 on accelerators
+      # Rematerialisation of the VQGAN: 'none', or 'block': each ResnetBlock and AttnBlock
+      # under nn.remat with the jax.checkpoint_policies policy `remat_policy`. Parameter names
+      # and values are unchanged, so (like dtype) it may differ between resumes; it lives
+      # here, not in `model` (the checkpoint's identity).
+      remat='none',
+      remat_policy='nothing_saveable',
       num_grid_images=16,
   ))
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;

@@ -60,7 +60,11 @@ def stage2_base():
       # Train under nn.scan over stacked layer params (the checkpointed layout too); the sampler
       # unstacks them into the per-layer layout it needs.
       scan_layers=True,
-      remat='',              # '' | 'full' | a jax.checkpoint_policies name
+      # Rematerialisation per block: 'none' | 'block' (nn.remat with remat_policy, a
+      # jax.checkpoint_policies name); 'full' = block with nothing_saveable; a policy name
+      # alone = block with that policy. ('' = 'none'.)
+      remat='none',
+      remat_policy='nothing_saveable',
   ))
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=4.5e-6,

@@ -40,6 +40,12 @@ class Models(NamedTuple):
   lpips: Any
 
 
+def remat_policy(config):
+  """The VQGAN's remat policy name from `config.train.remat` / `remat_policy` (None: off)."""
+  t = config.train
+  return t.get('remat_policy', 'nothing_saveable') if t.get('remat', 'none') == 'block' else None
+
+
 def build_models(config) -> Models:
   m = config.model
   dtype = DTYPES[config.train.dtype]
@@ -47,7 +53,8 @@ def build_models(config) -> Models:
                 attn_resolutions=tuple(m.attn_resolutions), resolution=m.resolution,
                 in_channels=m.in_channels, out_ch=m.out_ch, z_channels=m.z_channels,
                 n_embed=m.n_embed, embed_dim=m.embed_dim, beta=m.beta,
-                legacy_beta=m.legacy_beta, dropout=m.dropout, dtype=dtype)
+                legacy_beta=m.legacy_beta, dropout=m.dropout, dtype=dtype,
+                remat_policy=remat_policy(config))
   disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                              dtype=dtype)
   return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype))

@@ -228,6 +228,13 @@ def validate_config(config, batch_divisor: int = 1):
   _check(0.0 <= t.pkeep <= 1.0, f'config.transformer.pkeep={t.pkeep} not in [0, 1]')
   _check(tr.dtype in DTYPES, f"config.train.dtype must be one of {tuple(DTYPES)}, got "
          f'{tr.dtype!r}')
+  from vqgan_jax.models.layers import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  _check(t.get('remat', 'none') in REMAT_MODES + REMAT_POLICIES,
+         f'config.transformer.remat must be one of {REMAT_MODES} (or a policy name), got '
+         f'{t.get("remat")!r}')
+  _check(t.get('remat_policy', 'nothing_saveable') in REMAT_POLICIES,
+         f'config.transformer.remat_policy must be one of {REMAT_POLICIES}, got '
+         f'{t.get("remat_policy")!r}')
   parallel.axis_rules(config)
   for name in ('batch_size', 'eval_batch_size'):
     _check(tr[name] % batch_divisor == 0,
@@ -270,9 +277,27 @@ class CodeGPT(tf.GPT):
     return logits, cache
 
 
+REMAT_MODES = ('', 'none', 'block', 'full')
+
+
+def gpt_remat(t):
+  """`GPT.remat` from `config.transformer`: False, True (nothing saved) or a policy name.
+
+  remat: 'none' (or '') off; 'block' each block under nn.remat with `remat_policy`; 'full'
+  nothing saved; a policy name alone is 'block' with that policy (the older spelling).
+  """
+  remat = t.get('remat', 'none')
+  if remat in ('', 'none'):
+    return False
+  if remat == 'full':
+    return True
+  policy = t.get('remat_policy', 'nothing_saveable') if remat == 'block' else remat
+  return True if policy == 'nothing_saveable' else policy
+
+
 def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
   t = config.transformer
-  remat = {'': False, 'none': False, 'full': True}.get(t.remat, t.remat)
+  remat = gpt_remat(t)
   return CodeGPT(
       vocab_size=layout.vocab_size, block_size=layout.block_size, n_layer=t.n_layer,
       n_head=t.n_head, n_embd=t.n_embd, embd_pdrop=t.embd_pdrop, resid_pdrop=t.resid_pdrop,
