@@ -12,6 +12,32 @@ def parse_arg(arg):
   return out
 
 
+def logical_axis_rules():
+  """The one table of logical-axis rules (logical axis -> mesh axis, tuple of mesh axes, or
+  None), for both stages; `vqgan_jax/parallel.py` explains how it is applied.
+
+  Stage 2's GPT annotates its params and activations with these names (maxtext-style):
+  `embed -> fsdp` is its ZeRO-3 sharding, heads/mlp/vocab -> tensor its Megatron split.
+  Stage 1 (VQGAN, discriminator; the frozen VQGANs of stage 2) gets its conv/Dense kernels'
+  names from their layout: conv_out -> tensor splits output channels when mesh.tensor > 1;
+  an array no rule put on fsdp goes there along its largest divisible dimension.
+  """
+  return (
+      ('batch', ('data', 'fsdp')),   # activations' batch dim (input batches: data x fsdp)
+      ('embed', 'fsdp'),             # GPT width
+      ('mlp', 'tensor'),             # GPT MLP hidden
+      ('heads', 'tensor'),           # GPT attention heads
+      ('vocab', 'tensor'),           # GPT token embedding / head
+      ('kv', None),                  # GPT head_dim (KV cache)
+      ('length', None),              # GPT sequence
+      ('layers', None),              # GPT stacked layers (scan_layers)
+      ('act_embed', None),           # GPT residual-stream activations' width
+      ('conv_in', None),             # stage-1 kernels' input channels (fsdp picks a dim)
+      ('conv_out', 'tensor'),        # stage-1 kernels' output channels
+      ('codebook', None),            # stage-1 codebook entries
+  )
+
+
 def stage1_base():
   c = ml_collections.ConfigDict()
   c.stage = 'vqgan'
@@ -62,10 +88,18 @@ def stage1_base():
       checkpoint_every=5000,
       max_to_keep=3,
       dtype='float32',        # compute dtype; bfloat16 on accelerators
+      # Rematerialisation of the VQGAN: 'none', or 'block': each ResnetBlock and AttnBlock
+      # under nn.remat with the jax.checkpoint_policies policy `remat_policy`. Parameter names
+      # and values are unchanged, so (like dtype) it may differ between resumes; it lives
+      # here, not in `model` (the checkpoint's identity).
+      remat='none',
+      remat_policy='nothing_saveable',
       num_grid_images=16,
   ))
-  # Mesh axis sizes; -1 takes the remaining devices. Params/opt-state shard over fsdp.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;
+  # params/opt-state by logical_axis_rules (ZeRO-3 over fsdp; conv outputs over tensor).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = logical_axis_rules()
   c.init_from = ''
   return c
 

@@ -60,7 +60,11 @@ def stage2_base():
       # Train under nn.scan over stacked layer params (the checkpointed layout too); the sampler
       # unstacks them into the per-layer layout it needs.
       scan_layers=True,
-      remat='',              # '' | 'full' | a jax.checkpoint_policies name
+      # Rematerialisation per block: 'none' | 'block' (nn.remat with remat_policy, a
+      # jax.checkpoint_policies name); 'full' = block with nothing_saveable; a policy name
+      # alone = block with that policy. ('' = 'none'.)
+      remat='none',
+      remat_policy='nothing_saveable',
   ))
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=4.5e-6,
@@ -101,6 +105,7 @@ def stage2_base():
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;
   # parameters by their logical axes (embed -> fsdp; heads, mlp, vocab -> tensor).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = common.logical_axis_rules()
   c.init_from = ''           # a stage-2 workdir whose latest params start this run
   return c
 

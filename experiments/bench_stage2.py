@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common_transformer  # pylint: disable=g-import-not-at-top
+from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.train import stage2
 
@@ -96,7 +97,7 @@ def train_flops(layout, batch):
 
 def ours_train(config, layout):
   """(one timed step, compile seconds, current params, the first step's loss)."""
-  mesh = stage2.make_mesh(config.mesh, jax.devices()[:1])
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   shardings = stage2.state_shardings(model, tx, mesh)

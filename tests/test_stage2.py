@@ -20,6 +20,7 @@ from PIL import Image
 
 from configs import common_transformer
 from configs import fashion_mnist_transformer
+from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.train import loop2
 from vqgan_jax.train import stage2
@@ -216,16 +217,38 @@ def test_stage1_fields_checked_against_the_checkpoint():
 def _run_steps(config, layout, mesh, batches):
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
-  shardings = stage2.state_shardings(model, tx, mesh)
+  shardings = stage2.state_shardings(model, tx, mesh, rules=parallel.axis_rules(config))
   state = jax.jit(functools.partial(stage2.init_state, model, tx),
                   out_shardings=shardings)(jax.random.PRNGKey(0))
+  born = jax.tree.map(lambda x: x.sharding, state)  # params are born sharded
   step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
   losses = []
   for batch in batches:
-    state, metrics = step(state, {}, jax.device_put(
-        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))))
+    state, metrics = step(state, {}, jax.device_put(batch, parallel.batch_sharding(mesh)))
     losses.append(float(metrics['loss']))
-  return jax.tree.map(np.asarray, jax.device_get(state['params'])), losses, shardings
+  return (jax.tree.map(np.asarray, jax.device_get(state['params'])), losses,
+          {'state': state, 'born': born, 'model': model})
+
+
+# The logical -> mesh axes the default table gives the GPT's parameters, written out.
+GPT_AXES = {'embed': 'fsdp', 'mlp': 'tensor', 'heads': 'tensor', 'vocab': 'tensor',
+            'layers': None, None: None}
+
+
+def _gpt_expected_specs(model, mesh):
+  """Per parameter: the spec from its logical names and GPT_AXES (an axis that does not
+  divide the dimension is dropped), computed without the library's rule code."""
+  boxed = jax.eval_shape(functools.partial(stage2.init_params, model, boxed=True),
+                         jax.random.PRNGKey(0))
+
+  def one(leaf):
+    spec = []
+    for size, name in zip(leaf.value.shape, leaf.names):
+      axis = GPT_AXES[name]
+      spec.append(axis if axis and size % mesh.shape[axis] == 0 else None)
+    return tuple(spec)
+
+  return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def test_sharded_step_matches_single_device():
@@ -234,15 +257,37 @@ def test_sharded_step_matches_single_device():
   config.cond.n_classes = 8  # vocab 40: divisible by tensor=2
   layout = stage2.make_layout(config)
   batches = [_random_batch(layout, 8, seed) for seed in range(2)]
-  single = stage2.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
+  single = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  multi = stage2.make_mesh(config.mesh)
+  multi = parallel.make_mesh(config.mesh)
   assert dict(multi.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
   p1, l1, _ = _run_steps(config, layout, single, batches)
-  p8, l8, shardings = _run_steps(config, layout, multi, batches)
-  spec = shardings['params']['blocks']['mlp_0']['kernel'].spec
-  assert tuple(spec) == (None, 'fsdp', 'tensor')  # (layers, embed, mlp)
-  assert tuple(shardings['opt_state'][0].mu['head']['kernel'].spec) == ('fsdp', 'tensor')
+  p8, l8, run = _run_steps(config, layout, multi, batches)
+  state, want = run['state'], _gpt_expected_specs(run['model'], multi)
+  params = jax.tree_util.tree_flatten_with_path(state['params'])[0]
+  want = jax.tree.leaves(want, is_leaf=lambda t: isinstance(t, tuple))
+  assert len(params) == len(want)
+  specs = set()
+  for (path, x), spec in zip(params, want):
+    name = jax.tree_util.keystr(path)
+    assert tuple(x.sharding.spec) == spec, name
+    specs.add(spec)
+    # Each device holds 1/(product of the used axes) of the array, replicated over the rest.
+    used = [a for a in spec if a]
+    assert x.addressable_shards[0].data.size * int(np.prod(
+        [multi.shape[a] for a in used])) == x.size, name
+  # Every kind of placement occurs: (layers, embed, mlp), (layers, heads, embed), vocab, ...
+  assert {(None, 'fsdp', 'tensor'), (None, 'tensor', 'fsdp'), ('fsdp', 'tensor'),
+          ('tensor', 'fsdp'), (None, 'fsdp')} <= specs, specs
+  # Born sharded: the state came out of init with these shardings (not placed afterwards).
+  for (path, x), born in zip(params, jax.tree.leaves(run['born']['params'])):
+    assert born.is_equivalent_to(x.sharding, x.ndim), jax.tree_util.keystr(path)
+  # AdamW's moments are sharded exactly like their parameters; its counters replicated.
+  adam = state['opt_state'][0]
+  for moments in (adam.mu, adam.nu):
+    for (path, x), (_, m) in zip(params, jax.tree_util.tree_flatten_with_path(moments)[0]):
+      assert tuple(m.sharding.spec) == tuple(x.sharding.spec), jax.tree_util.keystr(path)
+  assert tuple(adam.count.sharding.spec) == ()
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   # atol: the key biases' true gradient is 0 (softmax ignores a shift shared by all keys), so
   # Adam turns their ~1e-9 float noise into updates of ~1e-6 whose sign differs by layout.
@@ -259,7 +304,7 @@ def test_eval_nll_covers_the_whole_split():
   data = _random_batch(layout, 7, seed=5)
   source = [{'codes': data['codes'][i].astype(np.uint16), 'label': data['label'][i],
              'index': i} for i in range(7)]
-  mesh = stage2.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:2])
+  mesh = parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:2])
   eval_fn = stage2.make_eval_step(model, layout, mesh, stage2.param_shardings(model, mesh))
   batches = tokens.make_eval_iterator(None, 'test', 4, source=source, process_index=0,
                                       process_count=1)  # 2 batches, the second padded

@@ -79,7 +79,7 @@ def mesh1():
 @pytest.fixture(scope='module')
 def mesh8():
   assert len(jax.devices()) == 8, 'conftest.py should give 8 fake CPU devices'
-  return parallel.make_mesh({'data': 2, 'fsdp': 4})
+  return parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +96,7 @@ def state0(config, models):
 def _run(config, models, mesh, state0, lpips_params, batches):
   """Two steps of the jitted step on `mesh`; host copies of states [s0, s1, s2], metrics."""
   abstract = jax.eval_shape(lambda: state0)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
   lp_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
   step_fn = stage1.make_train_step(config, models, mesh, shardings, lp_shardings)
   lp = jax.device_put(lpips_params, lp_shardings)
@@ -108,7 +108,8 @@ def _run(config, models, mesh, state0, lpips_params, batches):
     live.append(state)
     states.append(_host(state))
     metrics.append(_host(m))
-  return {'states': states, 'metrics': metrics, 'final': live[-1], 'shardings': shardings}
+  return {'states': states, 'metrics': metrics, 'final': live[-1], 'shardings': shardings,
+          'step': step_fn, 'lp': lp}
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +122,7 @@ def run8(config, models, mesh8, run1, lpips_params, batches):
   """The 8-device step (a) from run1's states (same inputs as each 1-device step) and
   (b) free-running from s0 for two steps."""
   abstract = jax.eval_shape(lambda: run1['states'][0])
-  shardings = parallel.state_shardings(abstract, mesh8)
+  shardings = parallel.state_shardings(abstract, mesh8, parallel.axis_rules(config))
   lp_shardings = jax.tree.map(lambda _: parallel.replicated(mesh8), lpips_params)
   step_fn = stage1.make_train_step(config, models, mesh8, shardings, lp_shardings)
   lp = jax.device_put(lpips_params, lp_shardings)
@@ -229,14 +230,14 @@ def _assert_grads_close(a, b, scale, what, tol=1e-5):
   return worst
 
 
-def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3):
+def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3, real_frac=1e-3):
   """Params after one Adam step from the same `old`, with gradients `grads`.
 
   Adam divides every coordinate by its own gradient RMS, so a coordinate whose gradient
   is float noise (zero in exact arithmetic: biases right before a per-channel GroupNorm,
   attention key biases) moves by up to ~lr in a noise-chosen direction; those are only
-  bounded. Every coordinate with a real gradient (>= 1e-3 of the largest) must move the
-  same to `tol` * lr. Returns the worst such difference, in units of lr.
+  bounded. Every coordinate with a real gradient (>= real_frac of the largest) must move
+  the same to `tol` * lr. Returns the worst such difference, in units of lr.
   """
   gmax = _gmax(grads)
   worst = 0.0
@@ -245,7 +246,7 @@ def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3):
     diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
     bound = 1e-6 * float(np.max(np.abs(o))) + 4 * lr
     assert np.all(diff <= bound), f'{what}{_name(path)}: moved {np.max(diff) / lr:.3g} lr apart'
-    real = np.abs(np.asarray(g)) >= 1e-3 * gmax
+    real = np.abs(np.asarray(g)) >= real_frac * gmax
     if real.any():
       w = float(np.max(diff[real])) / lr
       worst = max(worst, w)
@@ -339,16 +340,31 @@ def test_from_disc_start_discriminator_trains(run1, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharded (data=2, fsdp=4) vs one device.
+# Sharded (data=2, fsdp=2, tensor=2) vs one device.
+
+# Gradient agreement of the sharded step, as a fraction of the largest gradient. With
+# 'tensor' > 1 the conv outputs are computed per channel shard and differ from one device's
+# in the last float32 bits (~1e-6 relative; data/fsdp alone all-gather the weights and are
+# bit-identical on CPU). LPIPS's gradient is not continuous in its input (VGG max-pool
+# argmaxes and ReLUs switch at near-ties): a 1e-7 change of the reconstruction moves it by ~1%
+# of its largest entry, and the whole-model gradients by ~1e-3 of the largest; given the same
+# reconstruction the sharded LPIPS gradient matches to 1e-9. A real sharding error (a missing
+# reduction, a wrong slice) is off by O(1).
+LPIPS_GRAD_TOL = 5e-3
 
 
-@pytest.mark.parametrize('i', [0, 1])
-def test_sharded_step_matches_single_device(config, run1, run8, direct_results, i):
-  """The same step from the same state and batch on 8 devices and on 1."""
-  s_in, want, want_m = run1['states'][i], run1['states'][i + 1], run1['metrics'][i]
-  got, got_m = run8['same_inputs'][i]
+def _grads_from_adam(config, s_in, s_out):
+  """The gradient a step used, recovered exactly from Adam's first moment."""
+  b1 = config.optim.b1
+  return jax.tree.map(lambda m1, m0: (np.asarray(m1, np.float64) - b1 * m0) / (1 - b1),
+                      s_out['opt_state'][0].mu, s_in['opt_state'][0].mu)
+
+
+def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
+  """One step from `s_in` on 8 devices (got) and on 1 (want) agree; `grads`: the reference
+  gradient of the step (its largest entry is the unit, its entries pick the real ones)."""
   lr = stage1.learning_rate(config)
-  gmax = _gmax(direct_results[i]['grads'])
+  gmax = _gmax(grads)
   for key in ('step', 'rng', 'disc_opt_state'):
     for (path, a), (_, b) in zip(_leaves(got[key]), _leaves(want[key])):
       if np.issubdtype(a.dtype, np.integer):
@@ -359,73 +375,96 @@ def test_sharded_step_matches_single_device(config, run1, run8, direct_results, 
       diff = float(np.max(np.abs(a.astype(np.float64) - b))) / max(np.max(np.abs(b)), 1e-6)
       worst[key] = max(worst.get(key, 0.0), diff)
       assert diff < 1e-5, f'{key}{_name(path)}: 8 vs 1 device max rel diff {diff:.3g}'
-  # The gradients (Adam's first moment is linear in them) agree to float32 precision ...
-  g = lambda s: jax.tree.map(lambda m1, m0: (m1 - config.optim.b1 * m0) / (1 - config.optim.b1),
-                             s['opt_state'][0].mu, s_in['opt_state'][0].mu)
-  worst['grads'] = _assert_grads_close(g(got), g(want), gmax, 'grad ')
-  # ... and so do the parameters they move (see _assert_updates_close for Adam's noise).
+  # The gradients (Adam's first moment is linear in them) agree to LPIPS_GRAD_TOL of the
+  # largest (a missing reduction over an axis would be off by O(1)) ...
+  worst['grads'] = _assert_grads_close(_grads_from_adam(config, s_in, got),
+                                       _grads_from_adam(config, s_in, want), gmax, 'grad ',
+                                       tol=LPIPS_GRAD_TOL)
+  # ... and so do the parameters they move (see _assert_updates_close for Adam's noise):
+  # where the gradient is >= 5% of the largest, LPIPS's noise changes it by <= 10%, and
+  # Adam's update by <= 0.1 lr; a wrongly sharded moment would be off by ~lr.
   worst['params (lr)'] = _assert_updates_close(got['params'], want['params'], s_in['params'],
-                                               direct_results[i]['grads'], lr, 'params ')
+                                               grads, lr, 'params ', tol=0.1, real_frac=5e-2)
   for k, b in want_m.items():
-    np.testing.assert_allclose(got_m[k], b, rtol=1e-5, atol=1e-6, err_msg=f'metric {k}')
+    # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise; losses do not.
+    rtol = 1e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
+    np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=1e-6, err_msg=f'metric {k}')
     worst['metrics'] = max(worst.get('metrics', 0.0),
                            float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
-  print(f'\n[step {i}] 8-device vs 1-device: '
-        + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))
+  print(f'\n{what} 8-device vs 1-device: ' + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))
 
 
-def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, direct_results):
-  """Two steps run independently on 8 devices from s0. Float noise of the first step moves
-  zero-gradient coordinates by ~lr (Adam), which perturbs the second step at ~1e-4 level;
-  everything must still agree far beyond what a wrong gradient or update would allow."""
-  free, want, s0 = run8['free'][2], run1['states'][2], run1['states'][0]
+@pytest.mark.parametrize('i', [0, 1])
+def test_sharded_step_matches_single_device(config, run1, run8, direct_results, i):
+  """The same step from the same state and batch on 8 devices and on 1."""
+  _assert_same_step(config, run1['states'][i], *run8['same_inputs'][i], run1['states'][i + 1],
+                    run1['metrics'][i], direct_results[i]['grads'], f'[step {i}]')
+
+
+def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1, batches):
+  """Two steps run independently on 8 devices from s0.
+
+  Float noise of the first step moves zero-gradient coordinates by ~lr (Adam), and LPIPS's
+  discontinuous gradient (LPIPS_GRAD_TOL) turns that into a different second gradient: the
+  1-device step from the 8-device s1 lands as far (~4 lr) from the 1-device s2 as the
+  8-device s2 does. So the second 8-device step must equal the 1-device step from the same
+  (8-device) s1, and the two trajectories stay within a few lr of each other.
+  """
+  s1, s2 = run8['free'][1], run8['free'][2]
+  state = jax.device_put(s1, run1['shardings'])
+  images = jax.device_put(batches[1], parallel.batch_sharding(mesh1))
+  ref, ref_m = run1['step'](state, run1['lp'], images)
+  ref, ref_m = _host(ref), _host(ref_m)
+  _assert_same_step(config, s1, s2, run8['free_metrics'], ref, ref_m,
+                    _grads_from_adam(config, s1, ref), '[free step 1]')
   lr = stage1.learning_rate(config)
-  gmax = max(_gmax(d['grads']) for d in direct_results)
   worst = 0.0
-  for (path, a), (_, b), (_, g0), (_, g1) in zip(
-      _leaves(free['params']), _leaves(want['params']), _leaves(direct_results[0]['grads']),
-      _leaves(direct_results[1]['grads'])):
-    diff = np.abs(a.astype(np.float64) - b)
-    assert np.all(diff <= 8 * lr + 1e-6), f'params{_name(path)}: {np.max(diff) / lr:.3g} lr'
-    real = np.minimum(np.abs(g0), np.abs(g1)) >= 1e-2 * gmax
-    if real.any():
-      worst = max(worst, float(np.max(diff[real])) / lr)
-  assert worst < 0.25, f'coordinates with real gradients moved {worst:.3g} lr apart'
-  for key in ('disc_params', 'disc_stats'):
-    for (path, a), (_, b) in zip(_leaves(free[key]), _leaves(want[key])):
-      diff = float(np.max(np.abs(a.astype(np.float64) - b))) / max(np.max(np.abs(b)), 1e-6)
-      assert diff < 1e-3, f'{key}{_name(path)}: rel diff {diff:.3g}'
+  for (path, a), (_, b) in zip(_leaves(s2['params']), _leaves(run1['states'][2]['params'])):
+    diff = float(np.max(np.abs(a.astype(np.float64) - b))) / lr
+    worst = max(worst, diff)
+    assert diff <= 8, f'params{_name(path)}: 8- and 1-device trajectories {diff:.3g} lr apart'
   for k, b in run1['metrics'][1].items():
-    np.testing.assert_allclose(run8['free_metrics'][k], b, rtol=1e-3, atol=1e-5, err_msg=k)
-  print(f'\nfree-running 8-device step 2: real-gradient params within {worst:.3g} lr')
+    np.testing.assert_allclose(run8['free_metrics'][k], b, rtol=1e-2, atol=1e-5, err_msg=k)
+  print(f'\nfree-running 8-device s2 within {worst:.3g} lr of the 1-device s2')
 
 
 def test_sharded_state_is_really_sharded(run8, mesh8):
+  """Every conv / Dense kernel of >= 4096 elements: input channels over fsdp (no rule names
+  conv_in, so fsdp takes the largest free divisible dim), output channels over tensor (the
+  default rule conv_out -> tensor); replicated over data. Adam's moments shard like their
+  params; smaller arrays are replicated."""
   state = run8['final']
-  fsdp = mesh8.shape['fsdp']
+  fsdp, tensor = mesh8.shape['fsdp'], mesh8.shape['tensor']
+  assert (mesh8.shape['data'], fsdp, tensor) == (2, 2, 2)
   big = [(path, x) for path, x in _leaves(state['params']) if x.size >= 2 ** 12]
   assert len(big) >= 5
   for path, x in big:
-    spec = tuple(x.sharding.spec)
-    assert 'fsdp' in spec, f'{_name(path)} {x.shape} not sharded: {spec}'
-    dim = spec.index('fsdp')
+    # This config's big arrays are conv kernels (HWIO) and attention Dense kernels (in, out).
+    assert x.ndim in (2, 4) and path[-1].key == 'kernel', _name(path)
+    assert tuple(x.sharding.spec) == (None,) * (x.ndim - 2) + ('fsdp', 'tensor'), _name(path)
     shards = x.addressable_shards
     assert len(shards) == 8
-    assert all(s.data.shape[dim] == x.shape[dim] // fsdp for s in shards), _name(path)
+    want = x.shape[:-2] + (x.shape[-2] // fsdp, x.shape[-1] // tensor)
+    assert all(s.data.shape == want for s in shards), _name(path)
     starts = {tuple(sl.start or 0 for sl in s.index) for s in shards}
-    assert len(starts) == fsdp  # 4 distinct pieces, each replicated over 'data'
+    assert len(starts) == fsdp * tensor  # 4 distinct pieces, each replicated over 'data'
   kernel = state['params']['decoder']['conv_out']['kernel']  # (3,3,32,3): 864 < 4096
   assert tuple(kernel.sharding.spec) == ()
+  for path, x in _leaves(state['params']):
+    if x.size < 2 ** 12:
+      assert tuple(x.sharding.spec) == (), _name(path)
   # Adam's moments are sharded exactly like their parameters.
   adam = state['opt_state'][0]
   for moments in (adam.mu, adam.nu):
     for (path, p), (_, mom) in zip(_leaves(state['params']), _leaves(moments)):
       assert mom.sharding.is_equivalent_to(p.sharding, p.ndim), _name(path)
       assert tuple(mom.sharding.spec) == tuple(p.sharding.spec), _name(path)
+  assert tuple(adam.count.sharding.spec) == ()
   dadam = state['disc_opt_state'][0]
   for (path, p), (_, mom) in zip(_leaves(state['disc_params']), _leaves(dadam.mu)):
     assert tuple(mom.sharding.spec) == tuple(p.sharding.spec), _name(path)
-  assert any('fsdp' in tuple(x.sharding.spec) for x in jax.tree.leaves(state['disc_params']))
+  disc_specs = [tuple(x.sharding.spec) for x in jax.tree.leaves(state['disc_params'])]
+  assert (None, None, 'fsdp', 'tensor') in disc_specs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,19 +2,34 @@
 
   python -m vqgan_jax.plan --config=configs/imagenet_vqgan_f16_16384.py --mesh=data=16,fsdp=4 \
       --device_memory_gb=80
+  python -m vqgan_jax.plan --config=configs/imagenet_cin_transformer.py --mesh=data=16,fsdp=4 \
+      --config.transformer.remat=block
 
-Compiles the real train step ahead of time for a virtual mesh of N fake CPU devices (no
-accelerator needed) and prints, per device: parameter, optimizer-state and other state
-bytes (from the shardings), the step's temporary (activation) bytes and its peak (from the
-compiled memory analysis), and the largest global batch that fits `--device_memory_gb`.
-Accelerator compilers fuse and schedule differently from XLA:CPU, so activation figures
-are estimates of the right order, not promises; state bytes are exact.
+Both stages: the config's `stage` picks the program (stage 1: the fused VQGAN + discriminator
+step; stage 2: the GPT step on codes, or on images with the frozen encoder when
+data.source='images'). It compiles the real train step ahead of time for a virtual
+('data', 'fsdp', 'tensor') mesh of N fake CPU devices (no accelerator needed), sharded by the
+config's logical-axis rules, and prints one JSON line, per device: parameter, optimizer-state
+and other state bytes (from the shardings), the step's temporary (activation) bytes and its
+peak (from the compiled memory analysis), and the largest global batch that fits
+`--device_memory_gb`. The settings that change memory (compute dtype, the dtype of the
+parameters/master weights, remat and its policy, scanned layers) are part of the output; set
+them with `--config.` overrides.
+
+Accelerator compilers fuse and schedule differently from XLA:CPU, so activation figures are
+estimates of the right order, not promises; state bytes are exact. XLA:CPU's default
+scheduler optimises for parallelism, not memory; the planner switches it to the
+memory-minimising one (`--memory_scheduler`, on by default), closer to what the accelerator
+schedulers do. Even so, XLA:CPU does not turn rematerialisation of *unrolled* blocks (stage 1's
+ResnetBlocks) into lower temp memory, so the planner under-reports stage-1 remat savings;
+scanned layers (stage 2) are rematerialised inside the loop, and there the saving shows.
 """
 
 import json
 import math
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -28,8 +43,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _MESH = flags.DEFINE_string('mesh', 'data=8', 'Mesh axis sizes, e.g. data=16,fsdp=4.')
 _MEMORY = flags.DEFINE_float('device_memory_gb', 80.0, 'Memory of one device, GiB.')
 _SEARCH = flags.DEFINE_bool('search_batch', True, 'Also find the largest batch that fits.')
+_MEMORY_SCHEDULER = flags.DEFINE_bool(
+    'memory_scheduler', True, "Use XLA:CPU's memory-minimising scheduler (not the "
+    'concurrency-optimised default).')
 
 GIB = 2.0 ** 30
+MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
 def parse_mesh(spec: str):
@@ -62,7 +81,7 @@ def stage1_program(config, mesh):
   models = stage1.build_models(config)
   rng = jax.random.PRNGKey(0)
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), rng)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lpips_params)
   lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
@@ -82,10 +101,81 @@ def stage1_program(config, mesh):
           (shardings['disc_params'], shardings['disc_stats'], shardings['disc_opt_state'])),
       'lpips_params': (lpips_abstract, lpips_sh),
   }
-  return step, args, groups
+  settings = {'compute_dtype': config.train.dtype,
+              'param_dtype': _dtypes(abstract['params']),
+              'remat': config.train.get('remat', 'none'),
+              'remat_policy': stage1.remat_policy(config)}
+  return step, args, groups, settings
 
 
-PROGRAMS = {'vqgan': stage1_program}
+def stage2_program(config, mesh):
+  """(jitted step, abstract args, state groups, settings) for the stage-2 GPT."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
+
+  config = stage2.resolve_config(config)
+  stage2.validate_config(config)  # the batch is rounded to the mesh below
+  layout = stage2.make_layout(config)
+  model = stage2.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  rules = parallel.axis_rules(config)
+  rng = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(functools.partial(stage2.init_state, model, tx), rng)
+  shardings = stage2.state_shardings(model, tx, mesh, rng, rules)
+  frozen, frozen_abstract, frozen_sh = stage2.Frozen(), {}, {}
+  from_images = config.data.source == 'images'
+  if from_images:  # the frozen stage-1 encoder runs inside the step
+    vqgan = stage2.build_vqgan(config.stage1_config)
+    x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
+    frozen_abstract = {'stage1': jax.eval_shape(lambda r: vqgan.init(r, x)['params'], rng)}
+    frozen_sh = {'stage1': parallel.state_shardings(frozen_abstract['stage1'], mesh, rules)}
+    frozen = stage2.Frozen(stage1=vqgan)
+  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings, frozen,
+                                frozen_sh or None)
+
+  def args(batch):
+    sh = parallel.batch_sharding(mesh)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    inputs = {'label': spec((batch,), jnp.int32)}
+    if from_images:
+      s = config.data.image_size
+      inputs['image'] = spec((batch, s, s, config.stage1_config.in_channels), jnp.uint8)
+    else:
+      inputs['codes'] = spec((batch, layout.image_len), jnp.int32)
+    if layout.kind == 'spatial':
+      inputs['cond_codes'] = spec((batch, layout.cond_len), jnp.int32)
+    return (abstract, frozen_abstract, inputs)
+
+  groups = {
+      'params': (abstract['params'], shardings['params']),
+      'opt_state': (abstract['opt_state'], shardings['opt_state']),
+  }
+  if from_images:
+    groups['frozen_params'] = (frozen_abstract, frozen_sh)
+  t = config.transformer
+  settings = {'compute_dtype': config.train.dtype,
+              'param_dtype': _dtypes(abstract['params']),
+              'remat': t.get('remat', 'none'),
+              'remat_policy': {False: None, True: 'nothing_saveable'}.get(
+                  stage2.gpt_remat(t), stage2.gpt_remat(t)),
+              'scan_layers': bool(t.scan_layers),
+              'data_source': config.data.source,
+              'model': {'n_layer': t.n_layer, 'n_head': t.n_head, 'n_embd': t.n_embd,
+                        'vocab_size': layout.vocab_size, 'block_size': layout.block_size,
+                        'seq_len': layout.seq_len}}
+  return step, args, groups, settings
+
+
+def _dtypes(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  names = sorted({str(x.dtype) for x in jax.tree.leaves(tree)})
+  return names[0] if len(names) == 1 else names
+
+
+PROGRAMS = {'vqgan': stage1_program, 'transformer': stage2_program}
 
 
 def compile_memory(step, args, batch):
@@ -99,6 +189,37 @@ def compile_memory(step, args, batch):
           'peak_bytes': peak}
 
 
+def largest_batch(measure, points, budget, divisor, max_compiles=8):
+  """The largest multiple of `divisor` whose compiled peak fits `budget`.
+
+  `points` ({batch: peak bytes}, at least two) grows with every compile. The peak is not
+  quite affine in the batch (XLA packs small activations into the holes of fixed-size
+  temporaries), so the search alternates secant steps (through the two points nearest the
+  budget) with bisection of the bracket [largest fitting, smallest failing], and every
+  answer is a compiled, checked size. Returns 0 if not even `divisor` fits.
+  """
+  for i in range(max_compiles):
+    lo = max((b for b, p in points.items() if p <= budget), default=0)
+    hi = min((b for b, p in points.items() if p > budget), default=None)
+    if (hi is not None and hi - lo <= divisor) or (hi == divisor):
+      break
+    (b1, p1), (b2, p2) = sorted(sorted(points.items(), key=lambda bp: abs(bp[1] - budget))[:2])
+    if hi is not None and lo and i % 2:
+      guess = (lo + hi) // 2
+    elif p2 > p1:
+      guess = b2 + (budget - p2) * (b2 - b1) / (p2 - p1)
+    else:
+      guess = 2 * max(points)
+    guess = max(int(guess) // divisor * divisor, lo + divisor)
+    if hi is not None:
+      guess = min(guess, hi - divisor)
+    if guess in points:  # the secant repeats itself: bisect (or double without a bracket)
+      guess = (lo + hi) // 2 // divisor * divisor if hi is not None else 2 * max(points)
+      guess = max(guess, lo + divisor)
+    points[guess] = measure(guess)
+  return max((b for b, p in points.items() if p <= budget), default=0)
+
+
 def plan(config, mesh_sizes, device_memory_gb, search_batch=True):
   import jax  # pylint: disable=g-import-not-at-top
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -106,7 +227,7 @@ def plan(config, mesh_sizes, device_memory_gb, search_batch=True):
   mesh = parallel.make_mesh(mesh_sizes)
   if config.stage not in PROGRAMS:
     raise app.UsageError(f'config.stage={config.stage!r}: the planner knows {sorted(PROGRAMS)}')
-  step, args, groups = PROGRAMS[config.stage](config, mesh)
+  step, args, groups, settings = PROGRAMS[config.stage](config, mesh)
   divisor = parallel.batch_divisor(mesh)
   batch = config.train.batch_size
   if batch % divisor:
@@ -114,32 +235,48 @@ def plan(config, mesh_sizes, device_memory_gb, search_batch=True):
   report = {
       'config_stage': config.stage,
       'mesh': dict(mesh.shape), 'num_devices': mesh.size,
+      'settings': settings,
       'global_batch': batch,
       'state_bytes_per_device': {k: _tree_bytes_per_device(a, s) for k, (a, s) in groups.items()},
       'num_params': sum(math.prod(x.shape) for x in jax.tree.leaves(groups['params'][0])),
   }
+  t0 = time.perf_counter()
   report.update(compile_memory(step, args, batch))
+  report['compile_s'] = round(time.perf_counter() - t0, 1)
   budget = device_memory_gb * GIB
   report['device_memory_bytes'] = int(budget)
   report['fits'] = report['peak_bytes'] <= budget
   if search_batch:
-    # temp(b) is affine in the batch: two compiles give the slope, a third checks the answer.
-    b2 = 2 * batch
-    peak2 = compile_memory(step, args, b2)['peak_bytes']
-    per_example_group = max((peak2 - report['peak_bytes']) / (b2 - batch), 1.0)
-    fixed = report['peak_bytes'] - per_example_group * batch
-    best = int((budget - fixed) // per_example_group) // divisor * divisor
-    report['per_batch_increment_bytes'] = per_example_group
-    if best >= divisor:
-      check = compile_memory(step, args, best)['peak_bytes']
-      while best > divisor and check > budget:
-        best -= divisor
-        check = compile_memory(step, args, best)['peak_bytes']
-      report['max_global_batch'] = best
-      report['max_global_batch_peak_bytes'] = check
-    else:
-      report['max_global_batch'] = 0
+    measure = lambda b: compile_memory(step, args, b)['peak_bytes']
+    points = {batch: report['peak_bytes'], 2 * batch: measure(2 * batch)}
+    slope = max((points[2 * batch] - points[batch]) / batch, 1.0)
+    report['per_batch_increment_bytes'] = slope
+    report['fixed_bytes'] = points[batch] - slope * batch
+    best = largest_batch(measure, points, budget, divisor)
+    report['max_global_batch'] = best
+    if best:
+      report['max_global_batch_peak_bytes'] = points[best]
+    report['search_points'] = {str(b): p for b, p in sorted(points.items())}
   return report
+
+
+def summary(report):
+  """A few human-readable lines of a report."""
+  g = lambda b: f'{b / GIB:.2f} GiB'
+  st = report['settings']
+  state = ', '.join(f'{k} {g(v)}' for k, v in report['state_bytes_per_device'].items())
+  lines = [
+      f"{report['config_stage']}: {report['num_params'] / 1e6:.1f}M params on mesh "
+      f"{report['mesh']}; compute {st['compute_dtype']}, params {st['param_dtype']}, remat "
+      f"{st['remat']} ({st['remat_policy']})",
+      f'per device: {state}',
+      f"global batch {report['global_batch']}: temp {g(report['temp_bytes'])}, peak "
+      f"{g(report['peak_bytes'])}"]
+  if 'max_global_batch' in report:
+    lines.append(f"largest global batch within {g(report['device_memory_bytes'])}: "
+                 f"{report['max_global_batch']} (peak "
+                 f"{g(report.get('max_global_batch_peak_bytes', 0))})")
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -147,11 +284,16 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   sizes = parse_mesh(_MESH.value)
   n = math.prod(v for v in sizes.values() if v > 0)
+  if _MEMORY_SCHEDULER.value:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' ' + MEMORY_SCHEDULER_FLAG).strip()
   import jax  # pylint: disable=g-import-not-at-top
   # Fake CPU devices stand in for the accelerators; set before the backend starts.
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', n)
   report = plan(_CONFIG.value, sizes, _MEMORY.value, _SEARCH.value)
+  report['xla_cpu_scheduler'] = 'memory' if _MEMORY_SCHEDULER.value else 'default'
+  print(summary(report), file=sys.stderr)
   gib = {k: round(v / GIB, 3) for k, v in report.items()
          if k.endswith('bytes') and isinstance(v, (int, float))}
   report['state_gib_per_device'] = {k: round(v / GIB, 3)

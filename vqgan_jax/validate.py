@@ -12,6 +12,16 @@ def _check(cond, msg):
     raise ConfigError(msg)
 
 
+def validate_remat(section, field, modes):
+  """`section.remat` in `modes` and `section.remat_policy` a policy usable by name."""
+  from vqgan_jax.models.layers import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  remat = section.get('remat', 'none')
+  _check(remat in modes, f'{field}.remat must be one of {modes}, got {remat!r}')
+  policy = section.get('remat_policy', 'nothing_saveable')
+  _check(policy in REMAT_POLICIES,
+         f'{field}.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}')
+
+
 def validate_stage1(config, batch_divisor: int = 1):
   m, d, t, loss = config.model, config.data, config.train, config.loss
   _check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
@@ -44,6 +54,7 @@ def validate_stage1(config, batch_divisor: int = 1):
   _check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
   _check(t.dtype in ('float32', 'bfloat16'),
          f"config.train.dtype must be 'float32' or 'bfloat16', got {t.dtype!r}")
+  validate_remat(t, 'config.train', ('none', 'block'))
   for name in ('batch_size', 'eval_batch_size'):
     _check(t[name] % batch_divisor == 0,
            f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '

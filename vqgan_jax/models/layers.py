@@ -2,6 +2,10 @@
 
 Submodule names follow the original state-dict keys: torch `down.0.block.1.conv1.weight` is
 flax `down_0/block_1/conv1/kernel`, so weight conversion is a table, not a search.
+
+Rematerialisation: `remat_policy` (a `jax.checkpoint_policies` name, None: off) wraps every
+ResnetBlock and AttnBlock of a Level / MidBlock in `nn.remat`. The wrapped module keeps its
+name, so the parameter tree is the same with remat on or off.
 """
 
 from typing import Any, Sequence
@@ -11,6 +15,21 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# `jax.checkpoint_policies` usable by name (the others are factories that need arguments).
+REMAT_POLICIES = ('nothing_saveable', 'everything_saveable', 'dots_saveable',
+                  'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
+                  'checkpoint_dots_with_no_batch_dims')
+
+
+def remat_module(cls, policy: str | None, static_argnums=()):
+  """`cls` under `nn.remat` with the named checkpoint policy; `cls` itself for None."""
+  if not policy:
+    return cls
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat policy {policy!r}: use one of {REMAT_POLICIES}')
+  return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy),
+                  static_argnums=static_argnums)
 
 
 def torch_kernel_init(key, shape, dtype=jnp.float32):
@@ -190,14 +209,18 @@ class Level(nn.Module):
   resample: str  # 'down', 'up' or 'none'
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    # static_argnums counts `self`: `deterministic` (a Python bool) is argument 2.
+    resnet = remat_module(ResnetBlock, self.remat_policy, static_argnums=(2,))
+    attn = remat_module(AttnBlock, self.remat_policy)
     for j in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.dropout, self.dtype, name=f'block_{j}')(
+      x = resnet(self.out_channels, self.dropout, self.dtype, name=f'block_{j}')(
           x, deterministic)
       if self.use_attn:
-        x = AttnBlock(self.dtype, name=f'attn_{j}')(x)
+        x = attn(self.dtype, name=f'attn_{j}')(x)
     if self.resample == 'down':
       x = Downsample(self.dtype, name='downsample')(x)
     elif self.resample == 'up':
@@ -209,13 +232,15 @@ class MidBlock(nn.Module):
   channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    x = ResnetBlock(self.channels, self.dropout, self.dtype, name='block_1')(x, deterministic)
-    x = AttnBlock(self.dtype, name='attn_1')(x)
-    return ResnetBlock(self.channels, self.dropout, self.dtype, name='block_2')(
-        x, deterministic)
+    resnet = remat_module(ResnetBlock, self.remat_policy, static_argnums=(2,))
+    attn = remat_module(AttnBlock, self.remat_policy)
+    x = resnet(self.channels, self.dropout, self.dtype, name='block_1')(x, deterministic)
+    x = attn(self.dtype, name='attn_1')(x)
+    return resnet(self.channels, self.dropout, self.dtype, name='block_2')(x, deterministic)
 
 
 def level_resolutions(resolution: int, ch_mult: Sequence[int]):

@@ -22,6 +22,7 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   double_z: bool = False
   dtype: Dtype = jnp.float32
+  remat_policy: str | None = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -31,9 +32,10 @@ class Encoder(nn.Module):
       h = layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks,
                        use_attn=res in self.attn_resolutions,
                        resample='down' if i < n - 1 else 'none',
-                       dropout=self.dropout, dtype=self.dtype, name=f'down_{i}')(
-                           h, deterministic)
-    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, name='mid')(h, deterministic)
+                       dropout=self.dropout, dtype=self.dtype,
+                       remat_policy=self.remat_policy, name=f'down_{i}')(h, deterministic)
+    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, self.remat_policy,
+                        name='mid')(h, deterministic)
     h = layers.swish(layers.Normalize('norm_out', self.dtype)(h))
     out = 2 * self.z_channels if self.double_z else self.z_channels
     return layers.Conv(out, 3, dtype=self.dtype, name='conv_out')(h)
@@ -48,18 +50,20 @@ class Decoder(nn.Module):
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str | None = None
 
   def setup(self):
     n = len(self.ch_mult)
     res = layers.level_resolutions(self.resolution, self.ch_mult)
     self.conv_in = layers.Conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype)
-    self.mid = layers.MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype)
+    self.mid = layers.MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype,
+                               self.remat_policy)
     # Indexed by level like the original's `up.i`; run from the lowest resolution up.
     self.up = [
         layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
                      use_attn=res[i] in self.attn_resolutions,
                      resample='up' if i > 0 else 'none', dropout=self.dropout,
-                     dtype=self.dtype)
+                     dtype=self.dtype, remat_policy=self.remat_policy)
         for i in range(n)]
     self.norm_out = layers.Normalize(dtype=self.dtype)
     self.conv_out = layers.Conv(self.out_ch, 3, dtype=self.dtype)
@@ -93,6 +97,9 @@ class VQGAN(nn.Module):
   (ours would take any). `train=True` (encode / __call__) is the Gumbel quantizer's training
   forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits), without the
   noise the original adds even at inference. The VQ quantizer has no train mode.
+
+  `remat_policy` (a `jax.checkpoint_policies` name, None: off) rematerialises every
+  ResnetBlock / AttnBlock of the encoder and decoder; the parameter tree does not change.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -111,11 +118,12 @@ class VQGAN(nn.Module):
   temperature: float = 1.0    # gumbel only (training forward)
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  remat_policy: str | None = None
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, dtype=self.dtype)
+                  dropout=self.dropout, dtype=self.dtype, remat_policy=self.remat_policy)
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     one = ((0, 0), (0, 0))

@@ -103,7 +103,7 @@ def train_and_evaluate(config, workdir):
 
   init = lambda r: stage1.init_state(config, models, r)
   abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                   save_every=config.train.checkpoint_every)
   train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)

@@ -67,7 +67,7 @@ def load_frozen(config, layout, mesh, *, stage1=True, cond=True):
     x = jnp.zeros((1, size, size, vqgan.in_channels), jnp.float32)
     abstract = jax.eval_shape(lambda r, v=vqgan, x=x: v.init(r, x)['params'],
                               jax.random.PRNGKey(0))
-    shardings[key] = parallel.state_shardings(abstract, mesh)
+    shardings[key] = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
     if key == 'cond' and config.cond.random_init:
       logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
       params[key] = jax.jit(lambda r, v=vqgan, x=x: v.init(r, x)['params'],
@@ -86,7 +86,7 @@ def load_frozen(config, layout, mesh, *, stage1=True, cond=True):
 
 def _setup(config):
   config = stage2.resolve_config(config)
-  mesh = stage2.make_mesh(config.mesh)
+  mesh = parallel.make_mesh(config.mesh)
   stage2.validate_config(config, parallel.batch_divisor(mesh))
   return config, mesh, stage2.make_layout(config)
 
@@ -211,7 +211,8 @@ def train_and_evaluate(config, workdir):
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(stage2.init_state, model, tx)
   abstract = jax.eval_shape(init, rng)
-  shardings = stage2.state_shardings(model, tx, mesh, rng)
+  rules = parallel.axis_rules(config)
+  shardings = stage2.state_shardings(model, tx, mesh, rng, rules)
 
   from_images = config.data.source == 'images'
   if from_images:
@@ -241,14 +242,15 @@ def train_and_evaluate(config, workdir):
   else:
     state = jax.jit(init, out_shardings=shardings)(rng)
     if config.init_from:
-      state['params'] = stage2.restore_gpt_params(config.init_from, model, mesh)
+      state['params'] = stage2.restore_gpt_params(config.init_from, model, mesh, rules=rules)
       state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(
           state['params'])
       logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
 
   train_fn = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings,
                                     frozen, frozen_sh)
-  eval_fn = stage2.make_eval_step(model, layout, mesh, shardings['params'], frozen, frozen_sh)
+  eval_fn = stage2.make_eval_step(model, layout, mesh, shardings['params'], frozen, frozen_sh,
+                                  rules)
   writer = Writer(workdir)
   batch_sharding = parallel.batch_sharding(mesh)
 
@@ -349,7 +351,8 @@ def load_sampling(config, workdir) -> Sampling:
       f for f in stage2.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
                                where=workdir)
   model = stage2.build_model(config, layout, scan_layers=False)
-  params = stage2.restore_gpt_params(workdir, model, mesh, saved)
+  params = stage2.restore_gpt_params(workdir, model, mesh, saved,
+                                     rules=parallel.axis_rules(config))
   frozen, frozen_params, _ = load_frozen(config, layout, mesh, cond=False)
   return Sampling(config, layout, model, frozen.stage1,
                   {'gpt': params, 'vqgan': frozen_params['stage1']}, step, mesh)

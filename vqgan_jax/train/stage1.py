@@ -40,6 +40,12 @@ class Models(NamedTuple):
   lpips: Any
 
 
+def remat_policy(config):
+  """The VQGAN's remat policy name from `config.train.remat` / `remat_policy` (None: off)."""
+  t = config.train
+  return t.get('remat_policy', 'nothing_saveable') if t.get('remat', 'none') == 'block' else None
+
+
 def build_models(config) -> Models:
   m = config.model
   dtype = DTYPES[config.train.dtype]
@@ -49,7 +55,7 @@ def build_models(config) -> Models:
                 n_embed=m.n_embed, embed_dim=m.embed_dim, beta=m.beta,
                 legacy_beta=m.legacy_beta, quantizer=m.get('quantizer', 'vq'),
                 kl_weight=m.get('kl_weight', 1e-8), temperature=m.get('temperature', 1.0),
-                dropout=m.dropout, dtype=dtype)
+                dropout=m.dropout, dtype=dtype, remat_policy=remat_policy(config))
   disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                              dtype=dtype)
   return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype))
@@ -91,7 +97,7 @@ def create_sharded_state(config, models: Models, mesh, rng):
   """Initialises the state directly into its shardings (never whole on one device)."""
   init = functools.partial(init_state, config, models)
   abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 

@@ -18,8 +18,8 @@ predicted or sampled.
 
 Optimizer: AdamW(0.9, 0.95), weight decay on Dense kernels only, lr = base_lr x global batch
 (taming's rule) with optional warm-up and cosine decay. Parameters and optimizer state are
-sharded by the GPT's logical axes on a ('data', 'fsdp', 'tensor') mesh; the batch is split
-over data x fsdp.
+sharded by the GPT's logical axes under `config.logical_axis_rules` on the
+`parallel.make_mesh` ('data', 'fsdp', 'tensor') mesh; the batch is split over data x fsdp.
 
 Parameter layout: training runs with `scan_layers=True` by default (stacked `blocks`, 2x
 faster on CPU) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
@@ -47,7 +47,6 @@ from vqgan_jax.models.vqgan import VQGAN
 from vqgan_jax.validate import ConfigError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-MESH_AXES = ('data', 'fsdp', 'tensor')
 COND_KINDS = ('unconditional', 'class', 'spatial')
 
 # Fields that change the shapes or meaning of a stage-2 checkpoint's arrays.
@@ -230,6 +229,14 @@ def validate_config(config, batch_divisor: int = 1):
   _check(0.0 <= t.pkeep <= 1.0, f'config.transformer.pkeep={t.pkeep} not in [0, 1]')
   _check(tr.dtype in DTYPES, f"config.train.dtype must be one of {tuple(DTYPES)}, got "
          f'{tr.dtype!r}')
+  from vqgan_jax.models.layers import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  _check(t.get('remat', 'none') in REMAT_MODES + REMAT_POLICIES,
+         f'config.transformer.remat must be one of {REMAT_MODES} (or a policy name), got '
+         f'{t.get("remat")!r}')
+  _check(t.get('remat_policy', 'nothing_saveable') in REMAT_POLICIES,
+         f'config.transformer.remat_policy must be one of {REMAT_POLICIES}, got '
+         f'{t.get("remat_policy")!r}')
+  parallel.axis_rules(config)
   for name in ('batch_size', 'eval_batch_size'):
     _check(tr[name] % batch_divisor == 0,
            f'config.train.{name}={tr[name]} is not divisible by the {batch_divisor} devices '
@@ -271,9 +278,27 @@ class CodeGPT(tf.GPT):
     return logits, cache
 
 
+REMAT_MODES = ('', 'none', 'block', 'full')
+
+
+def gpt_remat(t):
+  """`GPT.remat` from `config.transformer`: False, True (nothing saved) or a policy name.
+
+  remat: 'none' (or '') off; 'block' each block under nn.remat with `remat_policy`; 'full'
+  nothing saved; a policy name alone is 'block' with that policy (the older spelling).
+  """
+  remat = t.get('remat', 'none')
+  if remat in ('', 'none'):
+    return False
+  if remat == 'full':
+    return True
+  policy = t.get('remat_policy', 'nothing_saveable') if remat == 'block' else remat
+  return True if policy == 'nothing_saveable' else policy
+
+
 def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
   t = config.transformer
-  remat = {'': False, 'none': False, 'full': True}.get(t.remat, t.remat)
+  remat = gpt_remat(t)
   return CodeGPT(
       vocab_size=layout.vocab_size, block_size=layout.block_size, n_layer=t.n_layer,
       n_head=t.n_head, n_embd=t.n_embd, embd_pdrop=t.embd_pdrop, resid_pdrop=t.resid_pdrop,
@@ -444,35 +469,25 @@ def init_state(model, tx, rng):
           'rng': k_run}
 
 
-def make_mesh(mesh_config, devices=None):
-  """A ('data', 'fsdp', 'tensor') mesh; `tensor` (default 1) is new to stage 2, the rest
-  resolves as `parallel.make_mesh` does (one -1 takes the remaining devices)."""
-  devices = jax.devices() if devices is None else list(devices)
-  tensor = int(mesh_config.get('tensor', 1))
-  _check(tensor >= 1 and len(devices) % tensor == 0,
-         f'config.mesh.tensor={tensor} does not divide the {len(devices)} devices')
-  try:
-    sizes = parallel.mesh_shape({a: mesh_config.get(a, 1) for a in ('data', 'fsdp')},
-                                len(devices) // tensor)
-  except ValueError as e:
-    raise ConfigError(f'{e} (with config.mesh.tensor={tensor})') from e
-  return jax.make_mesh((sizes['data'], sizes['fsdp'], tensor), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+def _rules(rules):
+  """The logical-axis rules to apply: a config's table (`parallel.axis_rules(config)`);
+  None: the GPT's own `DEFAULT_RULES` (standalone use; every run passes its config's)."""
+  return tf.DEFAULT_RULES if rules is None else parallel.normalize_rules(rules)
 
 
-def param_shardings(model, mesh, rng=None):
-  """NamedShardings of the GPT params from their logical axes (DEFAULT_RULES on `mesh`)."""
+def param_shardings(model, mesh, rng=None, rules=None):
+  """NamedShardings of the GPT params from their logical axes under `rules` on `mesh`."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   boxed = jax.eval_shape(functools.partial(init_params, model, boxed=True), rng)
-  return tf.logical_shardings(boxed, mesh)
+  return tf.logical_shardings(boxed, mesh, _rules(rules))
 
 
-def state_shardings(model, tx, mesh, rng=None):
+def state_shardings(model, tx, mesh, rng=None, rules=None):
   """Shardings of the state: params by logical axes, optimizer moments like their params,
   scalars replicated."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   rep = parallel.replicated(mesh)
-  p_sh = param_shardings(model, mesh, rng)
+  p_sh = param_shardings(model, mesh, rng, rules)
   abstract_params = jax.eval_shape(functools.partial(init_params, model), rng)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   o_sh = optax.tree_map_params(
@@ -482,16 +497,20 @@ def state_shardings(model, tx, mesh, rng=None):
 
 
 class MeshFunction:
-  """A jitted function called under the mesh and the GPT's logical-axis rules (its
-  activation constraints resolve against them at trace time)."""
+  """A jitted function called (or lowered ahead of time) under the mesh and the logical-axis
+  rules (the GPT's activation constraints resolve against them at trace time)."""
 
-  def __init__(self, fn, mesh):
+  def __init__(self, fn, mesh, rules=None):
     self.fn, self.mesh = fn, mesh
-    self.rules = tf.mesh_rules(mesh)
+    self.rules = tf.mesh_rules(mesh, _rules(rules))
 
   def __call__(self, *args):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args)
 
 
 # ----------------------------------------------------------------------------------------
@@ -538,7 +557,7 @@ def make_train_step(config, model, layout, tx, schedule, mesh, shardings, frozen
   jitted = jax.jit(fn, in_shardings=(shardings, frozen_shardings or rep,
                                      parallel.batch_sharding(mesh)),
                    out_shardings=(shardings, rep), donate_argnums=(0,))
-  return MeshFunction(jitted, mesh)
+  return MeshFunction(jitted, mesh, parallel.axis_rules(config))
 
 
 def eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batch):
@@ -552,20 +571,21 @@ def eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batc
           'tokens': jnp.sum(w) * codes.shape[1], 'examples': jnp.sum(w)}
 
 
-def make_eval_step(model, layout, mesh, param_sh, frozen=Frozen(), frozen_shardings=None):
+def make_eval_step(model, layout, mesh, param_sh, frozen=Frozen(), frozen_shardings=None,
+                   rules=None):
   rep = parallel.replicated(mesh)
   jitted = jax.jit(functools.partial(eval_step, model, layout, frozen),
                    in_shardings=(param_sh, frozen_shardings or rep,
                                  parallel.batch_sharding(mesh)),
                    out_shardings=rep)
-  return MeshFunction(jitted, mesh)
+  return MeshFunction(jitted, mesh, rules)
 
 
 # ----------------------------------------------------------------------------------------
 # Restoring GPT params in either layout
 # ----------------------------------------------------------------------------------------
 
-def restore_gpt_params(workdir, model, mesh, saved_config=None):
+def restore_gpt_params(workdir, model, mesh, saved_config=None, rules=None):
   """The latest params of a stage-2 run in `model`'s layout, sharded by logical axes.
 
   The checkpoint's layout is read from its saved config (`transformer.scan_layers`) and
@@ -579,10 +599,10 @@ def restore_gpt_params(workdir, model, mesh, saved_config=None):
       ckpt.close()
   saved_scan = bool(saved_config.get('transformer', {}).get('scan_layers', False))
   saved_model = model.clone(scan_layers=saved_scan)
-  sh = param_shardings(saved_model, mesh)
+  sh = param_shardings(saved_model, mesh, rules=rules)
   abstract = jax.eval_shape(functools.partial(init_params, saved_model), jax.random.PRNGKey(0))
   params = checkpoints.restore_params(workdir, checkpoints.abstract_like(abstract, sh))
   if saved_scan != model.scan_layers:
     convert = tf.stack_layers if model.scan_layers else tf.unstack_layers
-    params = jax.jit(convert, out_shardings=param_shardings(model, mesh))(params)
+    params = jax.jit(convert, out_shardings=param_shardings(model, mesh, rules=rules))(params)
   return params
