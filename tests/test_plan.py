@@ -19,7 +19,7 @@ def _config(**transformer):
   c.data.image_size = 64
   c.cond.update(kind='class', n_classes=8)  # vocab 40: divisible by tensor=2
   c.transformer.update(n_layer=2, n_head=2, n_embd=64, **transformer)
-  c.train.update(batch_size=8, eval_batch_size=8)
+  c.train.update(batch_size=8, eval_batch_size=8, dtype='float32')
   return c
 
 
