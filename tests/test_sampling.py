@@ -62,6 +62,26 @@ def test_filter_top_k_keeps_ties_after_temperature():
                                 [[NEG, 6.0, NEG, NEG, NEG, NEG]])
 
 
+def test_kth_largest_equals_top_k():
+  """The sort-free k-th largest vs lax.top_k: ties, +-inf, +-0, tiny and huge magnitudes."""
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    v = int(rng.integers(1, 600))
+    x = rng.standard_normal((3, v)).astype(np.float32) * rng.choice([1e-30, 1e-3, 1, 1e30])
+    if trial % 3 == 0:
+      x = np.round(x * 2) / 2
+    if trial % 5 == 0:
+      x[:, ::7] = NEG
+    if trial % 7 == 0:
+      x[:, 1::9] = np.inf
+    if trial % 4 == 0:
+      x[:, ::4] = -0.0
+    x = jnp.asarray(x)
+    for k in {1, v, int(rng.integers(1, v + 1))}:
+      want = jax.lax.top_k(x, k)[0][..., -1:]
+      np.testing.assert_array_equal(sampling.kth_largest(x, k), want, err_msg=f'{trial} {k}')
+
+
 def test_filter_top_p_shifted_keep():
   probs = np.array([0.5, 0.05, 0.3, 0.15])
   x = np.log(probs)[None]
