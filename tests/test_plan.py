@@ -1,6 +1,10 @@
 """The memory planner's stage-2 path on a tiny GPT (8 fake CPU devices, in process)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -8,6 +12,7 @@ import pytest
 from configs import fashion_mnist_transformer
 from vqgan_jax import plan
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {'data': 2, 'fsdp': 2, 'tensor': 2}
 
 
@@ -86,3 +91,18 @@ def test_unknown_stage_is_refused():
   config.stage = 'diffusion'
   with pytest.raises(Exception, match='the planner knows'):
     plan.plan(config, MESH, 1.0, search_batch=False)
+
+
+
+def test_demo_gpt_step_needs_no_full_rematerialization():
+  """The CLI on the demo GPT with data, fsdp and tensor axes: SPMD builds no layout by first
+  replicating a whole array (XLA then warns "involuntary full rematerialization"; the token
+  embedding's backward once did). A subprocess: XLA's warnings reach stderr only once absl's
+  app has set up logging."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vqgan_jax.plan', '--config=configs/fashion_mnist_transformer.py',
+       '--config.stage1_workdir=', '--mesh=data=2,fsdp=2,tensor=2', '--nosearch_batch'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.splitlines()[-1])['num_devices'] == 8
+  assert 'involuntary full rematerialization' not in proc.stderr.lower(), proc.stderr[-3000:]

@@ -205,6 +205,29 @@ class Block(nn.Module):
     return x + h.astype(jnp.float32), cache
 
 
+class TokenEmbed(nn.Module):
+  """nn.Embed's parameter (`embedding`, (vocab, embed)), looked up in its activation layout.
+
+  The table is stored with `embed` over fsdp like every weight, but gathered whole along
+  `embed` before the lookup (the FSDP all-gather), so the looked-up rows come out
+  batch-sharded and the table's gradient is a reduce-scatter. Looking rows up in the stored
+  layout instead leaves them embed-sharded, and the backward has to move the batch-sharded
+  residual-stream gradient onto that layout: SPMD does it by replicating the whole gradient
+  ("involuntary full rematerialization").
+  """
+  vocab_size: int
+  features: int
+
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ('vocab', 'embed')),
+        (self.vocab_size, self.features))
+    table = nn.with_logical_constraint(table, ('vocab', 'act_embed'))
+    return jnp.take(table, tokens, axis=0)
+
+
 class GPT(nn.Module):
   """taming's minGPT. `__call__(tokens) -> logits (B, T, vocab)` in float32.
 
@@ -262,16 +285,14 @@ class GPT(nn.Module):
     if self.n_embd % self.n_head:
       raise ValueError(f'n_embd {self.n_embd} not divisible by n_head {self.n_head}')
     t = tokens.shape[1]
-    x = nn.Embed(
-        self.vocab_size, self.n_embd,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
-                                                    ('vocab', 'embed')),
-        name='tok_emb')(tokens)
+    x = TokenEmbed(self.vocab_size, self.n_embd, name='tok_emb')(tokens)
     pos_emb = self.param(
         'pos_emb',
         nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, 'embed')),
         (1, self.block_size, self.n_embd))
+    pos_emb = nn.with_logical_constraint(pos_emb, (None, None, 'act_embed'))
     x = x + lax.dynamic_slice_in_dim(pos_emb, pos, t, axis=1)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
 
     block = Block
