@@ -118,13 +118,7 @@ class Pair:
     return ref, jax.tree.map(np.asarray, out)
 
 
-_PAIRS = {}
-
-
-def pair_for(name):
-  if name not in _PAIRS:
-    _PAIRS[name] = Pair(name)
-  return _PAIRS[name]
+pair_for = functools.cache(Pair)  # one original + converted model per config name
 
 
 @pytest.fixture(scope='module', params=sorted(CONFIGS))

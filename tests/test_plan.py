@@ -84,6 +84,14 @@ def test_largest_batch_search_brackets_a_non_affine_peak():
     want = max((b for b in range(0, 4000, 4) if peak(b) <= budget and b), default=0)
     assert best == want, (budget, best, want, calls)
     assert len(calls) <= 8
+  # Flat over the first sizes (as XLA's peak can be), then affine: the secant through the
+  # flat start points far beyond the answer; the search must still land on it.
+  peak = lambda b: 6e9 + 6e5 * max(0, b - 4000)
+  points = {64: peak(64), 128: peak(128) + 1000}
+  calls = []
+  best = plan.largest_batch(lambda b: calls.append(b) or peak(b), points, 80e9, 64)
+  assert best == 127296 and peak(best) <= 80e9 < peak(best + 64), (best, calls)
+  assert len(calls) <= 12, calls
 
 
 def test_unknown_stage_is_refused():

@@ -124,3 +124,36 @@ def test_stage1_step_traces_with_remat():
       functools.partial(stage1.train_step, c, models, 0), state, lp, images)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics['total_loss'].shape == ()
+
+
+
+def test_gpt_dot_policies_save_dots_in_bf16_too():
+  """The dot-saving policies save the same GPT dot outputs in bf16 as in float32, although
+  bf16's dots sit inside `mixed_einsum`'s custom VJP, invisible to the policies' primitive
+  test: the weight matmuls for `dots_with_no_batch_dims_saveable`, attention's too for
+  `dots_saveable`."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
+  tokens = jnp.zeros((2, 16), jnp.int32)
+
+  def saved(dtype, policy):  # shapes of what the scanned blocks save for the backward
+    model = tf.GPT(40, 16, n_layer=2, n_head=2, n_embd=32, dtype=jnp.dtype(dtype),
+                   remat=policy, scan_layers=True)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      jax.ad_checkpoint.print_saved_residuals(lambda p: model.apply(p, tokens).sum(), params)
+    return sorted(l.split()[0] for l in out.getvalue().splitlines() if 'output of scan' in l)
+
+  stream = 'f32[2,2,16,32]'  # each layer's input (2 layers, batch 2, 16 tokens, 32 wide)
+  for dtype in ('float32', 'bfloat16'):
+    assert saved(dtype, True) == [stream], dtype
+    weights = saved(dtype, 'dots_with_no_batch_dims_saveable')
+    assert 'f32[2,2,16,128]' in weights and len(weights) >= 5, (dtype, weights)  # mlp_0, ...
+    every = saved(dtype, 'dots_saveable')
+    assert every.count('f32[2,2,2,16,16]') == 2 and set(weights) <= set(every), (dtype, every)
+    if dtype == 'float32':
+      want = (weights, every)
+    else:
+      assert (weights, every) == want

@@ -189,14 +189,16 @@ def compile_memory(step, args, batch):
           'peak_bytes': peak}
 
 
-def largest_batch(measure, points, budget, divisor, max_compiles=8):
+def largest_batch(measure, points, budget, divisor, max_compiles=12):
   """The largest multiple of `divisor` whose compiled peak fits `budget`.
 
   `points` ({batch: peak bytes}, at least two) grows with every compile. The peak is not
   quite affine in the batch (XLA packs small activations into the holes of fixed-size
-  temporaries), so the search alternates secant steps (through the two points nearest the
-  budget) with bisection of the bracket [largest fitting, smallest failing], and every
-  answer is a compiled, checked size. Returns 0 if not even `divisor` fits.
+  temporaries, so it can even stay flat over the first sizes), so the search alternates
+  secant steps (through the two points nearest the budget) with bisection of the bracket
+  [largest fitting, smallest failing], grows at most 16x per compile until a size fails
+  (a secant through a flat stretch points orders of magnitude too far), and every answer is
+  a compiled, checked size. Returns 0 if not even `divisor` fits.
   """
   for i in range(max_compiles):
     lo = max((b for b, p in points.items() if p <= budget), default=0)
@@ -210,6 +212,8 @@ def largest_batch(measure, points, budget, divisor, max_compiles=8):
       guess = b2 + (budget - p2) * (b2 - b1) / (p2 - p1)
     else:
       guess = 2 * max(points)
+    if hi is None:
+      guess = min(guess, 16 * lo)
     guess = max(int(guess) // divisor * divisor, lo + divisor)
     if hi is not None:
       guess = min(guess, hi - divisor)

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -104,12 +105,39 @@ def _mixed_einsum_bwd(spec, res, g):
 mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
-def _einsum(spec, a, b, dtype):
+# Names of the dot outputs, for remat policies. The policies that save dots find them by
+# primitive, and `mixed_einsum`'s dots sit inside a custom VJP where they cannot see them: in
+# bf16 'dots_with_no_batch_dims_saveable' would silently save nothing. `remat_policy` adds the
+# named dots those policies mean.
+DENSE_DOT = 'dense_dot'  # x @ kernel: no batch dimensions
+ATTENTION_DOT = 'attention_dot'  # q.k and p.v: batched over (batch, heads)
+_DOT_POLICY_NAMES = {
+    'dots_saveable': (DENSE_DOT, ATTENTION_DOT),
+    'checkpoint_dots': (DENSE_DOT, ATTENTION_DOT),
+    'dots_with_no_batch_dims_saveable': (DENSE_DOT,),
+    'checkpoint_dots_with_no_batch_dims': (DENSE_DOT,),
+}
+
+
+def remat_policy(name):
+  """The `jax.checkpoint_policies` policy `name` (None: save nothing), extended to our dots."""
+  if name is None or name is True:
+    return None
+  policy = getattr(jax.checkpoint_policies, name)
+  if name in _DOT_POLICY_NAMES:
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(*_DOT_POLICY_NAMES[name]))
+  return policy
+
+
+def _einsum(spec, a, b, dtype, name):
   """float32: the exact einsum (plain autodiff); lower precision: `mixed_einsum`."""
   a, b = a.astype(dtype), b.astype(dtype)
   if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-  return mixed_einsum(spec, a, b)
+    out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+  else:
+    out = mixed_einsum(spec, a, b)
+  return checkpoint_name(out, name)
 
 
 def _dense_dot(dtype):
@@ -119,7 +147,7 @@ def _dense_dot(dtype):
     del precision
     if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2:
       raise ValueError(f'unexpected Dense dot {dimension_numbers}')
-    return _einsum('...i,io->...o', x, kernel, dtype)
+    return _einsum('...i,io->...o', x, kernel, dtype, DENSE_DOT)
 
   return dot_general
 
@@ -171,10 +199,10 @@ class CausalSelfAttention(nn.Module):
     # (one query against the cache) are matrix-vector products, for which XLA:CPU's bf16
     # path measured ~30% slower per sampled token than float32.
     adt = self.dtype if cache is None else jnp.float32
-    att = _einsum('bhqd,bhkd->bhqk', q, k, adt) * (1.0 / np.sqrt(hd))
+    att = _einsum('bhqd,bhkd->bhqk', q, k, adt, ATTENTION_DOT) * (1.0 / np.sqrt(hd))
     att = jax.nn.softmax(jnp.where(mask, att, -jnp.inf), axis=-1)
     att = nn.Dropout(self.attn_pdrop)(att, deterministic=self.deterministic)
-    y = _einsum('bhqk,bhkd->bhqd', att, v, adt)
+    y = _einsum('bhqk,bhkd->bhqd', att, v, adt, ATTENTION_DOT)
     y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, c)
     y = _dense(c, ('heads', 'embed'), self.dtype, name='proj')(y)
     y = nn.Dropout(self.resid_pdrop)(y, deterministic=self.deterministic)
@@ -297,8 +325,7 @@ class GPT(nn.Module):
 
     block = Block
     if self.remat and cache is None:
-      policy = None if self.remat is True else getattr(jax.checkpoint_policies, self.remat)
-      block = nn.remat(Block, policy=policy, prevent_cse=not self.scan_layers)
+      block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=not self.scan_layers)
     kw = dict(n_head=self.n_head, dtype=self.dtype, attn_pdrop=self.attn_pdrop,
               resid_pdrop=self.resid_pdrop, deterministic=deterministic)
     if self.scan_layers:
