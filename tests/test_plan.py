@@ -101,7 +101,6 @@ def test_unknown_stage_is_refused():
     plan.plan(config, MESH, 1.0, search_batch=False)
 
 
-
 def test_demo_gpt_step_needs_no_full_rematerialization():
   """The CLI on the demo GPT with data, fsdp and tensor axes: SPMD builds no layout by first
   replicating a whole array (XLA then warns "involuntary full rematerialization"; the token

@@ -126,7 +126,6 @@ def test_stage1_step_traces_with_remat():
   assert metrics['total_loss'].shape == ()
 
 
-
 def test_gpt_dot_policies_save_dots_in_bf16_too():
   """The dot-saving policies save the same GPT dot outputs in bf16 as in float32, although
   bf16's dots sit inside `mixed_einsum`'s custom VJP, invisible to the policies' primitive
