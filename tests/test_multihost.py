@@ -164,6 +164,19 @@ def _train_killed_and_resumed(env, workdir, args, name):
   return run
 
 
+def _train_beside_one_process(env, multi, single, args, name, label):
+  """`_train_killed_and_resumed` in `multi`, and the 1-process reference run in `single`
+  alongside it (it is independent, and compiling is single-threaded)."""
+  reference = _Run(env, single, args, 1, f'{name}_single')
+  try:
+    run = _train_killed_and_resumed(env, multi, args, name)
+  except BaseException:
+    reference.kill()
+    raise
+  _TIMES[f'{label} 1 process (alongside)'] = reference.wait()
+  return run
+
+
 def _metrics(workdir):
   return [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
@@ -266,14 +279,7 @@ def stage1_runs(env, tmp_path_factory):
   root = tmp_path_factory.mktemp('stage1')
   multi, single = root / 'multi', root / 'single'
   args = [f'--config={STAGE1}']
-  # The 1-process run is independent: it runs alongside (compiling is single-threaded).
-  reference = _Run(env, single, args, 1, 'stage1_single')
-  try:
-    run = _train_killed_and_resumed(env, multi, args, 'stage1')
-  except BaseException:
-    reference.kill()
-    raise
-  _TIMES['stage1: 1 process (alongside)'] = reference.wait()
+  run = _train_beside_one_process(env, multi, single, args, 'stage1', 'stage1:')
   return multi, single, run
 
 
@@ -355,13 +361,7 @@ def test_stage2_two_processes_encode_train_resume_sample_match_one_process(
 
   # Train: both on the 2-process codes.
   args = base + [f'--config.data.codes_dir={multi / "codes"}']
-  reference = _Run(env, single, args, 1, 'stage2_single')
-  try:
-    run = _train_killed_and_resumed(env, multi, args, 'stage2')
-  except BaseException:
-    reference.kill()
-    raise
-  _TIMES['stage2: train, 1 process (alongside)'] = reference.wait()
+  run = _train_beside_one_process(env, multi, single, args, 'stage2', 'stage2: train,')
   assert _committed_steps(multi)[-2:] == [KILL_AFTER_STEP, NUM_STEPS]
   _check_process0_writes(run, multi, 'final eval: ')
   _compare_losses(multi, single, ('loss', 'bits_per_token'), ('loss', 'bits_per_token'),
