@@ -106,6 +106,28 @@ def test_round_trip_bit_equal(tmp_path):
   assert saved_config == ckpt_lib.config_to_dict(_config())
 
 
+def test_resume_restores_the_latest_step_and_the_iterator(tmp_path):
+  class Iterator:
+    state = None
+
+    def set_state(self, state):
+      self.state = state
+
+  target = {'x': jax.ShapeDtypeStruct((4,), jnp.float32)}
+  it = Iterator()
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    assert ck.resume(target, it, config=_config()) is None  # a fresh run
+    assert it.state is None
+    ck.save(3, {'x': jnp.full(4, 3.0)}, b'at 3', _config())
+    ck.save(5, {'x': jnp.full(4, 5.0)}, b'at 5', _config())
+    ck.wait()
+    state = ck.resume(target, it, config=_config())
+    np.testing.assert_array_equal(state['x'], np.full(4, 5.0))
+    assert it.state == b'at 5'
+    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.ch: checkpoint 64'):
+      ck.resume(target, it, config=_config(ch=128))
+
+
 def test_relative_workdir(tmp_path, monkeypatch):
   # orbax's OCDBT writer refuses relative paths, and only when an async save commits.
   monkeypatch.chdir(tmp_path)

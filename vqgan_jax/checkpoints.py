@@ -454,6 +454,18 @@ class Checkpointer:
                         data=ocp.args.JsonRestore())
     return out['state'], self._local_data_state(out['data'], step), saved_config
 
+  def resume(self, abstract_state: PyTree, iterator, *, config,
+             fields: Sequence[str] = COMPATIBILITY_FIELDS):
+    """A run's restart: restores the latest committed step (see `restore`) and moves the data
+    `iterator` (`set_state`) to where that step left it. Returns the state, or None when there
+    is no checkpoint yet."""
+    if self.latest_step() is None:
+      return None
+    state, data_state, _ = self.restore(abstract_state, config=config, fields=fields)
+    if data_state is not None:
+      iterator.set_state(data_state)
+    return state
+
   def _local_data_state(self, data, step):
     count = data['process_count']
     if count != jax.process_count():

@@ -269,19 +269,16 @@ def num_eval_examples(data_config, *, source=None):
   return min(len(source), limit) if limit > 0 else len(source)
 
 
-class _PaddedEvalSource:
-  """This process's part of each global eval batch, padded past the end.
+class ProcessSlice:
+  """This process's part of each global batch of one ordered pass, padded past the end.
 
   Global batch b holds examples [b*G, (b+1)*G); process p takes the slice
   [b*G + p*L, b*G + (p+1)*L), so all processes run the same number of
-  batches and the assembled global batch is in dataset order.
+  batches and the assembled global batch is in dataset order. Subclasses
+  give `example(index)`: the element at `index`, or padding for None.
   """
 
-  def __init__(self, source, data_config, num_examples, global_batch,
-               local_batch, process_index):
-    self._source = source
-    self._key = data_config.image_key
-    self._size = data_config.image_size
+  def __init__(self, num_examples, global_batch, local_batch, process_index):
     self._n = num_examples
     self._global = global_batch
     self._local = local_batch
@@ -293,7 +290,24 @@ class _PaddedEvalSource:
 
   def __getitem__(self, k):
     index = (k // self._local) * self._global + self._offset + k % self._local
-    if index >= self._n:
+    return self.example(index if index < self._n else None)
+
+  def example(self, index):
+    raise NotImplementedError
+
+
+class _PaddedEvalSource(ProcessSlice):
+  """Eval images and labels; padding has mask False."""
+
+  def __init__(self, source, data_config, num_examples, global_batch,
+               local_batch, process_index):
+    super().__init__(num_examples, global_batch, local_batch, process_index)
+    self._source = source
+    self._key = data_config.image_key
+    self._size = data_config.image_size
+
+  def example(self, index):
+    if index is None:
       return {'image': np.zeros((self._size, self._size, 3), np.uint8),
               'label': np.int32(-1), 'mask': np.bool_(False)}
     element = self._source[index]

@@ -21,7 +21,6 @@ others wait for it. Stage-2 training reads it with grain: deterministic shufflin
 of every global batch, a checkpointable iterator state; evaluation makes one ordered, padded pass.
 """
 
-import math
 import os
 import re
 import shutil
@@ -117,24 +116,18 @@ def preprocess_cond_map(x, size, one_hot=0, labels_from_intensity=False):
   return np.ascontiguousarray(g[..., None])
 
 
-class _OrderedSource:
-  """This process's part of each global batch of a split, in source order, padded past the
-  end (mask False), so every process runs the same number of batches."""
+class _OrderedSource(pipeline.ProcessSlice):
+  """Images, labels and source indices (and cond maps) of a split in source order; padding
+  has mask False."""
 
   def __init__(self, source, data_config, num_examples, global_batch, local_batch,
                process_index, cond=None):
+    super().__init__(num_examples, global_batch, local_batch, process_index)
     self._source, self._cfg, self._cond = source, data_config, cond
-    self._n, self._global, self._local = num_examples, global_batch, local_batch
-    self._offset = process_index * local_batch
-    self._len = math.ceil(num_examples / global_batch) * local_batch
 
-  def __len__(self):
-    return self._len
-
-  def __getitem__(self, k):
-    index = (k // self._local) * self._global + self._offset + k % self._local
+  def example(self, index):
     size = self._cfg.image_size
-    valid = index < self._n
+    valid = index is not None
     element = self._source[index] if valid else None
     out = {'index': np.int32(index if valid else -1), 'mask': np.bool_(valid)}
     if valid:
@@ -327,22 +320,16 @@ def make_train_iterator(builder, split, global_batch_size, seed, *, worker_count
                               process_count=process_count)
 
 
-class _PaddedCodes:
-  """Global batch b holds records [b*G, (b+1)*G); this process takes its L of them."""
+class _PaddedCodes(pipeline.ProcessSlice):
+  """Code records in order; padding is zeros (label -1) with mask False."""
 
   def __init__(self, source, num_examples, global_batch, local_batch, process_index):
-    self._source, self._n = source, num_examples
-    self._global, self._local = global_batch, local_batch
-    self._offset = process_index * local_batch
-    self._len = math.ceil(num_examples / global_batch) * local_batch
+    super().__init__(num_examples, global_batch, local_batch, process_index)
+    self._source = source
     self._blank = None
 
-  def __len__(self):
-    return self._len
-
-  def __getitem__(self, k):
-    index = (k // self._local) * self._global + self._offset + k % self._local
-    if index < self._n:
+  def example(self, index):
+    if index is not None:
       return dict(_ToArrays().map(self._source[index]), mask=np.bool_(True))
     if self._blank is None:
       first = _ToArrays().map(self._source[0])

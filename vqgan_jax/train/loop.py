@@ -108,11 +108,8 @@ def train_and_evaluate(config, workdir):
                                   save_every=config.train.checkpoint_every)
   train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
 
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(checkpoints.abstract_like(abstract, shardings),
-                                        config=config)
-    if data_state is not None:
-      train_it.set_state(data_state)
+  state = ckpt.resume(checkpoints.abstract_like(abstract, shardings), train_it, config=config)
+  if state is not None:
     logging.info('Resumed from %s at step %d', workdir, int(state['step']))
   else:
     state = jax.jit(init, out_shardings=shardings)(rng)

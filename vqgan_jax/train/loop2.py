@@ -233,11 +233,9 @@ def train_and_evaluate(config, workdir):
 
   ckpt = checkpoints.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
                                   save_every=config.train.checkpoint_every)
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(checkpoints.abstract_like(abstract, shardings),
-                                        config=config, fields=stage2.COMPATIBILITY_FIELDS)
-    if data_state is not None:
-      train_it.set_state(data_state)
+  state = ckpt.resume(checkpoints.abstract_like(abstract, shardings), train_it, config=config,
+                      fields=stage2.COMPATIBILITY_FIELDS)
+  if state is not None:
     logging.info('Resumed from %s at step %d', workdir, int(state['step']))
   else:
     state = jax.jit(init, out_shardings=shardings)(rng)
