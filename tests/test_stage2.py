@@ -442,8 +442,11 @@ def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
   env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
   env.update({
       'TFDS_DATA_DIR': str(tmp_path / 'tfds'), 'PYTHONUNBUFFERED': '1',
-      # A compilation cache kept in .pytest_cache: reruns skip most of the compiling.
-      'JAX_COMPILATION_CACHE_DIR': str(request.config.cache.mkdir('stage2_jax_cache')),
+      # A compilation cache kept in .pytest_cache (reruns skip most of the compiling), or in
+      # tmp_path under -p no:cacheprovider.
+      'JAX_COMPILATION_CACHE_DIR': str(
+          request.config.cache.mkdir('stage2_jax_cache')
+          if hasattr(request.config, 'cache') else tmp_path / 'jax_cache'),
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
   })
