@@ -159,13 +159,12 @@ def test_sample_deterministic_and_greedy(model, params, forward):
     logits = forward({'params': params}, jnp.asarray(seq))[:, t]
     seq[:, t + 1] = np.argmax(logits, -1)
   np.testing.assert_array_equal(greedy, seq[:, 1:])
-  # A cache grown in segments (several decode loops) draws the same tokens.
-  for seg in (1, 4, 5):
-    np.testing.assert_array_equal(sampling.sample(
-        params, model, COND, jax.random.key(0), steps=12, top_k=1, cache_segment=seg),
-                                  greedy)
-    np.testing.assert_array_equal(sampling.sample(
-        params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=seg), a)
+  # A cache grown in segments (several decode loops; 5 does not divide the 13 slots) draws
+  # the same tokens. One compile per (segment, top_k): greedy on one, sampled on the other.
+  np.testing.assert_array_equal(sampling.sample(
+      params, model, COND, jax.random.key(0), steps=12, top_k=1, cache_segment=1), greedy)
+  np.testing.assert_array_equal(sampling.sample(
+      params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=5), a)
 
 
 def test_class_conditional_first_step_distribution(model, params, forward):
