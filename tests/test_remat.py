@@ -1,6 +1,10 @@
 """Rematerialisation: stage 1's per-block nn.remat keeps the parameter tree and the gradients
 and really recomputes; both stages read it from the config."""
 
+import contextlib
+import functools
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +13,8 @@ import pytest
 from configs import common_transformer
 from configs import fashion_mnist_vqgan
 from vqgan_jax import validate
+from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models import transformer as tf
 from vqgan_jax.models.vqgan import VQGAN
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
@@ -111,8 +117,6 @@ def test_config_fields():
 def test_stage1_step_traces_with_remat():
   """The fused stage-1 step (VJPs through encode / decode_with_features) under remat: same
   state structure out as in (traced only; nothing compiled)."""
-  import functools  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
   c = fashion_mnist_vqgan.get_config('smoke')
   c.train.update(remat='block', remat_policy='dots_saveable')
   models = stage1.build_models(c)
@@ -131,9 +135,6 @@ def test_gpt_dot_policies_save_dots_in_bf16_too():
   bf16's dots sit inside `mixed_einsum`'s custom VJP, invisible to the policies' primitive
   test: the weight matmuls for `dots_with_no_batch_dims_saveable`, attention's too for
   `dots_saveable`."""
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
   tokens = jnp.zeros((2, 16), jnp.int32)
 
   def saved(dtype, policy):  # shapes of what the scanned blocks save for the backward
