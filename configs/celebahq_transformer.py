@@ -5,7 +5,9 @@ heads, 1664 wide, SOS + 16x16 codes of the FacesHQ f16 VQGAN with 1024 codes); o
 folder of 256x256 faces differs (--config.data.folder=DIR).
 """
 
-from configs import ffhq_transformer
+from vqgan_jax import config_base as base
+
+ffhq_transformer = base.load_sibling(__file__, 'ffhq_transformer')
 
 
 def get_config(arg=None):

@@ -11,11 +11,12 @@ config.cond.workdir. `:smoke` uses Fashion-MNIST's gray image as a stand-in dept
 random frozen cond VQGAN (plumbing only).
 """
 
-from configs import common
-from configs import common_transformer
+from vqgan_jax import config_base as base
+
+common_transformer = base.load_sibling(__file__, 'common_transformer')
 
 
 def get_config(arg=None):
   return common_transformer.spatial_transformer(
-      common.parse_arg(arg), key='depth', one_hot=0, cond_channels=1, data_name='drin',
+      base.parse_arg(arg), key='depth', one_hot=0, cond_channels=1, data_name='drin',
       batch_size=2)

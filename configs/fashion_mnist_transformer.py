@@ -14,16 +14,16 @@ smoke config (`configs/fashion_mnist_vqgan.py:smoke`, default workdir
 workdirs/fashion_mnist_vqgan_smoke) and runs a few steps of a tiny GPT.
 """
 
-from configs import common
-from configs import common_transformer
-from configs import fashion_mnist_vqgan
+from vqgan_jax import config_base as base
+
+fashion_mnist_vqgan = base.load_sibling(__file__, 'fashion_mnist_vqgan')
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common_transformer.stage2_base()
+  args = base.parse_arg(arg)
+  c = base.stage2_base()
   c.stage1_workdir = 'workdirs/fashion_mnist_vqgan'
-  c.stage1_config = common_transformer.stage1_model_fields(fashion_mnist_vqgan.get_config())
+  c.stage1_config = base.stage1_model_fields(fashion_mnist_vqgan.get_config())
   c.cond.update(kind='class', n_classes=10)
   c.transformer.update(n_layer=4, n_head=4, n_embd=256, pkeep=1.0, shared_vocab=False)
   c.data.update(name='fashion_mnist', image_size=32, train_split='train', eval_split='test',
@@ -38,5 +38,5 @@ def get_config(arg=None):
                  eval_every=600, checkpoint_every=200, dtype='bfloat16')
   c.sample.update(num_per_class=8, top_k=100, temperature=1.0, batch_size=80)
   if args.get('smoke'):
-    common_transformer.apply_smoke(c)
+    base.stage2_smoke(c)
   return c

@@ -4,12 +4,12 @@
   python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir=/tmp/fm_smoke
 """
 
-from configs import common
+from vqgan_jax import config_base as base
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common.stage1_base()
+  args = base.parse_arg(arg)
+  c = base.stage1_base()
   c.model.update(
       ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
       resolution=32, z_channels=64, n_embed=256, embed_dim=32,
@@ -24,5 +24,5 @@ def get_config(arg=None):
   c.train.update(batch_size=32, eval_batch_size=250, num_steps=600, log_every=25,
                  eval_every=600, checkpoint_every=200, num_grid_images=32)
   if args.get('smoke'):
-    common.apply_smoke(c)
+    base.stage1_smoke(c)
   return c

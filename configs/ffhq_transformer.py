@@ -7,16 +7,16 @@ Data: a folder of 256x256 faces (--config.data.folder=DIR). The release's batch 
 published; lr = 4.5e-6 x global batch. Sampling: the README's k=250, p=1.0.
 """
 
-from configs import common
-from configs import common_transformer
-from configs import faceshq_vqgan
+from vqgan_jax import config_base as base
+
+faceshq_vqgan = base.load_sibling(__file__, 'faceshq_vqgan')
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common_transformer.stage2_base()
+  args = base.parse_arg(arg)
+  c = base.stage2_base()
   stage1 = faceshq_vqgan.get_config()
-  c.stage1_config = common_transformer.stage1_model_fields(stage1)
+  c.stage1_config = base.stage1_model_fields(stage1)
   c.cond.update(kind='unconditional', sos_token=0)
   c.transformer.update(n_layer=24, n_head=16, n_embd=1664, shared_vocab=True)
   c.data = stage1.data
@@ -25,6 +25,6 @@ def get_config(arg=None):
   c.train.update(batch_size=8, eval_batch_size=32, dtype='bfloat16')
   c.sample.update(top_k=250, top_p=1.0, temperature=1.0, num_samples=16)
   if args.get('smoke'):
-    common_transformer.apply_smoke(c)
+    base.stage2_smoke(c)
     c.train.dtype = 'float32'
   return c

@@ -10,16 +10,16 @@ published; lr = 4.5e-6 x global batch (taming's rule). Sampling: the README's k=
       --config.stage1_workdir=IMAGENET_VQGAN_WORKDIR --mode=encode   # then train, sample
 """
 
-from configs import common
-from configs import common_transformer
-from configs import imagenet_vqgan_f16_16384
+from vqgan_jax import config_base as base
+
+imagenet_vqgan_f16_16384 = base.load_sibling(__file__, 'imagenet_vqgan_f16_16384')
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common_transformer.stage2_base()
+  args = base.parse_arg(arg)
+  c = base.stage2_base()
   stage1 = imagenet_vqgan_f16_16384.get_config()
-  c.stage1_config = common_transformer.stage1_model_fields(stage1)
+  c.stage1_config = base.stage1_model_fields(stage1)
   c.cond.update(kind='class', n_classes=1000)
   c.transformer.update(n_layer=48, n_head=24, n_embd=1536, shared_vocab=True)
   c.data = stage1.data
@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.sample.update(top_k=600, top_p=0.92, temperature=1.0, num_per_class=8,
                   classes=(1, 9, 88, 207, 279, 388, 417, 980))
   if args.get('smoke'):
-    common_transformer.apply_smoke(c)
+    base.stage2_smoke(c)
     c.train.dtype = 'float32'
     c.sample.classes = None
   return c

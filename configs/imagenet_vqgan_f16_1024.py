@@ -4,12 +4,12 @@ Needs a prepared TFDS `imagenet2012` (manual download) under config.data.data_di
 Reconstruction FID reported by the original: 7.94 (val).
 """
 
-from configs import common
+from vqgan_jax import config_base as base
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common.stage1_base()
+  args = base.parse_arg(arg)
+  c = base.stage1_base()
   c.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                  resolution=256, z_channels=256, n_embed=1024, embed_dim=256)
   c.loss.update(disc_start=250001.0, disc_weight=0.8, disc_num_layers=3, codebook_weight=1.0)
@@ -18,5 +18,5 @@ def get_config(arg=None):
                 eval_split='validation', random_crop=True)
   c.train.update(batch_size=12, eval_batch_size=16, dtype='float32')
   if args.get('smoke'):
-    common.apply_smoke(c)
+    base.stage1_smoke(c)
   return c

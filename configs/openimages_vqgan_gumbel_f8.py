@@ -21,12 +21,12 @@ the loss fields below are the ImageNet VQGAN's. Data: any prepared TFDS image da
 'image' feature (the release trained on OpenImages, TFDS `open_images_v4`).
 """
 
-from configs import common
+from vqgan_jax import config_base as base
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg)
-  c = common.stage1_base()
+  args = base.parse_arg(arg)
+  c = base.stage1_base()
   c.model.update(ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,),
                  resolution=256, z_channels=256, n_embed=8192, embed_dim=256,
                  quantizer='gumbel', kl_weight=1e-8, temperature=0.9)
@@ -36,6 +36,6 @@ def get_config(arg=None):
                 eval_split='validation', random_crop=True)
   c.train.update(batch_size=12, eval_batch_size=16, dtype='float32')
   if args.get('smoke'):
-    common.apply_smoke(c)
+    base.stage1_smoke(c)
     c.model.update(embed_dim=c.model.z_channels)
   return c

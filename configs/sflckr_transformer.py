@@ -12,11 +12,12 @@ Data: a prepared TFDS dataset with features `image` and `segmentation` (integer 
 from Fashion-MNIST's intensities and uses a random frozen cond VQGAN (plumbing only).
 """
 
-from configs import common
-from configs import common_transformer
+from vqgan_jax import config_base as base
+
+common_transformer = base.load_sibling(__file__, 'common_transformer')
 
 
 def get_config(arg=None):
   return common_transformer.spatial_transformer(
-      common.parse_arg(arg), key='segmentation', one_hot=182, cond_channels=182,
+      base.parse_arg(arg), key='segmentation', one_hot=182, cond_channels=182,
       data_name='sflckr', batch_size=4, smoke_one_hot=4)

@@ -168,3 +168,22 @@ class VQGAN(nn.Module):
   def __call__(self, x, deterministic: bool = True, train: bool = False):
     z_q, qloss, indices = self.encode(x, deterministic, train)
     return self.decode(z_q, deterministic), qloss, indices
+
+
+def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -> VQGAN:
+  """The VQGAN described by stage-1 `model` fields (a ConfigDict or a dict, as saved in a
+  checkpoint's config): the one place a config becomes a module. Fields added after a
+  checkpoint was written take their defaults. `frozen`: no dropout (encode, decode, stage 2).
+  """
+  get = fields.get
+  return VQGAN(ch=fields['ch'], ch_mult=tuple(fields['ch_mult']),
+               num_res_blocks=fields['num_res_blocks'],
+               attn_resolutions=tuple(fields['attn_resolutions']),
+               resolution=fields['resolution'], in_channels=fields['in_channels'],
+               out_ch=fields['out_ch'], z_channels=fields['z_channels'],
+               n_embed=fields['n_embed'], embed_dim=fields['embed_dim'],
+               beta=get('beta', 0.25), legacy_beta=get('legacy_beta', True),
+               quantizer=get('quantizer', 'vq'), kl_weight=get('kl_weight', 1e-8),
+               temperature=get('temperature', 1.0),
+               dropout=0.0 if frozen else get('dropout', 0.0), dtype=dtype,
+               remat_policy=remat_policy)
