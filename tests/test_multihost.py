@@ -45,6 +45,7 @@ from vqgan_jax import distributed
 from vqgan_jax.data import tokens
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = 'configs/fashion_mnist_vqgan.py:smoke'
@@ -326,9 +327,9 @@ def _stage2_model(stage1_workdir):
   config = fashion_mnist_transformer.get_config('smoke')
   config.stage1_workdir = str(stage1_workdir)
   config.train.dtype = 'float32'
-  config = stage2.resolve_config(config)
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  config = stage2_config.resolve_config(config)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   tx, _ = stage2.make_optimizer(config)
   return config, model, tx
 

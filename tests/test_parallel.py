@@ -13,6 +13,7 @@ from vqgan_jax.models import transformer as tf
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
 from vqgan_jax.validate import ConfigError
+from vqgan_jax.train import stage2_config
 
 
 def _abstract(**shapes):
@@ -44,7 +45,7 @@ def test_one_table_in_both_stages_configs():
       common.logical_axis_rules())
   # The GPT's own defaults (for standalone model use) are the table's GPT entries.
   table = dict(parallel.axis_rules(s2))
-  for logical, axes in tf.DEFAULT_RULES:
+  for logical, axes in parallel.DEFAULT_RULES:
     assert table[logical] == axes, logical
   # A rule naming an axis the mesh does not have is a config error, not a silent no-op.
   s1.logical_axis_rules = (('conv_out', 'model'),)
@@ -119,8 +120,8 @@ def test_stage2_config_table_drives_the_param_shardings():
   config.stage1_config.update(ch_mult=(1, 2, 2, 2), n_embed=32)
   config.data.image_size = 64
   config.transformer.update(n_layer=2, n_head=2, n_embd=32)
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   mesh = parallel.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   mlp = lambda r: tuple(stage2.param_shardings(model, mesh, rules=r)['blocks']['mlp_0']
                         ['kernel'].spec)

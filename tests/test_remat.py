@@ -18,6 +18,7 @@ from vqgan_jax.models import transformer as tf
 from vqgan_jax.models.vqgan import VQGAN
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 
 SIZE = 16
 
@@ -111,7 +112,7 @@ def test_config_fields():
                'dots_with_no_batch_dims_saveable'}
   for (remat, policy), want in cases.items():
     t.update(remat=remat, remat_policy=policy)
-    assert stage2.gpt_remat(t) == want, (remat, policy)
+    assert stage2_config.gpt_remat(t) == want, (remat, policy)
 
 
 def test_stage1_step_traces_with_remat():

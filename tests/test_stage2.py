@@ -22,9 +22,12 @@ from configs import common_transformer
 from configs import fashion_mnist_transformer
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
-from vqgan_jax.train import loop2
 from vqgan_jax.train import stage2
 from vqgan_jax.validate import ConfigError
+from vqgan_jax.train import stage2_config
+from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.train import transformer_trainer
+from vqgan_jax.train import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,8 +101,8 @@ def test_pkeep():
   # In the step the inputs are corrupted, the targets stay clean, and the loss is the mean
   # image-code NLL of the model on those inputs.
   config = tiny_config('class', pkeep=0.0)
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   state = jax.jit(functools.partial(stage2.init_state, model, tx))(jax.random.PRNGKey(0))
   state['params']['head']['kernel'] *= 30.0  # make the loss sensitive to the inputs
@@ -125,8 +128,8 @@ def test_pkeep():
 @pytest.mark.parametrize('scan', [False, True])
 def test_weight_decay_mask_covers_exactly_the_kernels(scan):
   config = tiny_config('class', scan_layers=scan)
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   params = jax.eval_shape(functools.partial(stage2.init_params, model), jax.random.PRNGKey(0))
   flat = {'/'.join(str(k.key) for k in path): v for path, v in
           jax.tree_util.tree_flatten_with_path(stage2.decay_mask(params))[0]}
@@ -144,7 +147,7 @@ def test_weight_decay_mask_covers_exactly_the_kernels(scan):
   tx, _ = stage2.make_optimizer(config)
   p = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), params)
   updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p))(p)
-  lr = stage2.peak_learning_rate(config)
+  lr = common.peak_learning_rate(config)
   for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
     name = '/'.join(str(k.key) for k in path)
     want = -lr * config.optim.weight_decay if name in decayed else 0.0
@@ -156,17 +159,17 @@ def test_weight_decay_mask_covers_exactly_the_kernels(scan):
 # ----------------------------------------------------------------------------------------
 
 def test_vocabulary_conventions():
-  lay = stage2.make_layout(tiny_config('class'))
+  lay = stage2_config.make_layout(tiny_config('class'))
   assert (lay.vocab_size, lay.cond_offset, lay.block_size) == (32 + 5, 32, 64)
-  lay = stage2.make_layout(tiny_config('class', shared_vocab=True))
+  lay = stage2_config.make_layout(tiny_config('class', shared_vocab=True))
   assert (lay.vocab_size, lay.cond_offset) == (32, 0)
-  lay = stage2.make_layout(tiny_config('unconditional'))
+  lay = stage2_config.make_layout(tiny_config('unconditional'))
   assert (lay.vocab_size, lay.sos_id) == (33, 32)
-  lay = stage2.make_layout(tiny_config('unconditional', shared_vocab=True))
+  lay = stage2_config.make_layout(tiny_config('unconditional', shared_vocab=True))
   assert (lay.vocab_size, lay.sos_id) == (32, 0)
   c = tiny_config('class')
   c.cond.drop_prob = 0.1
-  lay = stage2.make_layout(c)
+  lay = stage2_config.make_layout(c)
   assert (lay.vocab_size, lay.null_id) == (32 + 5 + 1, 37)
   # Class dropout replaces the class token by the null id at drop_prob.
   labels = {'codes': jnp.zeros((4000, 1), jnp.int32), 'label': jnp.ones((4000,), jnp.int32)}
@@ -174,9 +177,9 @@ def test_vocabulary_conventions():
   assert set(np.unique(ids)) == {33, 37} and abs(np.mean(ids == 37) - 0.1) < 0.02
   c.transformer.update(vocab_size=20)
   with pytest.raises(ConfigError, match='vocab_size'):
-    stage2.make_layout(c)
+    stage2_config.make_layout(c)
   # The demo: 8x8 codes of 256 after a class token.
-  demo = stage2.make_layout(stage2.resolve_config(fashion_mnist_transformer.get_config()))
+  demo = stage2_config.make_layout(stage2_config.resolve_config(fashion_mnist_transformer.get_config()))
   assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 266, 64)
 
 
@@ -189,13 +192,13 @@ def test_vocabulary_conventions():
 ])
 def test_paper_configs(name, vocab, block, layers, heads, width, kind):
   module = importlib.import_module(f'configs.{name}')
-  c = stage2.resolve_config(module.get_config())
+  c = stage2_config.resolve_config(module.get_config())
   t = c.transformer
   assert (t.vocab_size, t.block_size, t.n_layer, t.n_head, t.n_embd, c.cond.kind) == (
       vocab, block, layers, heads, width, kind)
   assert t.shared_vocab  # converted taming checkpoints load as they are
-  smoke = stage2.resolve_config(module.get_config('smoke'))
-  stage2.validate_config(smoke)
+  smoke = stage2_config.resolve_config(module.get_config('smoke'))
+  stage2_config.validate_config(smoke)
   assert smoke.transformer.n_layer <= 2 and smoke.train.num_steps <= 10
 
 
@@ -215,9 +218,9 @@ def test_stage1_fields_checked_against_the_checkpoint():
 # ----------------------------------------------------------------------------------------
 
 def _run_steps(config, layout, mesh, batches):
-  model = stage2.build_model(config, layout)
+  model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
-  shardings = stage2.state_shardings(model, tx, mesh, rules=parallel.axis_rules(config))
+  shardings = stage2.gpt_state_shardings(model, tx, mesh, rules=parallel.axis_rules(config))
   state = jax.jit(functools.partial(stage2.init_state, model, tx),
                   out_shardings=shardings)(jax.random.PRNGKey(0))
   born = jax.tree.map(lambda x: x.sharding, state)  # params are born sharded
@@ -256,7 +259,7 @@ def test_sharded_step_matches_single_device():
   config = tiny_config('class', pkeep=0.9)
   config.transformer.n_embd = 64  # 4C = 256 and C divisible by every mesh axis
   config.cond.n_classes = 8  # vocab 40: divisible by tensor=2
-  layout = stage2.make_layout(config)
+  layout = stage2_config.make_layout(config)
   batches = [_random_batch(layout, 8, seed) for seed in range(2)]
   single = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
@@ -296,7 +299,7 @@ def test_sharded_step_matches_single_device():
   # noise: it is only checked to stay within its lr bound. Elsewhere 99% of the entries must
   # agree to 10% of a step, and all within the bound; a sharding bug moves far more (and the
   # losses above).
-  lr_steps = stage2.peak_learning_rate(config) * len(batches) * 1.01
+  lr_steps = common.peak_learning_rate(config) * len(batches) * 1.01
   for (path, a), b, a0 in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p8),
                               jax.tree.leaves(run['init_params'])):
     name = jax.tree_util.keystr(path)
@@ -309,8 +312,8 @@ def test_sharded_step_matches_single_device():
 
 def test_eval_nll_covers_the_whole_split():
   config = tiny_config('class')
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(3))
   params['head']['kernel'] *= 20.0  # a non-uniform model
   data = _random_batch(layout, 7, seed=5)
@@ -320,7 +323,7 @@ def test_eval_nll_covers_the_whole_split():
   eval_fn = stage2.make_eval_step(model, layout, mesh, stage2.param_shardings(model, mesh))
   batches = tokens.make_eval_iterator(None, 'test', 4, source=source, process_index=0,
                                       process_count=1)  # 2 batches, the second padded
-  result = loop2.evaluate(eval_fn, params, {}, batches, mesh)
+  result = transformer_trainer.evaluate(eval_fn, params, {}, batches, mesh)
   assert result['num_examples'] == 7 and result['num_tokens'] == 7 * layout.image_len
   # By hand over all 7 examples, in float64.
   seq = np.concatenate([data['label'][:, None] + layout.cond_offset, data['codes']], axis=1)
@@ -341,12 +344,12 @@ def test_spatial_conditioning_with_a_random_cond_vqgan():
   c.cond.model.update(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(),
                       resolution=16, in_channels=5, out_ch=5, z_channels=8, n_embed=16,
                       embed_dim=8)
-  layout = stage2.make_layout(c)
+  layout = stage2_config.make_layout(c)
   assert (layout.cond_len, layout.cond_offset, layout.vocab_size) == (16, 32, 32 + 16)
   assert layout.block_size == 16 + 16 - 1
-  shared = stage2.make_layout(dict_update(c, 'transformer.shared_vocab', True))
+  shared = stage2_config.make_layout(dict_update(c, 'transformer.shared_vocab', True))
   assert (shared.cond_offset, shared.vocab_size) == (0, 32)
-  cond_vqgan = stage2.build_vqgan(c.cond.model)
+  cond_vqgan = vqgan_lib.from_config(c.cond.model, frozen=True)
   # Random encoder params without compiling an init (GroupNorm absorbs their scale).
   shapes = jax.eval_shape(lambda r: cond_vqgan.init(r, jnp.zeros((1, 16, 16, 5)),
                                                     method='encode_to_indices')['params'],
@@ -354,7 +357,7 @@ def test_spatial_conditioning_with_a_random_cond_vqgan():
   rng = np.random.RandomState(1)
   cond_params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.randn(*s.shape), s.dtype), shapes)
   frozen = stage2.Frozen(cond=cond_vqgan, cond_one_hot=5)
-  model = stage2.build_model(c, layout)
+  model = stage2_config.build_model(c, layout)
   tx, schedule = stage2.make_optimizer(c)
   state = jax.jit(functools.partial(stage2.init_state, model, tx))(jax.random.PRNGKey(0))
   batch = _random_batch(layout, 2)
@@ -394,8 +397,8 @@ def dict_update(config, field, value):
 def test_sampling_never_draws_condition_ids():
   config = tiny_config('class')
   config.cond.drop_prob = 0.1  # a null class: classifier-free guidance
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout, scan_layers=False)
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout, scan_layers=False)
   params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(0))
   # Make the condition ids the most likely outputs: the sampler must still avoid them.
   head = params['head']['kernel']

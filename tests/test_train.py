@@ -17,6 +17,7 @@ from vqgan_jax import validate
 from vqgan_jax.data import builders
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.train import stage1
+from vqgan_jax.train import common
 
 BATCH, SIZE = 8, 32
 DISC_START = 1  # step 0: D off; step 1: D on. One compiled step exercises both sides.
@@ -280,7 +281,7 @@ def test_fused_gradients_equal_plain_autodiff(config, run1, direct_results, i):
   np.testing.assert_allclose(m['ae_grad_norm'], optax.global_norm(d['grads']), rtol=1e-5)
 
   o = config.optim
-  lr = stage1.learning_rate(config)
+  lr = common.peak_learning_rate(config)
   assert lr == pytest.approx(1e-5 * BATCH)
   gmax = _gmax(d['grads'])
   # The gradient the fused step used, recovered exactly from Adam's first moment.
@@ -363,7 +364,7 @@ def _grads_from_adam(config, s_in, s_out):
 def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
   """One step from `s_in` on 8 devices (got) and on 1 (want) agree; `grads`: the reference
   gradient of the step (its largest entry is the unit, its entries pick the real ones)."""
-  lr = stage1.learning_rate(config)
+  lr = common.peak_learning_rate(config)
   gmax = _gmax(grads)
   for key in ('step', 'rng', 'disc_opt_state'):
     for (path, a), (_, b) in zip(_leaves(got[key]), _leaves(want[key])):
@@ -417,7 +418,7 @@ def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1
   ref, ref_m = _host(ref), _host(ref_m)
   _assert_same_step(config, s1, s2, run8['free_metrics'], ref, ref_m,
                     _grads_from_adam(config, s1, ref), '[free step 1]')
-  lr = stage1.learning_rate(config)
+  lr = common.peak_learning_rate(config)
   worst = 0.0
   for (path, a), (_, b) in zip(_leaves(s2['params']), _leaves(run1['states'][2]['params'])):
     diff = float(np.max(np.abs(a.astype(np.float64) - b))) / lr

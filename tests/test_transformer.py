@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vqgan_jax.models import transformer as tf
+from vqgan_jax import parallel
 
 V, BLOCK, LAYERS, HEADS, C = 33, 24, 2, 2, 32
 
@@ -207,18 +208,18 @@ def test_sharded_forward_matches(model):
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   tokens = _tokens(5, (4, BLOCK))
   variables = jax.jit(model.init)(jax.random.key(0), tokens)
-  shardings = tf.logical_shardings(variables, mesh)
+  shardings = parallel.logical_shardings(variables, mesh)
   spec = shardings['params']['blocks_0']['mlp_0']['kernel'].spec
   assert tuple(spec) == ('fsdp', 'tensor')
   assert tuple(shardings['params']['head']['kernel'].spec) == ('fsdp', None)  # 33 % 2 != 0
   # A mesh without 'tensor' (parallel.py's) drops that axis.
   mesh2 = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  assert tuple(tf.logical_shardings(variables, mesh2)['params']['blocks_0']['mlp_0']['kernel']
+  assert tuple(parallel.logical_shardings(variables, mesh2)['params']['blocks_0']['mlp_0']['kernel']
                .spec) == ('fsdp', None)
   plain = nn.unbox(variables)
   sharded = jax.device_put(plain, shardings)
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
-  with nn.logical_axis_rules(tf.mesh_rules(mesh)), jax.set_mesh(mesh):
+  with nn.logical_axis_rules(parallel.mesh_rules(mesh)), jax.set_mesh(mesh):
     out = jax.jit(model.apply)(sharded, jax.device_put(tokens, batch))
   np.testing.assert_allclose(out, _apply(model, plain, tokens), atol=1e-5)
 

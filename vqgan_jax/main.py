@@ -38,11 +38,6 @@ from ml_collections import config_flags
 
 from vqgan_jax import distributed  # imports no JAX
 
-# configs/*.py import `configs.common`: make the repo root importable wherever we run from.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (file.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
@@ -74,11 +69,14 @@ def main(argv):
     print(started, flush=True)
   # Imported here so `--help` and flag errors do not pay for importing jax.
   import jax  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import loop2  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import codes as codes_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train.common import RunError  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS['verbosity'].present:
     # orbax and TFDS log every file operation at INFO; the progress bar says what matters.
@@ -94,24 +92,26 @@ def main(argv):
       raise validate.ConfigError(f'--mode={_MODE.value} needs a stage-2 config '
                                  f"(config.stage='transformer'), got stage={stage!r}")
     if _MODE.value == 'train':
-      train = loop.train_and_evaluate if stage == 'vqgan' else loop2.train_and_evaluate
+      train = (vqgan_trainer.train_and_evaluate if stage == 'vqgan'
+               else transformer_trainer.train_and_evaluate)
       result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
         say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
       say(f'workdir: {os.path.abspath(workdir)}')
     elif _MODE.value == 'encode':
-      path, counts, kept = loop2.encode(config, workdir)
+      path, counts, kept = codes_lib.encode(config, workdir)
       say(('up to date, kept: ' if kept else 'encoded: ')
           + ', '.join(f'{k}={v}' for k, v in counts.items()))
       say(f'codes: {path}')
     elif _MODE.value == 'sample':
-      out = loop2.sample(config, workdir)
+      out = sample_lib.sample(config, workdir)
       say(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
           f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
       say(f"tokens: {out['npz']}")
       say(f"grid: {out['png']}")
-  except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError) as e:
+  except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError,
+          RunError) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

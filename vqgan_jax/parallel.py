@@ -4,7 +4,7 @@ batches, for both stages.
 One mesh, axes ('data', 'fsdp', 'tensor') (`config.mesh`; 'tensor' defaults to 1). The batch
 is split over data x fsdp. Parameters and optimizer state (its moments shard like their
 parameters) are placed by one table of logical-axis rules, `config.logical_axis_rules`
-(logical axis -> mesh axis, tuple of mesh axes, or None; see `configs/common.py`):
+(logical axis -> mesh axis, tuple of mesh axes, or None; `config_base.logical_axis_rules`):
 
 * stage 2 (the GPT) annotates its parameters with logical axes (`embed`, `heads`, `mlp`,
   `vocab`, `layers`) and its activations (`batch`, `length`, `act_embed`) inside the model,
@@ -26,9 +26,11 @@ devices, a GPU or a pod; only the config's axis sizes (and, if wanted, rules) ch
 import math
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vqgan_jax import config_base
 from vqgan_jax.validate import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -99,9 +101,13 @@ def normalize_rules(rules, field='config.logical_axis_rules'):
 def axis_rules(config):
   """The run's logical-axis rules (`config.logical_axis_rules`), checked."""
   if config.get('logical_axis_rules') is None:
-    raise ConfigError('config.logical_axis_rules is missing (see configs/common.py for the '
+    raise ConfigError('config.logical_axis_rules is missing (vqgan_jax/config_base.py has the '
                       'default table)')
   return normalize_rules(config.logical_axis_rules)
+
+
+# The config table, for models used without a config (tests, notebooks).
+DEFAULT_RULES = normalize_rules(config_base.logical_axis_rules())
 
 
 def _rule_axes(logical, rules):
@@ -139,8 +145,9 @@ def logical_spec(shape, logical_axes, rules, mesh: Mesh,
   return P(*dims)
 
 
-def _key_name(k):
-  return str(getattr(k, 'key', getattr(k, 'name', k)))
+def key_name(entry) -> str:
+  """The name of one entry of a pytree path (a dict key, an attribute or an index)."""
+  return str(getattr(entry, 'key', getattr(entry, 'name', entry)))
 
 
 def stage1_logical_axes(path, shape):
@@ -148,7 +155,7 @@ def stage1_logical_axes(path, shape):
   from its layout: HWIO conv kernels (kh, kw, in, out) and Dense kernels (in, out) ->
   'conv_in', 'conv_out'; the codebook (n_embed, embed_dim) -> ('codebook', None); other
   arrays (biases, norms, statistics, counters) have none."""
-  name = _key_name(path[-1]) if path else ''
+  name = key_name(path[-1]) if path else ''
   if name == 'kernel' and len(shape) == 4:
     return (None, None, 'conv_in', 'conv_out')
   if name == 'kernel' and len(shape) == 2:
@@ -167,6 +174,40 @@ def state_shardings(abstract_state, mesh: Mesh, rules=()):
       lambda path, x: NamedSharding(
           mesh, logical_spec(x.shape, stage1_logical_axes(path, x.shape), rules, mesh)),
       abstract_state)
+
+
+def mesh_rules(mesh, rules=None):
+  """`rules` restricted to the mesh's axes (a rule naming an absent axis maps to None)."""
+  rules = DEFAULT_RULES if rules is None else rules
+  names = set(mesh.axis_names)
+  out = []
+  for logical, axes in rules:
+    if axes is None:
+      out.append((logical, None))
+      continue
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in names)
+    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+  return tuple(out)
+
+
+def logical_shardings(boxed_tree, mesh, rules=None):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (params from `init`, or
+  `jax.eval_shape` of it). A dimension the mapped mesh axes do not divide is replicated
+  (e.g. vocab 33 over tensor=2); unannotated leaves are replicated."""
+  rules = mesh_rules(mesh, rules)
+
+  def one(leaf):
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, P())
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    dims = []
+    for size, axes in zip(leaf.value.shape, tuple(spec) + (None,) * leaf.value.ndim):
+      n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) \
+          if axes is not None else 1
+      dims.append(axes if axes is not None and size % n == 0 else None)
+    return NamedSharding(mesh, P(*dims))
+
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -35,10 +35,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_REPO_ROOT, 'configs')) and _REPO_ROOT not in sys.path:
-  sys.path.insert(0, _REPO_ROOT)
-
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _MESH = flags.DEFINE_string('mesh', 'data=8', 'Mesh axis sizes, e.g. data=16,fsdp=4.')
 _MEMORY = flags.DEFINE_float('device_memory_gb', 80.0, 'Memory of one device, GiB.')
@@ -79,9 +75,7 @@ def stage1_program(config, mesh):
   from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
 
   models = stage1.build_models(config)
-  rng = jax.random.PRNGKey(0)
-  abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), rng)
-  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
+  abstract, shardings, _ = stage1.state_setup(config, models, mesh, jax.random.PRNGKey(0))
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lpips_params)
   lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
@@ -104,7 +98,7 @@ def stage1_program(config, mesh):
   settings = {'compute_dtype': config.train.dtype,
               'param_dtype': _dtypes(abstract['params']),
               'remat': config.train.get('remat', 'none'),
-              'remat_policy': stage1.remat_policy(config)}
+              'remat_policy': stage1.remat_policy_name(config)}
   return step, args, groups, settings
 
 
@@ -114,24 +108,26 @@ def stage2_program(config, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
 
-  config = stage2.resolve_config(config)
-  stage2.validate_config(config)  # the batch is rounded to the mesh below
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout)
+  config = stage2_config.resolve_config(config)
+  stage2_config.validate_config(config)  # the batch is rounded to the mesh below
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   rules = parallel.axis_rules(config)
   rng = jax.random.PRNGKey(0)
   abstract = jax.eval_shape(functools.partial(stage2.init_state, model, tx), rng)
-  shardings = stage2.state_shardings(model, tx, mesh, rng, rules)
+  shardings = stage2.gpt_state_shardings(model, tx, mesh, rng, rules)
   frozen, frozen_abstract, frozen_sh = stage2.Frozen(), {}, {}
   from_images = config.data.source == 'images'
   if from_images:  # the frozen stage-1 encoder runs inside the step
-    vqgan = stage2.build_vqgan(config.stage1_config)
-    x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
-    frozen_abstract = {'stage1': jax.eval_shape(lambda r: vqgan.init(r, x)['params'], rng)}
-    frozen_sh = {'stage1': parallel.state_shardings(frozen_abstract['stage1'], mesh, rules)}
+    vqgan = vqgan_lib.from_config(config.stage1_config, frozen=True)
+    abstract_vq, sh_vq = stage1.vqgan_param_shardings(vqgan, mesh, rules)
+    frozen_abstract, frozen_sh = {'stage1': abstract_vq}, {'stage1': sh_vq}
     frozen = stage2.Frozen(stage1=vqgan)
   step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings, frozen,
                                 frozen_sh or None)
@@ -160,7 +156,7 @@ def stage2_program(config, mesh):
               'param_dtype': _dtypes(abstract['params']),
               'remat': t.get('remat', 'none'),
               'remat_policy': {False: None, True: 'nothing_saveable'}.get(
-                  stage2.gpt_remat(t), stage2.gpt_remat(t)),
+                  stage2_config.gpt_remat(t), stage2_config.gpt_remat(t)),
               'scan_layers': bool(t.scan_layers),
               'data_source': config.data.source,
               'model': {'n_layer': t.n_layer, 'n_head': t.n_head, 'n_embd': t.n_embd,

@@ -2,64 +2,73 @@
 
 import math
 
+import jax.numpy as jnp
+
+from vqgan_jax.models.layers import REMAT_POLICIES
+
+# config.train.dtype -> the compute dtype (parameters, optimizer state and losses stay float32).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
 
 class ConfigError(ValueError):
   """A config field holds a value the model or the run cannot use."""
 
 
-def _check(cond, msg):
+def check(cond, msg):
+  """Raises ConfigError(msg) unless `cond`."""
   if not cond:
     raise ConfigError(msg)
 
 
-def validate_remat(section, field, modes):
-  """`section.remat` in `modes` and `section.remat_policy` a policy usable by name."""
-  from vqgan_jax.models.layers import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+def validate_remat(section, field, modes, policy_as_mode=False):
+  """`section.remat` in `modes` (or, with `policy_as_mode`, a policy name: the older stage-2
+  spelling) and `section.remat_policy` a policy usable by name."""
   remat = section.get('remat', 'none')
-  _check(remat in modes, f'{field}.remat must be one of {modes}, got {remat!r}')
+  allowed = tuple(modes) + (REMAT_POLICIES if policy_as_mode else ())
+  check(remat in allowed, f'{field}.remat must be one of {modes}'
+        + (' (or a policy name)' if policy_as_mode else '') + f', got {remat!r}')
   policy = section.get('remat_policy', 'nothing_saveable')
-  _check(policy in REMAT_POLICIES,
+  check(policy in REMAT_POLICIES,
          f'{field}.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}')
 
 
 def validate_stage1(config, batch_divisor: int = 1):
   m, d, t, loss = config.model, config.data, config.train, config.loss
-  _check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
+  check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
   factor = 2 ** (len(m.ch_mult) - 1)
   for name in ('resolution',):
-    _check(m[name] % factor == 0,
+    check(m[name] % factor == 0,
            f'config.model.{name}={m[name]} is not divisible by the downsampling factor '
            f'{factor} (2**(len(ch_mult)-1) with ch_mult={tuple(m.ch_mult)})')
-  _check(d.image_size % factor == 0,
+  check(d.image_size % factor == 0,
          f'config.data.image_size={d.image_size} is not divisible by the downsampling factor '
          f'{factor} of config.model.ch_mult={tuple(m.ch_mult)}')
   for i, mult in enumerate(m.ch_mult):
     c = m.ch * mult
-    _check(c % 32 == 0,
+    check(c % 32 == 0,
            f'config.model.ch * ch_mult[{i}] = {m.ch} * {mult} = {c} channels is not divisible '
            'by 32 (GroupNorm uses 32 groups)')
   for name in ('n_embed', 'embed_dim', 'z_channels', 'num_res_blocks'):
-    _check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
+    check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
   quantizer = m.get('quantizer', 'vq')
-  _check(quantizer in ('vq', 'gumbel'),
+  check(quantizer in ('vq', 'gumbel'),
          f"config.model.quantizer must be 'vq' or 'gumbel', got {quantizer!r}")
   if quantizer == 'gumbel':
-    _check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
-    _check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
-  _check(m.in_channels in (1, 3) and m.out_ch == m.in_channels,
+    check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
+    check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
+  check(m.in_channels in (1, 3) and m.out_ch == m.in_channels,
          f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}')
-  _check(loss.disc_loss in ('hinge', 'vanilla'),
+  check(loss.disc_loss in ('hinge', 'vanilla'),
          f"config.loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
-  _check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
-  _check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
-  _check(t.dtype in ('float32', 'bfloat16'),
-         f"config.train.dtype must be 'float32' or 'bfloat16', got {t.dtype!r}")
+  check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
+  check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
+  check(t.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {t.dtype!r}')
   validate_remat(t, 'config.train', ('none', 'block'))
   for name in ('batch_size', 'eval_batch_size'):
-    _check(t[name] % batch_divisor == 0,
+    check(t[name] % batch_divisor == 0,
            f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
            "of the mesh's batch axes (config.mesh)")
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
-    _check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
-  _check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
+    check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
+  check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
          f'config.optim.base_lr must be a positive number, got {config.optim.base_lr}')

@@ -53,20 +53,6 @@ Dtype = Any
 LN_EPS = 1e-5
 INIT_STD = 0.02
 
-# Logical axis -> mesh axis. 'tensor' may be absent from a mesh (e.g. parallel.py's
-# ('data', 'fsdp')): `logical_shardings` drops mesh axes the mesh lacks.
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('kv', None),
-    ('length', None),
-    ('layers', None),
-    ('act_embed', None),
-)
-
 # Logical axes of one K/V cache entry, (batch, heads, length, head_dim).
 CACHE_AXES = ('batch', 'heads', 'length', 'kv')
 
@@ -454,40 +440,3 @@ def to_torch_state_dict(params) -> dict:
   ln('ln_f', p['ln_f'])
   linear('head', p['head'])
   return {k: np.asarray(v) for k, v in sd.items()}
-
-
-# ----------------------------------------------------------------------------------------
-# Sharding by logical axes
-# ----------------------------------------------------------------------------------------
-
-def mesh_rules(mesh, rules=DEFAULT_RULES):
-  """`rules` restricted to the mesh's axes (a rule naming an absent axis maps to None)."""
-  names = set(mesh.axis_names)
-  out = []
-  for logical, axes in rules:
-    if axes is None:
-      out.append((logical, None))
-      continue
-    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in names)
-    out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
-  return tuple(out)
-
-
-def logical_shardings(boxed_tree, mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (params from `init`, or
-  `jax.eval_shape` of it). A dimension the mapped mesh axes do not divide is replicated
-  (e.g. vocab 33 over tensor=2); unannotated leaves are replicated."""
-  rules = mesh_rules(mesh, rules)
-
-  def one(leaf):
-    if not isinstance(leaf, nn.LogicallyPartitioned):
-      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    spec = nn.logical_to_mesh_axes(leaf.names, rules)
-    dims = []
-    for size, axes in zip(leaf.value.shape, tuple(spec) + (None,) * leaf.value.ndim):
-      n = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])) \
-          if axes is not None else 1
-      dims.append(axes if axes is not None and size % n == 0 else None)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*dims))
-
-  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

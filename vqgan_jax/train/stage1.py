@@ -24,52 +24,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vqgan_jax import checkpoints
 from vqgan_jax import losses
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
 from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models.discriminator import NLayerDiscriminator
-from vqgan_jax.models.vqgan import VQGAN
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from vqgan_jax.train.common import peak_learning_rate, setup_initial_state
+from vqgan_jax.validate import DTYPES
 
 
 class Models(NamedTuple):
-  vqgan: VQGAN
+  vqgan: vqgan_lib.VQGAN
   disc: NLayerDiscriminator
   lpips: Any
 
 
-def remat_policy(config):
-  """The VQGAN's remat policy name from `config.train.remat` / `remat_policy` (None: off)."""
+def remat_policy_name(config):
+  """The VQGAN's `jax.checkpoint_policies` name from `config.train.remat` / `remat_policy`
+  (None: no remat)."""
   t = config.train
   return t.get('remat_policy', 'nothing_saveable') if t.get('remat', 'none') == 'block' else None
 
 
 def build_models(config) -> Models:
-  m = config.model
   dtype = DTYPES[config.train.dtype]
-  vqgan = VQGAN(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                attn_resolutions=tuple(m.attn_resolutions), resolution=m.resolution,
-                in_channels=m.in_channels, out_ch=m.out_ch, z_channels=m.z_channels,
-                n_embed=m.n_embed, embed_dim=m.embed_dim, beta=m.beta,
-                legacy_beta=m.legacy_beta, quantizer=m.get('quantizer', 'vq'),
-                kl_weight=m.get('kl_weight', 1e-8), temperature=m.get('temperature', 1.0),
-                dropout=m.dropout, dtype=dtype, remat_policy=remat_policy(config))
+  vqgan = vqgan_lib.from_config(config.model, dtype=dtype,
+                                remat_policy=remat_policy_name(config))
   disc = NLayerDiscriminator(ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers,
                              dtype=dtype)
   return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype))
 
 
-def learning_rate(config) -> float:
-  """taming's main.py: lr = accumulate * n_gpus * per-GPU batch * base_lr = global batch * base."""
-  if config.optim.scale_lr:
-    return config.optim.base_lr * config.train.batch_size
-  return config.optim.base_lr
-
-
 def make_optimizers(config):
-  adam = lambda: optax.adam(learning_rate(config), b1=config.optim.b1, b2=config.optim.b2,
+  adam = lambda: optax.adam(peak_learning_rate(config), b1=config.optim.b1, b2=config.optim.b2,
                             eps=config.optim.eps)
   return adam(), adam()
 
@@ -93,13 +82,17 @@ def init_state(config, models: Models, rng):
   }
 
 
+def state_setup(config, models: Models, mesh, rng):
+  """(abstract state, shardings, born-sharded initialiser) of the stage-1 training state."""
+  return setup_initial_state(
+      functools.partial(init_state, config, models), rng,
+      lambda abstract: parallel.state_shardings(abstract, mesh, parallel.axis_rules(config)))
+
+
 def create_sharded_state(config, models: Models, mesh, rng):
-  """Initialises the state directly into its shardings (never whole on one device)."""
-  init = functools.partial(init_state, config, models)
-  abstract = jax.eval_shape(init, rng)
-  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
-  state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  """The initial state, born in its shardings (never whole on one device), and those."""
+  _, shardings, init = state_setup(config, models, mesh, rng)
+  return init(), shardings
 
 
 def to_model_range(images):
@@ -227,3 +220,25 @@ def make_eval_step(models: Models, mesh, param_shardings, lpips_shardings):
   return jax.jit(functools.partial(eval_step, models),
                  in_shardings=(param_shardings, lpips_shardings, batch, batch),
                  out_shardings=(parallel.replicated(mesh), batch))
+
+
+def vqgan_param_shardings(vqgan, mesh, rules=()):
+  """(abstract params, shardings) of a VQGAN's parameters on `mesh` under `rules`."""
+  x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
+  abstract = jax.eval_shape(lambda r: vqgan.init(r, x)['params'], jax.random.PRNGKey(0))
+  return abstract, parallel.state_shardings(abstract, mesh, rules)
+
+
+def init_vqgan_params(vqgan, mesh, rng, rules=()):
+  """Randomly initialised VQGAN params, born sharded (tests and smoke runs only)."""
+  x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
+  _, shardings = vqgan_param_shardings(vqgan, mesh, rules)
+  return jax.jit(lambda r: vqgan.init(r, x)['params'], out_shardings=shardings)(rng)
+
+
+def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None):
+  """A stage-1 run's VQGAN params (latest step by default), read straight into their
+  shardings on `mesh` (any mesh and process count)."""
+  abstract, shardings = vqgan_param_shardings(vqgan, mesh, rules)
+  return checkpoints.restore_params(workdir, checkpoints.abstract_like(abstract, shardings),
+                                    step=step)

@@ -1,0 +1,287 @@
+"""Trained models from their workdirs, ready to use from Python.
+
+    import vqgan_jax
+    vq = vqgan_jax.load_vqgan('workdirs/fashion_mnist_vqgan')
+    codes = vq.encode(images_uint8)              # (N, h, w) int32
+    recon = vq.decode(codes)                     # (N, H, W, C) float32, ~[-1, 1]
+    gpt = vqgan_jax.load_transformer('workdirs/fm_gpt')
+    codes, images = gpt.sample(gpt.condition_for_class([7] * 8), jax.random.key(0), top_k=100)
+
+Both read the config saved with the checkpoint (no config file needed), restore the
+parameters straight into their shardings on a mesh (all devices on its batch axis by default,
+any process count: every process calls with the same arguments), and accept the workdirs that
+`python -m vqgan_jax.convert` writes from the original release. The methods take and return
+host numpy arrays; `.model` and `.params` are there for your own jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax import sampling
+from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.train import stage1
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
+from vqgan_jax.train.codes import stage1_step
+from vqgan_jax.train.common import gather
+
+
+def _saved_config(workdir, step):
+  with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise checkpoints.CheckpointError(f'No checkpoint in {ckpt.directory}: train first.')
+    return ml_collections.ConfigDict(ckpt.restore_config(step)), step
+
+
+def _default_mesh():
+  return parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+
+
+def _rules(config):
+  return parallel.axis_rules(config) if config.get('logical_axis_rules') else \
+      parallel.DEFAULT_RULES
+
+
+def _to_global(x: np.ndarray, sharding):
+  """A host array that every process holds whole -> a global array with `sharding`."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _chunks(n: int, batch_size: int, divisor: int):
+  """(start, stop, padded size) of each chunk of a batch of `n`, padded to the mesh."""
+  size = max(divisor, batch_size // divisor * divisor)
+  for start in range(0, n, size):
+    stop = min(n, start + size)
+    yield start, stop, -(-(stop - start) // divisor) * divisor
+
+
+@dataclasses.dataclass
+class TrainedVQGAN:
+  """A stage-1 VQGAN with its parameters on a mesh: encode, decode, reconstruct."""
+  model: vqgan_lib.VQGAN
+  params: Any
+  config: ml_collections.ConfigDict   # the config saved with the checkpoint
+  step: int
+  mesh: jax.sharding.Mesh
+  batch_size: int = 256               # images per compiled call (rounded to the mesh)
+
+  def __post_init__(self):
+    batch = parallel.batch_sharding(self.mesh)
+    p_sh = jax.tree.map(lambda x: x.sharding, self.params)
+    model = self.model
+
+    def encode(params, x):
+      return model.apply({'params': params}, _model_range(x), method='encode_to_indices')
+
+    def decode(params, idx):
+      return model.apply({'params': params}, idx, method='decode_indices').astype(jnp.float32)
+
+    self._encode = jax.jit(encode, in_shardings=(p_sh, batch), out_shardings=batch)
+    self._decode = jax.jit(decode, in_shardings=(p_sh, batch), out_shardings=batch)
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.model.ch_mult) - 1)
+
+  def _images(self, images) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim == 3:
+      x = x[..., None]
+    if x.ndim == 4 and x.shape[-1] == 1 and self.model.in_channels == 3:
+      x = np.repeat(x, 3, axis=-1)  # Gray images as the data pipeline feeds them: RGB.
+    if x.ndim != 4 or x.shape[-1] != self.model.in_channels:
+      raise ValueError(f'images must be (N, H, W, {self.model.in_channels}) (NHWC; uint8 in '
+                       f'[0, 255] or float in [-1, 1]), got shape {x.shape}')
+    f = self.downsample_factor
+    if x.shape[1] % f or x.shape[2] % f:
+      raise ValueError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by this '
+                       f"VQGAN's downsampling factor {f}")
+    return x
+
+  def _map(self, fn, x: np.ndarray) -> np.ndarray:
+    """`fn(params, chunk)` over chunks of x, padded to the mesh's batch axes."""
+    divisor = parallel.batch_divisor(self.mesh)
+    batch = parallel.batch_sharding(self.mesh)
+    out = []
+    for start, stop, padded in _chunks(len(x), self.batch_size, divisor):
+      chunk = x[start:stop]
+      if padded > len(chunk):
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padded - len(chunk), axis=0)])
+      out.append(gather(fn(self.params, _to_global(chunk, batch)))[:stop - start])
+    return np.concatenate(out)
+
+  def encode(self, images) -> np.ndarray:
+    """(N, H, W, C) images (uint8 in [0, 255], or float in [-1, 1]; gray (N, H, W) or
+    (N, H, W, 1) for an RGB model is repeated to RGB) -> (N, H/f, W/f) int32 code indices."""
+    return self._map(self._encode, self._images(images))
+
+  def decode(self, indices) -> np.ndarray:
+    """(N, h, w) code indices -> (N, H, W, C) float32 images, nominally [-1, 1] (unclipped,
+    the decoder's output)."""
+    idx = np.asarray(indices)
+    if idx.ndim != 3:
+      raise ValueError(f'indices must be (N, h, w) code grids, got shape {idx.shape}')
+    if idx.size and (idx.min() < 0 or idx.max() >= self.model.n_embed):
+      raise ValueError(f'code indices must be in [0, {self.model.n_embed}), got '
+                       f'[{idx.min()}, {idx.max()}]')
+    return self._map(self._decode, idx.astype(np.int32))
+
+  def reconstruct(self, images) -> np.ndarray:
+    """encode then decode: (N, H, W, C) float32 reconstructions, nominally [-1, 1]."""
+    return self.decode(self.encode(images))
+
+
+def _model_range(x):
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return x.astype(jnp.float32) / 127.5 - 1.0
+  return x.astype(jnp.float32)
+
+
+def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
+  """The VQGAN of a stage-1 workdir (a training run or a converted release).
+
+  Args:
+    workdir: the run's directory (holds `checkpoints/`).
+    step: the checkpoint step; the latest by default.
+    mesh: where the parameters live; default: every device on the batch axis.
+    ema: use the exponential moving average of the generator's parameters when the run kept
+      one (`params_ema` in its state); otherwise, and with ema=False, the trained params.
+  """
+  config, step = _saved_config(workdir, step)
+  if config.get('stage', 'vqgan') != 'vqgan':
+    raise checkpoints.CheckpointError(
+        f'{workdir} is a {config.get("stage")!r} run; load_vqgan reads stage-1 (vqgan) '
+        'workdirs (load_transformer reads stage-2 ones)')
+  mesh = mesh or _default_mesh()
+  model = vqgan_lib.from_config(config.model, frozen=True)
+  rules = _rules(config)
+  params = None
+  if ema:
+    abstract, shardings = stage1.vqgan_param_shardings(model, mesh, rules)
+    try:
+      params = checkpoints.restore_params(
+          workdir, checkpoints.abstract_like(abstract, shardings), key='params_ema', step=step)
+    except checkpoints.CheckpointError:
+      params = None  # The run kept no EMA copy.
+  if params is None:
+    params = stage1.restore_vqgan_params(workdir, model, mesh, rules, step=step)
+  return TrainedVQGAN(model, params, config, step, mesh)
+
+
+@dataclasses.dataclass
+class TrainedTransformer:
+  """A stage-2 transformer with its first stage, ready to sample (jitted, KV-cached)."""
+  model: Any                          # the GPT, per-layer layout (what the sampler runs)
+  params: Any                         # the GPT's params
+  vqgan: TrainedVQGAN                 # the frozen first stage (decodes the codes)
+  layout: stage2_config.Layout        # token layout: grid, vocabulary, condition ids
+  config: ml_collections.ConfigDict   # the resolved config
+  step: int
+  mesh: jax.sharding.Mesh
+
+  def condition_for_class(self, labels) -> np.ndarray:
+    """(N, 1) condition tokens for class ids (class models; an id outside [0, n_classes) is an
+    error), or N start tokens for an unconditional model."""
+    return np.asarray(stage2.class_tokens(self.layout, np.asarray(labels).reshape(-1)))
+
+  def sample(self, condition=None, rng=None, *, num_samples=None, temperature=1.0, top_k=None,
+             top_p=1.0, cfg_scale=None, grid=None, window=None):
+    """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
+    float32, nominally [-1, 1]) as host arrays.
+
+    condition: (N, Lc) condition tokens (`condition_for_class`, or cond codes + offset for
+      spatial models); None for an unconditional model (then num_samples, default 1).
+    num_samples: repeat a single condition that many times.
+    temperature: > 0 divides the logits; 0 is greedy (argmax) decoding.
+    top_k / top_p: keep the k most likely codes / the smallest set with probability >= p.
+    cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
+    grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
+      the training grid's side (or `window`).
+    """
+    layout = self.layout
+    rng = jax.random.key(0) if rng is None else rng
+    if condition is None:
+      if layout.kind != 'unconditional':
+        raise ValueError(f'this {layout.kind}-conditional model needs a condition (see '
+                         'condition_for_class)')
+      condition = self.condition_for_class(np.zeros((num_samples or 1,), np.int32))
+      num_samples = None
+    grid = tuple(grid or layout.grid)
+    if grid != tuple(layout.grid) and window is None:
+      if layout.grid[0] != layout.grid[1]:
+        raise ValueError(f'the sliding window needs a square training grid, got {layout.grid}')
+      if layout.kind == 'spatial':
+        raise ValueError('grids larger than the training grid with spatial conditioning need '
+                         'cond maps of the larger size; not supported')
+      window = layout.grid[0]
+    uncond = None
+    if cfg_scale is not None and cfg_scale != 1.0:
+      if layout.null_id < 0:
+        raise ValueError('cfg_scale needs a model trained with class dropout '
+                         '(config.cond.drop_prob > 0, offset vocabulary)')
+      uncond = np.full((1 if num_samples else len(condition), layout.cond_len), layout.null_id,
+                       np.int32)
+    else:
+      cfg_scale = None
+    rep = parallel.replicated(self.mesh)
+    put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
+    codes, images = sampling.sample_images(
+        {'gpt': self.params, 'vqgan': self.vqgan.params}, self.model, self.vqgan.model,
+        put(condition), rng, grid=grid, num_samples=num_samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+        uncond_tokens=None if uncond is None else put(uncond), window=window)
+    return gather(codes), gather(images)
+
+
+def load_transformer_for_config(config, workdir, step=None, mesh=None) -> TrainedTransformer:
+  """`load_transformer` under a given stage-2 config (e.g. a run's own, with its `sample`
+  and `stage1_workdir` overrides), checked against the saved one."""
+  mesh = mesh or _default_mesh()
+  saved, step = _saved_config(workdir, step)
+  if saved.get('stage') != 'transformer':
+    raise checkpoints.CheckpointError(
+        f'{workdir} is a {saved.get("stage", "vqgan")!r} run; load_transformer reads stage-2 '
+        '(transformer) workdirs (load_vqgan reads stage-1 ones)')
+  config = stage2_config.resolve_config(config)
+  checkpoints.check_compatible(saved.to_dict(), config, tuple(
+      f for f in stage2_config.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
+                               where=workdir)
+  layout = stage2_config.make_layout(config)
+  rules = _rules(config)
+  model = stage2_config.build_model(config, layout, scan_layers=False)
+  params = stage2.restore_gpt_params(workdir, model, mesh, saved.to_dict(), rules=rules,
+                                     step=step)
+  frozen, frozen_params, _ = stage2.load_frozen(config, layout, mesh, cond=False)
+  vq = TrainedVQGAN(frozen.stage1, frozen_params['stage1'],
+                    ml_collections.ConfigDict({'stage': 'vqgan',
+                                               'model': config.stage1_config.to_dict()}),
+                    stage1_step(config.stage1_workdir), mesh)
+  return TrainedTransformer(model, params, vq, layout, config, step, mesh)
+
+
+def load_transformer(workdir, step=None, *, mesh=None, stage1_workdir=None) -> \
+    TrainedTransformer:
+  """The transformer of a stage-2 workdir (a training run or a converted release) and the
+  stage-1 VQGAN its config names.
+
+  Args:
+    workdir: the run's directory (holds `checkpoints/`).
+    step: the checkpoint step; the latest by default.
+    mesh: where the parameters live; default: every device on the batch axis.
+    stage1_workdir: the first stage's workdir, when it moved since training (default: the
+      one the saved config names).
+  """
+  config, _ = _saved_config(workdir, step)
+  if stage1_workdir is not None:
+    config.stage1_workdir = stage1_workdir
+  return load_transformer_for_config(config, workdir, step, mesh or _default_mesh())

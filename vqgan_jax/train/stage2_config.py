@@ -1,0 +1,269 @@
+"""Stage-2 configs: resolving them against the stage-1 checkpoints, the token layout they
+imply (`Layout`), their validation, and the GPT they describe.
+
+A stage-2 config names its frozen first stage by workdir; the stage-1 model fields are checked
+against (and missing ones filled from) that run's saved config, then the vocabulary and block
+size follow from the conditioning (`config_base` explains the two vocabulary conventions).
+Everything here runs before anything is compiled, and a problem is one `ConfigError` sentence.
+"""
+
+import dataclasses
+import math
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax.models import transformer as gpt_lib
+from vqgan_jax.validate import DTYPES, ConfigError, check, validate_remat
+
+COND_KINDS = ('unconditional', 'class', 'spatial')
+
+# Fields that change the shapes or meaning of a stage-2 checkpoint's arrays.
+COMPATIBILITY_FIELDS = (
+    'stage', 'transformer.vocab_size', 'transformer.block_size', 'transformer.n_layer',
+    'transformer.n_head', 'transformer.n_embd', 'transformer.shared_vocab',
+    'transformer.scan_layers', 'cond.kind', 'cond.n_classes', 'stage1_config.n_embed')
+
+# Stage-1 model fields that must agree between a config and the stage-1 checkpoint.
+_STAGE1_MODEL_FIELDS = ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resolution',
+                        'in_channels', 'out_ch', 'z_channels', 'n_embed', 'embed_dim',
+                        'quantizer')
+
+
+
+def saved_stage1_config(workdir):
+  """The config saved with a stage-1 run's latest checkpoint, or None if it has none."""
+  if not workdir or not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    return None
+  with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
+    return None if ckpt.latest_step() is None else ckpt.restore_config()
+
+
+def _norm(v):
+  return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _merge_model_fields(fields, saved, field_name, workdir):
+  """Checks `fields` (a ConfigDict of model fields) against a saved stage-1 config."""
+  if saved.get('stage', 'vqgan') != 'vqgan':
+    raise ConfigError(f'{field_name}: {workdir} is a {saved.get("stage")!r} run, not a '
+                      'stage-1 (vqgan) run')
+  model = saved.get('model', {})
+  conflicts = []
+  for k, v in model.items():
+    if k not in fields or fields[k] is None:
+      with fields.ignore_type():
+        fields[k] = tuple(v) if isinstance(v, list) else v
+    elif k in _STAGE1_MODEL_FIELDS and _norm(fields[k]) != _norm(v):
+      conflicts.append(f'{field_name}.{k}={fields[k]!r} but the checkpoint in {workdir} has '
+                       f'{tuple(v) if isinstance(v, list) else v!r}')
+  if conflicts:
+    raise ConfigError('; '.join(conflicts) + ' (drop the override or point the workdir at the '
+                      'matching stage-1 run)')
+
+
+def resolve_config(config):
+  """An unlocked copy of a stage-2 config with the stage-1 (and cond) model fields checked
+  against / filled from their checkpoints' saved configs, and `transformer.vocab_size` and
+  `transformer.block_size` resolved."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  check(c.get('stage') == 'transformer',
+         f"config.stage={c.get('stage')!r}: stage-2 runs need stage='transformer'")
+  # Absolute, so that the saved config finds its first stage from any working directory.
+  if c.stage1_workdir:
+    c.stage1_workdir = os.path.abspath(c.stage1_workdir)
+  if c.cond.workdir:
+    c.cond.workdir = os.path.abspath(c.cond.workdir)
+  saved = saved_stage1_config(c.stage1_workdir)
+  if saved is not None:
+    _merge_model_fields(c.stage1_config, saved, 'config.stage1_config', c.stage1_workdir)
+  if c.cond.kind == 'spatial' and not c.cond.random_init:
+    saved = saved_stage1_config(c.cond.workdir)
+    if saved is not None:
+      _merge_model_fields(c.cond.model, saved, 'config.cond.model', c.cond.workdir)
+  layout = _layout_from(c)
+  c.transformer.vocab_size = layout.vocab_size
+  c.transformer.block_size = layout.block_size
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where each token of a sequence comes from and which ids it uses (static, hashable)."""
+  kind: str
+  n_image: int            # image codebook size: image codes are ids [0, n_image)
+  grid: tuple             # image code grid (h, w)
+  cond_len: int           # condition tokens per sequence
+  cond_offset: int        # added to class ids / cond codes (0: shared table)
+  sos_id: int             # unconditional SOS id
+  null_id: int            # class dropout / guidance id; -1: none
+  n_classes: int
+  cond_grid: tuple        # spatial: the cond code grid; else ()
+  cond_n_embed: int       # spatial: the cond VQGAN's codebook size; else 0
+  vocab_size: int
+  block_size: int
+
+  @property
+  def image_len(self):
+    return self.grid[0] * self.grid[1]
+
+  @property
+  def seq_len(self):
+    """The GPT's input length: cond + image - 1 (the last code is never an input)."""
+    return self.cond_len + self.image_len - 1
+
+
+def downsample_factor(model_fields):
+  return 2 ** (len(model_fields.ch_mult) - 1)
+
+
+def _grid(size, model_fields, field):
+  f = downsample_factor(model_fields)
+  check(size % f == 0, f'config.data.image_size={size} is not divisible by the downsampling '
+         f'factor {f} of {field}.ch_mult={tuple(model_fields.ch_mult)}')
+  return (size // f, size // f)
+
+
+def _layout_from(c):
+  t, cond, m = c.transformer, c.cond, c.stage1_config
+  check(cond.kind in COND_KINDS, f'config.cond.kind={cond.kind!r}: use one of {COND_KINDS}')
+  for k in ('n_embed', 'ch_mult'):
+    check(m.get(k) is not None, f'config.stage1_config.{k} is unset and {c.stage1_workdir!r} '
+           '(config.stage1_workdir) has no checkpoint to read it from')
+  n_image = int(m.n_embed)
+  grid = _grid(c.data.image_size, m, 'config.stage1_config')
+  shared = bool(t.shared_vocab)
+  cond_grid, cond_n, null_id, n_classes = (), 0, -1, 0
+  check(0.0 <= cond.drop_prob < 1.0, f'config.cond.drop_prob={cond.drop_prob} not in [0, 1)')
+  check(cond.kind == 'class' or cond.drop_prob == 0.0,
+         'config.cond.drop_prob (classifier-free guidance) needs cond.kind=class')
+  if cond.kind == 'unconditional':
+    cond_len = 1
+    offset = 0 if shared else n_image
+    sos = int(cond.sos_token) if shared else n_image
+    needed = max(n_image, sos + 1)
+  elif cond.kind == 'class':
+    n_classes = int(cond.n_classes)
+    check(n_classes >= 1, 'config.cond.n_classes must be >= 1 for cond.kind=class')
+    cond_len, sos = 1, -1
+    offset = 0 if shared else n_image
+    if cond.drop_prob > 0:
+      check(not shared, 'config.cond.drop_prob > 0 needs the offset vocabulary '
+             '(transformer.shared_vocab=False): the shared table has no free null token')
+      null_id = n_image + n_classes
+    needed = max(n_image, n_classes) if shared else n_image + n_classes + (null_id >= 0)
+  else:
+    cm = cond.model
+    check(cm.get('n_embed') is not None, 'config.cond.model.n_embed is unset')
+    check(cond.key, 'config.cond.key (the dataset feature of the cond map) is empty')
+    cond_grid = _grid(c.data.image_size, cm, 'config.cond.model')
+    cond_len, sos, cond_n = cond_grid[0] * cond_grid[1], -1, int(cm.n_embed)
+    offset = 0 if shared else n_image
+    needed = max(n_image, cond_n) if shared else n_image + cond_n
+  vocab = int(t.vocab_size)
+  if vocab == -1:
+    vocab = needed
+  check(vocab >= needed, f'config.transformer.vocab_size={vocab} is too small: the '
+         f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}')
+  block_needed = cond_len + grid[0] * grid[1] - 1
+  block = int(t.block_size)
+  if block == -1:
+    block = block_needed
+  check(block >= block_needed, f'config.transformer.block_size={block} is too small: '
+         f'{cond_len} condition + {grid[0]}x{grid[1]} image tokens need {block_needed}')
+  return Layout(kind=cond.kind, n_image=n_image, grid=grid, cond_len=cond_len,
+                cond_offset=offset, sos_id=sos, null_id=null_id, n_classes=n_classes,
+                cond_grid=cond_grid, cond_n_embed=cond_n, vocab_size=vocab, block_size=block)
+
+
+def make_layout(config) -> Layout:
+  """The layout of a resolved config (see `resolve_config`)."""
+  return _layout_from(config)
+
+
+def validate_config(config, batch_divisor: int = 1):
+  t, o, tr = config.transformer, config.optim, config.train
+  check(t.n_embd % t.n_head == 0,
+         f'config.transformer.n_embd={t.n_embd} is not divisible by n_head={t.n_head}')
+  for name in ('n_layer', 'n_head', 'n_embd'):
+    check(t[name] >= 1, f'config.transformer.{name} must be >= 1, got {t[name]}')
+  check(0.0 <= t.pkeep <= 1.0, f'config.transformer.pkeep={t.pkeep} not in [0, 1]')
+  check(tr.dtype in DTYPES, f"config.train.dtype must be one of {tuple(DTYPES)}, got "
+         f'{tr.dtype!r}')
+  validate_remat(t, 'config.transformer', REMAT_MODES, policy_as_mode=True)
+  parallel.axis_rules(config)
+  for name in ('batch_size', 'eval_batch_size'):
+    check(tr[name] % batch_divisor == 0,
+           f'config.train.{name}={tr[name]} is not divisible by the {batch_divisor} devices '
+           "of the mesh's batch axes (config.mesh.data x config.mesh.fsdp)")
+  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+    check(tr[name] >= 1, f'config.train.{name} must be >= 1, got {tr[name]}')
+  check(math.isfinite(o.base_lr) and o.base_lr > 0,
+         f'config.optim.base_lr must be a positive number, got {o.base_lr}')
+  check(o.schedule in ('constant', 'cosine'),
+         f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+  check(0 <= o.warmup_steps and (o.schedule != 'cosine' or o.warmup_steps < tr.num_steps),
+         f'config.optim.warmup_steps={o.warmup_steps} must be in [0, train.num_steps)')
+  check(config.data.source in ('codes', 'images'),
+         f"config.data.source must be 'codes' or 'images', got {config.data.source!r}")
+  if config.cond.kind == 'spatial':
+    want = int(config.cond.one_hot) or 1  # label maps one-hot; other maps (depth) gray
+    check(config.cond.model.in_channels == want,
+           f'config.cond.model.in_channels={config.cond.model.in_channels} but the cond maps '
+           f'have {want} channel(s) (config.cond.one_hot={config.cond.one_hot})')
+  check(config.data.source == 'codes' or config.cond.kind != 'spatial',
+         "spatial conditioning trains on codes: use config.data.source='codes' "
+         '(write them with --mode=encode)')
+
+
+class CodeGPT(gpt_lib.GPT):
+  """The GPT whose sampled tokens are image codes: `decode` (what the samplers run) pushes
+  the logits of ids >= n_image (condition tokens of the offset vocabulary) to -1e9, which a
+  softmax turns into exactly 0 and guidance's difference keeps finite."""
+  n_image: int = 0
+
+  def decode(self, tokens, cache, pos, logits_at=None):
+    logits, cache = super().decode(tokens, cache, pos, logits_at)
+    if 0 < self.n_image < self.vocab_size:
+      logits = jnp.where(jnp.arange(self.vocab_size) < self.n_image, logits, -1e9)
+    return logits, cache
+
+
+REMAT_MODES = ('', 'none', 'block', 'full')
+
+
+def gpt_remat(t):
+  """`GPT.remat` from `config.transformer`: False, True (nothing saved) or a policy name.
+
+  remat: 'none' (or '') off; 'block' each block under nn.remat with `remat_policy`; 'full'
+  nothing saved; a policy name alone is 'block' with that policy (the older spelling).
+  """
+  remat = t.get('remat', 'none')
+  if remat in ('', 'none'):
+    return False
+  if remat == 'full':
+    return True
+  policy = t.get('remat_policy', 'nothing_saveable') if remat == 'block' else remat
+  return True if policy == 'nothing_saveable' else policy
+
+
+def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
+  t = config.transformer
+  remat = gpt_remat(t)
+  return CodeGPT(
+      vocab_size=layout.vocab_size, block_size=layout.block_size, n_layer=t.n_layer,
+      n_head=t.n_head, n_embd=t.n_embd, embd_pdrop=t.embd_pdrop, resid_pdrop=t.resid_pdrop,
+      attn_pdrop=t.attn_pdrop, dtype=DTYPES[config.train.dtype], remat=remat,
+      scan_layers=t.scan_layers if scan_layers is None else scan_layers,
+      n_image=layout.n_image)
+
+
+def setup(config):
+  """(resolved config, mesh, layout) of a stage-2 run, validated for that mesh."""
+  config = resolve_config(config)
+  mesh = parallel.make_mesh(config.mesh)
+  validate_config(config, parallel.batch_divisor(mesh))
+  return config, mesh, make_layout(config)

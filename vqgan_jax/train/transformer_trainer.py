@@ -1,0 +1,125 @@
+"""Trains the transformer (stage 2): codes (or images encoded in the step) -> sharded AdamW
+steps -> logs, held-out bits per code over the whole eval split, checkpoints, resume."""
+
+import functools
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax.data import pipeline
+from vqgan_jax.data import tokens
+from vqgan_jax.train import codes as codes_lib
+from vqgan_jax.train import common
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
+
+
+def evaluate(eval_fn, params, frozen_params, batches, mesh):
+  """Held-out NLL over every batch of `batches` (one pass over the eval split)."""
+  sharding = parallel.batch_sharding(mesh)
+  totals = {'nll': 0.0, 'tokens': 0.0, 'examples': 0.0}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(params, frozen_params, pipeline.to_global(batch, sharding)))
+    for k in totals:
+      totals[k] += float(sums[k])  # float64 on the host
+  tokens_n = max(totals['tokens'], 1.0)
+  nats = totals['nll'] / tokens_n
+  return {'nll': nats, 'bits_per_token': nats / np.log(2.0), 'perplexity': float(np.exp(nats)),
+          'num_examples': totals['examples'], 'num_tokens': totals['tokens']}
+
+
+def _init_from(config, model, mesh, rules):
+  src = config.init_from
+  if not os.path.isdir(checkpoints.checkpoint_dir(src)):
+    raise checkpoints.CheckpointError(
+        f'config.init_from={src!r} has no checkpoints/ folder: point it at a stage-2 workdir '
+        '(a training run or `python -m vqgan_jax.convert` output)')
+  with checkpoints.Checkpointer(src, read_only=True, max_to_keep=None) as ckpt:
+    saved = ckpt.restore_config()
+  if saved.get('stage') != 'transformer':
+    raise checkpoints.CheckpointError(
+        f'config.init_from={src!r} is a {saved.get("stage", "vqgan")!r} run; a transformer '
+        'starts from a stage-2 (transformer) workdir')
+  return stage2.restore_gpt_params(src, model, mesh, saved, rules=rules)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains stage 2 in `workdir`, resuming from its latest checkpoint; returns the final eval.
+
+  The function `python -m vqgan_jax.main` calls for a stage-2 config (`vqgan_jax.train_stage2`).
+  """
+  workdir = common.prepare_workdir(workdir)
+  config, mesh, layout = stage2_config.setup(config)
+  model = stage2_config.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  rng = jax.random.PRNGKey(config.seed)
+  rules = parallel.axis_rules(config)
+  abstract, shardings, init = common.setup_initial_state(
+      functools.partial(stage2.init_state, model, tx), rng,
+      lambda _: stage2.gpt_state_shardings(model, tx, mesh, rng, rules))
+
+  if config.data.source == 'images':
+    pipeline.check_splits(config.data)
+    frozen, frozen_params, frozen_sh = stage2.load_frozen(config, layout, mesh)
+    train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
+    eval_batches = lambda: pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
+    keys = ('image', 'label', 'mask')
+  else:
+    frozen, frozen_params, frozen_sh = stage2.Frozen(), {}, {}
+    builder = codes_lib.open_codes(config, workdir, layout)
+    tokens.check_splits(builder, config.data)
+    train_it = tokens.make_train_iterator(builder, config.data.train_split,
+                                          config.train.batch_size, config.seed,
+                                          worker_count=config.data.worker_count)
+    eval_batches = lambda: tokens.make_eval_iterator(
+        builder, config.data.eval_split, config.train.eval_batch_size,
+        max_examples=config.data.eval_examples)
+    keys = ('codes', 'label', 'cond_codes', 'mask')
+
+  with checkpoints.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
+                                save_every=config.train.checkpoint_every) as ckpt:
+    state, resumed = common.restore_or_init(ckpt, abstract, shardings, init, train_it, config,
+                                            fields=stage2_config.COMPATIBILITY_FIELDS)
+    if not resumed and config.init_from:
+      state['params'] = _init_from(config, model, mesh, rules)
+      state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(
+          state['params'])
+      logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
+
+    train_fn = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings,
+                                      frozen, frozen_sh)
+    eval_fn = stage2.make_eval_step(model, layout, mesh, shardings['params'], frozen,
+                                    frozen_sh, rules)
+    batch_sharding = parallel.batch_sharding(mesh)
+    start, total = int(jax.device_get(state['step'])), config.train.num_steps
+    writer = common.Writer(workdir, start)
+
+    def run_eval(s, step):
+      batches = ({k: b[k] for k in keys if k in b} for b in eval_batches())
+      result = evaluate(eval_fn, s['params'], frozen_params, batches, mesh)
+      writer.scalars(step, result, 'eval')
+      return result
+
+    def next_batch():
+      batch = next(train_it)
+      return pipeline.to_global({k: batch[k] for k in keys if k in batch and k != 'mask'},
+                                batch_sharding)
+
+    try:
+      state, result = common.train_loop(
+          state, step_fn=lambda s, b: train_fn(s, frozen_params, b), next_batch=next_batch,
+          start=start, total=total, train_config=config.train, ckpt=ckpt,
+          data_state=train_it.get_state, config=config, writer=writer, evaluate=run_eval,
+          loss_key='loss', rate=('tokens_per_s', config.train.batch_size * layout.image_len),
+          postfix=lambda m: dict(tok_s=f"{m['tokens_per_s']:.0f}", loss=f"{m['loss']:.4f}",
+                                 bpt=f"{m['bits_per_token']:.3f}", lr=f"{m['lr']:.2e}"),
+          desc='stage2')
+      if start >= total:  # Already finished: report the final model again.
+        result = run_eval(state, start)
+    finally:
+      writer.close()
+  return result
