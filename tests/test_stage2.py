@@ -1,13 +1,16 @@
 """Stage 2: loss masking, pkeep, the weight-decay mask, vocabulary layouts, the sharded step,
 held-out NLL over a whole split, spatial conditioning, and the stage-1 -> encode -> stage-2
--> sample handoff through `python -m vqgan_jax.main`."""
+-> sample handoff through `python -m vqgan_jax.main` of a non-editable install, and the
+README's Python example."""
 
 import functools
 import importlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import sysconfig
 import time
 
 import flax.linen as nn
@@ -439,10 +442,52 @@ def _folder(root, per_class=12):
   return root
 
 
+def _installed_python(root):
+  """A fresh venv at `root` with this repo installed non-editable (a wheel built from a copy of
+  the source), its dependencies taken from the running environment; returns its python.
+
+  The running environment's site-packages is added by a `.pth` line, which adds the path
+  without running that directory's own `.pth` files, so the editable install there (its import
+  hook) is not seen: `import vqgan_jax` finds only the installed copy.
+  """
+  src = root / 'src'
+  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+      '.git', '.venv', 'workdirs', 'build', '*.egg-info', '__pycache__', '.pytest_cache'))
+  subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(root / 'venv')], check=True)
+  python = root / 'venv' / 'bin' / 'python'
+  site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                        check=True, capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(site, 'dependencies.pth'), 'w') as f:
+    f.write(sysconfig.get_paths()['purelib'] + '\n')
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                  '--no-build-isolation', '--target', site, str(src)], check=True,
+                 capture_output=True)
+  shutil.rmtree(src)
+  return python
+
+
+def _readme_python():
+  """The code of the README's Python API section, as written."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    text = f.read()
+  section = text.split('## Python API', 1)[1].split('\n## ', 1)[0]
+  return '\n'.join(block.split('```', 1)[0] for block in section.split('```python\n')[1:])
+
+
 @pytest.mark.slow
-def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
+def test_installed_package_handoff_and_readme_api(tmp_path, request):
+  """From a non-editable install in a fresh venv, run outside the repository with configs
+  passed by absolute path: stage 1 -> encode -> stage 2 -> sample through `main`, then the
+  README's Python example on those workdirs."""
+  python = _installed_python(tmp_path / 'install')
+  run_dir = tmp_path / 'elsewhere'
+  run_dir.mkdir()
+  where = subprocess.run([python, '-c', 'import vqgan_jax.main as m; print(m.__file__)'],
+                         cwd=run_dir, check=True, capture_output=True, text=True).stdout
+  assert where.startswith(str(tmp_path / 'install' / 'venv')), where
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
+  env.pop('PYTHONPATH', None)
   env.update({
       'TFDS_DATA_DIR': str(tmp_path / 'tfds'), 'PYTHONUNBUFFERED': '1',
       # A compilation cache kept in .pytest_cache (reruns skip most of the compiling), or in
@@ -454,16 +499,21 @@ def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
   })
   folder = _folder(tmp_path / 'images')
-  data = [f'--config.data.name=folder', f'--config.data.folder={folder}',
+  data = ['--config.data.name=folder', f'--config.data.folder={folder}',
           '--config.data.validation_fraction=0.25', '--config.data.eval_split=validation']
-  a, b = tmp_path / 'A', tmp_path / 'B'
+  # The README's workdir names, under a directory that is not the repository.
+  a = run_dir / 'workdirs' / 'fashion_mnist_vqgan'
+  b = run_dir / 'workdirs' / 'fashion_mnist_transformer'
   times = {}
+
+  def run(args, timeout=600):
+    return subprocess.run([python, *args], cwd=run_dir, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
   def main(config, workdir, *flags):
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, '-m', 'vqgan_jax.main', f'--config={config}', f'--workdir={workdir}',
-         *data, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, config)}',
+                f'--workdir={workdir}', *data, *flags])
     times[' '.join(flags[:1]) or config] = time.perf_counter() - t0
     assert proc.returncode == 0, f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
     return proc.stdout
@@ -485,10 +535,9 @@ def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
   # Encoding again keeps up-to-date codes; codes made differently are replaced only when
   # asked, and the refusal names the field.
   assert 'up to date, kept: ' in main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'vqgan_jax.main', f'--config={s2}', f'--workdir={b}', *data,
-       '--mode=encode', f'--config.stage1_workdir={a}', '--config.encode.max_examples=4'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, s2)}', f'--workdir={b}',
+              *data, '--mode=encode', f'--config.stage1_workdir={a}',
+              '--config.encode.max_examples=4'])
   assert proc.returncode == 2 and 'config.encode.overwrite' in proc.stderr
   assert len(tokens.open_codes(str(b / 'codes'), 'folder_32_images').as_data_source('train')) == 18
 
@@ -508,9 +557,15 @@ def test_stage1_encode_stage2_sample_handoff(tmp_path, request):
   w, h = _png_size(png)
   assert (w, h) == ((2 * 34 + 2) * (512 // 70), (10 * 34 + 2) * (512 // 70))
   # A stage-1 config with different model fields is refused with the field named.
-  proc = subprocess.run(
-      [sys.executable, '-m', 'vqgan_jax.main', f'--config={s2}', f'--workdir={b}', *data,
-       '--mode=sample', f'--config.stage1_workdir={a}', '--config.stage1_config.n_embed=128'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, s2)}', f'--workdir={b}',
+              *data, '--mode=sample', f'--config.stage1_workdir={a}',
+              '--config.stage1_config.n_embed=128'])
   assert proc.returncode == 2 and 'config.stage1_config.n_embed=128' in proc.stderr
+
+  # The README's Python example, as written, on these workdirs (the smoke models' grids are
+  # 16x16 where the demo's are 8x8; the example asserts nothing that depends on it).
+  t0 = time.perf_counter()
+  proc = run(['-c', _readme_python()])
+  times['README python'] = time.perf_counter() - t0
+  assert proc.returncode == 0, proc.stderr[-5000:]
   print('handoff times (s):', {k: round(v, 1) for k, v in times.items()})

@@ -117,6 +117,24 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown `--config.a.b=...` override as one sentence (ml_collections
+  raises AttributeError/KeyError from inside the parser)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    msg = e
+    while isinstance(msg, BaseException):  # AttributeError(KeyError("'key'\nDid you mean...")).
+      msg = msg.args[0] if msg.args else ''
+    key, *hint = str(msg).splitlines()
+    key = key.strip('\'"')
+    given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    named = [a for a in given if key in a[len('--config.'):].split('.')] or given
+    print(f'error: {", ".join(named) or "--config"}: the config has no field {key!r}'
+          + (f'. {" ".join(hint)}' if hint else ''), file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
