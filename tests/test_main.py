@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import fashion_mnist_vqgan
 from vqgan_jax import checkpoints
@@ -191,9 +192,11 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # Both really trained 8 steps (Adam counts the AE and D updates).
   assert int(state_b['opt_state'][0].count) == int(state_b['disc_opt_state'][0].count) == 8
-  # Restarting also reran the training from step 5 (log lines for steps 6 and 8 again).
+  # Restarting reran the training from step 5; metrics.jsonl holds each logged step once
+  # (rows the killed run wrote after its checkpoint are replaced, not repeated).
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [l['step'] for l in lines if l['split'] == 'train'][-2:] == [6, 8]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [2, 4, 6, 8]
+  assert [l['step'] for l in lines if l['split'] == 'eval'] == [8]
   cache = env['JAX_COMPILATION_CACHE_DIR']
   entries = os.listdir(cache) if os.path.isdir(cache) else []
   _TIMES['compilation cache entries'] = len(entries)
@@ -232,13 +235,52 @@ def test_checkpoint_restores_onto_an_8_device_mesh(smoke_run):
 
 
 @pytest.mark.slow
-def test_bad_config_exits_2_with_one_line(env, tmp_path):
-  proc, _ = _main(env, tmp_path / 'bad', '--config.model.ch=48')
+def test_bad_input_exits_2_with_one_line(env, tmp_path):
+  """Each bad input is refused before step 1 with one `error:` line naming what to fix."""
+  folder = tmp_path / 'images' / 'only_class'
+  folder.mkdir(parents=True)
+  for i in range(4):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a directory')
+  cases = [
+      ((), '--config.model.ch=48', 'config.model.ch'),
+      ((), '--config.train.nonexistent=1', '--config.train.nonexistent'),
+      ((), f'--config.init_from={tmp_path / "missing"}', 'config.init_from'),
+      # The eval split is checked before training, not at the first eval.
+      ((f'--config.data.folder={tmp_path / "images"}', '--config.data.eval_split=test'),
+       '--config.data.name=folder', 'config.data.eval_split'),
+  ]
+  for extra, override, named in cases:
+    proc, _ = _main(env, tmp_path / 'bad', override, *extra)
+    assert proc.returncode == 2, _explain(proc)
+    assert 'Traceback' not in proc.stderr, _explain(proc)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and named in errors[0], _explain(proc)
+  # A workdir that cannot be written (here: a file) is one sentence too.
+  proc, _ = _main(env, a_file)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, _explain(proc)
+  assert [l for l in proc.stderr.splitlines() if l.startswith('error: --workdir')], _explain(proc)
+
+
+@pytest.mark.slow
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(smoke_run, env, tmp_path):
+  """A loss that turns non-finite stops the run with one sentence naming the step and the
+  last good checkpoint; no non-finite state is saved, so a rerun resumes from good params."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run, workdir)
+  proc, _ = _main(env, workdir, '--config.optim.base_lr=1e6', '--config.train.num_steps=12')
   assert proc.returncode == 2, _explain(proc)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'diverged' in errors[0] and 'step 8' in errors[0], _explain(proc)
   assert 'Traceback' not in proc.stderr, _explain(proc)
-  naming = [l for l in proc.stderr.splitlines() if 'config.model.ch' in l]
-  assert len(naming) == 1, _explain(proc)
-  assert naming[0].startswith('error: ')
+  assert _committed_steps(workdir) == [4, NUM_STEPS]
+  _, state = _restore(workdir, fashion_mnist_vqgan.get_config('smoke'))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
+  # metrics.jsonl stays strict JSON: the diverged row holds null, not a NaN literal.
+  rows = [json.loads(l, parse_constant=lambda c: pytest.fail(f'{c} in metrics.jsonl'))
+          for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['split'] == 'train' and rows[-1]['total_loss'] is None
 
 
 def _tree_digest(directory):

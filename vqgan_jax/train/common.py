@@ -54,6 +54,26 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
+def check_init_from(path: str, stage: str) -> None:
+  """`config.init_from`, checked before anything is computed: a workdir of the same stage
+  ('vqgan' or 'transformer') with a checkpoint."""
+  if not path:
+    return
+  field = f'config.init_from={path!r}'
+  if not os.path.isdir(checkpoints.checkpoint_dir(path)):
+    raise checkpoints.CheckpointError(
+        f'{field} has no checkpoints/ folder: point it at a {stage} workdir (a training run or '
+        'the output of `python -m vqgan_jax.convert`)')
+  try:
+    with checkpoints.Checkpointer(path, read_only=True, max_to_keep=None) as ckpt:
+      saved = ckpt.restore_config().get('stage', 'vqgan')
+  except checkpoints.CheckpointError as e:
+    raise checkpoints.CheckpointError(f'{field}: {e}') from None
+  if saved != stage:
+    raise checkpoints.CheckpointError(f'{field} is a {saved!r} run; this {stage} run starts '
+                                      f'from a {stage} workdir')
+
+
 def gather(x) -> np.ndarray:
   """The whole of `x` as numpy on every process: a global jax.Array's value however it is
   sharded, or a process-local numpy batch gathered in process order."""
@@ -204,13 +224,13 @@ def train_loop(state, *, step_fn: Callable, next_batch: Callable, start: int, to
       logs = itstime(step, train_config.log_every, total)
       if logs or ckpt.should_save(step, final):
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(host[loss_key]):
-          _diverged(ckpt, step, loss_key, host[loss_key])
         if logs:
           host[rate_name] = steps_since * per_step / max(time.perf_counter() - t0, 1e-9)
           t0, steps_since = time.perf_counter(), 0
           writer.scalars(step, host, 'train')
           bar.set_postfix(postfix(host))
+        if not math.isfinite(host[loss_key]):
+          _diverged(ckpt, step, loss_key, host[loss_key])
       if itstime(step, train_config.eval_every, total):
         result = evaluate(state, step)
         say(bar, f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))

@@ -2,7 +2,6 @@
 steps -> logs, held-out bits per code over the whole eval split, checkpoints, resume."""
 
 import functools
-import os
 
 from absl import logging
 import jax
@@ -32,21 +31,6 @@ def evaluate(eval_fn, params, frozen_params, batches, mesh):
           'num_examples': totals['examples'], 'num_tokens': totals['tokens']}
 
 
-def _init_from(config, model, mesh, rules):
-  src = config.init_from
-  if not os.path.isdir(checkpoints.checkpoint_dir(src)):
-    raise checkpoints.CheckpointError(
-        f'config.init_from={src!r} has no checkpoints/ folder: point it at a stage-2 workdir '
-        '(a training run or `python -m vqgan_jax.convert` output)')
-  with checkpoints.Checkpointer(src, read_only=True, max_to_keep=None) as ckpt:
-    saved = ckpt.restore_config()
-  if saved.get('stage') != 'transformer':
-    raise checkpoints.CheckpointError(
-        f'config.init_from={src!r} is a {saved.get("stage", "vqgan")!r} run; a transformer '
-        'starts from a stage-2 (transformer) workdir')
-  return stage2.restore_gpt_params(src, model, mesh, saved, rules=rules)
-
-
 def train_and_evaluate(config, workdir):
   """Trains stage 2 in `workdir`, resuming from its latest checkpoint; returns the final eval.
 
@@ -54,6 +38,7 @@ def train_and_evaluate(config, workdir):
   """
   workdir = common.prepare_workdir(workdir)
   config, mesh, layout = stage2_config.setup(config)
+  common.check_init_from(config.init_from, 'transformer')
   model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
@@ -85,7 +70,7 @@ def train_and_evaluate(config, workdir):
     state, resumed = common.restore_or_init(ckpt, abstract, shardings, init, train_it, config,
                                             fields=stage2_config.COMPATIBILITY_FIELDS)
     if not resumed and config.init_from:
-      state['params'] = _init_from(config, model, mesh, rules)
+      state['params'] = stage2.restore_gpt_params(config.init_from, model, mesh, rules=rules)
       state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(
           state['params'])
       logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)

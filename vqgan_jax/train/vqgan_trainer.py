@@ -58,16 +58,6 @@ def _write_grid(config, images, xrec, workdir, step, writer):
 def _init_from(config, state, abstract, shardings):
   """Parameters (and a compatible discriminator) of another stage-1 run, fresh optimizer."""
   src = config.init_from
-  if not os.path.isdir(checkpoints.checkpoint_dir(src)):
-    raise checkpoints.CheckpointError(
-        f'config.init_from={src!r} has no checkpoints/ folder: point it at a stage-1 workdir '
-        '(a training run or `python -m vqgan_jax.convert` output)')
-  with checkpoints.Checkpointer(src, read_only=True, max_to_keep=None) as ckpt:
-    saved_stage = ckpt.restore_config().get('stage', 'vqgan')
-  if saved_stage != 'vqgan':
-    raise checkpoints.CheckpointError(
-        f'config.init_from={src!r} is a {saved_stage!r} run; a VQGAN starts from a stage-1 '
-        '(vqgan) workdir')
   state['params'] = checkpoints.restore_params(
       src, checkpoints.abstract_like(abstract['params'], shardings['params']))
   # A converted release trains with its GAN on from step 0: start from its discriminator too
@@ -90,6 +80,7 @@ def train_and_evaluate(config, workdir):
   workdir = common.prepare_workdir(workdir)
   mesh = parallel.make_mesh(config.mesh)
   validate.validate_stage1(config, parallel.batch_divisor(mesh))
+  common.check_init_from(config.init_from, 'vqgan')
   pipeline.check_splits(config.data)
   models = stage1.build_models(config)
 
