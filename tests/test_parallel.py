@@ -9,7 +9,7 @@ from configs import common
 from configs import common_transformer
 from configs import fashion_mnist_vqgan
 from vqgan_jax import parallel
-from vqgan_jax.models import transformer as tf
+from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
 from vqgan_jax.validate import ConfigError

@@ -14,7 +14,7 @@ from configs import common_transformer
 from configs import fashion_mnist_vqgan
 from vqgan_jax import validate
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.models import transformer as tf
+from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models.vqgan import VQGAN
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
@@ -139,7 +139,7 @@ def test_gpt_dot_policies_save_dots_in_bf16_too():
   tokens = jnp.zeros((2, 16), jnp.int32)
 
   def saved(dtype, policy):  # shapes of what the scanned blocks save for the backward
-    model = tf.GPT(40, 16, n_layer=2, n_head=2, n_embd=32, dtype=jnp.dtype(dtype),
+    model = gpt_lib.GPT(40, 16, n_layer=2, n_head=2, n_embd=32, dtype=jnp.dtype(dtype),
                    remat=policy, scan_layers=True)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)
     out = io.StringIO()

@@ -186,6 +186,19 @@ def test_vocabulary_conventions():
   assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 266, 64)
 
 
+def test_class_tokens_refuse_classes_the_model_lacks():
+  """From Python as from the CLI: a class id outside [0, n_classes) would index another
+  token of the vocabulary (garbage codes), so it is one ValueError naming the ids."""
+  lay = stage2_config.make_layout(tiny_config('class'))
+  np.testing.assert_array_equal(stage2.class_tokens(lay, [0, 4]), [[32], [36]])
+  for bad in ([5], [-1, 2]):
+    with pytest.raises(ValueError, match=r'class ids \[(5|-1)\] are outside \[0, 5\)'):
+      stage2.class_tokens(lay, bad)
+  # Unconditional models take any labels (they become the start token).
+  unc = stage2_config.make_layout(tiny_config('unconditional'))
+  np.testing.assert_array_equal(stage2.class_tokens(unc, [7]), [[unc.sos_id]])
+
+
 @pytest.mark.parametrize('name,vocab,block,layers,heads,width,kind', [
     ('imagenet_cin_transformer', 16384, 256, 48, 24, 1536, 'class'),
     ('ffhq_transformer', 1024, 256, 24, 16, 1664, 'unconditional'),

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vqgan_jax.models import transformer as tf
+from vqgan_jax.convert import param_mapping
+from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax import parallel
 
 V, BLOCK, LAYERS, HEADS, C = 33, 24, 2, 2, 32
@@ -16,7 +17,7 @@ V, BLOCK, LAYERS, HEADS, C = 33, 24, 2, 2, 32
 
 @pytest.fixture(scope='module')
 def model():
-  return tf.GPT(V, BLOCK, LAYERS, HEADS, C)
+  return gpt_lib.GPT(V, BLOCK, LAYERS, HEADS, C)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -77,12 +78,13 @@ def test_init_values_and_names(model):
 
 def test_param_names_map_onto_original_keys(params):
   """The full key set (minus the attn.mask buffers) with the original shapes, both ways."""
-  sd = tf.to_torch_state_dict(params)
+  sd = param_mapping.gpt_to_torch_state_dict(params)
   assert {k: v.shape for k, v in sd.items()} == _expected_torch_shapes()
-  back = tf.from_torch_state_dict({f'transformer.{k}': v for k, v in sd.items()}, LAYERS)
+  back = param_mapping.gpt_from_torch_state_dict({f'transformer.{k}': v for k, v in sd.items()},
+                                                 LAYERS)
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
   with pytest.raises(ValueError, match='not mapped'):
-    tf.from_torch_state_dict(sd, LAYERS - 1)
+    param_mapping.gpt_from_torch_state_dict(sd, LAYERS - 1)
 
 
 def test_causality(model, params):
@@ -117,17 +119,17 @@ def test_scan_layout_and_remat_match(model, params):
   tokens = _tokens(3)
   ref = _apply(model, {'params': params}, tokens)
   scanned = model.clone(scan_layers=True, remat='dots_with_no_batch_dims_saveable')
-  stacked = tf.stack_layers({'params': params})
+  stacked = gpt_lib.stack_layers({'params': params})
   init_shapes = jax.eval_shape(scanned.init, jax.random.key(0), tokens)
   assert jax.tree.map(lambda x: x.shape, nn.unbox(init_shapes)) == \
       jax.tree.map(lambda x: x.shape, stacked)
   np.testing.assert_allclose(_apply(scanned, stacked, tokens), ref, atol=1e-5)
-  jax.tree.map(np.testing.assert_array_equal, tf.unstack_layers(stacked), {'params': params})
+  jax.tree.map(np.testing.assert_array_equal, gpt_lib.unstack_layers(stacked), {'params': params})
 
   def loss(m, p):
     return jnp.mean(m.apply(p, tokens) ** 2)
   g_ref = jax.jit(jax.grad(lambda p: loss(model.clone(remat=True), p)))({'params': params})
-  g_scan = tf.unstack_layers(jax.jit(jax.grad(lambda p: loss(scanned, p)))(stacked))
+  g_scan = gpt_lib.unstack_layers(jax.jit(jax.grad(lambda p: loss(scanned, p)))(stacked))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_scan, g_ref)
 
 
@@ -195,7 +197,7 @@ def test_mixed_einsum_gradients():
     a, b = (jnp.asarray(rng.randn(*s), jnp.float32) for s in (sa, sb))
     w = jnp.asarray(rng.randn(*jnp.einsum(spec, a, b).shape), jnp.float32)
     ref = jax.grad(lambda a, b: jnp.sum(w * jnp.einsum(spec, a, b)), (0, 1))(a, b)
-    got = jax.grad(lambda a, b: jnp.sum(w * tf.mixed_einsum(
+    got = jax.grad(lambda a, b: jnp.sum(w * gpt_lib.mixed_einsum(
         spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))), (0, 1))(a, b)
     for r, g in zip(ref, got):
       assert g.dtype == jnp.float32
@@ -227,7 +229,7 @@ def test_sharded_forward_matches(model):
 def test_parity_with_original_mingpt(model):
   torch = pytest.importorskip('torch', reason='torch not installed ([reference] extra)')
   try:
-    from vqgan_jax import reference
+    from vqgan_jax.testing import reference
     gpt = reference.build_gpt(V, BLOCK, LAYERS, HEADS, C, seed=0)
   except ImportError as e:
     pytest.skip(f'original taming-transformers not importable: {e}')
@@ -238,7 +240,7 @@ def test_parity_with_original_mingpt(model):
   sd = {k: v.numpy() for k, v in gpt.state_dict().items()}
   assert set(sd) - set(_expected_torch_shapes()) == {f'blocks.{l}.attn.mask'
                                                      for l in range(LAYERS)}
-  params = tf.from_torch_state_dict(sd, LAYERS)
+  params = param_mapping.gpt_from_torch_state_dict(sd, LAYERS)
   tokens = np.array(_tokens(6, (4, BLOCK)))
   gpt.eval()
   with torch.no_grad():
