@@ -11,19 +11,14 @@ count, replaying both optimizer passes of a PyTorch Lightning 1.0.8 iteration.
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from configs import fashion_mnist_vqgan
+from vqgan_jax import config_base
 from vqgan_jax import parallel
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.train import stage1
@@ -36,13 +31,16 @@ _NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if in
 _BATCH = flags.DEFINE_integer('batch', 0, 'Override the batch size (0: the config default).')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype of our step.')
 
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
 
 def bench_config(name):
   """Our config for a benchmark name; all keep the GAN active (disc_start 0)."""
   if name == 'demo':
-    c = fashion_mnist_vqgan.get_config()
+    demo = os.path.join(_CONFIGS_DIR, 'fashion_mnist_vqgan.py')
+    c = config_base.load_sibling(demo, 'fashion_mnist_vqgan').get_config()
   else:
-    c = common.stage1_base()
+    c = config_base.stage1_base()
     if name == 'small_ref':  # the issue's small reference config
       c.model.update(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
                      resolution=64, z_channels=256, n_embed=1024, embed_dim=256)
@@ -106,7 +104,7 @@ def time_ours(config, iters, warmup):
 
 
 def time_original(config, iters, warmup, threads):
-  from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
   m = config.model
   ddconfig = dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
                   attn_resolutions=list(m.attn_resolutions), resolution=m.resolution,

@@ -10,7 +10,7 @@ timed in the same process in alternation with ours (A, B, A, B: both see the sam
 load; medians, and `*_best` for the fastest repetition), with `--threads` torch threads:
 
 * stage2_train_step: our sharded, donated `stage2.make_train_step` vs the original GPT
-  (`vqgan_jax.reference.build_gpt`) with taming's AdamW parameter groups (decay on Linear
+  (`vqgan_jax.testing.reference.build_gpt`) with taming's AdamW parameter groups (decay on Linear
   weights only), cross-entropy over the image positions, backward and step. Also the achieved
   GFLOP/s: (6 x matmul params x tokens + 12 x layers x T^2 x width x batch) / step time.
 * stage2_sample: `sampling.sample` (preallocated KV cache, one jitted loop) vs
@@ -27,20 +27,16 @@ load; medians, and `*_best` for the fastest repetition), with `--threads` torch 
 import json
 import os
 import statistics
-import sys
 import time
 import types
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common_transformer  # pylint: disable=g-import-not-at-top
+from vqgan_jax import config_base
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.train import stage2
@@ -61,7 +57,7 @@ TOP_K, TEMPERATURE = 100, 1.0
 
 
 def bench_config(dtype):
-  c = common_transformer.stage2_base()
+  c = config_base.stage2_base()
   c.stage1_config.update(n_embed=N_CODES, ch_mult=(1, 1, 2, 2, 4))  # f16: 256 px -> 16x16
   c.data.image_size = 256
   c.cond.kind = 'unconditional'
@@ -170,7 +166,7 @@ def original_train(layout, threads):
   """(one timed step of the original, its GPT)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
-  from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD, N_EMBD)
   gpt.train()
@@ -279,7 +275,7 @@ def main(argv):
     fns, steps = [samplers[d][0] for d in dtypes], 0
     if use_ref:
       if gpt is None:
-        from vqgan_jax import reference  # pylint: disable=g-import-not-at-top
+        from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
         gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD,
                                   N_EMBD)
       with_past, recompute, steps = original_samplers(gpt, layout, _THREADS.value)

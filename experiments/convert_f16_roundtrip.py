@@ -23,13 +23,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DDCONFIG = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
                 resolution=256, z_channels=256, double_z=False, in_channels=3, out_ch=3,
@@ -81,7 +78,7 @@ def main():
 
   import torch  # pylint: disable=g-import-not-at-top
   import yaml  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import reference as R  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.testing import reference as R  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
   R.install_torchvision_standin()
@@ -113,6 +110,7 @@ def main():
 
     # The CLI's work, timed end to end (torch.load of the .ckpt included).
     from vqgan_jax.convert import taming as convert  # pylint: disable=g-import-not-at-top
+    from vqgan_jax.convert import yaml_config  # pylint: disable=g-import-not-at-top
     out = os.path.join(root, 'converted')
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -136,8 +134,8 @@ def main():
     import jax  # pylint: disable=g-import-not-at-top
     from vqgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
-    config = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
-                                   {'target': R.VQLPIPS_TARGET, 'params': LOSS})
+    config = yaml_config.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                                       {'target': R.VQLPIPS_TARGET, 'params': LOSS})
     models = stage1.build_models(config)
     abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r),
                               jax.random.PRNGKey(0))

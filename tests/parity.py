@@ -8,12 +8,13 @@ imports torchvision.
 import numpy as np
 import pytest
 
-HINT = ("the original implementation is not installed: "
-        "pip install -e '.[reference]' -c reference-constraints.txt")
+from vqgan_jax.convert.torch_ckpt import INSTALL_HINT
+
+HINT = f'the original implementation is not installed: {INSTALL_HINT}'
 torch = pytest.importorskip('torch', reason=HINT)
 pytest.importorskip('taming', reason=HINT)
 
-from vqgan_jax import reference as R  # noqa: E402
+from vqgan_jax.testing import reference as R  # noqa: E402
 
 R.install_torchvision_standin()
 pytest.importorskip('pytorch_lightning', reason=HINT)

@@ -11,6 +11,9 @@ import contextlib
 import io
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import jax
@@ -19,12 +22,16 @@ import numpy as np
 import pytest
 
 from vqgan_jax import checkpoints
+from vqgan_jax.convert import ConversionError
+from vqgan_jax.convert import __main__ as cli
+from vqgan_jax.convert import param_mapping
 from vqgan_jax.convert import taming as convert
+from vqgan_jax.convert import torch_ckpt
+from vqgan_jax.convert import yaml_config
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.train import stage1
 
-_HINT = ("the original implementation is not installed: "
-         "pip install -e '.[reference]' -c reference-constraints.txt")
+_HINT = f'the original implementation is not installed: {torch_ckpt.INSTALL_HINT}'
 
 # The spec's exhaustive small example (taming-spec g.2), with a 2-layer D of ndf 16.
 DDCONFIG = dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], resolution=32,
@@ -41,13 +48,13 @@ def _random_like(tree, seed=0):
 @pytest.fixture(scope='module')
 def synthetic():
   """A torch-layout VQModel state dict (numpy) made from random params of our own shapes."""
-  kw = convert.vqgan_kwargs(DDCONFIG, N_EMBED, EMBED_DIM)
-  params = _random_like(convert._abstract_vqgan(kw)['params'])  # pylint: disable=protected-access
-  d = convert._abstract_disc(2, 16, 3, 32)  # pylint: disable=protected-access
+  kw = yaml_config.model_fields(DDCONFIG, N_EMBED, EMBED_DIM)
+  params = _random_like(param_mapping.abstract_vqgan(kw)['params'])
+  d = param_mapping.abstract_disc(2, 16, 3, 32)
   trees = {'params': params, 'disc_params': _random_like(d['params'], 1),
            'disc_stats': _random_like(d['batch_stats'], 2),
            'lpips_params': lpips_lib.load_pretrained_params()}
-  sd = convert.vqmodel_to_torch_state_dict(trees)
+  sd = param_mapping.vqmodel_to_torch_state_dict(trees)
   # Buffers a real checkpoint carries that hold nothing of ours.
   sd['loss.discriminator.main.3.num_batches_tracked'] = np.asarray(1)
   sd['loss.discriminator.main.6.num_batches_tracked'] = np.asarray(1)
@@ -111,7 +118,7 @@ def test_one_error_names_every_bad_key(synthetic):
   bad['loss.discriminator.main.99.weight'] = np.zeros((1, 1, 4, 4), np.float32)
   del bad['decoder.up.1.attn.0.k.bias']
   bad['quant_conv.weight'] = np.zeros((8, 15, 1, 1), np.float32)
-  with pytest.raises(convert.ConversionError) as e:
+  with pytest.raises(ConversionError) as e:
     convert.convert_vqmodel_state_dict(bad, DDCONFIG, N_EMBED, EMBED_DIM)
   msg = str(e.value)
   for needle in ('encoder.extra.weight', 'loss.discriminator.main.99.weight',
@@ -120,7 +127,7 @@ def test_one_error_names_every_bad_key(synthetic):
                  'params/quant_conv/kernel (1, 1, 16, 8)'):
     assert needle in msg, msg
   # A wrong config is a wall of shape mismatches, named as such.
-  with pytest.raises(convert.ConversionError, match='encoder.conv_out.weight: shape'):
+  with pytest.raises(ConversionError, match='encoder.conv_out.weight: shape'):
     convert.convert_vqmodel_state_dict(sd, dict(DDCONFIG, z_channels=32), N_EMBED, EMBED_DIM)
 
 
@@ -130,7 +137,7 @@ def test_gumbel_and_actnorm_are_refused_clearly(synthetic):
   gumbel['quantize.proj.weight'] = np.zeros((N_EMBED, 16, 1, 1), np.float32)
   gumbel['quantize.proj.bias'] = np.zeros((N_EMBED,), np.float32)
   gumbel['quantize.embed.weight'] = np.zeros((N_EMBED, EMBED_DIM), np.float32)
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(ConversionError,
                      match=r'GumbelVQ state dict.*quantize\.embed\.weight, '
                            r"quantize\.proj\.bias, quantize\.proj\.weight.*quantizer='gumbel'"):
     convert.convert_vqmodel_state_dict(gumbel, DDCONFIG, N_EMBED, EMBED_DIM)
@@ -143,11 +150,11 @@ def test_gumbel_and_actnorm_are_refused_clearly(synthetic):
   out = convert.convert_vqmodel_state_dict(gumbel, DDCONFIG, N_EMBED, 16, quantizer='gumbel')
   assert out['params']['quantize']['proj']['kernel'].shape == (16, N_EMBED)
   # ... and a VQModel state dict is not one.
-  with pytest.raises(convert.ConversionError, match='VectorQuantizer2 codebook'):
+  with pytest.raises(ConversionError, match='VectorQuantizer2 codebook'):
     convert.convert_vqmodel_state_dict(sd, DDCONFIG, N_EMBED, EMBED_DIM, quantizer='gumbel')
   actnorm = dict(sd)
   actnorm['loss.discriminator.main.3.loc'] = np.zeros((1, 32, 1, 1), np.float32)
-  with pytest.raises(convert.ConversionError, match='ActNorm.*main.3.loc'):
+  with pytest.raises(ConversionError, match='ActNorm.*main.3.loc'):
     convert.convert_vqmodel_state_dict(actnorm, DDCONFIG, N_EMBED, EMBED_DIM)
 
 
@@ -169,25 +176,27 @@ def test_gumbel_f8_release_config():
   """The converter's reading of the release's yaml is configs/openimages_vqgan_gumbel_f8.py."""
   from configs import openimages_vqgan_gumbel_f8  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
-  q = convert.quantizer_fields(convert.GUMBEL_TARGET, GUMBEL_F8, step=0)
+  q = yaml_config.quantizer_fields(yaml_config.GUMBEL_TARGET, GUMBEL_F8, step=0)
   assert q == {'quantizer': 'gumbel', 'kl_weight': 1e-8, 'temperature': 0.9}
-  got = convert.stage1_config(GUMBEL_F8['ddconfig'], 8192, 256, GUMBEL_F8['lossconfig'], **q)
+  got = yaml_config.stage1_config(GUMBEL_F8['ddconfig'], 8192, 256, GUMBEL_F8['lossconfig'], **q)
   want = openimages_vqgan_gumbel_f8.get_config()
   assert got.model.to_dict() == want.model.to_dict()
   validate.validate_stage1(want)
   # Its quantizer: proj 256 -> 8192 logits, embed 8192 x 256; 32x32 codes at 256x256.
-  kw = convert.vqgan_kwargs(GUMBEL_F8['ddconfig'], 8192, 256, **q)
-  abstract = convert._abstract_vqgan(kw)  # pylint: disable=protected-access
+  kw = yaml_config.model_fields(GUMBEL_F8['ddconfig'], 8192, 256, **q)
+  abstract = param_mapping.abstract_vqgan(kw)
   shapes = jax.tree.map(lambda a: a.shape, abstract['params']['quantize'])
   assert shapes == {'proj': {'kernel': (256, 8192), 'bias': (8192,)},
                     'embed': {'embedding': (8192, 256)}}
   # The temperature the original would resume training with (its cosine schedule).
   t = 1e-6 + 0.5 * (0.9 - 1e-6) * (1 + np.cos(np.pi * 500_000 / 1000001))
-  assert convert.quantizer_fields(convert.GUMBEL_TARGET, GUMBEL_F8, step=500_000)[
+  assert yaml_config.quantizer_fields(yaml_config.GUMBEL_TARGET, GUMBEL_F8, step=500_000)[
       'temperature'] == pytest.approx(t, rel=1e-12)
   # A yaml without a target is recognised from the state dict's keys.
-  assert convert.quantizer_fields(None, {}, {'quantize.proj.weight': 0})['quantizer'] == 'gumbel'
-  assert convert.quantizer_fields(None, {}, {'quantize.embedding.weight': 0}) == {'quantizer': 'vq'}
+  assert yaml_config.quantizer_fields(None, {}, {'quantize.proj.weight': 0})[
+      'quantizer'] == 'gumbel'
+  assert yaml_config.quantizer_fields(None, {}, {'quantize.embedding.weight': 0}) == {
+      'quantizer': 'vq'}
   smoke = openimages_vqgan_gumbel_f8.get_config('smoke')
   validate.validate_stage1(smoke)
   assert smoke.model.quantizer == 'gumbel' and smoke.model.embed_dim == smoke.model.z_channels
@@ -200,20 +209,22 @@ def test_gumbel_f8_release_config():
 def test_reading_a_ckpt_without_torch_names_the_install(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(ImportError, match=r"pip install -e '\.\[reference\]'"):
-    convert.read_lightning_ckpt(str(tmp_path / 'model.ckpt'))
+    torch_ckpt.read_lightning_ckpt(str(tmp_path / 'model.ckpt'))
 
 
 def test_stage1_config_from_the_yaml_fields():
-  c = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
-                            {'target': convert.VQLPIPS_TARGET, 'params': LOSS}, base_lr=1e-5)
+  c = yaml_config.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                                {'target': yaml_config.VQLPIPS_TARGET, 'params': LOSS},
+                                base_lr=1e-5)
   assert c.model.ch_mult == (1, 2) and c.model.attn_resolutions == (16,)
   assert (c.model.z_channels, c.model.n_embed, c.model.embed_dim) == (16, 32, 8)
   assert c.data.image_size == 32 and c.optim.base_lr == 1e-5
   assert (c.loss.disc_num_layers, c.loss.disc_ndf, c.loss.disc_weight) == (2, 16, 0.8)
   assert c.loss.disc_start == 0.0 and isinstance(c.loss.disc_start, float)
   # Fields the yaml leaves out take taming's defaults, not ours.
-  c = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
-                            {'target': convert.VQLPIPS_TARGET, 'params': {'disc_start': 10}})
+  c = yaml_config.stage1_config(
+      DDCONFIG, N_EMBED, EMBED_DIM,
+      {'target': yaml_config.VQLPIPS_TARGET, 'params': {'disc_start': 10}})
   assert (c.loss.disc_num_layers, c.loss.disc_ndf, c.loss.disc_weight) == (3, 64, 1.0)
 
 
@@ -224,7 +235,7 @@ def test_stage1_config_from_the_yaml_fields():
 def _reference():
   pytest.importorskip('torch', reason=_HINT)
   pytest.importorskip('taming', reason=_HINT)
-  from vqgan_jax import reference as R  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.testing import reference as R  # pylint: disable=g-import-not-at-top
   R.install_torchvision_standin()
   pytest.importorskip('pytorch_lightning', reason=_HINT)
   return R
@@ -236,40 +247,52 @@ def _write_yaml(path, model):
     yaml.safe_dump({'model': model}, f)
 
 
+def _cli(*args):
+  """(exit status, stdout, stderr) of `python -m vqgan_jax.convert taming ARGS`, in process."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = cli.main(['taming', *map(str, args)])
+  return rc, out.getvalue(), err.getvalue()
+
+
+def _steps(workdir):
+  with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
+    return ckpt.all_steps()
+
+
 @pytest.fixture(scope='module')
 def vqmodel_ckpt(tmp_path_factory):
-  """A random-init original VQModel saved as a Lightning .ckpt + its yaml."""
+  """A random-init original VQModel after one training iteration, saved as Lightning 1.0.8
+  saves a training checkpoint (optimizer and callback states included) + its yaml."""
   R = _reference()
-  import torch  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('vqmodel')
   model = R.build_vqmodel(DDCONFIG, N_EMBED, EMBED_DIM, LOSS, seed=0)
-  torch.save({'state_dict': model.state_dict(), 'global_step': 7, 'epoch': 1}, d / 'last.ckpt')
+  optimizers = R.make_optimizers(model)
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+  R.original_stage1_step(model, optimizers, x, global_step=0, channels_last=True)
+  R.save_lightning_ckpt(d / 'last.ckpt', model, global_step=7, epoch=1, optimizers=optimizers)
   _write_yaml(d / 'model.yaml', {
       'base_learning_rate': 4.5e-6, 'target': 'taming.models.vqgan.VQModel',
       'params': {'embed_dim': EMBED_DIM, 'n_embed': N_EMBED, 'ddconfig': DDCONFIG,
-                 'lossconfig': {'target': convert.VQLPIPS_TARGET, 'params': LOSS}}})
-  return d, {k: v.numpy() for k, v in model.state_dict().items()}
+                 'lossconfig': {'target': yaml_config.VQLPIPS_TARGET, 'params': LOSS}}})
+  return d, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope='module')
 def converted_dir(vqmodel_ckpt, tmp_path_factory):
-  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
   d, _ = vqmodel_ckpt
   out = tmp_path_factory.mktemp('converted') / 'run'
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    rc = cli.main(['taming', '--ckpt', str(d / 'last.ckpt'), '--config', str(d / 'model.yaml'),
-                   '--out', str(out)])
+  rc, printed, _ = _cli('--ckpt', d / 'last.ckpt', '--config', d / 'model.yaml', '--out', out)
   assert rc == 0
-  (out.parent / 'summary.txt').write_text(printed.getvalue())
+  (out.parent / 'summary.txt').write_text(printed)
   return out
 
 
 def _config_of(out):
   with open(out / 'config.json') as f:
     saved = json.load(f)
-  config = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
-                                 {'target': convert.VQLPIPS_TARGET, 'params': LOSS})
+  config = yaml_config.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
+                                     {'target': yaml_config.VQLPIPS_TARGET, 'params': LOSS})
   return saved, config
 
 
@@ -279,6 +302,7 @@ def test_cli_writes_a_stage1_workdir(vqmodel_ckpt, converted_dir):
   summary = (out.parent / 'summary.txt').read_text()
   assert '"discriminator": "converted"' in summary and 'converted in' in summary
   assert sorted(os.listdir(out)) == ['checkpoints', 'config.json']
+  assert sorted(os.listdir(out.parent)) == ['run', 'summary.txt']  # no temporary left behind
   saved, config = _config_of(out)
   assert saved['model']['ch_mult'] == [1, 2] and saved['loss']['disc_ndf'] == 16
   assert saved['converted_from']['global_step'] == 7
@@ -302,7 +326,6 @@ def test_cli_writes_a_stage1_workdir(vqmodel_ckpt, converted_dir):
 
 
 def test_cli_refuses_to_overwrite_and_reports_errors(vqmodel_ckpt, converted_dir, capsys):
-  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
   d, _ = vqmodel_ckpt
   args = ['taming', '--ckpt', str(d / 'last.ckpt'), '--config', str(d / 'model.yaml'),
           '--out', str(converted_dir)]
@@ -313,14 +336,114 @@ def test_cli_refuses_to_overwrite_and_reports_errors(vqmodel_ckpt, converted_dir
   assert 'no checkpoint file' in capsys.readouterr().err
 
 
-def test_net2net_checkpoint(tmp_path):
-  """An unconditional Net2NetTransformer: first stage and GPT, both written."""
-  R = _reference()
+def test_release_layout_loads_with_the_restricted_unpickler(vqmodel_ckpt):
+  """A Lightning 1.0.8 training checkpoint names one global beyond torch's safe set, the
+  ModelCheckpoint class keying its callback states: the allow-list holds exactly it, and it
+  loads as an inert stand-in (pytorch_lightning is not needed to read it)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  d, sd = vqmodel_ckpt
+  path = str(d / 'last.ckpt')
+  assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == list(
+      torch_ckpt.ALLOWED_GLOBALS)
+  obj = torch_ckpt.load(path)
+  assert list(obj['callbacks']) == [torch_ckpt.LightningCallbackKey]
+  assert len(obj['optimizer_states']) == 2 and obj['optimizer_states'][0]['state']
+  state_dict, meta = torch_ckpt.read_lightning_ckpt(path)
+  assert meta == {'global_step': 7, 'epoch': 1} and set(state_dict) == set(sd)
+
+
+def test_a_pickle_that_runs_code_is_refused_unless_trusted(vqmodel_ckpt, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  d, sd = vqmodel_ckpt
+  marker = tmp_path / 'written_by_the_pickle'
+
+  class WritesAFile:
+    def __reduce__(self):
+      return (open, (str(marker), 'w'))
+
+  evil = tmp_path / 'evil.ckpt'
+  torch.save({'state_dict': {k: torch.from_numpy(v) for k, v in sd.items()}, 'global_step': 7,
+              'hyper_parameters': WritesAFile()}, evil)
+  args = ('--ckpt', evil, '--config', d / 'model.yaml', '--out', tmp_path / 'out')
+  rc, _, err = _cli(*args)
+  assert rc == 2 and not marker.exists() and not (tmp_path / 'out').exists()
+  assert re.fullmatch(r'error: \S+evil\.ckpt names \w+\.open, .*--trust_pickle to load it '
+                      r'anyway, only if you trust its source, since its pickle can run any '
+                      r'code\n', err), err
+  rc, _, err = _cli(*args, '--trust_pickle')
+  assert rc == 0 and marker.exists(), err
+  assert _steps(tmp_path / 'out') == [7]
+
+
+def test_overwrite_keeps_the_old_workdir_when_the_input_is_bad(vqmodel_ckpt, converted_dir,
+                                                               tmp_path):
+  """--overwrite reads and checks everything before it touches --out: a truncated .ckpt
+  leaves the earlier conversion whole (and no temporary behind)."""
+  d, _ = vqmodel_ckpt
+  run = tmp_path / 'run'
+  shutil.copytree(converted_dir, run)
+  data = (d / 'last.ckpt').read_bytes()
+  (tmp_path / 'truncated.ckpt').write_bytes(data[:len(data) // 2])
+  rc, _, err = _cli('--ckpt', tmp_path / 'truncated.ckpt', '--config', d / 'model.yaml',
+                    '--out', run, '--overwrite')
+  assert rc == 2 and 'truncated or damaged zip archive' in err, err
+  assert _steps(run) == [7] and sorted(os.listdir(run)) == ['checkpoints', 'config.json']
+  assert sorted(os.listdir(tmp_path)) == ['run', 'truncated.ckpt']
+  _, config = _config_of(run)
+  models = stage1.build_models(config)
+  abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r)['params'],
+                            jax.random.PRNGKey(0))
+  checkpoints.restore_params(run, checkpoints.abstract_like(abstract))
+
+
+def test_a_workdir_with_a_later_step_is_refused(vqmodel_ckpt, converted_dir, tmp_path):
+  """Training and init_from read the latest step: converting step 7 next to a step 9 would
+  "succeed" and never be used. --overwrite replaces the checkpoints and keeps other files."""
+  d, _ = vqmodel_ckpt
+  run = tmp_path / 'run'
+  shutil.copytree(converted_dir, run)
+  (run / 'notes.txt').write_text('mine')
+  ckpt, yml = ('--ckpt', d / 'last.ckpt'), ('--config', d / 'model.yaml')
+  assert _cli(*ckpt, *yml, '--out', run, '--step', '9', '--overwrite')[0] == 0
+  assert _steps(run) == [9] and (run / 'notes.txt').read_text() == 'mine'
+  rc, _, err = _cli(*ckpt, *yml, '--out', run)
+  assert rc == 2 and _steps(run) == [9]
+  assert err == (f'error: {run} already holds a checkpoint at step 9, later than the converted '
+                 'step 7, which training and init_from would keep using; choose an empty --out '
+                 'or pass --overwrite to replace them\n')
+  assert sorted(os.listdir(tmp_path)) == ['run']
+
+
+def test_input_that_is_not_a_checkpoint_is_one_sentence(vqmodel_ckpt, tmp_path):
+  d, _ = vqmodel_ckpt
+  (tmp_path / 'notes.ckpt').write_text('not a checkpoint\n')
+  (tmp_path / 'empty.ckpt').write_bytes(b'')
+  data = (d / 'last.ckpt').read_bytes()
+  (tmp_path / 'cut.ckpt').write_bytes(data[:len(data) - 100])
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vqgan_jax.convert', 'taming', '--ckpt', tmp_path / 'notes.ckpt',
+       '--config', d / 'model.yaml', '--out', tmp_path / 'out'],
+      capture_output=True, text=True, check=False)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.endswith('notes.ckpt is not a readable PyTorch checkpoint: it is neither a '
+                              'zip archive nor a pickle\n'), proc.stderr
+  for name, what in (('empty.ckpt', 'the file is empty'),
+                     ('cut.ckpt', 'it is a truncated or damaged zip archive')):
+    rc, _, err = _cli('--ckpt', tmp_path / name, '--config', d / 'model.yaml', '--out',
+                      tmp_path / 'out')
+    assert rc == 2 and err.startswith(f'error: {tmp_path / name} is not a readable PyTorch '
+                                      f'checkpoint: {what}'), err
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.fixture(scope='module')
+def net2net_ckpt(tmp_path_factory):
+  """An unconditional Net2NetTransformer (random init, pos_emb made non-zero): its .ckpt and
+  yaml, the torch model, its GPT's and the yaml's params."""
+  _reference()
   import torch  # pylint: disable=g-import-not-at-top
   from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.models import transformer as gpt_lib  # pylint: disable=g-import-not-at-top
-  del R
+  d = tmp_path_factory.mktemp('net2net')
   gpt = dict(vocab_size=N_EMBED, block_size=17, n_layer=2, n_head=2, n_embd=32)
   params = {
       'transformer_config': {'target': 'taming.modules.transformer.mingpt.GPT', 'params': gpt},
@@ -335,13 +458,33 @@ def test_net2net_checkpoint(tmp_path):
   model = Net2NetTransformer(**params)
   with torch.no_grad():  # pos_emb is zero-initialised: make it count
     model.transformer.pos_emb.normal_(0, 0.02)
-  torch.save({'state_dict': model.state_dict(), 'global_step': 3}, tmp_path / 'n2n.ckpt')
-  _write_yaml(tmp_path / 'n2n.yaml', {
+  torch.save({'state_dict': model.state_dict(), 'global_step': 3}, d / 'n2n.ckpt')
+  _write_yaml(d / 'n2n.yaml', {
       'base_learning_rate': 4.5e-6, 'params': params,
       'target': 'taming.models.cond_transformer.Net2NetTransformer'})
+  return d, model, gpt
+
+
+def test_yaml_of_another_model_is_one_sentence(vqmodel_ckpt, net2net_ckpt, tmp_path):
+  vq, _ = vqmodel_ckpt
+  n2n, _, _ = net2net_ckpt
+  rc, _, err = _cli('--ckpt', vq / 'last.ckpt', '--config', n2n / 'n2n.yaml', '--out', tmp_path)
+  assert rc == 2 and err == (f'error: {vq / "last.ckpt"} is a VQModel checkpoint but '
+                             f'{n2n / "n2n.yaml"} describes a Net2NetTransformer; pass the yaml '
+                             'that came with the checkpoint\n')
+  rc, _, err = _cli('--ckpt', n2n / 'n2n.ckpt', '--config', vq / 'model.yaml', '--out', tmp_path)
+  assert rc == 2 and 'n2n.ckpt is a Net2NetTransformer checkpoint but' in err
+  assert 'model.yaml describes a VQModel;' in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_net2net_checkpoint(net2net_ckpt, tmp_path):
+  """An unconditional Net2NetTransformer: first stage and GPT, both written."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import transformer as gpt_lib  # pylint: disable=g-import-not-at-top
+  d, model, gpt = net2net_ckpt
   out = tmp_path / 'out'
-  assert cli.main(['taming', '--ckpt', str(tmp_path / 'n2n.ckpt'), '--config',
-                   str(tmp_path / 'n2n.yaml'), '--out', str(out)]) == 0
+  assert _cli('--ckpt', d / 'n2n.ckpt', '--config', d / 'n2n.yaml', '--out', out)[0] == 0
   assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'first_stage']
   with open(out / 'config.json') as f:
     cfg = json.load(f)
@@ -364,7 +507,7 @@ def test_net2net_checkpoint(tmp_path):
   ours = gpt_lib.GPT(**gpt).apply({'params': gparams}, jnp.asarray(tokens))
   np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4 * float(ref.abs().max()))
   # The first stage is a stage-1 workdir (fresh D: DummyLoss has none).
-  config = convert.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM)
+  config = yaml_config.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM)
   models = stage1.build_models(config)
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), jax.random.PRNGKey(0))
   fs = checkpoints.restore_params(out / 'first_stage', checkpoints.abstract_like(

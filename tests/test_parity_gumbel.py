@@ -32,7 +32,9 @@ import pytest
 from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402,F401
 
 from vqgan_jax import checkpoints  # noqa: E402
+from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
+from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models.quantizer import GumbelQuantizer  # noqa: E402
 from vqgan_jax.models.vqgan import VQGAN  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
@@ -79,7 +81,8 @@ class Pair:
     quantizer = dict(quantizer='gumbel', kl_weight=spec['kl_weight'], temperature=1.0)
     self.converted = convert.convert_vqmodel_state_dict(
         self.sd, spec['ddconfig'], spec['n_embed'], spec['embed_dim'], **quantizer)
-    kw = convert.vqgan_kwargs(spec['ddconfig'], spec['n_embed'], spec['embed_dim'], **quantizer)
+    kw = yaml_config.model_fields(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
+                                  **quantizer)
     self.model = VQGAN(**kw)
     self.x = _images(1, spec['ddconfig']['resolution'])
 
@@ -133,7 +136,7 @@ def test_state_dict_maps_one_to_one(pair):
   np.testing.assert_array_equal(p['proj']['bias'], pair.sd['quantize.proj.bias'].numpy())
   np.testing.assert_array_equal(p['embed']['embedding'], pair.sd['quantize.embed.weight'].numpy())
   # ... and back: our export names and shapes are the original's, every key.
-  back = convert.vqmodel_to_torch_state_dict(pair.converted)
+  back = param_mapping.vqmodel_to_torch_state_dict(pair.converted)
   assert set(back) == set(pair.sd)
   for k, v in back.items():
     np.testing.assert_array_equal(v, pair.sd[k].numpy(), err_msg=k)
@@ -232,13 +235,13 @@ def test_training_forward_with_the_same_noise(pair, tau):
 def test_temperature_schedule_matches_the_original():
   from taming.lr_scheduler import LambdaWarmUpCosineScheduler  # pylint: disable=g-import-not-at-top
   for cfg in (R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
-              {'target': convert.COSINE_SCHEDULER,
+              {'target': yaml_config.COSINE_SCHEDULER,
                'params': dict(warm_up_steps=10, lr_start=0.1, lr_max=2.0, lr_min=0.01,
                               max_decay_steps=50)}):
     sched = LambdaWarmUpCosineScheduler(**cfg['params'])
     for step in (0, 3, 10, 11, 30, 49, 50, 51, 500_000, 2_000_000):
-      assert convert.gumbel_temperature(cfg, step) == pytest.approx(sched(step), rel=1e-12)
-  assert convert.gumbel_temperature(None, 123) == 1.0
+      assert yaml_config.gumbel_temperature(cfg, step) == pytest.approx(sched(step), rel=1e-12)
+  assert yaml_config.gumbel_temperature(None, 123) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +257,7 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   torch.save({'state_dict': pair.sd, 'global_step': step, 'epoch': 3}, tmp_path / 'last.ckpt')
   ddconfig = dict(R.DEFAULT_DDCONFIG, **spec['ddconfig'])
   ddconfig = {k: list(v) if isinstance(v, tuple) else v for k, v in ddconfig.items()}
-  yml = {'model': {'base_learning_rate': 4.5e-6, 'target': convert.GUMBEL_TARGET, 'params': {
+  yml = {'model': {'base_learning_rate': 4.5e-6, 'target': yaml_config.GUMBEL_TARGET, 'params': {
       'kl_weight': spec['kl_weight'], 'embed_dim': spec['embed_dim'], 'n_embed': spec['n_embed'],
       'monitor': 'val/rec_loss', 'ddconfig': ddconfig,
       'temperature_scheduler_config': R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
@@ -275,9 +278,9 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   assert m['temperature'] == pytest.approx(want, rel=1e-12)
   # The workdir restores as a stage-1 training state (what init_from / resuming read), and the
   # restored model encodes like the directly converted one.
-  config = convert.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                 quantizer='gumbel', kl_weight=spec['kl_weight'],
-                                 temperature=want)
+  config = yaml_config.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
+                                     quantizer='gumbel', kl_weight=spec['kl_weight'],
+                                     temperature=want)
   models = stage1.build_models(config)
   assert models.vqgan.quantizer == 'gumbel'
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), jax.random.PRNGKey(0))
@@ -289,27 +292,29 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   idx = models.vqgan.apply({'params': state['params']}, pair.x, method='encode_to_indices')
   np.testing.assert_array_equal(idx, ours['enc_idx'])
   # A VQ config cannot resume it (the compatibility check names the field).
-  vq_config = convert.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'])
+  vq_config = yaml_config.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'])
   with checkpoints.Checkpointer(out, read_only=True) as ckpt:
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match='model.quantizer'):
       ckpt.restore(checkpoints.abstract_like(abstract), config=vq_config)
   assert sorted(os.listdir(out)) == ['checkpoints', 'config.json']
   # Stage 2 (encode / train / sample) builds its frozen first stage from the stage-2 config's
   # stage1_config, checked against this workdir's saved config: the quantizer must agree ...
-  from configs import common_transformer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import config_base  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
   from vqgan_jax.validate import ConfigError  # pylint: disable=g-import-not-at-top
-  c = common_transformer.stage2_base()
+  c = config_base.stage2_base()
   c.stage1_workdir = str(out)
-  c.stage1_config.update(**convert.vqgan_kwargs(spec['ddconfig'], spec['n_embed'],
-                                                spec['embed_dim']))
+  c.stage1_config.update(**yaml_config.model_fields(spec['ddconfig'], spec['n_embed'],
+                                                    spec['embed_dim']))
   c.data.image_size = spec['ddconfig']['resolution']
   with pytest.raises(ConfigError, match="quantizer='vq' but the checkpoint .* 'gumbel'"):
-    stage2.resolve_config(c)
+    stage2_config.resolve_config(c)
   # ... and then the first stage is the Gumbel model, its params restore, codes are argmax codes.
   c.stage1_config.quantizer = 'gumbel'
-  resolved = stage2.resolve_config(c)
-  vqgan = stage2.build_vqgan(resolved.stage1_config)
+  resolved = stage2_config.resolve_config(c)
+  vqgan = vqgan_lib.from_config(resolved.stage1_config, frozen=True)
   assert vqgan.quantizer == 'gumbel'
   abstract_p = jax.eval_shape(lambda r: vqgan.init(r, pair.x)['params'], jax.random.PRNGKey(0))
   params = checkpoints.restore_params(out, checkpoints.abstract_like(abstract_p))

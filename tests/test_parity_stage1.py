@@ -20,7 +20,9 @@ import pytest
 # Skips this module without the original implementation.
 from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402
 
+from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
+from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models import lpips as lpips_lib  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
 
@@ -65,8 +67,8 @@ class Pair:
     sd = self.torch.state_dict()
     self.converted = convert.convert_vqmodel_state_dict(sd, spec['ddconfig'], spec['n_embed'],
                                                         spec['embed_dim'])
-    config = convert.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                   {'target': R.VQLPIPS_TARGET, 'params': spec['loss']})
+    config = yaml_config.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
+                                       {'target': R.VQLPIPS_TARGET, 'params': spec['loss']})
     config.loss.lpips_dropout = False
     config.optim.update(base_lr=LR, scale_lr=False)
     config.train.batch_size = BATCH
@@ -277,7 +279,7 @@ def _compare_trees(label, ours_tree, torch_sd, collection='params', floor=1e-2):
 
   floor=None: 1% of the largest entry of the whole tree (for gradients, whose mathematically
   zero leaves hold float noise only)."""
-  ref = convert.to_torch_layout({collection: ours_tree})
+  ref = param_mapping.to_torch_layout({collection: ours_tree})
   if floor is None:
     floor = 1e-2 * max(float(np.max(np.abs(torch_sd[k]))) for k in ref)
   worst = (0.0, 1.0, '')
@@ -301,8 +303,8 @@ CLEAR_GRAD = 1e-5
 def _compare_adam_step(label, ours_params, ours_mu, torch_params, torch_mu):
   # Gradients via the first moments (0.5 * g on both sides).
   _compare_trees(f'{label} gradient (Adam 1st moment)', ours_mu, torch_mu, floor=None)
-  ours = convert.to_torch_layout({'params': ours_params})
-  mu = convert.to_torch_layout({'params': ours_mu})
+  ours = param_mapping.to_torch_layout({'params': ours_params})
+  mu = param_mapping.to_torch_layout({'params': ours_mu})
   worst, noisy, total = (0.0, 1.0, ''), 0, 0
   for k, v in ours.items():
     t = torch_params[k]
@@ -329,7 +331,7 @@ def test_one_iteration_autoencoder(small, our_step):
   _compare_adam_step('one step: AE', after['params'], after['opt_state'][0].mu, sd,
                      _adam_first_moments(opts[0], model))
   # For the record (not asserted): the original trains D on the post-update reconstruction.
-  ours_d = convert.to_torch_layout({'params': after['disc_params']}, 'loss.discriminator.')
+  ours_d = param_mapping.to_torch_layout({'params': after['disc_params']}, 'loss.discriminator.')
   err = max(float(np.max(np.abs(v - sd[k]))) for k, v in ours_d.items())
   INFO['D params vs the original step (fresh xrec), not asserted'] = (
       f'max abs {err:.3g} (lr {LR:g})')

@@ -39,8 +39,11 @@ import pytest
 from parity import R, TOL, Recorder, torch  # noqa: E402,F401
 
 from vqgan_jax import checkpoints  # noqa: E402
+from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
+from vqgan_jax.models import vqgan as vqgan_lib  # noqa: E402
 from vqgan_jax.train import stage2  # noqa: E402
+from vqgan_jax.train import stage2_config  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -111,9 +114,9 @@ def _batch(case):
 def _ours(out_dir):
   """Our stage 2 from the converted workdir: resolved config, layout, GPT, frozen VQGANs."""
   with open(out_dir / 'config.json') as f:
-    config = stage2.resolve_config(ml_collections.ConfigDict(json.load(f)))
-  layout = stage2.make_layout(config)
-  model = stage2.build_model(config, layout, scan_layers=False)
+    config = stage2_config.resolve_config(ml_collections.ConfigDict(json.load(f)))
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout, scan_layers=False)
   abstract = jax.eval_shape(functools.partial(stage2.init_params, model), jax.random.PRNGKey(0))
   gpt_params = checkpoints.restore_params(out_dir, checkpoints.abstract_like(abstract))
   frozen, frozen_params = {}, {}
@@ -121,7 +124,7 @@ def _ours(out_dir):
                                ('cond', config.cond.model, config.cond.workdir)):
     if key == 'cond' and layout.kind != 'spatial':
       continue
-    vqgan = stage2.build_vqgan(fields)
+    vqgan = vqgan_lib.from_config(fields, frozen=True)
     x = jnp.zeros((1, fields.resolution, fields.resolution, fields.in_channels))
     shapes = jax.eval_shape(lambda r, v=vqgan, x=x: v.init(r, x)['params'], jax.random.PRNGKey(0))
     frozen[key] = vqgan
@@ -133,7 +136,7 @@ def _ours(out_dir):
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_net2net_logits_and_loss(case, tmp_path):
   tm, yaml_params = _original(case)
-  sd = convert.to_numpy_state_dict(tm.state_dict())
+  sd = param_mapping.to_numpy_state_dict(tm.state_dict())
   convert.convert_net2net(sd, yaml_params, str(tmp_path))
   config, layout, model, gpt_params, frozen, frozen_params = _ours(tmp_path)
   spec = CASES[case]

@@ -116,7 +116,7 @@ def test_filter_matches_original_implementations():
   logits = rng.normal(size=(16, 100)).astype(np.float32) * 3
   logits[:, 7] = logits[:, 8]  # a tie somewhere
   try:
-    from vqgan_jax import reference
+    from vqgan_jax.testing import reference
     mingpt = reference._import_taming('taming.modules.transformer.mingpt')
   except ImportError as e:
     pytest.skip(f'original taming-transformers not importable: {e}')

@@ -1,12 +1,36 @@
 """Converters from the original PyTorch checkpoints to this project's params and checkpoints.
 
   python -m vqgan_jax.convert taming --ckpt last.ckpt --config model.yaml --out DIR
+
+One idea per module:
+  torch_ckpt     reading a Lightning `.ckpt` without running code from it
+  param_mapping  the table: torch state-dict keys and layouts <-> our param paths (VQGAN,
+                 discriminator, LPIPS, GPT), both ways, numpy only
+  yaml_config    a taming yaml -> our ml_collections config (stage 1 and stage 2)
+  taming         the driver: read and validate everything, write a workdir, swap it in
+
+The names below are imported on first use, so `python -m vqgan_jax.convert --help` does not
+wait for jax.
 """
 
-from vqgan_jax.convert.taming import ConversionError
-from vqgan_jax.convert.taming import convert_taming_checkpoint
-from vqgan_jax.convert.taming import convert_vqmodel_state_dict
-from vqgan_jax.convert.taming import stage1_config
+import importlib
 
-__all__ = ['ConversionError', 'convert_taming_checkpoint', 'convert_vqmodel_state_dict',
-           'stage1_config']
+
+class ConversionError(ValueError):
+  """A checkpoint, state dict or config that does not map one-to-one onto our model, or a
+  file that is not one; its message is the one sentence the command line prints."""
+
+
+_EXPORTS = {
+    'convert_taming_checkpoint': 'taming',
+    'convert_vqmodel_state_dict': 'taming',
+    'stage1_config': 'yaml_config',
+}
+
+__all__ = ['ConversionError', *_EXPORTS]
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

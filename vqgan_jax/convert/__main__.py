@@ -6,11 +6,12 @@ VQModel: DIR is a stage-1 workdir (orbax checkpoint of the full training state, 
 optimizer states) + DIR/config.json; fine-tune with `--config.init_from=DIR`.
 Net2NetTransformer: DIR/first_stage (stage-1 workdir), DIR/cond_stage (when the condition is
 its own VQModel), and DIR itself holding the GPT params ({'step', 'params'}) + DIR/config.json.
+Everything is read and checked before anything is written, and DIR is replaced in one rename
+at the end, so a failed conversion leaves an existing DIR as it was.
 """
 
 import argparse
 import json
-import shutil
 import sys
 
 
@@ -24,20 +25,24 @@ def main(argv=None):
   p.add_argument('--out', required=True, help='output directory (a workdir)')
   p.add_argument('--step', type=int, default=None,
                  help="checkpoint step (default: the ckpt's global_step)")
-  p.add_argument('--overwrite', action='store_true', help='replace existing checkpoints in --out')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace the checkpoints and config of an earlier conversion or run in '
+                      '--out (other files there are kept)')
+  p.add_argument('--trust_pickle', action='store_true',
+                 help='UNSAFE: load a --ckpt that names Python objects beyond tensors and the '
+                      "original release's few, with the full unpickler, which can run any code "
+                      'the file contains; only for a file from a source you trust')
   args = parser.parse_args(argv)
 
   # Imported here so --help and argument errors are instant.
-  from vqgan_jax.checkpoints import checkpoint_dir  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.convert import taming  # pylint: disable=g-import-not-at-top
 
-  if args.overwrite:
-    for d in (checkpoint_dir(args.out), checkpoint_dir(f'{args.out}/first_stage'),
-              checkpoint_dir(f'{args.out}/cond_stage')):
-      shutil.rmtree(d, ignore_errors=True)
   try:
-    summary = taming.convert_taming_checkpoint(args.ckpt, args.config, args.out, step=args.step)
-  except (taming.ConversionError, FileNotFoundError, ImportError) as e:
+    summary = taming.convert_taming_checkpoint(args.ckpt, args.config, args.out, step=args.step,
+                                               overwrite=args.overwrite,
+                                               trust_pickle=args.trust_pickle)
+  except (ConversionError, OSError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=2, sort_keys=True))

@@ -7,7 +7,8 @@ the original is always 0 in taming's configs and is not supported.
 
 Parameter names map one-to-one onto the original state-dict keys (the `transformer.` prefix
 of a Net2NetTransformer checkpoint dropped; torch Linear weights are (out, in), flax kernels
-(in, out), so they are transposed; `attn.mask` is a buffer, recomputed, never loaded):
+(in, out), so they are transposed; `attn.mask` is a buffer, recomputed, never loaded;
+`vqgan_jax/convert/param_mapping.py` converts both ways):
 
   torch key                                   flax path (canonical layout)      logical axes
   tok_emb.weight           [V, C]             tok_emb/embedding     [V, C]      (vocab, embed)
@@ -361,82 +362,3 @@ def unstack_layers(params):
   for l in range(n):
     out[f'blocks_{l}'] = jax.tree.map(lambda x: x[l], p['blocks'])
   return wrap(out)
-
-
-# ----------------------------------------------------------------------------------------
-# Torch state dict <-> params (numpy only, no torch import)
-# ----------------------------------------------------------------------------------------
-
-_LINEARS = ('attn.key', 'attn.query', 'attn.value', 'attn.proj', 'mlp.0', 'mlp.2')
-
-
-def from_torch_state_dict(sd: Mapping[str, Any], n_layer: int) -> dict:
-  """Original GPT (or Net2NetTransformer) state dict -> canonical flax params (float32 numpy).
-
-  Keys may carry the `transformer.` prefix of a Net2NetTransformer checkpoint (other
-  submodules' keys are then ignored). Every GPT key must be consumed; `attn.mask` buffers are
-  dropped.
-  """
-  if any(k.startswith('transformer.') for k in sd):
-    sd = {k[len('transformer.'):]: v for k, v in sd.items() if k.startswith('transformer.')}
-  sd = {k: np.asarray(v, dtype=np.float32) for k, v in sd.items()
-        if not k.endswith('attn.mask')}
-  used = set()
-
-  def get(key):
-    if key not in sd:
-      raise KeyError(f'missing key {key!r} in the state dict')
-    used.add(key)
-    return sd[key]
-
-  def ln(prefix):
-    return {'scale': get(f'{prefix}.weight'), 'bias': get(f'{prefix}.bias')}
-
-  def linear(prefix, bias=True):
-    p = {'kernel': get(f'{prefix}.weight').T.copy()}
-    if bias:
-      p['bias'] = get(f'{prefix}.bias')
-    return p
-
-  params = {'tok_emb': {'embedding': get('tok_emb.weight')}, 'pos_emb': get('pos_emb')}
-  for l in range(n_layer):
-    b = f'blocks.{l}'
-    params[f'blocks_{l}'] = {
-        'ln1': ln(f'{b}.ln1'), 'ln2': ln(f'{b}.ln2'),
-        'attn': {n: linear(f'{b}.attn.{n}') for n in ('key', 'query', 'value', 'proj')},
-        'mlp_0': linear(f'{b}.mlp.0'), 'mlp_2': linear(f'{b}.mlp.2')}
-  params['ln_f'] = ln('ln_f')
-  params['head'] = linear('head', bias=False)
-  unused = set(sd) - used
-  if unused:
-    raise ValueError(f'state dict keys not mapped (wrong n_layer?): {sorted(unused)[:8]}')
-  return params
-
-
-def to_torch_state_dict(params) -> dict:
-  """Canonical flax params -> the original GPT's state-dict keys (numpy, no `attn.mask`)."""
-  p, _ = _inner(nn.unbox(params))
-  if 'blocks' in p:
-    p, _ = _inner(unstack_layers(p))
-  sd = {'tok_emb.weight': p['tok_emb']['embedding'], 'pos_emb': p['pos_emb']}
-  n = sum(1 for k in p if k.startswith('blocks_'))
-
-  def ln(prefix, tree):
-    sd[f'{prefix}.weight'], sd[f'{prefix}.bias'] = tree['scale'], tree['bias']
-
-  def linear(prefix, tree):
-    sd[f'{prefix}.weight'] = np.asarray(tree['kernel']).T
-    if 'bias' in tree:
-      sd[f'{prefix}.bias'] = tree['bias']
-
-  for l in range(n):
-    blk = p[f'blocks_{l}']
-    ln(f'blocks.{l}.ln1', blk['ln1'])
-    ln(f'blocks.{l}.ln2', blk['ln2'])
-    for name in ('key', 'query', 'value', 'proj'):
-      linear(f'blocks.{l}.attn.{name}', blk['attn'][name])
-    linear(f'blocks.{l}.mlp.0', blk['mlp_0'])
-    linear(f'blocks.{l}.mlp.2', blk['mlp_2'])
-  ln('ln_f', p['ln_f'])
-  linear('head', p['head'])
-  return {k: np.asarray(v) for k, v in sd.items()}
