@@ -367,9 +367,10 @@ def test_a_pickle_that_runs_code_is_refused_unless_trusted(vqmodel_ckpt, tmp_pat
   args = ('--ckpt', evil, '--config', d / 'model.yaml', '--out', tmp_path / 'out')
   rc, _, err = _cli(*args)
   assert rc == 2 and not marker.exists() and not (tmp_path / 'out').exists()
-  assert re.fullmatch(r'error: \S+evil\.ckpt names \w+\.open, .*--trust_pickle to load it '
-                      r'anyway, only if you trust its source, since its pickle can run any '
-                      r'code\n', err), err
+  assert re.fullmatch(r'error: \S+evil\.ckpt names \w+\.open in its pickle, which loading would '
+                      r'import and may run \(no checkpoint of the original release needs that\); '
+                      r'pass --trust_pickle to load it anyway, only if you trust its source, '
+                      r'since its pickle can run any code\n', err), err
   rc, _, err = _cli(*args, '--trust_pickle')
   assert rc == 0 and marker.exists(), err
   assert _steps(tmp_path / 'out') == [7]

@@ -45,34 +45,36 @@ def _import_torch():
   return torch
 
 
-def _unsafe_globals(torch, path: str, error: Exception) -> list[str]:
-  """What the restricted unpickler refused: every such global of the file when a static scan
-  can list them, else the one that `error` names; [] when the error is not a refusal."""
-  named = re.findall(r'GLOBAL (\S+) was not an allowed global', str(error))
-  if not named:
-    return []
+def _refused(torch, path: str, error: pickle.UnpicklingError) -> str:
+  """What the restricted unpickler refused, as the message's first clause: the globals the
+  file names beyond the allow-list (a static scan lists them all; the error names the first),
+  or the refused instruction; '' when `error` is no refusal."""
   try:
     found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
   except Exception:  # pylint: disable=broad-except
     found = []
-  return sorted(set(found) - set(ALLOWED_GLOBALS)) or named
+  names = sorted(set(found) - set(ALLOWED_GLOBALS)) or re.findall(
+      r'GLOBAL (\S+) was not an allowed global', str(error))
+  if names:
+    return (f'{path} names {", ".join(names)} in its pickle, which loading would import and '
+            'may run (no checkpoint of the original release needs that)')
+  what = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', str(error))
+  return (f'{path} holds pickle instructions that loading without running code refuses '
+          f'({what[1]})') if what else ''
 
 
-def _unreadable(path: str, error: Exception) -> ConversionError:
-  """One sentence for a file torch cannot load, saying what the file looks like instead."""
+def _not_a_checkpoint(path: str) -> str:
+  """Why `path` cannot be a torch.save file, read off its first bytes; '' when it could be."""
   with open(path, 'rb') as f:
     head = f.read(4)
   if not head:
-    what = 'the file is empty'
-  elif head == b'PK\x03\x04' and not zipfile.is_zipfile(path):
-    what = ('it is a truncated or damaged zip archive (torch.save writes its index at the end: '
+    return 'the file is empty'
+  if zipfile.is_zipfile(path):
+    return ''
+  if head == b'PK\x03\x04':
+    return ('it is a truncated or damaged zip archive (torch.save writes its index at the end: '
             'was the download or copy complete?)')
-  elif head[:1] != b'\x80' and not zipfile.is_zipfile(path):
-    what = 'it is neither a zip archive nor a pickle'
-  else:
-    reason = str(error).strip().split('\n')[0][:160]
-    what = f'torch could not load it ({type(error).__name__}: {reason})'
-  return ConversionError(f'{path} is not a readable PyTorch checkpoint: {what}')
+  return '' if head[:1] == b'\x80' else 'it is neither a zip archive nor a pickle'
 
 
 def load(path: str, *, trust_pickle: bool = False):
@@ -86,18 +88,24 @@ def load(path: str, *, trust_pickle: bool = False):
       return torch.load(path, map_location='cpu', weights_only=False)
     with torch.serialization.safe_globals([(v, k) for k, v in ALLOWED_GLOBALS.items()]):
       return torch.load(path, map_location='cpu', weights_only=True)
+  except MemoryError:
+    raise
+  except ImportError as e:  # only the full unpickler imports
+    raise ConversionError(f'{path}: its pickle needs the module {e.name}, which is not '
+                          'installed here') from None
   except Exception as e:  # pylint: disable=broad-except
     # torch raises anything for a file that is not a checkpoint (KeyError for text,
     # RuntimeError for a truncated zip, EOFError, UnpicklingError): each gets a sentence.
-    unsafe = [] if trust_pickle or not isinstance(e, pickle.UnpicklingError) else (
-        _unsafe_globals(torch, path, e))
-    if unsafe:
+    what = _not_a_checkpoint(path)
+    refused = '' if what or trust_pickle or not isinstance(e, pickle.UnpicklingError) else (
+        _refused(torch, path, e))
+    if refused:
       raise ConversionError(
-          f'{path} names {", ".join(unsafe)}, which loading would import and may run (no '
-          'checkpoint of the original release needs that), so it was not loaded; pass '
-          '--trust_pickle to load it anyway, only if you trust its source, since its pickle '
-          'can run any code') from None
-    raise _unreadable(path, e) from None
+          f'{refused}; pass --trust_pickle to load it anyway, only if you trust its source, '
+          'since its pickle can run any code') from None
+    if not what:
+      what = f'torch could not load it ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})'
+    raise ConversionError(f'{path} is not a readable PyTorch checkpoint: {what}') from None
 
 
 def read_lightning_ckpt(path: str, *, trust_pickle: bool = False) -> tuple[dict, dict]:
