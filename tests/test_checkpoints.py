@@ -1,5 +1,7 @@
-"""Checkpointer: round trips, retention, resharding, handoff, config checks, crashes."""
+"""Checkpointer: round trips, retention, resharding, handoff, config checks, crashes, unreadable
+steps, non-finite states, exit noise."""
 
+import logging
 import os
 import socket
 import subprocess
@@ -401,6 +403,7 @@ def test_target_mismatch_names_the_leaves(tmp_path):
 
 
 _PROCESS = textwrap.dedent('''
+    import os
     import sys
     import jax
     pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -414,8 +417,8 @@ _PROCESS = textwrap.dedent('''
     from vqgan_jax import checkpoints
 
     mesh = jax.make_mesh((8,), ('fsdp',))  # Spans both processes.
-    values = np.arange(64.0).reshape(16, 4)
-    w = jax.make_array_from_callback((16, 4), NamedSharding(mesh, P('fsdp')),
+    values = np.arange(16384.0).reshape(1024, 16)  # Too big to inline in OCDBT's index.
+    w = jax.make_array_from_callback(values.shape, NamedSharding(mesh, P('fsdp')),
                                      lambda idx: values[idx])
     step = jax.make_array_from_callback((), NamedSharding(mesh, P()),
                                         lambda idx: np.int32(3))
@@ -430,6 +433,25 @@ _PROCESS = textwrap.dedent('''
       restored, data, config = ck.restore(target)
     assert data == f'iterator {pid}'.encode(), data
     assert config == {'stage': 'vqgan'}, config
+    got = multihost_utils.process_allgather(restored['params']['w'], tiled=True)
+    np.testing.assert_array_equal(got, values)
+
+    # Step 4 loses its array metadata, which every process reads: both skip it, and the
+    # writer moves it aside once.
+    with checkpoints.Checkpointer(workdir, save_every=1) as ck:
+      assert ck.save(4, state, b'four', {'stage': 'vqgan'})
+    multihost_utils.sync_global_devices('saved 4')
+    if pid == 0:
+      os.remove(os.path.join(ck.step_path(4), 'state', '_METADATA'))
+    multihost_utils.sync_global_devices('damaged 4')
+    class Iterator:
+      def set_state(self, state):
+        self.state = state
+    it = Iterator()
+    with checkpoints.Checkpointer(workdir, save_every=1) as ck:
+      restored = ck.resume(target, it, config={'stage': 'vqgan'})
+      assert ck.restored_step == 3 and ck.all_steps() == [3], (ck.restored_step, ck.all_steps())
+    assert it.state == f'iterator {pid}'.encode(), it.state
     got = multihost_utils.process_allgather(restored['params']['w'], tiled=True)
     np.testing.assert_array_equal(got, values)
     print('OK', flush=True)
@@ -454,13 +476,14 @@ def test_two_processes_save_and_restore(tmp_path):
   # One process, 8 devices: arrays restore; the two iterator states do not map.
   mesh = _mesh((8,), ('fsdp',))
   target = {'params': {'w': jax.ShapeDtypeStruct(
-                (16, 4), jnp.float32, sharding=NamedSharding(mesh, P('fsdp')))},
+                (1024, 16), jnp.float32, sharding=NamedSharding(mesh, P('fsdp')))},
             'step': jax.ShapeDtypeStruct((), jnp.int32)}
   with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
     restored, data, _ = ck.restore(target)
   assert data is None
   np.testing.assert_array_equal(restored['params']['w'],
-                                np.arange(64.0).reshape(16, 4))
+                                np.arange(16384.0).reshape(1024, 16))
+  assert os.listdir(os.path.join(ck.directory, 'corrupt')) == ['4']
   assert int(restored['step']) == 3
 
 
@@ -478,3 +501,187 @@ def test_fields_added_later_default_to_their_old_meaning():
   assert ckpt_lib.config_differences(old, config) == [
       "model.quantizer: checkpoint 'vq', config 'gumbel'",
       'model.temperature: checkpoint 1.0, config 0.5']
+
+
+# --------------------------------------------------------------------------
+# Failure model (issue 11): unreadable steps, non-finite states, exit noise.
+
+
+def _step_state(step):
+  """A train-state-like pytree whose arrays differ per step."""
+  return {**_state(step), 'step': jnp.asarray(step, jnp.int32)}
+
+
+def _array_files(step_dir):
+  """The files holding a step's array data (OCDBT's data files of process 0)."""
+  d = os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd')
+  return [os.path.join(d, n) for n in os.listdir(d)]
+
+
+def _damage(step_dir, how):
+  for f in _array_files(step_dir):
+    if how == 'truncate':
+      os.truncate(f, os.path.getsize(f) // 2)
+    else:
+      os.remove(f)
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_unreadable_latest_step_falls_back_to_the_newest_whole_one(tmp_path, damage, caplog):
+  class Iterator:
+    state = None
+
+    def set_state(self, state):
+      self.state = state
+
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    for s in (1, 2, 3):
+      ck.save(s, _step_state(s), f'at {s}'.encode(), _config())
+  _damage(ck.step_path(3), damage)
+  target = ckpt_lib.abstract_like(_step_state(0))
+
+  # Read-only paths: the latest step is skipped with one line, nothing moves.
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
+    assert ck.latest_step() == 3
+    with caplog.at_level('WARNING'):
+      state, data, _ = ck.restore(target, config=_config())
+    _assert_bit_equal(state, _step_state(2))
+    assert data == b'at 2' and ck.restored_step == 2
+    # A step asked for by number is not replaced: one sentence naming it.
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=f'{ck.step_path(3)}: ') as e:
+      ck.restore(target, step=3)
+    assert '\n' not in str(e.value) and len(str(e.value)) < 700
+  lines = [r.getMessage() for r in caplog.records if 'Skipped' in r.getMessage()]
+  assert len(lines) == 1 and '\n' not in lines[0], lines
+  assert lines[0].startswith('Skipped unreadable checkpoint step 3, restored step 2 instead: ')
+  assert ck.step_path(3) in lines[0] and 'tensorstore_spec' not in lines[0]
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    params = ckpt_lib.restore_params(tmp_path, ckpt_lib.abstract_like(_state()['params']))
+  # Only the params' bytes are read: a truncation may spare them (then step 3 is whole
+  # for this purpose); a deleted file never does.
+  skipped = any("restored 'params' from step 2" in r.getMessage() for r in caplog.records)
+  assert skipped or damage == 'truncate'
+  _assert_bit_equal(params, _step_state(2 if skipped else 3)['params'])
+
+  # A resuming writer moves the step aside and saves that step number afresh.
+  caplog.clear()
+  it = Iterator()
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    with caplog.at_level('WARNING'):
+      state = ck.resume(target, it, config=_config())
+    assert int(state['step']) == 2 and it.state == b'at 2'
+    aside = os.path.join(ck.directory, 'corrupt', '3')
+    assert any(f'step 3 (moved to {aside}), resumed from step 2 instead: ' in r.getMessage()
+               for r in caplog.records)
+    assert ck.all_steps() == [1, 2] and os.path.isdir(aside)
+    assert ck.save(3, _step_state(3), b'at 3 again', _config())
+    state, data, _ = ck.restore(target)
+  assert data == b'at 3 again'
+  _assert_bit_equal(state, _step_state(3))
+
+
+def test_no_readable_step_is_one_sentence(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    for s in (1, 2):
+      ck.save(s, {'x': jax.random.normal(jax.random.key(s), (64, 64))}, None, {})
+  for s in (1, 2):
+    _damage(ck.step_path(s), 'delete')
+  target = {'x': jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
+    with pytest.raises(ckpt_lib.CheckpointError,
+                       match=r'No checkpoint in .*checkpoints can be read: step 2: .*; step 1: '):
+      ck.restore(target)
+  with pytest.raises(ckpt_lib.CheckpointError, match='can be read: step 2: .*; step 1: '):
+    ckpt_lib.restore_params(tmp_path, target['x'], key='x')
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  """A diverged state is refused on the steps that save, so max_to_keep never rotates a
+  good checkpoint out for it."""
+  mesh8 = _mesh((8,), ('fsdp',))
+  with ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, save_every=2) as ck:
+    with pytest.raises(ckpt_lib.NonFiniteStateError, match='no earlier checkpoint'):
+      ck.save(2, {'x': jnp.full(2, jnp.nan)}, None, {})
+    good = _state(mesh=mesh8)
+    assert ck.save(2, good, None, _config())
+    assert ck.save(4, good, None, _config())
+    nan = jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                       good['params'])
+    bad = {**good, 'params': {**good['params'], 'codebook': nan['codebook']}}
+    # Not a saving step: nothing is checked, nothing written.
+    assert not ck.should_save(5) and not ck.save(5, bad, None, _config())
+    assert ck.should_save(6)
+    called = []
+    with pytest.raises(ckpt_lib.NonFiniteStateError,
+                       match=r'Step 6: .*NaN or Inf in params/codebook, so it was not saved; '
+                             r'the last good checkpoint, step 4, stays in .*checkpoints\.') as e:
+      ck.save(6, bad, lambda: called.append(1), _config())
+    assert isinstance(e.value, FloatingPointError) and not called
+    inf_opt = {**good, 'opt_state': jax.tree.map(lambda x: x + jnp.inf, good['opt_state'])}
+    with pytest.raises(ckpt_lib.NonFiniteStateError, match=r'opt_state/0/mu/codebook'):
+      ck.save(7, inf_opt, None, _config(), force=True)
+    ck.wait()
+    assert ck.all_steps() == [2, 4]
+    assert sorted(os.listdir(ck.directory)) == ['2', '4']
+
+
+def test_multi_process_array_read_errors_do_not_fall_back(monkeypatch):
+  """Each process reads only its shards, so processes could disagree on a damaged step:
+  there the error names the way out instead of skipping."""
+  path = '/w/checkpoints/4'
+  assert isinstance(ckpt_lib._array_read_error('x', path), ckpt_lib.CorruptCheckpointError)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  e = ckpt_lib._array_read_error('Could not restore state from checkpoint /w/checkpoints/4: '
+                                 'ValueError: NOT_FOUND', path)
+  assert not isinstance(e, ckpt_lib.CorruptCheckpointError)
+  assert str(e).endswith('NOT_FOUND. A multi-process run does not skip an unreadable step '
+                         '(its processes could disagree on it): move /w/checkpoints/4 out of '
+                         '/w/checkpoints to resume from the step before it.')
+
+
+def test_read_only_restores_are_quiet(tmp_path, caplog):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'params': {'x': jnp.ones(2)}}, None, {})
+  target = {'params': {'x': jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  with caplog.at_level('DEBUG'), ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
+    ck.restore(target)
+  with caplog.at_level('DEBUG'):
+    ckpt_lib.restore_params(tmp_path, target['params'])
+  noise = [r.getMessage() for r in caplog.records
+           if r.levelno >= 30 and 'read only' in r.getMessage().replace('read_only', 'read only')]
+  assert not noise, noise
+  assert not logging.getLogger('absl').filters  # The filter was scoped to our managers.
+
+
+def test_close_from_with_and_finally(tmp_path):
+  """A trainer closes in `finally` (or leaves a `with`) on its way out of an error, maybe
+  twice: the pending save commits once and later closes do nothing."""
+  with pytest.raises(RuntimeError, match='boom'):
+    with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+      assert ck.save(1, {'x': jnp.ones(2)}, None, {})
+      raise RuntimeError('boom')
+  ck.close()
+  ck.close()
+  assert os.listdir(ck.directory) == ['1'] and id(ck) not in ckpt_lib._OPEN
+
+
+_EXIT_EARLY = textwrap.dedent('''
+    import sys
+    import jax.numpy as jnp
+    from vqgan_jax import checkpoints
+    ck = checkpoints.Checkpointer(sys.argv[1], save_every=1)
+    ck.save(1, {'x': jnp.ones(4)}, None, {})
+    raise SystemExit('the run stops before its first batch')  # No close().
+''')
+
+
+def test_exit_with_a_save_in_flight_is_quiet(tmp_path):
+  """A run that raises past an open Checkpointer commits its save and exits with only its
+  own message (orbax's threads used to print tracebacks and wait minutes)."""
+  proc = subprocess.run([sys.executable, '-c', _EXIT_EARLY, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=90, check=False,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == 'the run stops before its first batch', proc.stderr[-3000:]
+  assert os.listdir(ckpt_lib.checkpoint_dir(tmp_path)) == ['1']

@@ -11,24 +11,42 @@ commit file on GCS), so a crash mid-save leaves the previous step intact:
 Restores go into an abstract target whose leaves carry the *target* shardings,
 so a checkpoint written on one mesh restores onto any other mesh or process
 count.
+
+Failure model: a state holding NaN or Inf is never saved (so `max_to_keep`
+never rotates a good checkpoint out for a bad one); restoring "the latest"
+step skips steps whose files cannot be read (truncated, deleted) and takes the
+newest one that reads whole, saying which it skipped; a writer resuming past
+such steps moves them to `checkpoints/corrupt/` so their step numbers can be
+saved again.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_register_exit_hook`.
+import contextlib
+import gc
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 
+_log = logging.getLogger(__name__)
+
 CHECKPOINT_SUBDIR = 'checkpoints'
+# Under the checkpoint directory: steps a resuming writer found unreadable
+# (orbax lists only numeric names, so it ignores this folder).
+CORRUPT_SUBDIR = 'corrupt'
 
 # Fields that change the shapes or meaning of saved arrays: a checkpoint whose
 # config differs in any of these is refused. A name covers its whole subtree.
@@ -43,6 +61,17 @@ ADDED_FIELD_DEFAULTS = {'model.quantizer': 'vq', 'model.kl_weight': 1e-8,
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, corrupt, or cannot be read into the target."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A committed checkpoint's files cannot be read (truncated, deleted, garbled).
+
+  Restoring the latest step skips such steps; restoring a named step raises it.
+  """
+
+
+class NonFiniteStateError(CheckpointError, FloatingPointError):
+  """A training state holding NaN or Inf was due to be saved; nothing was written."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -261,13 +290,165 @@ def _check_target(saved_tree, target, where: str, partial: bool) -> None:
 
 
 # --------------------------------------------------------------------------
+# Unreadable steps and non-finite states.
+
+
+def _brief(e: BaseException) -> str:
+  """One line for an orbax or TensorStore error.
+
+  TensorStore's own error is the innermost cause and names the file and byte
+  range; the wrappers above it append the whole JSON spec.
+  """
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().split('\n', 1)[0]
+  for tail in (' [tensorstore_spec=', ' See full TensorStore details'):
+    text = text.split(tail, 1)[0]
+  if len(text) > 300:
+    text = text[:297] + '...'
+  return f'{type(e).__name__}: {text}'
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  code = getattr(unraisable.object, 'cr_code', None)
+  return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+          and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit))
+
+
+def _collect_abandoned_reads() -> None:
+  """Collects, quietly, the reads orbax left pending when one read failed.
+
+  orbax reads the arrays in concurrent coroutines and, when one fails, closes
+  its event loop with the others still suspended. Python reports each such
+  coroutine when it collects it ("Exception ignored in: <coroutine ...>", a
+  traceback and TensorStore's whole JSON spec), long after our one line. This
+  collects them now, and from now on drops exactly those reports (one whose
+  read was still in flight is collected later).
+  """
+  previous = sys.unraisablehook
+  if not getattr(previous, '_drops_abandoned_reads', False):
+    def hook(unraisable):
+      if not _is_abandoned_read(unraisable):
+        previous(unraisable)
+
+    hook._drops_abandoned_reads = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
+  gc.collect()
+
+
+def _array_read_error(message: str, path: str) -> CheckpointError:
+  """The error for a restore that failed inside orbax.
+
+  In a multi-process run each process reads only its own shards, so a damaged
+  file may fail on some processes while the others finish the read and wait in
+  orbax's barriers: one skipping the step would leave them restoring different
+  steps. There it is an error that names the way out, not a fallback.
+  """
+  if jax.process_count() == 1:
+    return CorruptCheckpointError(message)
+  return CheckpointError(
+      f'{message.rstrip(".")}. A multi-process run does not skip an unreadable step (its '
+      f'processes could disagree on it): move {path} out of {os.path.dirname(path)} to '
+      'resume from the step before it.')
+
+
+def _newest_readable(steps: Sequence[int], read: Callable[[int], Any],
+                     directory: str) -> tuple[int, Any, list[tuple[int, str]]]:
+  """`(step, read(step), skipped)` for the newest of `steps` that `read` gets
+  whole; `skipped` lists `(step, reason)` for the newer ones it could not.
+
+  Only `CorruptCheckpointError` moves on to an older step: a config or target
+  mismatch would recur on every step, and hiding it behind an older step would
+  be a silent fallback. Every process reads the same metadata and JSON files,
+  so they skip a step together (see `_array_read_error` for the arrays).
+  """
+  skipped = []
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step), skipped
+    except CorruptCheckpointError as e:
+      skipped.append((step, str(e)))
+  raise CheckpointError(
+      f'No checkpoint in {directory} can be read: '
+      + '; '.join(f'step {s}: {r}' for s, r in skipped) + '.')
+
+
+def _skipped_line(skipped: Sequence[tuple[int, str]], step: int, done: str,
+                  moved: Sequence[str] = ()) -> str:
+  """The one line a fallback logs: which steps, where they went, which step instead, why."""
+  steps = ', '.join(str(s) for s, _ in skipped)
+  where = f' (moved to {", ".join(moved)})' if moved else ''
+  reasons = '; '.join(r for _, r in skipped)
+  return (f'Skipped unreadable checkpoint step{"s" if len(skipped) > 1 else ""} '
+          f'{steps}{where}, {done} step {step} instead: {reasons}')
+
+
+@jax.jit
+def _finite_flags(leaves):
+  # One fused pass over the state; only a bool per leaf leaves the devices.
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def _nonfinite_leaves(state: PyTree) -> list[str]:
+  """Paths of the floating leaves of `state` that hold NaN or Inf (a collective
+  when the leaves span several processes)."""
+  finite, groups = {}, {}
+  for path, x in _leaves_by_path(state).items():
+    if not isinstance(x, jax.Array):
+      x = np.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      continue  # Integers, bools and PRNG keys cannot diverge.
+    if isinstance(x, jax.Array):
+      # One jitted reduction per set of devices (usually one: the mesh).
+      groups.setdefault(frozenset(x.sharding.device_set), []).append((path, x))
+    else:
+      finite[path] = bool(np.all(np.isfinite(x)))
+  for members in groups.values():
+    leaves = [x for _, x in members]
+    try:
+      flags = _finite_flags(leaves)
+    except ValueError:  # The same devices in another order: one reduction each.
+      flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    finite.update(zip([p for p, _ in members], np.asarray(jax.device_get(flags)).tolist()))
+  return [p for p in _leaves_by_path(state) if finite.get(p) is False]
+
+
+# --------------------------------------------------------------------------
 # The manager.
+
+
+class _DropMessages(logging.Filter):
+  """Drops records whose format string starts with one of `prefixes`, and nothing else."""
+
+  def __init__(self, *prefixes: str):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+
+
+# A read-only manager says so when it opens: noise for a read we asked for.
+_READ_ONLY_NOTICE = _DropMessages('Given directory is read only=%s')
+# Reading the metadata of a step whose state/_METADATA is gone: our own line says so.
+_NO_METADATA_NOTICE = _DropMessages('Item "%s" was found in the checkpoint, but could not')
+
+
+@contextlib.contextmanager
+def _quiet(notice: logging.Filter):
+  logger = logging.getLogger('absl')  # orbax logs through absl.logging.
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
 
 
 def _manager(directory: str, *, read_only: bool, max_to_keep=None,
              async_save=True, state_handler=None) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
+      # A reader deletes nothing; orbax warns when it has to say so itself.
+      max_to_keep=None if read_only else max_to_keep,
       save_interval_steps=0 if read_only else 1,  # Saves are decided above.
       read_only=read_only,
       create=not read_only,
@@ -279,9 +460,26 @@ def _manager(directory: str, *, read_only: bool, max_to_keep=None,
   handlers = {'state': state_handler or ocp.StandardCheckpointHandler(),
               'data': ocp.JsonCheckpointHandler(),
               'config': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(directory, options=options,
-                               item_names=tuple(handlers),
-                               item_handlers=handlers)
+  with _quiet(_READ_ONLY_NOTICE) if read_only else contextlib.nullcontext():
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_names=tuple(handlers),
+                                 item_handlers=handlers)
+
+
+def _read_tree_metadata(manager: ocp.CheckpointManager, step: int, path: str):
+  try:
+    with _quiet(_NO_METADATA_NOTICE):
+      metadata = manager.item_metadata(step)['state']
+  except Exception as e:  # pylint: disable=broad-except
+    error = CorruptCheckpointError(  # Not chained: see `Checkpointer._restore`.
+        f'Could not read the array metadata of checkpoint {path}: {_brief(e)}')
+  else:
+    if getattr(metadata, 'tree', None) is None:
+      raise CorruptCheckpointError(
+          f'Checkpoint {path} has no array metadata (state/_METADATA is missing).')
+    return metadata.tree
+  _collect_abandoned_reads()
+  raise error
 
 
 def _require_dir(directory: str, what: str) -> None:
@@ -300,20 +498,57 @@ def _check_global(state: PyTree) -> None:
         'live on one process only: ' + ', '.join(local[:20]) + '.')
 
 
+# Checkpointers not closed yet, closed at exit by `_close_open_checkpointers`.
+_OPEN: dict[int, Checkpointer] = {}
+
+
+def _close_open_checkpointers() -> None:
+  """Commits the pending save of every Checkpointer a run left open.
+
+  A run that raises past its Checkpointer would otherwise exit with a save in
+  flight: orbax's threads then fail against executors that take no more work
+  ("cannot schedule new futures after interpreter shutdown") and wait minutes
+  on signals that never come, printing tracebacks after the run's own error.
+  """
+  for ckpt in list(_OPEN.values()):
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      _log.error('Checkpointer(%r) failed to close at exit: %s', ckpt.workdir, _brief(e))
+
+
+def _register_exit_hook() -> None:
+  # threading's exit hooks run before the interpreter stops its thread pools
+  # (atexit's run after, too late to commit a save), newest first: the import
+  # of concurrent.futures.thread above registered the hook that stops them.
+  register = getattr(threading, '_register_atexit', None)
+  if register is None:
+    import atexit  # pylint: disable=g-import-not-at-top
+    register = atexit.register
+  register(_close_open_checkpointers)
+
+
+_register_exit_hook()
+
+
 class Checkpointer:
   """Periodic, asynchronous, atomic checkpoints of a training run.
 
   Every process calls every method (the saves and restores are collective);
   orbax lets only the primary process write the JSON items.
 
-    ckpt = Checkpointer(workdir, save_every=config.train.checkpoint_every)
-    if ckpt.latest_step() is not None:
-      state, data_state, _ = ckpt.restore(abstract_state, config=config)
-    for step in ...:
-      state = train_step(state, batch)
-      ckpt.save(step, state, it.get_state, config)
-    ckpt.save(step, state, it.get_state(), config, force=True)
-    ckpt.close()
+    with Checkpointer(workdir, save_every=config.train.checkpoint_every) as ckpt:
+      state = ckpt.resume(abstract_state, it, config=config) or init()
+      for step in ...:
+        state, metrics = train_step(state, batch)
+        if ckpt.should_save(step, force=step == last):
+          check(metrics)  # e.g. the loss, on exactly the steps that save
+        ckpt.save(step, state, it.get_state, config, force=step == last)
+
+  `save` refuses a state holding NaN or Inf (`NonFiniteStateError`), so every
+  step on disk is finite. `close()` (or leaving the `with`) commits the pending
+  save; it is safe to call more than once and from `finally`. A Checkpointer
+  still open when the interpreter exits is closed then.
   """
 
   def __init__(self, workdir: str | os.PathLike[str], *, max_to_keep: int | None = 3,
@@ -324,17 +559,27 @@ class Checkpointer:
     self.workdir = os.fspath(workdir)
     self.directory = checkpoint_dir(self.workdir)
     self.save_every = save_every
+    self.read_only = read_only
+    # The step the latest `restore`/`resume` read (it may be older than
+    # `latest_step()` when newer steps were unreadable); None before any.
+    self.restored_step: int | None = None
     if read_only:
       _require_dir(self.directory, f'Checkpointer({self.workdir!r})')
     self._manager = _manager(self.directory, read_only=read_only,
                              max_to_keep=max_to_keep, async_save=async_save)
+    self._closed = False
+    _OPEN[id(self)] = self
 
   # Saving.
 
   def should_save(self, step: int, force: bool = False) -> bool:
-    """Whether `save(step, ...)` would write (a collective; all must call)."""
-    if step in self._manager.all_steps():
-      return False  # Already saved, e.g. the last step after a resume.
+    """Whether `save(step, ..., force)` would write (a collective; all must call).
+
+    Cheap: a trainer asks it every step to run its own checks (the loss) on
+    exactly the steps that save.
+    """
+    if self.read_only or step in self._manager.all_steps():
+      return False  # E.g. the last step after a resume, saved already.
     # A preemption notice (multi-host) also triggers a save.
     return (force or step % self.save_every == 0
             or self._manager.reached_preemption(step))
@@ -357,10 +602,24 @@ class Checkpointer:
 
     Returns:
       Whether a save was started.
+
+    Raises:
+      NonFiniteStateError: a floating leaf of `state` holds NaN or Inf (checked
+        only on the steps that save); nothing was written, and every
+        checkpoint on disk is kept.
     """
     step = int(step)
     if not self.should_save(step, force):
       return False
+    bad = _nonfinite_leaves(state)
+    if bad:
+      last = self.latest_step()
+      kept = (f'the last good checkpoint, step {last}, stays in {self.directory}'
+              if last is not None else f'no earlier checkpoint is in {self.directory}')
+      more = f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
+      raise NonFiniteStateError(
+          f'Step {step}: the training state holds NaN or Inf in '
+          f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.')
     if jax.process_count() > 1:
       _check_global(state)
     if callable(data_state):
@@ -380,7 +639,11 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for the pending save and releases orbax's threads."""
+    """Commits the pending save and releases orbax's threads; later calls do nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    _OPEN.pop(id(self), None)
     self._manager.close()
 
   def __enter__(self):
@@ -400,28 +663,45 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest step of `all_steps()`, or None when there is none."""
+    """The newest step of `all_steps()`, or None when there is none.
+
+    Its files are not read: `restore` may find it unreadable and take an older
+    step (see `restored_step`).
+    """
     return self._manager.latest_step()
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _resolve_step(self, step: int | None) -> int:
+  def _steps_to_read(self, step: int | None) -> list[int]:
     self.wait()  # A save of ours in flight is committed before it is read.
     steps = self.all_steps()
     if step is None:
       if not steps:
         raise CheckpointError(f'No checkpoint in {self.directory}.')
-      return steps[-1]
+      return steps
     if step not in steps:
       raise CheckpointError(
           f'No checkpoint for step {step} in {self.directory}; '
           f'committed steps: {steps or "none"}.')
-    return step
+    return [step]
+
+  def _read_newest(self, step: int | None, read: Callable[[int], Any]):
+    """`(step, read(step), skipped)`: the given step, or the newest readable one."""
+    steps = self._steps_to_read(step)
+    if step is not None:
+      return step, read(step), []
+    return _newest_readable(steps, read, self.directory)
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
-    """The config dict stored with a checkpoint (latest by default)."""
-    step = self._resolve_step(step)
+    """The config dict stored with a checkpoint (by default the newest step whose
+    config reads)."""
+    step, config, skipped = self._read_newest(step, self._read_config)
+    if skipped:
+      _log.warning(_skipped_line(skipped, step, 'read the config of'))
+    return config
+
+  def _read_config(self, step: int) -> dict[str, Any]:
     return self._restore(step, config=ocp.args.JsonRestore())['config']
 
   def restore(self, abstract_state: PyTree, step: int | None = None, *,
@@ -432,7 +712,9 @@ class Checkpointer:
       abstract_state: the target: a pytree of the saved structure (optax
         namedtuples included) whose leaves are `jax.ShapeDtypeStruct`s with
         `sharding=` (see `abstract_like`) or live jax.Arrays.
-      step: the step to restore; the latest committed one by default.
+      step: the step to restore. By default the newest committed step that
+        reads whole: unreadable newer steps are skipped with one logged line
+        (`restored_step` says which step was read).
       config: if given, the run's config, checked against the saved one
         (`check_compatible` over `fields`) before any array is read.
       fields: see `check_compatible`.
@@ -442,55 +724,97 @@ class Checkpointer:
       structure and shardings, this process's data-iterator state (None when
       the process count changed: the iterator then starts afresh), and the
       saved config as a dict.
+
+    Raises:
+      CorruptCheckpointError: the given `step` cannot be read.
+      CheckpointError: no step, or none that reads (one sentence per step), or
+        the target does not match the saved arrays.
+      IncompatibleCheckpointError: `config` differs in one of `fields`.
     """
-    step = self._resolve_step(step)
-    saved_config = self.restore_config(step)
-    if config is not None:
-      check_compatible(saved_config, config, fields, where=self.step_path(step))
+    step, out, skipped = self._restore_newest(abstract_state, step, config, fields)
+    if skipped:
+      _log.warning(_skipped_line(skipped, step, 'restored'))
+    return out
+
+  def _restore_newest(self, abstract_state, step, config, fields):
     target = abstract_like(abstract_state)
-    _check_target(self._saved_tree(step), target, self.step_path(step),
-                  partial=False)
-    out = self._restore(step, state=ocp.args.StandardRestore(target),
-                        data=ocp.args.JsonRestore())
-    return out['state'], self._local_data_state(out['data'], step), saved_config
+
+    def read(step):
+      saved_config = self._read_config(step)
+      if config is not None:
+        check_compatible(saved_config, config, fields, where=self.step_path(step))
+      _check_target(_read_tree_metadata(self._manager, step, self.step_path(step)),
+                    target, self.step_path(step), partial=False)
+      out = self._restore(step, state=ocp.args.StandardRestore(target),
+                          data=ocp.args.JsonRestore())
+      return out['state'], self._local_data_state(out['data'], step), saved_config
+
+    step, out, skipped = self._read_newest(step, read)
+    self.restored_step = step
+    return step, out, skipped
 
   def resume(self, abstract_state: PyTree, iterator, *, config,
              fields: Sequence[str] = COMPATIBILITY_FIELDS):
-    """A run's restart: restores the latest committed step (see `restore`) and moves the data
-    `iterator` (`set_state`) to where that step left it. Returns the state, or None when there
-    is no checkpoint yet."""
+    """A run's restart: restores the newest step that reads whole (see `restore`)
+    and moves the data `iterator` (`set_state`) to where that step left it.
+    Returns the state, or None when there is no checkpoint yet.
+
+    Newer steps that did not read are moved to `checkpoints/corrupt/<step>`
+    (kept for inspection, out of the run's way) so the run saves those step
+    numbers afresh; one line says which and why.
+    """
     if self.latest_step() is None:
       return None
-    state, data_state, _ = self.restore(abstract_state, config=config, fields=fields)
+    step, (state, data_state, _), skipped = self._restore_newest(
+        abstract_state, None, config, fields)
+    if skipped:
+      moved = [] if self.read_only else [self._set_aside(s) for s, _ in skipped]
+      _log.warning(_skipped_line(skipped, step, 'resumed from', moved))
     if data_state is not None:
       iterator.set_state(data_state)
     return state
 
+  def _set_aside(self, step: int) -> str:
+    """Moves an unreadable step out of orbax's sight; returns where it went."""
+    aside = os.path.join(self.directory, CORRUPT_SUBDIR)
+    dest, n = os.path.join(aside, str(step)), 0
+    while os.path.exists(dest):  # The same step number went bad before.
+      n += 1
+      dest = os.path.join(aside, f'{step}.{n}')
+    dest = _gather_strings(dest)[0]  # Process 0's, looked up before it renames.
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      os.rename(self.step_path(step), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'vqgan_jax_set_aside_{step}')
+    self._manager.reload()
+    return dest
+
   def _local_data_state(self, data, step):
     count = data['process_count']
     if count != jax.process_count():
-      logging.warning(
+      _log.warning(
           'Checkpoint %s was written by %d processes, this run has %d: the '
           'data iterator restarts from its initial state.',
           self.step_path(step), count, jax.process_count())
       return None
     return _decode_data_state(data['states'][jax.process_index()])
 
-  def _saved_tree(self, step: int):
-    try:
-      return self._manager.item_metadata(step)['state'].tree
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'Could not read the array metadata of checkpoint '
-          f'{self.step_path(step)}: {type(e).__name__}: {e}') from e
-
   def _restore(self, step: int, **items):
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError, FileNotFoundError, OSError) as e:
-      raise CheckpointError(
-          f'Could not restore {"/".join(items)} from checkpoint '
-          f'{self.step_path(step)}: {type(e).__name__}: {e}') from e
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore raises a bare Exception for a truncated or missing file.
+      # Its brief says what a traceback would; keeping `e` would keep the
+      # abandoned reads alive (see `_collect_abandoned_reads`).
+      message = (f'Could not restore {"/".join(items)} from checkpoint '
+                 f'{self.step_path(step)}: {_brief(e)}')
+      # The JSON items alone read the same on every process.
+      error = (_array_read_error(message, self.step_path(step)) if 'state' in items
+               else CorruptCheckpointError(message))
+    _collect_abandoned_reads()
+    raise error
 
 
 def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
@@ -506,34 +830,21 @@ def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
     abstract_params: the target subtree (see `abstract_like`).
     key: the subtree's path in the saved state: `'params'`, or a sequence of
       keys / a `'/'`-separated string for nested subtrees.
-    step: the step; the latest committed one by default.
+    step: the step. By default the newest committed step whose subtree reads
+      whole: unreadable newer steps are skipped with one logged line.
   """
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
   manager = _manager(directory, read_only=True,
                      state_handler=ocp.PyTreeCheckpointHandler())
-  try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise CheckpointError(
-          f'restore_params: no committed checkpoint in {directory} '
-          f'(workdir {os.fspath(workdir)}).')
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise CheckpointError(f'No checkpoint for step {step} in {directory}; '
-                            f'committed steps: {steps}.')
+  keys = key.split('/') if isinstance(key, str) else list(key)
+  item = abstract_like(abstract_params)
+  for k in reversed(keys):
+    item = {k: item}
+
+  def read(step):
     path = os.path.join(directory, str(step))
-    keys = key.split('/') if isinstance(key, str) else list(key)
-    target = abstract_like(abstract_params)
-    item = target
-    for k in reversed(keys):
-      item = {k: item}
-    try:
-      saved = manager.item_metadata(step)['state'].tree
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'Could not read the array metadata of checkpoint '
-                            f'{path}: {type(e).__name__}: {e}') from e
+    saved = _read_tree_metadata(manager, step, path)
     node = saved
     for i, k in enumerate(keys):
       if not isinstance(node, Mapping) or k not in node:
@@ -548,13 +859,32 @@ def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
       out = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                        partial_restore=True)))
-    except (ValueError, KeyError, TypeError, FileNotFoundError, OSError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # As in `Checkpointer._restore`.
+      error = _array_read_error(
+          f'Could not restore {"/".join(keys)!r} from checkpoint {path}: {_brief(e)}', path)
+    else:
+      tree = out['state']
+      for k in keys:
+        tree = tree[k]
+      return tree
+    _collect_abandoned_reads()
+    raise error
+
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
       raise CheckpointError(
-          f'Could not restore {"/".join(keys)!r} from checkpoint {path}: '
-          f'{type(e).__name__}: {e}') from e
-    tree = out['state']
-    for k in keys:
-      tree = tree[k]
+          f'restore_params: no committed checkpoint in {directory} '
+          f'(workdir {os.fspath(workdir)}).')
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f'No checkpoint for step {step} in {directory}; '
+                              f'committed steps: {steps}.')
+      return read(step)
+    step, tree, skipped = _newest_readable(steps, read, directory)
+    if skipped:
+      _log.warning(_skipped_line(skipped, step, f'restored {"/".join(keys)!r} from'))
     return tree
   finally:
     manager.close()
