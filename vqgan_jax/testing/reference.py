@@ -393,7 +393,9 @@ def _as_input(x, channels_last: bool):
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)))
   if channels_last:  # as VQModel.get_input does with a batch["image"] of NHWC
     x = x.permute(0, 3, 1, 2)
-  return x.to(memory_format=torch.contiguous_format).float()
+  x = x.to(memory_format=torch.contiguous_format)
+  # float64 stays float64 (a float64 copy of the model is the exact-arithmetic oracle).
+  return x if x.dtype == torch.float64 else x.float()
 
 
 def _floats(log: dict) -> dict:
