@@ -36,11 +36,13 @@ from vqgan_jax.train.common import gather
 
 
 def _saved_config(workdir, step):
+  """(the config saved with `step`, or with the newest readable step; the step asked for, or
+  the newest on disk)."""
   with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    latest = ckpt.latest_step()
+    if latest is None:
       raise checkpoints.CheckpointError(f'No checkpoint in {ckpt.directory}: train first.')
-    return ml_collections.ConfigDict(ckpt.restore_config(step)), step
+    return ml_collections.ConfigDict(ckpt.restore_config(step)), latest if step is None else step
 
 
 def _default_mesh():
