@@ -167,6 +167,61 @@ def test_sample_deterministic_and_greedy(model, params, forward):
       params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=5), a)
 
 
+def test_temperature_zero_is_greedy(model, params):
+  """temperature 0 is argmax, also when traced by the caller's jit; it shares the sampled
+  compile (top_k=5 here), so greedy needs no recompile."""
+  greedy = sampling.sample(params, model, COND, jax.random.key(0), steps=12, top_k=1)
+  np.testing.assert_array_equal(sampling.sample(
+      params, model, COND, jax.random.key(7), steps=12, top_k=5, temperature=0.0), greedy)
+  traced = jax.jit(lambda t: sampling.sample(params, model, COND, jax.random.key(9), steps=12,
+                                             top_k=5, temperature=t))
+  np.testing.assert_array_equal(traced(jnp.float32(0.0)), greedy)
+  assert np.any(np.asarray(traced(jnp.float32(1.0))) != np.asarray(greedy))
+
+
+# Each bad argument, per public sampler; params None shows the check runs before any model
+# code (no compile, no decode).
+_BAD_ARGS = [
+    ({'temperature': -1.0}, 'temperature must be >= 0'),
+    ({'temperature': float('nan')}, 'temperature must be >= 0'),
+    ({'top_k': -3}, 'top_k must be an integer >= 0'),
+    ({'top_k': 2.5}, 'top_k must be an integer >= 0'),
+    ({'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
+    ({'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
+]
+
+
+@pytest.mark.parametrize('kwargs,match', _BAD_ARGS)
+@pytest.mark.parametrize('fn', ['sample', 'sample_images', 'sliding_window_sample'])
+def test_bad_sampling_arguments_are_refused(model, fn, kwargs, match):
+  cond = jnp.array([[3], [5]], jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    if fn == 'sample':
+      sampling.sample(None, model, cond, jax.random.key(0), steps=4, **kwargs)
+    elif fn == 'sample_images':
+      sampling.sample_images({'gpt': None, 'vqgan': None}, model, None, cond, jax.random.key(0),
+                             grid=(2, 2), **kwargs)
+    else:
+      sampling.sliding_window_sample(None, model, cond, jax.random.key(0), grid_h=6, grid_w=6,
+                                     window=4, **kwargs)
+
+
+def test_sequence_longer_than_block_size_is_refused(model):
+  cond = jnp.array([[3]], jnp.int32)
+  key = jax.random.key(0)
+  nothing = {'gpt': None, 'vqgan': None}
+  with pytest.raises(ValueError, match=r'grid=\(6, 6\) .* block_size 32'):
+    sampling.sample_images(nothing, model, None, cond, key, grid=(6, 6))
+  with pytest.raises(ValueError, match='steps=33 .* block_size 32'):
+    sampling.sample(None, model, cond, key, steps=33)
+  with pytest.raises(ValueError, match='window=6 .* block_size 32'):
+    sampling.sample_images(nothing, model, None, cond, key, grid=(8, 8), window=6)
+  with pytest.raises(ValueError, match='window=6 .* block_size 32'):
+    sampling.sliding_window_sample(None, model, cond, key, grid_h=8, grid_w=8, window=6)
+  with pytest.raises(ValueError, match='grid must be'):
+    sampling.sample_images(nothing, model, None, cond, key, grid=(0, 4))
+
+
 def test_class_conditional_first_step_distribution(model, params, forward):
   """Step-0 draws (many rows, one call) follow softmax(full-forward logits | class / T)."""
   n = 4096

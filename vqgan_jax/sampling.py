@@ -9,14 +9,22 @@ Classifier-free guidance (an addition; the original has none): the conditional a
 unconditional batch run as one batch of 2B through the same cache, and the logits fed to the
 filter are `uncond + cfg_scale * (cond - uncond)`. Both batches are continued with the same
 (guided) tokens.
+
+Arguments: `temperature` 0 is greedy decoding (argmax of the filtered logits), as a traced
+value too, so one compile serves greedy and sampled calls. Bad arguments (a negative
+temperature, top_k < 0, top_p outside (0, 1], a sequence longer than the model's block size)
+raise one ValueError naming the argument before anything runs (`check_sampling_args`).
 """
 
 import functools
+import math
+import numbers
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from vqgan_jax.models import transformer as tf
 
@@ -88,8 +96,55 @@ def _decoding(model, params):
   return model, {'params': params}
 
 
-def _norm_filters(top_k, top_p):
+def check_sampling_args(model, *, cond_len, image_len, length_arg, temperature=1.0,
+                        top_k=None, top_p=1.0):
+  """Refuses arguments that would sample garbage silently; returns (top_k, top_p) normalised.
+
+  `length_arg` names the argument that set `image_len` (steps, grid, window) for the block
+  size message. A temperature traced by the caller's own jit cannot be checked here.
+  """
+  if not isinstance(temperature, jax.core.Tracer):
+    try:
+      t = float(temperature)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'temperature must be a number >= 0, got {temperature!r}') from e
+    if not math.isfinite(t) or t < 0:
+      raise ValueError(f'temperature must be >= 0 (0 is greedy argmax), got {temperature!r}')
+  if top_k is not None and not (_is_number(top_k) and float(top_k).is_integer() and top_k >= 0):
+    raise ValueError(f'top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}')
+  if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+    raise ValueError(f'top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}')
+  if cond_len < 1 or image_len < 1:
+    raise ValueError(f'need at least one conditioning token and one token to sample; got '
+                     f'{cond_len} cond tokens and {length_arg}')
+  if cond_len + image_len - 1 > model.block_size:
+    raise ValueError(f'{length_arg} ({image_len} tokens after {cond_len} cond tokens) is longer '
+                     f'than the model\'s block_size {model.block_size} allows')
   return (int(top_k) if top_k else None), (1.0 if top_p is None else float(top_p))
+
+
+def _is_number(x):
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _cond_len(cond_tokens, name):
+  shape = np.shape(cond_tokens)
+  if len(shape) != 2:
+    raise ValueError(f'{name} must be (batch, length) tokens, got shape {shape}')
+  return shape[1]
+
+
+def _check_window(grid_h, grid_w, window):
+  if window % 2 or window < 2:
+    raise ValueError(f'window must be even and >= 2 (taming uses 16), got {window}')
+  if grid_h < window or grid_w < window:
+    raise ValueError(f'grid {grid_h}x{grid_w} smaller than the window {window}')
+
+
+def guide(logits, cfg_scale):
+  """Classifier-free guidance: a (2B, V) batch [cond; uncond] -> uncond + s * (cond - uncond)."""
+  c, u = jnp.split(logits, 2, axis=0)
+  return u + cfg_scale * (c - u)
 
 
 def _with_uncond(cond, uncond, guided):
@@ -115,14 +170,17 @@ class _Stepper:
     logits, cache = self.model.apply(self.variables, tokens, cache, pos, logits_at,
                                      method=self.model.decode)
     if self.guided:
-      c, u = jnp.split(logits, 2, axis=0)
-      logits = u + self.cfg_scale * (c - u)
+      logits = guide(logits, self.cfg_scale)
     return logits, cache
 
   def draw(self, logits, t):
-    logits = filter_logits(logits, self.temperature, self.top_k, self.top_p)
-    return jax.random.categorical(jax.random.fold_in(self.rng, t), logits,
-                                  axis=-1).astype(jnp.int32)
+    # temperature is traced: greedy is a select, not a recompile. Filtering the unscaled
+    # logits keeps the argmax, and temperature 1 there keeps the division finite.
+    greedy = self.temperature == 0
+    logits = filter_logits(logits, jnp.where(greedy, 1.0, self.temperature), self.top_k,
+                           self.top_p)
+    drawn = jax.random.categorical(jax.random.fold_in(self.rng, t), logits, axis=-1)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,23 +194,21 @@ def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=Non
   The conditioning (SOS token, class id, or a cond-stage code sequence) is prefilled into a
   preallocated K/V cache in one forward, then one token per step inside a `lax.fori_loop`.
   Compiled once per (model, shapes, steps, top_k, top_p, guidance on/off); temperature and
-  cfg_scale are traced. `params` may be either layout ({'params': ...} or the bare tree).
+  cfg_scale are traced; temperature 0 is greedy (argmax). `params` may be either layout
+  ({'params': ...} or the bare tree).
 
   The cache grows in `cache_segment`-slot steps (one decode loop per size, each compiled):
   a step reads every slot of the cache it runs on, so a cache sized for the whole sequence
   would be read in full from the first token on. Tokens do not depend on the segment size.
   """
-  model, variables = _decoding(model, params)
-  top_k, top_p = _norm_filters(top_k, top_p)
+  top_k, top_p = check_sampling_args(
+      model, cond_len=_cond_len(cond_tokens, 'cond_tokens'), image_len=steps,
+      length_arg=f'steps={steps}', temperature=temperature, top_k=top_k, top_p=top_p)
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
+  model, variables = _decoding(model, params)
   cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
-  if cond_tokens.shape[1] < 1 or steps < 1:
-    raise ValueError('need at least one conditioning token and one step')
-  if cond_tokens.shape[1] + steps - 1 > model.block_size:
-    raise ValueError(f'{cond_tokens.shape[1]} cond tokens + {steps} steps exceed block_size '
-                     f'{model.block_size} + 1')
   uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
   return _sample(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
                  jnp.float32(cfg_scale if guided else 0.0), steps=steps, top_k=top_k,
@@ -183,8 +239,7 @@ def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, step
     # Prefill differs per half (cond vs uncond); afterwards both halves get the same tokens.
     logits, cache = model.apply(variables, _with_uncond(cond, uncond, True), cache, 0, lc - 1,
                                 method=model.decode)
-    c, u = jnp.split(logits, 2, axis=0)
-    logits = u + cfg_scale * (c - u)
+    logits = guide(logits, cfg_scale)
   else:
     logits, cache = st.logits(cond, cache, 0, lc - 1)
   first = st.draw(logits, 0)
@@ -224,8 +279,24 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
     condition ((Lc,) or (1, Lc)) is repeated num_samples times.
   grid: (h, w) of the code grid; larger than the training grid it needs `window` (the
     training grid's side), and then runs `sliding_window_sample` with a constant prefix.
-  Both samplers and the decoder are jitted (compiled once per shape and filter settings).
+  temperature 0 is greedy (argmax); the arguments are checked as in `sample` before anything
+  runs. Both samplers and the decoder are jitted (compiled once per shape and filter settings).
   """
+  cond_len = np.shape(condition)[-1] if np.ndim(condition) in (1, 2) else 0
+  if not cond_len:
+    raise ValueError(f'condition must be (batch, length) or (length,) tokens, got shape '
+                     f'{np.shape(condition)}')
+  if len(grid) != 2 or not all(_is_number(n) and float(n).is_integer() and n > 0 for n in grid):
+    raise ValueError(f'grid must be (h, w) of positive ints, got {grid!r}')
+  h, w = (int(n) for n in grid)
+  if window is None:
+    check_sampling_args(model, cond_len=cond_len, image_len=h * w, length_arg=f'grid={grid}',
+                        temperature=temperature, top_k=top_k, top_p=top_p)
+  else:
+    _check_window(h, w, window)
+    check_sampling_args(model, cond_len=cond_len, image_len=window * window,
+                        length_arg=f'window={window}', temperature=temperature, top_k=top_k,
+                        top_p=top_p)
   condition = jnp.asarray(condition, jnp.int32)
   if condition.ndim == 1:
     condition = condition[None]
@@ -236,7 +307,6 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
     if uncond_tokens is not None:
       uncond_tokens = jnp.repeat(jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1),
                                  num_samples, axis=0)
-  h, w = grid
   filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                  uncond_tokens=uncond_tokens)
   if window is None:
@@ -278,26 +348,21 @@ def sliding_window_sample(params, model, cond_tokens, rng, *, grid_h, grid_w, wi
   where it rests at the right edge) each step appends one token, so a K/V cache is prefilled
   once and extended one token per step. Where it slides every position in it changes, so
   the window's prefix is re-encoded, truncated to the length that position needs (two static
-  lengths: li <= half and li > half). All images run as one batch.
+  lengths: li <= half and li > half). All images run as one batch. temperature 0 is greedy
+  (argmax); the arguments are checked as in `sample` before anything runs.
   """
-  model, variables = _decoding(model, params)
-  top_k, top_p = _norm_filters(top_k, top_p)
+  _check_window(grid_h, grid_w, window)
+  cond_len = _cond_len(cond_tokens, 'cond_tokens')
+  if cond_is_grid is None:
+    cond_is_grid = cond_len == grid_h * grid_w
+  top_k, top_p = check_sampling_args(
+      model, cond_len=window * window if cond_is_grid else cond_len, image_len=window * window,
+      length_arg=f'window={window}', temperature=temperature, top_k=top_k, top_p=top_p)
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
-  if window % 2 or window < 2:
-    raise ValueError(f'window must be even and >= 2 (taming uses 16), got {window}')
-  if grid_h < window or grid_w < window:
-    raise ValueError(f'grid {grid_h}x{grid_w} smaller than the window {window}')
+  model, variables = _decoding(model, params)
   cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
-  if cond_is_grid is None:
-    cond_is_grid = cond_tokens.shape[1] == grid_h * grid_w
-  lc = window * window if cond_is_grid else cond_tokens.shape[1]
-  if lc < 1:
-    raise ValueError('need at least one conditioning token')
-  if lc + window * window - 1 > model.block_size:
-    raise ValueError(f'{lc} cond + {window}x{window} window tokens exceed block_size '
-                     f'{model.block_size} + 1')
   uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
   return _sliding(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
                   jnp.float32(cfg_scale if guided else 0.0), h=grid_h, w=grid_w, win=window,
@@ -320,11 +385,8 @@ def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, 
   short_len = lc + half * win + half      # li <= half
   full_len = lc + (win - 1) * win + half  # li > half (last rows of the grid)
 
-  def guide(logits):
-    if not guided:
-      return logits
-    c, u = jnp.split(logits, 2, axis=0)
-    return u + cfg_scale * (c - u)
+  def guided_logits(logits):
+    return guide(logits, cfg_scale) if guided else logits
 
   def prefill(grid, cache, r0, c0, li, lj):
     """Encodes the window at (r0, c0) into the cache; guided logits for (li, lj)."""
@@ -345,7 +407,7 @@ def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, 
       logits, cache = run(full_len)(cache)
     else:
       logits, cache = lax.cond(li <= half, run(short_len), run(full_len), cache)
-    return guide(logits), cache
+    return guided_logits(logits), cache
 
   def put(grid, i, j, tok):
     return lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
@@ -359,7 +421,7 @@ def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, 
         prev = jnp.concatenate([prev, prev], axis=0)
       logits, cache = model.apply(variables, prev, cache, lc + li * win + (j - 1 - c0), 0,
                                   method=model.decode)
-      return put(grid, i, j, st.draw(guide(logits), i * w + j)), cache
+      return put(grid, i, j, st.draw(guided_logits(logits), i * w + j)), cache
     return lax.fori_loop(j0, j1, body, (grid, cache))
 
   def row(i, carry):
