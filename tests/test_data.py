@@ -1,6 +1,7 @@
 """Tests of vqgan_jax.data: TFDS builders (no TensorFlow) and grain pipelines."""
 
 import gzip
+import logging
 import os
 import struct
 import threading
@@ -13,6 +14,7 @@ import pytest
 from configs import common
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
+from vqgan_jax.data import tokens
 
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _HAVE_FMNIST = all(
@@ -203,6 +205,129 @@ def test_concurrent_prepare_and_waiting(image_folder, tmp_path):
   assert not errors and results == [7, 7, 7]
 
 
+def test_folder_links_visit_each_real_file_once(tmp_path, caplog):
+  """A loop (cat/loop -> ..), a link back into the tree and a duplicate file
+  link are skipped; a class linked from outside and a file linked from
+  outside are kept. os.walk(followlinks=True) listed the loop's images over
+  and over, under the wrong class."""
+  root, ext = tmp_path / 'pets', tmp_path / 'elsewhere'
+  for i in range(3):
+    _save(str(root / 'cat' / f'c{i}.png'), np.full((4, 4), i, np.uint8))
+    _save(str(root / 'dog' / f'd{i}.png'), np.full((4, 4), 10 + i, np.uint8))
+    _save(str(ext / 'bird' / f'b{i}.png'), np.full((4, 4), 20 + i, np.uint8))
+  _save(str(ext / 'lone.png'), np.full((4, 4), 30, np.uint8))
+  os.symlink('..', root / 'cat' / 'loop')
+  # The loop alone first (before, it was followed over and over; finite, unlike two loops).
+  paths = builders.list_image_folder(str(root))[0]
+  assert len(paths) == 6, f'{len(paths)} images listed: {paths[:8]}'
+  assert builders.list_image_folder(str(root)).skipped_links == ['cat/loop']
+  os.symlink('.', root / 'dog' / 'self')
+  os.symlink('cat', root / 'aaa')  # sorts before cat: the real path must win
+  os.symlink('../cat/c0.png', root / 'dog' / 'again.png')
+  os.symlink(ext / 'bird', root / 'bird')
+  os.symlink(ext / 'lone.png', root / 'dog' / 'lone.png')
+  listing = builders.list_image_folder(str(root))
+  assert listing.classes == ['bird', 'cat', 'dog']
+  assert len(listing.paths) == 10, listing.paths
+  assert sorted(listing.skipped_links) == ['aaa', 'cat/loop', 'dog/again.png', 'dog/self']
+  assert all(p.split('/')[0] in ('bird', 'cat', 'dog') for p in listing.paths)
+  cfg = data_config(name='folder', folder=str(root),
+                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  with caplog.at_level(logging.WARNING):
+    builder = builders.prepare(cfg, is_chief=True)
+  assert 'Skipped 4 symbolic link(s)' in caplog.text
+  assert builders.num_links_skipped(builder) == 4
+  by_label = {}
+  for ex in builders.get_source(cfg, 'train'):
+    by_label.setdefault(int(ex['label']), []).append(int(ex['image'][0, 0, 0]))
+  assert {k: sorted(v) for k, v in by_label.items()} == {
+      0: [20, 21, 22], 1: [0, 1, 2], 2: [10, 11, 12, 30]}
+
+
+def test_folder_changed_since_prepared_is_prepared_again(tmp_path, caplog):
+  folder = tmp_path / 'flat'
+  for i in range(3):
+    _save(str(folder / f'{i}.png'), np.full((5, 6), i, np.uint8))
+  cfg = data_config(name='folder', folder=str(folder),
+                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  assert len(builders.get_source(cfg, 'train')) == 3
+  _save(str(folder / '3.png'), np.full((5, 6), 3, np.uint8))
+  with caplog.at_level(logging.WARNING):
+    source = builders.get_source(cfg, 'train')
+  assert len(source) == 4
+  assert '3 image files then, 4 now' in caplog.text
+  assert 'preparing it again' in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # unchanged: reused, nothing said
+    assert len(builders.get_source(cfg, 'train')) == 4
+  assert 'again' not in caplog.text
+  # A changed image (same name, new size) is a change too.
+  _save(str(folder / '0.png'), np.full((7, 6), 0, np.uint8))
+  assert {ex['image'].shape[0] for ex in builders.get_source(cfg, 'train')} == {5, 7}
+  os.remove(folder / '1.png')
+  assert len(builders.get_source(cfg, 'train')) == 3
+  # A non-chief process waits for the fresh dataset rather than reading the stale one.
+  _save(str(folder / '9.png'), np.full((5, 6), 9, np.uint8))
+  with pytest.raises(builders.DataError, match='Waited'):
+    builders.prepare(cfg, is_chief=False, timeout_s=0.1)
+  # A source folder that is gone leaves the prepared copy readable.
+  builders.prepare(cfg, is_chief=True)
+  for name in os.listdir(folder):
+    os.remove(folder / name)
+  os.rmdir(folder)
+  with caplog.at_level(logging.WARNING):
+    assert len(builders.get_source(cfg, 'train')) == 4
+  assert 'is gone' in caplog.text
+
+
+def test_check_splits_folder(image_folder, tmp_path):
+  cfg = data_config(name='folder', folder=image_folder,
+                    data_dir=str(tmp_path), eval_split='test')
+  with pytest.raises(builders.DataError,
+                     match="config.data.eval_split='test'.*no split 'test'; "
+                     r"available: \['train'\]"):
+    pipeline.check_splits(cfg)
+  builder = pipeline.check_splits(cfg, ('train_split',))  # a run without eval
+  assert sorted(builder.info.splits.keys()) == ['train']
+  cfg = data_config(name='folder', folder=image_folder, data_dir=str(tmp_path),
+                    eval_split='validation', validation_fraction=0.0)
+  with pytest.raises(builders.DataError, match='validation_fraction'):
+    pipeline.check_splits(cfg)
+  cfg.validation_fraction = 0.2
+  pipeline.check_splits(cfg)
+  cfg.train_split = 'train[abc]'
+  with pytest.raises(builders.DataError, match="config.data.train_split='train\\[abc\\]'"):
+    pipeline.check_splits(cfg)
+
+
+@needs_fmnist
+def test_check_splits_fashion_mnist(fmnist):
+  pipeline.check_splits(fmnist)
+  cfg = data_config(**dict(fmnist, eval_split='validation'))
+  with pytest.raises(builders.DataError,
+                     match="config.data.eval_split='validation'.*"
+                     r"available: \['test', 'train'\]"):
+    pipeline.check_splits(cfg)
+  cfg = data_config(**dict(fmnist, train_split='train[:10%]+test'))
+  pipeline.check_splits(cfg)
+
+
+def test_check_splits_codes(tmp_path):
+  def examples(split):
+    del split
+    yield {'codes': np.zeros((2, 4), np.int32), 'label': np.zeros(2, np.int32),
+           'index': np.arange(2)}
+
+  tokens.write_codes(str(tmp_path), 'tiny', splits=['train'], examples=examples,
+                     seq_len=4, n_embed=16)
+  builder = tokens.open_codes(str(tmp_path), 'tiny')
+  tokens.check_splits(builder, data_config(eval_split='train[:1]'))
+  with pytest.raises(builders.DataError,
+                     match="config.data.eval_split='validation'.*"
+                     r"available: \['train'\].*--mode=encode"):
+    tokens.check_splits(builder, data_config())
+
+
 # ----------------------------------------------------------------------------
 # Fashion-MNIST and other names.
 
@@ -308,10 +433,6 @@ def test_center_and_random_crop():
   assert len(seen) > 1
   rgba = np.zeros((28, 28, 4), np.uint8)
   assert (pipeline.preprocess(rgba, 32) == 255).all()  # transparent -> white
-  x = pipeline.to_model_range(np.array([0, 255], np.uint8))
-  assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
-  y = pipeline.to_model_range(jax.numpy.asarray(out))
-  assert isinstance(y, jax.Array) and -1.0 <= float(y.min()) <= float(y.max()) <= 1.0
 
 
 # ----------------------------------------------------------------------------

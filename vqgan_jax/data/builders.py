@@ -15,7 +15,9 @@ import io
 import json
 import os
 import re
+import shutil
 import time
+from typing import NamedTuple
 import warnings
 
 from absl import logging
@@ -188,24 +190,111 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
                   Image.DecompressionBombError)
 
 
+class FolderListing(NamedTuple):
+  """The images of a folder, each real file once (see `list_image_folder`)."""
+  paths: list          # sorted relative paths
+  classes: list        # class names
+  labels: list         # label per path
+  skipped_links: list  # relative paths of links skipped (loops, already listed targets)
+  fingerprint: str     # hash of (path, size, mtime) of every listed file
+
+
+def _is_image_name(name):
+  return (not name.startswith('.')
+          and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _identity(path):
+  st = os.stat(path)
+  return st.st_dev, st.st_ino
+
+
+def _walk_images(folder):
+  """(relative image paths, skipped links) under `folder`, visiting every real file and
+  folder once.
+
+  Linked folders are followed (a class may live elsewhere) unless they lead to a folder
+  already visited: a loop (`cat/loop -> ..`) or a second way into the same images would
+  list files many times, under the wrong class, on both sides of the validation split.
+  The real tree is walked first, so an image reachable both directly and through a link
+  keeps its direct path; among links, the first in sorted order wins.
+  """
+  seen_dirs, seen_files = set(), set()
+  found, links, skipped = [], [], []
+
+  def walk(top, rel_top):
+    for root, dirs, files in os.walk(top):
+      rel_root = os.path.normpath(os.path.join(rel_top, os.path.relpath(root, top)))
+      kept = []
+      for d in sorted(d for d in dirs if not d.startswith('.')):
+        if os.path.islink(os.path.join(root, d)):
+          links.append((os.path.join(root, d), os.path.normpath(os.path.join(rel_root, d))))
+          continue
+        identity = _identity(os.path.join(root, d))
+        if identity not in seen_dirs:  # the same folder again (e.g. a bind mount)
+          seen_dirs.add(identity)
+          kept.append(d)
+      dirs[:] = kept
+      for name in sorted(files):
+        if _is_image_name(name):
+          full = os.path.join(root, name)
+          found.append((os.path.islink(full), os.path.normpath(os.path.join(rel_root, name)),
+                        full))
+
+  seen_dirs.add(_identity(folder))
+  walk(folder, '')
+  while links:  # breadth first over linked folders, sorted, so the result is deterministic
+    links.sort(key=lambda link: link[1])
+    path, rel = links.pop(0)
+    try:
+      identity = _identity(path)
+    except OSError:  # a broken link
+      skipped.append(rel)
+      continue
+    if identity in seen_dirs or not os.path.isdir(path):
+      skipped.append(rel)
+      continue
+    seen_dirs.add(identity)
+    walk(path, rel)
+  paths = []
+  for is_link, rel, full in sorted(found):  # real files first, then links
+    try:
+      identity = _identity(full)
+    except OSError:
+      identity = ('broken', rel)  # listed; it fails to decode and is reported as unreadable
+    if identity in seen_files:
+      skipped.append(rel)
+      continue
+    seen_files.add(identity)
+    paths.append(rel)
+  return sorted(paths), sorted(skipped)
+
+
+def _fingerprint(folder, paths):
+  digest = hashlib.sha256()
+  for path in paths:
+    try:
+      st = os.stat(os.path.join(folder, path))
+      entry = f'{path}\0{st.st_size}\0{st.st_mtime_ns}\n'
+    except OSError:
+      entry = f'{path}\0missing\n'
+    digest.update(entry.encode('utf-8', 'surrogateescape'))
+  return digest.hexdigest()
+
+
 def list_image_folder(folder):
-  """Returns (sorted relative paths, class names, label per path).
+  """Lists a folder's images as a `FolderListing`.
 
   Classes are the immediate subfolders when every image lies in one;
   otherwise the folder is one class named after itself. Hidden files and
-  folders (e.g. macOS `._x.jpg` resource forks) are ignored.
+  folders (e.g. macOS `._x.jpg` resource forks) are ignored. Symbolic links
+  are followed, but every real file and folder is listed once: links that
+  loop or lead to something already listed are skipped (`skipped_links`).
   """
   if not folder or not os.path.isdir(folder):
     raise DataError(f'Image folder {folder!r} does not exist or is not a '
                     'directory (config.data.folder).')
-  paths = []
-  for root, dirs, files in os.walk(folder, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    for name in sorted(files):
-      if (not name.startswith('.')
-          and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS):
-        paths.append(os.path.relpath(os.path.join(root, name), folder))
-  paths.sort()
+  paths, skipped = _walk_images(folder)
   if not paths:
     raise DataError(f'Image folder {folder!r} contains no image files '
                     f'({", ".join(IMAGE_EXTENSIONS)}).')
@@ -216,7 +305,7 @@ def list_image_folder(folder):
   else:
     classes = [os.path.basename(os.path.normpath(folder)) or 'images']
     labels = [0] * len(paths)
-  return paths, classes, labels
+  return FolderListing(paths, classes, labels, skipped, _fingerprint(folder, paths))
 
 
 def _alpha_on_white(image):
@@ -227,8 +316,9 @@ def _alpha_on_white(image):
   return Image.alpha_composite(background, image).convert('RGB')
 
 
-def to_rgb(image):
-  """Any PIL image -> RGB uint8 PIL image (alpha composited onto white)."""
+def pil_to_rgb(image):
+  """Any PIL image (any mode, EXIF-rotated) -> an upright RGB uint8 PIL image; alpha is
+  composited onto white, 16-bit and float images are rescaled to 8 bits."""
   image = ImageOps.exif_transpose(image)  # camera photos stored rotated
   mode = image.mode
   if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
@@ -253,7 +343,7 @@ def load_rgb(path):
     warnings.simplefilter('ignore')  # EXIF/palette chatter on odd files
     with Image.open(path) as image:
       image.load()
-      rgb = to_rgb(image)
+      rgb = pil_to_rgb(image)
   array = np.asarray(rgb, dtype=np.uint8)
   if array.ndim != 3 or array.shape[-1] != 3 or 0 in array.shape:
     raise ValueError(f'decoded to shape {array.shape}')
@@ -296,22 +386,31 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
   """A folder of images as `train` (+ optional `validation`) splits.
 
   Build with `config=image_folder_config(folder, fraction)`. Images are
-  decoded with PIL, turned into RGB uint8 (see `to_rgb`) and stored as PNG
+  decoded with PIL, turned into RGB uint8 (see `pil_to_rgb`) and stored as PNG
   (lossless, so JPEG sources grow on disk). Unreadable files are skipped;
   their number and names are logged and kept in the dataset's
-  `metadata.json` (`info.metadata['num_skipped']`, `['skipped']`).
+  `metadata.json` (`info.metadata['num_skipped']`, `['skipped']`), as are
+  the links skipped by the listing (`['num_links_skipped']`) and the
+  listing's fingerprint, which tells `prepare` when the folder has changed.
   Record order is TFDS's deterministic key-hash shuffle of the file list.
   """
 
   VERSION = tfds.core.Version('1.0.0')
 
-  def __init__(self, *, file_format='array_record', **kwargs):
+  def __init__(self, *, file_format='array_record', listing=None, **kwargs):
+    # The listing whose fingerprint is stored: the files written, even if the
+    # folder changes while they are.
+    self._listing = listing
     # array_record: the only format TFDS writes and reads without TensorFlow.
     super().__init__(file_format=file_format, **kwargs)
 
+  def _folder_listing(self):
+    if self._listing is None:
+      self._listing = list_image_folder(self.builder_config.folder)
+    return self._listing
+
   def _info(self):
-    classes = (self.builder_config.classes
-               or list_image_folder(self.builder_config.folder)[1])
+    classes = self.builder_config.classes or self._folder_listing().classes
     return tfds.core.DatasetInfo(
         builder=self,
         description=f'Images from {self.builder_config.folder}.',
@@ -327,7 +426,8 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    paths, _, labels = list_image_folder(cfg.folder)
+    listing = self._folder_listing()
+    paths, labels = listing.paths, listing.labels
     self._skipped = []
     # Held out: the first readable files in a fixed hash order, so the split
     # depends neither on listing order nor on corrupt files. Only these are
@@ -373,21 +473,40 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
     # Written with dataset_info into the not-yet-renamed directory, so readers
     # never see a dataset without it.
     skipped = sorted(self._skipped)
-    self.info.metadata['num_skipped'] = len(skipped)
-    self.info.metadata['skipped'] = skipped
+    listing = self._folder_listing()
+    self.info.metadata.update(
+        num_skipped=len(skipped), skipped=skipped,
+        num_links_skipped=len(listing.skipped_links),
+        links_skipped=listing.skipped_links[:1000],
+        num_files=len(listing.paths), fingerprint=listing.fingerprint)
     if skipped:
       logging.warning('Skipped %d unreadable image file(s) in %s: %s',
                       len(skipped), self.builder_config.folder,
                       ', '.join(skipped[:50]))
+    if listing.skipped_links:
+      logging.warning(
+          'Skipped %d symbolic link(s) in %s that loop or lead to images or '
+          'folders already listed (each real file is read once): %s',
+          len(listing.skipped_links), self.builder_config.folder,
+          ', '.join(listing.skipped_links[:50]))
+
+
+def _metadata(data_path):
+  path = os.path.join(os.fspath(data_path), 'metadata.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def num_skipped(builder):
   """Unreadable files skipped when a folder dataset was built (else 0)."""
-  path = os.path.join(os.fspath(builder.data_path), 'metadata.json')
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    return int(json.load(f).get('num_skipped', 0))
+  return int(_metadata(builder.data_path).get('num_skipped', 0))
+
+
+def num_links_skipped(builder):
+  """Symbolic links a folder dataset's listing skipped (loops, duplicates)."""
+  return int(_metadata(builder.data_path).get('num_links_skipped', 0))
 
 
 # ----------------------------------------------------------------------------
@@ -417,19 +536,35 @@ def _is_prepared(data_path):
   return os.path.exists(os.path.join(data_path, 'dataset_info.json'))
 
 
+def _discard(data_path):
+  # Renamed away first, so no reader sees a half-deleted dataset.
+  aside = f'{data_path}.stale-{os.getpid()}-{time.time_ns()}'
+  os.rename(data_path, aside)
+  shutil.rmtree(aside, ignore_errors=True)
+
+
 def _prepare_once(make_builder, data_path, download_config, is_chief,
-                  timeout_s, poll_s=1.0):
+                  timeout_s, poll_s=1.0, stale=None):
   """Prepares a dataset once per data_dir, however many processes race for it.
 
   The chief prepares under a file lock (TFDS writes into a temporary dir and
   renames it, so readers never see half a dataset); the others only wait for
   `data_path` to appear, and need no source files. On hosts without a shared
   data_dir pass is_chief=True on every host: each prepares its own copy, and
-  a lost rename race is harmless.
+  a lost rename race is harmless. `stale(data_path)`, if given, returns why a
+  prepared dataset no longer matches its source (or None): the chief then
+  prepares it again, the others wait for the fresh one.
   """
-  if not _is_prepared(data_path) and is_chief:
+  def ready():
+    return _is_prepared(data_path) and not (stale and stale(data_path))
+
+  if not ready() and is_chief:
     parent, version = os.path.split(data_path)
     with _file_lock(os.path.join(parent, f'.{version}.lock')):
+      reason = _is_prepared(data_path) and stale and stale(data_path)
+      if reason:
+        logging.warning('%s: preparing it again.', reason)
+        _discard(data_path)
       if not _is_prepared(data_path):  # else another process just did it
         builder = make_builder()
         start = time.time()
@@ -441,7 +576,7 @@ def _prepare_once(make_builder, data_path, download_config, is_chief,
             raise
         logging.info('Prepared %s in %.1f s.', data_path, time.time() - start)
   deadline = time.time() + timeout_s
-  while not _is_prepared(data_path):
+  while not ready():
     left = deadline - time.time()
     if left <= 0:
       raise DataError(
@@ -491,15 +626,37 @@ def prepare(data_config, *, is_chief=None, timeout_s=3600.0):
                                  folder_validation_fraction(data_config))
     path = os.path.join(data_dir, ImageFolderArray.name, config.name,
                         str(ImageFolderArray.VERSION))
+    if os.path.isdir(config.folder) or not _is_prepared(path):
+      listing = list_image_folder(config.folder)
+    else:
+      # A prepared dataset outlives its source (e.g. data_dir copied to
+      # another host): there is nothing to compare it with.
+      logging.warning('Image folder %s is gone; reading the dataset prepared '
+                      'from it at %s.', config.folder, path)
+      listing = None
+
+    def stale(data_path):
+      if listing is None:
+        return None
+      stored = _metadata(data_path)
+      if stored.get('fingerprint') == listing.fingerprint:
+        return None
+      if 'fingerprint' not in stored:
+        return (f'The dataset at {data_path} has no listing fingerprint of '
+                f'image folder {config.folder} (an older version wrote it)')
+      return (f'Image folder {config.folder} changed since {data_path} was '
+              f'prepared ({stored.get("num_files", "?")} image files then, '
+              f'{len(listing.paths)} now)')
 
     def make():
-      # Once prepared, read from disk alone: the source folder may be gone.
-      if _is_prepared(path):
+      if _is_prepared(path) and not stale(path):
         return tfds.builder_from_directory(path)
-      config.classes = tuple(list_image_folder(config.folder)[1])
-      return ImageFolderArray(config=config, data_dir=data_dir)
+      config.classes = tuple(listing.classes)
+      return ImageFolderArray(config=config, data_dir=data_dir,
+                              listing=listing)
 
-    return _prepare_once(make, path, None, _is_chief(is_chief), timeout_s)
+    return _prepare_once(make, path, None, _is_chief(is_chief), timeout_s,
+                         stale=stale)
   return open_prepared(name, data_dir)
 
 
@@ -529,6 +686,27 @@ def open_prepared(name, data_dir):
 def _split_names(split):
   # 'train', 'train[:10%]', 'train+validation' -> the base split names.
   return [part.split('[', 1)[0].strip() for part in str(split).split('+')]
+
+
+def check_builder_splits(builder, named_splits, *, hint=''):
+  """Raises DataError, in one sentence, for the first split `builder` lacks.
+
+  named_splits: {config field (e.g. 'config.data.eval_split'): split}; slices
+  and sums ('train[:10%]', 'train+validation') are checked as TFDS reads
+  them. `hint` ends the sentence (what makes the missing split exist).
+  """
+  available = sorted(builder.info.splits.keys())
+  for field, split in named_splits.items():
+    missing = [s for s in _split_names(split) if s not in available]
+    problem = f'has no split {missing[0]!r}' if missing else None
+    if not missing:
+      try:
+        builder.info.splits[split]  # pylint: disable=pointless-statement
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'cannot read it ({str(e).splitlines()[0] if str(e) else e!r})'
+    if problem:
+      raise DataError(f'{field}={split!r}: dataset {builder.info.full_name} '
+                      f'{problem}; available: {available}{hint}.')
 
 
 def get_source(data_config, split, *, is_chief=None):

@@ -24,18 +24,39 @@ from vqgan_jax.data import builders
 DataError = builders.DataError
 
 
-def to_model_range(images):
-  """uint8 [0, 255] -> float32 [-1, 1]; numpy in, numpy out; jnp likewise."""
-  return images.astype(np.float32) / 127.5 - 1.0
+# ----------------------------------------------------------------------------
+# Checking a run's splits up front.
+
+
+def check_splits(data_config, fields=('train_split', 'eval_split'), *,
+                 is_chief=None):
+  """Prepares `config.data`'s dataset and checks that every split the run
+  will read exists, so a wrong eval split fails before step 1, not at the
+  first eval; returns the prepared builder.
+
+  fields: the `config.data` fields naming splits the run reads (leave out
+  eval_split when the run never evaluates). Raises DataError naming the
+  field, the split and the splits that exist.
+  """
+  builder = builders.prepare(data_config, is_chief=is_chief)
+  hint = ''
+  if data_config.name == 'folder':
+    hint = (" (a folder has 'train', and 'validation' when "
+            "config.data.eval_split='validation' and "
+            'config.data.validation_fraction > 0 leave at least one image '
+            'out)')
+  builders.check_builder_splits(
+      builder, {f'config.data.{f}': data_config[f] for f in fields}, hint=hint)
+  return builder
 
 
 # ----------------------------------------------------------------------------
 # Per-example preprocessing.
 
 
-def to_rgb(image):
-  """uint8 [H,W], [H,W,1|2|3|4] -> [H,W,3]: gray repeated, alpha composited
-  on white (as the folder builder does)."""
+def channels_to_rgb(image):
+  """A decoded uint8 array [H,W], [H,W,1|2|3|4] -> [H,W,3]: gray repeated,
+  alpha composited on white (as `builders.pil_to_rgb` does for PIL images)."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
@@ -84,7 +105,7 @@ def crop(image, size, rng=None):
 def preprocess(image, size, rng=None):
   """Decoded image -> uint8 [size, size, 3]: RGB, resize, crop."""
   return np.ascontiguousarray(
-      crop(resize_smaller_side(to_rgb(image), size), size, rng))
+      crop(resize_smaller_side(channels_to_rgb(image), size), size, rng))
 
 
 def _example(element, image, mask=None):

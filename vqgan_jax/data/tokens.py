@@ -302,6 +302,15 @@ def get_source(builder, split):
   return builders.source_from_builder(builder, split)
 
 
+def check_splits(builder, data_config, fields=('train_split', 'eval_split')):
+  """Raises DataError, before step 1, when the codes dataset lacks a split that
+  `config.data.<field>` names (it holds the splits --mode=encode wrote)."""
+  builders.check_builder_splits(
+      builder, {f'config.data.{f}': data_config[f] for f in fields},
+      hint=' (the codes dataset holds the splits --mode=encode wrote: encode '
+      'again with --config.encode.overwrite=True after changing the splits)')
+
+
 def make_train_iterator(builder, split, global_batch_size, seed, *, worker_count=0,
                         process_index=None, process_count=None, source=None):
   """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']}: this
