@@ -96,7 +96,7 @@ def ours_train(config, layout):
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
-  shardings = stage2.state_shardings(model, tx, mesh)
+  shardings = stage2.gpt_state_shardings(model, tx, mesh)
   state = jax.jit(lambda r: stage2.init_state(model, tx, r),
                   out_shardings=shardings)(jax.random.PRNGKey(0))
   step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
