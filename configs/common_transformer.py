@@ -12,8 +12,9 @@ from vqgan_jax.config_base import stage2_smoke as apply_smoke  # noqa: F401
 imagenet_vqgan_f16_1024 = base.load_sibling(__file__, 'imagenet_vqgan_f16_1024')
 
 
-def spatial_transformer(args, *, key, one_hot, cond_channels, data_name, batch_size,
-                        smoke_one_hot=0):
+def spatial_transformer(
+  args, *, key, one_hot, cond_channels, data_name, batch_size, smoke_one_hot=0
+):
   """The paper's spatially conditioned transformers (D-RIN, S-FLCKR): 24 layers, 16 heads,
   1024 wide, block 512 = the 16x16 codes of the dataset feature `key` under a second, frozen
   VQGAN (`cond_channels` input channels, 1024 codes), then the 16x16 image codes of the
@@ -23,8 +24,7 @@ def spatial_transformer(args, *, key, one_hot, cond_channels, data_name, batch_s
   stage1 = imagenet_vqgan_f16_1024.get_config()
   c.stage1_config = base.stage1_model_fields(stage1)
   cond = base.stage1_base()
-  cond.model.update(in_channels=cond_channels, out_ch=cond_channels, n_embed=1024,
-                    embed_dim=256)
+  cond.model.update(in_channels=cond_channels, out_ch=cond_channels, n_embed=1024, embed_dim=256)
   c.cond.update(kind='spatial', key=key, one_hot=one_hot, workdir='')
   c.cond.model = base.stage1_model_fields(cond)
   c.transformer.update(n_layer=24, n_head=16, n_embd=1024, block_size=512, shared_vocab=True)

@@ -18,5 +18,5 @@ common_transformer = base.load_sibling(__file__, 'common_transformer')
 
 def get_config(arg=None):
   return common_transformer.spatial_transformer(
-      base.parse_arg(arg), key='depth', one_hot=0, cond_channels=1, data_name='drin',
-      batch_size=2)
+    base.parse_arg(arg), key='depth', one_hot=0, cond_channels=1, data_name='drin', batch_size=2
+  )

@@ -4,10 +4,12 @@ The stage-1 demo (`configs/fashion_mnist_vqgan.py`) turns 32x32 images into 8x8 
 256; this GPT (4 layers, 4 heads, 256 wide, class token after the codes: vocab 266) learns
 p(codes | class) in minutes on 2 CPU cores.
 
-  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=workdirs/fashion_mnist_vqgan
-  python -m vqgan_jax.main --config=configs/fashion_mnist_transformer.py --workdir=workdirs/fm_gpt --mode=encode
-  python -m vqgan_jax.main --config=configs/fashion_mnist_transformer.py --workdir=workdirs/fm_gpt
-  python -m vqgan_jax.main --config=configs/fashion_mnist_transformer.py --workdir=workdirs/fm_gpt --mode=sample
+  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py \
+      --workdir=workdirs/fashion_mnist_vqgan
+  cfg=configs/fashion_mnist_transformer.py
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_gpt --mode=encode
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_gpt
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_gpt --mode=sample
 
 `--config.stage1_workdir=DIR` points at another stage-1 run. `:smoke` pairs with the stage-1
 smoke config (`configs/fashion_mnist_vqgan.py:smoke`, default workdir
@@ -26,16 +28,24 @@ def get_config(arg=None):
   c.stage1_config = base.stage1_model_fields(fashion_mnist_vqgan.get_config())
   c.cond.update(kind='class', n_classes=10)
   c.transformer.update(n_layer=4, n_head=4, n_embd=256, pkeep=1.0, shared_vocab=False)
-  c.data.update(name='fashion_mnist', image_size=32, train_split='train', eval_split='test',
-                random_crop=False)
+  c.data.update(
+    name='fashion_mnist', image_size=32, train_split='train', eval_split='test', random_crop=False
+  )
   c.encode.batch_size = 250
   # lr = 1e-5 * 64 = 6.4e-4 after 50 warm-up steps, cosine to 10% at the end. 600 steps of
   # 64 x 64 tokens (~0.6 epoch), one eval over the whole 10k test split at the end.
   c.optim.update(base_lr=1e-5, warmup_steps=50, schedule='cosine', final_lr_fraction=0.1)
   # bfloat16 matmuls with float32 accumulation and master weights: on this 2-core CPU the
   # step takes ~0.8 s instead of ~1.2-1.6 s in float32 (the backward stays in bf16).
-  c.train.update(batch_size=64, eval_batch_size=500, num_steps=600, log_every=25,
-                 eval_every=600, checkpoint_every=200, dtype='bfloat16')
+  c.train.update(
+    batch_size=64,
+    eval_batch_size=500,
+    num_steps=600,
+    log_every=25,
+    eval_every=600,
+    checkpoint_every=200,
+    dtype='bfloat16',
+  )
   c.sample.update(num_per_class=8, top_k=100, temperature=1.0, batch_size=80)
   if args.get('smoke'):
     base.stage2_smoke(c)

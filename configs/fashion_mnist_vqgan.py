@@ -1,7 +1,7 @@
 """The embedded demo: a small VQGAN on Fashion-MNIST (32x32), minutes on 2 CPU cores.
 
-  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm
-  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir=/tmp/fm_smoke
+python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm
+python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir=/tmp/fm_smoke
 """
 
 from vqgan_jax import config_base as base
@@ -11,18 +11,30 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   c = base.stage1_base()
   c.model.update(
-      ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-      resolution=32, z_channels=64, n_embed=256, embed_dim=32,
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    resolution=32,
+    z_channels=64,
+    n_embed=256,
+    embed_dim=32,
   )
   # The GAN joins for the last 20%: in a 600-step run it mostly trades L1 for texture.
   c.loss.update(disc_start=0.8, disc_weight=0.8, disc_num_layers=2, disc_ndf=32)
   c.optim.base_lr = 1e-5
-  c.data.update(name='fashion_mnist', image_size=32, eval_split='test',
-                random_crop=False)
+  c.data.update(name='fashion_mnist', image_size=32, eval_split='test', random_crop=False)
   # ~10 minutes on 2 CPU cores; one eval over
   # the whole 10k test split at the end.
-  c.train.update(batch_size=32, eval_batch_size=250, num_steps=600, log_every=25,
-                 eval_every=600, checkpoint_every=200, num_grid_images=32)
+  c.train.update(
+    batch_size=32,
+    eval_batch_size=250,
+    num_steps=600,
+    log_every=25,
+    eval_every=600,
+    checkpoint_every=200,
+    num_grid_images=32,
+  )
   if args.get('smoke'):
     base.stage1_smoke(c)
   return c

@@ -26,8 +26,13 @@ def get_config(arg=None):
   c.data.update(source='codes', codes_dir='', random_crop=False)
   c.optim.base_lr = 4.5e-6
   c.train.update(batch_size=16, eval_batch_size=64, dtype='bfloat16')
-  c.sample.update(top_k=600, top_p=0.92, temperature=1.0, num_per_class=8,
-                  classes=(1, 9, 88, 207, 279, 388, 417, 980))
+  c.sample.update(
+    top_k=600,
+    top_p=0.92,
+    temperature=1.0,
+    num_per_class=8,
+    classes=(1, 9, 88, 207, 279, 388, 417, 980),
+  )
   if args.get('smoke'):
     base.stage2_smoke(c)
     c.train.dtype = 'float32'

@@ -27,13 +27,28 @@ from vqgan_jax import config_base as base
 def get_config(arg=None):
   args = base.parse_arg(arg)
   c = base.stage1_base()
-  c.model.update(ch=128, ch_mult=(1, 1, 2, 4), num_res_blocks=2, attn_resolutions=(32,),
-                 resolution=256, z_channels=256, n_embed=8192, embed_dim=256,
-                 quantizer='gumbel', kl_weight=1e-8, temperature=0.9)
+  c.model.update(
+    ch=128,
+    ch_mult=(1, 1, 2, 4),
+    num_res_blocks=2,
+    attn_resolutions=(32,),
+    resolution=256,
+    z_channels=256,
+    n_embed=8192,
+    embed_dim=256,
+    quantizer='gumbel',
+    kl_weight=1e-8,
+    temperature=0.9,
+  )
   c.loss.update(disc_start=250001.0, disc_weight=0.8, disc_num_layers=3, codebook_weight=1.0)
   c.optim.base_lr = 4.5e-6
-  c.data.update(name='open_images_v4', image_size=256, train_split='train',
-                eval_split='validation', random_crop=True)
+  c.data.update(
+    name='open_images_v4',
+    image_size=256,
+    train_split='train',
+    eval_split='validation',
+    random_crop=True,
+  )
   c.train.update(batch_size=12, eval_batch_size=16, dtype='float32')
   if args.get('smoke'):
     base.stage1_smoke(c)

@@ -19,5 +19,11 @@ common_transformer = base.load_sibling(__file__, 'common_transformer')
 
 def get_config(arg=None):
   return common_transformer.spatial_transformer(
-      base.parse_arg(arg), key='segmentation', one_hot=182, cond_channels=182,
-      data_name='sflckr', batch_size=4, smoke_one_hot=4)
+    base.parse_arg(arg),
+    key='segmentation',
+    one_hot=182,
+    cond_channels=182,
+    data_name='sflckr',
+    batch_size=4,
+    smoke_one_hot=4,
+  )

@@ -30,26 +30,27 @@ import statistics
 import time
 import types
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqgan_jax import config_base
-from vqgan_jax import parallel
-from vqgan_jax import sampling
+from vqgan_jax import config_base, parallel, sampling
 from vqgan_jax.train import stage2
 
 _ITERS = flags.DEFINE_integer('iters', 5, 'Timed repetitions (median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed repetitions after compilation.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
 _NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
-_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'],
-                            'Compute dtypes of ours; each is timed against the same original.')
+_DTYPES = flags.DEFINE_list(
+  'dtypes',
+  ['float32', 'bfloat16'],
+  'Compute dtypes of ours; each is timed against the same original.',
+)
 _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step / sampled in parallel.')
 _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
-    'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).')
+  'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).'
+)
 _ONLY = flags.DEFINE_list('only', ['train', 'sample'], 'Which benchmarks to run.')
 
 N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD = 512, 16, 8, 8, 512
@@ -61,8 +62,9 @@ def bench_config(dtype):
   c.stage1_config.update(n_embed=N_CODES, ch_mult=(1, 1, 2, 2, 4))  # f16: 256 px -> 16x16
   c.data.image_size = 256
   c.cond.kind = 'unconditional'
-  c.transformer.update(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False,
-                       scan_layers=True)
+  c.transformer.update(
+    n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False, scan_layers=True
+  )
   c.train.update(batch_size=_BATCH.value, dtype=dtype)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   return c
@@ -97,13 +99,15 @@ def ours_train(config, layout):
   model = stage2.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   shardings = stage2.gpt_state_shardings(model, tx, mesh)
-  state = jax.jit(lambda r: stage2.init_state(model, tx, r),
-                  out_shardings=shardings)(jax.random.PRNGKey(0))
+  state = jax.jit(lambda r: stage2.init_state(model, tx, r), out_shardings=shardings)(
+    jax.random.PRNGKey(0)
+  )
   step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
   rng = np.random.RandomState(0)
-  batch = {'codes': jnp.asarray(rng.randint(0, N_CODES, (_BATCH.value, layout.image_len)),
-                                jnp.int32),
-           'label': jnp.zeros((_BATCH.value,), jnp.int32)}
+  batch = {
+    'codes': jnp.asarray(rng.randint(0, N_CODES, (_BATCH.value, layout.image_len)), jnp.int32),
+    'label': jnp.zeros((_BATCH.value,), jnp.int32),
+  }
   holder = {'state': state}
   t0 = time.perf_counter()
   holder['state'], m = step(holder['state'], {}, batch)
@@ -121,11 +125,15 @@ def ours_sample(config, layout, params):
   """(one timed sampling of batch x 256 tokens, compile seconds)."""
   model = stage2.build_model(config, layout, scan_layers=False)
   from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
+
   params = tf.unstack_layers(params)
   cond = stage2.class_tokens(layout, np.zeros((_BATCH.value,), np.int32))
   key = jax.random.PRNGKey(0)
-  run = lambda: jax.block_until_ready(sampling.sample(
-      params, model, cond, key, steps=layout.image_len, temperature=TEMPERATURE, top_k=TOP_K))
+  run = lambda: jax.block_until_ready(
+    sampling.sample(
+      params, model, cond, key, steps=layout.image_len, temperature=TEMPERATURE, top_k=TOP_K
+    )
+  )
   t0 = time.perf_counter()
   run()
   compile_s = time.perf_counter() - t0
@@ -136,10 +144,12 @@ def ours_sample(config, layout, params):
 # The original
 # ----------------------------------------------------------------------------------------
 
+
 def _reference_available():
   try:
-    import taming  # pylint: disable=g-import-not-at-top,unused-import
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import taming  # noqa: F401
+    import torch  # noqa: F401
+
     return True
   except ImportError:
     return False
@@ -157,8 +167,10 @@ def _original_optimizer(torch, gpt, lr):
       else:
         no_decay.add(fpn)
   params = dict(gpt.named_parameters())
-  groups = [{'params': [params[n] for n in sorted(decay)], 'weight_decay': 0.01},
-            {'params': [params[n] for n in sorted(no_decay)], 'weight_decay': 0.0}]
+  groups = [
+    {'params': [params[n] for n in sorted(decay)], 'weight_decay': 0.01},
+    {'params': [params[n] for n in sorted(no_decay)], 'weight_decay': 0.0},
+  ]
   return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
@@ -166,7 +178,9 @@ def original_train(layout, threads):
   """(one timed step of the original, its GPT)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+
   from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(threads)
   gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD, N_EMBD)
   gpt.train()
@@ -178,7 +192,7 @@ def original_train(layout, threads):
 
   def once():
     logits, _ = gpt(seq[:, :-1])
-    logits = logits[:, c.shape[1] - 1:]  # Net2NetTransformer.forward: image positions only
+    logits = logits[:, c.shape[1] - 1 :]  # Net2NetTransformer.forward: image positions only
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), z.reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -189,8 +203,9 @@ def original_train(layout, threads):
 
 def _sample_with_past(torch, gpt, cond, steps, temperature, top_k, top_p):
   """scripts/sample_fast.py's loop over `forward_with_past` (see the module docstring)."""
-  from transformers import top_k_top_p_filtering  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
+  from transformers import top_k_top_p_filtering  # pylint: disable=g-import-not-at-top
+
   x, out, past, lc = cond, [], None, cond.shape[1]
   with torch.no_grad():
     for n in range(steps):
@@ -206,22 +221,26 @@ def _sample_with_past(torch, gpt, cond, steps, temperature, top_k, top_p):
 def original_samplers(gpt, layout, threads):
   """(one sample_with_past run, one timed Net2NetTransformer.sample run or None, its steps)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(threads)
   gpt.eval()
   cond = torch.full((_BATCH.value, 1), layout.sos_id, dtype=torch.long)
   torch.manual_seed(0)
-  with_past = lambda: _sample_with_past(torch, gpt, cond, layout.image_len, TEMPERATURE, TOP_K,
-                                        1.0)
+  with_past = lambda: _sample_with_past(torch, gpt, cond, layout.image_len, TEMPERATURE, TOP_K, 1.0)
   steps = min(_ORIG_RECOMPUTE_STEPS.value, layout.image_len)
   if not steps:
     return with_past, None, 0
   from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
+
   shim = types.SimpleNamespace(
-      transformer=gpt, pkeep=1.0,
-      top_k_logits=lambda logits, k: Net2NetTransformer.top_k_logits(None, logits, k))
+    transformer=gpt,
+    pkeep=1.0,
+    top_k_logits=lambda logits, k: Net2NetTransformer.top_k_logits(None, logits, k),
+  )
   x = torch.zeros((_BATCH.value, 0), dtype=torch.long)
-  recompute = lambda: Net2NetTransformer.sample(shim, x, cond, steps, temperature=TEMPERATURE,
-                                                sample=True, top_k=TOP_K)
+  recompute = lambda: Net2NetTransformer.sample(
+    shim, x, cond, steps, temperature=TEMPERATURE, sample=True, top_k=TOP_K
+  )
   return with_past, recompute, steps
 
 
@@ -233,14 +252,23 @@ def main(argv):
   layout = stage2.make_layout(configs[dtypes[0]])
   assert (layout.vocab_size, layout.seq_len, layout.image_len) == (513, 256, 256)
   b = _BATCH.value
-  common = {'batch': b, 'seq_len': layout.seq_len, 'n_layer': N_LAYER, 'n_head': N_HEAD,
-            'n_embd': N_EMBD, 'vocab': layout.vocab_size,
-            'device': jax.devices()[0].device_kind, 'threads_original': _THREADS.value}
+  common = {
+    'batch': b,
+    'seq_len': layout.seq_len,
+    'n_layer': N_LAYER,
+    'n_head': N_HEAD,
+    'n_embd': N_EMBD,
+    'vocab': layout.vocab_size,
+    'device': jax.devices()[0].device_kind,
+    'threads_original': _THREADS.value,
+  }
 
   def emit(row):
     row['load_avg_1m'] = os.getloadavg()[0]
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-          flush=True)
+    print(
+      json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+      flush=True,
+    )
 
   iters, warmup = _ITERS.value, _WARMUP.value
   # Same seed and batch for every dtype: the first step's loss compares them.
@@ -256,19 +284,28 @@ def main(argv):
     loss0 = trains[dtypes[0]][3]
     for i, d in enumerate(dtypes):
       step_s, best_s = timed[i]
-      row = {'name': 'stage2_train_step', 'dtype': d, **common,
-             'tokens_per_s': b * layout.seq_len / step_s,
-             'tokens_per_s_best': b * layout.seq_len / best_s, 'step_ms': 1e3 * step_s,
-             'compile_s': trains[d][1], 'gflops_per_s': flops / step_s / 1e9,
-             'matmul_params': n_matmul, 'gflop_per_step': flops / 1e9,
-             'first_loss': trains[d][3],
-             f'first_loss_rel_diff_vs_{dtypes[0]}': abs(trains[d][3] - loss0) / abs(loss0)}
+      row = {
+        'name': 'stage2_train_step',
+        'dtype': d,
+        **common,
+        'tokens_per_s': b * layout.seq_len / step_s,
+        'tokens_per_s_best': b * layout.seq_len / best_s,
+        'step_ms': 1e3 * step_s,
+        'compile_s': trains[d][1],
+        'gflops_per_s': flops / step_s / 1e9,
+        'matmul_params': n_matmul,
+        'gflop_per_step': flops / 1e9,
+        'first_loss': trains[d][3],
+        f'first_loss_rel_diff_vs_{dtypes[0]}': abs(trains[d][3] - loss0) / abs(loss0),
+      }
       if use_ref:
         orig_s, orig_best = timed[-1]
-        row.update(original_tokens_per_s=b * layout.seq_len / orig_s,
-                   original_tokens_per_s_best=b * layout.seq_len / orig_best,
-                   original_gflops_per_s=flops / orig_s / 1e9,
-                   ratio_vs_original=orig_s / step_s)
+        row.update(
+          original_tokens_per_s=b * layout.seq_len / orig_s,
+          original_tokens_per_s_best=b * layout.seq_len / orig_best,
+          original_gflops_per_s=flops / orig_s / 1e9,
+          ratio_vs_original=orig_s / step_s,
+        )
       emit(row)
   if 'sample' in _ONLY.value:
     samplers = {d: ours_sample(configs[d], layout, trains[d][2]()) for d in dtypes}
@@ -276,8 +313,8 @@ def main(argv):
     if use_ref:
       if gpt is None:
         from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
-        gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD,
-                                  N_EMBD)
+
+        gpt = reference.build_gpt(layout.vocab_size, layout.block_size, N_LAYER, N_HEAD, N_EMBD)
       with_past, recompute, steps = original_samplers(gpt, layout, _THREADS.value)
       fns.append(with_past)
     # The original samplers take seconds to minutes per run: fewer repetitions.
@@ -285,17 +322,26 @@ def main(argv):
     for i, d in enumerate(dtypes):
       sample_s, sample_best = timed[i]
       ours = b * layout.image_len / sample_s
-      row = {'name': 'stage2_sample', 'dtype': d, **common, 'top_k': TOP_K,
-             'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
-             'tokens_per_s_best': b * layout.image_len / sample_best,
-             'compile_s': samplers[d][1]}
+      row = {
+        'name': 'stage2_sample',
+        'dtype': d,
+        **common,
+        'top_k': TOP_K,
+        'temperature': TEMPERATURE,
+        'steps': layout.image_len,
+        'tokens_per_s': ours,
+        'tokens_per_s_best': b * layout.image_len / sample_best,
+        'compile_s': samplers[d][1],
+      }
       if use_ref:
         orig_s, orig_best = timed[-1]
         orig = b * layout.image_len / orig_s
-        row.update(original='sample_with_past (scripts/sample_fast.py loop)',
-                   original_tokens_per_s=orig,
-                   original_tokens_per_s_best=b * layout.image_len / orig_best,
-                   ratio_vs_original=ours / orig)
+        row.update(
+          original='sample_with_past (scripts/sample_fast.py loop)',
+          original_tokens_per_s=orig,
+          original_tokens_per_s_best=b * layout.image_len / orig_best,
+          ratio_vs_original=ours / orig,
+        )
       emit(row)
     if use_ref and recompute is not None:
       fns = [samplers[d][0] for d in dtypes] + [recompute]
@@ -303,11 +349,21 @@ def main(argv):
       orig = b * steps / timed[-1][0]
       for i, d in enumerate(dtypes):
         ours = b * layout.image_len / timed[i][0]
-        emit({'name': 'stage2_sample_recompute', 'dtype': d, **common, 'top_k': TOP_K,
-              'temperature': TEMPERATURE, 'steps': layout.image_len, 'tokens_per_s': ours,
-              'original': 'Net2NetTransformer.sample (reruns the prefix)',
-              'original_steps': steps, 'original_tokens_per_s': orig,
-              'ratio_vs_original': ours / orig})
+        emit(
+          {
+            'name': 'stage2_sample_recompute',
+            'dtype': d,
+            **common,
+            'top_k': TOP_K,
+            'temperature': TEMPERATURE,
+            'steps': layout.image_len,
+            'tokens_per_s': ours,
+            'original': 'Net2NetTransformer.sample (reruns the prefix)',
+            'original_steps': steps,
+            'original_tokens_per_s': orig,
+            'ratio_vs_original': ours / orig,
+          }
+        )
 
 
 if __name__ == '__main__':

@@ -28,13 +28,28 @@ import time
 
 import numpy as np
 
-DDCONFIG = dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
-                resolution=256, z_channels=256, double_z=False, in_channels=3, out_ch=3,
-                dropout=0.0)
+DDCONFIG = dict(
+  ch=128,
+  ch_mult=[1, 1, 2, 2, 4],
+  num_res_blocks=2,
+  attn_resolutions=[16],
+  resolution=256,
+  z_channels=256,
+  double_z=False,
+  in_channels=3,
+  out_ch=3,
+  dropout=0.0,
+)
 N_EMBED, EMBED_DIM = 16384, 256
 # The released vqgan_imagenet_f16_16384 loss settings.
-LOSS = dict(disc_conditional=False, disc_in_channels=3, disc_start=0, disc_weight=0.75,
-            disc_num_layers=2, codebook_weight=1.0)
+LOSS = dict(
+  disc_conditional=False,
+  disc_in_channels=3,
+  disc_start=0,
+  disc_weight=0.75,
+  disc_num_layers=2,
+  codebook_weight=1.0,
+)
 
 
 def _images(batch, size=256):
@@ -42,12 +57,13 @@ def _images(batch, size=256):
   try:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     from skimage import data  # pylint: disable=g-import-not-at-top
+
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     out = []
     for im in photos[:batch]:
       h, w = im.shape[:2]
       s = min(h, w)
-      im = im[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+      im = im[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
       out.append(np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)))
     x = np.stack(out).astype(np.float32)
     source = 'skimage'
@@ -61,10 +77,26 @@ def _images(batch, size=256):
 
 def _adam_state_dict(torch, params, lr=4.5e-6):
   """What torch.optim.Adam(betas=(0.5, 0.9)).state_dict() holds after some steps (zeros)."""
-  return {'state': {i: {'step': torch.tensor(1.0), 'exp_avg': torch.zeros_like(p),
-                        'exp_avg_sq': torch.zeros_like(p)} for i, p in enumerate(params)},
-          'param_groups': [{'lr': lr, 'betas': (0.5, 0.9), 'eps': 1e-8, 'weight_decay': 0,
-                            'amsgrad': False, 'params': list(range(len(params)))}]}
+  return {
+    'state': {
+      i: {
+        'step': torch.tensor(1.0),
+        'exp_avg': torch.zeros_like(p),
+        'exp_avg_sq': torch.zeros_like(p),
+      }
+      for i, p in enumerate(params)
+    },
+    'param_groups': [
+      {
+        'lr': lr,
+        'betas': (0.5, 0.9),
+        'eps': 1e-8,
+        'weight_decay': 0,
+        'amsgrad': False,
+        'params': list(range(len(params))),
+      }
+    ],
+  }
 
 
 def main():
@@ -72,12 +104,16 @@ def main():
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--keep', default='', help='keep the ckpt/yaml/converted dir here')
   parser.add_argument('--threads', type=int, default=2)
-  parser.add_argument('--no_optimizer_states', action='store_true',
-                      help='save only the state_dict (the release also holds both Adam states)')
+  parser.add_argument(
+    '--no_optimizer_states',
+    action='store_true',
+    help='save only the state_dict (the release also holds both Adam states)',
+  )
   args = parser.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top
   import yaml  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax.testing import reference as R  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
@@ -97,20 +133,33 @@ def main():
     if not args.no_optimizer_states:  # as a Lightning training checkpoint: ~1 GB at f16
       ae = [p for n, p in model.named_parameters() if not n.startswith('loss.')]
       blob['optimizer_states'] = [
-          _adam_state_dict(torch, ae),
-          _adam_state_dict(torch, list(model.loss.discriminator.parameters()))]
+        _adam_state_dict(torch, ae),
+        _adam_state_dict(torch, list(model.loss.discriminator.parameters())),
+      ]
       blob['lr_schedulers'] = []
     torch.save(blob, ckpt)
     with open(os.path.join(root, 'model.yaml'), 'w') as f:
-      yaml.safe_dump({'model': {
-          'base_learning_rate': 4.5e-6, 'target': 'taming.models.vqgan.VQModel',
-          'params': {'embed_dim': EMBED_DIM, 'n_embed': N_EMBED, 'ddconfig': DDCONFIG,
-                     'lossconfig': {'target': R.VQLPIPS_TARGET, 'params': LOSS}}}}, f)
+      yaml.safe_dump(
+        {
+          'model': {
+            'base_learning_rate': 4.5e-6,
+            'target': 'taming.models.vqgan.VQModel',
+            'params': {
+              'embed_dim': EMBED_DIM,
+              'n_embed': N_EMBED,
+              'ddconfig': DDCONFIG,
+              'lossconfig': {'target': R.VQLPIPS_TARGET, 'params': LOSS},
+            },
+          }
+        },
+        f,
+      )
     build_s = time.perf_counter() - t0
 
     # The CLI's work, timed end to end (torch.load of the .ckpt included).
     from vqgan_jax.convert import taming as convert  # pylint: disable=g-import-not-at-top
     from vqgan_jax.convert import yaml_config  # pylint: disable=g-import-not-at-top
+
     out = os.path.join(root, 'converted')
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -127,18 +176,20 @@ def main():
     torch_s = time.perf_counter() - t0
     h = h.numpy().transpose(0, 2, 3, 1).reshape(-1, EMBED_DIM).astype(np.float64)
     e = model.quantize.embedding.weight.detach().numpy().astype(np.float64)
-    d = (h ** 2).sum(1, keepdims=True) + (e ** 2).sum(1) - 2 * h @ e.T
+    d = (h**2).sum(1, keepdims=True) + (e**2).sum(1) - 2 * h @ e.T
     d.sort(axis=1)
     gap = d[:, 1] - d[:, 0]
 
     import jax  # pylint: disable=g-import-not-at-top
+
     from vqgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
-    config = yaml_config.stage1_config(DDCONFIG, N_EMBED, EMBED_DIM,
-                                       {'target': R.VQLPIPS_TARGET, 'params': LOSS})
+
+    config = yaml_config.stage1_config(
+      DDCONFIG, N_EMBED, EMBED_DIM, {'target': R.VQLPIPS_TARGET, 'params': LOSS}
+    )
     models = stage1.build_models(config)
-    abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r),
-                              jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), jax.random.PRNGKey(0))
     params = checkpoints.restore_params(out, checkpoints.abstract_like(abstract['params']))
     fwd = jax.jit(lambda p, x: models.vqgan.apply({'params': p}, x))
     t0 = time.perf_counter()
@@ -154,26 +205,30 @@ def main():
     same = ind == ind_t
     xrec_t = xrec_t.numpy().transpose(0, 2, 3, 1)
     result = {
-        'what': 'f16 ImageNet VQGAN (n_embed 16384, 2-layer D) original -> ours, float32',
-        'inputs': f'{args.batch}x256x256 ({source})',
-        'ckpt_mb': round(os.path.getsize(ckpt) / 2**20, 1),
-        'ckpt_has_optimizer_states': not args.no_optimizer_states,
-        'ckpt_keys': len(sd), 'ckpt_keys_by_module': groups,
-        'convert_seconds': round(convert_s, 2),
-        'convert_read_seconds': summary['read_seconds'],
-        'params': summary['params'], 'disc_params': summary['disc_params'],
-        'lpips_params': summary['lpips_params'],
-        'xrec_max_abs_err': float(np.max(np.abs(np.asarray(xrec) - xrec_t))),
-        'xrec_max_abs': float(np.max(np.abs(xrec_t))),
-        'qloss_abs_err': float(abs(float(qloss) - float(qloss_t))),
-        'qloss': float(qloss_t),
-        'index_agreement': float(same.mean()),
-        'index_agreement_clear_gap': float(same[clear].mean()) if clear.any() else None,
-        'near_ties': int((~clear).sum()), 'codes': int(same.size),
-        'original_forward_seconds': round(torch_s, 2),
-        'ours_forward_seconds': round(jax_s, 2), 'ours_first_call_seconds': round(jax_first_s, 2),
-        'build_and_save_original_seconds': round(build_s, 2),
-        'load_average': [round(v, 2) for v in os.getloadavg()],
+      'what': 'f16 ImageNet VQGAN (n_embed 16384, 2-layer D) original -> ours, float32',
+      'inputs': f'{args.batch}x256x256 ({source})',
+      'ckpt_mb': round(os.path.getsize(ckpt) / 2**20, 1),
+      'ckpt_has_optimizer_states': not args.no_optimizer_states,
+      'ckpt_keys': len(sd),
+      'ckpt_keys_by_module': groups,
+      'convert_seconds': round(convert_s, 2),
+      'convert_read_seconds': summary['read_seconds'],
+      'params': summary['params'],
+      'disc_params': summary['disc_params'],
+      'lpips_params': summary['lpips_params'],
+      'xrec_max_abs_err': float(np.max(np.abs(np.asarray(xrec) - xrec_t))),
+      'xrec_max_abs': float(np.max(np.abs(xrec_t))),
+      'qloss_abs_err': float(abs(float(qloss) - float(qloss_t))),
+      'qloss': float(qloss_t),
+      'index_agreement': float(same.mean()),
+      'index_agreement_clear_gap': float(same[clear].mean()) if clear.any() else None,
+      'near_ties': int((~clear).sum()),
+      'codes': int(same.size),
+      'original_forward_seconds': round(torch_s, 2),
+      'ours_forward_seconds': round(jax_s, 2),
+      'ours_first_call_seconds': round(jax_first_s, 2),
+      'build_and_save_original_seconds': round(build_s, 2),
+      'load_average': [round(v, 2) for v in os.getloadavg()],
     }
     print(json.dumps(result))
   finally:

@@ -48,15 +48,18 @@ class Recorder:
     own_err = float(np.max(np.abs(ref32 - ref64))) if ref64.size else 0.0
     if own_err > tol * scale:
       self.info[f'{name}: the original in float32 is off its float64 result by'] = (
-          f'{own_err:.3g} (scale {scale:.3g}); compared with float64')
+        f'{own_err:.3g} (scale {scale:.3g}); compared with float64'
+      )
       return self.check(f'{name} (vs the original in float64)', ours, ref64, tol, floor)
     return self.check(name, ours, ref32, tol, floor)
 
   def _report(self):
     yield
     width = max((len(k) for k in self.errors), default=0)
-    lines = [f'{k:<{width}}  max abs err {e:9.2e}   scale {s:9.3g}   rel {e / s:9.2e}'
-             for k, (e, s) in sorted(self.errors.items())]
+    lines = [
+      f'{k:<{width}}  max abs err {e:9.2e}   scale {s:9.3g}   rel {e / s:9.2e}'
+      for k, (e, s) in sorted(self.errors.items())
+    ]
     print(f'\n{self.title}:\n' + '\n'.join(lines))
     print('\n'.join(f'{k}: {v}' for k, v in sorted(self.info.items())))
 

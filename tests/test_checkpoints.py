@@ -10,11 +10,12 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from vqgan_jax import checkpoints as ckpt_lib
 
@@ -26,47 +27,60 @@ def _config(**model):
   c.stage = 'vqgan'
   c.model = ml_collections.ConfigDict(dict(ch=64, ch_mult=(1, 2), n_embed=16))
   c.model.update(model)
-  c.loss = ml_collections.ConfigDict(dict(disc_num_layers=2, disc_ndf=16,
-                                          disc_weight=0.8))
+  c.loss = ml_collections.ConfigDict(dict(disc_num_layers=2, disc_ndf=16, disc_weight=0.8))
   c.train = ml_collections.ConfigDict(dict(num_steps=100, log_every=10))
   return c
 
 
 def _mesh(shape, names):
-  return jax.make_mesh(shape, names, devices=jax.devices()[:int(np.prod(shape))])
+  return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
 
 
 def _state(seed=0, mesh=None):
   k = jax.random.split(jax.random.key(seed), 3)
-  params = {'enc': {'conv': {'kernel': jax.random.normal(k[0], (3, 3, 4, 16)),
-                             'bias': jnp.zeros((16,))}},
-            'codebook': jax.random.normal(k[1], (16, 8))}
+  params = {
+    'enc': {'conv': {'kernel': jax.random.normal(k[0], (3, 3, 4, 16)), 'bias': jnp.zeros((16,))}},
+    'codebook': jax.random.normal(k[1], (16, 8)),
+  }
   if mesh is not None:
-    params = jax.device_put(params, {
-        'enc': {'conv': {'kernel': NamedSharding(mesh, P(None, None, None, 'fsdp')),
-                         'bias': NamedSharding(mesh, P('fsdp'))}},
-        'codebook': NamedSharding(mesh, P('fsdp'))})
+    params = jax.device_put(
+      params,
+      {
+        'enc': {
+          'conv': {
+            'kernel': NamedSharding(mesh, P(None, None, None, 'fsdp')),
+            'bias': NamedSharding(mesh, P('fsdp')),
+          }
+        },
+        'codebook': NamedSharding(mesh, P('fsdp')),
+      },
+    )
   tx = optax.adam(1e-3)
   opt_state = tx.init(params)
   # One update so the moments are not all zeros.
   grads = jax.tree.map(lambda p: 0.1 * p + 1.0, params)
   _, opt_state = tx.update(grads, opt_state, params)
-  return {'step': jnp.asarray(7, jnp.int32), 'params': params,
-          'opt_state': opt_state,
-          'disc_params': {'w': jax.random.normal(k[2], (4, 4))},
-          'batch_stats': {'mean': jnp.arange(4.0)},
-          'rng': jax.random.key(seed + 1),               # typed key
-          'raw_rng': jax.random.PRNGKey(seed + 2)}       # raw uint32 key data
+  return {
+    'step': jnp.asarray(7, jnp.int32),
+    'params': params,
+    'opt_state': opt_state,
+    'disc_params': {'w': jax.random.normal(k[2], (4, 4))},
+    'batch_stats': {'mean': jnp.arange(4.0)},
+    'rng': jax.random.key(seed + 1),  # typed key
+    'raw_rng': jax.random.PRNGKey(seed + 2),
+  }  # raw uint32 key data
 
 
 def _host(tree):
   """Host copies; typed keys as ('key', impl, key data)."""
+
   def f(x):
     if not hasattr(x, 'dtype'):
       return x
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       return ('key', str(x.dtype), np.asarray(jax.random.key_data(x)))
     return np.asarray(x)
+
   return jax.tree.map(f, tree)
 
 
@@ -140,8 +154,9 @@ def test_relative_workdir(tmp_path, monkeypatch):
   assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '3').is_dir()
 
 
-@pytest.mark.parametrize('data_state', [
-    None, 'text', {'next_index': 3}, b'\xff\x00binary', b'utf8 bytes'])
+@pytest.mark.parametrize(
+  'data_state', [None, 'text', {'next_index': 3}, b'\xff\x00binary', b'utf8 bytes']
+)
 def test_data_state_types_round_trip(tmp_path, data_state):
   with ckpt_lib.Checkpointer(tmp_path, save_every=1, async_save=False) as ck:
     ck.save(1, {'x': jnp.ones(2)}, lambda: data_state, {'stage': 'vqgan'})
@@ -176,6 +191,7 @@ def _shardings_2x4(mesh, state):
     if x.ndim == 1 and x.shape[0] % 4 == 0:
       return P('fsdp')
     return P()
+
   return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
 
 
@@ -203,8 +219,7 @@ def test_restore_onto_other_meshes(tmp_path):
   _assert_bit_equal(restored, expected)
   for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(shardings)):
     assert x.sharding == s
-  assert restored['params']['enc']['conv']['kernel'].sharding.spec == P(
-      None, None, 'data', 'fsdp')
+  assert restored['params']['enc']['conv']['kernel'].sharding.spec == P(None, None, 'data', 'fsdp')
   ck.close()
 
 
@@ -213,23 +228,21 @@ def test_restore_params_subtree(tmp_path):
   state = _state(mesh=mesh8)
   with ckpt_lib.Checkpointer(tmp_path / 'stage1', save_every=1) as ck:
     ck.save(7, state, None, _config())
-    ck.save(8, {**state, 'params': jax.tree.map(lambda x: x + 1, state['params'])},
-            None, _config())
+    ck.save(8, {**state, 'params': jax.tree.map(lambda x: x + 1, state['params'])}, None, _config())
 
   mesh = _mesh((2, 4), ('data', 'fsdp'))
   shardings = _shardings_2x4(mesh, state['params'])
   target = ckpt_lib.abstract_like(state['params'], shardings)
   params = ckpt_lib.restore_params(tmp_path / 'stage1', target)  # latest: 8
-  _assert_bit_equal(_host(params),
-                    _host(jax.tree.map(lambda x: x + 1, state['params'])))
+  _assert_bit_equal(_host(params), _host(jax.tree.map(lambda x: x + 1, state['params'])))
   for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
     assert x.sharding == s
   params = ckpt_lib.restore_params(tmp_path / 'stage1', target, step=7)
   _assert_bit_equal(_host(params), _host(state['params']))
   # A nested key.
-  conv = ckpt_lib.restore_params(tmp_path / 'stage1',
-                                 ckpt_lib.abstract_like(state['params']['enc']),
-                                 key='params/enc', step=7)
+  conv = ckpt_lib.restore_params(
+    tmp_path / 'stage1', ckpt_lib.abstract_like(state['params']['enc']), key='params/enc', step=7
+  )
   np.testing.assert_array_equal(conv['conv']['bias'], state['params']['enc']['conv']['bias'])
 
   with pytest.raises(ckpt_lib.CheckpointError, match='nowhere'):
@@ -237,7 +250,9 @@ def test_restore_params_subtree(tmp_path):
   os.makedirs(tmp_path / 'empty' / 'checkpoints')
   with pytest.raises(ckpt_lib.CheckpointError, match='no committed checkpoint.*empty'):
     ckpt_lib.restore_params(tmp_path / 'empty', target)
-  with pytest.raises(ckpt_lib.CheckpointError, match="stage1.*no 'ema'.*top level holds: batch_stats, disc_params"):
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match="stage1.*no 'ema'.*top level holds: batch_stats, disc_params"
+  ):
     ckpt_lib.restore_params(tmp_path / 'stage1', target, key='ema')
 
 
@@ -273,7 +288,9 @@ def test_incompatible_config_names_every_field(tmp_path):
   # restore(config=...) refuses before reading any array.
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
     ck.save(1, {'x': jnp.ones(3)}, None, _config())
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.ch: checkpoint 64, config 128'):
+    with pytest.raises(
+      ckpt_lib.IncompatibleCheckpointError, match='model.ch: checkpoint 64, config 128'
+    ):
       ck.restore({'x': jax.ShapeDtypeStruct((3,), jnp.float32)}, config=new)
 
 
@@ -325,7 +342,7 @@ def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path):
   ck.close()
 
 
-_KILLED_CHILD = textwrap.dedent('''
+_KILLED_CHILD = textwrap.dedent("""
     import os, signal, sys
     import jax
     jax.config.update('jax_num_cpu_devices', 8)
@@ -346,14 +363,19 @@ _KILLED_CHILD = textwrap.dedent('''
     s2 = jax.block_until_ready(state(2))
     ck.save(2, s2, b'two', {'stage': 'vqgan'})
     os.kill(os.getpid(), signal.SIGKILL)  # Right after save() returns.
-''')
+""")
 
 
 @pytest.mark.slow
 def test_sigkill_during_async_save_keeps_last_committed(tmp_path):
-  proc = subprocess.run([sys.executable, '-c', _KILLED_CHILD, str(tmp_path)],
-                        cwd=REPO, capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  proc = subprocess.run(
+    [sys.executable, '-c', _KILLED_CHILD, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode == -9, proc.stderr[-3000:]
   directory = ckpt_lib.checkpoint_dir(tmp_path)
   names = os.listdir(directory)
@@ -366,13 +388,13 @@ def test_sigkill_during_async_save_keeps_last_committed(tmp_path):
 
   def state(step):
     keys = jax.random.split(jax.random.key(step), 4)
-    return {'step': jnp.int32(step),
-            'params': {f'w{i}': jax.random.normal(k, (4096, 1024))
-                       for i, k in enumerate(keys)}}
+    return {
+      'step': jnp.int32(step),
+      'params': {f'w{i}': jax.random.normal(k, (4096, 1024)) for i, k in enumerate(keys)},
+    }
 
   mesh = _mesh((2, 4), ('data', 'fsdp'))
-  target = ckpt_lib.abstract_like(jax.eval_shape(lambda: state(1)),
-                                  NamedSharding(mesh, P()))
+  target = ckpt_lib.abstract_like(jax.eval_shape(lambda: state(1)), NamedSharding(mesh, P()))
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
     latest = ck.latest_step()
     assert latest == committed[-1], names
@@ -384,25 +406,44 @@ def test_sigkill_during_async_save_keeps_last_committed(tmp_path):
 def test_target_mismatch_names_the_leaves(tmp_path):
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
     ck.save(1, {'params': {'a': jnp.ones(3), 'b': jnp.ones(2)}}, None, {})
-    with pytest.raises(ckpt_lib.CheckpointError,
-                       match=r'/1 does not match .*params/a: checkpoint shape '
-                             r'\(3,\), target shape \(4,\)'):
-      ck.restore({'params': {'a': jax.ShapeDtypeStruct((4,), jnp.float32),
-                             'b': jax.ShapeDtypeStruct((2,), jnp.float32)}})
-    with pytest.raises(ckpt_lib.CheckpointError,
-                       match='missing in the checkpoint: params/c; in the '
-                             'checkpoint but not in the target: params/b'):
-      ck.restore({'params': {'a': jax.ShapeDtypeStruct((3,), jnp.float32),
-                             'c': jax.ShapeDtypeStruct((2,), jnp.float32)}})
+    with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'/1 does not match .*params/a: checkpoint shape '
+      r'\(3,\), target shape \(4,\)',
+    ):
+      ck.restore(
+        {
+          'params': {
+            'a': jax.ShapeDtypeStruct((4,), jnp.float32),
+            'b': jax.ShapeDtypeStruct((2,), jnp.float32),
+          }
+        }
+      )
+    with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match='missing in the checkpoint: params/c; in the '
+      'checkpoint but not in the target: params/b',
+    ):
+      ck.restore(
+        {
+          'params': {
+            'a': jax.ShapeDtypeStruct((3,), jnp.float32),
+            'c': jax.ShapeDtypeStruct((2,), jnp.float32),
+          }
+        }
+      )
   # A partial restore does not silently hand back an unrestored leaf.
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match='missing in the checkpoint: params/new_layer'):
-    ckpt_lib.restore_params(tmp_path, {
+  with pytest.raises(ckpt_lib.CheckpointError, match='missing in the checkpoint: params/new_layer'):
+    ckpt_lib.restore_params(
+      tmp_path,
+      {
         'a': jax.ShapeDtypeStruct((3,), jnp.float32),
-        'new_layer': jax.ShapeDtypeStruct((3,), jnp.float32)})
+        'new_layer': jax.ShapeDtypeStruct((3,), jnp.float32),
+      },
+    )
 
 
-_PROCESS = textwrap.dedent('''
+_PROCESS = textwrap.dedent("""
     import os
     import sys
     import jax
@@ -455,7 +496,7 @@ _PROCESS = textwrap.dedent('''
     got = multihost_utils.process_allgather(restored['params']['w'], tiled=True)
     np.testing.assert_array_equal(got, values)
     print('OK', flush=True)
-''')
+""")
 
 
 @pytest.mark.slow
@@ -465,24 +506,33 @@ def test_two_processes_save_and_restore(tmp_path):
     s.bind(('127.0.0.1', 0))
     port = str(s.getsockname()[1])
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', _PROCESS, str(i), port, str(tmp_path)], cwd=REPO,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _PROCESS, str(i), port, str(tmp_path)],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=120)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0 and 'OK' in out, out[-3000:]
 
   # One process, 8 devices: arrays restore; the two iterator states do not map.
   mesh = _mesh((8,), ('fsdp',))
-  target = {'params': {'w': jax.ShapeDtypeStruct(
-                (1024, 16), jnp.float32, sharding=NamedSharding(mesh, P('fsdp')))},
-            'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  target = {
+    'params': {
+      'w': jax.ShapeDtypeStruct((1024, 16), jnp.float32, sharding=NamedSharding(mesh, P('fsdp')))
+    },
+    'step': jax.ShapeDtypeStruct((), jnp.int32),
+  }
   with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
     restored, data, _ = ck.restore(target)
   assert data is None
-  np.testing.assert_array_equal(restored['params']['w'],
-                                np.arange(16384.0).reshape(1024, 16))
+  np.testing.assert_array_equal(restored['params']['w'], np.arange(16384.0).reshape(1024, 16))
   assert os.listdir(os.path.join(ck.directory, 'corrupt')) == ['4']
   assert int(restored['step']) == 3
 
@@ -491,6 +541,7 @@ def test_fields_added_later_default_to_their_old_meaning():
   """A checkpoint saved before model.quantizer/kl_weight/temperature existed resumes under a
   config that has their defaults (the VQ quantizer), but not under a Gumbel config."""
   from configs import common  # pylint: disable=g-import-not-at-top
+
   config = common.stage1_base()
   old = ckpt_lib.config_to_dict(config)
   for k in ckpt_lib.ADDED_FIELD_DEFAULTS:
@@ -499,8 +550,9 @@ def test_fields_added_later_default_to_their_old_meaning():
   config.model.quantizer = 'gumbel'
   config.model.temperature = 0.5
   assert ckpt_lib.config_differences(old, config) == [
-      "model.quantizer: checkpoint 'vq', config 'gumbel'",
-      'model.temperature: checkpoint 1.0, config 0.5']
+    "model.quantizer: checkpoint 'vq', config 'gumbel'",
+    'model.temperature: checkpoint 1.0, config 0.5',
+  ]
 
 
 # --------------------------------------------------------------------------
@@ -572,8 +624,10 @@ def test_unreadable_latest_step_falls_back_to_the_newest_whole_one(tmp_path, dam
       state = ck.resume(target, it, config=_config())
     assert int(state['step']) == 2 and it.state == b'at 2'
     aside = os.path.join(ck.directory, 'corrupt', '3')
-    assert any(f'step 3 (moved to {aside}), resumed from step 2 instead: ' in r.getMessage()
-               for r in caplog.records)
+    assert any(
+      f'step 3 (moved to {aside}), resumed from step 2 instead: ' in r.getMessage()
+      for r in caplog.records
+    )
     assert ck.all_steps() == [1, 2] and os.path.isdir(aside)
     assert ck.save(3, _step_state(3), b'at 3 again', _config())
     state, data, _ = ck.restore(target)
@@ -589,8 +643,10 @@ def test_no_readable_step_is_one_sentence(tmp_path):
     _damage(ck.step_path(s), 'delete')
   target = {'x': jax.ShapeDtypeStruct((64, 64), jnp.float32)}
   with ckpt_lib.Checkpointer(tmp_path, read_only=True) as ck:
-    with pytest.raises(ckpt_lib.CheckpointError,
-                       match=r'No checkpoint in .*checkpoints can be read: step 2: .*; step 1: '):
+    with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'No checkpoint in .*checkpoints can be read: step 2: .*; step 1: ',
+    ):
       ck.restore(target)
   with pytest.raises(ckpt_lib.CheckpointError, match='can be read: step 2: .*; step 1: '):
     ckpt_lib.restore_params(tmp_path, target['x'], key='x')
@@ -606,16 +662,19 @@ def test_non_finite_state_is_never_saved(tmp_path):
     good = _state(mesh=mesh8)
     assert ck.save(2, good, None, _config())
     assert ck.save(4, good, None, _config())
-    nan = jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                       good['params'])
+    nan = jax.tree.map(
+      lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, good['params']
+    )
     bad = {**good, 'params': {**good['params'], 'codebook': nan['codebook']}}
     # Not a saving step: nothing is checked, nothing written.
     assert not ck.should_save(5) and not ck.save(5, bad, None, _config())
     assert ck.should_save(6)
     called = []
-    with pytest.raises(ckpt_lib.NonFiniteStateError,
-                       match=r'Step 6: .*NaN or Inf in params/codebook, so it was not saved; '
-                             r'the last good checkpoint, step 4, stays in .*checkpoints\.') as e:
+    with pytest.raises(
+      ckpt_lib.NonFiniteStateError,
+      match=r'Step 6: .*NaN or Inf in params/codebook, so it was not saved; '
+      r'the last good checkpoint, step 4, stays in .*checkpoints\.',
+    ) as e:
       ck.save(6, bad, lambda: called.append(1), _config())
     assert isinstance(e.value, FloatingPointError) and not called
     inf_opt = {**good, 'opt_state': jax.tree.map(lambda x: x + jnp.inf, good['opt_state'])}
@@ -632,12 +691,15 @@ def test_multi_process_array_read_errors_do_not_fall_back(monkeypatch):
   path = '/w/checkpoints/4'
   assert isinstance(ckpt_lib._array_read_error('x', path), ckpt_lib.CorruptCheckpointError)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  e = ckpt_lib._array_read_error('Could not restore state from checkpoint /w/checkpoints/4: '
-                                 'ValueError: NOT_FOUND', path)
+  e = ckpt_lib._array_read_error(
+    'Could not restore state from checkpoint /w/checkpoints/4: ValueError: NOT_FOUND', path
+  )
   assert not isinstance(e, ckpt_lib.CorruptCheckpointError)
-  assert str(e).endswith('NOT_FOUND. A multi-process run does not skip an unreadable step '
-                         '(its processes could disagree on it): move /w/checkpoints/4 out of '
-                         '/w/checkpoints to resume from the step before it.')
+  assert str(e).endswith(
+    'NOT_FOUND. A multi-process run does not skip an unreadable step '
+    '(its processes could disagree on it): move /w/checkpoints/4 out of '
+    '/w/checkpoints to resume from the step before it.'
+  )
 
 
 def test_read_only_restores_are_quiet(tmp_path, caplog):
@@ -648,8 +710,11 @@ def test_read_only_restores_are_quiet(tmp_path, caplog):
     ck.restore(target)
   with caplog.at_level('DEBUG'):
     ckpt_lib.restore_params(tmp_path, target['params'])
-  noise = [r.getMessage() for r in caplog.records
-           if r.levelno >= 30 and 'read only' in r.getMessage().replace('read_only', 'read only')]
+  noise = [
+    r.getMessage()
+    for r in caplog.records
+    if r.levelno >= 30 and 'read only' in r.getMessage().replace('read_only', 'read only')
+  ]
   assert not noise, noise
   assert not logging.getLogger('absl').filters  # The filter was scoped to our managers.
 
@@ -666,22 +731,28 @@ def test_close_from_with_and_finally(tmp_path):
   assert os.listdir(ck.directory) == ['1'] and id(ck) not in ckpt_lib._OPEN
 
 
-_EXIT_EARLY = textwrap.dedent('''
+_EXIT_EARLY = textwrap.dedent("""
     import sys
     import jax.numpy as jnp
     from vqgan_jax import checkpoints
     ck = checkpoints.Checkpointer(sys.argv[1], save_every=1)
     ck.save(1, {'x': jnp.ones(4)}, None, {})
     raise SystemExit('the run stops before its first batch')  # No close().
-''')
+""")
 
 
 def test_exit_with_a_save_in_flight_is_quiet(tmp_path):
   """A run that raises past an open Checkpointer commits its save and exits with only its
   own message (orbax's threads used to print tracebacks and wait minutes)."""
-  proc = subprocess.run([sys.executable, '-c', _EXIT_EARLY, str(tmp_path)], cwd=REPO,
-                        capture_output=True, text=True, timeout=90, check=False,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  proc = subprocess.run(
+    [sys.executable, '-c', _EXIT_EARLY, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=90,
+    check=False,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip() == 'the run stops before its first batch', proc.stderr[-3000:]
   assert os.listdir(ckpt_lib.checkpoint_dir(tmp_path)) == ['1']

@@ -12,18 +12,19 @@ from PIL import Image
 import pytest
 
 from configs import common
-from vqgan_jax.data import builders
-from vqgan_jax.data import pipeline
-from vqgan_jax.data import tokens
+from vqgan_jax.data import builders, pipeline, tokens
 
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _HAVE_FMNIST = all(
-    os.path.exists(os.path.join(FMNIST_DIR, name))
-    for pair in builders.FASHION_MNIST_FILES.values() for name in pair)
+  os.path.exists(os.path.join(FMNIST_DIR, name))
+  for pair in builders.FASHION_MNIST_FILES.values()
+  for name in pair
+)
 needs_fmnist = pytest.mark.skipif(
-    not _HAVE_FMNIST,
-    reason=f'Fashion-MNIST IDX files absent from {FMNIST_DIR} '
-    '(apt-get install dataset-fashion-mnist)')
+  not _HAVE_FMNIST,
+  reason=f'Fashion-MNIST IDX files absent from {FMNIST_DIR} '
+  '(apt-get install dataset-fashion-mnist)',
+)
 
 
 def data_config(**overrides):
@@ -33,8 +34,7 @@ def data_config(**overrides):
 
 
 def write_idx(path, array):
-  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
-      f'>{array.ndim}I', *array.shape)
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
   with gzip.open(path, 'wb') as f:
     f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
@@ -78,14 +78,13 @@ def image_folder(tmp_path_factory):
   os.makedirs(f'{root}/dogs')
   pal.save(f'{root}/dogs/palette.gif')
   pal.save(f'{root}/dogs/palette.png')
-  Image.fromarray(np.full((9, 11), 65535, np.uint16)).save(
-      f'{root}/dogs/deep16.png')
+  Image.fromarray(np.full((9, 11), 65535, np.uint16)).save(f'{root}/dogs/deep16.png')
   _save(f'{root}/dogs/sub/nested.bmp', rgb)
   with open(f'{root}/dogs/corrupt.jpg', 'wb') as f:
     f.write(b'\xff\xd8\xff this is not a JPEG')
   png = open(f'{root}/cats/gray.png', 'rb').read()
   with open(f'{root}/dogs/truncated.png', 'wb') as f:
-    f.write(png[:len(png) // 2])
+    f.write(png[: len(png) // 2])
   with open(f'{root}/dogs/notes.txt', 'w') as f:
     f.write('not an image, not counted')
   return root
@@ -93,9 +92,12 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder_builder(image_folder, tmp_path_factory):
-  cfg = data_config(name='folder', folder=image_folder,
-                    data_dir=str(tmp_path_factory.mktemp('tfds_folder')),
-                    eval_split='train')
+  cfg = data_config(
+    name='folder',
+    folder=image_folder,
+    data_dir=str(tmp_path_factory.mktemp('tfds_folder')),
+    eval_split='train',
+  )
   return cfg, builders.prepare(cfg, is_chief=True)
 
 
@@ -121,40 +123,44 @@ def test_folder_builder_modes_and_corrupt_files(folder_builder):
 
 
 def test_folder_builder_reuses_and_is_deterministic(image_folder, tmp_path):
-  cfg = data_config(name='folder', folder=image_folder,
-                    data_dir=str(tmp_path / 'a'), eval_split='validation')
+  cfg = data_config(
+    name='folder', folder=image_folder, data_dir=str(tmp_path / 'a'), eval_split='validation'
+  )
   first = [ex['label'] for ex in builders.get_source(cfg, 'train')]
   first_val = builders.get_source(cfg, 'validation')
   assert len(first_val) == 1  # 5% of 9, at least one
-  cfg2 = data_config(name='folder', folder=image_folder,
-                     data_dir=str(tmp_path / 'b'), eval_split='validation')
+  cfg2 = data_config(
+    name='folder', folder=image_folder, data_dir=str(tmp_path / 'b'), eval_split='validation'
+  )
   second = [ex['label'] for ex in builders.get_source(cfg2, 'train')]
   assert first == second
   np.testing.assert_array_equal(
-      first_val[0]['image'], builders.get_source(cfg2, 'validation')[0]['image'])
-  with pytest.raises(builders.DataError, match="available: \\['train', "
-                     "'validation'\\]"):
+    first_val[0]['image'], builders.get_source(cfg2, 'validation')[0]['image']
+  )
+  with pytest.raises(builders.DataError, match="available: \\['train', 'validation'\\]"):
     builders.get_source(cfg, 'test')
 
 
 def test_folder_names_do_not_collide(tmp_path):
   for name in ('x', 'y'):
     _save(str(tmp_path / name / 'imgs' / 'a.png'), np.zeros((4, 4, 3), np.uint8))
-  names = {builders.image_folder_config(str(tmp_path / n / 'imgs')).name
-           for n in ('x', 'y')}
+  names = {builders.image_folder_config(str(tmp_path / n / 'imgs')).name for n in ('x', 'y')}
   assert len(names) == 2 and all(n.startswith('imgs_') for n in names)
 
 
 def test_folder_single_class_flat(tmp_path):
   for i in range(3):
     _save(str(tmp_path / 'flat' / f'{i}.png'), np.full((5, 6), i, np.uint8))
-  cfg = data_config(name='folder', folder=str(tmp_path / 'flat'),
-                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  cfg = data_config(
+    name='folder',
+    folder=str(tmp_path / 'flat'),
+    data_dir=str(tmp_path / 'tfds'),
+    eval_split='train',
+  )
   builder = builders.prepare(cfg, is_chief=True)
   assert builder.info.features['label'].names == ['flat']
   assert builders.num_skipped(builder) == 0
-  assert sorted(int(ex['image'][0, 0, 0]) for ex in
-                builders.get_source(cfg, 'train')) == [0, 1, 2]
+  assert sorted(int(ex['image'][0, 0, 0]) for ex in builders.get_source(cfg, 'train')) == [0, 1, 2]
 
 
 @pytest.mark.parametrize('kind', ['missing', 'empty', 'no_images', 'unset'])
@@ -168,36 +174,33 @@ def test_folder_bad_path(tmp_path, kind):
   elif kind == 'unset':
     path = ''
   cfg = data_config(name='folder', folder=path, data_dir=str(tmp_path / 't'))
-  with pytest.raises(builders.DataError,
-                     match='config.data.folder' if kind == 'unset' else path):
+  with pytest.raises(builders.DataError, match='config.data.folder' if kind == 'unset' else path):
     builders.prepare(cfg, is_chief=True)
 
 
 def test_folder_all_corrupt(tmp_path):
   os.makedirs(tmp_path / 'bad')
   (tmp_path / 'bad' / 'x.png').write_bytes(b'garbage')
-  cfg = data_config(name='folder', folder=str(tmp_path / 'bad'),
-                    data_dir=str(tmp_path / 't'), eval_split='train')
+  cfg = data_config(
+    name='folder', folder=str(tmp_path / 'bad'), data_dir=str(tmp_path / 't'), eval_split='train'
+  )
   with pytest.raises(builders.DataError, match='No readable image'):
     builders.prepare(cfg, is_chief=True)
 
 
 def test_concurrent_prepare_and_waiting(image_folder, tmp_path):
-  cfg = data_config(name='folder', folder=image_folder,
-                    data_dir=str(tmp_path), eval_split='train')
+  cfg = data_config(name='folder', folder=image_folder, data_dir=str(tmp_path), eval_split='train')
   with pytest.raises(builders.DataError, match='Waited'):
     builders.prepare(cfg, is_chief=False, timeout_s=0.1)
   results, errors = [], []
 
   def run(is_chief):
     try:
-      results.append(len(builders.get_source(cfg, 'train',
-                                              is_chief=is_chief)))
+      results.append(len(builders.get_source(cfg, 'train', is_chief=is_chief)))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
-  threads = [threading.Thread(target=run, args=(c,))
-             for c in (True, True, False)]
+  threads = [threading.Thread(target=run, args=(c,)) for c in (True, True, False)]
   for t in threads:
     t.start()
   for t in threads:
@@ -231,8 +234,9 @@ def test_folder_links_visit_each_real_file_once(tmp_path, caplog):
   assert len(listing.paths) == 10, listing.paths
   assert sorted(listing.skipped_links) == ['aaa', 'cat/loop', 'dog/again.png', 'dog/self']
   assert all(p.split('/')[0] in ('bird', 'cat', 'dog') for p in listing.paths)
-  cfg = data_config(name='folder', folder=str(root),
-                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  cfg = data_config(
+    name='folder', folder=str(root), data_dir=str(tmp_path / 'tfds'), eval_split='train'
+  )
   with caplog.at_level(logging.WARNING):
     builder = builders.prepare(cfg, is_chief=True)
   assert 'Skipped 4 symbolic link(s)' in caplog.text
@@ -241,15 +245,19 @@ def test_folder_links_visit_each_real_file_once(tmp_path, caplog):
   for ex in builders.get_source(cfg, 'train'):
     by_label.setdefault(int(ex['label']), []).append(int(ex['image'][0, 0, 0]))
   assert {k: sorted(v) for k, v in by_label.items()} == {
-      0: [20, 21, 22], 1: [0, 1, 2], 2: [10, 11, 12, 30]}
+    0: [20, 21, 22],
+    1: [0, 1, 2],
+    2: [10, 11, 12, 30],
+  }
 
 
 def test_folder_changed_since_prepared_is_prepared_again(tmp_path, caplog):
   folder = tmp_path / 'flat'
   for i in range(3):
     _save(str(folder / f'{i}.png'), np.full((5, 6), i, np.uint8))
-  cfg = data_config(name='folder', folder=str(folder),
-                    data_dir=str(tmp_path / 'tfds'), eval_split='train')
+  cfg = data_config(
+    name='folder', folder=str(folder), data_dir=str(tmp_path / 'tfds'), eval_split='train'
+  )
   assert len(builders.get_source(cfg, 'train')) == 3
   _save(str(folder / '3.png'), np.full((5, 6), 3, np.uint8))
   with caplog.at_level(logging.WARNING):
@@ -281,16 +289,22 @@ def test_folder_changed_since_prepared_is_prepared_again(tmp_path, caplog):
 
 
 def test_check_splits_folder(image_folder, tmp_path):
-  cfg = data_config(name='folder', folder=image_folder,
-                    data_dir=str(tmp_path), eval_split='test')
-  with pytest.raises(builders.DataError,
-                     match="config.data.eval_split='test'.*no split 'test'; "
-                     r"available: \['train'\]"):
+  cfg = data_config(name='folder', folder=image_folder, data_dir=str(tmp_path), eval_split='test')
+  with pytest.raises(
+    builders.DataError,
+    match="config.data.eval_split='test'.*no split 'test'; "
+    r"available: \['train'\]",
+  ):
     pipeline.check_splits(cfg)
   builder = pipeline.check_splits(cfg, ('train_split',))  # a run without eval
   assert sorted(builder.info.splits.keys()) == ['train']
-  cfg = data_config(name='folder', folder=image_folder, data_dir=str(tmp_path),
-                    eval_split='validation', validation_fraction=0.0)
+  cfg = data_config(
+    name='folder',
+    folder=image_folder,
+    data_dir=str(tmp_path),
+    eval_split='validation',
+    validation_fraction=0.0,
+  )
   with pytest.raises(builders.DataError, match='validation_fraction'):
     pipeline.check_splits(cfg)
   cfg.validation_fraction = 0.2
@@ -304,9 +318,11 @@ def test_check_splits_folder(image_folder, tmp_path):
 def test_check_splits_fashion_mnist(fmnist):
   pipeline.check_splits(fmnist)
   cfg = data_config(**dict(fmnist, eval_split='validation'))
-  with pytest.raises(builders.DataError,
-                     match="config.data.eval_split='validation'.*"
-                     r"available: \['test', 'train'\]"):
+  with pytest.raises(
+    builders.DataError,
+    match="config.data.eval_split='validation'.*"
+    r"available: \['test', 'train'\]",
+  ):
     pipeline.check_splits(cfg)
   cfg = data_config(**dict(fmnist, train_split='train[:10%]+test'))
   pipeline.check_splits(cfg)
@@ -315,16 +331,22 @@ def test_check_splits_fashion_mnist(fmnist):
 def test_check_splits_codes(tmp_path):
   def examples(split):
     del split
-    yield {'codes': np.zeros((2, 4), np.int32), 'label': np.zeros(2, np.int32),
-           'index': np.arange(2)}
+    yield {
+      'codes': np.zeros((2, 4), np.int32),
+      'label': np.zeros(2, np.int32),
+      'index': np.arange(2),
+    }
 
-  tokens.write_codes(str(tmp_path), 'tiny', splits=['train'], examples=examples,
-                     seq_len=4, n_embed=16)
+  tokens.write_codes(
+    str(tmp_path), 'tiny', splits=['train'], examples=examples, seq_len=4, n_embed=16
+  )
   builder = tokens.open_codes(str(tmp_path), 'tiny')
   tokens.check_splits(builder, data_config(eval_split='train[:1]'))
-  with pytest.raises(builders.DataError,
-                     match="config.data.eval_split='validation'.*"
-                     r"available: \['train'\].*--mode=encode"):
+  with pytest.raises(
+    builders.DataError,
+    match="config.data.eval_split='validation'.*"
+    r"available: \['train'\].*--mode=encode",
+  ):
     tokens.check_splits(builder, data_config())
 
 
@@ -347,9 +369,14 @@ def fmnist(tmp_path_factory):
   image_file, label_file = builders.FASHION_MNIST_FILES['train']
   write_idx(src / image_file, images[:2000])
   write_idx(src / label_file, labels[:2000])
-  cfg = data_config(name='fashion_mnist', source_dir=str(src),
-                    data_dir=str(tmp_path_factory.mktemp('tfds_fm')),
-                    image_size=32, eval_split='test', random_crop=False)
+  cfg = data_config(
+    name='fashion_mnist',
+    source_dir=str(src),
+    data_dir=str(tmp_path_factory.mktemp('tfds_fm')),
+    image_size=32,
+    eval_split='test',
+    random_crop=False,
+  )
   builders.prepare(cfg, is_chief=True)
   return cfg
 
@@ -371,10 +398,10 @@ def test_fashion_mnist_real_files(fmnist):
 
 
 def test_fashion_mnist_missing_dir(tmp_path):
-  cfg = data_config(name='fashion_mnist', source_dir=str(tmp_path / 'none'),
-                    data_dir=str(tmp_path / 't'))
-  with pytest.raises(builders.DataError,
-                     match='apt-get install dataset-fashion-mnist'):
+  cfg = data_config(
+    name='fashion_mnist', source_dir=str(tmp_path / 'none'), data_dir=str(tmp_path / 't')
+  )
+  with pytest.raises(builders.DataError, match='apt-get install dataset-fashion-mnist'):
     builders.prepare(cfg, is_chief=True)
 
 
@@ -385,8 +412,7 @@ def test_fashion_mnist_missing_and_malformed_file(tmp_path):
     image_file, label_file = builders.FASHION_MNIST_FILES[split]
     write_idx(src / image_file, np.zeros((3, 28, 28), np.uint8))
     write_idx(src / label_file, np.zeros((3,), np.uint8))
-  cfg = data_config(name='fashion_mnist', source_dir=str(src),
-                    data_dir=str(tmp_path / 't'))
+  cfg = data_config(name='fashion_mnist', source_dir=str(src), data_dir=str(tmp_path / 't'))
   bad = src / 't10k-labels-idx1-ubyte.gz'
   bad.write_bytes(gzip.compress(b'\x00\x00\x08\x03garbage'))
   with pytest.raises(builders.DataError, match=f'Malformed IDX file {bad}'):
@@ -402,8 +428,7 @@ def test_fashion_mnist_missing_and_malformed_file(tmp_path):
 
 def test_unknown_dataset_name(tmp_path):
   cfg = data_config(name='no_such_dataset_xyz', data_dir=str(tmp_path))
-  with pytest.raises(builders.DataError,
-                     match="config.data.name='no_such_dataset_xyz'"):
+  with pytest.raises(builders.DataError, match="config.data.name='no_such_dataset_xyz'"):
     builders.get_source(cfg, 'train')
 
 
@@ -451,7 +476,8 @@ def test_train_iterator_deterministic_and_reshuffled():
   cfg = data_config(image_size=16, random_crop=True)
   src = ListSource(40)
   make = lambda seed: pipeline.make_train_iterator(
-      cfg, 8, seed, process_index=0, process_count=1, source=src)
+    cfg, 8, seed, process_index=0, process_count=1, source=src
+  )
   a, b, c = _take(make(0), 10), _take(make(0), 10), _take(make(1), 10)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['image'], y['image'])
@@ -468,7 +494,8 @@ def test_train_iterator_resume():
   cfg = data_config(image_size=16, random_crop=True)
   src = ListSource(30, shape=(24, 20, 3))
   make = lambda: pipeline.make_train_iterator(
-      cfg, 4, 3, process_index=0, process_count=1, source=src)
+    cfg, 4, 3, process_index=0, process_count=1, source=src
+  )
   it = make()
   _take(it, 5)
   state = it.get_state()
@@ -486,8 +513,7 @@ def test_train_iterator_process_shards():
   src = ListSource(48, shape=(8, 8, 3))
   shards = []
   for p in range(2):
-    it = pipeline.make_train_iterator(cfg, 8, 0, process_index=p,
-                                      process_count=2, source=src)
+    it = pipeline.make_train_iterator(cfg, 8, 0, process_index=p, process_count=2, source=src)
     batches = _take(it, 6)  # one epoch of the 24-example shard
     assert all(b['image'].shape[0] == 4 for b in batches)
     shards.append(set(_labels(batches)))
@@ -501,26 +527,30 @@ def test_train_iterator_global_batches_do_not_depend_on_process_count():
   # local batches of 2 or 3 processes are the global batches of 1, random crops included.
   cfg = data_config(image_size=16, random_crop=True)
   src = ListSource(30, shape=(24, 20, 3))
-  single = _take(pipeline.make_train_iterator(cfg, 6, 5, process_index=0, process_count=1,
-                                              source=src), 12)  # crosses 2 epochs
+  single = _take(
+    pipeline.make_train_iterator(cfg, 6, 5, process_index=0, process_count=1, source=src), 12
+  )  # crosses 2 epochs
   for count in (2, 3):
-    parts = [_take(pipeline.make_train_iterator(cfg, 6, 5, process_index=p,
-                                                process_count=count, source=src), 12)
-             for p in range(count)]
+    parts = [
+      _take(
+        pipeline.make_train_iterator(cfg, 6, 5, process_index=p, process_count=count, source=src),
+        12,
+      )
+      for p in range(count)
+    ]
     for n, expected in enumerate(single):
       for key in ('image', 'label'):
         np.testing.assert_array_equal(
-            np.concatenate([parts[p][n][key] for p in range(count)]), expected[key])
+          np.concatenate([parts[p][n][key] for p in range(count)]), expected[key]
+        )
 
 
 def test_indivisible_batch():
   cfg = data_config(image_size=8)
   with pytest.raises(builders.DataError, match='train.batch_size=9'):
-    pipeline.make_train_iterator(cfg, 9, 0, process_index=0, process_count=2,
-                                 source=ListSource(40))
+    pipeline.make_train_iterator(cfg, 9, 0, process_index=0, process_count=2, source=ListSource(40))
   with pytest.raises(builders.DataError, match='train.eval_batch_size=5'):
-    pipeline.make_eval_iterator(cfg, 5, process_index=1, process_count=2,
-                                source=ListSource(40))
+    pipeline.make_eval_iterator(cfg, 5, process_index=1, process_count=2, source=ListSource(40))
 
 
 @pytest.mark.parametrize('limit,expected', [(-1, 23), (10, 10)])
@@ -530,43 +560,43 @@ def test_eval_iterator_covers_once_with_mask(limit, expected):
   assert pipeline.num_eval_examples(cfg, source=src) == expected
   per_process = []
   for p in range(2):
-    batches = list(pipeline.make_eval_iterator(
-        cfg, 8, process_index=p, process_count=2, source=src))
+    batches = list(
+      pipeline.make_eval_iterator(cfg, 8, process_index=p, process_count=2, source=src)
+    )
     per_process.append(batches)
     assert len(batches) == -(-expected // 8)  # same count on every process
     for b in batches:
       assert b['image'].shape == (4, 8, 8, 3) and b['mask'].dtype == bool
       assert (b['image'][~b['mask']] == 0).all()
   # Assemble global batches as to_global would: process 0's rows, then 1's.
-  labels = np.concatenate([np.concatenate([b0['label'], b1['label']])
-                           for b0, b1 in zip(*per_process)])
-  mask = np.concatenate([np.concatenate([b0['mask'], b1['mask']])
-                         for b0, b1 in zip(*per_process)])
+  labels = np.concatenate(
+    [np.concatenate([b0['label'], b1['label']]) for b0, b1 in zip(*per_process)]
+  )
+  mask = np.concatenate([np.concatenate([b0['mask'], b1['mask']]) for b0, b1 in zip(*per_process)])
   np.testing.assert_array_equal(labels[mask], np.arange(expected))
   assert not mask[expected:].any()
 
 
 @needs_fmnist
 def test_fashion_mnist_iterators(fmnist):
-  it = pipeline.make_train_iterator(fmnist, 16, 0, process_index=0,
-                                    process_count=1)
+  it = pipeline.make_train_iterator(fmnist, 16, 0, process_index=0, process_count=1)
   batch = next(it)
   assert batch['image'].shape == (16, 32, 32, 3)
   assert batch['label'].min() >= 0 and batch['label'].max() < 10
   cfg = data_config(**{**fmnist.to_dict(), 'eval_examples': 100})
-  batches = list(pipeline.make_eval_iterator(cfg, 64, process_index=0,
-                                             process_count=1))
+  batches = list(pipeline.make_eval_iterator(cfg, 64, process_index=0, process_count=1))
   assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 100
 
 
 def test_to_global():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  batch = next(pipeline.make_eval_iterator(
-      data_config(image_size=8), 4, process_index=0, process_count=1,
-      source=ListSource(6)))
+  batch = next(
+    pipeline.make_eval_iterator(
+      data_config(image_size=8), 4, process_index=0, process_count=1, source=ListSource(6)
+    )
+  )
   out = pipeline.to_global(batch, sharding)
   assert set(out) == {'image', 'label', 'mask'}
   assert isinstance(out['image'], jax.Array) and out['image'].shape == (4, 8, 8, 3)
   np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
-

@@ -27,40 +27,44 @@ def test_hinge_d_loss_by_hand():
 
 
 def test_vanilla_d_loss_by_hand():
-  expected = 0.5 * (np.mean([_softplus(-v) for v in REAL.ravel()])
-                    + np.mean([_softplus(v) for v in FAKE.ravel()]))
+  expected = 0.5 * (
+    np.mean([_softplus(-v) for v in REAL.ravel()]) + np.mean([_softplus(v) for v in FAKE.ravel()])
+  )
   got = losses.vanilla_d_loss(jnp.asarray(REAL), jnp.asarray(FAKE))
   np.testing.assert_allclose(float(got), expected, rtol=1e-6)
   # At zero logits both terms are log 2.
-  np.testing.assert_allclose(float(losses.vanilla_d_loss(jnp.zeros(4), jnp.zeros(4))),
-                             math.log(2.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(losses.vanilla_d_loss(jnp.zeros(4), jnp.zeros(4))), math.log(2.0), rtol=1e-6
+  )
   assert set(losses.D_LOSSES) == {'hinge', 'vanilla'}
   assert losses.D_LOSSES['hinge'] is losses.hinge_d_loss
   assert losses.D_LOSSES['vanilla'] is losses.vanilla_d_loss
 
 
 def test_generator_loss_and_l1_by_hand():
-  np.testing.assert_allclose(float(losses.generator_loss(jnp.asarray(FAKE))),
-                             -np.mean(FAKE), rtol=1e-6)  # -0.125
+  np.testing.assert_allclose(
+    float(losses.generator_loss(jnp.asarray(FAKE))), -np.mean(FAKE), rtol=1e-6
+  )  # -0.125
   x = jnp.asarray([[1.0, -1.0], [0.0, 0.5]])
   y = jnp.asarray([[0.5, -1.0], [1.0, 0.0]])
   np.testing.assert_allclose(float(losses.l1(x, y)), (0.5 + 0 + 1 + 0.5) / 4, rtol=1e-6)
 
 
 def test_adaptive_weight_formula():
-  a = jnp.asarray([[3.0, 0.0], [0.0, 4.0]])   # ||a|| = 5
-  b = jnp.asarray([[0.0, 1.0], [0.0, 0.0]])   # ||b|| = 1
+  a = jnp.asarray([[3.0, 0.0], [0.0, 4.0]])  # ||a|| = 5
+  b = jnp.asarray([[0.0, 1.0], [0.0, 0.0]])  # ||b|| = 1
   got = losses.adaptive_weight(a, b, disc_weight=0.8)
   np.testing.assert_allclose(float(got), 5.0 / (1.0 + 1e-4) * 0.8, rtol=1e-6)
   # delta is 1e-4 (the code), not the paper's 1e-6: visible when ||b|| is tiny.
   small = jnp.asarray([[1e-4, 0.0]])
-  np.testing.assert_allclose(float(losses.adaptive_weight(small, small, 1.0)),
-                             1e-4 / 2e-4, rtol=1e-4)
+  np.testing.assert_allclose(
+    float(losses.adaptive_weight(small, small, 1.0)), 1e-4 / 2e-4, rtol=1e-4
+  )
 
 
 def test_adaptive_weight_clamps_huge_ratio():
-  a = jnp.full((4, 4), 10.0)                  # ||a|| = 40
-  b = jnp.zeros((4, 4))                       # ratio 40 / 1e-4 = 4e5 -> 1e4
+  a = jnp.full((4, 4), 10.0)  # ||a|| = 40
+  b = jnp.zeros((4, 4))  # ratio 40 / 1e-4 = 4e5 -> 1e4
   np.testing.assert_allclose(float(losses.adaptive_weight(a, b, 1.0)), 1e4, rtol=1e-6)
   # The clamp happens before disc_weight scales it.
   np.testing.assert_allclose(float(losses.adaptive_weight(a, b, 0.75)), 0.75e4, rtol=1e-6)
@@ -95,9 +99,9 @@ def test_disc_factor_switches_on_at_disc_start(factor):
 def test_resolve_disc_start():
   assert losses.resolve_disc_start(0.6, 1500) == 900
   assert isinstance(losses.resolve_disc_start(0.6, 1500), int)
-  assert losses.resolve_disc_start(250001, 1500) == 250001        # a batch count
-  assert losses.resolve_disc_start(250001.0, 1500) == 250001      # a float batch count
+  assert losses.resolve_disc_start(250001, 1500) == 250001  # a batch count
+  assert losses.resolve_disc_start(250001.0, 1500) == 250001  # a float batch count
   assert losses.resolve_disc_start(4.0, 8) == 4
   assert losses.resolve_disc_start(0, 1500) == 0
-  assert losses.resolve_disc_start(1, 1500) == 1                  # 1 is a count, not 100 %
+  assert losses.resolve_disc_start(1, 1500) == 1  # 1 is a count, not 100 %
   assert losses.resolve_disc_start(0.5, 8) == 4

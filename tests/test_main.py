@@ -18,17 +18,16 @@ import time
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import fashion_mnist_vqgan
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
+from vqgan_jax import checkpoints, parallel
 from vqgan_jax.train import stage1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/fashion_mnist_vqgan.py:smoke'
-NUM_STEPS = 8        # the smoke config's
+NUM_STEPS = 8  # the smoke config's
 KILL_AFTER_STEP = 4  # the smoke config checkpoints every 4 steps
 
 _TIMES = {}
@@ -39,7 +38,8 @@ def env(tmp_path_factory):
   root = tmp_path_factory.mktemp('main_shared')
   e = dict(os.environ)
   e.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
-  e.update({
+  e.update(
+    {
       'TFDS_DATA_DIR': str(root / 'tfds'),
       # jax 0.10 reads its config options from the upper-cased env vars.
       'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
@@ -47,25 +47,35 @@ def env(tmp_path_factory):
       # -1: no size limit and no filesystem-dependent override (0 means "default").
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
       'PYTHONUNBUFFERED': '1',
-  })
+    }
+  )
   return e
 
 
 def _cmd(workdir, *overrides):
-  return [sys.executable, '-m', 'vqgan_jax.main', f'--config={CONFIG}',
-          f'--workdir={workdir}', *overrides]
+  return [
+    sys.executable,
+    '-m',
+    'vqgan_jax.main',
+    f'--config={CONFIG}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
 
 
 def _main(env, workdir, *overrides, timeout=600):
   t0 = time.perf_counter()
-  proc = subprocess.run(_cmd(workdir, *overrides), cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = subprocess.run(
+    _cmd(workdir, *overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+  )
   return proc, time.perf_counter() - t0
 
 
 def _explain(proc):
-  return f'exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n' \
-         f'--- stderr\n{proc.stderr[-5000:]}'
+  return (
+    f'exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n'
+    f'--- stderr\n{proc.stderr[-5000:]}'
+  )
 
 
 @pytest.fixture(scope='module')
@@ -129,6 +139,7 @@ def test_smoke_run_writes_checkpoint_events_grid_and_metrics(smoke_run):
   assert 64 <= w <= 2048 and 64 <= h <= 2048, (w, h)
   assert w * h >= 16 * 32 * 32
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(grids[0]) as im:
     im.verify()
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -152,14 +163,12 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   t0 = time.perf_counter()
   log = tmp_path / 'killed.log'  # a file, not a pipe nobody reads while we poll
   with open(log, 'w') as out:
-    proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
   try:
     deadline = time.monotonic() + 600
     # orbax writes <step>.orbax-checkpoint-tmp-* and renames it to <step> when committed.
     while KILL_AFTER_STEP not in _committed_steps(workdir):
-      assert proc.poll() is None, (
-          f'run exited early ({proc.returncode}): {log.read_text()[-5000:]}')
+      assert proc.poll() is None, f'run exited early ({proc.returncode}): {log.read_text()[-5000:]}'
       assert time.monotonic() < deadline, 'no checkpoint for step 4 after 600 s'
       time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -172,7 +181,8 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   assert proc.returncode == -signal.SIGKILL
   steps = _committed_steps(workdir)
   assert KILL_AFTER_STEP in steps and NUM_STEPS not in steps, (
-      f'killed too late to test a resume: committed steps {steps}')
+    f'killed too late to test a resume: committed steps {steps}'
+  )
 
   proc, elapsed = _main(env, workdir)
   assert proc.returncode == 0, _explain(proc)
@@ -186,8 +196,10 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   state_a, state_b = _host(state_a), _host(state_b)
   assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
   assert int(state_b['step']) == NUM_STEPS
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(state_a)[0],
-                               jax.tree_util.tree_flatten_with_path(state_b)[0]):
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_flatten_with_path(state_a)[0],
+    jax.tree_util.tree_flatten_with_path(state_b)[0],
+  ):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # Both really trained 8 steps (Adam counts the AE and D updates).
@@ -201,8 +213,10 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   entries = os.listdir(cache) if os.path.isdir(cache) else []
   _TIMES['compilation cache entries'] = len(entries)
   assert entries, f'the persistent compilation cache {cache} stayed empty'
-  print('\n' + '\n'.join(f'{k}: {v:.1f}' if isinstance(v, float) else f'{k}: {v}'
-                         for k, v in _TIMES.items()))
+  print(
+    '\n'
+    + '\n'.join(f'{k}: {v:.1f}' if isinstance(v, float) else f'{k}: {v}' for k, v in _TIMES.items())
+  )
 
 
 @pytest.mark.slow
@@ -216,9 +230,11 @@ def test_checkpoint_restores_onto_an_8_device_mesh(smoke_run):
   shardings = parallel.state_shardings(_abstract_state(config), mesh)
   _, state = _restore(smoke_run, config, shardings)
   n_sharded = 0
-  for (path, x), (_, s), (_, y) in zip(jax.tree_util.tree_flatten_with_path(state)[0],
-                                       jax.tree.leaves_with_path(shardings),
-                                       jax.tree_util.tree_flatten_with_path(_host(saved))[0]):
+  for (path, x), (_, s), (_, y) in zip(
+    jax.tree_util.tree_flatten_with_path(state)[0],
+    jax.tree.leaves_with_path(shardings),
+    jax.tree_util.tree_flatten_with_path(_host(saved))[0],
+  ):
     name = jax.tree_util.keystr(path)
     assert x.sharding == s, name
     np.testing.assert_array_equal(np.asarray(x), y, err_msg=name)
@@ -228,8 +244,8 @@ def test_checkpoint_restores_onto_an_8_device_mesh(smoke_run):
   assert n_sharded >= 10
   # The restored state trains on: the params handoff reads the same values too.
   params = checkpoints.restore_params(
-      smoke_run, checkpoints.abstract_like(_abstract_state(config)['params'],
-                                           shardings['params']))
+    smoke_run, checkpoints.abstract_like(_abstract_state(config)['params'], shardings['params'])
+  )
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state['params'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -244,12 +260,15 @@ def test_bad_input_exits_2_with_one_line(env, tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
   cases = [
-      ((), '--config.model.ch=48', 'config.model.ch'),
-      ((), '--config.train.nonexistent=1', '--config.train.nonexistent'),
-      ((), f'--config.init_from={tmp_path / "missing"}', 'config.init_from'),
-      # The eval split is checked before training, not at the first eval.
-      ((f'--config.data.folder={tmp_path / "images"}', '--config.data.eval_split=test'),
-       '--config.data.name=folder', 'config.data.eval_split'),
+    ((), '--config.model.ch=48', 'config.model.ch'),
+    ((), '--config.train.nonexistent=1', '--config.train.nonexistent'),
+    ((), f'--config.init_from={tmp_path / "missing"}', 'config.init_from'),
+    # The eval split is checked before training, not at the first eval.
+    (
+      (f'--config.data.folder={tmp_path / "images"}', '--config.data.eval_split=test'),
+      '--config.data.name=folder',
+      'config.data.eval_split',
+    ),
   ]
   for extra, override, named in cases:
     proc, _ = _main(env, tmp_path / 'bad', override, *extra)
@@ -278,8 +297,10 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(smoke_run, env, tmp
   _, state = _restore(workdir, fashion_mnist_vqgan.get_config('smoke'))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
   # metrics.jsonl stays strict JSON: the diverged row holds null, not a NaN literal.
-  rows = [json.loads(l, parse_constant=lambda c: pytest.fail(f'{c} in metrics.jsonl'))
-          for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  rows = [
+    json.loads(l, parse_constant=lambda c: pytest.fail(f'{c} in metrics.jsonl'))
+    for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
   assert rows[-1]['split'] == 'train' and rows[-1]['total_loss'] is None
 
 
@@ -290,8 +311,7 @@ def _tree_digest(directory):
       p = os.path.join(root, f)
       st = os.stat(p)
       with open(p, 'rb') as fh:
-        out[os.path.relpath(p, directory)] = (st.st_mtime_ns,
-                                              hashlib.sha256(fh.read()).hexdigest())
+        out[os.path.relpath(p, directory)] = (st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
   return out
 
 

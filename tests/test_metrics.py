@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from skimage import data as skdata
-from skimage import filters, metrics as skm, transform
+from skimage import filters, transform
+from skimage import metrics as skm
 
 from vqgan_jax import metrics
 
@@ -16,7 +17,7 @@ def _real_images(size=96):
     img = getattr(skdata, name)()
     h, w = img.shape[:2]
     s = min(h, w)
-    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     out.append(transform.resize(img, (size, size), anti_aliasing=True))
   return np.stack(out)  # [0, 1] float64
 
@@ -27,8 +28,7 @@ def distorted():
   x = _real_images()
   rng = np.random.default_rng(0)
   noisy = np.clip(x + 0.05 * rng.standard_normal(x.shape), 0, 1)
-  blurred = np.stack([filters.gaussian(im, sigma=1.2, channel_axis=-1)
-                      for im in x])
+  blurred = np.stack([filters.gaussian(im, sigma=1.2, channel_axis=-1) for im in x])
   dark = np.clip(0.8 * x + 0.05, 0, 1)
   return np.concatenate([x] * 3), np.concatenate([noisy, blurred, dark])
 
@@ -41,23 +41,31 @@ def test_psnr_hand_and_skimage(distorted):
   x = np.zeros((1, 4, 4, 3), np.float32) - 1.0  # 0 on the [0, 1] scale
   y = x.copy()
   y[0, 0, 0, 0] = 1.0  # one element off by the full range: mse = 1/48
-  np.testing.assert_allclose(metrics.psnr(x, y), [10 * np.log10(48)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(metrics.psnr(x, y), [10 * np.log10(48)], rtol=1e-6)
   assert np.isinf(metrics.psnr(x, x)[0])
   a, b = distorted
   got = np.asarray(jax.jit(metrics.psnr)(_m11(a), _m11(b)))
-  want = [skm.peak_signal_noise_ratio(p, q, data_range=1) for p, q in
-          zip(a, b)]
+  want = [skm.peak_signal_noise_ratio(p, q, data_range=1) for p, q in zip(a, b)]
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_ssim_matches_skimage(distorted):
   a, b = distorted
   got = np.asarray(jax.jit(metrics.ssim)(_m11(a), _m11(b)))
-  want = np.array([
-      skm.structural_similarity(p, q, gaussian_weights=True, sigma=1.5,
-                                use_sample_covariance=False, data_range=1,
-                                channel_axis=-1) for p, q in zip(a, b)])
+  want = np.array(
+    [
+      skm.structural_similarity(
+        p,
+        q,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1,
+        channel_axis=-1,
+      )
+      for p, q in zip(a, b)
+    ]
+  )
   assert got.shape == (len(a),)
   assert np.all(want < 0.99)  # the distortions are not trivial
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
@@ -82,18 +90,16 @@ def test_codebook_stats_hand_example():
   s = metrics.codebook_stats(idx, 4, mask)
   np.testing.assert_array_equal(s['counts'], [2, 1, 0, 0])
   p = np.array([2, 1]) / 3
-  np.testing.assert_allclose(s['perplexity'], np.exp(-(p * np.log(p)).sum()),
-                             rtol=1e-6)
+  np.testing.assert_allclose(s['perplexity'], np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
   # Accumulating counts over batches gives split-level numbers.
-  total = (metrics.codebook_counts(jnp.array([0, 0]), 4)
-           + metrics.codebook_counts(jnp.array([3]), 4))
+  total = metrics.codebook_counts(jnp.array([0, 0]), 4) + metrics.codebook_counts(jnp.array([3]), 4)
   np.testing.assert_array_equal(total, [2, 0, 0, 1])
   np.testing.assert_allclose(metrics.usage_from_counts(total), 0.5)
   p = np.array([2, 1]) / 3
-  np.testing.assert_allclose(metrics.perplexity_from_counts(total),
-                             np.exp(-(p * np.log(p)).sum()), rtol=1e-6)
-  np.testing.assert_allclose(metrics.perplexity_from_counts(jnp.array([0, 5])),
-                             1.0)
+  np.testing.assert_allclose(
+    metrics.perplexity_from_counts(total), np.exp(-(p * np.log(p)).sum()), rtol=1e-6
+  )
+  np.testing.assert_allclose(metrics.perplexity_from_counts(jnp.array([0, 5])), 1.0)
   np.testing.assert_allclose(metrics.perplexity_from_counts(jnp.zeros(3)), 1.0)
 
 
@@ -110,16 +116,13 @@ def test_frechet_distance():
   np.testing.assert_allclose(got, want, rtol=1e-10)
   # Invariant under a common rotation.
   q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
-  got_rot = metrics.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2,
-                                     q @ np.diag(v2) @ q.T)
+  got_rot = metrics.frechet_distance(q @ m1, q @ np.diag(v1) @ q.T, q @ m2, q @ np.diag(v2) @ q.T)
   np.testing.assert_allclose(got_rot, want, rtol=1e-9)
   # Non-commuting covariances: tr sqrt(S1 S2) = sum sqrt(eig(S1 S2)).
   b = rng.standard_normal((40, 8)) @ rng.standard_normal((8, 8))
   mu2, sigma2 = b.mean(0), np.cov(b, rowvar=False)
   tr = np.sum(np.sqrt(np.linalg.eigvals(sigma @ sigma2).real))
-  want = (np.sum((mu - mu2) ** 2) + np.trace(sigma) + np.trace(sigma2)
-          - 2 * tr)
-  np.testing.assert_allclose(
-      metrics.frechet_distance(mu, sigma, mu2, sigma2), want, rtol=1e-9)
+  want = np.sum((mu - mu2) ** 2) + np.trace(sigma) + np.trace(sigma2) - 2 * tr
+  np.testing.assert_allclose(metrics.frechet_distance(mu, sigma, mu2, sigma2), want, rtol=1e-9)
   with pytest.raises(ValueError):
     metrics.frechet_distance(m1, np.diag(v1), m2[:3], np.diag(v2))

@@ -1,25 +1,54 @@
 """Shapes, parameter names and the quantizer's math of the stage-1 modules."""
 
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
 
 from vqgan_jax.models.discriminator import NLayerDiscriminator
-from vqgan_jax.models.quantizer import GumbelQuantizer, VectorQuantizer, codebook_distances
-from vqgan_jax.models.quantizer import gumbel_kl_loss, gumbel_softmax, vq_loss
+from vqgan_jax.models.quantizer import (
+  GumbelQuantizer,
+  VectorQuantizer,
+  codebook_distances,
+  gumbel_kl_loss,
+  gumbel_softmax,
+  vq_loss,
+)
 from vqgan_jax.models.vqgan import VQGAN
 
 CONFIGS = {
-    # taming-spec g.2's small config
-    'spec_small': dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                       resolution=32, z_channels=16, n_embed=32, embed_dim=8),
-    'f4_attn8': dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
-                     resolution=32, z_channels=32, n_embed=64, embed_dim=16),
-    'f8_no_attn_levels': dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
-                              attn_resolutions=(), resolution=64, z_channels=8, n_embed=16,
-                              embed_dim=4),
+  # taming-spec g.2's small config
+  'spec_small': dict(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),
+    resolution=32,
+    z_channels=16,
+    n_embed=32,
+    embed_dim=8,
+  ),
+  'f4_attn8': dict(
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(8,),
+    resolution=32,
+    z_channels=32,
+    n_embed=64,
+    embed_dim=16,
+  ),
+  'f8_no_attn_levels': dict(
+    ch=32,
+    ch_mult=(1, 1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=64,
+    z_channels=8,
+    n_embed=16,
+    embed_dim=4,
+  ),
 }
 
 
@@ -36,11 +65,11 @@ def test_vqgan_shapes(name):
   z_q, _, idx2 = model.apply({'params': params}, x, method='encode')
   assert z_q.shape == (2, r // f, r // f, kw['embed_dim'])
   np.testing.assert_array_equal(idx, idx2)
-  np.testing.assert_array_equal(model.apply({'params': params}, x, method='encode_to_indices'),
-                                idx)
+  np.testing.assert_array_equal(model.apply({'params': params}, x, method='encode_to_indices'), idx)
   # decode_indices(encode_to_indices(x)) is the reconstruction.
-  np.testing.assert_allclose(model.apply({'params': params}, idx, method='decode_indices'),
-                             xrec, atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply({'params': params}, idx, method='decode_indices'), xrec, atol=1e-5
+  )
   # Fully convolutional: twice the resolution works, attention placement unchanged.
   x2 = jnp.zeros((1, 2 * r, 2 * r, 3))
   assert model.apply({'params': params}, x2)[0].shape == x2.shape
@@ -71,6 +100,7 @@ def test_param_names_follow_the_state_dict():
 def test_downsample_pads_right_and_bottom_only():
   """A stride-2 3x3 conv after (0,1) padding: output pixel (0,0) sees input rows/cols 0..2."""
   from vqgan_jax.models.layers import Downsample
+
   m = Downsample()
   x = jnp.zeros((1, 4, 4, 1))
   p = m.init(jax.random.key(0), x)
@@ -131,8 +161,18 @@ def test_argmin_takes_first_index_on_ties():
 
 
 # Small enough to compile fast: f2, no attention levels, 16x16 images.
-GUMBEL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
-              z_channels=16, n_embed=32, embed_dim=16, quantizer='gumbel', kl_weight=1e-3)
+GUMBEL = dict(
+  ch=32,
+  ch_mult=(1, 2),
+  num_res_blocks=1,
+  attn_resolutions=(),
+  resolution=16,
+  z_channels=16,
+  n_embed=32,
+  embed_dim=16,
+  quantizer='gumbel',
+  kl_weight=1e-3,
+)
 
 
 def test_gumbel_vqgan_names_eval_and_train_modes():
@@ -148,7 +188,8 @@ def test_gumbel_vqgan_names_eval_and_train_modes():
       return np.ones(s.shape, np.float32)
     fan_in = int(np.prod(s.shape[:-1])) if name == 'kernel' else 1
     return (rng.normal(size=s.shape) / np.sqrt(fan_in)).astype(np.float32) * (
-        0.1 if name == 'bias' else 1.0)
+      0.1 if name == 'bias' else 1.0
+    )
 
   params = jax.tree_util.tree_map_with_path(leaf, abstract)
   names = {'/'.join(k): v.shape for k, v in flatten_dict(params['quantize']).items()}
@@ -164,16 +205,19 @@ def test_gumbel_vqgan_names_eval_and_train_modes():
   def grads(p, train):
     def loss(p):
       xr, _, _ = model.apply({'params': p}, x, train=train, rngs={'gumbel': jax.random.key(3)})
-      return jnp.mean(xr ** 2)
+      return jnp.mean(xr**2)
+
     return jax.grad(loss)(p)
 
   @jax.jit
   def everything(p):
-    return (model.apply({'params': p}, x, method=pieces),
-            [train(p, jax.random.key(k)) for k in (5, 5, 6)],
-            grads(p, True), grads(p, False),
-            model.apply({'params': p}, jnp.zeros((2, 8, 8), jnp.int32) + 3,
-                        method='decode_indices'))
+    return (
+      model.apply({'params': p}, x, method=pieces),
+      [train(p, jax.random.key(k)) for k in (5, 5, 6)],
+      grads(p, True),
+      grads(p, False),
+      model.apply({'params': p}, jnp.zeros((2, 8, 8), jnp.int32) + 3, method='decode_indices'),
+    )
 
   (logits, (z_q, kl, idx), (xrec, _, idx2)), (a, b, c), g_train, g_eval, dec3 = everything(params)
   # Inference: argmax of the logits, no noise; z_q is the codebook row.
@@ -184,7 +228,8 @@ def test_gumbel_vqgan_names_eval_and_train_modes():
   np.testing.assert_allclose(kl, gumbel_kl_loss(logits, 1e-3), rtol=1e-6)
   # decode_indices looks codes up in `embed`: code 3 everywhere decodes like z_q = embed[3].
   dec_ref = jax.jit(lambda p, z: model.apply({'params': p}, z, method='decode'))(
-      params, jnp.broadcast_to(emb[3], (2, 8, 8, 16)))
+    params, jnp.broadcast_to(emb[3], (2, 8, 8, 16))
+  )
   np.testing.assert_allclose(dec3, dec_ref, atol=1e-5)
   # Training forward: noise from the 'gumbel' rng (reproducible), hard one-hot forward, and
   # the KL term is the noise-free one.
@@ -216,8 +261,9 @@ def test_gumbel_softmax_hard_and_soft():
   np.testing.assert_allclose(g_hard, g_soft, rtol=1e-6)
   # KL to uniform: 0 for uniform logits, log K for a one-hot distribution (x kl_weight).
   np.testing.assert_allclose(gumbel_kl_loss(jnp.zeros((4, 8)), 2.0), 0.0, atol=1e-6)
-  np.testing.assert_allclose(gumbel_kl_loss(jnp.array([[100.0, 0, 0, 0]]), 1.0), np.log(4),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    gumbel_kl_loss(jnp.array([[100.0, 0, 0, 0]]), 1.0), np.log(4), rtol=1e-6
+  )
   assert GumbelQuantizer(4, 2).kl_weight == 1e-8  # GumbelVQ's default
 
 
@@ -239,24 +285,32 @@ def test_discriminator_shapes_and_names(n_layers, size, out):
 def test_batchnorm_matches_torch_semantics():
   """Running stats: momentum 0.1 and the unbiased variance; train mode uses batch stats."""
   from vqgan_jax.models.discriminator import TorchBatchNorm
+
   bn = TorchBatchNorm()
   x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
   v = bn.init(jax.random.key(1), x, train=True)
   v = {'params': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)}, 'batch_stats': v['batch_stats']}
   y, upd = bn.apply(v, x, train=True, mutable=['batch_stats'])
   xn = np.asarray(x).reshape(-1, 2)
-  np.testing.assert_allclose(np.asarray(y).reshape(-1, 2),
-                             (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y).reshape(-1, 2), (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5), atol=1e-5
+  )
   np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * xn.mean(0), rtol=1e-5)
   np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * xn.var(0, ddof=1), rtol=1e-5)
 
 
 def test_groupnorm_matches_flax_groupnorm():
   import flax.linen as nn
+
   from vqgan_jax.models.layers import GroupNorm
+
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 7, 64))
   ours, ref = GroupNorm(), nn.GroupNorm(num_groups=32, epsilon=1e-6)
-  p = {'params': {'scale': jax.random.normal(jax.random.key(1), (64,)),
-                  'bias': jax.random.normal(jax.random.key(2), (64,))}}
+  p = {
+    'params': {
+      'scale': jax.random.normal(jax.random.key(1), (64,)),
+      'bias': jax.random.normal(jax.random.key(2), (64,)),
+    }
+  }
   assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(p)
   np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=2e-5)

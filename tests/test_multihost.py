@@ -38,21 +38,17 @@ import jax
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_transformer
-from configs import fashion_mnist_vqgan
-from vqgan_jax import checkpoints
-from vqgan_jax import distributed
+from configs import fashion_mnist_transformer, fashion_mnist_vqgan
+from vqgan_jax import checkpoints, distributed
 from vqgan_jax.data import tokens
-from vqgan_jax.train import stage1
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
+from vqgan_jax.train import stage1, stage2, stage2_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = 'configs/fashion_mnist_vqgan.py:smoke'
 STAGE2 = 'configs/fashion_mnist_transformer.py:smoke'
-NUM_STEPS = 8        # both smoke configs'
+NUM_STEPS = 8  # both smoke configs'
 KILL_AFTER_STEP = 4  # both smoke configs checkpoint every 4 steps
-DEVICES = 4          # in all: 2 processes x 2, or 1 x 4
+DEVICES = 4  # in all: 2 processes x 2, or 1 x 4
 TIMEOUT = 900
 
 _TIMES = {}
@@ -66,7 +62,8 @@ def env(tmp_path_factory):
   for k in [k for k in e if k.startswith(('JAX_COMPILATION_CACHE', 'XLA_'))]:
     e.pop(k)
   e.pop('JAX_NUM_CPU_DEVICES', None)  # the device count comes from XLA_FLAGS, per run
-  e.update({
+  e.update(
+    {
       'JAX_PLATFORMS': 'cpu',
       'PYTHONPATH': REPO,
       'TFDS_DATA_DIR': str(root / 'tfds'),
@@ -74,7 +71,8 @@ def env(tmp_path_factory):
       # Compiling dominates these few-step runs; every run (2- and 1-process) gets the same.
       'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
       'PYTHONUNBUFFERED': '1',
-  })
+    }
+  )
   return e
 
 
@@ -94,21 +92,32 @@ class _Run:
     for i in range(nproc):
       cmd = [sys.executable, '-m', 'vqgan_jax.main', f'--workdir={workdir}', *args]
       if nproc > 1:
-        cmd += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={nproc}',
-                f'--process_id={i}']
+        cmd += [
+          f'--coordinator_address=127.0.0.1:{port}',
+          f'--num_processes={nproc}',
+          f'--process_id={i}',
+        ]
       log = workdir.parent / f'{name}.p{i}.log'
       self.logs.append(log)
       with open(log, 'w') as out:  # a file, not a pipe nobody reads while we wait
-        self.procs.append(subprocess.Popen(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            env={**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES // nproc}'}))
+        self.procs.append(
+          subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES // nproc}'},
+          )
+        )
 
   def output(self, i):
     return self.logs[i].read_text()
 
   def explain(self):
-    return '\n'.join(f'--- process {i} (exit {p.returncode}), {log}\n{log.read_text()[-4000:]}'
-                     for i, (p, log) in enumerate(zip(self.procs, self.logs)))
+    return '\n'.join(
+      f'--- process {i} (exit {p.returncode}), {log}\n{log.read_text()[-4000:]}'
+      for i, (p, log) in enumerate(zip(self.procs, self.logs))
+    )
 
   def kill(self):
     for p in self.procs:
@@ -137,7 +146,8 @@ class _Run:
     try:
       while step not in _committed_steps(self.workdir):
         assert all(p.poll() is None for p in self.procs), (
-            f'a process exited before checkpoint {step}\n{self.explain()}')
+          f'a process exited before checkpoint {step}\n{self.explain()}'
+        )
         assert time.monotonic() < deadline, f'no checkpoint {step} after {timeout} s'
         time.sleep(0.01)
     finally:
@@ -159,7 +169,8 @@ def _train_killed_and_resumed(env, workdir, args, name):
   _TIMES[f'{name}: 2 processes until killed'] = run.kill_after_checkpoint(KILL_AFTER_STEP)
   steps = _committed_steps(workdir)
   assert KILL_AFTER_STEP in steps and NUM_STEPS not in steps, (
-      f'killed too late to test a resume: committed steps {steps}')
+    f'killed too late to test a resume: committed steps {steps}'
+  )
   run = _Run(env, workdir, args, 2, f'{name}_resumed')
   _TIMES[f'{name}: 2 processes resumed to the end'] = run.wait()
   return run
@@ -208,9 +219,13 @@ def _compare_losses(a, b, first_keys, keys, first_rtol, rtol):
   assert sorted(la) == sorted(lb) == [2, 4, 6, 8]
   for step in sorted(la):
     for k in first_keys if step == 2 else keys:
-      np.testing.assert_allclose(la[step][k], lb[step][k], atol=1e-6,
-                                 rtol=first_rtol if step == 2 else rtol,
-                                 err_msg=f'{k} at step {step}')
+      np.testing.assert_allclose(
+        la[step][k],
+        lb[step][k],
+        atol=1e-6,
+        rtol=first_rtol if step == 2 else rtol,
+        err_msg=f'{k} at step {step}',
+      )
 
 
 def _flat(tree):
@@ -222,17 +237,26 @@ def _compare_params(multi, single, init, name):
   m, s, i = _flat(multi), _flat(single), _flat(init)
   max_abs = float(np.abs(m - s).max())
   rel = float(np.linalg.norm(m - s) / np.linalg.norm(s - i))
-  _REPORT[name] = (f'max |multi - single| = {max_abs:.3g} (max |single - init| = '
-                   f'{np.abs(s - i).max():.3g}), ||multi - single|| / ||single - init|| = '
-                   f'{rel:.3g}')
+  _REPORT[name] = (
+    f'max |multi - single| = {max_abs:.3g} (max |single - init| = '
+    f'{np.abs(s - i).max():.3g}), ||multi - single|| / ||single - init|| = '
+    f'{rel:.3g}'
+  )
   return max_abs, rel
 
 
 # ----------------------------------------------------------------------------------------
 # When main starts jax.distributed (no JAX call: these never reach jax.distributed)
 
-_CLUSTER_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_NTASKS',
-                 'OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')
+_CLUSTER_VARS = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_PROCID',
+  'SLURM_NTASKS',
+  'OMPI_MCA_orte_hnp_uri',
+  'OMPI_COMM_WORLD_SIZE',
+  'JAX_COORDINATOR_ADDRESS',
+)
 
 
 def test_distributed_auto_detection(monkeypatch):
@@ -293,8 +317,14 @@ def test_stage1_two_processes_killed_and_resumed_match_one_process(stage1_runs):
   assert 'jax.distributed: process 1 of 2' in run.output(1)
 
   smooth = ('total_loss', 'rec_loss', 'p_loss', 'nll_loss')
-  _compare_losses(multi, single, smooth + ('g_loss', 'd_weight', 'ae_grad_norm', 'quant_loss'),
-                  smooth, first_rtol=1e-4, rtol=2e-2)
+  _compare_losses(
+    multi,
+    single,
+    smooth + ('g_loss', 'd_weight', 'ae_grad_norm', 'quant_loss'),
+    smooth,
+    first_rtol=1e-4,
+    rtol=2e-2,
+  )
   config = fashion_mnist_vqgan.get_config('smoke')
   _, init = _stage1_abstract(config)
   init_params = jax.device_get(jax.jit(init)(jax.random.PRNGKey(config.seed))['params'])
@@ -336,13 +366,17 @@ def _stage2_model(stage1_workdir):
 
 @pytest.mark.slow
 def test_stage2_two_processes_encode_train_resume_sample_match_one_process(
-    stage1_runs, env, tmp_path_factory):
+  stage1_runs, env, tmp_path_factory
+):
   stage1_workdir = stage1_runs[0]
   root = tmp_path_factory.mktemp('stage2')
   multi, single = root / 'multi', root / 'single'
   # float32: the demo GPT trains in bf16, whose rounding differs with the sharding.
-  base = [f'--config={STAGE2}', f'--config.stage1_workdir={stage1_workdir}',
-          '--config.train.dtype=float32']
+  base = [
+    f'--config={STAGE2}',
+    f'--config.stage1_workdir={stage1_workdir}',
+    '--config.train.dtype=float32',
+  ]
 
   # Encode: 2 processes each encode their slice of every batch; process 0 writes.
   reference = _Run(env, single, base + ['--mode=encode'], 1, 'encode_single')
@@ -365,8 +399,14 @@ def test_stage2_two_processes_encode_train_resume_sample_match_one_process(
   run = _train_beside_one_process(env, multi, single, args, 'stage2', 'stage2: train,')
   assert _committed_steps(multi)[-2:] == [KILL_AFTER_STEP, NUM_STEPS]
   _check_process0_writes(run, multi, 'final eval: ')
-  _compare_losses(multi, single, ('loss', 'bits_per_token'), ('loss', 'bits_per_token'),
-                  first_rtol=1e-5, rtol=1e-5)
+  _compare_losses(
+    multi,
+    single,
+    ('loss', 'bits_per_token'),
+    ('loss', 'bits_per_token'),
+    first_rtol=1e-5,
+    rtol=1e-5,
+  )
 
   config, model, tx = _stage2_model(stage1_workdir)
   init = jax.jit(lambda r: stage2.init_state(model, tx, r))(jax.random.PRNGKey(config.seed))
@@ -374,10 +414,12 @@ def test_stage2_two_processes_encode_train_resume_sample_match_one_process(
   for step in (KILL_AFTER_STEP, NUM_STEPS):
     p = {}
     for name, workdir in (('multi', multi), ('single', single)):
-      p[name] = jax.device_get(checkpoints.restore_params(
-          workdir, checkpoints.abstract_like(init['params']), step=step))
-    max_abs, rel = _compare_params(p['multi'], p['single'], jax.device_get(init['params']),
-                                   f'stage 2 step {step}')
+      p[name] = jax.device_get(
+        checkpoints.restore_params(workdir, checkpoints.abstract_like(init['params']), step=step)
+      )
+    max_abs, rel = _compare_params(
+      p['multi'], p['single'], jax.device_get(init['params']), f'stage 2 step {step}'
+    )
     assert max_abs < 1e-5 and rel < 1e-3, _REPORT[f'stage 2 step {step}']
 
   # Sample: every process samples the same batches; process 0 writes the grid and tokens.
@@ -390,9 +432,11 @@ def test_stage2_two_processes_encode_train_resume_sample_match_one_process(
   # The same checkpoint sampled by one process: the same tokens.
   ref = root / 'sample_single'
   shutil.copytree(multi / 'checkpoints', ref / 'checkpoints')
-  _TIMES['stage2: sample, 1 process'] = _Run(env, ref, args + ['--mode=sample'], 1,
-                                             'sample_single').wait()
-  np.testing.assert_array_equal(out['tokens'],
-                                np.load(ref / f'samples_{NUM_STEPS:07d}.npz')['tokens'])
+  _TIMES['stage2: sample, 1 process'] = _Run(
+    env, ref, args + ['--mode=sample'], 1, 'sample_single'
+  ).wait()
+  np.testing.assert_array_equal(
+    out['tokens'], np.load(ref / f'samples_{NUM_STEPS:07d}.npz')['tokens']
+  )
   print('\n' + '\n'.join(f'{k}: {v}' for k, v in _REPORT.items()))
   print('\n'.join(f'{k}: {v:.1f} s' for k, v in _TIMES.items()))

@@ -26,15 +26,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 # Skips this module without the original implementation.
-from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402,F401
+from parity import TOL, R, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402,F401
+import pytest
 
 from vqgan_jax import checkpoints  # noqa: E402
-from vqgan_jax.convert import param_mapping  # noqa: E402
+from vqgan_jax.convert import (
+  param_mapping,  # noqa: E402
+  yaml_config,  # noqa: E402
+)
 from vqgan_jax.convert import taming as convert  # noqa: E402
-from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models.quantizer import GumbelQuantizer  # noqa: E402
 from vqgan_jax.models.vqgan import VQGAN  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
@@ -45,13 +47,28 @@ BATCH = 2
 NEAR_TIE = 1e-4  # logit gap (float64) below which float32 rounding may pick either code
 
 CONFIGS = {
-    'small': dict(ddconfig=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                                resolution=32, z_channels=16),
-                  n_embed=64, embed_dim=16, kl_weight=1e-8),
-    # f4 with three levels, two blocks, a bigger codebook and a visible KL weight.
-    'wide': dict(ddconfig=dict(ch=64, ch_mult=(1, 1, 2), num_res_blocks=2,
-                               attn_resolutions=(16,), resolution=32, z_channels=64),
-                 n_embed=512, embed_dim=64, kl_weight=5e-4),
+  'small': dict(
+    ddconfig=dict(
+      ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32, z_channels=16
+    ),
+    n_embed=64,
+    embed_dim=16,
+    kl_weight=1e-8,
+  ),
+  # f4 with three levels, two blocks, a bigger codebook and a visible KL weight.
+  'wide': dict(
+    ddconfig=dict(
+      ch=64,
+      ch_mult=(1, 1, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      resolution=32,
+      z_channels=64,
+    ),
+    n_embed=512,
+    embed_dim=64,
+    kl_weight=5e-4,
+  ),
 }
 
 _REC = Recorder('GumbelVQ parity errors (ours vs original, float32)')
@@ -75,14 +92,15 @@ class Pair:
   def __init__(self, name):
     spec = CONFIGS[name]
     self.tag, self.spec = f'[{name}]', spec
-    self.torch = R.build_gumbelvq(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                  kl_weight=spec['kl_weight'], seed=0)
+    self.torch = R.build_gumbelvq(
+      spec['ddconfig'], spec['n_embed'], spec['embed_dim'], kl_weight=spec['kl_weight'], seed=0
+    )
     self.sd = self.torch.state_dict()
     quantizer = dict(quantizer='gumbel', kl_weight=spec['kl_weight'], temperature=1.0)
     self.converted = convert.convert_vqmodel_state_dict(
-        self.sd, spec['ddconfig'], spec['n_embed'], spec['embed_dim'], **quantizer)
-    kw = yaml_config.model_fields(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                  **quantizer)
+      self.sd, spec['ddconfig'], spec['n_embed'], spec['embed_dim'], **quantizer
+    )
+    kw = yaml_config.model_fields(spec['ddconfig'], spec['n_embed'], spec['embed_dim'], **quantizer)
     self.model = VQGAN(**kw)
     self.x = _images(1, spec['ddconfig']['resolution'])
 
@@ -98,8 +116,15 @@ class Pair:
       b, _, hh, ww = hq.shape
       zq = q.get_codebook_entry(ind.reshape(-1), (b, hh, ww, self.spec['embed_dim']))
       _, kl, _ = q(hq)  # the KL term does not depend on the noise
-      ref = dict(h=nhwc(h), hq=nhwc(hq), logits=nhwc(logits), ind=ind.numpy(), zq=nhwc(zq),
-                 kl=kl.item(), dec=nhwc(tm.decode(zq)))
+      ref = dict(
+        h=nhwc(h),
+        hq=nhwc(hq),
+        logits=nhwc(logits),
+        ind=ind.numpy(),
+        zq=nhwc(zq),
+        kl=kl.item(),
+        dec=nhwc(tm.decode(zq)),
+      )
       # The original's own eval forward, twice: stochastic codes.
       torch.manual_seed(1)
       _, _, (_, _, ind1) = q(hq)
@@ -111,10 +136,19 @@ class Pair:
       h = m.encoder(x)
       hq = m.quant_conv(h)
       xrec, kl_full, ind_full = m(x)
-      return dict(h=h, hq=hq, logits=m.quantize.logits(hq_ref), own_logits=m.quantize.logits(hq),
-                  codes=m.quantize(hq_ref), dec=m.decode(zq_ref), xrec=xrec, kl_full=kl_full,
-                  ind_full=ind_full, dec_idx=m.decode_indices(ind_ref),
-                  enc_idx=m.encode_to_indices(x))
+      return dict(
+        h=h,
+        hq=hq,
+        logits=m.quantize.logits(hq_ref),
+        own_logits=m.quantize.logits(hq),
+        codes=m.quantize(hq_ref),
+        dec=m.decode(zq_ref),
+        xrec=xrec,
+        kl_full=kl_full,
+        ind_full=ind_full,
+        dec_idx=m.decode_indices(ind_ref),
+        enc_idx=m.encode_to_indices(x),
+      )
 
     fn = jax.jit(lambda p, *a: self.model.apply({'params': p}, *a, method=ours))
     out = fn(self.converted['params'], self.x, ref['hq'], ref['zq'], ref['ind'])
@@ -131,8 +165,9 @@ def pair(request):
 
 def test_state_dict_maps_one_to_one(pair):
   p = pair.converted['params']['quantize']
-  np.testing.assert_array_equal(p['proj']['kernel'],
-                                pair.sd['quantize.proj.weight'].numpy()[:, :, 0, 0].T)
+  np.testing.assert_array_equal(
+    p['proj']['kernel'], pair.sd['quantize.proj.weight'].numpy()[:, :, 0, 0].T
+  )
   np.testing.assert_array_equal(p['proj']['bias'], pair.sd['quantize.proj.bias'].numpy())
   np.testing.assert_array_equal(p['embed']['embedding'], pair.sd['quantize.embed.weight'].numpy())
   # ... and back: our export names and shapes are the original's, every key.
@@ -156,8 +191,9 @@ def test_encoder_logits_and_codes(pair):
   assert clear.mean() > 0.9, 'almost every position should have a clear best logit'
   np.testing.assert_array_equal(ind[clear], ref['ind'][clear])
   same = ind == ref['ind']
-  INFO[f'argmax codes agree {tag}'] = (f'{same.mean():.4f} ({(~clear).sum()} near-ties '
-                                       f'(gap <= {NEAR_TIE}) of {clear.size})')
+  INFO[f'argmax codes agree {tag}'] = (
+    f'{same.mean():.4f} ({(~clear).sum()} near-ties (gap <= {NEAR_TIE}) of {clear.size})'
+  )
   _check(f'z_q = embed[argmax] {tag}', zq[same], ref['zq'][same])
   _check(f'KL loss {tag}', kl, ref['kl'], floor=1e-12)
   # Codes from our own encoder path agree wherever the original's gap is clear.
@@ -170,8 +206,9 @@ def test_original_eval_encoding_is_stochastic(pair):
   a, b = ref['noisy_ind']
   assert not np.array_equal(a, b), 'the original eval forward was expected to add noise'
   INFO[f'original eval codes = argmax codes {pair.tag}'] = (
-      f'{np.mean(a == ref["ind"]):.3f} / {np.mean(b == ref["ind"]):.3f} (two noise draws); '
-      f'two draws agree {np.mean(a == b):.3f}')
+    f'{np.mean(a == ref["ind"]):.3f} / {np.mean(b == ref["ind"]):.3f} (two noise draws); '
+    f'two draws agree {np.mean(a == b):.3f}'
+  )
 
 
 def test_decoder_and_decode_indices(pair):
@@ -209,8 +246,12 @@ def test_training_forward_with_the_same_noise(pair, tau):
   ct = rng.normal(size=zq_t.shape).astype(np.float32)  # a cotangent for z_q (NCHW)
   w_kl = 1.0 / pair.spec['kl_weight']  # make the KL gradient visible
   (torch.sum(zq_t * torch.from_numpy(ct)) + w_kl * kl_t).backward()
-  ref_grads = {'hq': nhwc(hq.grad), 'proj_kernel': q.proj.weight.grad.numpy()[:, :, 0, 0].T,
-               'proj_bias': q.proj.bias.grad.numpy(), 'embed': q.embed.weight.grad.numpy()}
+  ref_grads = {
+    'hq': nhwc(hq.grad),
+    'proj_kernel': q.proj.weight.grad.numpy()[:, :, 0, 0].T,
+    'proj_bias': q.proj.bias.grad.numpy(),
+    'embed': q.embed.weight.grad.numpy(),
+  }
 
   quant = GumbelQuantizer(pair.spec['n_embed'], pair.spec['embed_dim'], pair.spec['kl_weight'])
   qparams = pair.converted['params']['quantize']
@@ -234,10 +275,14 @@ def test_training_forward_with_the_same_noise(pair, tau):
 
 def test_temperature_schedule_matches_the_original():
   from taming.lr_scheduler import LambdaWarmUpCosineScheduler  # pylint: disable=g-import-not-at-top
-  for cfg in (R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
-              {'target': yaml_config.COSINE_SCHEDULER,
-               'params': dict(warm_up_steps=10, lr_start=0.1, lr_max=2.0, lr_min=0.01,
-                              max_decay_steps=50)}):
+
+  for cfg in (
+    R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
+    {
+      'target': yaml_config.COSINE_SCHEDULER,
+      'params': dict(warm_up_steps=10, lr_start=0.1, lr_max=2.0, lr_min=0.01, max_decay_steps=50),
+    },
+  ):
     sched = LambdaWarmUpCosineScheduler(**cfg['params'])
     for step in (0, 3, 10, 11, 30, 49, 50, 51, 500_000, 2_000_000):
       assert yaml_config.gumbel_temperature(cfg, step) == pytest.approx(sched(step), rel=1e-12)
@@ -248,39 +293,74 @@ def test_temperature_schedule_matches_the_original():
 # The Lightning checkpoint -> stage-1 workdir
 # ---------------------------------------------------------------------------------------------
 
+
 def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   import yaml  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+
   pair = pair_for('small')
   spec = pair.spec
   step = 250_000
   torch.save({'state_dict': pair.sd, 'global_step': step, 'epoch': 3}, tmp_path / 'last.ckpt')
   ddconfig = dict(R.DEFAULT_DDCONFIG, **spec['ddconfig'])
   ddconfig = {k: list(v) if isinstance(v, tuple) else v for k, v in ddconfig.items()}
-  yml = {'model': {'base_learning_rate': 4.5e-6, 'target': yaml_config.GUMBEL_TARGET, 'params': {
-      'kl_weight': spec['kl_weight'], 'embed_dim': spec['embed_dim'], 'n_embed': spec['n_embed'],
-      'monitor': 'val/rec_loss', 'ddconfig': ddconfig,
-      'temperature_scheduler_config': R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
-      'lossconfig': {'target': R.DUMMY_LOSS_TARGET}}}}
+  yml = {
+    'model': {
+      'base_learning_rate': 4.5e-6,
+      'target': yaml_config.GUMBEL_TARGET,
+      'params': {
+        'kl_weight': spec['kl_weight'],
+        'embed_dim': spec['embed_dim'],
+        'n_embed': spec['n_embed'],
+        'monitor': 'val/rec_loss',
+        'ddconfig': ddconfig,
+        'temperature_scheduler_config': R.GUMBEL_F8_TEMPERATURE_SCHEDULE,
+        'lossconfig': {'target': R.DUMMY_LOSS_TARGET},
+      },
+    }
+  }
   with open(tmp_path / 'model.yaml', 'w') as f:
     yaml.safe_dump(yml, f)
   out = tmp_path / 'out'
-  assert cli.main(['taming', '--ckpt', str(tmp_path / 'last.ckpt'), '--config',
-                   str(tmp_path / 'model.yaml'), '--out', str(out)]) == 0
+  assert (
+    cli.main(
+      [
+        'taming',
+        '--ckpt',
+        str(tmp_path / 'last.ckpt'),
+        '--config',
+        str(tmp_path / 'model.yaml'),
+        '--out',
+        str(out),
+      ]
+    )
+    == 0
+  )
   with open(out / 'config.json') as f:
     saved = json.load(f)
   m = saved['model']
   assert (m['quantizer'], m['kl_weight'], m['n_embed'], m['embed_dim']) == (
-      'gumbel', spec['kl_weight'], spec['n_embed'], spec['embed_dim'])
+    'gumbel',
+    spec['kl_weight'],
+    spec['n_embed'],
+    spec['embed_dim'],
+  )
   # The temperature the original would train with at its next step.
   from taming.lr_scheduler import LambdaWarmUpCosineScheduler  # pylint: disable=g-import-not-at-top
+
   want = LambdaWarmUpCosineScheduler(**R.GUMBEL_F8_TEMPERATURE_SCHEDULE['params'])(step)
   assert m['temperature'] == pytest.approx(want, rel=1e-12)
   # The workdir restores as a stage-1 training state (what init_from / resuming read), and the
   # restored model encodes like the directly converted one.
-  config = yaml_config.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                     quantizer='gumbel', kl_weight=spec['kl_weight'],
-                                     temperature=want)
+  config = yaml_config.stage1_config(
+    spec['ddconfig'],
+    spec['n_embed'],
+    spec['embed_dim'],
+    quantizer='gumbel',
+    kl_weight=spec['kl_weight'],
+    temperature=want,
+  )
   models = stage1.build_models(config)
   assert models.vqgan.quantizer == 'gumbel'
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), jax.random.PRNGKey(0))
@@ -301,13 +381,17 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   # stage1_config, checked against this workdir's saved config: the quantizer must agree ...
   from vqgan_jax import config_base  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import (
+    stage2,  # pylint: disable=g-import-not-at-top
+    stage2_config,  # pylint: disable=g-import-not-at-top
+  )
   from vqgan_jax.validate import ConfigError  # pylint: disable=g-import-not-at-top
+
   c = config_base.stage2_base()
   c.stage1_workdir = str(out)
-  c.stage1_config.update(**yaml_config.model_fields(spec['ddconfig'], spec['n_embed'],
-                                                    spec['embed_dim']))
+  c.stage1_config.update(
+    **yaml_config.model_fields(spec['ddconfig'], spec['n_embed'], spec['embed_dim'])
+  )
   c.data.image_size = spec['ddconfig']['resolution']
   with pytest.raises(ConfigError, match="quantizer='vq' but the checkpoint .* 'gumbel'"):
     stage2_config.resolve_config(c)
@@ -320,6 +404,7 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   params = checkpoints.restore_params(out, checkpoints.abstract_like(abstract_p))
   u8 = np.round((pair.x + 1.0) * 127.5).astype(np.uint8)
   codes = stage2.image_codes(vqgan, params, u8)
-  want = models.vqgan.apply({'params': state['params']}, u8.astype(np.float32) / 127.5 - 1.0,
-                            method='encode_to_indices')
+  want = models.vqgan.apply(
+    {'params': state['params']}, u8.astype(np.float32) / 127.5 - 1.0, method='encode_to_indices'
+  )
   np.testing.assert_array_equal(codes, np.asarray(want).reshape(len(u8), -1))

@@ -15,14 +15,16 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 
 # Skips this module without the original implementation.
-from parity import R, TOL, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402
+from parity import TOL, R, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402
+import pytest
 
-from vqgan_jax.convert import param_mapping  # noqa: E402
+from vqgan_jax.convert import (
+  param_mapping,  # noqa: E402
+  yaml_config,  # noqa: E402
+)
 from vqgan_jax.convert import taming as convert  # noqa: E402
-from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models import lpips as lpips_lib  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
 
@@ -33,14 +35,27 @@ BATCH = 2
 
 # Two original configs: the small one also runs the loss terms and a training iteration.
 CONFIGS = {
-    'small': dict(ddconfig=dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                                resolution=32, z_channels=16),
-                  n_embed=32, embed_dim=8,
-                  loss=dict(disc_start=0, disc_weight=0.8, disc_num_layers=2, disc_ndf=16)),
-    'wide': dict(ddconfig=dict(ch=64, ch_mult=(1, 1, 2), num_res_blocks=2,
-                               attn_resolutions=(16,), resolution=32, z_channels=64),
-                 n_embed=256, embed_dim=64,
-                 loss=dict(disc_start=0, disc_weight=0.75, disc_num_layers=3, disc_ndf=16)),
+  'small': dict(
+    ddconfig=dict(
+      ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32, z_channels=16
+    ),
+    n_embed=32,
+    embed_dim=8,
+    loss=dict(disc_start=0, disc_weight=0.8, disc_num_layers=2, disc_ndf=16),
+  ),
+  'wide': dict(
+    ddconfig=dict(
+      ch=64,
+      ch_mult=(1, 1, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      resolution=32,
+      z_channels=64,
+    ),
+    n_embed=256,
+    embed_dim=64,
+    loss=dict(disc_start=0, disc_weight=0.75, disc_num_layers=3, disc_ndf=16),
+  ),
 }
 
 _REC = Recorder('parity errors (ours vs original, float32)')
@@ -59,17 +74,23 @@ class Pair:
     spec = CONFIGS[name]
     self.tag = f'[{name}]'
     self.spec = spec
-    self.torch = R.build_vqmodel(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                 spec['loss'], seed=0)
+    self.torch = R.build_vqmodel(
+      spec['ddconfig'], spec['n_embed'], spec['embed_dim'], spec['loss'], seed=0
+    )
     # Dropout inside LPIPS's heads off for good (Lightning's train() would re-enable it).
     for m in self.torch.loss.perceptual_loss.modules():
       if isinstance(m, torch.nn.Dropout):
         m.p = 0.0
     sd = self.torch.state_dict()
-    self.converted = convert.convert_vqmodel_state_dict(sd, spec['ddconfig'], spec['n_embed'],
-                                                        spec['embed_dim'])
-    config = yaml_config.stage1_config(spec['ddconfig'], spec['n_embed'], spec['embed_dim'],
-                                       {'target': R.VQLPIPS_TARGET, 'params': spec['loss']})
+    self.converted = convert.convert_vqmodel_state_dict(
+      sd, spec['ddconfig'], spec['n_embed'], spec['embed_dim']
+    )
+    config = yaml_config.stage1_config(
+      spec['ddconfig'],
+      spec['n_embed'],
+      spec['embed_dim'],
+      {'target': R.VQLPIPS_TARGET, 'params': spec['loss']},
+    )
     config.loss.lpips_dropout = False
     config.optim.update(base_lr=LR, scale_lr=False)
     config.train.batch_size = BATCH
@@ -93,10 +114,15 @@ class Pair:
       h = tm.encoder(x)
       hq = tm.quant_conv(h)
       zq, qloss, (_, _, ind) = tm.quantize(hq)
-      ref = dict(h=nhwc(h), hq=nhwc(hq), zq=nhwc(zq), qloss=qloss.item(),
-                 ind=ind.numpy().reshape(self.x.shape[0], *hq.shape[2:]),
-                 dec=nhwc(tm.decode(zq)),
-                 codebook=tm.quantize.embedding.weight.detach().numpy())
+      ref = dict(
+        h=nhwc(h),
+        hq=nhwc(hq),
+        zq=nhwc(zq),
+        qloss=qloss.item(),
+        ind=ind.numpy().reshape(self.x.shape[0], *hq.shape[2:]),
+        dec=nhwc(tm.decode(zq)),
+        codebook=tm.quantize.embedding.weight.detach().numpy(),
+      )
       xrec, qloss_full = tm(x)
       ref.update(xrec=nhwc(xrec), qloss_full=qloss_full.item())
 
@@ -104,8 +130,16 @@ class Pair:
       h = m.encoder(x)
       hq = m.quant_conv(h)
       xrec, qloss, ind = m(x)
-      return dict(h=h, hq=hq, own_codes=m.quantize(hq), codes=m.quantize(hq_ref),
-                  dec=m.decode(zq_ref), xrec=xrec, qloss_full=qloss, ind_full=ind)
+      return dict(
+        h=h,
+        hq=hq,
+        own_codes=m.quantize(hq),
+        codes=m.quantize(hq_ref),
+        dec=m.decode(zq_ref),
+        xrec=xrec,
+        qloss_full=qloss,
+        ind_full=ind,
+      )
 
     fn = jax.jit(lambda p, *a: self.models.vqgan.apply({'params': p}, *a, method=ours))
     out = fn(self.converted['params'], self.x, ref['hq'], ref['zq'])
@@ -129,7 +163,7 @@ def _code_gaps(z, codebook):
   """(best index, gap to the second best) of the expanded-form distances, in float64."""
   z = z.reshape(-1, z.shape[-1]).astype(np.float64)
   e = codebook.astype(np.float64)
-  d = (z ** 2).sum(1, keepdims=True) + (e ** 2).sum(1) - 2 * z @ e.T
+  d = (z**2).sum(1, keepdims=True) + (e**2).sum(1) - 2 * z @ e.T
   part = np.sort(d, axis=1)
   return np.argmin(d, axis=1), part[:, 1] - part[:, 0]
 
@@ -146,8 +180,9 @@ def test_encoder_quant_conv_and_codes(pair):
   assert clear.mean() > 0.9, 'almost every code should have a clear best distance'
   np.testing.assert_array_equal(ind[clear], ref['ind'][clear])
   same = ind == ref['ind']
-  INFO[f'code indices agree {tag}'] = (f'{same.mean():.4f} ({(~clear).sum()} near-ties '
-                                       f'of {clear.size} codes)')
+  INFO[f'code indices agree {tag}'] = (
+    f'{same.mean():.4f} ({(~clear).sum()} near-ties of {clear.size} codes)'
+  )
   _check(f'quantized z_q {tag}', zq[same], ref['zq'][same])
   _check(f'quantizer loss {tag}', qloss, ref['qloss'])
   # Our own quant_conv output gives the same codes wherever the gap is clear.
@@ -176,19 +211,27 @@ def test_discriminator_train_and_eval_mode(pair):
   with torch.no_grad():
     logits_train = disc(nchw(x1))  # batch statistics; updates the running ones
   out, upd = jax.jit(lambda v, x: ours.apply(v, x, train=True, mutable=['batch_stats']))(
-      variables, x1)
+    variables, x1
+  )
   _check(f'D logits, train mode {tag}', out, nhwc(logits_train))
   for idx in [i for i, m in enumerate(disc.main) if isinstance(m, torch.nn.BatchNorm2d)]:
     bn = disc.main[idx]
-    _check(f'D running_mean main.{idx} {tag}', upd['batch_stats'][f'main_{idx}']['mean'],
-           bn.running_mean.numpy())
-    _check(f'D running_var main.{idx} (unbiased) {tag}',
-           upd['batch_stats'][f'main_{idx}']['var'], bn.running_var.numpy())
+    _check(
+      f'D running_mean main.{idx} {tag}',
+      upd['batch_stats'][f'main_{idx}']['mean'],
+      bn.running_mean.numpy(),
+    )
+    _check(
+      f'D running_var main.{idx} (unbiased) {tag}',
+      upd['batch_stats'][f'main_{idx}']['var'],
+      bn.running_var.numpy(),
+    )
   disc.eval()
   with torch.no_grad():
     logits_eval = disc(nchw(x2))
   out_eval = jax.jit(lambda v, x: ours.apply(v, x, train=False))(
-      {'params': variables['params'], 'batch_stats': upd['batch_stats']}, x2)
+    {'params': variables['params'], 'batch_stats': upd['batch_stats']}, x2
+  )
   _check(f'D logits, eval mode (running stats) {tag}', out_eval, nhwc(logits_eval))
 
 
@@ -198,7 +241,8 @@ def test_lpips_distance(small):
   with torch.no_grad():
     d = lp(nchw(x), nchw(y)).reshape(-1).numpy()
   ours = jax.jit(lambda p, a, b: lpips_lib.LPIPS().apply({'params': p}, a, b))(
-      small.converted['lpips_params'], x, y)
+    small.converted['lpips_params'], x, y
+  )
   _check('LPIPS distance', ours, d)
   # The checkpoint's LPIPS equals the bundled one our training loads.
   ref = lpips_lib.load_pretrained_params()
@@ -208,6 +252,7 @@ def test_lpips_distance(small):
 # ---------------------------------------------------------------------------------------------
 # Loss terms and one training iteration (small config)
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope='module')
 def small_step(small):
@@ -237,8 +282,9 @@ def _original_logs(small, dtype):
   xrec, qloss = model(x)
   _, log_g = model.loss(qloss, x, xrec, 0, 0, last_layer=model.get_last_layer(), split='train')
   with torch.no_grad():
-    _, log_d = model.loss(qloss, x, xrec.detach(), 1, 0, last_layer=model.get_last_layer(),
-                          split='train')
+    _, log_d = model.loss(
+      qloss, x, xrec.detach(), 1, 0, last_layer=model.get_last_layer(), split='train'
+    )
   l1 = float(torch.mean(torch.abs(x - xrec.detach())))
   logs = {k.split('/')[1]: float(v) for k, v in {**log_g, **log_d}.items()}
   return logs, l1
@@ -250,8 +296,7 @@ def original_logs(small):
   return _original_logs(small, torch.float32), _original_logs(small, torch.float64)
 
 
-GEN_TERMS = ('total_loss', 'quant_loss', 'nll_loss', 'p_loss', 'd_weight', 'disc_factor',
-             'g_loss')
+GEN_TERMS = ('total_loss', 'quant_loss', 'nll_loss', 'p_loss', 'd_weight', 'disc_factor', 'g_loss')
 DISC_TERMS = ('disc_loss', 'logits_real', 'logits_fake')
 
 
@@ -262,8 +307,12 @@ def test_loss_terms(our_step, original_logs, term):
   if term == 'rec_loss':
     # The original logs rec_loss after adding the perceptual term (= nll_loss before the
     # mean); ours logs the L1 alone.
-    _check_original('loss rec_loss (original: L1 + p)', metrics['rec_loss'] + metrics['p_loss'],
-                    logs['rec_loss'], logs64['rec_loss'])
+    _check_original(
+      'loss rec_loss (original: L1 + p)',
+      metrics['rec_loss'] + metrics['p_loss'],
+      logs['rec_loss'],
+      logs64['rec_loss'],
+    )
     _check_original('loss L1', metrics['rec_loss'], l1, l1_64)
     return
   which = 'G pass' if term in GEN_TERMS else 'D pass, same xrec'
@@ -277,8 +326,7 @@ def _torch_params(module):
 def _adam_first_moments(opt, module):
   """{state-dict key: exp_avg} of the params `opt` updated."""
   by_id = {id(p): k for k, p in module.named_parameters()}
-  return {by_id[id(p)]: s['exp_avg'].numpy().copy() for p, s in opt.state.items()
-          if id(p) in by_id}
+  return {by_id[id(p)]: s['exp_avg'].numpy().copy() for p, s in opt.state.items() if id(p) in by_id}
 
 
 def _compare_trees(label, ours_tree, torch_sd, collection='params', floor=1e-2, exact_sd=None):
@@ -303,8 +351,10 @@ def _compare_trees(label, ours_tree, torch_sd, collection='params', floor=1e-2, 
       worst = (err, scale, k)
   ERRORS[label] = worst[:2]
   if exact_used:
-    INFO[f'{label}: compared with the original in float64 (its float32 is off by more than '
-         'the tolerance)'] = ', '.join(exact_used)
+    INFO[
+      f'{label}: compared with the original in float64 (its float32 is off by more than '
+      'the tolerance)'
+    ] = ', '.join(exact_used)
   assert worst[0] <= TOL * worst[1], f'{label}: {worst[2]} off by {worst[0]:.3g}'
   return exact_used
 
@@ -320,8 +370,13 @@ def _compare_adam_step(label, ours_params, ours_mu, torch_params, torch_mu, exac
   """exact: (params, first moments) of the same step in float64; leaves whose float32
   gradient is off the float64 one by more than the tolerance are compared with it."""
   # Gradients via the first moments (0.5 * g on both sides).
-  inexact = _compare_trees(f'{label} gradient (Adam 1st moment)', ours_mu, torch_mu,
-                           floor=None, exact_sd=exact and exact[1])
+  inexact = _compare_trees(
+    f'{label} gradient (Adam 1st moment)',
+    ours_mu,
+    torch_mu,
+    floor=None,
+    exact_sd=exact and exact[1],
+  )
   if inexact:
     torch_params = {**torch_params, **{k: exact[0][k] for k in inexact}}
   ours = param_mapping.to_torch_layout({'params': ours_params})
@@ -352,16 +407,27 @@ def test_one_iteration_autoencoder(small, our_step):
   # The same iteration in float64: the original's exact gradients (see `_check_original`).
   model64 = copy.deepcopy(small.torch).double()
   opts64 = R.make_optimizers(model64, LR)
-  R.original_stage1_step(model64, opts64, torch.from_numpy(np.asarray(small.x, np.float64)),
-                         global_step=0, channels_last=True)
-  _compare_adam_step('one step: AE', after['params'], after['opt_state'][0].mu, sd,
-                     _adam_first_moments(opts[0], model),
-                     exact=(_torch_params(model64), _adam_first_moments(opts64[0], model64)))
+  R.original_stage1_step(
+    model64,
+    opts64,
+    torch.from_numpy(np.asarray(small.x, np.float64)),
+    global_step=0,
+    channels_last=True,
+  )
+  _compare_adam_step(
+    'one step: AE',
+    after['params'],
+    after['opt_state'][0].mu,
+    sd,
+    _adam_first_moments(opts[0], model),
+    exact=(_torch_params(model64), _adam_first_moments(opts64[0], model64)),
+  )
   # For the record (not asserted): the original trains D on the post-update reconstruction.
   ours_d = param_mapping.to_torch_layout({'params': after['disc_params']}, 'loss.discriminator.')
   err = max(float(np.max(np.abs(v - sd[k]))) for k, v in ours_d.items())
   INFO['D params vs the original step (fresh xrec), not asserted'] = (
-      f'max abs {err:.3g} (lr {LR:g})')
+    f'max abs {err:.3g} (lr {LR:g})'
+  )
 
 
 def test_one_iteration_discriminator_on_same_reconstruction(small, our_step):
@@ -387,11 +453,19 @@ def test_one_iteration_discriminator_on_same_reconstruction(small, our_step):
   d_loss.backward()
   opt_d.step()
   disc = model.loss.discriminator
-  _compare_adam_step('one step: D (same xrec)', after['disc_params'],
-                     after['disc_opt_state'][0].mu, _torch_params(disc),
-                     _adam_first_moments(opt_d, disc))
-  _compare_trees('one step: D running stats (fake, real)', after['disc_stats'],
-                 _torch_params(disc_after_real), collection='batch_stats')
+  _compare_adam_step(
+    'one step: D (same xrec)',
+    after['disc_params'],
+    after['disc_opt_state'][0].mu,
+    _torch_params(disc),
+    _adam_first_moments(opt_d, disc),
+  )
+  _compare_trees(
+    'one step: D running stats (fake, real)',
+    after['disc_stats'],
+    _torch_params(disc_after_real),
+    collection='batch_stats',
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +480,14 @@ def test_finetune_converted_original_on_fashion_mnist(small, small_step, lpips_p
   """Original .ckpt -> CLI -> `init_from` (restore_params, fresh optimizer and D, as the loop
   does) -> our stage-1 step on real Fashion-MNIST batches: the held-out loss goes down."""
   import yaml  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.data import (
+    builders,  # pylint: disable=g-import-not-at-top
+    pipeline,  # pylint: disable=g-import-not-at-top
+  )
+
   try:
     images, _ = builders.load_fashion_mnist(FM_DIR, 'train')
   except builders.DataError as e:
@@ -417,29 +495,57 @@ def test_finetune_converted_original_on_fashion_mnist(small, small_step, lpips_p
   spec = small.spec
   torch.save({'state_dict': small.torch.state_dict(), 'global_step': 0}, tmp_path / 'last.ckpt')
   ddconfig = dict(R.DEFAULT_DDCONFIG, **spec['ddconfig'])
-  ddconfig.update(ch_mult=list(ddconfig['ch_mult']),
-                  attn_resolutions=list(ddconfig['attn_resolutions']))
+  ddconfig.update(
+    ch_mult=list(ddconfig['ch_mult']), attn_resolutions=list(ddconfig['attn_resolutions'])
+  )
   with open(tmp_path / 'model.yaml', 'w') as f:
-    yaml.safe_dump({'model': {'target': 'taming.models.vqgan.VQModel', 'params': {
-        'ddconfig': ddconfig, 'n_embed': spec['n_embed'], 'embed_dim': spec['embed_dim'],
-        'lossconfig': {'target': R.VQLPIPS_TARGET, 'params': spec['loss']}}}}, f)
+    yaml.safe_dump(
+      {
+        'model': {
+          'target': 'taming.models.vqgan.VQModel',
+          'params': {
+            'ddconfig': ddconfig,
+            'n_embed': spec['n_embed'],
+            'embed_dim': spec['embed_dim'],
+            'lossconfig': {'target': R.VQLPIPS_TARGET, 'params': spec['loss']},
+          },
+        }
+      },
+      f,
+    )
   out = tmp_path / 'converted'
-  assert cli.main(['taming', '--ckpt', str(tmp_path / 'last.ckpt'), '--config',
-                   str(tmp_path / 'model.yaml'), '--out', str(out)]) == 0
-  abstract = jax.eval_shape(lambda r: stage1.init_state(small.config, small.models, r),
-                            jax.random.PRNGKey(0))
+  assert (
+    cli.main(
+      [
+        'taming',
+        '--ckpt',
+        str(tmp_path / 'last.ckpt'),
+        '--config',
+        str(tmp_path / 'model.yaml'),
+        '--out',
+        str(out),
+      ]
+    )
+    == 0
+  )
+  abstract = jax.eval_shape(
+    lambda r: stage1.init_state(small.config, small.models, r), jax.random.PRNGKey(0)
+  )
   params = checkpoints.restore_params(out, checkpoints.abstract_like(abstract['params']))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), small.converted['params'])
   state = convert.stage1_state(small.config, {'params': jax.device_get(params)}, step=0)
 
   size = spec['ddconfig']['resolution']
-  batches = [np.stack([pipeline.preprocess(im, size) for im in images[i * BATCH:(i + 1) * BATCH]])
-             for i in range(FT_STEPS + FT_PROBES)]
+  batches = [
+    np.stack([pipeline.preprocess(im, size) for im in images[i * BATCH : (i + 1) * BATCH]])
+    for i in range(FT_STEPS + FT_PROBES)
+  ]
   held_out = batches[FT_STEPS:]
   # The step reports the loss at the params it starts from: probe held-out batches (dropping
   # the probes' updates) before and after training.
-  probe = lambda s: np.mean([float(small_step(s, lpips_params, b)[1]['nll_loss'])
-                             for b in held_out])
+  probe = lambda s: np.mean(
+    [float(small_step(s, lpips_params, b)[1]['nll_loss']) for b in held_out]
+  )
   nll_before = probe(state)
   for b in batches[:FT_STEPS]:
     state, metrics = small_step(state, lpips_params, b)

@@ -33,17 +33,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 # Skips this module without the original implementation.
-from parity import R, TOL, Recorder, torch  # noqa: E402,F401
+from parity import TOL, R, Recorder, torch  # noqa: E402,F401
+import pytest
 
 from vqgan_jax import checkpoints  # noqa: E402
 from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
 from vqgan_jax.models import vqgan as vqgan_lib  # noqa: E402
-from vqgan_jax.train import stage2  # noqa: E402
-from vqgan_jax.train import stage2_config  # noqa: E402
+from vqgan_jax.train import (
+  stage2,  # noqa: E402
+  stage2_config,  # noqa: E402
+)
 
 pytestmark = pytest.mark.reference
 
@@ -51,26 +53,62 @@ BATCH = 3
 SIZE = 16
 N_EMBED = 32  # image codes; an f2 first stage: 8x8 = 64 codes per image
 DUMMY = {'target': 'taming.modules.losses.vqperceptual.DummyLoss'}
-FIRST_STAGE = {'target': 'taming.models.vqgan.VQModel', 'params': {
-    'embed_dim': 8, 'n_embed': N_EMBED, 'lossconfig': DUMMY,
-    'ddconfig': dict(R.DEFAULT_DDCONFIG, ch=32, ch_mult=[1, 2], num_res_blocks=1,
-                     attn_resolutions=[8], resolution=SIZE, z_channels=16)}}
+FIRST_STAGE = {
+  'target': 'taming.models.vqgan.VQModel',
+  'params': {
+    'embed_dim': 8,
+    'n_embed': N_EMBED,
+    'lossconfig': DUMMY,
+    'ddconfig': dict(
+      R.DEFAULT_DDCONFIG,
+      ch=32,
+      ch_mult=[1, 2],
+      num_res_blocks=1,
+      attn_resolutions=[8],
+      resolution=SIZE,
+      z_channels=16,
+    ),
+  },
+}
 # sane_index_shape: encode_to_c flattens (B, h, w) indices only; the default flat (B*h*w,)
 # indices of VectorQuantizer2 would not concatenate with the image codes.
-DEPTH_STAGE = {'target': 'taming.models.vqgan.VQModel', 'params': {
-    'embed_dim': 4, 'n_embed': 24, 'lossconfig': DUMMY, 'sane_index_shape': True,
-    'ddconfig': dict(R.DEFAULT_DDCONFIG, ch=32, ch_mult=[1, 2], num_res_blocks=1,
-                     attn_resolutions=[], resolution=SIZE, z_channels=8, in_channels=1,
-                     out_ch=1)}}
+DEPTH_STAGE = {
+  'target': 'taming.models.vqgan.VQModel',
+  'params': {
+    'embed_dim': 4,
+    'n_embed': 24,
+    'lossconfig': DUMMY,
+    'sane_index_shape': True,
+    'ddconfig': dict(
+      R.DEFAULT_DDCONFIG,
+      ch=32,
+      ch_mult=[1, 2],
+      num_res_blocks=1,
+      attn_resolutions=[],
+      resolution=SIZE,
+      z_channels=8,
+      in_channels=1,
+      out_ch=1,
+    ),
+  },
+}
 CASES = {
-    'unconditional': dict(cond='__is_unconditional__', key='image', vocab=N_EMBED, cond_len=1,
-                          extra={'sos_token': 3}),
-    'class': dict(cond={'target': 'taming.modules.util.Labelator', 'params': {'n_classes': 10}},
-                  key='class_label', vocab=N_EMBED, cond_len=1),
-    'spatial': dict(cond=DEPTH_STAGE, key='depth', vocab=N_EMBED, cond_len=64),
-    'class_vocab_gt_codes': dict(
-        cond={'target': 'taming.modules.util.Labelator', 'params': {'n_classes': 40}},
-        key='class_label', vocab=40, cond_len=1),
+  'unconditional': dict(
+    cond='__is_unconditional__', key='image', vocab=N_EMBED, cond_len=1, extra={'sos_token': 3}
+  ),
+  'class': dict(
+    cond={'target': 'taming.modules.util.Labelator', 'params': {'n_classes': 10}},
+    key='class_label',
+    vocab=N_EMBED,
+    cond_len=1,
+  ),
+  'spatial': dict(cond=DEPTH_STAGE, key='depth', vocab=N_EMBED, cond_len=64),
+  'class_vocab_gt_codes': dict(
+    cond={'target': 'taming.modules.util.Labelator', 'params': {'n_classes': 40}},
+    key='class_label',
+    vocab=40,
+    cond_len=1,
+  ),
 }
 
 _REC = Recorder('Net2NetTransformer parity errors (ours vs original, float32)')
@@ -80,14 +118,21 @@ ERRORS, INFO, _check, report = _REC.errors, _REC.info, _REC.check, _REC.report
 def _original(case):
   """(Net2NetTransformer in train mode, its yaml `params`) after torch.manual_seed(0)."""
   from taming.models.cond_transformer import Net2NetTransformer  # pylint: disable=g-import-not-at-top
+
   spec = CASES[case]
   block = spec['cond_len'] + 64 - 1
   params = {
-      'transformer_config': {'target': 'taming.modules.transformer.mingpt.GPT', 'params': dict(
-          vocab_size=spec['vocab'], block_size=block, n_layer=2, n_head=2, n_embd=32)},
-      'first_stage_config': FIRST_STAGE, 'cond_stage_config': spec['cond'],
-      'first_stage_key': 'image', 'cond_stage_key': spec['key'], 'pkeep': 1.0,
-      **spec.get('extra', {})}
+    'transformer_config': {
+      'target': 'taming.modules.transformer.mingpt.GPT',
+      'params': dict(vocab_size=spec['vocab'], block_size=block, n_layer=2, n_head=2, n_embd=32),
+    },
+    'first_stage_config': FIRST_STAGE,
+    'cond_stage_config': spec['cond'],
+    'first_stage_key': 'image',
+    'cond_stage_key': spec['key'],
+    'pkeep': 1.0,
+    **spec.get('extra', {}),
+  }
   torch.manual_seed(0)
   model = Net2NetTransformer(**params)
   with torch.no_grad():  # a GPT whose logits are far from uniform (init: N(0, 0.02), pos 0)
@@ -101,13 +146,20 @@ def _original(case):
 def _batch(case):
   rng = np.random.default_rng(11)
   low = rng.integers(0, 256, (BATCH, SIZE // 4, SIZE // 4, 3)).astype(np.float32)
-  image = np.clip(low.repeat(4, 1).repeat(4, 2) + rng.normal(0, 20, (BATCH, SIZE, SIZE, 3)),
-                  0, 255).astype(np.uint8)
-  n_classes = (CASES[case]['cond'].get('params', {}).get('n_classes', 1)
-               if isinstance(CASES[case]['cond'], dict) else 1)
+  image = np.clip(
+    low.repeat(4, 1).repeat(4, 2) + rng.normal(0, 20, (BATCH, SIZE, SIZE, 3)), 0, 255
+  ).astype(np.uint8)
+  n_classes = (
+    CASES[case]['cond'].get('params', {}).get('n_classes', 1)
+    if isinstance(CASES[case]['cond'], dict)
+    else 1
+  )
   label = np.array([n_classes - 1, 0, n_classes // 2][:BATCH], np.int32)
-  depth = np.clip(np.linspace(0, 255, SIZE)[None, :, None, None] + rng.normal(0, 30, (
-      BATCH, SIZE, SIZE, 1)), 0, 255).astype(np.uint8)
+  depth = np.clip(
+    np.linspace(0, 255, SIZE)[None, :, None, None] + rng.normal(0, 30, (BATCH, SIZE, SIZE, 1)),
+    0,
+    255,
+  ).astype(np.uint8)
   return {'image': image, 'label': label, 'cond_map': depth}
 
 
@@ -120,8 +172,10 @@ def _ours(out_dir):
   abstract = jax.eval_shape(functools.partial(stage2.init_params, model), jax.random.PRNGKey(0))
   gpt_params = checkpoints.restore_params(out_dir, checkpoints.abstract_like(abstract))
   frozen, frozen_params = {}, {}
-  for key, fields, workdir in (('stage1', config.stage1_config, config.stage1_workdir),
-                               ('cond', config.cond.model, config.cond.workdir)):
+  for key, fields, workdir in (
+    ('stage1', config.stage1_config, config.stage1_workdir),
+    ('cond', config.cond.model, config.cond.workdir),
+  ):
     if key == 'cond' and layout.kind != 'spatial':
       continue
     vqgan = vqgan_lib.from_config(fields, frozen=True)
@@ -140,15 +194,20 @@ def test_net2net_logits_and_loss(case, tmp_path):
   convert.convert_net2net(sd, yaml_params, str(tmp_path))
   config, layout, model, gpt_params, frozen, frozen_params = _ours(tmp_path)
   spec = CASES[case]
-  assert (layout.vocab_size, layout.cond_len, layout.n_image) == (spec['vocab'],
-                                                                  spec['cond_len'], N_EMBED)
+  assert (layout.vocab_size, layout.cond_len, layout.n_image) == (
+    spec['vocab'],
+    spec['cond_len'],
+    N_EMBED,
+  )
   assert layout.block_size == spec['cond_len'] + 63 and layout.grid == (8, 8)
 
   batch = _batch(case)
   # The original's batch: float NHWC images and maps in [-1, 1], class ids.
-  tbatch = {'image': torch.from_numpy(batch['image'].astype(np.float32) / 127.5 - 1.0),
-            'depth': torch.from_numpy(batch['cond_map'].astype(np.float32) / 127.5 - 1.0),
-            'class_label': torch.from_numpy(batch['label'].astype(np.int64))}
+  tbatch = {
+    'image': torch.from_numpy(batch['image'].astype(np.float32) / 127.5 - 1.0),
+    'depth': torch.from_numpy(batch['cond_map'].astype(np.float32) / 127.5 - 1.0),
+    'class_label': torch.from_numpy(batch['label'].astype(np.int64)),
+  }
   with torch.no_grad():
     x, c = tm.get_xc(tbatch)
     _, z_ref = tm.encode_to_z(x)
@@ -159,10 +218,22 @@ def test_net2net_logits_and_loss(case, tmp_path):
   np.testing.assert_array_equal(target.numpy(), z_ref)
 
   tx, schedule = stage2.make_optimizer(config)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': gpt_params,
-           'opt_state': tx.init(gpt_params), 'rng': jax.random.PRNGKey(0)}
-  step = functools.partial(stage2.train_step, model, layout, tx, schedule, frozen,
-                           float(config.transformer.pkeep), float(config.cond.drop_prob))
+  state = {
+    'step': jnp.zeros((), jnp.int32),
+    'params': gpt_params,
+    'opt_state': tx.init(gpt_params),
+    'rng': jax.random.PRNGKey(0),
+  }
+  step = functools.partial(
+    stage2.train_step,
+    model,
+    layout,
+    tx,
+    schedule,
+    frozen,
+    float(config.transformer.pkeep),
+    float(config.cond.drop_prob),
+  )
 
   @jax.jit
   def ours(state, frozen_params, batch, z_ref, c_ref):
@@ -174,11 +245,18 @@ def test_net2net_logits_and_loss(case, tmp_path):
     cond_given = stage2.cond_tokens(layout, given)
     logits = model.apply({'params': state['params']}, stage2.model_inputs(cond_given, z_ref))
     nll = stage2.image_token_nll(logits, z_ref, layout.cond_len, layout.n_image)
-    return encoded['codes'], cond, metrics['loss'], logits[:, layout.cond_len - 1:], nll
+    return encoded['codes'], cond, metrics['loss'], logits[:, layout.cond_len - 1 :], nll
 
-  codes, cond, train_loss, logits, nll = jax.tree.map(np.asarray, ours(
-      state, frozen_params, batch, z_ref.astype(np.int32),
-      c_ref.astype(np.int32) if case == 'spatial' else np.zeros((BATCH, 1), np.int32)))
+  codes, cond, train_loss, logits, nll = jax.tree.map(
+    np.asarray,
+    ours(
+      state,
+      frozen_params,
+      batch,
+      z_ref.astype(np.int32),
+      c_ref.astype(np.int32) if case == 'spatial' else np.zeros((BATCH, 1), np.int32),
+    ),
+  )
 
   # Codes: image codes and condition tokens (SOS / class id / cond-VQGAN codes, no offset).
   code_agree = float(np.mean(codes == z_ref))
@@ -203,6 +281,7 @@ def test_net2net_logits_and_loss(case, tmp_path):
     # vocab_size > codebook: the original's softmax also covers the class-id-only entries.
     diff = loss_ref - float(nll.mean())
     INFO[f'original CE minus ours, vocab {spec["vocab"]} > {N_EMBED} codes [{case}]'] = (
-        f'{diff:.4f} nats/token (original {loss_ref:.4f}, ours {float(nll.mean()):.4f})')
+      f'{diff:.4f} nats/token (original {loss_ref:.4f}, ours {float(nll.mean()):.4f})'
+    )
     assert diff > 0  # the whole-vocabulary softmax gives the codes less mass
     _check(f'train_step loss (images in) vs codes given [{case}]', train_loss, nll.mean())

@@ -1,12 +1,10 @@
 """The memory planner's stage-2 path on a tiny GPT (8 fake CPU devices, in process)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from configs import fashion_mnist_transformer
@@ -35,8 +33,13 @@ def test_stage2_plan_shows_state_remat_and_dtype():
   assert base['config_stage'] == 'transformer' and base['num_devices'] == 8
   assert base['mesh'] == MESH and base['global_batch'] == 8
   st = base['settings']
-  assert (st['compute_dtype'], st['param_dtype'], st['remat'], st['remat_policy'],
-          st['scan_layers']) == ('float32', 'float32', 'none', None, True)
+  assert (
+    st['compute_dtype'],
+    st['param_dtype'],
+    st['remat'],
+    st['remat_policy'],
+    st['scan_layers'],
+  ) == ('float32', 'float32', 'none', None, True)
   assert st['model']['vocab_size'] == 40 and st['model']['seq_len'] == 64
   n = base['num_params']
   assert n == 2 * (12 * 64 * 64 + 13 * 64) + 40 * 64 + 64 * 64 + 2 * 64 + 64 * 40
@@ -46,26 +49,32 @@ def test_stage2_plan_shows_state_remat_and_dtype():
   assert 4 * n / 4 < state['params'] < 4 * n / 3
   # AdamW's two moments shard like the params, plus its step counters.
   assert state['opt_state'] - 2 * state['params'] in range(0, 64)
-  assert base['peak_bytes'] == (base['argument_bytes'] + base['output_bytes']
-                                - base['alias_bytes'] + base['temp_bytes'])
+  assert base['peak_bytes'] == (
+    base['argument_bytes'] + base['output_bytes'] - base['alias_bytes'] + base['temp_bytes']
+  )
   assert base['fits']
 
-  low = plan.plan(_config(remat='block', remat_policy='nothing_saveable'), MESH, 1.0,
-                  search_batch=False)
+  low = plan.plan(
+    _config(remat='block', remat_policy='nothing_saveable'), MESH, 1.0, search_batch=False
+  )
   assert (low['settings']['remat'], low['settings']['remat_policy']) == (
-      'block', 'nothing_saveable')
+    'block',
+    'nothing_saveable',
+  )
   assert low['state_bytes_per_device'] == state
   assert low['temp_bytes'] < 0.8 * base['temp_bytes'], (low['temp_bytes'], base['temp_bytes'])
-  print(f"\ntiny GPT temp bytes: remat none {base['temp_bytes']}, block {low['temp_bytes']}")
+  print(f'\ntiny GPT temp bytes: remat none {base["temp_bytes"]}, block {low["temp_bytes"]}')
 
 
 def test_stage2_plan_finds_the_largest_batch():
   config = _config(remat='block')
   config.train.dtype = 'bfloat16'
-  budget = 4e-3 * 2 ** 30
-  report = plan.plan(config, MESH, budget / 2 ** 30, search_batch=True)
+  budget = 4e-3 * 2**30
+  report = plan.plan(config, MESH, budget / 2**30, search_batch=True)
   assert (report['settings']['compute_dtype'], report['settings']['param_dtype']) == (
-      'bfloat16', 'float32')  # bf16 compute, f32 master weights
+    'bfloat16',
+    'float32',
+  )  # bf16 compute, f32 master weights
   best = report['max_global_batch']
   assert best > report['global_batch'] and best % 4 == 0  # data x fsdp
   points = {int(b): p for b, p in report['search_points'].items()}
@@ -107,9 +116,20 @@ def test_demo_gpt_step_needs_no_full_rematerialization():
   embedding's backward once did). A subprocess: XLA's warnings reach stderr only once absl's
   app has set up logging."""
   proc = subprocess.run(
-      [sys.executable, '-m', 'vqgan_jax.plan', '--config=configs/fashion_mnist_transformer.py',
-       '--config.stage1_workdir=', '--mesh=data=2,fsdp=2,tensor=2', '--nosearch_batch'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'vqgan_jax.plan',
+      '--config=configs/fashion_mnist_transformer.py',
+      '--config.stage1_workdir=',
+      '--mesh=data=2,fsdp=2,tensor=2',
+      '--nosearch_batch',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.splitlines()[-1])['num_devices'] == 8
   assert 'involuntary full rematerialization' not in proc.stderr.lower(), proc.stderr[-3000:]

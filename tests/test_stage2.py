@@ -18,19 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from configs import common_transformer
 from configs import fashion_mnist_transformer
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
-from vqgan_jax.train import stage2
-from vqgan_jax.validate import ConfigError
-from vqgan_jax.train import stage2_config
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import transformer_trainer
-from vqgan_jax.train import common
+from vqgan_jax.train import common, stage2, stage2_config, transformer_trainer
+from vqgan_jax.validate import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,17 +47,19 @@ def tiny_config(kind='class', **transformer):
 
 def _random_batch(layout, b, seed=0):
   rng = np.random.RandomState(seed)
-  batch = {'codes': rng.randint(0, layout.n_image, (b, layout.image_len)).astype(np.int32),
-           'label': rng.randint(0, max(layout.n_classes, 1), (b,)).astype(np.int32)}
+  batch = {
+    'codes': rng.randint(0, layout.n_image, (b, layout.image_len)).astype(np.int32),
+    'label': rng.randint(0, max(layout.n_classes, 1), (b,)).astype(np.int32),
+  }
   if layout.kind == 'spatial':
-    batch['cond_codes'] = rng.randint(0, layout.cond_n_embed, (b, layout.cond_len)).astype(
-        np.int32)
+    batch['cond_codes'] = rng.randint(0, layout.cond_n_embed, (b, layout.cond_len)).astype(np.int32)
   return batch
 
 
 # ----------------------------------------------------------------------------------------
 # Loss masking, pkeep, weight decay
 # ----------------------------------------------------------------------------------------
+
 
 def test_loss_scores_only_image_positions():
   b, lc, l, n_image, vocab = 3, 4, 6, 10, 15
@@ -70,30 +68,34 @@ def test_loss_scores_only_image_positions():
   codes = jnp.asarray(rng.randint(0, n_image, (b, l)), jnp.int32)
   nll = stage2.image_token_nll(logits, codes, lc, n_image)
   # By hand: output lc - 1 + i predicts code i, softmax over the image codes only.
-  lg = np.asarray(logits)[:, lc - 1:, :n_image].astype(np.float64)
-  ref = (np.log(np.exp(lg).sum(-1)) -
-         np.take_along_axis(lg, np.asarray(codes)[..., None], -1)[..., 0])
+  lg = np.asarray(logits)[:, lc - 1 :, :n_image].astype(np.float64)
+  ref = (
+    np.log(np.exp(lg).sum(-1)) - np.take_along_axis(lg, np.asarray(codes)[..., None], -1)[..., 0]
+  )
   np.testing.assert_allclose(np.asarray(nll), ref, rtol=1e-5)
   # Anything at the condition positions (their outputs would predict condition tokens)
   # changes nothing: other logits there, and no gradient reaches them.
-  other = logits.at[:, :lc - 1].set(jnp.asarray(rng.randn(b, lc - 1, vocab) * 50))
-  np.testing.assert_array_equal(np.asarray(stage2.image_token_nll(other, codes, lc, n_image)),
-                                np.asarray(nll))
+  other = logits.at[:, : lc - 1].set(jnp.asarray(rng.randn(b, lc - 1, vocab) * 50))
+  np.testing.assert_array_equal(
+    np.asarray(stage2.image_token_nll(other, codes, lc, n_image)), np.asarray(nll)
+  )
   grad = jax.grad(lambda x: stage2.image_token_nll(x, codes, lc, n_image).mean())(logits)
-  assert not np.any(np.asarray(grad)[:, :lc - 1])
+  assert not np.any(np.asarray(grad)[:, : lc - 1])
   assert not np.any(np.asarray(grad)[..., n_image:])  # condition ids are never predicted
-  assert np.all(np.abs(np.asarray(grad)[:, lc - 1:, :n_image]).sum(-1) > 0)
+  assert np.all(np.abs(np.asarray(grad)[:, lc - 1 :, :n_image]).sum(-1) > 0)
   # Changing an image target changes the loss.
   changed = codes.at[0, 2].set((codes[0, 2] + 1) % n_image)
-  assert not np.allclose(np.asarray(stage2.image_token_nll(logits, changed, lc, n_image)),
-                         np.asarray(nll))
+  assert not np.allclose(
+    np.asarray(stage2.image_token_nll(logits, changed, lc, n_image)), np.asarray(nll)
+  )
 
 
 def test_pkeep():
   codes = jax.random.randint(jax.random.PRNGKey(1), (64, 256), 0, 1000)
   key = jax.random.PRNGKey(2)
-  np.testing.assert_array_equal(np.asarray(stage2.corrupt(key, codes, 1.0, 1000)),
-                                np.asarray(codes))
+  np.testing.assert_array_equal(
+    np.asarray(stage2.corrupt(key, codes, 1.0, 1000)), np.asarray(codes)
+  )
   noisy = np.asarray(stage2.corrupt(key, codes, 0.0, 1000))
   assert noisy.min() >= 0 and noisy.max() < 1000
   assert np.mean(noisy == np.asarray(codes)) < 0.01  # all random (1/1000 by chance)
@@ -110,15 +112,15 @@ def test_pkeep():
   state = jax.jit(functools.partial(stage2.init_state, model, tx))(jax.random.PRNGKey(0))
   state['params']['head']['kernel'] *= 30.0  # make the loss sensitive to the inputs
   batch = jax.tree.map(jnp.asarray, _random_batch(layout, 4))
-  step = jax.jit(functools.partial(stage2.train_step, model, layout, tx, schedule,
-                                   stage2.Frozen(), 0.0, 0.0))
+  step = jax.jit(
+    functools.partial(stage2.train_step, model, layout, tx, schedule, stage2.Frozen(), 0.0, 0.0)
+  )
   _, metrics = step(state, {}, batch)
   # The step's keys: fold_in(rng, step) split into (cond, keep, dropout).
   k_keep = jax.random.split(jax.random.fold_in(state['rng'], 0), 3)[1]
   cond = stage2.cond_tokens(layout, batch)
   # The class is a token after the image codes (the offset convention).
-  np.testing.assert_array_equal(np.asarray(cond)[:, 0],
-                                np.asarray(batch['label']) + layout.n_image)
+  np.testing.assert_array_equal(np.asarray(cond)[:, 0], np.asarray(batch['label']) + layout.n_image)
   noisy = stage2.corrupt(k_keep, batch['codes'], 0.0, layout.n_image)
   assert np.mean(np.asarray(noisy) == np.asarray(batch['codes'])) < 0.2
   logits = jax.jit(model.apply)({'params': state['params']}, stage2.model_inputs(cond, noisy))
@@ -134,8 +136,10 @@ def test_weight_decay_mask_covers_exactly_the_kernels(scan):
   layout = stage2_config.make_layout(config)
   model = stage2_config.build_model(config, layout)
   params = jax.eval_shape(functools.partial(stage2.init_params, model), jax.random.PRNGKey(0))
-  flat = {'/'.join(str(k.key) for k in path): v for path, v in
-          jax.tree_util.tree_flatten_with_path(stage2.decay_mask(params))[0]}
+  flat = {
+    '/'.join(str(k.key) for k in path): v
+    for path, v in jax.tree_util.tree_flatten_with_path(stage2.decay_mask(params))[0]
+  }
   decayed = {p for p, v in flat.items() if v}
   prefix = 'blocks/' if scan else 'blocks_0/'
   expected_layer = {f'{prefix}attn/{n}/kernel' for n in ('key', 'query', 'value', 'proj')}
@@ -143,8 +147,16 @@ def test_weight_decay_mask_covers_exactly_the_kernels(scan):
   assert expected_layer <= decayed
   assert 'head/kernel' in decayed
   assert decayed == {p for p in flat if p.endswith('/kernel')}
-  for p in ('tok_emb/embedding', 'pos_emb', 'ln_f/scale', 'ln_f/bias', f'{prefix}ln1/scale',
-            f'{prefix}ln2/bias', f'{prefix}attn/key/bias', f'{prefix}mlp_0/bias'):
+  for p in (
+    'tok_emb/embedding',
+    'pos_emb',
+    'ln_f/scale',
+    'ln_f/bias',
+    f'{prefix}ln1/scale',
+    f'{prefix}ln2/bias',
+    f'{prefix}attn/key/bias',
+    f'{prefix}mlp_0/bias',
+  ):
     assert not flat[p], p
   # AdamW with zero gradients moves exactly the decayed leaves, by lr * wd * p.
   tx, _ = stage2.make_optimizer(config)
@@ -160,6 +172,7 @@ def test_weight_decay_mask_covers_exactly_the_kernels(scan):
 # ----------------------------------------------------------------------------------------
 # Vocabulary and configs
 # ----------------------------------------------------------------------------------------
+
 
 def test_vocabulary_conventions():
   lay = stage2_config.make_layout(tiny_config('class'))
@@ -182,7 +195,9 @@ def test_vocabulary_conventions():
   with pytest.raises(ConfigError, match='vocab_size'):
     stage2_config.make_layout(c)
   # The demo: 8x8 codes of 256 after a class token.
-  demo = stage2_config.make_layout(stage2_config.resolve_config(fashion_mnist_transformer.get_config()))
+  demo = stage2_config.make_layout(
+    stage2_config.resolve_config(fashion_mnist_transformer.get_config())
+  )
   assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 266, 64)
 
 
@@ -199,19 +214,28 @@ def test_class_tokens_refuse_classes_the_model_lacks():
   np.testing.assert_array_equal(stage2.class_tokens(unc, [7]), [[unc.sos_id]])
 
 
-@pytest.mark.parametrize('name,vocab,block,layers,heads,width,kind', [
+@pytest.mark.parametrize(
+  'name,vocab,block,layers,heads,width,kind',
+  [
     ('imagenet_cin_transformer', 16384, 256, 48, 24, 1536, 'class'),
     ('ffhq_transformer', 1024, 256, 24, 16, 1664, 'unconditional'),
     ('celebahq_transformer', 1024, 256, 24, 16, 1664, 'unconditional'),
     ('drin_transformer', 1024, 512, 24, 16, 1024, 'spatial'),
     ('sflckr_transformer', 1024, 512, 24, 16, 1024, 'spatial'),
-])
+  ],
+)
 def test_paper_configs(name, vocab, block, layers, heads, width, kind):
   module = importlib.import_module(f'configs.{name}')
   c = stage2_config.resolve_config(module.get_config())
   t = c.transformer
   assert (t.vocab_size, t.block_size, t.n_layer, t.n_head, t.n_embd, c.cond.kind) == (
-      vocab, block, layers, heads, width, kind)
+    vocab,
+    block,
+    layers,
+    heads,
+    width,
+    kind,
+  )
   assert t.shared_vocab  # converted taming checkpoints load as they are
   smoke = stage2_config.resolve_config(module.get_config('smoke'))
   stage2_config.validate_config(smoke)
@@ -220,8 +244,7 @@ def test_paper_configs(name, vocab, block, layers, heads, width, kind):
 
 def test_stage1_fields_checked_against_the_checkpoint():
   fields = ml_collections.ConfigDict({'ch': 32, 'ch_mult': (1, 2), 'n_embed': 64})
-  saved = {'stage': 'vqgan', 'model': {'ch': 32, 'ch_mult': [1, 2], 'n_embed': 64,
-                                       'embed_dim': 16}}
+  saved = {'stage': 'vqgan', 'model': {'ch': 32, 'ch_mult': [1, 2], 'n_embed': 64, 'embed_dim': 16}}
   stage2._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
   assert fields.embed_dim == 16  # filled from the checkpoint
   saved['model']['n_embed'] = 128
@@ -233,12 +256,14 @@ def test_stage1_fields_checked_against_the_checkpoint():
 # Sharding and evaluation
 # ----------------------------------------------------------------------------------------
 
+
 def _run_steps(config, layout, mesh, batches):
   model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   shardings = stage2.gpt_state_shardings(model, tx, mesh, rules=parallel.axis_rules(config))
-  state = jax.jit(functools.partial(stage2.init_state, model, tx),
-                  out_shardings=shardings)(jax.random.PRNGKey(0))
+  state = jax.jit(functools.partial(stage2.init_state, model, tx), out_shardings=shardings)(
+    jax.random.PRNGKey(0)
+  )
   born = jax.tree.map(lambda x: x.sharding, state)  # params are born sharded
   init = jax.tree.map(np.asarray, jax.device_get(state['params']))  # before donation
   step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
@@ -246,20 +271,30 @@ def _run_steps(config, layout, mesh, batches):
   for batch in batches:
     state, metrics = step(state, {}, jax.device_put(batch, parallel.batch_sharding(mesh)))
     losses.append(float(metrics['loss']))
-  return (jax.tree.map(np.asarray, jax.device_get(state['params'])), losses,
-          {'state': state, 'born': born, 'model': model, 'init_params': init})
+  return (
+    jax.tree.map(np.asarray, jax.device_get(state['params'])),
+    losses,
+    {'state': state, 'born': born, 'model': model, 'init_params': init},
+  )
 
 
 # The logical -> mesh axes the default table gives the GPT's parameters, written out.
-GPT_AXES = {'embed': 'fsdp', 'mlp': 'tensor', 'heads': 'tensor', 'vocab': 'tensor',
-            'layers': None, None: None}
+GPT_AXES = {
+  'embed': 'fsdp',
+  'mlp': 'tensor',
+  'heads': 'tensor',
+  'vocab': 'tensor',
+  'layers': None,
+  None: None,
+}
 
 
 def _gpt_expected_specs(model, mesh):
   """Per parameter: the spec from its logical names and GPT_AXES (an axis that does not
   divide the dimension is dropped), computed without the library's rule code."""
-  boxed = jax.eval_shape(functools.partial(stage2.init_params, model, boxed=True),
-                         jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(
+    functools.partial(stage2.init_params, model, boxed=True), jax.random.PRNGKey(0)
+  )
 
   def one(leaf):
     spec = []
@@ -294,11 +329,17 @@ def test_sharded_step_matches_single_device():
     specs.add(spec)
     # Each device holds 1/(product of the used axes) of the array, replicated over the rest.
     used = [a for a in spec if a]
-    assert x.addressable_shards[0].data.size * int(np.prod(
-        [multi.shape[a] for a in used])) == x.size, name
+    assert (
+      x.addressable_shards[0].data.size * int(np.prod([multi.shape[a] for a in used])) == x.size
+    ), name
   # Every kind of placement occurs: (layers, embed, mlp), (layers, heads, embed), vocab, ...
-  assert {(None, 'fsdp', 'tensor'), (None, 'tensor', 'fsdp'), ('fsdp', 'tensor'),
-          ('tensor', 'fsdp'), (None, 'fsdp')} <= specs, specs
+  assert {
+    (None, 'fsdp', 'tensor'),
+    (None, 'tensor', 'fsdp'),
+    ('fsdp', 'tensor'),
+    ('tensor', 'fsdp'),
+    (None, 'fsdp'),
+  } <= specs, specs
   # Born sharded: the state came out of init with these shardings (not placed afterwards).
   for (path, x), born in zip(params, jax.tree.leaves(run['born']['params'])):
     assert born.is_equivalent_to(x.sharding, x.ndim), jax.tree_util.keystr(path)
@@ -316,8 +357,11 @@ def test_sharded_step_matches_single_device():
   # agree to 10% of a step, and all within the bound; a sharding bug moves far more (and the
   # losses above).
   lr_steps = common.peak_learning_rate(config) * len(batches) * 1.01
-  for (path, a), b, a0 in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p8),
-                              jax.tree.leaves(run['init_params'])):
+  for (path, a), b, a0 in zip(
+    jax.tree_util.tree_flatten_with_path(p1)[0],
+    jax.tree.leaves(p8),
+    jax.tree.leaves(run['init_params']),
+  ):
     name = jax.tree_util.keystr(path)
     assert float(np.abs(b - a0).max()) <= lr_steps and float(np.abs(a - a0).max()) <= lr_steps
     if "['key']['bias']" in name:
@@ -333,18 +377,22 @@ def test_eval_nll_covers_the_whole_split():
   params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(3))
   params['head']['kernel'] *= 20.0  # a non-uniform model
   data = _random_batch(layout, 7, seed=5)
-  source = [{'codes': data['codes'][i].astype(np.uint16), 'label': data['label'][i],
-             'index': i} for i in range(7)]
+  source = [
+    {'codes': data['codes'][i].astype(np.uint16), 'label': data['label'][i], 'index': i}
+    for i in range(7)
+  ]
   mesh = parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:2])
   eval_fn = stage2.make_eval_step(model, layout, mesh, stage2.param_shardings(model, mesh))
-  batches = tokens.make_eval_iterator(None, 'test', 4, source=source, process_index=0,
-                                      process_count=1)  # 2 batches, the second padded
+  batches = tokens.make_eval_iterator(
+    None, 'test', 4, source=source, process_index=0, process_count=1
+  )  # 2 batches, the second padded
   result = transformer_trainer.evaluate(eval_fn, params, {}, batches, mesh)
   assert result['num_examples'] == 7 and result['num_tokens'] == 7 * layout.image_len
   # By hand over all 7 examples, in float64.
   seq = np.concatenate([data['label'][:, None] + layout.cond_offset, data['codes']], axis=1)
-  logits = np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(seq[:, :-1])),
-                      np.float64)[:, :, :layout.n_image]
+  logits = np.asarray(
+    jax.jit(model.apply)({'params': params}, jnp.asarray(seq[:, :-1])), np.float64
+  )[:, :, : layout.n_image]
   m = logits.max(-1)
   logz = np.log(np.exp(logits - m[..., None]).sum(-1)) + m
   picked = np.take_along_axis(logits, data['codes'][..., None], -1)[..., 0]
@@ -357,9 +405,18 @@ def test_spatial_conditioning_with_a_random_cond_vqgan():
   c.data.image_size = 16
   c.stage1_config.update(ch_mult=(1, 2, 2))  # f4: 4x4 image codes
   c.cond.update(key='segmentation', one_hot=5, random_init=True)
-  c.cond.model.update(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(),
-                      resolution=16, in_channels=5, out_ch=5, z_channels=8, n_embed=16,
-                      embed_dim=8)
+  c.cond.model.update(
+    ch=32,
+    ch_mult=(1, 1, 1),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=16,
+    in_channels=5,
+    out_ch=5,
+    z_channels=8,
+    n_embed=16,
+    embed_dim=8,
+  )
   layout = stage2_config.make_layout(c)
   assert (layout.cond_len, layout.cond_offset, layout.vocab_size) == (16, 32, 32 + 16)
   assert layout.block_size == 16 + 16 - 1
@@ -367,9 +424,10 @@ def test_spatial_conditioning_with_a_random_cond_vqgan():
   assert (shared.cond_offset, shared.vocab_size) == (0, 32)
   cond_vqgan = vqgan_lib.from_config(c.cond.model, frozen=True)
   # Random encoder params without compiling an init (GroupNorm absorbs their scale).
-  shapes = jax.eval_shape(lambda r: cond_vqgan.init(r, jnp.zeros((1, 16, 16, 5)),
-                                                    method='encode_to_indices')['params'],
-                          jax.random.PRNGKey(1))
+  shapes = jax.eval_shape(
+    lambda r: cond_vqgan.init(r, jnp.zeros((1, 16, 16, 5)), method='encode_to_indices')['params'],
+    jax.random.PRNGKey(1),
+  )
   rng = np.random.RandomState(1)
   cond_params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.randn(*s.shape), s.dtype), shapes)
   frozen = stage2.Frozen(cond=cond_vqgan, cond_one_hot=5)
@@ -380,10 +438,12 @@ def test_spatial_conditioning_with_a_random_cond_vqgan():
   del batch['cond_codes']
   labels = np.random.RandomState(0).randint(0, 5, (2, 16, 16)).astype(np.int32)
   batch['cond_map'] = labels
-  step = jax.jit(functools.partial(stage2.train_step, model, layout, tx, schedule, frozen,
-                                   1.0, 0.0))
+  step = jax.jit(
+    functools.partial(stage2.train_step, model, layout, tx, schedule, frozen, 1.0, 0.0)
+  )
   new_state, metrics = step(state, {'cond': cond_params}, jax.tree.map(jnp.asarray, batch))
   assert np.isfinite(float(metrics['loss'])) and int(new_state['step']) == 1
+
   # The cond tokens: the cond VQGAN's codes of the one-hot maps, after the image codes.
   @jax.jit
   def both(p, b, x):
@@ -418,16 +478,26 @@ def test_sampling_never_draws_condition_ids():
   params = jax.jit(functools.partial(stage2.init_params, model))(jax.random.PRNGKey(0))
   # Make the condition ids the most likely outputs: the sampler must still avoid them.
   head = params['head']['kernel']
-  params['head']['kernel'] = head.at[:, layout.n_image:].set(
-      jnp.sum(jnp.abs(head), axis=1, keepdims=True) * 100)
+  params['head']['kernel'] = head.at[:, layout.n_image :].set(
+    jnp.sum(jnp.abs(head), axis=1, keepdims=True) * 100
+  )
   from vqgan_jax import sampling  # pylint: disable=g-import-not-at-top
+
   cond = stage2.class_tokens(layout, [0, 1, 2])
-  out = sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=layout.image_len,
-                        top_k=None)
+  out = sampling.sample(
+    params, model, cond, jax.random.PRNGKey(0), steps=layout.image_len, top_k=None
+  )
   assert out.shape == (3, layout.image_len) and int(out.max()) < layout.n_image
-  guided = sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=layout.image_len,
-                           top_k=None, cfg_scale=3.0,
-                           uncond_tokens=jnp.full_like(cond, layout.null_id))
+  guided = sampling.sample(
+    params,
+    model,
+    cond,
+    jax.random.PRNGKey(0),
+    steps=layout.image_len,
+    top_k=None,
+    cfg_scale=3.0,
+    uncond_tokens=jnp.full_like(cond, layout.null_id),
+  )
   assert guided.shape == (3, layout.image_len) and 0 <= int(guided.min())
   assert int(guided.max()) < layout.n_image
 
@@ -435,6 +505,7 @@ def test_sampling_never_draws_condition_ids():
 # ----------------------------------------------------------------------------------------
 # End to end: stage 1 -> encode -> stage 2 -> sample, through main
 # ----------------------------------------------------------------------------------------
+
 
 def _png_size(path):
   with open(path, 'rb') as f:
@@ -464,17 +535,39 @@ def _installed_python(root):
   hook) is not seen: `import vqgan_jax` finds only the installed copy.
   """
   src = root / 'src'
-  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-      '.git', '.venv', 'workdirs', 'build', '*.egg-info', '__pycache__', '.pytest_cache'))
+  shutil.copytree(
+    REPO,
+    src,
+    ignore=shutil.ignore_patterns(
+      '.git', '.venv', 'workdirs', 'build', '*.egg-info', '__pycache__', '.pytest_cache'
+    ),
+  )
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(root / 'venv')], check=True)
   python = root / 'venv' / 'bin' / 'python'
-  site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-                        check=True, capture_output=True, text=True).stdout.strip()
+  site = subprocess.run(
+    [python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   with open(os.path.join(site, 'dependencies.pth'), 'w') as f:
     f.write(sysconfig.get_paths()['purelib'] + '\n')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
-                  '--no-build-isolation', '--target', site, str(src)], check=True,
-                 capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'install',
+      '-q',
+      '--no-deps',
+      '--no-build-isolation',
+      '--target',
+      site,
+      str(src),
+    ],
+    check=True,
+    capture_output=True,
+  )
   shutil.rmtree(src)
   return python
 
@@ -495,45 +588,73 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   python = _installed_python(tmp_path / 'install')
   run_dir = tmp_path / 'elsewhere'
   run_dir.mkdir()
-  where = subprocess.run([python, '-c', 'import vqgan_jax.main as m; print(m.__file__)'],
-                         cwd=run_dir, check=True, capture_output=True, text=True).stdout
+  where = subprocess.run(
+    [python, '-c', 'import vqgan_jax.main as m; print(m.__file__)'],
+    cwd=run_dir,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   assert where.startswith(str(tmp_path / 'install' / 'venv')), where
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
   env.pop('PYTHONPATH', None)
-  env.update({
-      'TFDS_DATA_DIR': str(tmp_path / 'tfds'), 'PYTHONUNBUFFERED': '1',
+  env.update(
+    {
+      'TFDS_DATA_DIR': str(tmp_path / 'tfds'),
+      'PYTHONUNBUFFERED': '1',
       # A compilation cache kept in .pytest_cache (reruns skip most of the compiling), or in
       # tmp_path under -p no:cacheprovider.
       'JAX_COMPILATION_CACHE_DIR': str(
-          request.config.cache.mkdir('stage2_jax_cache')
-          if hasattr(request.config, 'cache') else tmp_path / 'jax_cache'),
+        request.config.cache.mkdir('stage2_jax_cache')
+        if hasattr(request.config, 'cache')
+        else tmp_path / 'jax_cache'
+      ),
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
-  })
+    }
+  )
   folder = _folder(tmp_path / 'images')
-  data = ['--config.data.name=folder', f'--config.data.folder={folder}',
-          '--config.data.validation_fraction=0.25', '--config.data.eval_split=validation']
+  data = [
+    '--config.data.name=folder',
+    f'--config.data.folder={folder}',
+    '--config.data.validation_fraction=0.25',
+    '--config.data.eval_split=validation',
+  ]
   # The README's workdir names, under a directory that is not the repository.
   a = run_dir / 'workdirs' / 'fashion_mnist_vqgan'
   b = run_dir / 'workdirs' / 'fashion_mnist_transformer'
   times = {}
 
   def run(args, timeout=600):
-    return subprocess.run([python, *args], cwd=run_dir, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+      [python, *args], cwd=run_dir, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
   def main(config, workdir, *flags):
     t0 = time.perf_counter()
-    proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, config)}',
-                f'--workdir={workdir}', *data, *flags])
+    proc = run(
+      [
+        '-m',
+        'vqgan_jax.main',
+        f'--config={os.path.join(REPO, config)}',
+        f'--workdir={workdir}',
+        *data,
+        *flags,
+      ]
+    )
     times[' '.join(flags[:1]) or config] = time.perf_counter() - t0
     assert proc.returncode == 0, f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
     return proc.stdout
 
-  main('configs/fashion_mnist_vqgan.py:smoke', a, '--config.train.num_steps=2',
-       '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
-       '--config.train.log_every=1')
+  main(
+    'configs/fashion_mnist_vqgan.py:smoke',
+    a,
+    '--config.train.num_steps=2',
+    '--config.train.eval_every=2',
+    '--config.train.checkpoint_every=2',
+    '--config.train.log_every=1',
+  )
   s2 = 'configs/fashion_mnist_transformer.py:smoke'
   out = main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')
   path = out.split('codes: ')[-1].strip()
@@ -548,14 +669,29 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   # Encoding again keeps up-to-date codes; codes made differently are replaced only when
   # asked, and the refusal names the field.
   assert 'up to date, kept: ' in main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')
-  proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, s2)}', f'--workdir={b}',
-              *data, '--mode=encode', f'--config.stage1_workdir={a}',
-              '--config.encode.max_examples=4'])
+  proc = run(
+    [
+      '-m',
+      'vqgan_jax.main',
+      f'--config={os.path.join(REPO, s2)}',
+      f'--workdir={b}',
+      *data,
+      '--mode=encode',
+      f'--config.stage1_workdir={a}',
+      '--config.encode.max_examples=4',
+    ]
+  )
   assert proc.returncode == 2 and 'config.encode.overwrite' in proc.stderr
   assert len(tokens.open_codes(str(b / 'codes'), 'folder_32_images').as_data_source('train')) == 18
 
-  out = main(s2, b, '--mode=train', f'--config.stage1_workdir={a}',
-             '--config.train.num_steps=4', '--config.train.eval_every=4')
+  out = main(
+    s2,
+    b,
+    '--mode=train',
+    f'--config.stage1_workdir={a}',
+    '--config.train.num_steps=4',
+    '--config.train.eval_every=4',
+  )
   assert 'bits_per_token' in out and (b / 'checkpoints' / '4').is_dir()
   assert (b / 'metrics.jsonl').exists()
 
@@ -570,9 +706,18 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   w, h = _png_size(png)
   assert (w, h) == ((2 * 34 + 2) * (512 // 70), (10 * 34 + 2) * (512 // 70))
   # A stage-1 config with different model fields is refused with the field named.
-  proc = run(['-m', 'vqgan_jax.main', f'--config={os.path.join(REPO, s2)}', f'--workdir={b}',
-              *data, '--mode=sample', f'--config.stage1_workdir={a}',
-              '--config.stage1_config.n_embed=128'])
+  proc = run(
+    [
+      '-m',
+      'vqgan_jax.main',
+      f'--config={os.path.join(REPO, s2)}',
+      f'--workdir={b}',
+      *data,
+      '--mode=sample',
+      f'--config.stage1_workdir={a}',
+      '--config.stage1_config.n_embed=128',
+    ]
+  )
   assert proc.returncode == 2 and 'config.stage1_config.n_embed=128' in proc.stderr
 
   # The README's Python example, as written, on these workdirs (the smoke models' grids are

@@ -11,13 +11,10 @@ import optax
 import pytest
 
 from configs import fashion_mnist_vqgan
-from vqgan_jax import losses
-from vqgan_jax import parallel
-from vqgan_jax import validate
+from vqgan_jax import parallel, validate
 from vqgan_jax.data import builders
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import stage1
-from vqgan_jax.train import common
+from vqgan_jax.train import common, stage1
 
 BATCH, SIZE = 8, 32
 DISC_START = 1  # step 0: D off; step 1: D on. One compiled step exercises both sides.
@@ -25,10 +22,24 @@ DISC_START = 1  # step 0: D off; step 1: D on. One compiled step exercises both 
 
 def _config():
   c = fashion_mnist_vqgan.get_config('smoke')
-  c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=SIZE,
-                 z_channels=16, n_embed=32, embed_dim=8)
-  c.loss.update(disc_start=DISC_START, disc_ndf=8, disc_num_layers=2, disc_weight=0.8,
-                codebook_weight=1.0, lpips_dropout=True)
+  c.model.update(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    resolution=SIZE,
+    z_channels=16,
+    n_embed=32,
+    embed_dim=8,
+  )
+  c.loss.update(
+    disc_start=DISC_START,
+    disc_ndf=8,
+    disc_num_layers=2,
+    disc_weight=0.8,
+    codebook_weight=1.0,
+    lpips_dropout=True,
+  )
   c.data.image_size = SIZE
   c.train.update(batch_size=BATCH, eval_batch_size=BATCH, num_steps=8)
   c.mesh.update(data=1, fsdp=1)
@@ -89,7 +100,8 @@ def state0(config, models):
   # XLA:CPU it compiles ~3x faster than threefry (same distributions). The run key is a
   # raw threefry key, as in training.
   state = jax.jit(lambda k: stage1.init_state(config, models, k))(
-      jax.random.key(3, impl='unsafe_rbg'))
+    jax.random.key(3, impl='unsafe_rbg')
+  )
   state['rng'] = jax.random.PRNGKey(3)
   return _host(state)
 
@@ -109,8 +121,14 @@ def _run(config, models, mesh, state0, lpips_params, batches):
     live.append(state)
     states.append(_host(state))
     metrics.append(_host(m))
-  return {'states': states, 'metrics': metrics, 'final': live[-1], 'shardings': shardings,
-          'step': step_fn, 'lp': lp}
+  return {
+    'states': states,
+    'metrics': metrics,
+    'final': live[-1],
+    'shardings': shardings,
+    'step': step_fn,
+    'lp': lp,
+  }
 
 
 @pytest.fixture(scope='module')
@@ -135,8 +153,7 @@ def run8(config, models, mesh8, run1, lpips_params, batches):
     state, m = step_fn(jax.device_put(free[-1], shardings), lp, images)
     free.append(_host(state))
     final, free_metrics = state, _host(m)
-  return {'same_inputs': same_inputs, 'free': free, 'free_metrics': free_metrics,
-          'final': final}
+  return {'same_inputs': same_inputs, 'free': free, 'free_metrics': free_metrics, 'final': final}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +176,16 @@ def direct(config, models):
     def terms(params):
       xrec, qloss, _ = models.vqgan.apply({'params': params}, x)
       rec = jnp.mean(jnp.abs(x - xrec))
-      p = jnp.mean(models.lpips.apply({'params': lp}, x, xrec, deterministic=False,
-                                      rngs={'dropout': k_lpips}))
+      p = jnp.mean(
+        models.lpips.apply({'params': lp}, x, xrec, deterministic=False, rngs={'dropout': k_lpips})
+      )
       nll = rec + cfg.perceptual_weight * p
       logits, _ = models.disc.apply(
-          {'params': state['disc_params'], 'batch_stats': state['disc_stats']}, xrec,
-          train=True, mutable=['batch_stats'])
+        {'params': state['disc_params'], 'batch_stats': state['disc_stats']},
+        xrec,
+        train=True,
+        mutable=['batch_stats'],
+      )
       g = -jnp.mean(logits)
       return nll, g, qloss
 
@@ -176,19 +197,29 @@ def direct(config, models):
     w_last = state['params']['decoder']['conv_out']['kernel']
     # d nll / dW_L and d g / dW_L: both rows of one reverse-mode Jacobian.
     grad_nll, grad_g = jax.jacrev(lambda w: jnp.stack(terms(with_kernel(w))[:2]))(w_last)
-    ratio = jnp.sqrt(jnp.sum(grad_nll ** 2)) / (jnp.sqrt(jnp.sum(grad_g ** 2)) + 1e-4)
+    ratio = jnp.sqrt(jnp.sum(grad_nll**2)) / (jnp.sqrt(jnp.sum(grad_g**2)) + 1e-4)
     lam = jnp.clip(ratio, 0.0, 1e4) * cfg.disc_weight
     dfactor = jnp.where(step >= DISC_START, cfg.disc_factor, 0.0)
 
     def total(params):
       nll, g, qloss = terms(params)
       return nll + jax.lax.stop_gradient(lam) * dfactor * g + cfg.codebook_weight * qloss, (
-          nll, g, qloss)
+        nll,
+        g,
+        qloss,
+      )
 
     (loss, (nll, g, qloss)), grads = jax.value_and_grad(total, has_aux=True)(state['params'])
-    return {'lam': lam, 'grads': grads, 'total_loss': loss, 'nll': nll, 'g': g, 'qloss': qloss,
-            'grad_nll_norm': jnp.linalg.norm(grad_nll.ravel()),
-            'grad_g_norm': jnp.linalg.norm(grad_g.ravel())}
+    return {
+      'lam': lam,
+      'grads': grads,
+      'total_loss': loss,
+      'nll': nll,
+      'g': g,
+      'qloss': qloss,
+      'grad_nll_norm': jnp.linalg.norm(grad_nll.ravel()),
+      'grad_g_norm': jnp.linalg.norm(grad_g.ravel()),
+    }
 
   return fn
 
@@ -207,7 +238,7 @@ def _adam(grads, opt_state, params, lr, b1, b2, eps):
     g, m, v, p = (np.asarray(t, np.float64) for t in (g, m, v, p))
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    mh, vh = m / (1 - b1 ** count), v / (1 - b2 ** count)
+    mh, vh = m / (1 - b1**count), v / (1 - b2**count)
     return p - lr * mh / (np.sqrt(vh) + eps), m, v
 
   out = jax.tree.map(upd, grads, adam.mu, adam.nu, params)
@@ -242,8 +273,9 @@ def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3, real_fra
   """
   gmax = _gmax(grads)
   worst = 0.0
-  for (path, x), (_, y), (_, o), (_, g) in zip(_leaves(new_a), _leaves(new_b), _leaves(old),
-                                               _leaves(grads)):
+  for (path, x), (_, y), (_, o), (_, g) in zip(
+    _leaves(new_a), _leaves(new_b), _leaves(old), _leaves(grads)
+  ):
     diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
     bound = 1e-6 * float(np.max(np.abs(o))) + 4 * lr
     assert np.all(diff <= bound), f'{what}{_name(path)}: moved {np.max(diff) / lr:.3g} lr apart'
@@ -266,8 +298,10 @@ def test_adaptive_weight_equals_direct_autodiff(run1, direct_results, i):
   np.testing.assert_allclose(m['quant_loss'], d['qloss'], rtol=1e-5)
   np.testing.assert_allclose(m['g_loss'], d['g'], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(m['total_loss'], d['total_loss'], rtol=1e-5)
-  print(f'\n[step {i}] d_weight fused {m["d_weight"]:.8g} direct {d["lam"]:.8g} '
-        f'rel diff {abs(m["d_weight"] - d["lam"]) / d["lam"]:.3g}')
+  print(
+    f'\n[step {i}] d_weight fused {m["d_weight"]:.8g} direct {d["lam"]:.8g} '
+    f'rel diff {abs(m["d_weight"] - d["lam"]) / d["lam"]:.3g}'
+  )
 
 
 @pytest.mark.parametrize('i', [0, 1])
@@ -286,20 +320,22 @@ def test_fused_gradients_equal_plain_autodiff(config, run1, direct_results, i):
   gmax = _gmax(d['grads'])
   # The gradient the fused step used, recovered exactly from Adam's first moment.
   fused_grads = jax.tree.map(
-      lambda mu1, mu0: (np.asarray(mu1, np.float64) - o.b1 * mu0) / (1 - o.b1),
-      s_out['opt_state'][0].mu, s_in['opt_state'][0].mu)
+    lambda mu1, mu0: (np.asarray(mu1, np.float64) - o.b1 * mu0) / (1 - o.b1),
+    s_out['opt_state'][0].mu,
+    s_in['opt_state'][0].mu,
+  )
   worst_g = _assert_grads_close(fused_grads, d['grads'], gmax, 'grad ')
 
-  new_p, _, new_nu = _adam(d['grads'], s_in['opt_state'], s_in['params'], lr, o.b1, o.b2,
-                           o.eps)
-  worst_p = _assert_updates_close(s_out['params'], new_p, s_in['params'], d['grads'], lr,
-                                  'params ')
+  new_p, _, new_nu = _adam(d['grads'], s_in['opt_state'], s_in['params'], lr, o.b1, o.b2, o.eps)
+  worst_p = _assert_updates_close(s_out['params'], new_p, s_in['params'], d['grads'], lr, 'params ')
   for (path, x), (_, y) in zip(_leaves(s_out['opt_state'][0].nu), _leaves(new_nu)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * gmax ** 2, err_msg=_name(path))
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * gmax**2, err_msg=_name(path))
   assert int(s_out['opt_state'][0].count) == i + 1
-  print(f'\n[step {i}] fused vs plain autodiff: max |grad diff| {worst_g:.3g} of the largest '
-        f'gradient ({gmax:.3g}); max param-update diff {worst_p:.3g} lr; '
-        f'ae_grad_norm {m["ae_grad_norm"]:.7g} vs {float(optax.global_norm(d["grads"])):.7g}')
+  print(
+    f'\n[step {i}] fused vs plain autodiff: max |grad diff| {worst_g:.3g} of the largest '
+    f'gradient ({gmax:.3g}); max param-update diff {worst_p:.3g} lr; '
+    f'ae_grad_norm {m["ae_grad_norm"]:.7g} vs {float(optax.global_norm(d["grads"])):.7g}'
+  )
 
 
 def test_before_disc_start_discriminator_is_frozen(run1, config):
@@ -310,16 +346,20 @@ def test_before_disc_start_discriminator_is_frozen(run1, config):
   for (path, a), (_, b) in zip(_leaves(s0['disc_params']), _leaves(s1['disc_params'])):
     np.testing.assert_array_equal(a, b, err_msg=f'D param {_name(path)} moved before disc_start')
   # BatchNorm running stats still move (train-mode forwards), as in the original.
-  assert any(not np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(s0['disc_stats']), jax.tree.leaves(s1['disc_stats'])))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(s0['disc_stats']), jax.tree.leaves(s1['disc_stats']))
+  )
   np.testing.assert_allclose(
-      m['total_loss'], m['nll_loss'] + config.loss.codebook_weight * m['quant_loss'], rtol=1e-6)
+    m['total_loss'], m['nll_loss'] + config.loss.codebook_weight * m['quant_loss'], rtol=1e-6
+  )
   # The adaptive weight is still computed (and logged) before disc_start, as taming does,
   # and g itself is nonzero: only disc_factor removes it from the total.
   assert m['d_weight'] > 0 and m['g_loss'] != 0
   # The autoencoder did train.
-  assert not np.array_equal(s0['params']['decoder']['conv_out']['kernel'],
-                            s1['params']['decoder']['conv_out']['kernel'])
+  assert not np.array_equal(
+    s0['params']['decoder']['conv_out']['kernel'], s1['params']['decoder']['conv_out']['kernel']
+  )
 
 
 def test_from_disc_start_discriminator_trains(run1, config):
@@ -335,8 +375,8 @@ def test_from_disc_start_discriminator_trains(run1, config):
   assert int(s2['disc_opt_state'][0].count) == 2
   gan = m['d_weight'] * m['g_loss']
   np.testing.assert_allclose(
-      m['total_loss'], m['nll_loss'] + gan + config.loss.codebook_weight * m['quant_loss'],
-      rtol=1e-5)
+    m['total_loss'], m['nll_loss'] + gan + config.loss.codebook_weight * m['quant_loss'], rtol=1e-5
+  )
   assert int(s2['step']) == 2
 
 
@@ -357,8 +397,11 @@ LPIPS_GRAD_TOL = 5e-3
 def _grads_from_adam(config, s_in, s_out):
   """The gradient a step used, recovered exactly from Adam's first moment."""
   b1 = config.optim.b1
-  return jax.tree.map(lambda m1, m0: (np.asarray(m1, np.float64) - b1 * m0) / (1 - b1),
-                      s_out['opt_state'][0].mu, s_in['opt_state'][0].mu)
+  return jax.tree.map(
+    lambda m1, m0: (np.asarray(m1, np.float64) - b1 * m0) / (1 - b1),
+    s_out['opt_state'][0].mu,
+    s_in['opt_state'][0].mu,
+  )
 
 
 def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
@@ -378,28 +421,39 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
       assert diff < 1e-5, f'{key}{_name(path)}: 8 vs 1 device max rel diff {diff:.3g}'
   # The gradients (Adam's first moment is linear in them) agree to LPIPS_GRAD_TOL of the
   # largest (a missing reduction over an axis would be off by O(1)) ...
-  worst['grads'] = _assert_grads_close(_grads_from_adam(config, s_in, got),
-                                       _grads_from_adam(config, s_in, want), gmax, 'grad ',
-                                       tol=LPIPS_GRAD_TOL)
+  worst['grads'] = _assert_grads_close(
+    _grads_from_adam(config, s_in, got),
+    _grads_from_adam(config, s_in, want),
+    gmax,
+    'grad ',
+    tol=LPIPS_GRAD_TOL,
+  )
   # ... and so do the parameters they move (see _assert_updates_close for Adam's noise):
   # where the gradient is >= 5% of the largest, LPIPS's noise changes it by <= 10%, and
   # Adam's update by <= 0.1 lr; a wrongly sharded moment would be off by ~lr.
-  worst['params (lr)'] = _assert_updates_close(got['params'], want['params'], s_in['params'],
-                                               grads, lr, 'params ', tol=0.1, real_frac=5e-2)
+  worst['params (lr)'] = _assert_updates_close(
+    got['params'], want['params'], s_in['params'], grads, lr, 'params ', tol=0.1, real_frac=5e-2
+  )
   for k, b in want_m.items():
     # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise; losses do not.
     rtol = 1e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
     np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=1e-6, err_msg=f'metric {k}')
-    worst['metrics'] = max(worst.get('metrics', 0.0),
-                           float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
+    worst['metrics'] = max(worst.get('metrics', 0.0), float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
   print(f'\n{what} 8-device vs 1-device: ' + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))
 
 
 @pytest.mark.parametrize('i', [0, 1])
 def test_sharded_step_matches_single_device(config, run1, run8, direct_results, i):
   """The same step from the same state and batch on 8 devices and on 1."""
-  _assert_same_step(config, run1['states'][i], *run8['same_inputs'][i], run1['states'][i + 1],
-                    run1['metrics'][i], direct_results[i]['grads'], f'[step {i}]')
+  _assert_same_step(
+    config,
+    run1['states'][i],
+    *run8['same_inputs'][i],
+    run1['states'][i + 1],
+    run1['metrics'][i],
+    direct_results[i]['grads'],
+    f'[step {i}]',
+  )
 
 
 def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1, batches):
@@ -416,8 +470,16 @@ def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1
   images = jax.device_put(batches[1], parallel.batch_sharding(mesh1))
   ref, ref_m = run1['step'](state, run1['lp'], images)
   ref, ref_m = _host(ref), _host(ref_m)
-  _assert_same_step(config, s1, s2, run8['free_metrics'], ref, ref_m,
-                    _grads_from_adam(config, s1, ref), '[free step 1]')
+  _assert_same_step(
+    config,
+    s1,
+    s2,
+    run8['free_metrics'],
+    ref,
+    ref_m,
+    _grads_from_adam(config, s1, ref),
+    '[free step 1]',
+  )
   lr = common.peak_learning_rate(config)
   worst = 0.0
   for (path, a), (_, b) in zip(_leaves(s2['params']), _leaves(run1['states'][2]['params'])):
@@ -437,7 +499,7 @@ def test_sharded_state_is_really_sharded(run8, mesh8):
   state = run8['final']
   fsdp, tensor = mesh8.shape['fsdp'], mesh8.shape['tensor']
   assert (mesh8.shape['data'], fsdp, tensor) == (2, 2, 2)
-  big = [(path, x) for path, x in _leaves(state['params']) if x.size >= 2 ** 12]
+  big = [(path, x) for path, x in _leaves(state['params']) if x.size >= 2**12]
   assert len(big) >= 5
   for path, x in big:
     # This config's big arrays are conv kernels (HWIO) and attention Dense kernels (in, out).
@@ -452,7 +514,7 @@ def test_sharded_state_is_really_sharded(run8, mesh8):
   kernel = state['params']['decoder']['conv_out']['kernel']  # (3,3,32,3): 864 < 4096
   assert tuple(kernel.sharding.spec) == ()
   for path, x in _leaves(state['params']):
-    if x.size < 2 ** 12:
+    if x.size < 2**12:
       assert tuple(x.sharding.spec) == (), _name(path)
   # Adam's moments are sharded exactly like their parameters.
   adam = state['opt_state'][0]
@@ -472,16 +534,24 @@ def test_sharded_state_is_really_sharded(run8, mesh8):
 # Config validation.
 
 
-@pytest.mark.parametrize('field,update,divisor', [
+@pytest.mark.parametrize(
+  'field,update,divisor',
+  [
     ('config.model.resolution', lambda c: c.model.update(resolution=33), 1),
-    ('config.data.image_size', lambda c: setattr(c.data, 'image_size', 30) or
-     c.model.update(ch_mult=(1, 2, 2, 2), resolution=32), 1),
+    (
+      'config.data.image_size',
+      lambda c: (
+        setattr(c.data, 'image_size', 30) or c.model.update(ch_mult=(1, 2, 2, 2), resolution=32)
+      ),
+      1,
+    ),
     ('config.model.ch', lambda c: c.model.update(ch=48), 1),
     ('config.model.ch', lambda c: c.model.update(ch=48, ch_mult=(2, 1)), 1),
     ('config.loss.disc_loss', lambda c: setattr(c.loss, 'disc_loss', 'wgan'), 1),
     ('config.train.batch_size', lambda c: setattr(c.train, 'batch_size', 6), 4),
     ('config.train.eval_batch_size', lambda c: setattr(c.train, 'eval_batch_size', 20), 8),
-])
+  ],
+)
 def test_validate_names_the_field(config, field, update, divisor):
   c = config.copy_and_resolve_references()
   validate.validate_stage1(c, divisor)  # the base config is valid

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqgan_jax import parallel
 from vqgan_jax.convert import param_mapping
 from vqgan_jax.models import transformer as gpt_lib
-from vqgan_jax import parallel
 
 V, BLOCK, LAYERS, HEADS, C = 33, 24, 2, 2, 32
 
@@ -45,8 +45,13 @@ def _tokens(seed, shape=(2, BLOCK)):
 
 
 def _expected_torch_shapes(n_layer=LAYERS):
-  shapes = {'tok_emb.weight': (V, C), 'pos_emb': (1, BLOCK, C), 'ln_f.weight': (C,),
-            'ln_f.bias': (C,), 'head.weight': (V, C)}
+  shapes = {
+    'tok_emb.weight': (V, C),
+    'pos_emb': (1, BLOCK, C),
+    'ln_f.weight': (C,),
+    'ln_f.bias': (C,),
+    'head.weight': (V, C),
+  }
   for l in range(n_layer):
     b = f'blocks.{l}'
     for ln in ('ln1', 'ln2'):
@@ -66,8 +71,9 @@ def test_init_values_and_names(model):
   assert not np.any(p['blocks_1']['attn']['query']['bias'])
   assert np.all(p['ln_f']['scale'] == 1) and 'bias' not in p['head']
   # Every parameter carries logical axes.
-  boxed = jax.tree.leaves(variables['params'],
-                          is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  boxed = jax.tree.leaves(
+    variables['params'], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+  )
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
   names = nn.get_partition_spec(variables)['params']
   assert tuple(names['blocks_0']['attn']['query']['kernel']) == ('embed', 'heads')
@@ -80,8 +86,9 @@ def test_param_names_map_onto_original_keys(params):
   """The full key set (minus the attn.mask buffers) with the original shapes, both ways."""
   sd = param_mapping.gpt_to_torch_state_dict(params)
   assert {k: v.shape for k, v in sd.items()} == _expected_torch_shapes()
-  back = param_mapping.gpt_from_torch_state_dict({f'transformer.{k}': v for k, v in sd.items()},
-                                                 LAYERS)
+  back = param_mapping.gpt_from_torch_state_dict(
+    {f'transformer.{k}': v for k, v in sd.items()}, LAYERS
+  )
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
   with pytest.raises(ValueError, match='not mapped'):
     param_mapping.gpt_from_torch_state_dict(sd, LAYERS - 1)
@@ -99,19 +106,21 @@ def test_causality(model, params):
 def test_kv_cache_decode_matches_full_forward(model, params):
   tokens = _tokens(2, (3, BLOCK))
   full = _apply(model, {'params': params}, tokens)
-  decode = jax.jit(lambda t, c, pos: model.apply({'params': params}, t, c, pos,
-                                                 method=model.decode))
+  decode = jax.jit(
+    lambda t, c, pos: model.apply({'params': params}, t, c, pos, method=model.decode)
+  )
   # Stale cache contents beyond pos must not matter: start from garbage.
   cache = jax.tree.map(lambda x: x + 7.0, model.init_cache(3, BLOCK))
   prefill = 5
   logits, cache = decode(tokens[:, :prefill], cache, 0)
   np.testing.assert_allclose(logits, full[:, :prefill], atol=1e-5, rtol=0)
   for t in range(prefill, BLOCK):
-    logits, cache = decode(tokens[:, t:t + 1], cache, t)
+    logits, cache = decode(tokens[:, t : t + 1], cache, t)
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=0)
   # logits_at picks one position without running the head elsewhere.
   one, _ = jax.jit(functools.partial(model.apply, method=model.decode))(
-      {'params': params}, tokens[:, :9], model.init_cache(3, BLOCK), 0, 6)
+    {'params': params}, tokens[:, :9], model.init_cache(3, BLOCK), 0, 6
+  )
   np.testing.assert_allclose(one, full[:, 6], atol=1e-5, rtol=0)
 
 
@@ -121,13 +130,15 @@ def test_scan_layout_and_remat_match(model, params):
   scanned = model.clone(scan_layers=True, remat='dots_with_no_batch_dims_saveable')
   stacked = gpt_lib.stack_layers({'params': params})
   init_shapes = jax.eval_shape(scanned.init, jax.random.key(0), tokens)
-  assert jax.tree.map(lambda x: x.shape, nn.unbox(init_shapes)) == \
-      jax.tree.map(lambda x: x.shape, stacked)
+  assert jax.tree.map(lambda x: x.shape, nn.unbox(init_shapes)) == jax.tree.map(
+    lambda x: x.shape, stacked
+  )
   np.testing.assert_allclose(_apply(scanned, stacked, tokens), ref, atol=1e-5)
   jax.tree.map(np.testing.assert_array_equal, gpt_lib.unstack_layers(stacked), {'params': params})
 
   def loss(m, p):
     return jnp.mean(m.apply(p, tokens) ** 2)
+
   g_ref = jax.jit(jax.grad(lambda p: loss(model.clone(remat=True), p)))({'params': params})
   g_scan = gpt_lib.unstack_layers(jax.jit(jax.grad(lambda p: loss(scanned, p)))(stacked))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_scan, g_ref)
@@ -138,8 +149,9 @@ def test_dropout_and_bf16(model, params):
   ref = _apply(model, {'params': params}, tokens)
   drop = model.clone(embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
   np.testing.assert_allclose(_apply(drop, {'params': params}, tokens), ref, atol=1e-6)
-  noisy = _apply(drop, {'params': params}, tokens, deterministic=False,
-                     rngs={'dropout': jax.random.key(0)})
+  noisy = _apply(
+    drop, {'params': params}, tokens, deterministic=False, rngs={'dropout': jax.random.key(0)}
+  )
   assert float(jnp.abs(noisy - ref).max()) > 1e-3
   low = _apply(model.clone(dtype=jnp.bfloat16), {'params': params}, tokens)
   assert low.dtype == jnp.float32
@@ -177,10 +189,12 @@ def test_bf16_backward_stays_in_bf16(model, params):
   assert len(dtypes) == 3 * (8 * LAYERS + 1)
   assert set(dtypes) == {('bfloat16', 'bfloat16')}, set(dtypes)
   assert {('float32', 'float32')} == set(
-      _dot_operand_dtypes(jax.grad(functools.partial(loss, m=model)), params))
+    _dot_operand_dtypes(jax.grad(functools.partial(loss, m=model)), params)
+  )
 
-  (l32, g32), (l16, g16) = (jax.jit(jax.value_and_grad(functools.partial(loss, m=m)))(params)
-                            for m in (model, low))
+  (l32, g32), (l16, g16) = (
+    jax.jit(jax.value_and_grad(functools.partial(loss, m=m)))(params) for m in (model, low)
+  )
   assert abs(float(l16) - float(l32)) < 1e-2 * abs(float(l32))
   overall = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g32))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
@@ -191,14 +205,20 @@ def test_bf16_backward_stays_in_bf16(model, params):
 
 def test_mixed_einsum_gradients():
   rng = np.random.RandomState(0)
-  for spec, sa, sb in [('...i,io->...o', (4, 5, 16), (16, 8)),
-                       ('bhqd,bhkd->bhqk', (2, 3, 5, 8), (2, 3, 6, 8)),
-                       ('bhqk,bhkd->bhqd', (2, 3, 5, 6), (2, 3, 6, 8))]:
+  for spec, sa, sb in [
+    ('...i,io->...o', (4, 5, 16), (16, 8)),
+    ('bhqd,bhkd->bhqk', (2, 3, 5, 8), (2, 3, 6, 8)),
+    ('bhqk,bhkd->bhqd', (2, 3, 5, 6), (2, 3, 6, 8)),
+  ]:
     a, b = (jnp.asarray(rng.randn(*s), jnp.float32) for s in (sa, sb))
     w = jnp.asarray(rng.randn(*jnp.einsum(spec, a, b).shape), jnp.float32)
     ref = jax.grad(lambda a, b: jnp.sum(w * jnp.einsum(spec, a, b)), (0, 1))(a, b)
-    got = jax.grad(lambda a, b: jnp.sum(w * gpt_lib.mixed_einsum(
-        spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))), (0, 1))(a, b)
+    got = jax.grad(
+      lambda a, b: jnp.sum(
+        w * gpt_lib.mixed_einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+      ),
+      (0, 1),
+    )(a, b)
     for r, g in zip(ref, got):
       assert g.dtype == jnp.float32
       err = float(jnp.abs(r - g).max() / jnp.abs(r).max())
@@ -206,8 +226,9 @@ def test_mixed_einsum_gradients():
 
 
 def test_sharded_forward_matches(model):
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+    (2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   tokens = _tokens(5, (4, BLOCK))
   variables = jax.jit(model.init)(jax.random.key(0), tokens)
   shardings = parallel.logical_shardings(variables, mesh)
@@ -216,8 +237,9 @@ def test_sharded_forward_matches(model):
   assert tuple(shardings['params']['head']['kernel'].spec) == ('fsdp', None)  # 33 % 2 != 0
   # A mesh without 'tensor' (parallel.py's) drops that axis.
   mesh2 = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  assert tuple(parallel.logical_shardings(variables, mesh2)['params']['blocks_0']['mlp_0']['kernel']
-               .spec) == ('fsdp', None)
+  assert tuple(
+    parallel.logical_shardings(variables, mesh2)['params']['blocks_0']['mlp_0']['kernel'].spec
+  ) == ('fsdp', None)
   plain = nn.unbox(variables)
   sharded = jax.device_put(plain, shardings)
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
@@ -230,6 +252,7 @@ def test_parity_with_original_mingpt(model):
   torch = pytest.importorskip('torch', reason='torch not installed ([reference] extra)')
   try:
     from vqgan_jax.testing import reference
+
     gpt = reference.build_gpt(V, BLOCK, LAYERS, HEADS, C, seed=0)
   except ImportError as e:
     pytest.skip(f'original taming-transformers not importable: {e}')
@@ -238,8 +261,7 @@ def test_parity_with_original_mingpt(model):
     for p in gpt.parameters():
       p.add_(0.1 * torch.randn(p.shape, generator=gen))
   sd = {k: v.numpy() for k, v in gpt.state_dict().items()}
-  assert set(sd) - set(_expected_torch_shapes()) == {f'blocks.{l}.attn.mask'
-                                                     for l in range(LAYERS)}
+  assert set(sd) - set(_expected_torch_shapes()) == {f'blocks.{l}.attn.mask' for l in range(LAYERS)}
   params = param_mapping.gpt_from_torch_state_dict(sd, LAYERS)
   tokens = np.array(_tokens(6, (4, BLOCK)))
   gpt.eval()

@@ -16,12 +16,12 @@ costs nothing until one is used.
 import importlib
 
 _EXPORTS = {
-    'load_vqgan': ('vqgan_jax.inference', 'load_vqgan'),
-    'load_transformer': ('vqgan_jax.inference', 'load_transformer'),
-    'TrainedVQGAN': ('vqgan_jax.inference', 'TrainedVQGAN'),
-    'TrainedTransformer': ('vqgan_jax.inference', 'TrainedTransformer'),
-    'train_stage1': ('vqgan_jax.train.vqgan_trainer', 'train_and_evaluate'),
-    'train_stage2': ('vqgan_jax.train.transformer_trainer', 'train_and_evaluate'),
+  'load_vqgan': ('vqgan_jax.inference', 'load_vqgan'),
+  'load_transformer': ('vqgan_jax.inference', 'load_transformer'),
+  'TrainedVQGAN': ('vqgan_jax.inference', 'TrainedVQGAN'),
+  'TrainedTransformer': ('vqgan_jax.inference', 'TrainedTransformer'),
+  'train_stage1': ('vqgan_jax.train.vqgan_trainer', 'train_and_evaluate'),
+  'train_stage2': ('vqgan_jax.train.transformer_trainer', 'train_and_evaluate'),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,7 @@ saved again.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Mapping, Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_register_exit_hook`.
 import contextlib
 import gc
@@ -31,7 +32,6 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,13 +50,11 @@ CORRUPT_SUBDIR = 'corrupt'
 
 # Fields that change the shapes or meaning of saved arrays: a checkpoint whose
 # config differs in any of these is refused. A name covers its whole subtree.
-COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf',
-                        'stage')
+COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage')
 
 # Fields added to the configs after checkpoints were already being written, with the value
 # that means what a config without the field meant: absent and this value compare equal.
-ADDED_FIELD_DEFAULTS = {'model.quantizer': 'vq', 'model.kl_weight': 1e-8,
-                        'model.temperature': 1.0}
+ADDED_FIELD_DEFAULTS = {'model.quantizer': 'vq', 'model.kl_weight': 1e-8, 'model.temperature': 1.0}
 
 
 class CheckpointError(RuntimeError):
@@ -125,8 +123,11 @@ def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: _to_abstract(x, shardings), tree)
   return jax.tree.map(
-      lambda s, sub: jax.tree.map(lambda x: _to_abstract(x, s), sub),
-      shardings, tree, is_leaf=_is_sharding)
+    lambda s, sub: jax.tree.map(lambda x: _to_abstract(x, s), sub),
+    shardings,
+    tree,
+    is_leaf=_is_sharding,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -149,8 +150,7 @@ def _encode_data_state(data_state) -> dict[str, Any]:
     try:
       return {'type': 'bytes', 'utf8': bytes(data_state).decode('utf-8')}
     except UnicodeDecodeError:
-      return {'type': 'bytes',
-              'base64': base64.b64encode(bytes(data_state)).decode('ascii')}
+      return {'type': 'bytes', 'base64': base64.b64encode(bytes(data_state)).decode('ascii')}
   if isinstance(data_state, str):
     return {'type': 'str', 'value': data_state}
   return {'type': 'json', 'value': data_state}
@@ -172,11 +172,13 @@ def _gather_strings(text: str) -> list[str]:
   if jax.process_count() == 1:
     return [text]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(
-      np.asarray(len(data), np.int32))).reshape(-1)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int32))).reshape(
+    -1
+  )
   padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:len(data)] = data
+  padded[: len(data)] = data
   rows = np.asarray(multihost_utils.process_allgather(padded))
   return [bytes(rows[i, :n]).decode('utf-8') for i, n in enumerate(lengths)]
 
@@ -202,16 +204,15 @@ def _normalize(value):
 _ABSENT = object()
 
 
-def config_differences(saved_config: Mapping[str, Any], config,
-                       fields: Sequence[str] = COMPATIBILITY_FIELDS
-                       ) -> list[str]:
+def config_differences(
+  saved_config: Mapping[str, Any], config, fields: Sequence[str] = COMPATIBILITY_FIELDS
+) -> list[str]:
   """Lines `name: checkpoint X, config Y` for each differing field."""
   saved = _flatten(_normalize(dict(saved_config)))
   current = _flatten(config_to_dict(config))
   lines = []
   for name in sorted(set(saved) | set(current)):
-    if not any(name == f or name.startswith(f.rstrip('.*') + '.')
-               for f in fields):
+    if not any(name == f or name.startswith(f.rstrip('.*') + '.') for f in fields):
       continue
     default = ADDED_FIELD_DEFAULTS.get(name, _ABSENT)
     a, b = saved.get(name, default), current.get(name, default)
@@ -221,9 +222,12 @@ def config_differences(saved_config: Mapping[str, Any], config,
   return lines
 
 
-def check_compatible(saved_config: Mapping[str, Any], config,
-                     fields: Sequence[str] = COMPATIBILITY_FIELDS,
-                     where: str = '') -> None:
+def check_compatible(
+  saved_config: Mapping[str, Any],
+  config,
+  fields: Sequence[str] = COMPATIBILITY_FIELDS,
+  where: str = '',
+) -> None:
   """Raises one `IncompatibleCheckpointError` naming every differing field.
 
   Args:
@@ -237,8 +241,9 @@ def check_compatible(saved_config: Mapping[str, Any], config,
   if lines:
     at = f' {where}' if where else ''
     raise IncompatibleCheckpointError(
-        f'Checkpoint{at} was written with an incompatible config; '
-        'differing fields: ' + '; '.join(lines) + '.')
+      f'Checkpoint{at} was written with an incompatible config; '
+      'differing fields: ' + '; '.join(lines) + '.'
+    )
 
 
 # --------------------------------------------------------------------------
@@ -269,24 +274,26 @@ def _check_target(saved_tree, target, where: str, partial: bool) -> None:
   problems = []
   missing = [p for p in wanted if p not in saved]
   if missing:
-    problems.append('missing in the checkpoint: ' + ', '.join(missing[:20])
-                    + (f' (+{len(missing) - 20} more)' if len(missing) > 20 else ''))
+    problems.append(
+      'missing in the checkpoint: '
+      + ', '.join(missing[:20])
+      + (f' (+{len(missing) - 20} more)' if len(missing) > 20 else '')
+    )
   if not partial:
     extra = [p for p in saved if p not in wanted]
     if extra:
-      problems.append('in the checkpoint but not in the target: '
-                      + ', '.join(extra[:20]))
+      problems.append('in the checkpoint but not in the target: ' + ', '.join(extra[:20]))
   for p, leaf in wanted.items():
     meta = saved.get(p)
     if meta is None or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       continue  # Keys are saved as their raw key data.
     shape = getattr(meta, 'shape', None)
     if shape is not None and tuple(shape) != tuple(leaf.shape):
-      problems.append(f'{p}: checkpoint shape {tuple(shape)}, '
-                      f'target shape {tuple(leaf.shape)}')
+      problems.append(f'{p}: checkpoint shape {tuple(shape)}, target shape {tuple(leaf.shape)}')
   if problems:
-    raise CheckpointError(f'Checkpoint {where} does not match the restore '
-                          'target: ' + '; '.join(problems) + '.')
+    raise CheckpointError(
+      f'Checkpoint {where} does not match the restore target: ' + '; '.join(problems) + '.'
+    )
 
 
 # --------------------------------------------------------------------------
@@ -311,8 +318,11 @@ def _brief(e: BaseException) -> str:
 
 def _is_abandoned_read(unraisable) -> bool:
   code = getattr(unraisable.object, 'cr_code', None)
-  return (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
-          and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit))
+  return (
+    code is not None
+    and f'{os.sep}orbax{os.sep}' in code.co_filename
+    and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit)
+  )
 
 
 def _collect_abandoned_reads() -> None:
@@ -327,6 +337,7 @@ def _collect_abandoned_reads() -> None:
   """
   previous = sys.unraisablehook
   if not getattr(previous, '_drops_abandoned_reads', False):
+
     def hook(unraisable):
       if not _is_abandoned_read(unraisable):
         previous(unraisable)
@@ -347,13 +358,15 @@ def _array_read_error(message: str, path: str) -> CheckpointError:
   if jax.process_count() == 1:
     return CorruptCheckpointError(message)
   return CheckpointError(
-      f'{message.rstrip(".")}. A multi-process run does not skip an unreadable step (its '
-      f'processes could disagree on it): move {path} out of {os.path.dirname(path)} to '
-      'resume from the step before it.')
+    f'{message.rstrip(".")}. A multi-process run does not skip an unreadable step (its '
+    f'processes could disagree on it): move {path} out of {os.path.dirname(path)} to '
+    'resume from the step before it.'
+  )
 
 
-def _newest_readable(steps: Sequence[int], read: Callable[[int], Any],
-                     directory: str) -> tuple[int, Any, list[tuple[int, str]]]:
+def _newest_readable(
+  steps: Sequence[int], read: Callable[[int], Any], directory: str
+) -> tuple[int, Any, list[tuple[int, str]]]:
   """`(step, read(step), skipped)` for the newest of `steps` that `read` gets
   whole; `skipped` lists `(step, reason)` for the newer ones it could not.
 
@@ -369,18 +382,23 @@ def _newest_readable(steps: Sequence[int], read: Callable[[int], Any],
     except CorruptCheckpointError as e:
       skipped.append((step, str(e)))
   raise CheckpointError(
-      f'No checkpoint in {directory} can be read: '
-      + '; '.join(f'step {s}: {r}' for s, r in skipped) + '.')
+    f'No checkpoint in {directory} can be read: '
+    + '; '.join(f'step {s}: {r}' for s, r in skipped)
+    + '.'
+  )
 
 
-def _skipped_line(skipped: Sequence[tuple[int, str]], step: int, done: str,
-                  moved: Sequence[str] = ()) -> str:
+def _skipped_line(
+  skipped: Sequence[tuple[int, str]], step: int, done: str, moved: Sequence[str] = ()
+) -> str:
   """The one line a fallback logs: which steps, where they went, which step instead, why."""
   steps = ', '.join(str(s) for s, _ in skipped)
   where = f' (moved to {", ".join(moved)})' if moved else ''
   reasons = '; '.join(r for _, r in skipped)
-  return (f'Skipped unreadable checkpoint step{"s" if len(skipped) > 1 else ""} '
-          f'{steps}{where}, {done} step {step} instead: {reasons}')
+  return (
+    f'Skipped unreadable checkpoint step{"s" if len(skipped) > 1 else ""} '
+    f'{steps}{where}, {done} step {step} instead: {reasons}'
+  )
 
 
 @jax.jit
@@ -444,26 +462,29 @@ def _quiet(notice: logging.Filter):
     logger.removeFilter(notice)
 
 
-def _manager(directory: str, *, read_only: bool, max_to_keep=None,
-             async_save=True, state_handler=None) -> ocp.CheckpointManager:
+def _manager(
+  directory: str, *, read_only: bool, max_to_keep=None, async_save=True, state_handler=None
+) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      # A reader deletes nothing; orbax warns when it has to say so itself.
-      max_to_keep=None if read_only else max_to_keep,
-      save_interval_steps=0 if read_only else 1,  # Saves are decided above.
-      read_only=read_only,
-      create=not read_only,
-      enable_async_checkpointing=async_save,
-      # A writer removes temporaries of saves that a crash interrupted;
-      # readers never do, since a writer may be mid-save.
-      cleanup_tmp_directories=not read_only,
+    # A reader deletes nothing; orbax warns when it has to say so itself.
+    max_to_keep=None if read_only else max_to_keep,
+    save_interval_steps=0 if read_only else 1,  # Saves are decided above.
+    read_only=read_only,
+    create=not read_only,
+    enable_async_checkpointing=async_save,
+    # A writer removes temporaries of saves that a crash interrupted;
+    # readers never do, since a writer may be mid-save.
+    cleanup_tmp_directories=not read_only,
   )
-  handlers = {'state': state_handler or ocp.StandardCheckpointHandler(),
-              'data': ocp.JsonCheckpointHandler(),
-              'config': ocp.JsonCheckpointHandler()}
+  handlers = {
+    'state': state_handler or ocp.StandardCheckpointHandler(),
+    'data': ocp.JsonCheckpointHandler(),
+    'config': ocp.JsonCheckpointHandler(),
+  }
   with _quiet(_READ_ONLY_NOTICE) if read_only else contextlib.nullcontext():
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=tuple(handlers),
-                                 item_handlers=handlers)
+    return ocp.CheckpointManager(
+      directory, options=options, item_names=tuple(handlers), item_handlers=handlers
+    )
 
 
 def _read_tree_metadata(manager: ocp.CheckpointManager, step: int, path: str):
@@ -472,11 +493,13 @@ def _read_tree_metadata(manager: ocp.CheckpointManager, step: int, path: str):
       metadata = manager.item_metadata(step)['state']
   except Exception as e:  # pylint: disable=broad-except
     error = CorruptCheckpointError(  # Not chained: see `Checkpointer._restore`.
-        f'Could not read the array metadata of checkpoint {path}: {_brief(e)}')
+      f'Could not read the array metadata of checkpoint {path}: {_brief(e)}'
+    )
   else:
     if getattr(metadata, 'tree', None) is None:
       raise CorruptCheckpointError(
-          f'Checkpoint {path} has no array metadata (state/_METADATA is missing).')
+        f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
+      )
     return metadata.tree
   _collect_abandoned_reads()
   raise error
@@ -489,13 +512,17 @@ def _require_dir(directory: str, what: str) -> None:
 
 def _check_global(state: PyTree) -> None:
   # A leaf living on one process's devices has no global layout to write.
-  local = [p for p, x in _leaves_by_path(state).items()
-           if isinstance(x, jax.Array) and x.is_fully_addressable]
+  local = [
+    p
+    for p, x in _leaves_by_path(state).items()
+    if isinstance(x, jax.Array) and x.is_fully_addressable
+  ]
   if local:
     raise ValueError(
-        'Checkpointer.save: in a multi-process run every state leaf must be a '
-        'global jax.Array (on the mesh, e.g. from jit out_shardings); these '
-        'live on one process only: ' + ', '.join(local[:20]) + '.')
+      'Checkpointer.save: in a multi-process run every state leaf must be a '
+      'global jax.Array (on the mesh, e.g. from jit out_shardings); these '
+      'live on one process only: ' + ', '.join(local[:20]) + '.'
+    )
 
 
 # Checkpointers not closed yet, closed at exit by `_close_open_checkpointers`.
@@ -524,6 +551,7 @@ def _register_exit_hook() -> None:
   register = getattr(threading, '_register_atexit', None)
   if register is None:
     import atexit  # pylint: disable=g-import-not-at-top
+
     register = atexit.register
   register(_close_open_checkpointers)
 
@@ -551,9 +579,15 @@ class Checkpointer:
   still open when the interpreter exits is closed then.
   """
 
-  def __init__(self, workdir: str | os.PathLike[str], *, max_to_keep: int | None = 3,
-               save_every: int = 1000, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str | os.PathLike[str],
+    *,
+    max_to_keep: int | None = 3,
+    save_every: int = 1000,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     if save_every < 1:
       raise ValueError(f'save_every must be >= 1, got {save_every}.')
     self.workdir = os.fspath(workdir)
@@ -565,8 +599,9 @@ class Checkpointer:
     self.restored_step: int | None = None
     if read_only:
       _require_dir(self.directory, f'Checkpointer({self.workdir!r})')
-    self._manager = _manager(self.directory, read_only=read_only,
-                             max_to_keep=max_to_keep, async_save=async_save)
+    self._manager = _manager(
+      self.directory, read_only=read_only, max_to_keep=max_to_keep, async_save=async_save
+    )
     self._closed = False
     _OPEN[id(self)] = self
 
@@ -581,11 +616,9 @@ class Checkpointer:
     if self.read_only or step in self._manager.all_steps():
       return False  # E.g. the last step after a resume, saved already.
     # A preemption notice (multi-host) also triggers a save.
-    return (force or step % self.save_every == 0
-            or self._manager.reached_preemption(step))
+    return force or step % self.save_every == 0 or self._manager.reached_preemption(step)
 
-  def save(self, step: int, state: PyTree, data_state, config,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: PyTree, data_state, config, force: bool = False) -> bool:
     """Starts saving a checkpoint if `step` is due (or `force`); non-blocking.
 
     Returns once the arrays are copied off the devices, so `state` may be
@@ -614,12 +647,16 @@ class Checkpointer:
     bad = _nonfinite_leaves(state)
     if bad:
       last = self.latest_step()
-      kept = (f'the last good checkpoint, step {last}, stays in {self.directory}'
-              if last is not None else f'no earlier checkpoint is in {self.directory}')
+      kept = (
+        f'the last good checkpoint, step {last}, stays in {self.directory}'
+        if last is not None
+        else f'no earlier checkpoint is in {self.directory}'
+      )
       more = f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
       raise NonFiniteStateError(
-          f'Step {step}: the training state holds NaN or Inf in '
-          f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.')
+        f'Step {step}: the training state holds NaN or Inf in '
+        f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.'
+      )
     if jax.process_count() > 1:
       _check_global(state)
     if callable(data_state):
@@ -628,11 +665,14 @@ class Checkpointer:
     per_process = [json.loads(s) for s in _gather_strings(local)]
     data = {'process_count': len(per_process), 'states': per_process}
     return self._manager.save(
-        step, force=True,  # The decision is ours (above).
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data),
-            config=ocp.args.JsonSave(config_to_dict(config))))
+      step,
+      force=True,  # The decision is ours (above).
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data),
+        config=ocp.args.JsonSave(config_to_dict(config)),
+      ),
+    )
 
   def wait(self) -> None:
     """Blocks until the pending save is committed."""
@@ -682,8 +722,8 @@ class Checkpointer:
       return steps
     if step not in steps:
       raise CheckpointError(
-          f'No checkpoint for step {step} in {self.directory}; '
-          f'committed steps: {steps or "none"}.')
+        f'No checkpoint for step {step} in {self.directory}; committed steps: {steps or "none"}.'
+      )
     return [step]
 
   def _read_newest(self, step: int | None, read: Callable[[int], Any]):
@@ -704,8 +744,14 @@ class Checkpointer:
   def _read_config(self, step: int) -> dict[str, Any]:
     return self._restore(step, config=ocp.args.JsonRestore())['config']
 
-  def restore(self, abstract_state: PyTree, step: int | None = None, *,
-              config=None, fields: Sequence[str] = COMPATIBILITY_FIELDS):
+  def restore(
+    self,
+    abstract_state: PyTree,
+    step: int | None = None,
+    *,
+    config=None,
+    fields: Sequence[str] = COMPATIBILITY_FIELDS,
+  ):
     """Restores a checkpoint onto the target shardings.
 
     Args:
@@ -743,18 +789,22 @@ class Checkpointer:
       saved_config = self._read_config(step)
       if config is not None:
         check_compatible(saved_config, config, fields, where=self.step_path(step))
-      _check_target(_read_tree_metadata(self._manager, step, self.step_path(step)),
-                    target, self.step_path(step), partial=False)
-      out = self._restore(step, state=ocp.args.StandardRestore(target),
-                          data=ocp.args.JsonRestore())
+      _check_target(
+        _read_tree_metadata(self._manager, step, self.step_path(step)),
+        target,
+        self.step_path(step),
+        partial=False,
+      )
+      out = self._restore(step, state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
       return out['state'], self._local_data_state(out['data'], step), saved_config
 
     step, out, skipped = self._read_newest(step, read)
     self.restored_step = step
     return step, out, skipped
 
-  def resume(self, abstract_state: PyTree, iterator, *, config,
-             fields: Sequence[str] = COMPATIBILITY_FIELDS):
+  def resume(
+    self, abstract_state: PyTree, iterator, *, config, fields: Sequence[str] = COMPATIBILITY_FIELDS
+  ):
     """A run's restart: restores the newest step that reads whole (see `restore`)
     and moves the data `iterator` (`set_state`) to where that step left it.
     Returns the state, or None when there is no checkpoint yet.
@@ -766,7 +816,8 @@ class Checkpointer:
     if self.latest_step() is None:
       return None
     step, (state, data_state, _), skipped = self._restore_newest(
-        abstract_state, None, config, fields)
+      abstract_state, None, config, fields
+    )
     if skipped:
       moved = [] if self.read_only else [self._set_aside(s) for s, _ in skipped]
       _log.warning(_skipped_line(skipped, step, 'resumed from', moved))
@@ -787,6 +838,7 @@ class Checkpointer:
       os.rename(self.step_path(step), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices(f'vqgan_jax_set_aside_{step}')
     self._manager.reload()
     return dest
@@ -795,9 +847,12 @@ class Checkpointer:
     count = data['process_count']
     if count != jax.process_count():
       _log.warning(
-          'Checkpoint %s was written by %d processes, this run has %d: the '
-          'data iterator restarts from its initial state.',
-          self.step_path(step), count, jax.process_count())
+        'Checkpoint %s was written by %d processes, this run has %d: the '
+        'data iterator restarts from its initial state.',
+        self.step_path(step),
+        count,
+        jax.process_count(),
+      )
       return None
     return _decode_data_state(data['states'][jax.process_index()])
 
@@ -808,18 +863,25 @@ class Checkpointer:
       # TensorStore raises a bare Exception for a truncated or missing file.
       # Its brief says what a traceback would; keeping `e` would keep the
       # abandoned reads alive (see `_collect_abandoned_reads`).
-      message = (f'Could not restore {"/".join(items)} from checkpoint '
-                 f'{self.step_path(step)}: {_brief(e)}')
+      message = (
+        f'Could not restore {"/".join(items)} from checkpoint {self.step_path(step)}: {_brief(e)}'
+      )
       # The JSON items alone read the same on every process.
-      error = (_array_read_error(message, self.step_path(step)) if 'state' in items
-               else CorruptCheckpointError(message))
+      error = (
+        _array_read_error(message, self.step_path(step))
+        if 'state' in items
+        else CorruptCheckpointError(message)
+      )
     _collect_abandoned_reads()
     raise error
 
 
-def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
-                   key: str | Sequence[str] = 'params',
-                   step: int | None = None) -> PyTree:
+def restore_params(
+  workdir: str | os.PathLike[str],
+  abstract_params: PyTree,
+  key: str | Sequence[str] = 'params',
+  step: int | None = None,
+) -> PyTree:
   """Restores one subtree of another run's checkpoint (e.g. stage-1 params).
 
   Only the arrays of that subtree are read, onto the shardings that
@@ -835,8 +897,7 @@ def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
   """
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
-  manager = _manager(directory, read_only=True,
-                     state_handler=ocp.PyTreeCheckpointHandler())
+  manager = _manager(directory, read_only=True, state_handler=ocp.PyTreeCheckpointHandler())
   keys = key.split('/') if isinstance(key, str) else list(key)
   item = abstract_like(abstract_params)
   for k in reversed(keys):
@@ -850,19 +911,24 @@ def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
       if not isinstance(node, Mapping) or k not in node:
         have = ', '.join(map(str, node)) if isinstance(node, Mapping) else '-'
         raise CheckpointError(
-            f'Checkpoint {path} has no {"/".join(keys[:i + 1])!r} in its '
-            f'state; {"/".join(keys[:i]) or "the top level"} holds: {have}.')
+          f'Checkpoint {path} has no {"/".join(keys[: i + 1])!r} in its '
+          f'state; {"/".join(keys[:i]) or "the top level"} holds: {have}.'
+        )
       node = node[k]
     _check_target(saved, item, path, partial=True)
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     try:
-      out = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                       partial_restore=True)))
+      out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       # As in `Checkpointer._restore`.
       error = _array_read_error(
-          f'Could not restore {"/".join(keys)!r} from checkpoint {path}: {_brief(e)}', path)
+        f'Could not restore {"/".join(keys)!r} from checkpoint {path}: {_brief(e)}', path
+      )
     else:
       tree = out['state']
       for k in keys:
@@ -875,12 +941,13 @@ def restore_params(workdir: str | os.PathLike[str], abstract_params: PyTree,
     steps = sorted(manager.all_steps())
     if not steps:
       raise CheckpointError(
-          f'restore_params: no committed checkpoint in {directory} '
-          f'(workdir {os.fspath(workdir)}).')
+        f'restore_params: no committed checkpoint in {directory} (workdir {os.fspath(workdir)}).'
+      )
     if step is not None:
       if step not in steps:
-        raise CheckpointError(f'No checkpoint for step {step} in {directory}; '
-                              f'committed steps: {steps}.')
+        raise CheckpointError(
+          f'No checkpoint for step {step} in {directory}; committed steps: {steps}.'
+        )
       return read(step)
     step, tree, skipped = _newest_readable(steps, read, directory)
     if skipped:

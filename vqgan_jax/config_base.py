@@ -55,18 +55,18 @@ def logical_axis_rules():
   an array no rule put on fsdp goes there along its largest divisible dimension.
   """
   return (
-      ('batch', ('data', 'fsdp')),   # activations' batch dim (input batches: data x fsdp)
-      ('embed', 'fsdp'),             # GPT width
-      ('mlp', 'tensor'),             # GPT MLP hidden
-      ('heads', 'tensor'),           # GPT attention heads
-      ('vocab', 'tensor'),           # GPT token embedding / head
-      ('kv', None),                  # GPT head_dim (KV cache)
-      ('length', None),              # GPT sequence
-      ('layers', None),              # GPT stacked layers (scan_layers)
-      ('act_embed', None),           # GPT residual-stream activations' width
-      ('conv_in', None),             # stage-1 kernels' input channels (fsdp picks a dim)
-      ('conv_out', 'tensor'),        # stage-1 kernels' output channels
-      ('codebook', None),            # stage-1 codebook entries
+    ('batch', ('data', 'fsdp')),  # activations' batch dim (input batches: data x fsdp)
+    ('embed', 'fsdp'),  # GPT width
+    ('mlp', 'tensor'),  # GPT MLP hidden
+    ('heads', 'tensor'),  # GPT attention heads
+    ('vocab', 'tensor'),  # GPT token embedding / head
+    ('kv', None),  # GPT head_dim (KV cache)
+    ('length', None),  # GPT sequence
+    ('layers', None),  # GPT stacked layers (scan_layers)
+    ('act_embed', None),  # GPT residual-stream activations' width
+    ('conv_in', None),  # stage-1 kernels' input channels (fsdp picks a dim)
+    ('conv_out', 'tensor'),  # stage-1 kernels' output channels
+    ('codebook', None),  # stage-1 codebook entries
   )
 
 
@@ -75,51 +75,79 @@ def stage1_base():
   c.stage = 'vqgan'
   c.seed = 0
   # The first-stage model (taming `ddconfig` + quantizer fields).
-  c.model = ml_collections.ConfigDict(dict(
-      ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-      dropout=0.0, in_channels=3, out_ch=3, resolution=256, z_channels=256,
-      n_embed=1024, embed_dim=256, beta=0.25, legacy_beta=True,
+  c.model = ml_collections.ConfigDict(
+    dict(
+      ch=128,
+      ch_mult=(1, 1, 2, 2, 4),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      dropout=0.0,
+      in_channels=3,
+      out_ch=3,
+      resolution=256,
+      z_channels=256,
+      n_embed=1024,
+      embed_dim=256,
+      beta=0.25,
+      legacy_beta=True,
       # 'vq': taming VQModel (VectorQuantizer2); 'gumbel': GumbelVQ (GumbelQuantize), whose
       # KL-to-uniform loss weight and Gumbel-softmax training temperature (constant here; the
       # original anneals it) are the next two fields.
-      quantizer='vq', kl_weight=1e-8, temperature=1.0,
-  ))
-  c.loss = ml_collections.ConfigDict(dict(
+      quantizer='vq',
+      kl_weight=1e-8,
+      temperature=1.0,
+    )
+  )
+  c.loss = ml_collections.ConfigDict(
+    dict(
       # Batches (not optimizer steps); a float in (0, 1) is a fraction of train.num_steps.
       disc_start=250001.0,
-      codebook_weight=1.0, perceptual_weight=1.0,
-      disc_factor=1.0, disc_weight=0.8, disc_loss='hinge',
-      disc_num_layers=3, disc_ndf=64,
+      codebook_weight=1.0,
+      perceptual_weight=1.0,
+      disc_factor=1.0,
+      disc_weight=0.8,
+      disc_loss='hinge',
+      disc_num_layers=3,
+      disc_ndf=64,
       # The original trains with LPIPS dropout on (Lightning's train() undoes its eval()).
       lpips_dropout=True,
-  ))
-  c.optim = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.optim = ml_collections.ConfigDict(
+    dict(
       base_lr=4.5e-6,
       scale_lr=True,  # lr = base_lr * global batch, as taming's main.py
-      b1=0.5, b2=0.9, eps=1e-8,
-  ))
-  c.data = ml_collections.ConfigDict(dict(
-      name='imagenet2012',   # any prepared TFDS image dataset, 'fashion_mnist' or 'folder'
-      data_dir='',           # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-      folder='',             # source images when name == 'folder'
+      b1=0.5,
+      b2=0.9,
+      eps=1e-8,
+    )
+  )
+  c.data = ml_collections.ConfigDict(
+    dict(
+      name='imagenet2012',  # any prepared TFDS image dataset, 'fashion_mnist' or 'folder'
+      data_dir='',  # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
+      folder='',  # source images when name == 'folder'
       validation_fraction=0.05,  # held out of a folder dataset as its 'validation' split
       source_dir='/usr/share/datasets/fashion-mnist',  # IDX files for fashion_mnist
       image_key='image',
       image_size=256,
-      train_split='train', eval_split='validation',
+      train_split='train',
+      eval_split='validation',
       random_crop=True,
       worker_count=0,
-      eval_examples=-1,      # -1: the whole eval split
-  ))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=12,          # global
-      eval_batch_size=16,     # global
+      eval_examples=-1,  # -1: the whole eval split
+    )
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
+      batch_size=12,  # global
+      eval_batch_size=16,  # global
       num_steps=1_000_000,
       log_every=100,
       eval_every=5000,
       checkpoint_every=5000,
       max_to_keep=3,
-      dtype='float32',        # compute dtype; bfloat16 on accelerators
+      dtype='float32',  # compute dtype; bfloat16 on accelerators
       # Rematerialisation of the VQGAN: 'none', or 'block': each ResnetBlock and AttnBlock
       # under nn.remat with the jax.checkpoint_policies policy `remat_policy`. Parameter names
       # and values are unchanged, so (like dtype) it may differ between resumes; it lives
@@ -127,7 +155,8 @@ def stage1_base():
       remat='none',
       remat_policy='nothing_saveable',
       num_grid_images=16,
-  ))
+    )
+  )
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;
   # params/opt-state by logical_axis_rules (ZeRO-3 over fsdp; conv outputs over tensor).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -139,16 +168,30 @@ def stage1_base():
 def stage1_smoke(c):
   """Shrinks a stage-1 config to a tiny model and a few steps on Fashion-MNIST (offline),
   keeping every part of the pipeline: data, both updates, eval, checkpoints, images."""
-  c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                 resolution=32, z_channels=32, n_embed=64, embed_dim=16)
+  c.model.update(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),
+    resolution=32,
+    z_channels=32,
+    n_embed=64,
+    embed_dim=16,
+  )
   c.loss.update(disc_start=4.0, disc_ndf=16, disc_num_layers=2)
-  c.data.update(name='fashion_mnist', image_size=32, eval_split='test', random_crop=False,
-                eval_examples=64)
-  c.train.update(batch_size=8, eval_batch_size=32, num_steps=8, log_every=2, eval_every=8,
-                 checkpoint_every=4, num_grid_images=8)
+  c.data.update(
+    name='fashion_mnist', image_size=32, eval_split='test', random_crop=False, eval_examples=64
+  )
+  c.train.update(
+    batch_size=8,
+    eval_batch_size=32,
+    num_steps=8,
+    log_every=2,
+    eval_every=8,
+    checkpoint_every=4,
+    num_grid_images=8,
+  )
   return c
-
-
 
 
 def stage1_model_fields(stage1_config=None):
@@ -166,26 +209,33 @@ def stage2_base():
   # The frozen first stage: a stage-1 workdir (its latest checkpoint's params and config).
   c.stage1_workdir = ''
   c.stage1_config = stage1_model_fields()
-  c.cond = ml_collections.ConfigDict(dict(
+  c.cond = ml_collections.ConfigDict(
+    dict(
       kind='unconditional',  # 'unconditional' (SOS token) | 'class' | 'spatial'
-      n_classes=0,           # class: number of classes (Labelator)
-      sos_token=0,           # shared_vocab only: the SOS id (taming's sos_token); offset: n_embed
-      drop_prob=0.0,         # class: replace the class by a null token with this probability
-                             # (classifier-free guidance; offset convention only; not original)
+      n_classes=0,  # class: number of classes (Labelator)
+      sos_token=0,  # shared_vocab only: the SOS id (taming's sos_token); offset: n_embed
+      drop_prob=0.0,  # class: replace the class by a null token with this probability
+      # (classifier-free guidance; offset convention only; not original)
       # spatial: a second frozen VQGAN encodes the dataset feature `key` (depth, segmentation)
       key='',
-      one_hot=0,             # > 0: `key` is an integer label map, one-hot with this many channels
+      one_hot=0,  # > 0: `key` is an integer label map, one-hot with this many channels
       labels_from_intensity=False,  # smoke only: a fake label map from a gray image's intensity
-      workdir='',            # the cond VQGAN's stage-1 workdir
-      random_init=False,     # smoke/tests only: a randomly initialised frozen cond VQGAN
+      workdir='',  # the cond VQGAN's stage-1 workdir
+      random_init=False,  # smoke/tests only: a randomly initialised frozen cond VQGAN
       model=stage1_model_fields(),
-  ))
-  c.transformer = ml_collections.ConfigDict(dict(
-      vocab_size=-1,         # -1: from the vocabulary convention (see the module docstring)
-      block_size=-1,         # -1: cond length + image length - 1
-      n_layer=12, n_head=8, n_embd=256,
-      embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0,
-      pkeep=1.0,             # keep each input image token with this probability, else random
+    )
+  )
+  c.transformer = ml_collections.ConfigDict(
+    dict(
+      vocab_size=-1,  # -1: from the vocabulary convention (see the module docstring)
+      block_size=-1,  # -1: cond length + image length - 1
+      n_layer=12,
+      n_head=8,
+      n_embd=256,
+      embd_pdrop=0.0,
+      resid_pdrop=0.0,
+      attn_pdrop=0.0,
+      pkeep=1.0,  # keep each input image token with this probability, else random
       shared_vocab=False,
       # Train under nn.scan over stacked layer params (the checkpointed layout too); the sampler
       # unstacks them into the per-layer layout it needs.
@@ -195,48 +245,66 @@ def stage2_base():
       # alone = block with that policy. ('' = 'none'.)
       remat='none',
       remat_policy='nothing_saveable',
-  ))
-  c.optim = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.optim = ml_collections.ConfigDict(
+    dict(
       base_lr=4.5e-6,
-      scale_lr=True,         # lr = base_lr * global batch, as taming's main.py
-      b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.01,     # on Dense kernels only (biases, LayerNorm, embeddings, pos_emb: none)
-      warmup_steps=0,        # linear warm-up from 0 (the original has none)
-      schedule='constant',   # 'constant' | 'cosine' (to final_lr_fraction * lr at num_steps)
+      scale_lr=True,  # lr = base_lr * global batch, as taming's main.py
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.01,  # on Dense kernels only (biases, LayerNorm, embeddings, pos_emb: none)
+      warmup_steps=0,  # linear warm-up from 0 (the original has none)
+      schedule='constant',  # 'constant' | 'cosine' (to final_lr_fraction * lr at num_steps)
       final_lr_fraction=0.0,
-      grad_clip=0.0,         # global-norm clipping; 0: none (the original has none)
-  ))
+      grad_clip=0.0,  # global-norm clipping; 0: none (the original has none)
+    )
+  )
   c.data = stage1_base().data
   c.data.update(
-      source='codes',        # 'codes': the dataset --mode=encode wrote; 'images': encode in the step
-      codes_dir='',          # '' -> <workdir>/codes
+    source='codes',  # 'codes': the dataset --mode=encode wrote; 'images': encode in the step
+    codes_dir='',  # '' -> <workdir>/codes
   )
-  c.encode = ml_collections.ConfigDict(dict(
-      batch_size=64,         # global
-      max_examples=-1,       # per split; -1: all
+  c.encode = ml_collections.ConfigDict(
+    dict(
+      batch_size=64,  # global
+      max_examples=-1,  # per split; -1: all
       overwrite=False,
-  ))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=16, eval_batch_size=16,  # global
+    )
+  )
+  c.train = ml_collections.ConfigDict(
+    dict(
+      batch_size=16,
+      eval_batch_size=16,  # global
       num_steps=1_000_000,
-      log_every=100, eval_every=5000, checkpoint_every=5000, max_to_keep=3,
-      dtype='float32',       # compute dtype; bfloat16 on accelerators
-  ))
-  c.sample = ml_collections.ConfigDict(dict(
-      temperature=1.0, top_k=100, top_p=1.0,
-      cfg_scale=1.0,         # != 1: classifier-free guidance (needs cond.drop_prob > 0)
+      log_every=100,
+      eval_every=5000,
+      checkpoint_every=5000,
+      max_to_keep=3,
+      dtype='float32',  # compute dtype; bfloat16 on accelerators
+    )
+  )
+  c.sample = ml_collections.ConfigDict(
+    dict(
+      temperature=1.0,
+      top_k=100,
+      top_p=1.0,
+      cfg_scale=1.0,  # != 1: classifier-free guidance (needs cond.drop_prob > 0)
       classes=config_dict.placeholder(tuple),  # class models: which classes (None: all)
-      num_per_class=8,       # class models: samples per class (one grid row per class)
-      num_samples=16,        # unconditional / spatial models
+      num_per_class=8,  # class models: samples per class (one grid row per class)
+      num_samples=16,  # unconditional / spatial models
       batch_size=32,
-      grid_h=0, grid_w=0,    # 0: the training grid; larger: the sliding-window sampler
+      grid_h=0,
+      grid_w=0,  # 0: the training grid; larger: the sliding-window sampler
       seed=0,
-  ))
+    )
+  )
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;
   # parameters by their logical axes (embed -> fsdp; heads, mlp, vocab -> tensor).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = logical_axis_rules()
-  c.init_from = ''           # a stage-2 workdir whose latest params start this run
+  c.init_from = ''  # a stage-2 workdir whose latest params start this run
   return c
 
 
@@ -250,12 +318,19 @@ def stage2_smoke(c):
   c.stage1_workdir = 'workdirs/fashion_mnist_vqgan_smoke'
   c.stage1_config = stage1_model_fields(smoke_stage1())
   c.transformer.update(n_layer=2, n_head=2, n_embd=64, vocab_size=-1, block_size=-1)
-  c.data.update(name='fashion_mnist', image_size=32, train_split='train', eval_split='test',
-                random_crop=False, eval_examples=-1)
+  c.data.update(
+    name='fashion_mnist',
+    image_size=32,
+    train_split='train',
+    eval_split='test',
+    random_crop=False,
+    eval_examples=-1,
+  )
   c.encode.update(batch_size=64, max_examples=256)
   c.optim.update(base_lr=1e-5, warmup_steps=2, schedule='cosine')
-  c.train.update(batch_size=16, eval_batch_size=32, num_steps=8, log_every=2, eval_every=8,
-                 checkpoint_every=4)
+  c.train.update(
+    batch_size=16, eval_batch_size=32, num_steps=8, log_every=2, eval_every=8, checkpoint_every=4
+  )
   c.sample.update(num_per_class=2, num_samples=4, batch_size=32, top_k=16)
   if c.cond.kind == 'class':
     c.cond.n_classes = 10

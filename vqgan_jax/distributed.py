@@ -33,8 +33,9 @@ def initialize(mode, coordinator_address=None, num_processes=None, process_id=No
   explicit = [coordinator_address, num_processes, process_id]
   if mode == 'off':
     if any(v is not None for v in explicit):
-      raise ValueError('--distributed=off contradicts --coordinator_address/--num_processes/'
-                       '--process_id')
+      raise ValueError(
+        '--distributed=off contradicts --coordinator_address/--num_processes/--process_id'
+      )
     return None
   why = None
   if mode == 'on':
@@ -49,7 +50,11 @@ def initialize(mode, coordinator_address=None, num_processes=None, process_id=No
   if why is None:
     return None
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  return (f'jax.distributed: process {jax.process_index()} of {jax.process_count()} '
-          f'({why}), {jax.local_device_count()} local / {jax.device_count()} devices')
+
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  return (
+    f'jax.distributed: process {jax.process_index()} of {jax.process_count()} '
+    f'({why}), {jax.local_device_count()} local / {jax.device_count()} devices'
+  )

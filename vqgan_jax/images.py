@@ -21,7 +21,7 @@ def make_grid(images, ncol: int, pad: int = 2, value: int = 255):
   for i, img in enumerate(images):
     r, col = divmod(i, ncol)
     y, x = pad + r * (h + pad), pad + col * (w + pad)
-    grid[y:y + h, x:x + w] = img
+    grid[y : y + h, x : x + w] = img
   return grid
 
 
@@ -29,8 +29,8 @@ def interleave_rows(a, b, ncol: int):
   """Rows of `a` then the matching row of `b` (inputs above their reconstructions)."""
   rows = []
   for start in range(0, len(a), ncol):
-    rows.append(a[start:start + ncol])
-    rows.append(b[start:start + ncol])
+    rows.append(a[start : start + ncol])
+    rows.append(b[start : start + ncol])
   return np.concatenate(rows, axis=0)
 
 

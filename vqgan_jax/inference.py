@@ -24,13 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
-from vqgan_jax import sampling
+from vqgan_jax import checkpoints, parallel, sampling
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import stage1
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
+from vqgan_jax.train import stage1, stage2, stage2_config
 from vqgan_jax.train.codes import stage1_step
 from vqgan_jax.train.common import gather
 
@@ -50,8 +46,7 @@ def _default_mesh():
 
 
 def _rules(config):
-  return parallel.axis_rules(config) if config.get('logical_axis_rules') else \
-      parallel.DEFAULT_RULES
+  return parallel.axis_rules(config) if config.get('logical_axis_rules') else parallel.DEFAULT_RULES
 
 
 def _to_global(x: np.ndarray, sharding):
@@ -70,12 +65,13 @@ def _chunks(n: int, batch_size: int, divisor: int):
 @dataclasses.dataclass
 class TrainedVQGAN:
   """A stage-1 VQGAN with its parameters on a mesh: encode, decode, reconstruct."""
+
   model: vqgan_lib.VQGAN
   params: Any
-  config: ml_collections.ConfigDict   # the config saved with the checkpoint
+  config: ml_collections.ConfigDict  # the config saved with the checkpoint
   step: int
   mesh: jax.sharding.Mesh
-  batch_size: int = 256               # images per compiled call (rounded to the mesh)
+  batch_size: int = 256  # images per compiled call (rounded to the mesh)
 
   def __post_init__(self):
     batch = parallel.batch_sharding(self.mesh)
@@ -102,12 +98,16 @@ class TrainedVQGAN:
     if x.ndim == 4 and x.shape[-1] == 1 and self.model.in_channels == 3:
       x = np.repeat(x, 3, axis=-1)  # Gray images as the data pipeline feeds them: RGB.
     if x.ndim != 4 or x.shape[-1] != self.model.in_channels:
-      raise ValueError(f'images must be (N, H, W, {self.model.in_channels}) (NHWC; uint8 in '
-                       f'[0, 255] or float in [-1, 1]), got shape {x.shape}')
+      raise ValueError(
+        f'images must be (N, H, W, {self.model.in_channels}) (NHWC; uint8 in '
+        f'[0, 255] or float in [-1, 1]), got shape {x.shape}'
+      )
     f = self.downsample_factor
     if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(f'image size {x.shape[1]}x{x.shape[2]} is not divisible by this '
-                       f"VQGAN's downsampling factor {f}")
+      raise ValueError(
+        f'image size {x.shape[1]}x{x.shape[2]} is not divisible by this '
+        f"VQGAN's downsampling factor {f}"
+      )
     return x
 
   def _map(self, fn, x: np.ndarray) -> np.ndarray:
@@ -119,7 +119,7 @@ class TrainedVQGAN:
       chunk = x[start:stop]
       if padded > len(chunk):
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padded - len(chunk), axis=0)])
-      out.append(gather(fn(self.params, _to_global(chunk, batch)))[:stop - start])
+      out.append(gather(fn(self.params, _to_global(chunk, batch)))[: stop - start])
     return np.concatenate(out)
 
   def encode(self, images) -> np.ndarray:
@@ -134,8 +134,9 @@ class TrainedVQGAN:
     if idx.ndim != 3:
       raise ValueError(f'indices must be (N, h, w) code grids, got shape {idx.shape}')
     if idx.size and (idx.min() < 0 or idx.max() >= self.model.n_embed):
-      raise ValueError(f'code indices must be in [0, {self.model.n_embed}), got '
-                       f'[{idx.min()}, {idx.max()}]')
+      raise ValueError(
+        f'code indices must be in [0, {self.model.n_embed}), got [{idx.min()}, {idx.max()}]'
+      )
     return self._map(self._decode, idx.astype(np.int32))
 
   def reconstruct(self, images) -> np.ndarray:
@@ -162,8 +163,9 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
   config, step = _saved_config(workdir, step)
   if config.get('stage', 'vqgan') != 'vqgan':
     raise checkpoints.CheckpointError(
-        f'{workdir} is a {config.get("stage")!r} run; load_vqgan reads stage-1 (vqgan) '
-        'workdirs (load_transformer reads stage-2 ones)')
+      f'{workdir} is a {config.get("stage")!r} run; load_vqgan reads stage-1 (vqgan) '
+      'workdirs (load_transformer reads stage-2 ones)'
+    )
   mesh = mesh or _default_mesh()
   model = vqgan_lib.from_config(config.model, frozen=True)
   rules = _rules(config)
@@ -172,7 +174,8 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
     abstract, shardings = stage1.vqgan_param_shardings(model, mesh, rules)
     try:
       params = checkpoints.restore_params(
-          workdir, checkpoints.abstract_like(abstract, shardings), key='params_ema', step=step)
+        workdir, checkpoints.abstract_like(abstract, shardings), key='params_ema', step=step
+      )
     except checkpoints.CheckpointError:
       params = None  # The run kept no EMA copy.
   if params is None:
@@ -183,11 +186,12 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
 @dataclasses.dataclass
 class TrainedTransformer:
   """A stage-2 transformer with its first stage, ready to sample (jitted, KV-cached)."""
-  model: Any                          # the GPT, per-layer layout (what the sampler runs)
-  params: Any                         # the GPT's params
-  vqgan: TrainedVQGAN                 # the frozen first stage (decodes the codes)
-  layout: stage2_config.Layout        # token layout: grid, vocabulary, condition ids
-  config: ml_collections.ConfigDict   # the resolved config
+
+  model: Any  # the GPT, per-layer layout (what the sampler runs)
+  params: Any  # the GPT's params
+  vqgan: TrainedVQGAN  # the frozen first stage (decodes the codes)
+  layout: stage2_config.Layout  # token layout: grid, vocabulary, condition ids
+  config: ml_collections.ConfigDict  # the resolved config
   step: int
   mesh: jax.sharding.Mesh
 
@@ -196,8 +200,19 @@ class TrainedTransformer:
     error), or N start tokens for an unconditional model."""
     return np.asarray(stage2.class_tokens(self.layout, np.asarray(labels).reshape(-1)))
 
-  def sample(self, condition=None, rng=None, *, num_samples=None, temperature=1.0, top_k=None,
-             top_p=1.0, cfg_scale=None, grid=None, window=None):
+  def sample(
+    self,
+    condition=None,
+    rng=None,
+    *,
+    num_samples=None,
+    temperature=1.0,
+    top_k=None,
+    top_p=1.0,
+    cfg_scale=None,
+    grid=None,
+    window=None,
+  ):
     """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
     float32, nominally [-1, 1]) as host arrays.
 
@@ -214,8 +229,9 @@ class TrainedTransformer:
     rng = jax.random.key(0) if rng is None else rng
     if condition is None:
       if layout.kind != 'unconditional':
-        raise ValueError(f'this {layout.kind}-conditional model needs a condition (see '
-                         'condition_for_class)')
+        raise ValueError(
+          f'this {layout.kind}-conditional model needs a condition (see condition_for_class)'
+        )
       condition = self.condition_for_class(np.zeros((num_samples or 1,), np.int32))
       num_samples = None
     grid = tuple(grid or layout.grid)
@@ -223,25 +239,40 @@ class TrainedTransformer:
       if layout.grid[0] != layout.grid[1]:
         raise ValueError(f'the sliding window needs a square training grid, got {layout.grid}')
       if layout.kind == 'spatial':
-        raise ValueError('grids larger than the training grid with spatial conditioning need '
-                         'cond maps of the larger size; not supported')
+        raise ValueError(
+          'grids larger than the training grid with spatial conditioning need '
+          'cond maps of the larger size; not supported'
+        )
       window = layout.grid[0]
     uncond = None
     if cfg_scale is not None and cfg_scale != 1.0:
       if layout.null_id < 0:
-        raise ValueError('cfg_scale needs a model trained with class dropout '
-                         '(config.cond.drop_prob > 0, offset vocabulary)')
-      uncond = np.full((1 if num_samples else len(condition), layout.cond_len), layout.null_id,
-                       np.int32)
+        raise ValueError(
+          'cfg_scale needs a model trained with class dropout '
+          '(config.cond.drop_prob > 0, offset vocabulary)'
+        )
+      uncond = np.full(
+        (1 if num_samples else len(condition), layout.cond_len), layout.null_id, np.int32
+      )
     else:
       cfg_scale = None
     rep = parallel.replicated(self.mesh)
     put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
     codes, images = sampling.sample_images(
-        {'gpt': self.params, 'vqgan': self.vqgan.params}, self.model, self.vqgan.model,
-        put(condition), rng, grid=grid, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-        uncond_tokens=None if uncond is None else put(uncond), window=window)
+      {'gpt': self.params, 'vqgan': self.vqgan.params},
+      self.model,
+      self.vqgan.model,
+      put(condition),
+      rng,
+      grid=grid,
+      num_samples=num_samples,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      cfg_scale=cfg_scale,
+      uncond_tokens=None if uncond is None else put(uncond),
+      window=window,
+    )
     return gather(codes), gather(images)
 
 
@@ -252,27 +283,32 @@ def load_transformer_for_config(config, workdir, step=None, mesh=None) -> Traine
   saved, step = _saved_config(workdir, step)
   if saved.get('stage') != 'transformer':
     raise checkpoints.CheckpointError(
-        f'{workdir} is a {saved.get("stage", "vqgan")!r} run; load_transformer reads stage-2 '
-        '(transformer) workdirs (load_vqgan reads stage-1 ones)')
+      f'{workdir} is a {saved.get("stage", "vqgan")!r} run; load_transformer reads stage-2 '
+      '(transformer) workdirs (load_vqgan reads stage-1 ones)'
+    )
   config = stage2_config.resolve_config(config)
-  checkpoints.check_compatible(saved.to_dict(), config, tuple(
-      f for f in stage2_config.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
-                               where=workdir)
+  checkpoints.check_compatible(
+    saved.to_dict(),
+    config,
+    tuple(f for f in stage2_config.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
+    where=workdir,
+  )
   layout = stage2_config.make_layout(config)
   rules = _rules(config)
   model = stage2_config.build_model(config, layout, scan_layers=False)
-  params = stage2.restore_gpt_params(workdir, model, mesh, saved.to_dict(), rules=rules,
-                                     step=step)
+  params = stage2.restore_gpt_params(workdir, model, mesh, saved.to_dict(), rules=rules, step=step)
   frozen, frozen_params, _ = stage2.load_frozen(config, layout, mesh, cond=False)
-  vq = TrainedVQGAN(frozen.stage1, frozen_params['stage1'],
-                    ml_collections.ConfigDict({'stage': 'vqgan',
-                                               'model': config.stage1_config.to_dict()}),
-                    stage1_step(config.stage1_workdir), mesh)
+  vq = TrainedVQGAN(
+    frozen.stage1,
+    frozen_params['stage1'],
+    ml_collections.ConfigDict({'stage': 'vqgan', 'model': config.stage1_config.to_dict()}),
+    stage1_step(config.stage1_workdir),
+    mesh,
+  )
   return TrainedTransformer(model, params, vq, layout, config, step, mesh)
 
 
-def load_transformer(workdir, step=None, *, mesh=None, stage1_workdir=None) -> \
-    TrainedTransformer:
+def load_transformer(workdir, step=None, *, mesh=None, stage1_workdir=None) -> TrainedTransformer:
   """The transformer of a stage-2 workdir (a training run or a converted release) and the
   stage-1 VQGAN its config names.
 

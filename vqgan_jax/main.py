@@ -31,28 +31,36 @@ TensorBoard, metrics.jsonl and images; checkpoints are written by all processes 
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vqgan_jax import distributed  # imports no JAX
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (file.py[:arg]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file (file.py[:arg]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and images.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'encode', 'sample'],
-                          'What to run (encode and sample: stage-2 configs).')
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'encode', 'sample'],
+  'What to run (encode and sample: stage-2 configs).',
+)
 _DISTRIBUTED = flags.DEFINE_enum(
-    'distributed', 'auto', ['auto', 'on', 'off'],
-    'Call jax.distributed.initialize (several hosts): auto = when a coordinator flag or '
-    '$JAX_COORDINATOR_ADDRESS is given or a multi-process Slurm / Open MPI job is detected; '
-    'on = always (e.g. TPU pods); off = never.')
+  'distributed',
+  'auto',
+  ['auto', 'on', 'off'],
+  'Call jax.distributed.initialize (several hosts): auto = when a coordinator flag or '
+  '$JAX_COORDINATOR_ADDRESS is given or a multi-process Slurm / Open MPI job is detected; '
+  'on = always (e.g. TPU pods); off = never.',
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None,
-    'host:port of process 0\'s coordinator service (same on every process).')
+  'coordinator_address',
+  None,
+  "host:port of process 0's coordinator service (same on every process).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s id in [0, num_processes).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id in [0, num_processes).")
 
 
 def main(argv):
@@ -60,8 +68,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before anything else touches JAX (the config file is plain ml_collections).
   try:
-    started = distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value,
-                                     _NUM_PROCESSES.value, _PROCESS_ID.value)
+    started = distributed.initialize(
+      _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
   except (ValueError, RuntimeError) as e:
     print(f'error: jax.distributed: {e}', file=sys.stderr)
     sys.exit(2)
@@ -69,13 +78,16 @@ def main(argv):
     print(started, flush=True)
   # Imported here so `--help` and flag errors do not pay for importing jax.
   import jax  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import codes as codes_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import (
+    transformer_trainer,  # pylint: disable=g-import-not-at-top
+    vqgan_trainer,  # pylint: disable=g-import-not-at-top
+  )
   from vqgan_jax.train.common import RunError  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS['verbosity'].present:
@@ -89,11 +101,16 @@ def main(argv):
     if stage not in ('vqgan', 'transformer'):
       raise validate.ConfigError(f"config.stage={stage!r}: use 'vqgan' or 'transformer'")
     if _MODE.value != 'train' and stage != 'transformer':
-      raise validate.ConfigError(f'--mode={_MODE.value} needs a stage-2 config '
-                                 f"(config.stage='transformer'), got stage={stage!r}")
+      raise validate.ConfigError(
+        f'--mode={_MODE.value} needs a stage-2 config '
+        f"(config.stage='transformer'), got stage={stage!r}"
+      )
     if _MODE.value == 'train':
-      train = (vqgan_trainer.train_and_evaluate if stage == 'vqgan'
-               else transformer_trainer.train_and_evaluate)
+      train = (
+        vqgan_trainer.train_and_evaluate
+        if stage == 'vqgan'
+        else transformer_trainer.train_and_evaluate
+      )
       result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
@@ -101,25 +118,34 @@ def main(argv):
       say(f'workdir: {os.path.abspath(workdir)}')
     elif _MODE.value == 'encode':
       path, counts, kept = codes_lib.encode(config, workdir)
-      say(('up to date, kept: ' if kept else 'encoded: ')
-          + ', '.join(f'{k}={v}' for k, v in counts.items()))
+      say(
+        ('up to date, kept: ' if kept else 'encoded: ')
+        + ', '.join(f'{k}={v}' for k, v in counts.items())
+      )
       say(f'codes: {path}')
     elif _MODE.value == 'sample':
       out = sample_lib.sample(config, workdir)
-      say(f"sampled {out['num_samples']} x {out['grid'][0]}x{out['grid'][1]} tokens "
-          f"({out['tokens_per_s']:.0f} tokens/s incl. compile)")
-      say(f"tokens: {out['npz']}")
-      say(f"grid: {out['png']}")
-  except (validate.ConfigError, DataError, IncompatibleCheckpointError, CheckpointError,
-          RunError) as e:
+      say(
+        f'sampled {out["num_samples"]} x {out["grid"][0]}x{out["grid"][1]} tokens '
+        f'({out["tokens_per_s"]:.0f} tokens/s incl. compile)'
+      )
+      say(f'tokens: {out["npz"]}')
+      say(f'grid: {out["png"]}')
+  except (
+    validate.ConfigError,
+    DataError,
+    IncompatibleCheckpointError,
+    CheckpointError,
+    RunError,
+  ) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with an unknown `--config.a.b=...` override as one sentence (ml_collections
-  raises AttributeError/KeyError from inside the parser)."""
+  """absl's flag parsing, with an unknown `--config.a.b=...` override as one sentence
+  (ml_collections raises AttributeError/KeyError from inside the parser)."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -129,9 +155,12 @@ def parse_flags(argv):
     key, *hint = str(msg).splitlines()
     key = key.strip('\'"')
     given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    named = [a for a in given if key in a[len('--config.'):].split('.')] or given
-    print(f'error: {", ".join(named) or "--config"}: the config has no field {key!r}'
-          + (f'. {" ".join(hint)}' if hint else ''), file=sys.stderr)
+    named = [a for a in given if key in a[len('--config.') :].split('.')] or given
+    print(
+      f'error: {", ".join(named) or "--config"}: the config has no field {key!r}'
+      + (f'. {" ".join(hint)}' if hint else ''),
+      file=sys.stderr,
+    )
     sys.exit(2)
 
 

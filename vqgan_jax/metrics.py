@@ -37,8 +37,7 @@ def _gaussian_taps(sigma: float, radius: int) -> np.ndarray:
   return (w / w.sum()).astype(np.float32)
 
 
-def ssim(x: Array, y: Array, *, sigma: float = 1.5, k1: float = 0.01,
-         k2: float = 0.03) -> Array:
+def ssim(x: Array, y: Array, *, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Array:
   """Per-image SSIM (Wang et al. 2004), shape (B,).
 
   Gaussian window 11x11 (sigma 1.5, truncated at 3.5 sigma), population
@@ -53,8 +52,7 @@ def ssim(x: Array, y: Array, *, sigma: float = 1.5, k1: float = 0.01,
     x, y: NHWC images in [-1, 1], H and W at least 11.
   """
   if x.shape != y.shape or x.ndim != 4:
-    raise ValueError(f'ssim wants two equal NHWC shapes, got {x.shape}, '
-                     f'{y.shape}')
+    raise ValueError(f'ssim wants two equal NHWC shapes, got {x.shape}, {y.shape}')
   radius = int(3.5 * sigma + 0.5)
   win = 2 * radius + 1
   if min(x.shape[1:3]) < win:
@@ -68,24 +66,22 @@ def ssim(x: Array, y: Array, *, sigma: float = 1.5, k1: float = 0.01,
   hp = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes on accelerators
   kh = jnp.tile(taps.reshape(win, 1, 1, 1), (1, 1, 1, n))
   kw = jnp.tile(taps.reshape(1, win, 1, 1), (1, 1, 1, n))
-  m = jax.lax.conv_general_dilated(maps, kh, (1, 1), 'VALID',
-                                   dimension_numbers=dn, feature_group_count=n,
-                                   precision=hp)
-  m = jax.lax.conv_general_dilated(m, kw, (1, 1), 'VALID',
-                                   dimension_numbers=dn, feature_group_count=n,
-                                   precision=hp)
+  m = jax.lax.conv_general_dilated(
+    maps, kh, (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=n, precision=hp
+  )
+  m = jax.lax.conv_general_dilated(
+    m, kw, (1, 1), 'VALID', dimension_numbers=dn, feature_group_count=n, precision=hp
+  )
   ux, uy, uxx, uyy, uxy = jnp.split(m, 5, axis=-1)
   vx = uxx - ux * ux
   vy = uyy - uy * uy
   vxy = uxy - ux * uy
-  c1, c2 = k1 ** 2, k2 ** 2
-  s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / (
-      (ux * ux + uy * uy + c1) * (vx + vy + c2))
+  c1, c2 = k1**2, k2**2
+  s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
   return jnp.mean(s, axis=(1, 2, 3))
 
 
-def codebook_counts(indices: Array, n_embed: int,
-                    mask: Optional[Array] = None) -> Array:
+def codebook_counts(indices: Array, n_embed: int, mask: Optional[Array] = None) -> Array:
   """Histogram of code indices, shape (n_embed,) int32; sums across batches.
 
   Args:
@@ -116,8 +112,7 @@ def perplexity_from_counts(counts: Array) -> Array:
   return jnp.exp(-jnp.sum(plogp))
 
 
-def codebook_stats(indices: Array, n_embed: int,
-                   mask: Optional[Array] = None) -> dict[str, Array]:
+def codebook_stats(indices: Array, n_embed: int, mask: Optional[Array] = None) -> dict[str, Array]:
   """Code usage of one batch: {'counts', 'usage', 'perplexity'}.
 
   For a whole eval split, sum the per-batch 'counts' and apply
@@ -126,9 +121,9 @@ def codebook_stats(indices: Array, n_embed: int,
   """
   counts = codebook_counts(indices, n_embed, mask)
   return {
-      'counts': counts,
-      'usage': usage_from_counts(counts),
-      'perplexity': perplexity_from_counts(counts),
+    'counts': counts,
+    'usage': usage_from_counts(counts),
+    'perplexity': perplexity_from_counts(counts),
   }
 
 
@@ -149,10 +144,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
   s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
-  if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (
-      mu1.shape[0],) * 2:
-    raise ValueError(f'shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma '
-                     f'{s1.shape}, {s2.shape}')
+  if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+    raise ValueError(f'shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}')
   # Symmetrize against round-off in accumulated covariances.
   s1 = 0.5 * (s1 + s1.T)
   s2 = 0.5 * (s2 + s2.T)

@@ -28,22 +28,24 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vqgan_jax import config_base
 from vqgan_jax.validate import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
-MIN_SHARDED_SIZE = 2 ** 12
+MIN_SHARDED_SIZE = 2**12
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int):
   """Resolves one -1 entry to the remaining devices; checks the product. Absent axes are 1."""
   unknown_axes = sorted(set(axis_sizes) - set(MESH_AXES))
   if unknown_axes:
-    raise ConfigError(f'config.mesh: unknown axis {unknown_axes[0]!r}; the mesh axes are '
-                      f'{MESH_AXES}')
+    raise ConfigError(
+      f'config.mesh: unknown axis {unknown_axes[0]!r}; the mesh axes are {MESH_AXES}'
+    )
   sizes = {a: int(axis_sizes.get(a, 1)) for a in MESH_AXES}
   bad = {a: s for a, s in sizes.items() if s < 1 and s != -1}
   if bad:
@@ -58,8 +60,9 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int):
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise ConfigError(
-        f'config.mesh: axis sizes {dict(sizes)} multiply to {math.prod(sizes.values())}, '
-        f'but there are {num_devices} devices')
+      f'config.mesh: axis sizes {dict(sizes)} multiply to {math.prod(sizes.values())}, '
+      f'but there are {num_devices} devices'
+    )
   return sizes
 
 
@@ -70,13 +73,15 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(axis_sizes, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices
+  )
 
 
 # ----------------------------------------------------------------------------------------
 # Logical-axis rules
 # ----------------------------------------------------------------------------------------
+
 
 def normalize_rules(rules, field='config.logical_axis_rules'):
   """Rules as a tuple of (logical, None | mesh axis | tuple of mesh axes), checked.
@@ -90,10 +95,11 @@ def normalize_rules(rules, field='config.logical_axis_rules'):
     logical, axes = item
     if axes is not None and not isinstance(axes, str):
       axes = tuple(axes)
-    for a in ((axes,) if isinstance(axes, str) else axes or ()):
+    for a in (axes,) if isinstance(axes, str) else axes or ():
       if a not in MESH_AXES:
-        raise ConfigError(f'{field}: rule {logical!r} names mesh axis {a!r}; the mesh axes '
-                          f'are {MESH_AXES}')
+        raise ConfigError(
+          f'{field}: rule {logical!r} names mesh axis {a!r}; the mesh axes are {MESH_AXES}'
+        )
     out.append((logical, axes))
   return tuple(out)
 
@@ -101,8 +107,9 @@ def normalize_rules(rules, field='config.logical_axis_rules'):
 def axis_rules(config):
   """The run's logical-axis rules (`config.logical_axis_rules`), checked."""
   if config.get('logical_axis_rules') is None:
-    raise ConfigError('config.logical_axis_rules is missing (vqgan_jax/config_base.py has the '
-                      'default table)')
+    raise ConfigError(
+      'config.logical_axis_rules is missing (vqgan_jax/config_base.py has the default table)'
+    )
   return normalize_rules(config.logical_axis_rules)
 
 
@@ -120,8 +127,7 @@ def _rule_axes(logical, rules):
   return ()
 
 
-def logical_spec(shape, logical_axes, rules, mesh: Mesh,
-                 min_size: int = MIN_SHARDED_SIZE) -> P:
+def logical_spec(shape, logical_axes, rules, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE) -> P:
   """The PartitionSpec of one array with logical axes `logical_axes` under `rules`.
 
   Mesh axes of size 1, absent from the mesh, already used by an earlier dimension, or not
@@ -131,9 +137,10 @@ def logical_spec(shape, logical_axes, rules, mesh: Mesh,
   if math.prod(shape) < min_size:
     return P()
   dims, used = [None] * len(shape), set()
-  for d, logical in enumerate(tuple(logical_axes)[:len(shape)]):
-    axes = tuple(a for a in _rule_axes(logical, rules)
-                 if mesh.shape.get(a, 1) > 1 and a not in used)
+  for d, logical in enumerate(tuple(logical_axes)[: len(shape)]):
+    axes = tuple(
+      a for a in _rule_axes(logical, rules) if mesh.shape.get(a, 1) > 1 and a not in used
+    )
     if axes and shape[d] % math.prod(mesh.shape[a] for a in axes) == 0:
       dims[d] = axes[0] if len(axes) == 1 else axes
       used.update(axes)
@@ -171,9 +178,11 @@ def state_shardings(abstract_state, mesh: Mesh, rules=()):
   rules=() (the default) is plain ZeRO-3 over 'fsdp'."""
   rules = normalize_rules(rules)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(
-          mesh, logical_spec(x.shape, stage1_logical_axes(path, x.shape), rules, mesh)),
-      abstract_state)
+    lambda path, x: NamedSharding(
+      mesh, logical_spec(x.shape, stage1_logical_axes(path, x.shape), rules, mesh)
+    ),
+    abstract_state,
+  )
 
 
 def mesh_rules(mesh, rules=None):
@@ -202,8 +211,11 @@ def logical_shardings(boxed_tree, mesh, rules=None):
     spec = nn.logical_to_mesh_axes(leaf.names, rules)
     dims = []
     for size, axes in zip(leaf.value.shape, tuple(spec) + (None,) * leaf.value.ndim):
-      n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) \
-          if axes is not None else 1
+      n = (
+        math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        if axes is not None
+        else 1
+      )
       dims.append(axes if axes is not None and size % n == 0 else None)
     return NamedSharding(mesh, P(*dims))
 

@@ -31,8 +31,7 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -40,10 +39,12 @@ _MESH = flags.DEFINE_string('mesh', 'data=8', 'Mesh axis sizes, e.g. data=16,fsd
 _MEMORY = flags.DEFINE_float('device_memory_gb', 80.0, 'Memory of one device, GiB.')
 _SEARCH = flags.DEFINE_bool('search_batch', True, 'Also find the largest batch that fits.')
 _MEMORY_SCHEDULER = flags.DEFINE_bool(
-    'memory_scheduler', True, "Use XLA:CPU's memory-minimising scheduler (not the "
-    'concurrency-optimised default).')
+  'memory_scheduler',
+  True,
+  "Use XLA:CPU's memory-minimising scheduler (not the concurrency-optimised default).",
+)
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 MEMORY_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
@@ -59,6 +60,7 @@ def parse_mesh(spec: str):
 
 def _tree_bytes_per_device(abstract, shardings):
   import jax  # pylint: disable=g-import-not-at-top
+
   total = 0
   for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
     shard = s.shard_shape(x.shape)
@@ -70,6 +72,7 @@ def stage1_program(config, mesh):
   """(jitted step, abstract args, {name: (abstract subtree, shardings)}) for stage 1."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import lpips as lpips_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
@@ -83,35 +86,43 @@ def stage1_program(config, mesh):
 
   def args(batch):
     s = config.data.image_size
-    images = jax.ShapeDtypeStruct((batch, s, s, config.model.in_channels), jnp.uint8,
-                                  sharding=parallel.batch_sharding(mesh))
+    images = jax.ShapeDtypeStruct(
+      (batch, s, s, config.model.in_channels), jnp.uint8, sharding=parallel.batch_sharding(mesh)
+    )
     return (abstract, lpips_abstract, images)
 
   groups = {
-      'params': (abstract['params'], shardings['params']),
-      'opt_state': (abstract['opt_state'], shardings['opt_state']),
-      'disc_params+stats+opt': (
-          (abstract['disc_params'], abstract['disc_stats'], abstract['disc_opt_state']),
-          (shardings['disc_params'], shardings['disc_stats'], shardings['disc_opt_state'])),
-      'lpips_params': (lpips_abstract, lpips_sh),
+    'params': (abstract['params'], shardings['params']),
+    'opt_state': (abstract['opt_state'], shardings['opt_state']),
+    'disc_params+stats+opt': (
+      (abstract['disc_params'], abstract['disc_stats'], abstract['disc_opt_state']),
+      (shardings['disc_params'], shardings['disc_stats'], shardings['disc_opt_state']),
+    ),
+    'lpips_params': (lpips_abstract, lpips_sh),
   }
-  settings = {'compute_dtype': config.train.dtype,
-              'param_dtype': _dtypes(abstract['params']),
-              'remat': config.train.get('remat', 'none'),
-              'remat_policy': stage1.remat_policy_name(config)}
+  settings = {
+    'compute_dtype': config.train.dtype,
+    'param_dtype': _dtypes(abstract['params']),
+    'remat': config.train.get('remat', 'none'),
+    'remat_policy': stage1.remat_policy_name(config),
+  }
   return step, args, groups, settings
 
 
 def stage2_program(config, mesh):
   """(jitted step, abstract args, state groups, settings) for the stage-2 GPT."""
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import (
+    stage1,  # pylint: disable=g-import-not-at-top
+    stage2,  # pylint: disable=g-import-not-at-top
+    stage2_config,  # pylint: disable=g-import-not-at-top
+  )
 
   config = stage2_config.resolve_config(config)
   stage2_config.validate_config(config)  # the batch is rounded to the mesh below
@@ -129,8 +140,9 @@ def stage2_program(config, mesh):
     abstract_vq, sh_vq = stage1.vqgan_param_shardings(vqgan, mesh, rules)
     frozen_abstract, frozen_sh = {'stage1': abstract_vq}, {'stage1': sh_vq}
     frozen = stage2.Frozen(stage1=vqgan)
-  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings, frozen,
-                                frozen_sh or None)
+  step = stage2.make_train_step(
+    config, model, layout, tx, schedule, mesh, shardings, frozen, frozen_sh or None
+  )
 
   def args(batch):
     sh = parallel.batch_sharding(mesh)
@@ -146,27 +158,36 @@ def stage2_program(config, mesh):
     return (abstract, frozen_abstract, inputs)
 
   groups = {
-      'params': (abstract['params'], shardings['params']),
-      'opt_state': (abstract['opt_state'], shardings['opt_state']),
+    'params': (abstract['params'], shardings['params']),
+    'opt_state': (abstract['opt_state'], shardings['opt_state']),
   }
   if from_images:
     groups['frozen_params'] = (frozen_abstract, frozen_sh)
   t = config.transformer
-  settings = {'compute_dtype': config.train.dtype,
-              'param_dtype': _dtypes(abstract['params']),
-              'remat': t.get('remat', 'none'),
-              'remat_policy': {False: None, True: 'nothing_saveable'}.get(
-                  stage2_config.gpt_remat(t), stage2_config.gpt_remat(t)),
-              'scan_layers': bool(t.scan_layers),
-              'data_source': config.data.source,
-              'model': {'n_layer': t.n_layer, 'n_head': t.n_head, 'n_embd': t.n_embd,
-                        'vocab_size': layout.vocab_size, 'block_size': layout.block_size,
-                        'seq_len': layout.seq_len}}
+  settings = {
+    'compute_dtype': config.train.dtype,
+    'param_dtype': _dtypes(abstract['params']),
+    'remat': t.get('remat', 'none'),
+    'remat_policy': {False: None, True: 'nothing_saveable'}.get(
+      stage2_config.gpt_remat(t), stage2_config.gpt_remat(t)
+    ),
+    'scan_layers': bool(t.scan_layers),
+    'data_source': config.data.source,
+    'model': {
+      'n_layer': t.n_layer,
+      'n_head': t.n_head,
+      'n_embd': t.n_embd,
+      'vocab_size': layout.vocab_size,
+      'block_size': layout.block_size,
+      'seq_len': layout.seq_len,
+    },
+  }
   return step, args, groups, settings
 
 
 def _dtypes(tree):
   import jax  # pylint: disable=g-import-not-at-top
+
   names = sorted({str(x.dtype) for x in jax.tree.leaves(tree)})
   return names[0] if len(names) == 1 else names
 
@@ -176,13 +197,19 @@ PROGRAMS = {'vqgan': stage1_program, 'transformer': stage2_program}
 
 def compile_memory(step, args, batch):
   stats = step.lower(*args(batch)).compile().memory_analysis()
-  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-  return {'argument_bytes': stats.argument_size_in_bytes,
-          'output_bytes': stats.output_size_in_bytes,
-          'alias_bytes': stats.alias_size_in_bytes,
-          'temp_bytes': stats.temp_size_in_bytes,
-          'peak_bytes': peak}
+  peak = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
+  return {
+    'argument_bytes': stats.argument_size_in_bytes,
+    'output_bytes': stats.output_size_in_bytes,
+    'alias_bytes': stats.alias_size_in_bytes,
+    'temp_bytes': stats.temp_size_in_bytes,
+    'peak_bytes': peak,
+  }
 
 
 def largest_batch(measure, points, budget, divisor, max_compiles=12):
@@ -222,6 +249,7 @@ def largest_batch(measure, points, budget, divisor, max_compiles=12):
 
 def plan(config, mesh_sizes, device_memory_gb, search_batch=True):
   import jax  # pylint: disable=g-import-not-at-top
+
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh(mesh_sizes)
@@ -233,12 +261,13 @@ def plan(config, mesh_sizes, device_memory_gb, search_batch=True):
   if batch % divisor:
     batch = divisor * max(1, round(batch / divisor))
   report = {
-      'config_stage': config.stage,
-      'mesh': dict(mesh.shape), 'num_devices': mesh.size,
-      'settings': settings,
-      'global_batch': batch,
-      'state_bytes_per_device': {k: _tree_bytes_per_device(a, s) for k, (a, s) in groups.items()},
-      'num_params': sum(math.prod(x.shape) for x in jax.tree.leaves(groups['params'][0])),
+    'config_stage': config.stage,
+    'mesh': dict(mesh.shape),
+    'num_devices': mesh.size,
+    'settings': settings,
+    'global_batch': batch,
+    'state_bytes_per_device': {k: _tree_bytes_per_device(a, s) for k, (a, s) in groups.items()},
+    'num_params': sum(math.prod(x.shape) for x in jax.tree.leaves(groups['params'][0])),
   }
   t0 = time.perf_counter()
   report.update(compile_memory(step, args, batch))
@@ -266,16 +295,19 @@ def summary(report):
   st = report['settings']
   state = ', '.join(f'{k} {g(v)}' for k, v in report['state_bytes_per_device'].items())
   lines = [
-      f"{report['config_stage']}: {report['num_params'] / 1e6:.1f}M params on mesh "
-      f"{report['mesh']}; compute {st['compute_dtype']}, params {st['param_dtype']}, remat "
-      f"{st['remat']} ({st['remat_policy']})",
-      f'per device: {state}',
-      f"global batch {report['global_batch']}: temp {g(report['temp_bytes'])}, peak "
-      f"{g(report['peak_bytes'])}"]
+    f'{report["config_stage"]}: {report["num_params"] / 1e6:.1f}M params on mesh '
+    f'{report["mesh"]}; compute {st["compute_dtype"]}, params {st["param_dtype"]}, remat '
+    f'{st["remat"]} ({st["remat_policy"]})',
+    f'per device: {state}',
+    f'global batch {report["global_batch"]}: temp {g(report["temp_bytes"])}, peak '
+    f'{g(report["peak_bytes"])}',
+  ]
   if 'max_global_batch' in report:
-    lines.append(f"largest global batch within {g(report['device_memory_bytes'])}: "
-                 f"{report['max_global_batch']} (peak "
-                 f"{g(report.get('max_global_batch_peak_bytes', 0))})")
+    lines.append(
+      f'largest global batch within {g(report["device_memory_bytes"])}: '
+      f'{report["max_global_batch"]} (peak '
+      f'{g(report.get("max_global_batch_peak_bytes", 0))})'
+    )
   return '\n'.join(lines)
 
 
@@ -285,19 +317,25 @@ def main(argv):
   sizes = parse_mesh(_MESH.value)
   n = math.prod(v for v in sizes.values() if v > 0)
   if _MEMORY_SCHEDULER.value:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' ' + MEMORY_SCHEDULER_FLAG).strip()
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' ' + MEMORY_SCHEDULER_FLAG
+    ).strip()
   import jax  # pylint: disable=g-import-not-at-top
+
   # Fake CPU devices stand in for the accelerators; set before the backend starts.
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', n)
   report = plan(_CONFIG.value, sizes, _MEMORY.value, _SEARCH.value)
   report['xla_cpu_scheduler'] = 'memory' if _MEMORY_SCHEDULER.value else 'default'
   print(summary(report), file=sys.stderr)
-  gib = {k: round(v / GIB, 3) for k, v in report.items()
-         if k.endswith('bytes') and isinstance(v, (int, float))}
-  report['state_gib_per_device'] = {k: round(v / GIB, 3)
-                                    for k, v in report['state_bytes_per_device'].items()}
+  gib = {
+    k: round(v / GIB, 3)
+    for k, v in report.items()
+    if k.endswith('bytes') and isinstance(v, (int, float))
+  }
+  report['state_gib_per_device'] = {
+    k: round(v / GIB, 3) for k, v in report['state_bytes_per_device'].items()
+  }
   report.update({k.replace('bytes', 'gib'): v for k, v in gib.items()})
   print(json.dumps(report))
 

@@ -11,8 +11,7 @@ import jax
 import numpy as np
 
 from vqgan_jax import images as images_lib
-from vqgan_jax import inference
-from vqgan_jax import parallel
+from vqgan_jax import inference, parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import stage2_config
@@ -34,8 +33,14 @@ def _conditions(config, layout, workdir, run):
     return run.condition_for_class(np.zeros_like(labels)), labels, None
   # Spatial: the cond codes of the first eval examples of the codes dataset.
   builder = codes_lib.open_codes(config, workdir, layout)
-  it = tokens.make_eval_iterator(builder, config.data.eval_split, s.num_samples,
-                                 max_examples=s.num_samples, process_index=0, process_count=1)
+  it = tokens.make_eval_iterator(
+    builder,
+    config.data.eval_split,
+    s.num_samples,
+    max_examples=s.num_samples,
+    process_index=0,
+    process_count=1,
+  )
   batch = next(it)
   keep = batch['mask']
   return (batch['cond_codes'][keep] + layout.cond_offset, batch['label'][keep], None)
@@ -50,8 +55,10 @@ def sample(config, workdir):
   s = config.sample
   grid = (s.grid_h or layout.grid[0], s.grid_w or layout.grid[1])
   if s.cfg_scale != 1.0 and layout.null_id < 0:
-    raise ConfigError('config.sample.cfg_scale != 1 needs a model trained with class dropout '
-                      '(config.cond.drop_prob > 0, offset vocabulary)')
+    raise ConfigError(
+      'config.sample.cfg_scale != 1 needs a model trained with class dropout '
+      '(config.cond.drop_prob > 0, offset vocabulary)'
+    )
   cond, labels, ncol = _conditions(config, layout, workdir, run)
   n = len(cond)
   rng = jax.random.PRNGKey(s.seed)
@@ -61,9 +68,15 @@ def sample(config, workdir):
   t0 = time.perf_counter()
   for i, start in enumerate(range(0, n, s.batch_size)):
     try:
-      codes, images = run.sample(cond[start:start + s.batch_size], jax.random.fold_in(rng, i),
-                                 temperature=float(s.temperature), top_k=int(s.top_k) or None,
-                                 top_p=float(s.top_p), cfg_scale=float(s.cfg_scale), grid=grid)
+      codes, images = run.sample(
+        cond[start : start + s.batch_size],
+        jax.random.fold_in(rng, i),
+        temperature=float(s.temperature),
+        top_k=int(s.top_k) or None,
+        top_p=float(s.top_p),
+        cfg_scale=float(s.cfg_scale),
+        grid=grid,
+      )
     except ValueError as e:
       raise ConfigError(f'config.sample: {e}') from None
     out_codes.append(codes)
@@ -77,5 +90,11 @@ def sample(config, workdir):
   if jax.process_index() == 0:
     images_lib.save_png(png, grid_img, scale=max(1, 512 // grid_img.shape[1]))
     np.savez(npz, tokens=codes, labels=labels, cond_tokens=np.asarray(cond))
-  return {'png': png, 'npz': npz, 'num_samples': n, 'grid': grid, 'seconds': elapsed,
-          'tokens_per_s': n * grid[0] * grid[1] / max(elapsed, 1e-9)}
+  return {
+    'png': png,
+    'npz': npz,
+    'num_samples': n,
+    'grid': grid,
+    'seconds': elapsed,
+    'tokens_per_s': n * grid[0] * grid[1] / max(elapsed, 1e-9),
+  }

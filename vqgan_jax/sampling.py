@@ -22,12 +22,11 @@ import numbers
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax.models import transformer as tf
-
 
 # Cache slots added per decode loop of `sample` (see there): smaller reads less of the cache
 # per step, larger compiles fewer loops (256 steps: 4).
@@ -81,6 +80,7 @@ def kth_largest(x, k):
 # Shared pieces
 # ----------------------------------------------------------------------------------------
 
+
 def _decoding(model, params):
   """The per-layer model and {'params': ...} variables the decode loop runs on."""
   if isinstance(params, Mapping) and 'params' in params:
@@ -92,12 +92,14 @@ def _decoding(model, params):
     # Kernels in the compute dtype once, before the decode loop: a step streams every kernel,
     # and casting float32 kernels inside the loop would read them at full width every step.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(model.dtype) if path[-1].key == 'kernel' else x, params)
+      lambda path, x: x.astype(model.dtype) if path[-1].key == 'kernel' else x, params
+    )
   return model, {'params': params}
 
 
-def check_sampling_args(model, *, cond_len, image_len, length_arg, temperature=1.0,
-                        top_k=None, top_p=1.0):
+def check_sampling_args(
+  model, *, cond_len, image_len, length_arg, temperature=1.0, top_k=None, top_p=1.0
+):
   """Refuses arguments that would sample garbage silently; returns (top_k, top_p) normalised.
 
   `length_arg` names the argument that set `image_len` (steps, grid, window) for the block
@@ -115,11 +117,15 @@ def check_sampling_args(model, *, cond_len, image_len, length_arg, temperature=1
   if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
     raise ValueError(f'top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}')
   if cond_len < 1 or image_len < 1:
-    raise ValueError(f'need at least one conditioning token and one token to sample; got '
-                     f'{cond_len} cond tokens and {length_arg}')
+    raise ValueError(
+      f'need at least one conditioning token and one token to sample; got '
+      f'{cond_len} cond tokens and {length_arg}'
+    )
   if cond_len + image_len - 1 > model.block_size:
-    raise ValueError(f'{length_arg} ({image_len} tokens after {cond_len} cond tokens) is longer '
-                     f'than the model\'s block_size {model.block_size} allows')
+    raise ValueError(
+      f'{length_arg} ({image_len} tokens after {cond_len} cond tokens) is longer '
+      f"than the model's block_size {model.block_size} allows"
+    )
   return (int(top_k) if top_k else None), (1.0 if top_p is None else float(top_p))
 
 
@@ -167,8 +173,9 @@ class _Stepper:
     """tokens (B, T) for the conditional batch; returns guided logits (B, V) at logits_at."""
     if self.guided:
       tokens = jnp.concatenate([tokens, tokens], axis=0)
-    logits, cache = self.model.apply(self.variables, tokens, cache, pos, logits_at,
-                                     method=self.model.decode)
+    logits, cache = self.model.apply(
+      self.variables, tokens, cache, pos, logits_at, method=self.model.decode
+    )
     if self.guided:
       logits = guide(logits, self.cfg_scale)
     return logits, cache
@@ -177,8 +184,7 @@ class _Stepper:
     # temperature is traced: greedy is a select, not a recompile. Filtering the unscaled
     # logits keeps the argmax, and temperature 1 there keeps the division finite.
     greedy = self.temperature == 0
-    logits = filter_logits(logits, jnp.where(greedy, 1.0, self.temperature), self.top_k,
-                           self.top_p)
+    logits = filter_logits(logits, jnp.where(greedy, 1.0, self.temperature), self.top_k, self.top_p)
     drawn = jax.random.categorical(jax.random.fold_in(self.rng, t), logits, axis=-1)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
@@ -187,8 +193,21 @@ class _Stepper:
 # Plain (KV-cached) sampler
 # ----------------------------------------------------------------------------------------
 
-def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=None, top_p=1.0,
-           cfg_scale=None, uncond_tokens=None, cache_segment=CACHE_SEGMENT):
+
+def sample(
+  params,
+  model,
+  cond_tokens,
+  rng,
+  *,
+  steps,
+  temperature=1.0,
+  top_k=None,
+  top_p=1.0,
+  cfg_scale=None,
+  uncond_tokens=None,
+  cache_segment=CACHE_SEGMENT,
+):
   """Samples `steps` tokens after the conditioning tokens (B, Lc); returns (B, steps) int32.
 
   The conditioning (SOS token, class id, or a cond-stage code sequence) is prefilled into a
@@ -202,43 +221,78 @@ def sample(params, model, cond_tokens, rng, *, steps, temperature=1.0, top_k=Non
   would be read in full from the first token on. Tokens do not depend on the segment size.
   """
   top_k, top_p = check_sampling_args(
-      model, cond_len=_cond_len(cond_tokens, 'cond_tokens'), image_len=steps,
-      length_arg=f'steps={steps}', temperature=temperature, top_k=top_k, top_p=top_p)
+    model,
+    cond_len=_cond_len(cond_tokens, 'cond_tokens'),
+    image_len=steps,
+    length_arg=f'steps={steps}',
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
   model, variables = _decoding(model, params)
   cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
   uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
-  return _sample(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
-                 jnp.float32(cfg_scale if guided else 0.0), steps=steps, top_k=top_k,
-                 top_p=top_p, guided=guided, cache_segment=max(1, int(cache_segment)))
+  return _sample(
+    variables,
+    model,
+    cond_tokens,
+    uncond,
+    rng,
+    jnp.float32(temperature),
+    jnp.float32(cfg_scale if guided else 0.0),
+    steps=steps,
+    top_k=top_k,
+    top_p=top_p,
+    guided=guided,
+    cache_segment=max(1, int(cache_segment)),
+  )
 
 
 def _grow(cache, length):
   """The cache with its length axis zero-padded to `length` slots."""
+
   def pad(x):
     return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+
   return jax.tree.map(pad, cache)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'steps', 'top_k', 'top_p', 'guided',
-                                             'cache_segment'))
-def _sample(variables, model, cond, uncond, rng, temperature, cfg_scale, *, steps, top_k, top_p,
-            guided, cache_segment):
+@functools.partial(
+  jax.jit, static_argnames=('model', 'steps', 'top_k', 'top_p', 'guided', 'cache_segment')
+)
+def _sample(
+  variables,
+  model,
+  cond,
+  uncond,
+  rng,
+  temperature,
+  cfg_scale,
+  *,
+  steps,
+  top_k,
+  top_p,
+  guided,
+  cache_segment,
+):
   b, lc = cond.shape
   st = _Stepper(model, variables, rng, temperature, cfg_scale, guided, top_k, top_p)
   # Step t (1 <= t < steps) writes slot lc + t - 1 and reads slots [0, lc + t): the cache
   # needs lc + steps - 1 slots in all (the last token is never fed back), and a loop over
   # steps [t0, t1) can run on the first lc + t1 - 1 of them.
   total = lc + steps - 1
-  sizes = sorted({min(total, -(-(lc + t) // cache_segment) * cache_segment)
-                  for t in range(1, steps)} | {total})
+  sizes = sorted(
+    {min(total, -(-(lc + t) // cache_segment) * cache_segment) for t in range(1, steps)} | {total}
+  )
   cache = model.init_cache(b * (2 if guided else 1), sizes[0])
   if guided:
     # Prefill differs per half (cond vs uncond); afterwards both halves get the same tokens.
-    logits, cache = model.apply(variables, _with_uncond(cond, uncond, True), cache, 0, lc - 1,
-                                method=model.decode)
+    logits, cache = model.apply(
+      variables, _with_uncond(cond, uncond, True), cache, 0, lc - 1, method=model.decode
+    )
     logits = guide(logits, cfg_scale)
   else:
     logits, cache = st.logits(cond, cache, 0, lc - 1)
@@ -268,9 +322,22 @@ def decode_codes(vqgan, vqgan_params, codes):
   return vqgan.apply({'params': vqgan_params}, codes, method='decode_indices')
 
 
-def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=None,
-                  temperature=1.0, top_k=None, top_p=1.0, cfg_scale=None, uncond_tokens=None,
-                  window=None):
+def sample_images(
+  params,
+  model,
+  vqgan,
+  condition,
+  rng,
+  *,
+  grid,
+  num_samples=None,
+  temperature=1.0,
+  top_k=None,
+  top_p=1.0,
+  cfg_scale=None,
+  uncond_tokens=None,
+  window=None,
+):
   """Samples code grids and decodes them: returns (tokens (N, h, w) int32, images (N, H, W, C)
   float32, the decoder's output: nominally [-1, 1], unclipped).
 
@@ -284,19 +351,33 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
   """
   cond_len = np.shape(condition)[-1] if np.ndim(condition) in (1, 2) else 0
   if not cond_len:
-    raise ValueError(f'condition must be (batch, length) or (length,) tokens, got shape '
-                     f'{np.shape(condition)}')
+    raise ValueError(
+      f'condition must be (batch, length) or (length,) tokens, got shape {np.shape(condition)}'
+    )
   if len(grid) != 2 or not all(_is_number(n) and float(n).is_integer() and n > 0 for n in grid):
     raise ValueError(f'grid must be (h, w) of positive ints, got {grid!r}')
   h, w = (int(n) for n in grid)
   if window is None:
-    check_sampling_args(model, cond_len=cond_len, image_len=h * w, length_arg=f'grid={grid}',
-                        temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sampling_args(
+      model,
+      cond_len=cond_len,
+      image_len=h * w,
+      length_arg=f'grid={grid}',
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
   else:
     _check_window(h, w, window)
-    check_sampling_args(model, cond_len=cond_len, image_len=window * window,
-                        length_arg=f'window={window}', temperature=temperature, top_k=top_k,
-                        top_p=top_p)
+    check_sampling_args(
+      model,
+      cond_len=cond_len,
+      image_len=window * window,
+      length_arg=f'window={window}',
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )
   condition = jnp.asarray(condition, jnp.int32)
   if condition.ndim == 1:
     condition = condition[None]
@@ -305,16 +386,31 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
       raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
     condition = jnp.repeat(condition, num_samples, axis=0)
     if uncond_tokens is not None:
-      uncond_tokens = jnp.repeat(jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1),
-                                 num_samples, axis=0)
-  filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                 uncond_tokens=uncond_tokens)
+      uncond_tokens = jnp.repeat(
+        jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1), num_samples, axis=0
+      )
+  filters = dict(
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
+  )
   if window is None:
     tokens = sample(params['gpt'], model, condition, rng, steps=h * w, **filters)
     tokens = tokens.reshape(-1, h, w)
   else:
-    tokens = sliding_window_sample(params['gpt'], model, condition, rng, grid_h=h, grid_w=w,
-                                   window=window, cond_is_grid=False, **filters)
+    tokens = sliding_window_sample(
+      params['gpt'],
+      model,
+      condition,
+      rng,
+      grid_h=h,
+      grid_w=w,
+      window=window,
+      cond_is_grid=False,
+      **filters,
+    )
   return tokens, decode_codes(vqgan, params['vqgan'], tokens)
 
 
@@ -322,15 +418,29 @@ def sample_images(params, model, vqgan, condition, rng, *, grid, num_samples=Non
 # Sliding window (taming-spec f.3)
 # ----------------------------------------------------------------------------------------
 
+
 def window_offset(i, size, window):
   """taming's local index of grid row/column i in a window of `window` over `size`."""
   half = window // 2
   return jnp.where(i <= half, i, jnp.where(size - i < half, window - (size - i), half))
 
 
-def sliding_window_sample(params, model, cond_tokens, rng, *, grid_h, grid_w, window=16,
-                          temperature=1.0, top_k=None, top_p=1.0, cfg_scale=None,
-                          uncond_tokens=None, cond_is_grid=None):
+def sliding_window_sample(
+  params,
+  model,
+  cond_tokens,
+  rng,
+  *,
+  grid_h,
+  grid_w,
+  window=16,
+  temperature=1.0,
+  top_k=None,
+  top_p=1.0,
+  cfg_scale=None,
+  uncond_tokens=None,
+  cond_is_grid=None,
+):
   """Samples a (B, grid_h, grid_w) code grid larger than the training crop, as taming does.
 
   For each position (i, j) in raster order the window (window x window tokens) is placed by
@@ -356,23 +466,58 @@ def sliding_window_sample(params, model, cond_tokens, rng, *, grid_h, grid_w, wi
   if cond_is_grid is None:
     cond_is_grid = cond_len == grid_h * grid_w
   top_k, top_p = check_sampling_args(
-      model, cond_len=window * window if cond_is_grid else cond_len, image_len=window * window,
-      length_arg=f'window={window}', temperature=temperature, top_k=top_k, top_p=top_p)
+    model,
+    cond_len=window * window if cond_is_grid else cond_len,
+    image_len=window * window,
+    length_arg=f'window={window}',
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
   model, variables = _decoding(model, params)
   cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
   uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
-  return _sliding(variables, model, cond_tokens, uncond, rng, jnp.float32(temperature),
-                  jnp.float32(cfg_scale if guided else 0.0), h=grid_h, w=grid_w, win=window,
-                  is_grid=bool(cond_is_grid), top_k=top_k, top_p=top_p, guided=guided)
+  return _sliding(
+    variables,
+    model,
+    cond_tokens,
+    uncond,
+    rng,
+    jnp.float32(temperature),
+    jnp.float32(cfg_scale if guided else 0.0),
+    h=grid_h,
+    w=grid_w,
+    win=window,
+    is_grid=bool(cond_is_grid),
+    top_k=top_k,
+    top_p=top_p,
+    guided=guided,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'h', 'w', 'win', 'is_grid', 'top_k',
-                                             'top_p', 'guided'))
-def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, w, win, is_grid,
-             top_k, top_p, guided):
+@functools.partial(
+  jax.jit, static_argnames=('model', 'h', 'w', 'win', 'is_grid', 'top_k', 'top_p', 'guided')
+)
+def _sliding(
+  variables,
+  model,
+  cond,
+  uncond,
+  rng,
+  temperature,
+  cfg_scale,
+  *,
+  h,
+  w,
+  win,
+  is_grid,
+  top_k,
+  top_p,
+  guided,
+):
   b = cond.shape[0]
   half = win // 2
   cond_all = _with_uncond(cond, uncond, guided)
@@ -382,7 +527,7 @@ def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, 
   lc = win * win if is_grid else cond_all.shape[1]
   st = _Stepper(model, variables, rng, temperature, cfg_scale, False, top_k, top_p)
   # Longest prefix a re-encode needs: up to (li, half) inclusive of what precedes it.
-  short_len = lc + half * win + half      # li <= half
+  short_len = lc + half * win + half  # li <= half
   full_len = lc + (win - 1) * win + half  # li > half (last rows of the grid)
 
   def guided_logits(logits):
@@ -414,14 +559,17 @@ def _sliding(variables, model, cond, uncond, rng, temperature, cfg_scale, *, h, 
 
   def extend(grid, cache, i, li, c0, j0, j1):
     """Samples columns [j0, j1) of row i with the window fixed at column c0."""
+
     def body(j, carry):
       grid, cache = carry
       prev = lax.dynamic_slice(grid, (0, i, j - 1), (b, 1, 1)).reshape(b, 1)
       if guided:
         prev = jnp.concatenate([prev, prev], axis=0)
-      logits, cache = model.apply(variables, prev, cache, lc + li * win + (j - 1 - c0), 0,
-                                  method=model.decode)
+      logits, cache = model.apply(
+        variables, prev, cache, lc + li * win + (j - 1 - c0), 0, method=model.decode
+      )
       return put(grid, i, j, st.draw(guided_logits(logits), i * w + j)), cache
+
     return lax.fori_loop(j0, j1, body, (grid, cache))
 
   def row(i, carry):

@@ -25,11 +25,17 @@ def validate_remat(section, field, modes, policy_as_mode=False):
   spelling) and `section.remat_policy` a policy usable by name."""
   remat = section.get('remat', 'none')
   allowed = tuple(modes) + (REMAT_POLICIES if policy_as_mode else ())
-  check(remat in allowed, f'{field}.remat must be one of {modes}'
-        + (' (or a policy name)' if policy_as_mode else '') + f', got {remat!r}')
+  check(
+    remat in allowed,
+    f'{field}.remat must be one of {modes}'
+    + (' (or a policy name)' if policy_as_mode else '')
+    + f', got {remat!r}',
+  )
   policy = section.get('remat_policy', 'nothing_saveable')
-  check(policy in REMAT_POLICIES,
-         f'{field}.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}')
+  check(
+    policy in REMAT_POLICIES,
+    f'{field}.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}',
+  )
 
 
 def validate_stage1(config, batch_divisor: int = 1):
@@ -37,38 +43,54 @@ def validate_stage1(config, batch_divisor: int = 1):
   check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
   factor = 2 ** (len(m.ch_mult) - 1)
   for name in ('resolution',):
-    check(m[name] % factor == 0,
-           f'config.model.{name}={m[name]} is not divisible by the downsampling factor '
-           f'{factor} (2**(len(ch_mult)-1) with ch_mult={tuple(m.ch_mult)})')
-  check(d.image_size % factor == 0,
-         f'config.data.image_size={d.image_size} is not divisible by the downsampling factor '
-         f'{factor} of config.model.ch_mult={tuple(m.ch_mult)}')
+    check(
+      m[name] % factor == 0,
+      f'config.model.{name}={m[name]} is not divisible by the downsampling factor '
+      f'{factor} (2**(len(ch_mult)-1) with ch_mult={tuple(m.ch_mult)})',
+    )
+  check(
+    d.image_size % factor == 0,
+    f'config.data.image_size={d.image_size} is not divisible by the downsampling factor '
+    f'{factor} of config.model.ch_mult={tuple(m.ch_mult)}',
+  )
   for i, mult in enumerate(m.ch_mult):
     c = m.ch * mult
-    check(c % 32 == 0,
-           f'config.model.ch * ch_mult[{i}] = {m.ch} * {mult} = {c} channels is not divisible '
-           'by 32 (GroupNorm uses 32 groups)')
+    check(
+      c % 32 == 0,
+      f'config.model.ch * ch_mult[{i}] = {m.ch} * {mult} = {c} channels is not divisible '
+      'by 32 (GroupNorm uses 32 groups)',
+    )
   for name in ('n_embed', 'embed_dim', 'z_channels', 'num_res_blocks'):
     check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
   quantizer = m.get('quantizer', 'vq')
-  check(quantizer in ('vq', 'gumbel'),
-         f"config.model.quantizer must be 'vq' or 'gumbel', got {quantizer!r}")
+  check(
+    quantizer in ('vq', 'gumbel'),
+    f"config.model.quantizer must be 'vq' or 'gumbel', got {quantizer!r}",
+  )
   if quantizer == 'gumbel':
     check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
     check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
-  check(m.in_channels in (1, 3) and m.out_ch == m.in_channels,
-         f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}')
-  check(loss.disc_loss in ('hinge', 'vanilla'),
-         f"config.loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}")
+  check(
+    m.in_channels in (1, 3) and m.out_ch == m.in_channels,
+    f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}',
+  )
+  check(
+    loss.disc_loss in ('hinge', 'vanilla'),
+    f"config.loss.disc_loss must be 'hinge' or 'vanilla', got {loss.disc_loss!r}",
+  )
   check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
   check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
   check(t.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {t.dtype!r}')
   validate_remat(t, 'config.train', ('none', 'block'))
   for name in ('batch_size', 'eval_batch_size'):
-    check(t[name] % batch_divisor == 0,
-           f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
-           "of the mesh's batch axes (config.mesh)")
+    check(
+      t[name] % batch_divisor == 0,
+      f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
+      "of the mesh's batch axes (config.mesh)",
+    )
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
-  check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
-         f'config.optim.base_lr must be a positive number, got {config.optim.base_lr}')
+  check(
+    math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
+    f'config.optim.base_lr must be a positive number, got {config.optim.base_lr}',
+  )

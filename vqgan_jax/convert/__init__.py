@@ -22,9 +22,9 @@ class ConversionError(ValueError):
 
 
 _EXPORTS = {
-    'convert_taming_checkpoint': 'taming',
-    'convert_vqmodel_state_dict': 'taming',
-    'stage1_config': 'yaml_config',
+  'convert_taming_checkpoint': 'taming',
+  'convert_vqmodel_state_dict': 'taming',
+  'stage1_config': 'yaml_config',
 }
 
 __all__ = ['ConversionError', *_EXPORTS]

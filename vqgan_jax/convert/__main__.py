@@ -16,32 +16,47 @@ import sys
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m vqgan_jax.convert',
-                                   description=__doc__.split('\n\n')[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m vqgan_jax.convert', description=__doc__.split('\n\n')[0]
+  )
   sub = parser.add_subparsers(dest='source', required=True)
   p = sub.add_parser('taming', help='a CompVis/taming-transformers Lightning checkpoint')
   p.add_argument('--ckpt', required=True, help='Lightning .ckpt (or a plain state dict)')
   p.add_argument('--config', required=True, help="the model's yaml (configs/model.yaml)")
   p.add_argument('--out', required=True, help='output directory (a workdir)')
-  p.add_argument('--step', type=int, default=None,
-                 help="checkpoint step (default: the ckpt's global_step)")
-  p.add_argument('--overwrite', action='store_true',
-                 help='replace the checkpoints and config of an earlier conversion or run in '
-                      '--out (other files there are kept)')
-  p.add_argument('--trust_pickle', action='store_true',
-                 help='UNSAFE: load a --ckpt that names Python objects beyond tensors and the '
-                      "original release's few, with the full unpickler, which can run any code "
-                      'the file contains; only for a file from a source you trust')
+  p.add_argument(
+    '--step', type=int, default=None, help="checkpoint step (default: the ckpt's global_step)"
+  )
+  p.add_argument(
+    '--overwrite',
+    action='store_true',
+    help='replace the checkpoints and config of an earlier conversion or run in '
+    '--out (other files there are kept)',
+  )
+  p.add_argument(
+    '--trust_pickle',
+    action='store_true',
+    help='UNSAFE: load a --ckpt that names Python objects beyond tensors and the '
+    "original release's few, with the full unpickler, which can run any code "
+    'the file contains; only for a file from a source you trust',
+  )
   args = parser.parse_args(argv)
 
   # Imported here so --help and argument errors are instant.
-  from vqgan_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.convert import taming  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.convert import (
+    ConversionError,  # pylint: disable=g-import-not-at-top
+    taming,  # pylint: disable=g-import-not-at-top
+  )
 
   try:
-    summary = taming.convert_taming_checkpoint(args.ckpt, args.config, args.out, step=args.step,
-                                               overwrite=args.overwrite,
-                                               trust_pickle=args.trust_pickle)
+    summary = taming.convert_taming_checkpoint(
+      args.ckpt,
+      args.config,
+      args.out,
+      step=args.step,
+      overwrite=args.overwrite,
+      trust_pickle=args.trust_pickle,
+    )
   except (ConversionError, OSError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -29,8 +29,8 @@ The GPT's table is in `models/transformer.py`'s docstring (Linear weights transp
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -46,11 +46,11 @@ from vqgan_jax.models.discriminator import NLayerDiscriminator
 
 # (pattern, why): keys that hold nothing we load. Anything else left over is an error.
 IGNORED = (
-    (r'(^|\.)num_batches_tracked$', 'BatchNorm step counter'),
-    (r'^loss\.perceptual_loss\.scaling_layer\.(shift|scale)$', 'LPIPS constants (in code)'),
-    (r'^colorize$', 'segmentation visualisation buffer'),
-    (r'(^|\.)attn\.mask$', 'GPT causal mask (recomputed)'),
-    (r'^permuter\.(forward|backward)_shuffle_idx$', 'permuter indices (config records it)'),
+  (r'(^|\.)num_batches_tracked$', 'BatchNorm step counter'),
+  (r'^loss\.perceptual_loss\.scaling_layer\.(shift|scale)$', 'LPIPS constants (in code)'),
+  (r'^colorize$', 'segmentation visualisation buffer'),
+  (r'(^|\.)attn\.mask$', 'GPT causal mask (recomputed)'),
+  (r'^permuter\.(forward|backward)_shuffle_idx$', 'permuter indices (config records it)'),
 )
 
 
@@ -85,17 +85,22 @@ def count_params(tree) -> int:
 # What a state dict is
 # --------------------------------------------------------------------------------------------
 
+
 def gumbel_keys(sd, prefix=''):
   """The keys only a GumbelQuantize has (a VectorQuantizer2 has `quantize.embedding`)."""
-  return [k for k in sd if k.startswith(prefix + 'quantize.proj.')
-          or k == prefix + 'quantize.embed.weight']
+  return [
+    k
+    for k in sd
+    if k.startswith(prefix + 'quantize.proj.') or k == prefix + 'quantize.embed.weight'
+  ]
 
 
 def state_dict_kind(sd: Mapping[str, Any]) -> str | None:
   """'Net2NetTransformer', 'GumbelVQ' or 'VQModel' (VQSegmentationModel included), read off
   the keys; None when the keys are none of these."""
   if any(k.startswith('transformer.') for k in sd) and any(
-      k.startswith('first_stage_model.') for k in sd):
+    k.startswith('first_stage_model.') for k in sd
+  ):
     return 'Net2NetTransformer'
   if gumbel_keys(sd):
     return 'GumbelVQ'
@@ -107,6 +112,7 @@ def state_dict_kind(sd: Mapping[str, Any]) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Generic table-driven mapping of one module
 # --------------------------------------------------------------------------------------------
+
 
 def flat(tree, prefix=()):
   """Nested dicts -> {path tuple: leaf}."""
@@ -172,8 +178,13 @@ def _transform(w: np.ndarray, target_shape) -> np.ndarray | None:
   return np.ascontiguousarray(out, dtype=np.float32) if out.shape == tshape else None
 
 
-def map_module(sd: Mapping[str, np.ndarray], prefix: str, target: Mapping[str, Any],
-               problems: list[str], where: str = '') -> tuple[dict, set[str]]:
+def map_module(
+  sd: Mapping[str, np.ndarray],
+  prefix: str,
+  target: Mapping[str, Any],
+  problems: list[str],
+  where: str = '',
+) -> tuple[dict, set[str]]:
   """Fills `target` ({'params': ..., ['batch_stats': ...]} of abstract leaves) from the keys
   of `sd` under `prefix`. Appends one line per problem (flax paths shown under `where`);
   returns (trees, consumed keys)."""
@@ -184,9 +195,9 @@ def map_module(sd: Mapping[str, np.ndarray], prefix: str, target: Mapping[str, A
     if ignored(key):
       used.add(key)
       continue
-    *mod, leaf = module_path(key[len(prefix):])
+    *mod, leaf = module_path(key[len(prefix) :])
     if leaf in ('running_mean', 'running_var'):
-      candidates = [('batch_stats', *mod, leaf[len('running_'):])]
+      candidates = [('batch_stats', *mod, leaf[len('running_') :])]
     elif leaf == 'weight':
       candidates = [('params', *mod, n) for n in ('kernel', 'scale', 'embedding')]
     elif leaf == 'bias':
@@ -201,15 +212,19 @@ def map_module(sd: Mapping[str, np.ndarray], prefix: str, target: Mapping[str, A
     out = _transform(w, flat_target[dest].shape)
     used.add(key)
     if out is None:
-      problems.append(f'{key}: shape {tuple(w.shape)} does not fit '
-                      f'{dest[0]}/{where}{"/".join(dest[1:])} {tuple(flat_target[dest].shape)}')
+      problems.append(
+        f'{key}: shape {tuple(w.shape)} does not fit '
+        f'{dest[0]}/{where}{"/".join(dest[1:])} {tuple(flat_target[dest].shape)}'
+      )
       mismatched.add(dest)
       continue
     filled[dest] = out
   for p in flat_target:
     if p not in filled and p not in mismatched:
-      problems.append(f'missing key {prefix}{torch_name(p[1:], p[0])} (for '
-                      f'{p[0]}/{where}{"/".join(p[1:])} {tuple(flat_target[p].shape)})')
+      problems.append(
+        f'missing key {prefix}{torch_name(p[1:], p[0])} (for '
+        f'{p[0]}/{where}{"/".join(p[1:])} {tuple(flat_target[p].shape)})'
+      )
   trees = _nest(filled)
   return {c: trees.get(c, {}) for c in target}, used
 
@@ -236,10 +251,12 @@ def to_torch_layout(trees: Mapping[str, Any], prefix: str = '') -> dict[str, np.
 # VQModel / GumbelVQ (+ discriminator and LPIPS of its loss)
 # --------------------------------------------------------------------------------------------
 
+
 def abstract_vqgan(fields: Mapping[str, Any]):
   """Our VQGAN's variables (shapes only) for stage-1 `model` fields."""
-  x = jax.ShapeDtypeStruct((1, fields['resolution'], fields['resolution'],
-                            fields['in_channels']), jnp.float32)
+  x = jax.ShapeDtypeStruct(
+    (1, fields['resolution'], fields['resolution'], fields['in_channels']), jnp.float32
+  )
   return jax.eval_shape(vqgan_lib.from_config(fields).init, jax.random.PRNGKey(0), x)
 
 
@@ -259,11 +276,15 @@ def discriminator_layout(sd: Mapping[str, np.ndarray], prefix='loss.discriminato
   keys = [k for k in sd if k.startswith(prefix)]
   if not keys:
     return {}
-  actnorm = [k for k in keys if re.search(r'\.(loc|initialized)$', k)
-             or (k.endswith('.scale') and sd[k].ndim == 4)]
+  actnorm = [
+    k
+    for k in keys
+    if re.search(r'\.(loc|initialized)$', k) or (k.endswith('.scale') and sd[k].ndim == 4)
+  ]
   if actnorm:
-    raise ConversionError('discriminator with ActNorm (use_actnorm=True) is not supported; '
-                          f'keys: {listing(actnorm)}')
+    raise ConversionError(
+      f'discriminator with ActNorm (use_actnorm=True) is not supported; keys: {listing(actnorm)}'
+    )
   first = sd.get(prefix + 'main.0.weight')
   if first is None or first.ndim != 4:
     raise ConversionError(f'missing {prefix}main.0.weight (4-D conv weight)')
@@ -276,16 +297,19 @@ def _check_quantizer(sd, prefix, quantizer):
   gumbel = gumbel_keys(sd, prefix)
   if quantizer == 'vq' and gumbel:
     raise ConversionError(
-        f'this is a GumbelVQ state dict (GumbelQuantize: {listing(gumbel)}); convert it with '
-        "quantizer='gumbel' (the yaml target taming.models.vqgan.GumbelVQ does that)")
+      f'this is a GumbelVQ state dict (GumbelQuantize: {listing(gumbel)}); convert it with '
+      "quantizer='gumbel' (the yaml target taming.models.vqgan.GumbelVQ does that)"
+    )
   if quantizer == 'gumbel' and not gumbel and prefix + 'quantize.embedding.weight' in sd:
     raise ConversionError(
-        f'quantizer=\'gumbel\' but {prefix}quantize.embedding.weight is a VectorQuantizer2 '
-        'codebook (a VQModel, not a GumbelVQ)')
+      f"quantizer='gumbel' but {prefix}quantize.embedding.weight is a VectorQuantizer2 "
+      'codebook (a VQModel, not a GumbelVQ)'
+    )
 
 
-def vqmodel_from_torch_state_dict(sd: Mapping[str, Any], fields: Mapping[str, Any], *,
-                                  with_loss: bool = True, prefix: str = '') -> dict:
+def vqmodel_from_torch_state_dict(
+  sd: Mapping[str, Any], fields: Mapping[str, Any], *, with_loss: bool = True, prefix: str = ''
+) -> dict:
   """A taming VQModel (or GumbelVQ) state dict -> {'params', ['disc_params', 'disc_stats',
   'lpips_params']} for our VQGAN of stage-1 `model` fields.
 
@@ -315,25 +339,32 @@ def vqmodel_from_torch_state_dict(sd: Mapping[str, Any], fields: Mapping[str, An
   elif loss_keys:
     layout = discriminator_layout(sd, prefix + 'loss.discriminator.')
     if layout:
-      target = abstract_disc(layout['n_layers'], layout['ndf'], layout['in_channels'],
-                             256)  # any size the layers fit: shapes do not depend on it
+      target = abstract_disc(
+        layout['n_layers'], layout['ndf'], layout['in_channels'], 256
+      )  # any size the layers fit: shapes do not depend on it
       trees, u = map_module(sd, prefix + 'loss.discriminator.', target, problems, 'disc/')
       out['disc_params'], out['disc_stats'] = trees['params'], trees['batch_stats']
       used |= u
     if any(k.startswith(prefix + 'loss.perceptual_loss.') for k in loss_keys):
-      trees, u = map_module(sd, prefix + 'loss.perceptual_loss.',
-                            {'params': _abstract_lpips()['params']}, problems, 'lpips/')
+      trees, u = map_module(
+        sd,
+        prefix + 'loss.perceptual_loss.',
+        {'params': _abstract_lpips()['params']},
+        problems,
+        'lpips/',
+      )
       out['lpips_params'] = trees['params']
       used |= u
-  used |= {k for k in sd if ignored(k[len(prefix):])}
+  used |= {k for k in sd if ignored(k[len(prefix) :])}
   leftover = set(sd) - used
   if leftover:
     problems.insert(0, f'unexpected keys (not in our model, not ignored): {listing(leftover)}')
   if problems:
     raise ConversionError(
-        f'state dict does not match VQGAN({", ".join(f"{k}={v}" for k, v in fields.items())}): '
-        + '; '.join(problems[:30]) + (f' (+{len(problems) - 30} more)' if len(problems) > 30
-                                      else ''))
+      f'state dict does not match VQGAN({", ".join(f"{k}={v}" for k, v in fields.items())}): '
+      + '; '.join(problems[:30])
+      + (f' (+{len(problems) - 30} more)' if len(problems) > 30 else '')
+    )
   return out
 
 
@@ -341,8 +372,12 @@ def vqmodel_to_torch_state_dict(converted: Mapping[str, Any]) -> dict[str, np.nd
   """Output of `vqmodel_from_torch_state_dict` -> the taming VQModel state dict (numpy)."""
   sd = to_torch_layout({'params': converted['params']})
   if 'disc_params' in converted:
-    sd.update(to_torch_layout({'params': converted['disc_params'],
-                               'batch_stats': converted['disc_stats']}, 'loss.discriminator.'))
+    sd.update(
+      to_torch_layout(
+        {'params': converted['disc_params'], 'batch_stats': converted['disc_stats']},
+        'loss.discriminator.',
+      )
+    )
   if 'lpips_params' in converted:
     sd.update(to_torch_layout({'params': converted['lpips_params']}, 'loss.perceptual_loss.'))
   return sd
@@ -351,6 +386,7 @@ def vqmodel_to_torch_state_dict(converted: Mapping[str, Any]) -> dict[str, np.nd
 # --------------------------------------------------------------------------------------------
 # GPT (taming's minGPT)
 # --------------------------------------------------------------------------------------------
+
 
 def gpt_from_torch_state_dict(sd: Mapping[str, Any], n_layer: int) -> dict:
   """Original GPT (or Net2NetTransformer) state dict -> canonical (per-layer) flax params,
@@ -361,7 +397,7 @@ def gpt_from_torch_state_dict(sd: Mapping[str, Any], n_layer: int) -> dict:
   dropped.
   """
   if any(k.startswith('transformer.') for k in sd):
-    sd = {k[len('transformer.'):]: v for k, v in sd.items() if k.startswith('transformer.')}
+    sd = {k[len('transformer.') :]: v for k, v in sd.items() if k.startswith('transformer.')}
   sd = {k: v for k, v in to_numpy_state_dict(sd).items() if not k.endswith('attn.mask')}
   used = set()
 
@@ -384,9 +420,12 @@ def gpt_from_torch_state_dict(sd: Mapping[str, Any], n_layer: int) -> dict:
   for l in range(n_layer):
     b = f'blocks.{l}'
     params[f'blocks_{l}'] = {
-        'ln1': ln(f'{b}.ln1'), 'ln2': ln(f'{b}.ln2'),
-        'attn': {n: linear(f'{b}.attn.{n}') for n in ('key', 'query', 'value', 'proj')},
-        'mlp_0': linear(f'{b}.mlp.0'), 'mlp_2': linear(f'{b}.mlp.2')}
+      'ln1': ln(f'{b}.ln1'),
+      'ln2': ln(f'{b}.ln2'),
+      'attn': {n: linear(f'{b}.attn.{n}') for n in ('key', 'query', 'value', 'proj')},
+      'mlp_0': linear(f'{b}.mlp.0'),
+      'mlp_2': linear(f'{b}.mlp.2'),
+    }
   params['ln_f'] = ln('ln_f')
   params['head'] = linear('head', bias=False)
   unused = set(sd) - used

@@ -11,11 +11,11 @@ names anything else is refused with one sentence naming it; `trust_pickle=True` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
 
 from vqgan_jax.convert import ConversionError
 
@@ -33,7 +33,7 @@ class LightningCallbackKey:
 # Lightning 1.0.8 writes it (tests/test_convert.py builds one with the optimizer and
 # callback states): everything else in it is a tensor, a container or a number.
 ALLOWED_GLOBALS = {
-    'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint': LightningCallbackKey,
+  'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint': LightningCallbackKey,
 }
 
 
@@ -54,13 +54,19 @@ def _refused(torch, path: str, error: pickle.UnpicklingError) -> str:
   except Exception:  # pylint: disable=broad-except
     found = []
   names = sorted(set(found) - set(ALLOWED_GLOBALS)) or re.findall(
-      r'GLOBAL (\S+) was not an allowed global', str(error))
+    r'GLOBAL (\S+) was not an allowed global', str(error)
+  )
   if names:
-    return (f'{path} names {", ".join(names)} in its pickle, which loading would import and '
-            'may run (no checkpoint of the original release needs that)')
+    return (
+      f'{path} names {", ".join(names)} in its pickle, which loading would import and '
+      'may run (no checkpoint of the original release needs that)'
+    )
   what = re.search(r'WeightsUnpickler error:\s*(\S[^\n]*)', str(error))
-  return (f'{path} holds pickle instructions that loading without running code refuses '
-          f'({what[1]})') if what else ''
+  return (
+    (f'{path} holds pickle instructions that loading without running code refuses ({what[1]})')
+    if what
+    else ''
+  )
 
 
 def _not_a_checkpoint(path: str) -> str:
@@ -72,8 +78,10 @@ def _not_a_checkpoint(path: str) -> str:
   if zipfile.is_zipfile(path):
     return ''
   if head == b'PK\x03\x04':
-    return ('it is a truncated or damaged zip archive (torch.save writes its index at the end: '
-            'was the download or copy complete?)')
+    return (
+      'it is a truncated or damaged zip archive (torch.save writes its index at the end: '
+      'was the download or copy complete?)'
+    )
   return '' if head[:1] == b'\x80' else 'it is neither a zip archive nor a pickle'
 
 
@@ -91,18 +99,23 @@ def load(path: str, *, trust_pickle: bool = False):
   except MemoryError:
     raise
   except ImportError as e:  # only the full unpickler imports
-    raise ConversionError(f'{path}: its pickle needs the module {e.name}, which is not '
-                          'installed here') from None
+    raise ConversionError(
+      f'{path}: its pickle needs the module {e.name}, which is not installed here'
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
     # torch raises anything for a file that is not a checkpoint (KeyError for text,
     # RuntimeError for a truncated zip, EOFError, UnpicklingError): each gets a sentence.
     what = _not_a_checkpoint(path)
-    refused = '' if what or trust_pickle or not isinstance(e, pickle.UnpicklingError) else (
-        _refused(torch, path, e))
+    refused = (
+      ''
+      if what or trust_pickle or not isinstance(e, pickle.UnpicklingError)
+      else (_refused(torch, path, e))
+    )
     if refused:
       raise ConversionError(
-          f'{refused}; pass --trust_pickle to load it anyway, only if you trust its source, '
-          'since its pickle can run any code') from None
+        f'{refused}; pass --trust_pickle to load it anyway, only if you trust its source, '
+        'since its pickle can run any code'
+      ) from None
     if not what:
       what = f'torch could not load it ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})'
     raise ConversionError(f'{path} is not a readable PyTorch checkpoint: {what}') from None
@@ -117,6 +130,7 @@ def read_lightning_ckpt(path: str, *, trust_pickle: bool = False) -> tuple[dict,
   elif isinstance(obj, Mapping) and obj and all(hasattr(v, 'shape') for v in obj.values()):
     sd, meta = obj, {}
   else:
-    raise ConversionError(f'{path} holds neither a Lightning checkpoint (no "state_dict") nor '
-                          'a state dict')
+    raise ConversionError(
+      f'{path} holds neither a Lightning checkpoint (no "state_dict") nor a state dict'
+    )
   return dict(sd), {k: v for k, v in meta.items() if v is not None}

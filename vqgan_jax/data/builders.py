@@ -22,8 +22,7 @@ import warnings
 
 from absl import logging
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
 
@@ -32,35 +31,41 @@ class DataError(ValueError):
 
 
 def default_data_dir():
-  return os.path.expanduser(
-      os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
 
 
 def _data_dir(data_config):
-  return os.path.abspath(
-      os.path.expanduser(data_config.data_dir or default_data_dir()))
+  return os.path.abspath(os.path.expanduser(data_config.data_dir or default_data_dir()))
 
 
 # ----------------------------------------------------------------------------
 # Fashion-MNIST from IDX files.
 
 FASHION_MNIST_CLASSES = (
-    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-    'Sneaker', 'Bag', 'Ankle boot')
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
 
 FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 
 _FASHION_MNIST_HOWTO = (
-    'Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; '
-    'files land in /usr/share/datasets/fashion-mnist), or download the 4 IDX '
-    'files ({files}) from '
-    'https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a '
-    'directory DIR and pass --config.data.source_dir=DIR.').format(
-        files=', '.join(f for pair in FASHION_MNIST_FILES.values()
-                        for f in pair))
+  'Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; '
+  'files land in /usr/share/datasets/fashion-mnist), or download the 4 IDX '
+  'files ({files}) from '
+  'https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a '
+  'directory DIR and pass --config.data.source_dir=DIR.'
+).format(files=', '.join(f for pair in FASHION_MNIST_FILES.values() for f in pair))
 
 
 def _find_idx_file(source_dir, name):
@@ -68,11 +73,10 @@ def _find_idx_file(source_dir, name):
   path = os.path.join(source_dir, name)
   if os.path.exists(path):
     return path
-  plain = path[:-len('.gz')]
+  plain = path[: -len('.gz')]
   if os.path.exists(plain):
     return plain
-  raise DataError(f'Fashion-MNIST file {path} is missing. '
-                  f'{_FASHION_MNIST_HOWTO}')
+  raise DataError(f'Fashion-MNIST file {path} is missing. {_FASHION_MNIST_HOWTO}')
 
 
 def read_idx(path, ndim):
@@ -87,25 +91,26 @@ def read_idx(path, ndim):
   # Header: 2 zero bytes, dtype code (0x08 = uint8), ndim, ndim big-endian
   # uint32 sizes, then the row-major payload.
   head = 4 + 4 * ndim
-  if (len(raw) < head or raw[:2] != b'\0\0' or raw[2] != 0x08
-      or raw[3] != ndim):
+  if len(raw) < head or raw[:2] != b'\0\0' or raw[2] != 0x08 or raw[3] != ndim:
     raise DataError(
-        f'Malformed IDX file {path}: expected a uint8 IDX header with {ndim} '
-        f'dimension(s), got bytes {raw[:4].hex() or "(empty)"}.')
+      f'Malformed IDX file {path}: expected a uint8 IDX header with {ndim} '
+      f'dimension(s), got bytes {raw[:4].hex() or "(empty)"}.'
+    )
   dims = tuple(int(d) for d in np.frombuffer(raw[4:head], dtype='>u4'))
   size = int(np.prod(dims))
   if len(raw) - head != size:
     raise DataError(
-        f'Malformed IDX file {path}: header says shape {dims} '
-        f'({size} bytes) but the payload has {len(raw) - head} bytes.')
+      f'Malformed IDX file {path}: header says shape {dims} '
+      f'({size} bytes) but the payload has {len(raw) - head} bytes.'
+    )
   return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
 
 
 def check_fashion_mnist_dir(source_dir):
   if not source_dir or not os.path.isdir(source_dir):
     raise DataError(
-        f'Fashion-MNIST source directory {source_dir!r} does not exist. '
-        f'{_FASHION_MNIST_HOWTO}')
+      f'Fashion-MNIST source directory {source_dir!r} does not exist. {_FASHION_MNIST_HOWTO}'
+    )
   for pair in FASHION_MNIST_FILES.values():
     for name in pair:
       _find_idx_file(source_dir, name)
@@ -114,25 +119,29 @@ def check_fashion_mnist_dir(source_dir):
 def load_fashion_mnist(source_dir, split):
   """Returns (images uint8 [N, 28, 28], labels uint8 [N]) of one split."""
   check_fashion_mnist_dir(source_dir)
-  image_file, label_file = (_find_idx_file(source_dir, n)
-                            for n in FASHION_MNIST_FILES[split])
+  image_file, label_file = (_find_idx_file(source_dir, n) for n in FASHION_MNIST_FILES[split])
   images = read_idx(image_file, ndim=3)
   labels = read_idx(label_file, ndim=1)
   if images.shape[1:] != (28, 28):
-    raise DataError(f'Malformed IDX file {image_file}: images are '
-                    f'{images.shape[1:]}, expected (28, 28).')
+    raise DataError(
+      f'Malformed IDX file {image_file}: images are {images.shape[1:]}, expected (28, 28).'
+    )
   if len(images) != len(labels):
-    raise DataError(f'{image_file} has {len(images)} images but {label_file} '
-                    f'has {len(labels)} labels.')
+    raise DataError(
+      f'{image_file} has {len(images)} images but {label_file} has {len(labels)} labels.'
+    )
   if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-    raise DataError(f'Malformed IDX file {label_file}: label {labels.max()} '
-                    f'outside [0, {len(FASHION_MNIST_CLASSES)}).')
+    raise DataError(
+      f'Malformed IDX file {label_file}: label {labels.max()} '
+      f'outside [0, {len(FASHION_MNIST_CLASSES)}).'
+    )
   return images, labels
 
 
 def _png(array_or_image):
-  image = (array_or_image if isinstance(array_or_image, Image.Image)
-           else Image.fromarray(array_or_image))
+  image = (
+    array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+  )
   buf = io.BytesIO()
   image.save(buf, format='PNG')
   return buf.getvalue()
@@ -153,24 +162,24 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        description='Fashion-MNIST read from its IDX files.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(28, 28, 1),
-                                         encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://github.com/zalandoresearch/fashion-mnist',
-        disable_shuffling=True,
+      builder=self,
+      description='Fashion-MNIST read from its IDX files.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(28, 28, 1), encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=FASHION_MNIST_CLASSES),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://github.com/zalandoresearch/fashion-mnist',
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     source_dir = os.fspath(dl_manager.manual_dir)
     # Fail on a missing or malformed file before TFDS writes anything.
     check_fashion_mnist_dir(source_dir)
-    return {split: self._generate_examples(source_dir, split)
-            for split in FASHION_MNIST_FILES}
+    return {split: self._generate_examples(source_dir, split) for split in FASHION_MNIST_FILES}
 
   def _generate_examples(self, source_dir, split):
     images, labels = load_fashion_mnist(source_dir, split)
@@ -182,26 +191,45 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 # ----------------------------------------------------------------------------
 # A folder of images.
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif',
-                    '.tiff', '.ppm', '.pgm', '.pbm', '.pnm', '.jfif')
+IMAGE_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.bmp',
+  '.webp',
+  '.gif',
+  '.tif',
+  '.tiff',
+  '.ppm',
+  '.pgm',
+  '.pbm',
+  '.pnm',
+  '.jfif',
+)
 
 # Decoding failures PIL reports for corrupt, truncated or unsupported files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (
+  OSError,
+  ValueError,
+  SyntaxError,
+  EOFError,
+  TypeError,
+  Image.DecompressionBombError,
+)
 
 
 class FolderListing(NamedTuple):
   """The images of a folder, each real file once (see `list_image_folder`)."""
-  paths: list          # sorted relative paths
-  classes: list        # class names
-  labels: list         # label per path
+
+  paths: list  # sorted relative paths
+  classes: list  # class names
+  labels: list  # label per path
   skipped_links: list  # relative paths of links skipped (loops, already listed targets)
-  fingerprint: str     # hash of (path, size, mtime) of every listed file
+  fingerprint: str  # hash of (path, size, mtime) of every listed file
 
 
 def _is_image_name(name):
-  return (not name.startswith('.')
-          and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+  return not name.startswith('.') and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _identity(path):
@@ -238,8 +266,7 @@ def _walk_images(folder):
       for name in sorted(files):
         if _is_image_name(name):
           full = os.path.join(root, name)
-          found.append((os.path.islink(full), os.path.normpath(os.path.join(rel_root, name)),
-                        full))
+          found.append((os.path.islink(full), os.path.normpath(os.path.join(rel_root, name)), full))
 
   seen_dirs.add(_identity(folder))
   walk(folder, '')
@@ -257,7 +284,7 @@ def _walk_images(folder):
     seen_dirs.add(identity)
     walk(path, rel)
   paths = []
-  for is_link, rel, full in sorted(found):  # real files first, then links
+  for _, rel, full in sorted(found):  # real files first (is_link False), then links
     try:
       identity = _identity(full)
     except OSError:
@@ -292,12 +319,14 @@ def list_image_folder(folder):
   loop or lead to something already listed are skipped (`skipped_links`).
   """
   if not folder or not os.path.isdir(folder):
-    raise DataError(f'Image folder {folder!r} does not exist or is not a '
-                    'directory (config.data.folder).')
+    raise DataError(
+      f'Image folder {folder!r} does not exist or is not a directory (config.data.folder).'
+    )
   paths, skipped = _walk_images(folder)
   if not paths:
-    raise DataError(f'Image folder {folder!r} contains no image files '
-                    f'({", ".join(IMAGE_EXTENSIONS)}).')
+    raise DataError(
+      f'Image folder {folder!r} contains no image files ({", ".join(IMAGE_EXTENSIONS)}).'
+    )
   if all(os.sep in p for p in paths):
     classes = sorted({p.split(os.sep, 1)[0] for p in paths})
     index = {c: i for i, c in enumerate(classes)}
@@ -322,7 +351,8 @@ def pil_to_rgb(image):
   image = ImageOps.exif_transpose(image)  # camera photos stored rotated
   mode = image.mode
   if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
-      mode in ('P', 'L', 'RGB') and 'transparency' in image.info):
+    mode in ('P', 'L', 'RGB') and 'transparency' in image.info
+  ):
     return _alpha_on_white(image)
   if mode.startswith('I') or mode == 'F':
     # 16-bit (I;16*, or I from older Pillow) and float: PIL's convert clips
@@ -371,15 +401,15 @@ def image_folder_config(folder, validation_fraction=0.0):
   """A config whose name is unique per (absolute folder, fraction)."""
   folder = os.path.abspath(os.path.expanduser(folder))
   if not 0.0 <= validation_fraction < 1.0:
-    raise DataError(f'validation_fraction must be in [0, 1), got '
-                    f'{validation_fraction}.')
+    raise DataError(f'validation_fraction must be in [0, 1), got {validation_fraction}.')
   base = re.sub(r'[^a-z0-9]+', '_', os.path.basename(folder).lower())
-  digest = hashlib.sha1(
-      f'{folder}\0{validation_fraction!r}'.encode('utf-8')).hexdigest()[:10]
+  digest = hashlib.sha1(f'{folder}\0{validation_fraction!r}'.encode('utf-8')).hexdigest()[:10]
   return ImageFolderConfig(
-      name=f'{base.strip("_") or "root"}_{digest}', folder=folder,
-      validation_fraction=float(validation_fraction),
-      description=f'Images under {folder}')
+    name=f'{base.strip("_") or "root"}_{digest}',
+    folder=folder,
+    validation_fraction=float(validation_fraction),
+    description=f'Images under {folder}',
+  )
 
 
 class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
@@ -412,15 +442,16 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     classes = self.builder_config.classes or self._folder_listing().classes
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f'Images from {self.builder_config.folder}.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3),
-                                         encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=classes),
-        }),
-        supervised_keys=('image', 'label'),
-        metadata=tfds.core.MetadataDict(),
+      builder=self,
+      description=f'Images from {self.builder_config.folder}.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=classes),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -439,13 +470,11 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
       if self._load(path) is not None:
         held_out.append(path)
     excluded = set(held_out) | set(self._skipped)
-    splits = {'train': [(p, y) for p, y in zip(paths, labels)
-                        if p not in excluded]}
+    splits = {'train': [(p, y) for p, y in zip(paths, labels) if p not in excluded]}
     if held_out:
       label_of = dict(zip(paths, labels))
       splits['validation'] = [(p, label_of[p]) for p in sorted(held_out)]
-    return {split: self._generate_examples(split, items)
-            for split, items in splits.items()}
+    return {split: self._generate_examples(split, items) for split, items in splits.items()}
 
   def _load(self, path):
     try:
@@ -464,9 +493,10 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
         yield path, {'image': _png(image), 'label': label}
     if not count:
       raise DataError(
-          f'No readable image for split {split!r} in '
-          f'{self.builder_config.folder!r}: {len(self._skipped)} of the image '
-          'files failed to decode.')
+        f'No readable image for split {split!r} in '
+        f'{self.builder_config.folder!r}: {len(self._skipped)} of the image '
+        'files failed to decode.'
+      )
 
   def _download_and_prepare(self, dl_manager, download_config=None):
     super()._download_and_prepare(dl_manager, download_config=download_config)
@@ -475,20 +505,28 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
     skipped = sorted(self._skipped)
     listing = self._folder_listing()
     self.info.metadata.update(
-        num_skipped=len(skipped), skipped=skipped,
-        num_links_skipped=len(listing.skipped_links),
-        links_skipped=listing.skipped_links[:1000],
-        num_files=len(listing.paths), fingerprint=listing.fingerprint)
+      num_skipped=len(skipped),
+      skipped=skipped,
+      num_links_skipped=len(listing.skipped_links),
+      links_skipped=listing.skipped_links[:1000],
+      num_files=len(listing.paths),
+      fingerprint=listing.fingerprint,
+    )
     if skipped:
-      logging.warning('Skipped %d unreadable image file(s) in %s: %s',
-                      len(skipped), self.builder_config.folder,
-                      ', '.join(skipped[:50]))
+      logging.warning(
+        'Skipped %d unreadable image file(s) in %s: %s',
+        len(skipped),
+        self.builder_config.folder,
+        ', '.join(skipped[:50]),
+      )
     if listing.skipped_links:
       logging.warning(
-          'Skipped %d symbolic link(s) in %s that loop or lead to images or '
-          'folders already listed (each real file is read once): %s',
-          len(listing.skipped_links), self.builder_config.folder,
-          ', '.join(listing.skipped_links[:50]))
+        'Skipped %d symbolic link(s) in %s that loop or lead to images or '
+        'folders already listed (each real file is read once): %s',
+        len(listing.skipped_links),
+        self.builder_config.folder,
+        ', '.join(listing.skipped_links[:50]),
+      )
 
 
 def _metadata(data_path):
@@ -517,6 +555,7 @@ def _is_chief(is_chief):
   if is_chief is not None:
     return is_chief
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.process_index() == 0
 
 
@@ -543,8 +582,9 @@ def _discard(data_path):
   shutil.rmtree(aside, ignore_errors=True)
 
 
-def _prepare_once(make_builder, data_path, download_config, is_chief,
-                  timeout_s, poll_s=1.0, stale=None):
+def _prepare_once(
+  make_builder, data_path, download_config, is_chief, timeout_s, poll_s=1.0, stale=None
+):
   """Prepares a dataset once per data_dir, however many processes race for it.
 
   The chief prepares under a file lock (TFDS writes into a temporary dir and
@@ -555,6 +595,7 @@ def _prepare_once(make_builder, data_path, download_config, is_chief,
   prepared dataset no longer matches its source (or None): the chief then
   prepares it again, the others wait for the fresh one.
   """
+
   def ready():
     return _is_prepared(data_path) and not (stale and stale(data_path))
 
@@ -580,9 +621,10 @@ def _prepare_once(make_builder, data_path, download_config, is_chief,
     left = deadline - time.time()
     if left <= 0:
       raise DataError(
-          f'Waited {timeout_s:.0f} s for process 0 to prepare {data_path}. '
-          'If data_dir is not shared between hosts, prepare on every host '
-          '(is_chief=True).')
+        f'Waited {timeout_s:.0f} s for process 0 to prepare {data_path}. '
+        'If data_dir is not shared between hosts, prepare on every host '
+        '(is_chief=True).'
+      )
     time.sleep(min(poll_s, left))
   return make_builder()
 
@@ -609,30 +651,30 @@ def prepare(data_config, *, is_chief=None, timeout_s=3600.0):
   data_dir = _data_dir(data_config)
   if name == 'fashion_mnist':
     source_dir = os.path.expanduser(data_config.source_dir or '')
-    path = os.path.join(data_dir, FashionMnistIdx.name,
-                        str(FashionMnistIdx.VERSION))
+    path = os.path.join(data_dir, FashionMnistIdx.name, str(FashionMnistIdx.VERSION))
     is_chief = _is_chief(is_chief)
     if is_chief and not _is_prepared(path):
       check_fashion_mnist_dir(source_dir)  # before TFDS's own, vaguer checks
     return _prepare_once(
-        lambda: FashionMnistIdx(data_dir=data_dir), path,
-        tfds.download.DownloadConfig(manual_dir=source_dir), is_chief,
-        timeout_s)
+      lambda: FashionMnistIdx(data_dir=data_dir),
+      path,
+      tfds.download.DownloadConfig(manual_dir=source_dir),
+      is_chief,
+      timeout_s,
+    )
   if name == 'folder':
     if not data_config.folder:
-      raise DataError("config.data.name='folder' needs config.data.folder "
-                      '(a directory of images).')
-    config = image_folder_config(data_config.folder,
-                                 folder_validation_fraction(data_config))
-    path = os.path.join(data_dir, ImageFolderArray.name, config.name,
-                        str(ImageFolderArray.VERSION))
+      raise DataError("config.data.name='folder' needs config.data.folder (a directory of images).")
+    config = image_folder_config(data_config.folder, folder_validation_fraction(data_config))
+    path = os.path.join(data_dir, ImageFolderArray.name, config.name, str(ImageFolderArray.VERSION))
     if os.path.isdir(config.folder) or not _is_prepared(path):
       listing = list_image_folder(config.folder)
     else:
       # A prepared dataset outlives its source (e.g. data_dir copied to
       # another host): there is nothing to compare it with.
-      logging.warning('Image folder %s is gone; reading the dataset prepared '
-                      'from it at %s.', config.folder, path)
+      logging.warning(
+        'Image folder %s is gone; reading the dataset prepared from it at %s.', config.folder, path
+      )
       listing = None
 
     def stale(data_path):
@@ -642,44 +684,49 @@ def prepare(data_config, *, is_chief=None, timeout_s=3600.0):
       if stored.get('fingerprint') == listing.fingerprint:
         return None
       if 'fingerprint' not in stored:
-        return (f'The dataset at {data_path} has no listing fingerprint of '
-                f'image folder {config.folder} (an older version wrote it)')
-      return (f'Image folder {config.folder} changed since {data_path} was '
-              f'prepared ({stored.get("num_files", "?")} image files then, '
-              f'{len(listing.paths)} now)')
+        return (
+          f'The dataset at {data_path} has no listing fingerprint of '
+          f'image folder {config.folder} (an older version wrote it)'
+        )
+      return (
+        f'Image folder {config.folder} changed since {data_path} was '
+        f'prepared ({stored.get("num_files", "?")} image files then, '
+        f'{len(listing.paths)} now)'
+      )
 
     def make():
       if _is_prepared(path) and not stale(path):
         return tfds.builder_from_directory(path)
       config.classes = tuple(listing.classes)
-      return ImageFolderArray(config=config, data_dir=data_dir,
-                              listing=listing)
+      return ImageFolderArray(config=config, data_dir=data_dir, listing=listing)
 
-    return _prepare_once(make, path, None, _is_chief(is_chief), timeout_s,
-                         stale=stale)
+    return _prepare_once(make, path, None, _is_chief(is_chief), timeout_s, stale=stale)
   return open_prepared(name, data_dir)
 
 
 def open_prepared(name, data_dir):
   """Opens a TFDS dataset that must already be prepared in data_dir."""
   if not name:
-    raise DataError("config.data.name is empty: use 'fashion_mnist', "
-                    "'folder' or a prepared TFDS dataset name.")
+    raise DataError(
+      "config.data.name is empty: use 'fashion_mnist', 'folder' or a prepared TFDS dataset name."
+    )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
-        f'config.data.name={name!r}: no such dataset (TFDS: '
-        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). '
-        "Use 'fashion_mnist', 'folder', or a TFDS dataset prepared in "
-        f'{data_dir}.') from e
+      f'config.data.name={name!r}: no such dataset (TFDS: '
+      f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). '
+      "Use 'fashion_mnist', 'folder', or a TFDS dataset prepared in "
+      f'{data_dir}.'
+    ) from e
   if not builder.is_prepared():
     raise DataError(
-        f'TFDS dataset {name!r} (config.data.name) is not prepared in '
-        f'{data_dir} (config.data.data_dir). Prepare it there first, e.g. '
-        f'`tfds build {name} --data_dir={data_dir} '
-        '--file_format=array_record` (needs TensorFlow and any manual '
-        'downloads), or set config.data.data_dir to where it is.')
+      f'TFDS dataset {name!r} (config.data.name) is not prepared in '
+      f'{data_dir} (config.data.data_dir). Prepare it there first, e.g. '
+      f'`tfds build {name} --data_dir={data_dir} '
+      '--file_format=array_record` (needs TensorFlow and any manual '
+      'downloads), or set config.data.data_dir to where it is.'
+    )
   return builder
 
 
@@ -705,8 +752,10 @@ def check_builder_splits(builder, named_splits, *, hint=''):
       except Exception as e:  # pylint: disable=broad-except
         problem = f'cannot read it ({str(e).splitlines()[0] if str(e) else e!r})'
     if problem:
-      raise DataError(f'{field}={split!r}: dataset {builder.info.full_name} '
-                      f'{problem}; available: {available}{hint}.')
+      raise DataError(
+        f'{field}={split!r}: dataset {builder.info.full_name} '
+        f'{problem}; available: {available}{hint}.'
+      )
 
 
 def get_source(data_config, split, *, is_chief=None):
@@ -720,12 +769,14 @@ def source_from_builder(builder, split):
   missing = [s for s in _split_names(split) if s not in available]
   if missing:
     raise DataError(
-        f'Split {split!r} is not in dataset {builder.info.full_name} '
-        f'(config.data.train_split / eval_split); available: {available}.')
+      f'Split {split!r} is not in dataset {builder.info.full_name} '
+      f'(config.data.train_split / eval_split); available: {available}.'
+    )
   try:
     return builder.as_data_source(split=split)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
-        f'Cannot open split {split!r} of {builder.info.full_name} in '
-        f'{builder.data_path} as a random-access source ({e}). Without '
-        'TensorFlow, datasets must be stored as array_record.') from e
+      f'Cannot open split {split!r} of {builder.info.full_name} in '
+      f'{builder.data_path} as a random-access source ({e}). Without '
+      'TensorFlow, datasets must be stored as array_record.'
+    ) from e

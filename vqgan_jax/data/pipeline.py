@@ -28,8 +28,7 @@ DataError = builders.DataError
 # Checking a run's splits up front.
 
 
-def check_splits(data_config, fields=('train_split', 'eval_split'), *,
-                 is_chief=None):
+def check_splits(data_config, fields=('train_split', 'eval_split'), *, is_chief=None):
   """Prepares `config.data`'s dataset and checks that every split the run
   will read exists, so a wrong eval split fails before step 1, not at the
   first eval; returns the prepared builder.
@@ -41,12 +40,15 @@ def check_splits(data_config, fields=('train_split', 'eval_split'), *,
   builder = builders.prepare(data_config, is_chief=is_chief)
   hint = ''
   if data_config.name == 'folder':
-    hint = (" (a folder has 'train', and 'validation' when "
-            "config.data.eval_split='validation' and "
-            'config.data.validation_fraction > 0 leave at least one image '
-            'out)')
+    hint = (
+      " (a folder has 'train', and 'validation' when "
+      "config.data.eval_split='validation' and "
+      'config.data.validation_fraction > 0 leave at least one image '
+      'out)'
+    )
   builders.check_builder_splits(
-      builder, {f'config.data.{f}': data_config[f] for f in fields}, hint=hint)
+    builder, {f'config.data.{f}': data_config[f] for f in fields}, hint=hint
+  )
   return builder
 
 
@@ -99,18 +101,16 @@ def crop(image, size, rng=None):
   else:
     top = int(rng.integers(0, h - size + 1))
     left = int(rng.integers(0, w - size + 1))
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def preprocess(image, size, rng=None):
   """Decoded image -> uint8 [size, size, 3]: RGB, resize, crop."""
-  return np.ascontiguousarray(
-      crop(resize_smaller_side(channels_to_rgb(image), size), size, rng))
+  return np.ascontiguousarray(crop(resize_smaller_side(channels_to_rgb(image), size), size, rng))
 
 
 def _example(element, image, mask=None):
-  out = {'image': image,
-         'label': np.int32(element.get('label', -1))}  # -1: unlabelled
+  out = {'image': image, 'label': np.int32(element.get('label', -1))}  # -1: unlabelled
   if mask is not None:
     out['mask'] = np.bool_(mask)
   return out
@@ -125,8 +125,7 @@ class _TrainPreprocess(grain.transforms.RandomMap):
     self._random = bool(data_config.random_crop)
 
   def random_map(self, element, rng):
-    image = preprocess(element[self._key], self._size,
-                       rng if self._random else None)
+    image = preprocess(element[self._key], self._size, rng if self._random else None)
     return _example(element, image)
 
 
@@ -140,17 +139,17 @@ def _process(process_index, process_count):
   if process_count is None:
     process_count = jax.process_count()
   if not 0 <= process_index < process_count:
-    raise DataError(f'process_index {process_index} not in '
-                    f'[0, {process_count}).')
+    raise DataError(f'process_index {process_index} not in [0, {process_count}).')
   return process_index, process_count
 
 
 def local_batch_size(global_batch_size, process_count, field):
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise DataError(
-        f'{field}={global_batch_size} must be a positive multiple of the '
-        f'number of processes ({process_count}): each process loads '
-        f'{field} / {process_count} examples.')
+      f'{field}={global_batch_size} must be a positive multiple of the '
+      f'number of processes ({process_count}): each process loads '
+      f'{field} / {process_count} examples.'
+    )
   return global_batch_size // process_count
 
 
@@ -205,15 +204,16 @@ class GlobalBatchSampler:
   on 2 hosts trains on exactly the batches a run on 1 host does.
   """
 
-  def __init__(self, num_records, global_batch, local_batch, process_index,
-               seed, worker_count=0):
+  def __init__(self, num_records, global_batch, local_batch, process_index, seed, worker_count=0):
     # ShardOptions(0, 1) rather than NoSharding: the same sampler (and repr)
     # that one process used before, so its iterator checkpoints still load.
     self._base = grain.samplers.IndexSampler(
-        num_records=num_records,
-        shard_options=grain.sharding.ShardOptions(
-            shard_index=0, shard_count=1, drop_remainder=True),
-        shuffle=True, num_epochs=None, seed=int(seed) % 2**32)
+      num_records=num_records,
+      shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1, drop_remainder=True),
+      shuffle=True,
+      num_epochs=None,
+      seed=int(seed) % 2**32,
+    )
     self._global, self._local = int(global_batch), int(local_batch)
     self._process = int(process_index)
     self._workers = max(int(worker_count), 1)
@@ -229,38 +229,51 @@ class GlobalBatchSampler:
 
   def __getitem__(self, j):
     meta = self._base[self.global_position(j)]
-    return grain.RecordMetadata(index=j, record_key=meta.record_key,
-                                rng=meta.rng)
+    return grain.RecordMetadata(index=j, record_key=meta.record_key, rng=meta.rng)
 
   def __repr__(self):
     if self._global == self._local and self._workers == 1:
       return repr(self._base)  # One process, no workers: the plain stream.
-    return (f'GlobalBatchSampler({self._base!r}, global_batch={self._global}, '
-            f'local_batch={self._local}, process_index={self._process}, '
-            f'workers={self._workers})')
+    return (
+      f'GlobalBatchSampler({self._base!r}, global_batch={self._global}, '
+      f'local_batch={self._local}, process_index={self._process}, '
+      f'workers={self._workers})'
+    )
 
 
-def make_loader(source, operations, global_batch_size, seed, *, worker_count,
-                process_index=None, process_count=None,
-                field='train.batch_size'):
+def make_loader(
+  source,
+  operations,
+  global_batch_size,
+  seed,
+  *,
+  worker_count,
+  process_index=None,
+  process_count=None,
+  field='train.batch_size',
+):
   """An infinite `TrainIterator` of this process's part of each global batch
   (see `GlobalBatchSampler`); `operations` map one record and batch them."""
   process_index, process_count = _process(process_index, process_count)
   batch = local_batch_size(global_batch_size, process_count, field)
-  sampler = GlobalBatchSampler(len(source), global_batch_size, batch,
-                               process_index, seed, worker_count)
+  sampler = GlobalBatchSampler(
+    len(source), global_batch_size, batch, process_index, seed, worker_count
+  )
   worker_count = int(worker_count)
   _allow_workers(worker_count)
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[*operations, grain.transforms.Batch(batch,
-                                                      drop_remainder=True)],
-      worker_count=worker_count, shard_options=grain.sharding.NoSharding())
+    data_source=source,
+    sampler=sampler,
+    operations=[*operations, grain.transforms.Batch(batch, drop_remainder=True)],
+    worker_count=worker_count,
+    shard_options=grain.sharding.NoSharding(),
+  )
   return TrainIterator(loader)
 
 
-def make_train_iterator(data_config, global_batch_size, seed, *,
-                        process_index=None, process_count=None, source=None):
+def make_train_iterator(
+  data_config, global_batch_size, seed, *, process_index=None, process_count=None, source=None
+):
   """Infinite shuffled batches {'image': uint8 [B,S,S,3], 'label': int32 [B]},
   B = global_batch_size / process_count: this process's part of each global
   batch (`GlobalBatchSampler`: the same global batches for any process count).
@@ -274,12 +287,18 @@ def make_train_iterator(data_config, global_batch_size, seed, *,
     source = builders.get_source(data_config, data_config.train_split)
   if len(source) < global_batch_size:
     raise DataError(
-        f'Split {data_config.train_split!r} has {len(source)} examples: too '
-        f'few for train.batch_size={global_batch_size}.')
-  return make_loader(source, [_TrainPreprocess(data_config)],
-                     global_batch_size, seed,
-                     worker_count=data_config.worker_count,
-                     process_index=process_index, process_count=process_count)
+      f'Split {data_config.train_split!r} has {len(source)} examples: too '
+      f'few for train.batch_size={global_batch_size}.'
+    )
+  return make_loader(
+    source,
+    [_TrainPreprocess(data_config)],
+    global_batch_size,
+    seed,
+    worker_count=data_config.worker_count,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def num_eval_examples(data_config, *, source=None):
@@ -320,8 +339,7 @@ class ProcessSlice:
 class _PaddedEvalSource(ProcessSlice):
   """Eval images and labels; padding has mask False."""
 
-  def __init__(self, source, data_config, num_examples, global_batch,
-               local_batch, process_index):
+  def __init__(self, source, data_config, num_examples, global_batch, local_batch, process_index):
     super().__init__(num_examples, global_batch, local_batch, process_index)
     self._source = source
     self._key = data_config.image_key
@@ -329,15 +347,18 @@ class _PaddedEvalSource(ProcessSlice):
 
   def example(self, index):
     if index is None:
-      return {'image': np.zeros((self._size, self._size, 3), np.uint8),
-              'label': np.int32(-1), 'mask': np.bool_(False)}
+      return {
+        'image': np.zeros((self._size, self._size, 3), np.uint8),
+        'label': np.int32(-1),
+        'mask': np.bool_(False),
+      }
     element = self._source[index]
-    return _example(element, preprocess(element[self._key], self._size),
-                    mask=True)
+    return _example(element, preprocess(element[self._key], self._size), mask=True)
 
 
-def make_eval_iterator(data_config, global_batch_size, *, process_index=None,
-                       process_count=None, source=None):
+def make_eval_iterator(
+  data_config, global_batch_size, *, process_index=None, process_count=None, source=None
+):
   """One ordered pass over the eval split (first eval_examples if > 0).
 
   Yields {'image': uint8 [B,S,S,3], 'label': int32 [B], 'mask': bool [B]}
@@ -345,20 +366,17 @@ def make_eval_iterator(data_config, global_batch_size, *, process_index=None,
   every batch has one shape. Every process yields the same number of batches.
   """
   process_index, process_count = _process(process_index, process_count)
-  batch = local_batch_size(global_batch_size, process_count,
-                           'train.eval_batch_size')
+  batch = local_batch_size(global_batch_size, process_count, 'train.eval_batch_size')
   if source is None:
     source = builders.get_source(data_config, data_config.eval_split)
   n = num_eval_examples(data_config, source=source)
-  padded = _PaddedEvalSource(source, data_config, n, global_batch_size, batch,
-                             process_index)
+  padded = _PaddedEvalSource(source, data_config, n, global_batch_size, batch, process_index)
   ds = grain.MapDataset.source(padded).batch(batch, drop_remainder=False)
   it_ds = ds.to_iter_dataset()
   worker_count = int(data_config.worker_count)
   if worker_count:
     _allow_workers(worker_count)
-    it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it_ds)
 
 
@@ -369,7 +387,5 @@ def to_global(batch, sharding):
   P('data'))) or a matching dict of them.
   """
   if isinstance(sharding, jax.sharding.Sharding):
-    return {k: jax.make_array_from_process_local_data(sharding, v)
-            for k, v in batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding[k], v)
-          for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding[k], v) for k, v in batch.items()}

@@ -17,8 +17,9 @@ fixed per image (no crop augmentation across epochs, unlike on-the-fly encoding)
 
 With several processes, every process encodes its slice of each global batch on the mesh;
 process 0 gathers the codes and writes the dataset (codes_dir must then be shared), the
-others wait for it. Stage-2 training reads it with grain: deterministic shuffling, each process loading its slice
-of every global batch, a checkpointable iterator state; evaluation makes one ordered, padded pass.
+others wait for it. Stage-2 training reads it with grain: deterministic shuffling, each
+process loading its slice of every global batch, a checkpointable iterator state; evaluation
+makes one ordered, padded pass.
 """
 
 import os
@@ -32,8 +33,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from vqgan_jax.data import builders
-from vqgan_jax.data import pipeline
+from vqgan_jax.data import builders, pipeline
 
 DataError = builders.DataError
 
@@ -42,21 +42,21 @@ VERSION = '1.0.0'
 
 
 def code_dtype(n_embed):
-  return np.uint16 if n_embed <= 2 ** 16 else np.int32
+  return np.uint16 if n_embed <= 2**16 else np.int32
 
 
 def codes_name(data_config):
   """The builder config name of a source dataset's codes (one per dataset and image size)."""
   base = re.sub(r'[^a-z0-9]+', '_', f'{data_config.name}_{data_config.image_size}'.lower())
   if data_config.name == 'folder':
-    base += '_' + re.sub(r'[^a-z0-9]+', '_',
-                         os.path.basename(os.path.normpath(data_config.folder)).lower())
+    base += '_' + re.sub(
+      r'[^a-z0-9]+', '_', os.path.basename(os.path.normpath(data_config.folder)).lower()
+    )
   return base.strip('_') or 'codes'
 
 
 def dataset_path(codes_dir, name):
-  return os.path.join(os.path.abspath(os.path.expanduser(codes_dir)), DATASET_NAME, name,
-                      VERSION)
+  return os.path.join(os.path.abspath(os.path.expanduser(codes_dir)), DATASET_NAME, name, VERSION)
 
 
 def base_splits(*splits):
@@ -106,8 +106,7 @@ def preprocess_cond_map(x, size, one_hot=0, labels_from_intensity=False):
     elif x.ndim == 3:
       x = x[..., 0]
     if x.max(initial=0) >= one_hot or x.min(initial=0) < 0:
-      raise DataError(f'cond label map has labels outside [0, {one_hot}) '
-                      '(config.cond.one_hot)')
+      raise DataError(f'cond label map has labels outside [0, {one_hot}) (config.cond.one_hot)')
     out = _resize_crop(x.astype(np.int32), size, Image.Resampling.NEAREST)
     return np.ascontiguousarray(out, np.int32)
   g = _gray(x)
@@ -120,8 +119,9 @@ class _OrderedSource(pipeline.ProcessSlice):
   """Images, labels and source indices (and cond maps) of a split in source order; padding
   has mask False."""
 
-  def __init__(self, source, data_config, num_examples, global_batch, local_batch,
-               process_index, cond=None):
+  def __init__(
+    self, source, data_config, num_examples, global_batch, local_batch, process_index, cond=None
+  ):
     super().__init__(num_examples, global_batch, local_batch, process_index)
     self._source, self._cfg, self._cond = source, data_config, cond
 
@@ -140,18 +140,31 @@ class _OrderedSource(pipeline.ProcessSlice):
       one_hot = int(self._cond.one_hot)
       if valid:
         if self._cond.key not in element:
-          raise DataError(f'config.cond.key={self._cond.key!r} is not a feature of the '
-                          f'dataset; it has {sorted(element)}')
-        out['cond_map'] = preprocess_cond_map(element[self._cond.key], size, one_hot,
-                                              bool(self._cond.labels_from_intensity))
+          raise DataError(
+            f'config.cond.key={self._cond.key!r} is not a feature of the '
+            f'dataset; it has {sorted(element)}'
+          )
+        out['cond_map'] = preprocess_cond_map(
+          element[self._cond.key], size, one_hot, bool(self._cond.labels_from_intensity)
+        )
       else:
-        out['cond_map'] = (np.zeros((size, size), np.int32) if one_hot
-                           else np.zeros((size, size, 1), np.uint8))
+        out['cond_map'] = (
+          np.zeros((size, size), np.int32) if one_hot else np.zeros((size, size, 1), np.uint8)
+        )
     return out
 
 
-def ordered_batches(data_config, split, global_batch, *, cond=None, max_examples=-1,
-                    process_index=None, process_count=None, source=None):
+def ordered_batches(
+  data_config,
+  split,
+  global_batch,
+  *,
+  cond=None,
+  max_examples=-1,
+  process_index=None,
+  process_count=None,
+  source=None,
+):
   """One ordered pass over a split for encoding: local batches {'image' uint8 [B,S,S,3],
   'label', 'index', 'mask'[, 'cond_map']}, B = global_batch / process_count.
 
@@ -161,8 +174,7 @@ def ordered_batches(data_config, split, global_batch, *, cond=None, max_examples
   local = pipeline.local_batch_size(global_batch, process_count, 'encode.batch_size')
   if source is None:
     source = builders.get_source(data_config, split)
-  n = len(source) if max_examples is None or max_examples < 0 else min(len(source),
-                                                                       max_examples)
+  n = len(source) if max_examples is None or max_examples < 0 else min(len(source), max_examples)
   padded = _OrderedSource(source, data_config, n, global_batch, local, process_index, cond)
   ds = grain.MapDataset.source(padded).batch(local, drop_remainder=False).to_iter_dataset()
   workers = int(data_config.worker_count)
@@ -185,8 +197,19 @@ class VqganCodes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, *, name, splits, seq_len, n_embed, cond_len=0, cond_n_embed=0,
-               examples=None, metadata=None, **kwargs):
+  def __init__(
+    self,
+    *,
+    name,
+    splits,
+    seq_len,
+    n_embed,
+    cond_len=0,
+    cond_n_embed=0,
+    examples=None,
+    metadata=None,
+    **kwargs,
+  ):
     self._codes_name, self._splits = name, list(splits)
     self._seq_len, self._n_embed = int(seq_len), int(n_embed)
     self._cond_len, self._cond_n_embed = int(cond_len), int(cond_n_embed)
@@ -195,18 +218,21 @@ class VqganCodes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     features = {
-        'codes': tfds.features.Tensor(shape=(self._seq_len,),
-                                      dtype=code_dtype(self._n_embed)),
-        'label': tfds.features.Scalar(dtype=np.int32),
-        'index': tfds.features.Scalar(dtype=np.int64),
+      'codes': tfds.features.Tensor(shape=(self._seq_len,), dtype=code_dtype(self._n_embed)),
+      'label': tfds.features.Scalar(dtype=np.int32),
+      'index': tfds.features.Scalar(dtype=np.int64),
     }
     if self._cond_len:
-      features['cond_codes'] = tfds.features.Tensor(shape=(self._cond_len,),
-                                                    dtype=code_dtype(self._cond_n_embed))
+      features['cond_codes'] = tfds.features.Tensor(
+        shape=(self._cond_len,), dtype=code_dtype(self._cond_n_embed)
+      )
     return tfds.core.DatasetInfo(
-        builder=self, description='VQGAN code indices of a dataset (vqgan_jax --mode=encode).',
-        features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(self._metadata), disable_shuffling=True)
+      builder=self,
+      description='VQGAN code indices of a dataset (vqgan_jax --mode=encode).',
+      features=tfds.features.FeaturesDict(features),
+      metadata=tfds.core.MetadataDict(self._metadata),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -217,8 +243,11 @@ class VqganCodes(tfds.core.GeneratorBasedBuilder):
     cdtype = code_dtype(self._cond_n_embed)
     for rows in self._examples(split):
       for i in range(len(rows['index'])):
-        ex = {'codes': rows['codes'][i].astype(dtype), 'label': int(rows['label'][i]),
-              'index': int(rows['index'][i])}
+        ex = {
+          'codes': rows['codes'][i].astype(dtype),
+          'label': int(rows['label'][i]),
+          'index': int(rows['index'][i]),
+        }
         if self._cond_len:
           ex['cond_codes'] = rows['cond_codes'][i].astype(cdtype)
         yield int(rows['index'][i]), ex
@@ -228,8 +257,20 @@ def is_prepared(path):
   return os.path.exists(os.path.join(path, 'dataset_info.json'))
 
 
-def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len=0,
-                cond_n_embed=0, metadata=None, overwrite=False, timeout_s=24 * 3600.0):
+def write_codes(
+  codes_dir,
+  name,
+  *,
+  splits,
+  examples,
+  seq_len,
+  n_embed,
+  cond_len=0,
+  cond_n_embed=0,
+  metadata=None,
+  overwrite=False,
+  timeout_s=24 * 3600.0,
+):
   """Writes the codes dataset (process 0) while every process runs `examples(split)`
   (the encoding is collective). Returns the dataset's path.
 
@@ -240,8 +281,10 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
   path = dataset_path(codes_dir, name)
   chief = jax.process_index() == 0
   if is_prepared(path) and not overwrite:
-    raise DataError(f'The codes dataset {path} exists already; pass '
-                    '--config.encode.overwrite=True to encode again.')
+    raise DataError(
+      f'The codes dataset {path} exists already; pass '
+      '--config.encode.overwrite=True to encode again.'
+    )
   if chief:
     if os.path.exists(path):
       shutil.rmtree(path)
@@ -249,9 +292,17 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
     # place, so readers never see a half-written dataset; a stale build is discarded.
     build_dir = os.path.join(os.path.abspath(os.path.expanduser(codes_dir)), '_build', name)
     shutil.rmtree(build_dir, ignore_errors=True)
-    builder = VqganCodes(name=name, splits=splits, seq_len=seq_len, n_embed=n_embed,
-                         cond_len=cond_len, cond_n_embed=cond_n_embed, examples=examples,
-                         metadata=metadata, data_dir=build_dir)
+    builder = VqganCodes(
+      name=name,
+      splits=splits,
+      seq_len=seq_len,
+      n_embed=n_embed,
+      cond_len=cond_len,
+      cond_n_embed=cond_n_embed,
+      examples=examples,
+      metadata=metadata,
+      data_dir=build_dir,
+    )
     builder.download_and_prepare()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     os.replace(os.fspath(builder.data_path), path)
@@ -263,8 +314,10 @@ def write_codes(codes_dir, name, *, splits, examples, seq_len, n_embed, cond_len
     deadline = time.time() + timeout_s
     while not is_prepared(path):
       if time.time() > deadline:
-        raise DataError(f'Waited {timeout_s:.0f} s for process 0 to write {path}; '
-                        'config.data.codes_dir must be shared between hosts.')
+        raise DataError(
+          f'Waited {timeout_s:.0f} s for process 0 to write {path}; '
+          'config.data.codes_dir must be shared between hosts.'
+        )
       time.sleep(1.0)
   return path
 
@@ -273,9 +326,11 @@ def open_codes(codes_dir, name):
   """The prepared codes dataset's builder; a clear error if --mode=encode has not run."""
   path = dataset_path(codes_dir, name)
   if not is_prepared(path):
-    raise DataError(f'No codes dataset at {path}: run --mode=encode with this config and '
-                    "workdir first (or set config.data.source='images' to encode in the "
-                    'training step).')
+    raise DataError(
+      f'No codes dataset at {path}: run --mode=encode with this config and '
+      "workdir first (or set config.data.source='images' to encode in the "
+      'training step).'
+    )
   return tfds.builder_from_directory(path)
 
 
@@ -291,8 +346,10 @@ class _ToArrays(grain.transforms.Map):
   """A decoded record -> int32 arrays (labels, codes), dropping the bookkeeping index."""
 
   def map(self, element):
-    out = {'codes': np.asarray(element['codes'], np.int32),
-           'label': np.int32(element.get('label', -1))}
+    out = {
+      'codes': np.asarray(element['codes'], np.int32),
+      'label': np.int32(element.get('label', -1)),
+    }
     if 'cond_codes' in element:
       out['cond_codes'] = np.asarray(element['cond_codes'], np.int32)
     return out
@@ -306,13 +363,24 @@ def check_splits(builder, data_config, fields=('train_split', 'eval_split')):
   """Raises DataError, before step 1, when the codes dataset lacks a split that
   `config.data.<field>` names (it holds the splits --mode=encode wrote)."""
   builders.check_builder_splits(
-      builder, {f'config.data.{f}': data_config[f] for f in fields},
-      hint=' (the codes dataset holds the splits --mode=encode wrote: encode '
-      'again with --config.encode.overwrite=True after changing the splits)')
+    builder,
+    {f'config.data.{f}': data_config[f] for f in fields},
+    hint=' (the codes dataset holds the splits --mode=encode wrote: encode '
+    'again with --config.encode.overwrite=True after changing the splits)',
+  )
 
 
-def make_train_iterator(builder, split, global_batch_size, seed, *, worker_count=0,
-                        process_index=None, process_count=None, source=None):
+def make_train_iterator(
+  builder,
+  split,
+  global_batch_size,
+  seed,
+  *,
+  worker_count=0,
+  process_index=None,
+  process_count=None,
+  source=None,
+):
   """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']}: this
   process's part of each global batch (the same global batches for any process count, see
   `pipeline.GlobalBatchSampler`); the state (`get_state`/`set_state`) is checkpointed with
@@ -322,11 +390,19 @@ def make_train_iterator(builder, split, global_batch_size, seed, *, worker_count
   if source is None:
     source = get_source(builder, split)
   if len(source) < global_batch_size:
-    raise DataError(f'Codes split {split!r} has {len(source)} examples: too few for '
-                    f'train.batch_size={global_batch_size}.')
-  return pipeline.make_loader(source, [_ToArrays()], global_batch_size, seed,
-                              worker_count=worker_count, process_index=process_index,
-                              process_count=process_count)
+    raise DataError(
+      f'Codes split {split!r} has {len(source)} examples: too few for '
+      f'train.batch_size={global_batch_size}.'
+    )
+  return pipeline.make_loader(
+    source,
+    [_ToArrays()],
+    global_batch_size,
+    seed,
+    worker_count=worker_count,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 class _PaddedCodes(pipeline.ProcessSlice):
@@ -347,8 +423,16 @@ class _PaddedCodes(pipeline.ProcessSlice):
     return dict(self._blank, mask=np.bool_(False))
 
 
-def make_eval_iterator(builder, split, global_batch_size, *, max_examples=-1,
-                       process_index=None, process_count=None, source=None):
+def make_eval_iterator(
+  builder,
+  split,
+  global_batch_size,
+  *,
+  max_examples=-1,
+  process_index=None,
+  process_count=None,
+  source=None,
+):
   """One ordered pass over a codes split: {'codes', 'label', 'mask'[, 'cond_codes']},
   padded to whole batches (mask False), the same number of batches on every process."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
@@ -357,8 +441,6 @@ def make_eval_iterator(builder, split, global_batch_size, *, max_examples=-1,
     source = get_source(builder, split)
   if not len(source):
     raise DataError(f'Codes split {split!r} is empty.')
-  n = len(source) if max_examples is None or max_examples < 0 else min(len(source),
-                                                                       max_examples)
+  n = len(source) if max_examples is None or max_examples < 0 else min(len(source), max_examples)
   padded = _PaddedCodes(source, n, global_batch_size, batch, process_index)
-  return iter(grain.MapDataset.source(padded).batch(batch, drop_remainder=False)
-              .to_iter_dataset())
+  return iter(grain.MapDataset.source(padded).batch(batch, drop_remainder=False).to_iter_dataset())

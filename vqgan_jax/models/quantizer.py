@@ -16,8 +16,11 @@ def codebook_distances(z, codebook):
   """
   z = z.astype(jnp.float32)
   codebook = codebook.astype(jnp.float32)
-  return (jnp.sum(z ** 2, axis=-1, keepdims=True) + jnp.sum(codebook ** 2, axis=-1)
-          - 2.0 * jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST))
+  return (
+    jnp.sum(z**2, axis=-1, keepdims=True)
+    + jnp.sum(codebook**2, axis=-1)
+    - 2.0 * jnp.matmul(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
+  )
 
 
 def vq_loss(z, z_q, beta: float, legacy: bool):
@@ -36,6 +39,7 @@ def vq_loss(z, z_q, beta: float, legacy: bool):
 
 class VectorQuantizer(nn.Module):
   """Nearest-codebook quantizer. torch `quantize.embedding.weight` = `embedding/embedding`."""
+
   n_embed: int
   embed_dim: int
   beta: float = 0.25
@@ -44,8 +48,11 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     bound = 1.0 / self.n_embed
     self.embedding = nn.Embed(
-        self.n_embed, self.embed_dim, param_dtype=jnp.float32,
-        embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
+      self.n_embed,
+      self.embed_dim,
+      param_dtype=jnp.float32,
+      embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+    )
 
   def __call__(self, z):
     """z: (..., embed_dim). Returns (z_q straight-through, loss, indices (...,))."""
@@ -66,6 +73,7 @@ class VectorQuantizer(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Gumbel quantizer (taming `GumbelQuantize`, the quantizer of `GumbelVQ`)
 # --------------------------------------------------------------------------------------------
+
 
 def gumbel_softmax(logits, gumbels, tau, hard: bool = True):
   """`torch.nn.functional.gumbel_softmax(logits, tau, hard, dim=-1)` with the noise given.
@@ -95,6 +103,7 @@ class _Proj(nn.Module):
   HIGHEST precision: the argmax of these logits is the code, so accelerators must not round
   the inputs to TF32/bf16 here.
   """
+
   features: int
 
   @nn.compact
@@ -102,8 +111,9 @@ class _Proj(nn.Module):
     fan_in = z.shape[-1]
     bound = 1.0 / jnp.sqrt(fan_in)
     kernel = self.param('kernel', layers.torch_kernel_init, (fan_in, self.features))
-    bias = self.param('bias', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
-                      (self.features,))
+    bias = self.param(
+      'bias', lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), (self.features,)
+    )
     return jnp.matmul(z.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST) + bias
 
 
@@ -123,6 +133,7 @@ class GumbelQuantizer(nn.Module):
     softmax(logits)); we drop it deliberately so encoding is deterministic. Codes therefore
     equal the original's only where its noise did not change the argmax.
   """
+
   n_embed: int
   embed_dim: int
   kl_weight: float = 1e-8
@@ -131,8 +142,12 @@ class GumbelQuantizer(nn.Module):
   def setup(self):
     self.proj = _Proj(self.n_embed)
     # torch nn.Embedding's default init, N(0, 1).
-    self.embed = nn.Embed(self.n_embed, self.embed_dim, param_dtype=jnp.float32,
-                          embedding_init=jax.nn.initializers.normal(1.0))
+    self.embed = nn.Embed(
+      self.n_embed,
+      self.embed_dim,
+      param_dtype=jnp.float32,
+      embedding_init=jax.nn.initializers.normal(1.0),
+    )
 
   def logits(self, z):
     return self.proj(z)

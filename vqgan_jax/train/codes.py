@@ -14,12 +14,9 @@ import jax
 import numpy as np
 import tqdm
 
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
-from vqgan_jax.data import pipeline
-from vqgan_jax.data import tokens
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
+from vqgan_jax import checkpoints, parallel
+from vqgan_jax.data import pipeline, tokens
+from vqgan_jax.train import stage2, stage2_config
 from vqgan_jax.train.common import gather
 from vqgan_jax.validate import ConfigError
 
@@ -38,13 +35,19 @@ def stage1_step(workdir):
 
 def _metadata(config, layout):
   """What the codes depend on: equal metadata means the codes on disk are up to date."""
-  return {'grid_h': layout.grid[0], 'grid_w': layout.grid[1],
-          'n_embed': layout.n_image, 'cond_kind': layout.kind,
-          'cond_grid': list(layout.cond_grid), 'cond_n_embed': layout.cond_n_embed,
-          'stage1_workdir': os.path.abspath(config.stage1_workdir),
-          'stage1_step': stage1_step(config.stage1_workdir),
-          'source': config.data.name, 'image_size': config.data.image_size,
-          'max_examples': config.encode.max_examples}
+  return {
+    'grid_h': layout.grid[0],
+    'grid_w': layout.grid[1],
+    'n_embed': layout.n_image,
+    'cond_kind': layout.kind,
+    'cond_grid': list(layout.cond_grid),
+    'cond_n_embed': layout.cond_n_embed,
+    'stage1_workdir': os.path.abspath(config.stage1_workdir),
+    'stage1_step': stage1_step(config.stage1_workdir),
+    'source': config.data.name,
+    'image_size': config.data.image_size,
+    'max_examples': config.encode.max_examples,
+  }
 
 
 def encode(config, workdir):
@@ -71,18 +74,24 @@ def encode(config, workdir):
     out = stage2.encode_batch(frozen, p, batch)
     return {k: out[k] for k in ('codes', 'cond_codes') if k in out}
 
-  encode_jit = jax.jit(encode_fn, in_shardings=(shardings, batch_sh),
-                       out_shardings=parallel.replicated(mesh))
+  encode_jit = jax.jit(
+    encode_fn, in_shardings=(shardings, batch_sh), out_shardings=parallel.replicated(mesh)
+  )
   splits = tokens.base_splits(config.data.train_split, config.data.eval_split)
   counts = {}
 
   def examples(split):
-    it, n = tokens.ordered_batches(config.data, split, config.encode.batch_size,
-                                   cond=config.cond if spatial else None,
-                                   max_examples=config.encode.max_examples)
+    it, n = tokens.ordered_batches(
+      config.data,
+      split,
+      config.encode.batch_size,
+      cond=config.cond if spatial else None,
+      max_examples=config.encode.max_examples,
+    )
     counts[split] = n
-    bar = tqdm.tqdm(total=n, disable=jax.process_index() != 0, dynamic_ncols=True,
-                    desc=f'encode {split}')
+    bar = tqdm.tqdm(
+      total=n, disable=jax.process_index() != 0, dynamic_ncols=True, desc=f'encode {split}'
+    )
     for batch in it:
       inputs = {'image': batch['image']}
       if spatial:
@@ -100,10 +109,17 @@ def encode(config, workdir):
 
   t0 = time.perf_counter()
   path = tokens.write_codes(
-      codes_dir(config, workdir), name, splits=splits, examples=examples,
-      seq_len=layout.image_len, n_embed=layout.n_image,
-      cond_len=layout.cond_len if spatial else 0, cond_n_embed=layout.cond_n_embed,
-      metadata=meta, overwrite=config.encode.overwrite)
+    codes_dir(config, workdir),
+    name,
+    splits=splits,
+    examples=examples,
+    seq_len=layout.image_len,
+    n_embed=layout.n_image,
+    cond_len=layout.cond_len if spatial else 0,
+    cond_n_embed=layout.cond_n_embed,
+    metadata=meta,
+    overwrite=config.encode.overwrite,
+  )
   logging.info('Encoded %s in %.1f s', counts, time.perf_counter() - t0)
   return path, counts, False
 
@@ -113,14 +129,23 @@ def open_codes(config, workdir, layout):
   builder = tokens.open_codes(codes_dir(config, workdir), tokens.codes_name(config.data))
   meta = tokens.metadata(builder)
   if (meta.get('grid_h'), meta.get('grid_w'), meta.get('n_embed')) != (
-      layout.grid[0], layout.grid[1], layout.n_image):
+    layout.grid[0],
+    layout.grid[1],
+    layout.n_image,
+  ):
     raise ConfigError(
-        f'The codes dataset {builder.data_path} holds {meta.get("grid_h")}x'
-        f'{meta.get("grid_w")} grids of {meta.get("n_embed")} codes, but this config\'s '
-        f'stage 1 gives {layout.grid[0]}x{layout.grid[1]} of {layout.n_image}: encode again '
-        '(--mode=encode --config.encode.overwrite=True)')
+      f'The codes dataset {builder.data_path} holds {meta.get("grid_h")}x'
+      f"{meta.get('grid_w')} grids of {meta.get('n_embed')} codes, but this config's "
+      f'stage 1 gives {layout.grid[0]}x{layout.grid[1]} of {layout.n_image}: encode again '
+      '(--mode=encode --config.encode.overwrite=True)'
+    )
   step = stage1_step(config.stage1_workdir)
   if step is not None and meta.get('stage1_step') not in (None, step):
-    logging.warning('The codes in %s were encoded at stage-1 step %s; %s is now at step %s.',
-                    builder.data_path, meta.get('stage1_step'), config.stage1_workdir, step)
+    logging.warning(
+      'The codes in %s were encoded at stage-1 step %s; %s is now at step %s.',
+      builder.data_path,
+      meta.get('stage1_step'),
+      config.stage1_workdir,
+      step,
+    )
   return builder

@@ -49,8 +49,9 @@ def prepare_workdir(workdir: str) -> str:
       pass
     os.remove(probe)
   except OSError as e:
-    raise RunError(f'--workdir {workdir} is not writable ({e.strerror or e}); pick another '
-                   'directory') from None
+    raise RunError(
+      f'--workdir {workdir} is not writable ({e.strerror or e}); pick another directory'
+    ) from None
   return workdir
 
 
@@ -62,16 +63,18 @@ def check_init_from(path: str, stage: str) -> None:
   field = f'config.init_from={path!r}'
   if not os.path.isdir(checkpoints.checkpoint_dir(path)):
     raise checkpoints.CheckpointError(
-        f'{field} has no checkpoints/ folder: point it at a {stage} workdir (a training run or '
-        'the output of `python -m vqgan_jax.convert`)')
+      f'{field} has no checkpoints/ folder: point it at a {stage} workdir (a training run or '
+      'the output of `python -m vqgan_jax.convert`)'
+    )
   try:
     with checkpoints.Checkpointer(path, read_only=True, max_to_keep=None) as ckpt:
       saved = ckpt.restore_config().get('stage', 'vqgan')
   except checkpoints.CheckpointError as e:
     raise checkpoints.CheckpointError(f'{field}: {e}') from None
   if saved != stage:
-    raise checkpoints.CheckpointError(f'{field} is a {saved!r} run; this {stage} run starts '
-                                      f'from a {stage} workdir')
+    raise checkpoints.CheckpointError(
+      f'{field} is a {saved!r} run; this {stage} run starts from a {stage} workdir'
+    )
 
 
 def gather(x) -> np.ndarray:
@@ -106,12 +109,14 @@ class Writer:
     try:
       _truncate_rows(path, start_step)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
       self._jsonl = open(path, 'a')
     except OSError as e:
       self.close()
-      raise RunError(f'cannot write the logs in {workdir} ({e}); pick a writable --workdir') \
-          from None
+      raise RunError(
+        f'cannot write the logs in {workdir} ({e}); pick a writable --workdir'
+      ) from None
 
   def scalars(self, step: int, values, prefix: str) -> None:
     if not self.active:
@@ -160,8 +165,9 @@ def _truncate_rows(path: str, start_step: int) -> None:
 
 
 def progress_bar(total: int, start: int, desc: str):
-  return tqdm.tqdm(total=total, initial=start, disable=jax.process_index() != 0,
-                   dynamic_ncols=True, desc=desc)
+  return tqdm.tqdm(
+    total=total, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True, desc=desc
+  )
 
 
 def say(bar, line: str) -> None:
@@ -185,18 +191,36 @@ def setup_initial_state(init_fn: Callable, rng, shardings_fn: Callable):
 def restore_or_init(ckpt, abstract, shardings, init, data_iter, config, fields=None):
   """The state to train from: the latest checkpoint (and the data iterator's position) when
   there is one, else `init()`; and the step it is at."""
-  state = ckpt.resume(checkpoints.abstract_like(abstract, shardings), data_iter, config=config,
-                      **({} if fields is None else {'fields': fields}))
+  state = ckpt.resume(
+    checkpoints.abstract_like(abstract, shardings),
+    data_iter,
+    config=config,
+    **({} if fields is None else {'fields': fields}),
+  )
   if state is not None:
     logging.info('Resumed from %s at step %d', ckpt.workdir, int(state['step']))
     return state, True
   return init(), False
 
 
-def train_loop(state, *, step_fn: Callable, next_batch: Callable, start: int, total: int,
-               train_config, ckpt, data_state: Callable, config, writer: Writer,
-               evaluate: Callable[[Any, int], dict], loss_key: str,
-               rate: tuple[str, float], postfix: Callable[[dict], dict], desc: str):
+def train_loop(
+  state,
+  *,
+  step_fn: Callable,
+  next_batch: Callable,
+  start: int,
+  total: int,
+  train_config,
+  ckpt,
+  data_state: Callable,
+  config,
+  writer: Writer,
+  evaluate: Callable[[Any, int], dict],
+  loss_key: str,
+  rate: tuple[str, float],
+  postfix: Callable[[dict], dict],
+  desc: str,
+):
   """Runs steps start+1 .. total; returns (state, the last eval's result).
 
   Every `log_every` steps the metrics are written and shown; every `eval_every` steps (and at
@@ -247,7 +271,12 @@ def train_loop(state, *, step_fn: Callable, next_batch: Callable, start: int, to
 def _diverged(ckpt, step: int, loss_key: str, value: float):
   ckpt.wait()
   last = ckpt.latest_step()
-  kept = (f'the last good checkpoint, step {last}, is kept in {ckpt.directory} (a rerun resumes '
-          'from it)' if last is not None else 'no checkpoint had been written yet')
-  raise RunError(f'{loss_key} is {value} at step {step}: training diverged and stopped without '
-                 f'saving; {kept}. Lower config.optim.base_lr or check the data.')
+  kept = (
+    f'the last good checkpoint, step {last}, is kept in {ckpt.directory} (a rerun resumes from it)'
+    if last is not None
+    else 'no checkpoint had been written yet'
+  )
+  raise RunError(
+    f'{loss_key} is {value} at step {step}: training diverged and stopped without '
+    f'saving; {kept}. Lower config.optim.base_lr or check the data.'
+  )

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
+from vqgan_jax import checkpoints, parallel
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.train import stage1 as stage1_lib
@@ -46,11 +45,13 @@ from vqgan_jax.train.common import peak_learning_rate
 from vqgan_jax.train.stage2_config import Layout
 from vqgan_jax.validate import ConfigError
 
+
 class Frozen(NamedTuple):
   """The frozen encoders a step needs (None where the batch already holds codes)."""
-  stage1: Any = None        # VQGAN: images -> image codes
-  cond: Any = None          # VQGAN: cond maps -> cond codes
-  cond_one_hot: int = 0     # > 0: cond maps are label maps, one-hot encoded
+
+  stage1: Any = None  # VQGAN: images -> image codes
+  cond: Any = None  # VQGAN: cond maps -> cond codes
+  cond_one_hot: int = 0  # > 0: cond maps are label maps, one-hot encoded
 
 
 def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
@@ -68,16 +69,20 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
     shardings[key] = stage1_lib.vqgan_param_shardings(vqgan, mesh, rules)[1]
     if key == 'cond' and config.cond.random_init:
       logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
-      params[key] = stage1_lib.init_vqgan_params(vqgan, mesh, jax.random.PRNGKey(config.seed + 1),
-                                                 rules)
+      params[key] = stage1_lib.init_vqgan_params(
+        vqgan, mesh, jax.random.PRNGKey(config.seed + 1), rules
+      )
       continue
     workdir = config.stage1_workdir if key == 'stage1' else config.cond.workdir
     if not workdir:
-      raise ConfigError('config.cond.workdir (the cond VQGAN\'s stage-1 run) is empty; '
-                        'spatial conditioning needs a trained cond VQGAN')
+      raise ConfigError(
+        "config.cond.workdir (the cond VQGAN's stage-1 run) is empty; "
+        'spatial conditioning needs a trained cond VQGAN'
+      )
     params[key] = stage1_lib.restore_vqgan_params(workdir, vqgan, mesh, rules)
-  frozen = Frozen(stage1=models.get('stage1'), cond=models.get('cond'),
-                  cond_one_hot=int(config.cond.one_hot))
+  frozen = Frozen(
+    stage1=models.get('stage1'), cond=models.get('cond'), cond_one_hot=int(config.cond.one_hot)
+  )
   return frozen, params, shardings
 
 
@@ -105,16 +110,19 @@ def encode_batch(frozen: Frozen, frozen_params, batch):
   batch = dict(batch)
   if 'codes' not in batch:
     batch['codes'] = jax.lax.stop_gradient(
-        image_codes(frozen.stage1, frozen_params['stage1'], batch['image']))
+      image_codes(frozen.stage1, frozen_params['stage1'], batch['image'])
+    )
   if 'cond_codes' not in batch and frozen.cond is not None and 'cond_map' in batch:
-    batch['cond_codes'] = jax.lax.stop_gradient(cond_map_codes(
-        frozen.cond, frozen_params['cond'], batch['cond_map'], frozen.cond_one_hot))
+    batch['cond_codes'] = jax.lax.stop_gradient(
+      cond_map_codes(frozen.cond, frozen_params['cond'], batch['cond_map'], frozen.cond_one_hot)
+    )
   return batch
 
 
 # ----------------------------------------------------------------------------------------
 # Sequences and the loss
 # ----------------------------------------------------------------------------------------
+
 
 def cond_tokens(layout: Layout, batch, rng=None, drop_prob: float = 0.0):
   """(B, cond_len) condition ids of a batch ('label' for classes, 'cond_codes' for spatial).
@@ -140,8 +148,10 @@ def class_tokens(layout: Layout, labels):
     host = np.asarray(labels).reshape(-1)
     bad = sorted({int(c) for c in host if not 0 <= c < layout.n_classes})
     if bad:
-      raise ValueError(f'class ids {bad} are outside [0, {layout.n_classes}): this model has '
-                       f'{layout.n_classes} classes')
+      raise ValueError(
+        f'class ids {bad} are outside [0, {layout.n_classes}): this model has '
+        f'{layout.n_classes} classes'
+      )
   labels = jnp.asarray(labels, jnp.int32).reshape(-1, 1)
   if layout.kind == 'unconditional':
     return jnp.full_like(labels, layout.sos_id)
@@ -169,7 +179,7 @@ def image_token_nll(logits, codes, cond_len: int, n_image: int):
   cond_len - 1 + i predicts code i. Outputs at the condition positions (which would predict
   condition tokens) are never read, and the softmax ranges over image codes only.
   """
-  lg = logits[:, cond_len - 1:, :n_image].astype(jnp.float32)
+  lg = logits[:, cond_len - 1 :, :n_image].astype(jnp.float32)
   picked = jnp.take_along_axis(lg, codes[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return jax.nn.logsumexp(lg, axis=-1) - picked
 
@@ -178,11 +188,13 @@ def image_token_nll(logits, codes, cond_len: int, n_image: int):
 # Optimizer and state
 # ----------------------------------------------------------------------------------------
 
+
 def decay_mask(params):
   """True for Dense kernels (key/query/value/proj, mlp, head): taming decays `nn.Linear`
   weights only; biases, LayerNorm, tok_emb and pos_emb are not decayed."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: parallel.key_name(path[-1]) == 'kernel',
-                                          params)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: parallel.key_name(path[-1]) == 'kernel', params
+  )
 
 
 def learning_rate_schedule(config):
@@ -190,22 +202,27 @@ def learning_rate_schedule(config):
   peak = peak_learning_rate(config)
   if o.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if o.warmup_steps else peak, peak_value=peak,
-        warmup_steps=o.warmup_steps, decay_steps=config.train.num_steps,
-        end_value=peak * o.final_lr_fraction)
+      init_value=0.0 if o.warmup_steps else peak,
+      peak_value=peak,
+      warmup_steps=o.warmup_steps,
+      decay_steps=config.train.num_steps,
+      end_value=peak * o.final_lr_fraction,
+    )
   if not o.warmup_steps:
     return optax.constant_schedule(peak)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, o.warmup_steps), optax.constant_schedule(peak)],
-      [o.warmup_steps])
+    [optax.linear_schedule(0.0, peak, o.warmup_steps), optax.constant_schedule(peak)],
+    [o.warmup_steps],
+  )
 
 
 def make_optimizer(config):
   """(tx, schedule): AdamW(b1, b2) with decoupled weight decay on kernels only."""
   o = config.optim
   schedule = learning_rate_schedule(config)
-  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                   mask=decay_mask)
+  tx = optax.adamw(
+    schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+  )
   if o.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, schedule
@@ -220,8 +237,12 @@ def init_state(model, tx, rng):
   """The training state as a plain dict pytree (what the checkpoints hold)."""
   k_init, k_run = jax.random.split(rng)
   params = init_params(model, k_init)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-          'rng': k_run}
+  return {
+    'step': jnp.zeros((), jnp.int32),
+    'params': params,
+    'opt_state': tx.init(params),
+    'rng': k_run,
+  }
 
 
 def _rules(rules):
@@ -246,8 +267,13 @@ def gpt_state_shardings(model, tx, mesh, rng=None, rules=None):
   abstract_params = jax.eval_shape(functools.partial(init_params, model), rng)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   o_sh = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt, p_sh, transform_non_params=lambda _: rep,
-      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    tx,
+    lambda _, s: s,
+    abstract_opt,
+    p_sh,
+    transform_non_params=lambda _: rep,
+    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+  )
   return {'step': rep, 'params': p_sh, 'opt_state': o_sh, 'rng': rep}
 
 
@@ -272,8 +298,19 @@ class MeshFunction:
 # Steps
 # ----------------------------------------------------------------------------------------
 
-def train_step(model, layout: Layout, tx, schedule, frozen: Frozen, pkeep: float,
-               drop_prob: float, state, frozen_params, batch):
+
+def train_step(
+  model,
+  layout: Layout,
+  tx,
+  schedule,
+  frozen: Frozen,
+  pkeep: float,
+  drop_prob: float,
+  state,
+  frozen_params,
+  batch,
+):
   """One AdamW step on a batch of codes (or images, encoded here); returns (state, metrics)."""
   step = state['step']
   rng = jax.random.fold_in(state['rng'], step)
@@ -285,33 +322,48 @@ def train_step(model, layout: Layout, tx, schedule, frozen: Frozen, pkeep: float
   deterministic = not (model.embd_pdrop or model.resid_pdrop or model.attn_pdrop)
 
   def loss_fn(params):
-    logits = model.apply({'params': params}, inputs, deterministic=deterministic,
-                         rngs={'dropout': k_drop})
+    logits = model.apply(
+      {'params': params}, inputs, deterministic=deterministic, rngs={'dropout': k_drop}
+    )
     nll = image_token_nll(logits, codes, layout.cond_len, layout.n_image)
     return jnp.mean(nll), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  pred = jnp.argmax(logits[:, layout.cond_len - 1:, :layout.n_image], axis=-1)
+  pred = jnp.argmax(logits[:, layout.cond_len - 1 :, : layout.n_image], axis=-1)
   metrics = {
-      'loss': loss, 'bits_per_token': loss / np.log(2.0),
-      'accuracy': jnp.mean((pred == codes).astype(jnp.float32)),
-      'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params),
-      'lr': schedule(step),
+    'loss': loss,
+    'bits_per_token': loss / np.log(2.0),
+    'accuracy': jnp.mean((pred == codes).astype(jnp.float32)),
+    'grad_norm': optax.global_norm(grads),
+    'param_norm': optax.global_norm(params),
+    'lr': schedule(step),
   }
   return dict(state, step=step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(config, model, layout, tx, schedule, mesh, shardings, frozen=Frozen(),
-                    frozen_shardings=None):
+def make_train_step(
+  config, model, layout, tx, schedule, mesh, shardings, frozen=Frozen(), frozen_shardings=None
+):
   """The sharded, donated train step `(state, frozen_params, batch) -> (state, metrics)`."""
-  fn = functools.partial(train_step, model, layout, tx, schedule, frozen,
-                         float(config.transformer.pkeep), float(config.cond.drop_prob))
+  fn = functools.partial(
+    train_step,
+    model,
+    layout,
+    tx,
+    schedule,
+    frozen,
+    float(config.transformer.pkeep),
+    float(config.cond.drop_prob),
+  )
   rep = parallel.replicated(mesh)
-  jitted = jax.jit(fn, in_shardings=(shardings, frozen_shardings or rep,
-                                     parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, rep), donate_argnums=(0,))
+  jitted = jax.jit(
+    fn,
+    in_shardings=(shardings, frozen_shardings or rep, parallel.batch_sharding(mesh)),
+    out_shardings=(shardings, rep),
+    donate_argnums=(0,),
+  )
   return MeshFunction(jitted, mesh, parallel.axis_rules(config))
 
 
@@ -322,23 +374,29 @@ def eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batc
   logits = model.apply({'params': params}, model_inputs(cond_tokens(layout, batch), codes))
   nll = image_token_nll(logits, codes, layout.cond_len, layout.n_image)
   w = batch['mask'].astype(jnp.float32)
-  return {'nll': jnp.sum(jnp.sum(nll, axis=1) * w),
-          'tokens': jnp.sum(w) * codes.shape[1], 'examples': jnp.sum(w)}
+  return {
+    'nll': jnp.sum(jnp.sum(nll, axis=1) * w),
+    'tokens': jnp.sum(w) * codes.shape[1],
+    'examples': jnp.sum(w),
+  }
 
 
-def make_eval_step(model, layout, mesh, param_sh, frozen=Frozen(), frozen_shardings=None,
-                   rules=None):
+def make_eval_step(
+  model, layout, mesh, param_sh, frozen=Frozen(), frozen_shardings=None, rules=None
+):
   rep = parallel.replicated(mesh)
-  jitted = jax.jit(functools.partial(eval_step, model, layout, frozen),
-                   in_shardings=(param_sh, frozen_shardings or rep,
-                                 parallel.batch_sharding(mesh)),
-                   out_shardings=rep)
+  jitted = jax.jit(
+    functools.partial(eval_step, model, layout, frozen),
+    in_shardings=(param_sh, frozen_shardings or rep, parallel.batch_sharding(mesh)),
+    out_shardings=rep,
+  )
   return MeshFunction(jitted, mesh, rules)
 
 
 # ----------------------------------------------------------------------------------------
 # Restoring GPT params in either layout
 # ----------------------------------------------------------------------------------------
+
 
 def restore_gpt_params(workdir, model, mesh, saved_config=None, rules=None, step=None):
   """The params of a stage-2 run (latest step by default) in `model`'s layout, sharded by

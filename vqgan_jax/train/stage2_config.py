@@ -14,8 +14,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
+from vqgan_jax import checkpoints, parallel
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.validate import DTYPES, ConfigError, check, validate_remat
 
@@ -23,15 +22,33 @@ COND_KINDS = ('unconditional', 'class', 'spatial')
 
 # Fields that change the shapes or meaning of a stage-2 checkpoint's arrays.
 COMPATIBILITY_FIELDS = (
-    'stage', 'transformer.vocab_size', 'transformer.block_size', 'transformer.n_layer',
-    'transformer.n_head', 'transformer.n_embd', 'transformer.shared_vocab',
-    'transformer.scan_layers', 'cond.kind', 'cond.n_classes', 'stage1_config.n_embed')
+  'stage',
+  'transformer.vocab_size',
+  'transformer.block_size',
+  'transformer.n_layer',
+  'transformer.n_head',
+  'transformer.n_embd',
+  'transformer.shared_vocab',
+  'transformer.scan_layers',
+  'cond.kind',
+  'cond.n_classes',
+  'stage1_config.n_embed',
+)
 
 # Stage-1 model fields that must agree between a config and the stage-1 checkpoint.
-_STAGE1_MODEL_FIELDS = ('ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions', 'resolution',
-                        'in_channels', 'out_ch', 'z_channels', 'n_embed', 'embed_dim',
-                        'quantizer')
-
+_STAGE1_MODEL_FIELDS = (
+  'ch',
+  'ch_mult',
+  'num_res_blocks',
+  'attn_resolutions',
+  'resolution',
+  'in_channels',
+  'out_ch',
+  'z_channels',
+  'n_embed',
+  'embed_dim',
+  'quantizer',
+)
 
 
 def saved_stage1_config(workdir):
@@ -49,8 +66,9 @@ def _norm(v):
 def _merge_model_fields(fields, saved, field_name, workdir):
   """Checks `fields` (a ConfigDict of model fields) against a saved stage-1 config."""
   if saved.get('stage', 'vqgan') != 'vqgan':
-    raise ConfigError(f'{field_name}: {workdir} is a {saved.get("stage")!r} run, not a '
-                      'stage-1 (vqgan) run')
+    raise ConfigError(
+      f'{field_name}: {workdir} is a {saved.get("stage")!r} run, not a stage-1 (vqgan) run'
+    )
   model = saved.get('model', {})
   conflicts = []
   for k, v in model.items():
@@ -58,11 +76,14 @@ def _merge_model_fields(fields, saved, field_name, workdir):
       with fields.ignore_type():
         fields[k] = tuple(v) if isinstance(v, list) else v
     elif k in _STAGE1_MODEL_FIELDS and _norm(fields[k]) != _norm(v):
-      conflicts.append(f'{field_name}.{k}={fields[k]!r} but the checkpoint in {workdir} has '
-                       f'{tuple(v) if isinstance(v, list) else v!r}')
+      conflicts.append(
+        f'{field_name}.{k}={fields[k]!r} but the checkpoint in {workdir} has '
+        f'{tuple(v) if isinstance(v, list) else v!r}'
+      )
   if conflicts:
-    raise ConfigError('; '.join(conflicts) + ' (drop the override or point the workdir at the '
-                      'matching stage-1 run)')
+    raise ConfigError(
+      '; '.join(conflicts) + ' (drop the override or point the workdir at the matching stage-1 run)'
+    )
 
 
 def resolve_config(config):
@@ -70,8 +91,10 @@ def resolve_config(config):
   against / filled from their checkpoints' saved configs, and `transformer.vocab_size` and
   `transformer.block_size` resolved."""
   c = ml_collections.ConfigDict(config.to_dict())
-  check(c.get('stage') == 'transformer',
-         f"config.stage={c.get('stage')!r}: stage-2 runs need stage='transformer'")
+  check(
+    c.get('stage') == 'transformer',
+    f"config.stage={c.get('stage')!r}: stage-2 runs need stage='transformer'",
+  )
   # Absolute, so that the saved config finds its first stage from any working directory.
   if c.stage1_workdir:
     c.stage1_workdir = os.path.abspath(c.stage1_workdir)
@@ -93,16 +116,17 @@ def resolve_config(config):
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where each token of a sequence comes from and which ids it uses (static, hashable)."""
+
   kind: str
-  n_image: int            # image codebook size: image codes are ids [0, n_image)
-  grid: tuple             # image code grid (h, w)
-  cond_len: int           # condition tokens per sequence
-  cond_offset: int        # added to class ids / cond codes (0: shared table)
-  sos_id: int             # unconditional SOS id
-  null_id: int            # class dropout / guidance id; -1: none
+  n_image: int  # image codebook size: image codes are ids [0, n_image)
+  grid: tuple  # image code grid (h, w)
+  cond_len: int  # condition tokens per sequence
+  cond_offset: int  # added to class ids / cond codes (0: shared table)
+  sos_id: int  # unconditional SOS id
+  null_id: int  # class dropout / guidance id; -1: none
   n_classes: int
-  cond_grid: tuple        # spatial: the cond code grid; else ()
-  cond_n_embed: int       # spatial: the cond VQGAN's codebook size; else 0
+  cond_grid: tuple  # spatial: the cond code grid; else ()
+  cond_n_embed: int  # spatial: the cond VQGAN's codebook size; else 0
   vocab_size: int
   block_size: int
 
@@ -122,8 +146,11 @@ def downsample_factor(model_fields):
 
 def _grid(size, model_fields, field):
   f = downsample_factor(model_fields)
-  check(size % f == 0, f'config.data.image_size={size} is not divisible by the downsampling '
-         f'factor {f} of {field}.ch_mult={tuple(model_fields.ch_mult)}')
+  check(
+    size % f == 0,
+    f'config.data.image_size={size} is not divisible by the downsampling '
+    f'factor {f} of {field}.ch_mult={tuple(model_fields.ch_mult)}',
+  )
   return (size // f, size // f)
 
 
@@ -131,15 +158,20 @@ def _layout_from(c):
   t, cond, m = c.transformer, c.cond, c.stage1_config
   check(cond.kind in COND_KINDS, f'config.cond.kind={cond.kind!r}: use one of {COND_KINDS}')
   for k in ('n_embed', 'ch_mult'):
-    check(m.get(k) is not None, f'config.stage1_config.{k} is unset and {c.stage1_workdir!r} '
-           '(config.stage1_workdir) has no checkpoint to read it from')
+    check(
+      m.get(k) is not None,
+      f'config.stage1_config.{k} is unset and {c.stage1_workdir!r} '
+      '(config.stage1_workdir) has no checkpoint to read it from',
+    )
   n_image = int(m.n_embed)
   grid = _grid(c.data.image_size, m, 'config.stage1_config')
   shared = bool(t.shared_vocab)
   cond_grid, cond_n, null_id, n_classes = (), 0, -1, 0
   check(0.0 <= cond.drop_prob < 1.0, f'config.cond.drop_prob={cond.drop_prob} not in [0, 1)')
-  check(cond.kind == 'class' or cond.drop_prob == 0.0,
-         'config.cond.drop_prob (classifier-free guidance) needs cond.kind=class')
+  check(
+    cond.kind == 'class' or cond.drop_prob == 0.0,
+    'config.cond.drop_prob (classifier-free guidance) needs cond.kind=class',
+  )
   if cond.kind == 'unconditional':
     cond_len = 1
     offset = 0 if shared else n_image
@@ -151,8 +183,11 @@ def _layout_from(c):
     cond_len, sos = 1, -1
     offset = 0 if shared else n_image
     if cond.drop_prob > 0:
-      check(not shared, 'config.cond.drop_prob > 0 needs the offset vocabulary '
-             '(transformer.shared_vocab=False): the shared table has no free null token')
+      check(
+        not shared,
+        'config.cond.drop_prob > 0 needs the offset vocabulary '
+        '(transformer.shared_vocab=False): the shared table has no free null token',
+      )
       null_id = n_image + n_classes
     needed = max(n_image, n_classes) if shared else n_image + n_classes + (null_id >= 0)
   else:
@@ -166,17 +201,34 @@ def _layout_from(c):
   vocab = int(t.vocab_size)
   if vocab == -1:
     vocab = needed
-  check(vocab >= needed, f'config.transformer.vocab_size={vocab} is too small: the '
-         f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}')
+  check(
+    vocab >= needed,
+    f'config.transformer.vocab_size={vocab} is too small: the '
+    f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}',
+  )
   block_needed = cond_len + grid[0] * grid[1] - 1
   block = int(t.block_size)
   if block == -1:
     block = block_needed
-  check(block >= block_needed, f'config.transformer.block_size={block} is too small: '
-         f'{cond_len} condition + {grid[0]}x{grid[1]} image tokens need {block_needed}')
-  return Layout(kind=cond.kind, n_image=n_image, grid=grid, cond_len=cond_len,
-                cond_offset=offset, sos_id=sos, null_id=null_id, n_classes=n_classes,
-                cond_grid=cond_grid, cond_n_embed=cond_n, vocab_size=vocab, block_size=block)
+  check(
+    block >= block_needed,
+    f'config.transformer.block_size={block} is too small: '
+    f'{cond_len} condition + {grid[0]}x{grid[1]} image tokens need {block_needed}',
+  )
+  return Layout(
+    kind=cond.kind,
+    n_image=n_image,
+    grid=grid,
+    cond_len=cond_len,
+    cond_offset=offset,
+    sos_id=sos,
+    null_id=null_id,
+    n_classes=n_classes,
+    cond_grid=cond_grid,
+    cond_n_embed=cond_n,
+    vocab_size=vocab,
+    block_size=block,
+  )
 
 
 def make_layout(config) -> Layout:
@@ -186,43 +238,59 @@ def make_layout(config) -> Layout:
 
 def validate_config(config, batch_divisor: int = 1):
   t, o, tr = config.transformer, config.optim, config.train
-  check(t.n_embd % t.n_head == 0,
-         f'config.transformer.n_embd={t.n_embd} is not divisible by n_head={t.n_head}')
+  check(
+    t.n_embd % t.n_head == 0,
+    f'config.transformer.n_embd={t.n_embd} is not divisible by n_head={t.n_head}',
+  )
   for name in ('n_layer', 'n_head', 'n_embd'):
     check(t[name] >= 1, f'config.transformer.{name} must be >= 1, got {t[name]}')
   check(0.0 <= t.pkeep <= 1.0, f'config.transformer.pkeep={t.pkeep} not in [0, 1]')
-  check(tr.dtype in DTYPES, f"config.train.dtype must be one of {tuple(DTYPES)}, got "
-         f'{tr.dtype!r}')
+  check(tr.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {tr.dtype!r}')
   validate_remat(t, 'config.transformer', REMAT_MODES, policy_as_mode=True)
   parallel.axis_rules(config)
   for name in ('batch_size', 'eval_batch_size'):
-    check(tr[name] % batch_divisor == 0,
-           f'config.train.{name}={tr[name]} is not divisible by the {batch_divisor} devices '
-           "of the mesh's batch axes (config.mesh.data x config.mesh.fsdp)")
+    check(
+      tr[name] % batch_divisor == 0,
+      f'config.train.{name}={tr[name]} is not divisible by the {batch_divisor} devices '
+      "of the mesh's batch axes (config.mesh.data x config.mesh.fsdp)",
+    )
   for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
     check(tr[name] >= 1, f'config.train.{name} must be >= 1, got {tr[name]}')
-  check(math.isfinite(o.base_lr) and o.base_lr > 0,
-         f'config.optim.base_lr must be a positive number, got {o.base_lr}')
-  check(o.schedule in ('constant', 'cosine'),
-         f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
-  check(0 <= o.warmup_steps and (o.schedule != 'cosine' or o.warmup_steps < tr.num_steps),
-         f'config.optim.warmup_steps={o.warmup_steps} must be in [0, train.num_steps)')
-  check(config.data.source in ('codes', 'images'),
-         f"config.data.source must be 'codes' or 'images', got {config.data.source!r}")
+  check(
+    math.isfinite(o.base_lr) and o.base_lr > 0,
+    f'config.optim.base_lr must be a positive number, got {o.base_lr}',
+  )
+  check(
+    o.schedule in ('constant', 'cosine'),
+    f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}",
+  )
+  check(
+    0 <= o.warmup_steps and (o.schedule != 'cosine' or o.warmup_steps < tr.num_steps),
+    f'config.optim.warmup_steps={o.warmup_steps} must be in [0, train.num_steps)',
+  )
+  check(
+    config.data.source in ('codes', 'images'),
+    f"config.data.source must be 'codes' or 'images', got {config.data.source!r}",
+  )
   if config.cond.kind == 'spatial':
     want = int(config.cond.one_hot) or 1  # label maps one-hot; other maps (depth) gray
-    check(config.cond.model.in_channels == want,
-           f'config.cond.model.in_channels={config.cond.model.in_channels} but the cond maps '
-           f'have {want} channel(s) (config.cond.one_hot={config.cond.one_hot})')
-  check(config.data.source == 'codes' or config.cond.kind != 'spatial',
-         "spatial conditioning trains on codes: use config.data.source='codes' "
-         '(write them with --mode=encode)')
+    check(
+      config.cond.model.in_channels == want,
+      f'config.cond.model.in_channels={config.cond.model.in_channels} but the cond maps '
+      f'have {want} channel(s) (config.cond.one_hot={config.cond.one_hot})',
+    )
+  check(
+    config.data.source == 'codes' or config.cond.kind != 'spatial',
+    "spatial conditioning trains on codes: use config.data.source='codes' "
+    '(write them with --mode=encode)',
+  )
 
 
 class CodeGPT(gpt_lib.GPT):
   """The GPT whose sampled tokens are image codes: `decode` (what the samplers run) pushes
   the logits of ids >= n_image (condition tokens of the offset vocabulary) to -1e9, which a
   softmax turns into exactly 0 and guidance's difference keeps finite."""
+
   n_image: int = 0
 
   def decode(self, tokens, cache, pos, logits_at=None):
@@ -254,11 +322,19 @@ def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
   t = config.transformer
   remat = gpt_remat(t)
   return CodeGPT(
-      vocab_size=layout.vocab_size, block_size=layout.block_size, n_layer=t.n_layer,
-      n_head=t.n_head, n_embd=t.n_embd, embd_pdrop=t.embd_pdrop, resid_pdrop=t.resid_pdrop,
-      attn_pdrop=t.attn_pdrop, dtype=DTYPES[config.train.dtype], remat=remat,
-      scan_layers=t.scan_layers if scan_layers is None else scan_layers,
-      n_image=layout.n_image)
+    vocab_size=layout.vocab_size,
+    block_size=layout.block_size,
+    n_layer=t.n_layer,
+    n_head=t.n_head,
+    n_embd=t.n_embd,
+    embd_pdrop=t.embd_pdrop,
+    resid_pdrop=t.resid_pdrop,
+    attn_pdrop=t.attn_pdrop,
+    dtype=DTYPES[config.train.dtype],
+    remat=remat,
+    scan_layers=t.scan_layers if scan_layers is None else scan_layers,
+    n_image=layout.n_image,
+  )
 
 
 def setup(config):

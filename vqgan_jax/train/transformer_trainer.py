@@ -7,14 +7,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from vqgan_jax import checkpoints
-from vqgan_jax import parallel
-from vqgan_jax.data import pipeline
-from vqgan_jax.data import tokens
+from vqgan_jax import checkpoints, parallel
+from vqgan_jax.data import pipeline, tokens
 from vqgan_jax.train import codes as codes_lib
-from vqgan_jax.train import common
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
+from vqgan_jax.train import common, stage2, stage2_config
 
 
 def evaluate(eval_fn, params, frozen_params, batches, mesh):
@@ -27,8 +23,13 @@ def evaluate(eval_fn, params, frozen_params, batches, mesh):
       totals[k] += float(sums[k])  # float64 on the host
   tokens_n = max(totals['tokens'], 1.0)
   nats = totals['nll'] / tokens_n
-  return {'nll': nats, 'bits_per_token': nats / np.log(2.0), 'perplexity': float(np.exp(nats)),
-          'num_examples': totals['examples'], 'num_tokens': totals['tokens']}
+  return {
+    'nll': nats,
+    'bits_per_token': nats / np.log(2.0),
+    'perplexity': float(np.exp(nats)),
+    'num_examples': totals['examples'],
+    'num_tokens': totals['tokens'],
+  }
 
 
 def train_and_evaluate(config, workdir):
@@ -44,8 +45,10 @@ def train_and_evaluate(config, workdir):
   rng = jax.random.PRNGKey(config.seed)
   rules = parallel.axis_rules(config)
   abstract, shardings, init = common.setup_initial_state(
-      functools.partial(stage2.init_state, model, tx), rng,
-      lambda _: stage2.gpt_state_shardings(model, tx, mesh, rng, rules))
+    functools.partial(stage2.init_state, model, tx),
+    rng,
+    lambda _: stage2.gpt_state_shardings(model, tx, mesh, rng, rules),
+  )
 
   if config.data.source == 'images':
     pipeline.check_splits(config.data)
@@ -57,28 +60,38 @@ def train_and_evaluate(config, workdir):
     frozen, frozen_params, frozen_sh = stage2.Frozen(), {}, {}
     builder = codes_lib.open_codes(config, workdir, layout)
     tokens.check_splits(builder, config.data)
-    train_it = tokens.make_train_iterator(builder, config.data.train_split,
-                                          config.train.batch_size, config.seed,
-                                          worker_count=config.data.worker_count)
+    train_it = tokens.make_train_iterator(
+      builder,
+      config.data.train_split,
+      config.train.batch_size,
+      config.seed,
+      worker_count=config.data.worker_count,
+    )
     eval_batches = lambda: tokens.make_eval_iterator(
-        builder, config.data.eval_split, config.train.eval_batch_size,
-        max_examples=config.data.eval_examples)
+      builder,
+      config.data.eval_split,
+      config.train.eval_batch_size,
+      max_examples=config.data.eval_examples,
+    )
     keys = ('codes', 'label', 'cond_codes', 'mask')
 
-  with checkpoints.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
-                                save_every=config.train.checkpoint_every) as ckpt:
-    state, resumed = common.restore_or_init(ckpt, abstract, shardings, init, train_it, config,
-                                            fields=stage2_config.COMPATIBILITY_FIELDS)
+  with checkpoints.Checkpointer(
+    workdir, max_to_keep=config.train.max_to_keep, save_every=config.train.checkpoint_every
+  ) as ckpt:
+    state, resumed = common.restore_or_init(
+      ckpt, abstract, shardings, init, train_it, config, fields=stage2_config.COMPATIBILITY_FIELDS
+    )
     if not resumed and config.init_from:
       state['params'] = stage2.restore_gpt_params(config.init_from, model, mesh, rules=rules)
-      state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(
-          state['params'])
+      state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(state['params'])
       logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
 
-    train_fn = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings,
-                                      frozen, frozen_sh)
-    eval_fn = stage2.make_eval_step(model, layout, mesh, shardings['params'], frozen,
-                                    frozen_sh, rules)
+    train_fn = stage2.make_train_step(
+      config, model, layout, tx, schedule, mesh, shardings, frozen, frozen_sh
+    )
+    eval_fn = stage2.make_eval_step(
+      model, layout, mesh, shardings['params'], frozen, frozen_sh, rules
+    )
     batch_sharding = parallel.batch_sharding(mesh)
     start, total = int(jax.device_get(state['step'])), config.train.num_steps
     writer = common.Writer(workdir, start)
@@ -91,18 +104,33 @@ def train_and_evaluate(config, workdir):
 
     def next_batch():
       batch = next(train_it)
-      return pipeline.to_global({k: batch[k] for k in keys if k in batch and k != 'mask'},
-                                batch_sharding)
+      return pipeline.to_global(
+        {k: batch[k] for k in keys if k in batch and k != 'mask'}, batch_sharding
+      )
 
     try:
       state, result = common.train_loop(
-          state, step_fn=lambda s, b: train_fn(s, frozen_params, b), next_batch=next_batch,
-          start=start, total=total, train_config=config.train, ckpt=ckpt,
-          data_state=train_it.get_state, config=config, writer=writer, evaluate=run_eval,
-          loss_key='loss', rate=('tokens_per_s', config.train.batch_size * layout.image_len),
-          postfix=lambda m: dict(tok_s=f"{m['tokens_per_s']:.0f}", loss=f"{m['loss']:.4f}",
-                                 bpt=f"{m['bits_per_token']:.3f}", lr=f"{m['lr']:.2e}"),
-          desc='stage2')
+        state,
+        step_fn=lambda s, b: train_fn(s, frozen_params, b),
+        next_batch=next_batch,
+        start=start,
+        total=total,
+        train_config=config.train,
+        ckpt=ckpt,
+        data_state=train_it.get_state,
+        config=config,
+        writer=writer,
+        evaluate=run_eval,
+        loss_key='loss',
+        rate=('tokens_per_s', config.train.batch_size * layout.image_len),
+        postfix=lambda m: dict(
+          tok_s=f'{m["tokens_per_s"]:.0f}',
+          loss=f'{m["loss"]:.4f}',
+          bpt=f'{m["bits_per_token"]:.3f}',
+          lr=f'{m["lr"]:.2e}',
+        ),
+        desc='stage2',
+      )
       if start >= total:  # Already finished: report the final model again.
         result = run_eval(state, start)
     finally:

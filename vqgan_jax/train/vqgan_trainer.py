@@ -7,15 +7,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from vqgan_jax import checkpoints
+from vqgan_jax import checkpoints, parallel, validate
 from vqgan_jax import images as images_lib
 from vqgan_jax import metrics as metrics_lib
-from vqgan_jax import parallel
-from vqgan_jax import validate
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import common
-from vqgan_jax.train import stage1
+from vqgan_jax.train import common, stage1
 
 
 def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer):
@@ -50,8 +47,11 @@ def _write_grid(config, images, xrec, workdir, step, writer):
     return
   ncol = min(int(np.ceil(np.sqrt(2 * len(inputs)) / 2) * 2) or 1, len(inputs))
   grid = images_lib.make_grid(images_lib.interleave_rows(inputs, recons, ncol), ncol)
-  images_lib.save_png(os.path.join(workdir, f'reconstructions_{step:07d}.png'), grid,
-                      scale=max(1, 512 // grid.shape[1]))
+  images_lib.save_png(
+    os.path.join(workdir, f'reconstructions_{step:07d}.png'),
+    grid,
+    scale=max(1, 512 // grid.shape[1]),
+  )
   writer.image(step, 'eval/reconstructions', grid)
 
 
@@ -59,13 +59,15 @@ def _init_from(config, state, abstract, shardings):
   """Parameters (and a compatible discriminator) of another stage-1 run, fresh optimizer."""
   src = config.init_from
   state['params'] = checkpoints.restore_params(
-      src, checkpoints.abstract_like(abstract['params'], shardings['params']))
+    src, checkpoints.abstract_like(abstract['params'], shardings['params'])
+  )
   # A converted release trains with its GAN on from step 0: start from its discriminator too
   # when the source has a compatible one.
   try:
     for key in ('disc_params', 'disc_stats'):
       state[key] = checkpoints.restore_params(
-          src, checkpoints.abstract_like(abstract[key], shardings[key]), key=key)
+        src, checkpoints.abstract_like(abstract[key], shardings[key]), key=key
+      )
   except checkpoints.CheckpointError as e:
     logging.warning('init_from %s: discriminator not restored (%s)', src, e)
   logging.info('Initialised params from %s (fresh optimizer state)', src)
@@ -87,12 +89,14 @@ def train_and_evaluate(config, workdir):
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
   lpips_params = jax.device_put(lpips_params, lpips_shardings)
-  abstract, shardings, init = stage1.state_setup(config, models, mesh,
-                                                 jax.random.PRNGKey(config.seed))
+  abstract, shardings, init = stage1.state_setup(
+    config, models, mesh, jax.random.PRNGKey(config.seed)
+  )
   train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
 
-  with checkpoints.Checkpointer(workdir, max_to_keep=config.train.max_to_keep,
-                                save_every=config.train.checkpoint_every) as ckpt:
+  with checkpoints.Checkpointer(
+    workdir, max_to_keep=config.train.max_to_keep, save_every=config.train.checkpoint_every
+  ) as ckpt:
     state, resumed = common.restore_or_init(ckpt, abstract, shardings, init, train_it, config)
     if not resumed and config.init_from:
       state = _init_from(config, state, abstract, shardings)
@@ -102,20 +106,34 @@ def train_and_evaluate(config, workdir):
     start, total = int(jax.device_get(state['step'])), config.train.num_steps
     writer = common.Writer(workdir, start)
     try:
-      run_eval = lambda s, step: evaluate(config, eval_fn, s['params'], lpips_params, mesh,
-                                          workdir, step, writer)
+      run_eval = lambda s, step: evaluate(
+        config, eval_fn, s['params'], lpips_params, mesh, workdir, step, writer
+      )
       state, result = common.train_loop(
-          state,
-          step_fn=lambda s, images: train_fn(s, lpips_params, images),
-          next_batch=lambda: pipeline.to_global(
-              {'image': next(train_it)['image']}, batch_sharding)['image'],
-          start=start, total=total, train_config=config.train, ckpt=ckpt,
-          data_state=train_it.get_state, config=config, writer=writer, evaluate=run_eval,
-          loss_key='total_loss', rate=('images_per_s', config.train.batch_size),
-          postfix=lambda m: dict(img_s=f"{m['images_per_s']:.1f}", rec=f"{m['rec_loss']:.4f}",
-                                 p=f"{m['p_loss']:.4f}", q=f"{m['quant_loss']:.4f}",
-                                 d=f"{m['disc_loss']:.3f}"),
-          desc='stage1')
+        state,
+        step_fn=lambda s, images: train_fn(s, lpips_params, images),
+        next_batch=lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
+          'image'
+        ],
+        start=start,
+        total=total,
+        train_config=config.train,
+        ckpt=ckpt,
+        data_state=train_it.get_state,
+        config=config,
+        writer=writer,
+        evaluate=run_eval,
+        loss_key='total_loss',
+        rate=('images_per_s', config.train.batch_size),
+        postfix=lambda m: dict(
+          img_s=f'{m["images_per_s"]:.1f}',
+          rec=f'{m["rec_loss"]:.4f}',
+          p=f'{m["p_loss"]:.4f}',
+          q=f'{m["quant_loss"]:.4f}',
+          d=f'{m["disc_loss"]:.3f}',
+        ),
+        desc='stage1',
+      )
       if start >= total:  # Already finished: report the final model again.
         result = run_eval(state, start)
     finally:
