@@ -6,7 +6,8 @@ this module.
 """
 
 from vqgan_jax import config_base as base
-from vqgan_jax.config_base import stage1_model_fields, stage2_base  # noqa: F401
+from vqgan_jax.config_base import stage1_model_fields  # noqa: F401
+from vqgan_jax.config_base import stage2_base  # noqa: F401
 from vqgan_jax.config_base import stage2_smoke as apply_smoke  # noqa: F401
 
 imagenet_vqgan_f16_1024 = base.load_sibling(__file__, 'imagenet_vqgan_f16_1024')

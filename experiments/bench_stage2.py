@@ -30,12 +30,15 @@ import statistics
 import time
 import types
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqgan_jax import config_base, parallel, sampling
+from vqgan_jax import config_base
+from vqgan_jax import parallel
+from vqgan_jax import sampling
 from vqgan_jax.train import stage2
 
 _ITERS = flags.DEFINE_integer('iters', 5, 'Timed repetitions (median is reported).')

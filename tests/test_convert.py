@@ -22,9 +22,12 @@ import numpy as np
 import pytest
 
 from vqgan_jax import checkpoints
-from vqgan_jax.convert import ConversionError, param_mapping, torch_ckpt, yaml_config
+from vqgan_jax.convert import ConversionError
 from vqgan_jax.convert import __main__ as cli
+from vqgan_jax.convert import param_mapping
 from vqgan_jax.convert import taming as convert
+from vqgan_jax.convert import torch_ckpt
+from vqgan_jax.convert import yaml_config
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.train import stage1
 

@@ -12,7 +12,9 @@ from PIL import Image
 import pytest
 
 from configs import common
-from vqgan_jax.data import builders, pipeline, tokens
+from vqgan_jax.data import builders
+from vqgan_jax.data import pipeline
+from vqgan_jax.data import tokens
 
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _HAVE_FMNIST = all(

@@ -22,7 +22,8 @@ from PIL import Image
 import pytest
 
 from configs import fashion_mnist_vqgan
-from vqgan_jax import checkpoints, parallel
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
 from vqgan_jax.train import stage1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from skimage import data as skdata
-from skimage import filters, transform
+from skimage import filters
 from skimage import metrics as skm
+from skimage import transform
 
 from vqgan_jax import metrics
 

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 from vqgan_jax.models.discriminator import NLayerDiscriminator
-from vqgan_jax.models.quantizer import (
-  GumbelQuantizer,
-  VectorQuantizer,
-  codebook_distances,
-  gumbel_kl_loss,
-  gumbel_softmax,
-  vq_loss,
-)
+from vqgan_jax.models.quantizer import GumbelQuantizer
+from vqgan_jax.models.quantizer import VectorQuantizer
+from vqgan_jax.models.quantizer import codebook_distances
+from vqgan_jax.models.quantizer import gumbel_kl_loss
+from vqgan_jax.models.quantizer import gumbel_softmax
+from vqgan_jax.models.quantizer import vq_loss
 from vqgan_jax.models.vqgan import VQGAN
 
 CONFIGS = {

@@ -38,10 +38,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_transformer, fashion_mnist_vqgan
-from vqgan_jax import checkpoints, distributed
+from configs import fashion_mnist_transformer
+from configs import fashion_mnist_vqgan
+from vqgan_jax import checkpoints
+from vqgan_jax import distributed
 from vqgan_jax.data import tokens
-from vqgan_jax.train import stage1, stage2, stage2_config
+from vqgan_jax.train import stage1
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1 = 'configs/fashion_mnist_vqgan.py:smoke'

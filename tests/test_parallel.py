@@ -4,9 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, common_transformer, fashion_mnist_vqgan
+from configs import common
+from configs import common_transformer
+from configs import fashion_mnist_vqgan
 from vqgan_jax import parallel
-from vqgan_jax.train import stage1, stage2, stage2_config
+from vqgan_jax.train import stage1
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 from vqgan_jax.validate import ConfigError
 
 

@@ -28,15 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 
 # Skips this module without the original implementation.
-from parity import TOL, R, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402,F401
+from parity import TOL  # noqa: E402,F401
+from parity import R  # noqa: E402,F401
+from parity import Recorder  # noqa: E402,F401
+from parity import images_uint8  # noqa: E402,F401
+from parity import nchw  # noqa: E402,F401
+from parity import nhwc  # noqa: E402,F401
+from parity import torch  # noqa: E402,F401
 import pytest
 
 from vqgan_jax import checkpoints  # noqa: E402
-from vqgan_jax.convert import (
-  param_mapping,  # noqa: E402
-  yaml_config,  # noqa: E402
-)
+from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
+from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models.quantizer import GumbelQuantizer  # noqa: E402
 from vqgan_jax.models.vqgan import VQGAN  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
@@ -381,10 +385,8 @@ def test_cli_converts_a_gumbelvq_checkpoint(tmp_path):
   # stage1_config, checked against this workdir's saved config: the quantizer must agree ...
   from vqgan_jax import config_base  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import (
-    stage2,  # pylint: disable=g-import-not-at-top
-    stage2_config,  # pylint: disable=g-import-not-at-top
-  )
+  from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
   from vqgan_jax.validate import ConfigError  # pylint: disable=g-import-not-at-top
 
   c = config_base.stage2_base()

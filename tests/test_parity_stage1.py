@@ -17,14 +17,18 @@ import jax
 import numpy as np
 
 # Skips this module without the original implementation.
-from parity import TOL, R, Recorder, images_uint8, nchw, nhwc, torch  # noqa: E402
+from parity import TOL  # noqa: E402
+from parity import R  # noqa: E402
+from parity import Recorder  # noqa: E402
+from parity import images_uint8  # noqa: E402
+from parity import nchw  # noqa: E402
+from parity import nhwc  # noqa: E402
+from parity import torch  # noqa: E402
 import pytest
 
-from vqgan_jax.convert import (
-  param_mapping,  # noqa: E402
-  yaml_config,  # noqa: E402
-)
+from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
+from vqgan_jax.convert import yaml_config  # noqa: E402
 from vqgan_jax.models import lpips as lpips_lib  # noqa: E402
 from vqgan_jax.train import stage1  # noqa: E402
 
@@ -483,10 +487,8 @@ def test_finetune_converted_original_on_fashion_mnist(small, small_step, lpips_p
 
   from vqgan_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from vqgan_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.data import (
-    builders,  # pylint: disable=g-import-not-at-top
-    pipeline,  # pylint: disable=g-import-not-at-top
-  )
+  from vqgan_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   try:
     images, _ = builders.load_fashion_mnist(FM_DIR, 'train')

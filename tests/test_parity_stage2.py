@@ -35,17 +35,18 @@ import ml_collections
 import numpy as np
 
 # Skips this module without the original implementation.
-from parity import TOL, R, Recorder, torch  # noqa: E402,F401
+from parity import TOL  # noqa: E402,F401
+from parity import R  # noqa: E402,F401
+from parity import Recorder  # noqa: E402,F401
+from parity import torch  # noqa: E402,F401
 import pytest
 
 from vqgan_jax import checkpoints  # noqa: E402
 from vqgan_jax.convert import param_mapping  # noqa: E402
 from vqgan_jax.convert import taming as convert  # noqa: E402
 from vqgan_jax.models import vqgan as vqgan_lib  # noqa: E402
-from vqgan_jax.train import (
-  stage2,  # noqa: E402
-  stage2_config,  # noqa: E402
-)
+from vqgan_jax.train import stage2  # noqa: E402
+from vqgan_jax.train import stage2_config  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common_transformer, fashion_mnist_vqgan
+from configs import common_transformer
+from configs import fashion_mnist_vqgan
 from vqgan_jax import validate
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models.vqgan import VQGAN
-from vqgan_jax.train import stage1, stage2_config
+from vqgan_jax.train import stage1
+from vqgan_jax.train import stage2_config
 
 SIZE = 16
 

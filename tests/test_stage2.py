@@ -25,7 +25,10 @@ from configs import fashion_mnist_transformer
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import common, stage2, stage2_config, transformer_trainer
+from vqgan_jax.train import common
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
+from vqgan_jax.train import transformer_trainer
 from vqgan_jax.validate import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,10 +11,12 @@ import optax
 import pytest
 
 from configs import fashion_mnist_vqgan
-from vqgan_jax import parallel, validate
+from vqgan_jax import parallel
+from vqgan_jax import validate
 from vqgan_jax.data import builders
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import common, stage1
+from vqgan_jax.train import common
+from vqgan_jax.train import stage1
 
 BATCH, SIZE = 8, 32
 DISC_START = 1  # step 0: D off; step 1: D on. One compiled step exercises both sides.

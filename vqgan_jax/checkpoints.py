@@ -23,7 +23,9 @@ saved again.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_register_exit_hook`.
 import contextlib
 import gc

@@ -24,9 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vqgan_jax import checkpoints, parallel, sampling
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax import sampling
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import stage1, stage2, stage2_config
+from vqgan_jax.train import stage1
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 from vqgan_jax.train.codes import stage1_step
 from vqgan_jax.train.common import gather
 

@@ -31,7 +31,9 @@ TensorBoard, metrics.jsonl and images; checkpoints are written by all processes 
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from vqgan_jax import distributed  # imports no JAX
@@ -81,13 +83,12 @@ def main(argv):
 
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.checkpoints import CheckpointError, IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import codes as codes_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import (
-    transformer_trainer,  # pylint: disable=g-import-not-at-top
-    vqgan_trainer,  # pylint: disable=g-import-not-at-top
-  )
+  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train.common import RunError  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS['verbosity'].present:

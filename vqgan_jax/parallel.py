@@ -28,7 +28,8 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqgan_jax import config_base

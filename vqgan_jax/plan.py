@@ -31,7 +31,8 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -118,11 +119,9 @@ def stage2_program(config, mesh):
 
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import (
-    stage1,  # pylint: disable=g-import-not-at-top
-    stage2,  # pylint: disable=g-import-not-at-top
-    stage2_config,  # pylint: disable=g-import-not-at-top
-  )
+  from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
 
   config = stage2_config.resolve_config(config)
   stage2_config.validate_config(config)  # the batch is rounded to the mesh below

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from vqgan_jax import images as images_lib
-from vqgan_jax import inference, parallel
+from vqgan_jax import inference
+from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import stage2_config

@@ -43,10 +43,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   # Imported here so --help and argument errors are instant.
-  from vqgan_jax.convert import (
-    ConversionError,  # pylint: disable=g-import-not-at-top
-    taming,  # pylint: disable=g-import-not-at-top
-  )
+  from vqgan_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.convert import taming  # pylint: disable=g-import-not-at-top
 
   try:
     summary = taming.convert_taming_checkpoint(

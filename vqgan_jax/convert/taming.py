@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax import checkpoints
-from vqgan_jax.convert import ConversionError, param_mapping, torch_ckpt, yaml_config
+from vqgan_jax.convert import ConversionError
+from vqgan_jax.convert import param_mapping
+from vqgan_jax.convert import torch_ckpt
+from vqgan_jax.convert import yaml_config
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.train import stage1

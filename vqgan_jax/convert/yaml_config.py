@@ -17,7 +17,8 @@ import numpy as np
 import yaml  # a dependency of ml_collections
 
 from vqgan_jax import config_base
-from vqgan_jax.convert import ConversionError, param_mapping
+from vqgan_jax.convert import ConversionError
+from vqgan_jax.convert import param_mapping
 
 VQMODEL_TARGETS = ('taming.models.vqgan.VQModel', 'taming.models.vqgan.VQSegmentationModel')
 GUMBEL_TARGET = 'taming.models.vqgan.GumbelVQ'

@@ -22,7 +22,8 @@ import warnings
 
 from absl import logging
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+from PIL import ImageOps
 import tensorflow_datasets as tfds
 
 

@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from vqgan_jax.data import builders, pipeline
+from vqgan_jax.data import builders
+from vqgan_jax.data import pipeline
 
 DataError = builders.DataError
 

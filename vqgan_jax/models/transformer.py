@@ -40,7 +40,8 @@ the two; both models compute the same function.
 """
 
 import functools
-from typing import Any, Mapping
+from typing import Any
+from typing import Mapping
 
 import flax.linen as nn
 import jax

@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import tqdm
 
-from vqgan_jax import checkpoints, parallel
-from vqgan_jax.data import pipeline, tokens
-from vqgan_jax.train import stage2, stage2_config
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax.data import pipeline
+from vqgan_jax.data import tokens
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 from vqgan_jax.train.common import gather
 from vqgan_jax.validate import ConfigError
 

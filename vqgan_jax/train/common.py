@@ -9,7 +9,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from absl import logging
 import jax
@@ -221,7 +222,8 @@ def train_loop(
   postfix: Callable[[dict], dict],
   desc: str,
 ):
-  """Runs steps start+1 .. total; returns (state, the last eval's result).
+  """Runs steps start+1 .. total; returns (state, the last eval's result). A run that had
+  already finished (start >= total) evaluates its final state again.
 
   Every `log_every` steps the metrics are written and shown; every `eval_every` steps (and at
   the end) `evaluate(state, step)` runs; checkpoints follow `ckpt`'s schedule. The loss is
@@ -265,6 +267,8 @@ def train_loop(
       bar.update(1)
   finally:
     bar.close()
+  if start >= total:
+    result = evaluate(state, start)
   return state, result
 
 

@@ -28,7 +28,8 @@ or fine-tuning reads it from the saved config and converts (`restore_gpt_params`
 """
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 from absl import logging
 import flax.linen as nn
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqgan_jax import checkpoints, parallel
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.train import stage1 as stage1_lib

@@ -14,9 +14,13 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from vqgan_jax import checkpoints, parallel
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
 from vqgan_jax.models import transformer as gpt_lib
-from vqgan_jax.validate import DTYPES, ConfigError, check, validate_remat
+from vqgan_jax.validate import DTYPES
+from vqgan_jax.validate import ConfigError
+from vqgan_jax.validate import check
+from vqgan_jax.validate import validate_remat
 
 COND_KINDS = ('unconditional', 'class', 'spatial')
 

@@ -7,10 +7,14 @@ from absl import logging
 import jax
 import numpy as np
 
-from vqgan_jax import checkpoints, parallel
-from vqgan_jax.data import pipeline, tokens
+from vqgan_jax import checkpoints
+from vqgan_jax import parallel
+from vqgan_jax.data import pipeline
+from vqgan_jax.data import tokens
 from vqgan_jax.train import codes as codes_lib
-from vqgan_jax.train import common, stage2, stage2_config
+from vqgan_jax.train import common
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 
 
 def evaluate(eval_fn, params, frozen_params, batches, mesh):
@@ -131,8 +135,6 @@ def train_and_evaluate(config, workdir):
         ),
         desc='stage2',
       )
-      if start >= total:  # Already finished: report the final model again.
-        result = run_eval(state, start)
     finally:
       writer.close()
   return result

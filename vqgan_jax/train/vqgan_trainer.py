@@ -7,12 +7,15 @@ from absl import logging
 import jax
 import numpy as np
 
-from vqgan_jax import checkpoints, parallel, validate
+from vqgan_jax import checkpoints
 from vqgan_jax import images as images_lib
 from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import parallel
+from vqgan_jax import validate
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import common, stage1
+from vqgan_jax.train import common
+from vqgan_jax.train import stage1
 
 
 def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer):
@@ -134,8 +137,6 @@ def train_and_evaluate(config, workdir):
         ),
         desc='stage1',
       )
-      if start >= total:  # Already finished: report the final model again.
-        result = run_eval(state, start)
     finally:
       writer.close()
   return result
