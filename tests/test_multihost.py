@@ -326,7 +326,9 @@ def test_stage1_two_processes_killed_and_resumed_match_one_process(stage1_runs):
     single,
     smooth + ('g_loss', 'd_weight', 'ae_grad_norm', 'quant_loss'),
     smooth,
-    first_rtol=1e-4,
+    # Step 2 follows one update whose gradient sums run in another order on 2 processes:
+    # ae_grad_norm (the most sensitive) moved by 1.03e-4 relative on an AVX-only CPU.
+    first_rtol=3e-4,
     rtol=2e-2,
   )
   config = fashion_mnist_vqgan.get_config('smoke')

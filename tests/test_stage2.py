@@ -248,11 +248,11 @@ def test_paper_configs(name, vocab, block, layers, heads, width, kind):
 def test_stage1_fields_checked_against_the_checkpoint():
   fields = ml_collections.ConfigDict({'ch': 32, 'ch_mult': (1, 2), 'n_embed': 64})
   saved = {'stage': 'vqgan', 'model': {'ch': 32, 'ch_mult': [1, 2], 'n_embed': 64, 'embed_dim': 16}}
-  stage2._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
+  stage2_config._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
   assert fields.embed_dim == 16  # filled from the checkpoint
   saved['model']['n_embed'] = 128
   with pytest.raises(ConfigError, match=r'config\.stage1_config\.n_embed=64'):
-    stage2._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
+    stage2_config._merge_model_fields(fields, saved, 'config.stage1_config', 'A')  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------
