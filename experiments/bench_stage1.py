@@ -1,11 +1,20 @@
 """Stage-1 throughput: our fused train step and eval forward vs the original PyTorch step.
 
-  python experiments/bench_stage1.py [--configs=demo,small_ref] [--iters=8] [--no_reference]
+  python experiments/bench_stage1.py [--configs=demo,small_ref] [--dtypes=float32,bfloat16]
+      [--iters=8] [--no_reference]
 
-Prints one JSON object per line: `name`, `images_per_s`, and with the [reference] extra
+Prints one JSON object per line: `name`, `dtype`, `images_per_s`, `gflops_per_s` (XLA's
+FLOP count of the compiled step over its median time), and with the [reference] extra
 installed `original_images_per_s` and `ratio_vs_original` (ours / original). The original
 is timed in the same process, right after ours, with the same config, batch and thread
-count, replaying both optimizer passes of a PyTorch Lightning 1.0.8 iteration.
+count, replaying both optimizer passes of a PyTorch Lightning 1.0.8 iteration; with several
+dtypes it is timed once per config, after all of ours.
+
+  python experiments/bench_stage1.py --conv_profile
+
+times one 3x3 conv's forward + both backward convs instead (`CONV_SHAPES`: the demo's and
+the small reference config's VQGAN and LPIPS shapes), float32 vs bf16 operands with float32
+accumulation (`layers.mixed_conv`) vs a bf16 patch-matrix matmul, interleaved, best of 5.
 """
 
 import json
@@ -16,11 +25,14 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax import config_base
 from vqgan_jax import parallel
+from vqgan_jax.models import layers
 from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models.transformer import mixed_einsum
 from vqgan_jax.train import stage1
 
 _CONFIGS = flags.DEFINE_list('configs', ['demo', 'small_ref'], 'Which configs to time.')
@@ -29,12 +41,19 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
 _NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Override the batch size (0: the config default).')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype of our step.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes of our step.')
+
+_CONV_PROFILE = flags.DEFINE_bool('conv_profile', False, 'Time single convs instead.')
+
+# (batch, size, in, out): the demo (b32, 32x32) and small reference (b8, 64x64) shapes.
+CONV_SHAPES = ((8, 64, 3, 64), (8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 256, 256),
+               (8, 8, 512, 512), (8, 4, 512, 512), (32, 32, 32, 32), (32, 16, 64, 64),
+               (32, 8, 256, 256), (32, 4, 512, 512))
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def bench_config(name):
+def bench_config(name, dtype='float32'):
   """Our config for a benchmark name; all keep the GAN active (disc_start 0)."""
   if name == 'demo':
     demo = os.path.join(_CONFIGS_DIR, 'fashion_mnist_vqgan.py')
@@ -54,7 +73,7 @@ def bench_config(name):
   c.loss.disc_start = 0.0
   if _BATCH.value:
     c.train.batch_size = _BATCH.value
-  c.train.dtype = _DTYPE.value
+  c.train.dtype = dtype
   return c
 
 
@@ -85,13 +104,15 @@ def time_ours(config, iters, warmup):
   mask = jax.device_put(np.ones((b,), bool), parallel.batch_sharding(mesh))
 
   t0 = time.perf_counter()
+  compiled = step.lower(state, lpips_params, images).compile()
+  flops = (compiled.cost_analysis() or {}).get('flops', 0.0)
   holder = {'state': state}
-  holder['state'], metrics = step(holder['state'], lpips_params, images)
+  holder['state'], metrics = compiled(holder['state'], lpips_params, images)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
 
   def train_once():
-    holder['state'], m = step(holder['state'], lpips_params, images)
+    holder['state'], m = compiled(holder['state'], lpips_params, images)
     jax.block_until_ready(m)
 
   def eval_once():
@@ -100,7 +121,8 @@ def time_ours(config, iters, warmup):
   train_s = _median_time(train_once, iters, warmup)
   eval_s = _median_time(eval_once, iters, 1)
   return {'images_per_s': b / train_s, 'eval_images_per_s': b / eval_s,
-          'step_ms': 1e3 * train_s, 'compile_s': compile_s}
+          'step_ms': 1e3 * train_s, 'step_gflop': flops / 1e9,
+          'gflops_per_s': flops / 1e9 / train_s, 'compile_s': compile_s}
 
 
 def time_original(config, iters, warmup, threads):
@@ -120,6 +142,44 @@ def time_original(config, iters, warmup, threads):
       config.data.image_size, threads=threads, warmup=warmup, iters=iters)
 
 
+def conv_profile(rounds=5):
+  """One JSON row per conv shape: ms and GFLOP/s of forward + input and kernel gradients."""
+  pad = ((1, 1), (1, 1))
+
+  def patches(x, k):
+    b, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+    return mixed_einsum('nk,ko->no', cols.reshape(-1, 9 * c), k.reshape(9 * c, -1))
+
+  def fwd_bwd(conv, dtype):
+    loss = lambda x, k: jnp.sum(jnp.square(conv(x.astype(dtype), k.astype(dtype))))
+    return jax.jit(jax.grad(loss, (0, 1)))
+
+  candidates = {
+      'float32': fwd_bwd(lambda x, k: layers.conv2d(x, k, 1, pad), jnp.float32),
+      'bf16_conv': fwd_bwd(lambda x, k: layers.mixed_conv(x, k, 1, pad), jnp.bfloat16),
+      'bf16_patch_matmul': fwd_bwd(patches, jnp.bfloat16),
+  }
+  for b, size, cin, cout in CONV_SHAPES:
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(b, size, size, cin), jnp.float32)
+    k = jnp.asarray(0.05 * rng.randn(3, 3, cin, cout), jnp.float32)
+    for fn in candidates.values():
+      jax.block_until_ready(fn(x, k))
+    best = dict.fromkeys(candidates, float('inf'))
+    for _ in range(rounds):  # interleaved, best of: robust to other load on a shared machine
+      for name, fn in candidates.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x, k))
+        best[name] = min(best[name], time.perf_counter() - t0)
+    flop = 3 * 2 * b * size * size * 9 * cin * cout
+    print(json.dumps({'name': 'conv3x3_fwd_bwd', 'shape': [b, size, size, cin, cout],
+                      'ms': {n: round(1e3 * t, 2) for n, t in best.items()},
+                      'gflops_per_s': {n: round(flop / t / 1e9, 1) for n, t in best.items()},
+                      'load_avg_1m': os.getloadavg()[0]}), flush=True)
+
+
 def _reference_available():
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
@@ -131,20 +191,29 @@ def _reference_available():
 
 def main(argv):
   del argv
+  if _CONV_PROFILE.value:
+    conv_profile()
+    return
   use_ref = not _NO_REF.value and _reference_available()
   for name in _CONFIGS.value:
-    config = bench_config(name)
-    row = {'name': f'stage1_train_{name}', 'batch': config.train.batch_size,
-           'image_size': config.data.image_size, 'dtype': config.train.dtype,
-           'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count()}
-    row.update(time_ours(config, _ITERS.value, _WARMUP.value))
+    rows = []
+    for dtype in _DTYPES.value:
+      config = bench_config(name, dtype)
+      row = {'name': f'stage1_train_{name}', 'batch': config.train.batch_size,
+             'image_size': config.data.image_size, 'dtype': dtype,
+             'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count()}
+      row.update(time_ours(config, _ITERS.value, _WARMUP.value))
+      row['load_avg_1m'] = os.getloadavg()[0]
+      rows.append(row)
     if use_ref:
       orig = time_original(config, _ITERS.value, _WARMUP.value, _THREADS.value)
-      row['original_images_per_s'] = orig
-      row['ratio_vs_original'] = row['images_per_s'] / orig
-    row['load_avg_1m'] = os.getloadavg()[0]
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-          flush=True)
+      for row in rows:
+        row['original_images_per_s'] = orig
+        row['ratio_vs_original'] = row['images_per_s'] / orig
+        row['load_avg_1m_original'] = os.getloadavg()[0]
+    for row in rows:
+      print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in row.items()}), flush=True)
 
 
 if __name__ == '__main__':

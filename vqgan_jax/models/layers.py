@@ -6,13 +6,20 @@ flax `down_0/block_1/conv1/kernel`, so weight conversion is a table, not a searc
 Rematerialisation: `remat_policy` (a `jax.checkpoint_policies` name, None: off) wraps every
 ResnetBlock and AttnBlock of a Level / MidBlock in `nn.remat`. The wrapped module keeps its
 name, so the parameter tree is the same with remat on or off.
+
+Lower-precision `dtype` (bf16): convs and attention dots take bf16 operands, accumulate and
+return float32 (`mixed_conv`, `mixed_einsum`, both with bf16 backward passes); GroupNorm
+statistics, biases and the residual stream stay float32. float32 runs the exact float32 ops.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vqgan_jax.models.transformer import mixed_einsum
 
 Dtype = Any
 
@@ -41,25 +48,61 @@ def torch_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _conv(x, kernel, strides, padding, preferred_element_type=None):
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      preferred_element_type=preferred_element_type)
+
+
+# Plain autodiff through a bf16 conv that accumulates into float32 runs its backward in
+# float32: the float32 cotangent promotes the bf16 operand, and both backward convs run on
+# float32 operands. `mixed_conv` keeps them in the operands' dtype, as `mixed_einsum` does
+# for the GPT's dots. The backward convs return bf16 (the operands' cotangents); on XLA:CPU
+# bf16 convs time exactly like float32 ones at every shape measured (widened inside), so they
+# accumulate in float32 there; accelerators accumulate bf16 convs in float32 anyway.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def mixed_conv(x, kernel, strides, padding):
+  """NHWC x HWIO conv of same-dtype operands, accumulated and returned in float32."""
+  return _conv(x, kernel, strides, padding, jnp.float32)
+
+
+def _mixed_conv_fwd(x, kernel, strides, padding):
+  return mixed_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _mixed_conv_bwd(strides, padding, res, g):
+  x, kernel = res
+  _, vjp = jax.vjp(lambda a, k: _conv(a, k, strides, padding), x, kernel)
+  return vjp(g.astype(x.dtype))
+
+
+mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
+
+
 def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding.
+
+  float32 operands: the exact float32 conv. Lower precision: `mixed_conv` (float32 result).
 
   XLA:CPU's convolution is pathologically slow when the output is 1-2 pixels wide (64x2x2x512
   3x3 conv: 800 ms instead of 8 ms; LPIPS's relu5 stage at 32x32 inputs hits it), so tiny
   spatial outputs use an explicit patch matrix and one matmul instead.
   """
   kh, kw, cin, cout = kernel.shape
+  mixed = jnp.dtype(x.dtype) != jnp.float32
   if min(x.shape[1] + sum(padding[0]) - kh, x.shape[2] + sum(padding[1]) - kw) // strides >= 2 \
       or (kh == 1 and kw == 1):
-    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if mixed:
+      return mixed_conv(x, kernel, strides, tuple(map(tuple, padding)))
+    return _conv(x, kernel, strides, padding)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   ho = (xp.shape[1] - kh) // strides + 1
   wo = (xp.shape[2] - kw) // strides + 1
   cols = jnp.concatenate(
       [xp[:, i:i + strides * (ho - 1) + 1:strides, j:j + strides * (wo - 1) + 1:strides]
        for i in range(kh) for j in range(kw)], axis=-1)
-  y = cols.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+  cols, kernel = cols.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout)
+  y = mixed_einsum('nk,ko->no', cols, kernel) if mixed else cols @ kernel
   return y.reshape(x.shape[0], ho, wo, cout)
 
 
@@ -84,6 +127,7 @@ class Conv(nn.Module):
     pad = self.padding
     if pad == 'torch':
       pad = ((k // 2, k // 2), (k // 2, k // 2))
+    # bf16: float32 out (accumulated), so biases, norms and the residual stream stay float32.
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
     if self.use_bias:
       fan_in = k * k * in_features
@@ -91,7 +135,7 @@ class Conv(nn.Module):
       bias = self.param(
           'bias', lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound),
           (self.features,))
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -162,16 +206,30 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, hh, ww, c = x.shape
+    mixed = jnp.dtype(self.dtype) != jnp.float32
+    # Lower precision: every dot through `mixed_einsum` (bf16 backward, float32 accumulation).
+    einsum = (lambda spec, a, b: mixed_einsum(spec, a.astype(self.dtype), b.astype(self.dtype))
+              ) if mixed else jnp.einsum
     h = Normalize('norm', self.dtype)(x)
     dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=torch_kernel_init,
-                                  bias_init=_torch_bias_init(c), name=name)
+                                  bias_init=_torch_bias_init(c),
+                                  dot_general=_mixed_dense_dot if mixed else jax.lax.dot_general,
+                                  name=name)
     q = dense('q')(h).reshape(b, hh * ww, c)
     k = dense('k')(h).reshape(b, hh * ww, c)
     v = dense('v')(h).reshape(b, hh * ww, c)
-    w = jnp.einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    w = einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
     w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bqk,bkc->bqc', w, v).reshape(b, hh, ww, c)
+    out = einsum('bqk,bkc->bqc', w, v).reshape(b, hh, ww, c)
     return x + dense('proj_out')(out)
+
+
+def _mixed_dense_dot(x, kernel, dimension_numbers, precision=None, **unused):
+  """nn.Dense's dot (x (..., in) . kernel (in, out)) through `mixed_einsum`."""
+  del precision
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2:
+    raise ValueError(f'unexpected Dense dot {dimension_numbers}')
+  return mixed_einsum('...i,io->...o', x, kernel)
 
 
 def _torch_bias_init(fan_in):
@@ -196,6 +254,7 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    x = x.astype(self.dtype)  # cast before the repeat: a quarter of the converts
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return Conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(x)
 

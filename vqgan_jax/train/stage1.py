@@ -100,7 +100,9 @@ def to_model_range(images):
 
 
 def _conv_kernel_vjp(h, kernel):
-  """VJP of the decoder's last 3x3 conv w.r.t. its kernel, at activations h."""
+  """VJP of the decoder's last 3x3 conv w.r.t. its kernel, at activations h, in float32
+  whatever the compute dtype (the adaptive weight is a ratio of these gradients' norms)."""
+  h = h.astype(jnp.float32)
   conv = lambda w: jax.lax.conv_general_dilated(
       h, w.astype(h.dtype), (1, 1), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
