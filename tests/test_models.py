@@ -64,9 +64,11 @@ def test_vqgan_shapes(name):
   assert z_q.shape == (2, r // f, r // f, kw['embed_dim'])
   np.testing.assert_array_equal(idx, idx2)
   np.testing.assert_array_equal(model.apply({'params': params}, x, method='encode_to_indices'), idx)
-  # decode_indices(encode_to_indices(x)) is the reconstruction.
+  # decode_indices(encode_to_indices(x)) is the reconstruction, up to the straight-through
+  # rounding: z + (z_q - z) is not z_q bit for bit, and the decoder amplifies that (1.1e-5 at
+  # output scale ~0.5 on an AVX-only CPU).
   np.testing.assert_allclose(
-    model.apply({'params': params}, idx, method='decode_indices'), xrec, atol=1e-5
+    model.apply({'params': params}, idx, method='decode_indices'), xrec, atol=5e-5
   )
   # Fully convolutional: twice the resolution works, attention placement unchanged.
   x2 = jnp.zeros((1, 2 * r, 2 * r, 3))
