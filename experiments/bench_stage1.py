@@ -46,9 +46,18 @@ _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes o
 _CONV_PROFILE = flags.DEFINE_bool('conv_profile', False, 'Time single convs instead.')
 
 # (batch, size, in, out): the demo (b32, 32x32) and small reference (b8, 64x64) shapes.
-CONV_SHAPES = ((8, 64, 3, 64), (8, 64, 64, 64), (8, 32, 128, 128), (8, 16, 256, 256),
-               (8, 8, 512, 512), (8, 4, 512, 512), (32, 32, 32, 32), (32, 16, 64, 64),
-               (32, 8, 256, 256), (32, 4, 512, 512))
+CONV_SHAPES = (
+  (8, 64, 3, 64),
+  (8, 64, 64, 64),
+  (8, 32, 128, 128),
+  (8, 16, 256, 256),
+  (8, 8, 512, 512),
+  (8, 4, 512, 512),
+  (32, 32, 32, 32),
+  (32, 16, 64, 64),
+  (32, 8, 256, 256),
+  (32, 4, 512, 512),
+)
 
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -61,8 +70,16 @@ def bench_config(name, dtype='float32'):
   else:
     c = config_base.stage1_base()
     if name == 'small_ref':  # the issue's small reference config
-      c.model.update(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
-                     resolution=64, z_channels=256, n_embed=1024, embed_dim=256)
+      c.model.update(
+        ch=64,
+        ch_mult=(1, 1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(16,),
+        resolution=64,
+        z_channels=256,
+        n_embed=1024,
+        embed_dim=256,
+      )
       c.data.image_size = 64
       c.train.batch_size = 8
     elif name == 'f16':  # the ImageNet f16 architecture at 256x256 (for accelerators)
@@ -99,8 +116,9 @@ def time_ours(config, iters, warmup):
   evaluate = stage1.make_eval_step(models, mesh, shardings['params'], lpips_sh)
   b, s = config.train.batch_size, config.data.image_size
   images = jax.device_put(
-      np.random.RandomState(0).randint(0, 256, (b, s, s, 3)).astype(np.uint8),
-      parallel.batch_sharding(mesh))
+    np.random.RandomState(0).randint(0, 256, (b, s, s, 3)).astype(np.uint8),
+    parallel.batch_sharding(mesh),
+  )
   mask = jax.device_put(np.ones((b,), bool), parallel.batch_sharding(mesh))
 
   t0 = time.perf_counter()
@@ -120,26 +138,52 @@ def time_ours(config, iters, warmup):
 
   train_s = _median_time(train_once, iters, warmup)
   eval_s = _median_time(eval_once, iters, 1)
-  return {'images_per_s': b / train_s, 'eval_images_per_s': b / eval_s,
-          'step_ms': 1e3 * train_s, 'step_gflop': flops / 1e9,
-          'gflops_per_s': flops / 1e9 / train_s, 'compile_s': compile_s}
+  return {
+    'images_per_s': b / train_s,
+    'eval_images_per_s': b / eval_s,
+    'step_ms': 1e3 * train_s,
+    'step_gflop': flops / 1e9,
+    'gflops_per_s': flops / 1e9 / train_s,
+    'compile_s': compile_s,
+  }
 
 
 def time_original(config, iters, warmup, threads):
   from vqgan_jax.testing import reference  # pylint: disable=g-import-not-at-top
+
   m = config.model
-  ddconfig = dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                  attn_resolutions=list(m.attn_resolutions), resolution=m.resolution,
-                  z_channels=m.z_channels, in_channels=m.in_channels, out_ch=m.out_ch,
-                  dropout=m.dropout, double_z=False)
-  lossconfig = dict(disc_start=0, disc_weight=config.loss.disc_weight,
-                    disc_num_layers=config.loss.disc_num_layers, disc_ndf=config.loss.disc_ndf,
-                    codebook_weight=config.loss.codebook_weight,
-                    perceptual_weight=config.loss.perceptual_weight,
-                    disc_loss=config.loss.disc_loss)
+  ddconfig = dict(
+    ch=m.ch,
+    ch_mult=list(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=list(m.attn_resolutions),
+    resolution=m.resolution,
+    z_channels=m.z_channels,
+    in_channels=m.in_channels,
+    out_ch=m.out_ch,
+    dropout=m.dropout,
+    double_z=False,
+  )
+  lossconfig = dict(
+    disc_start=0,
+    disc_weight=config.loss.disc_weight,
+    disc_num_layers=config.loss.disc_num_layers,
+    disc_ndf=config.loss.disc_ndf,
+    codebook_weight=config.loss.codebook_weight,
+    perceptual_weight=config.loss.perceptual_weight,
+    disc_loss=config.loss.disc_loss,
+  )
   return reference.time_original_stage1(
-      ddconfig, m.n_embed, m.embed_dim, lossconfig, config.train.batch_size,
-      config.data.image_size, threads=threads, warmup=warmup, iters=iters)
+    ddconfig,
+    m.n_embed,
+    m.embed_dim,
+    lossconfig,
+    config.train.batch_size,
+    config.data.image_size,
+    threads=threads,
+    warmup=warmup,
+    iters=iters,
+  )
 
 
 def conv_profile(rounds=5):
@@ -149,7 +193,7 @@ def conv_profile(rounds=5):
   def patches(x, k):
     b, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+    cols = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
     return mixed_einsum('nk,ko->no', cols.reshape(-1, 9 * c), k.reshape(9 * c, -1))
 
   def fwd_bwd(conv, dtype):
@@ -157,9 +201,9 @@ def conv_profile(rounds=5):
     return jax.jit(jax.grad(loss, (0, 1)))
 
   candidates = {
-      'float32': fwd_bwd(lambda x, k: layers.conv2d(x, k, 1, pad), jnp.float32),
-      'bf16_conv': fwd_bwd(lambda x, k: layers.mixed_conv(x, k, 1, pad), jnp.bfloat16),
-      'bf16_patch_matmul': fwd_bwd(patches, jnp.bfloat16),
+    'float32': fwd_bwd(lambda x, k: layers.conv2d(x, k, 1, pad), jnp.float32),
+    'bf16_conv': fwd_bwd(lambda x, k: layers.mixed_conv(x, k, 1, pad), jnp.bfloat16),
+    'bf16_patch_matmul': fwd_bwd(patches, jnp.bfloat16),
   }
   for b, size, cin, cout in CONV_SHAPES:
     rng = np.random.RandomState(0)
@@ -174,16 +218,25 @@ def conv_profile(rounds=5):
         jax.block_until_ready(fn(x, k))
         best[name] = min(best[name], time.perf_counter() - t0)
     flop = 3 * 2 * b * size * size * 9 * cin * cout
-    print(json.dumps({'name': 'conv3x3_fwd_bwd', 'shape': [b, size, size, cin, cout],
-                      'ms': {n: round(1e3 * t, 2) for n, t in best.items()},
-                      'gflops_per_s': {n: round(flop / t / 1e9, 1) for n, t in best.items()},
-                      'load_avg_1m': os.getloadavg()[0]}), flush=True)
+    print(
+      json.dumps(
+        {
+          'name': 'conv3x3_fwd_bwd',
+          'shape': [b, size, size, cin, cout],
+          'ms': {n: round(1e3 * t, 2) for n, t in best.items()},
+          'gflops_per_s': {n: round(flop / t / 1e9, 1) for n, t in best.items()},
+          'load_avg_1m': os.getloadavg()[0],
+        }
+      ),
+      flush=True,
+    )
 
 
 def _reference_available():
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import taming  # pylint: disable=g-import-not-at-top,unused-import
+    import taming  # noqa: F401
+    import torch  # noqa: F401
+
     return True
   except ImportError:
     return False
@@ -199,9 +252,14 @@ def main(argv):
     rows = []
     for dtype in _DTYPES.value:
       config = bench_config(name, dtype)
-      row = {'name': f'stage1_train_{name}', 'batch': config.train.batch_size,
-             'image_size': config.data.image_size, 'dtype': dtype,
-             'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count()}
+      row = {
+        'name': f'stage1_train_{name}',
+        'batch': config.train.batch_size,
+        'image_size': config.data.image_size,
+        'dtype': dtype,
+        'device': jax.devices()[0].device_kind,
+        'num_devices': jax.device_count(),
+      }
       row.update(time_ours(config, _ITERS.value, _WARMUP.value))
       row['load_avg_1m'] = os.getloadavg()[0]
       rows.append(row)
@@ -212,8 +270,10 @@ def main(argv):
         row['ratio_vs_original'] = row['images_per_s'] / orig
         row['load_avg_1m_original'] = os.getloadavg()[0]
     for row in rows:
-      print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in row.items()}), flush=True)
+      print(
+        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+        flush=True,
+      )
 
 
 if __name__ == '__main__':

@@ -34,8 +34,16 @@ UPDATE_SIGN_AGREE = 0.9
 
 def _config(dtype):
   c = config_base.stage1_base()
-  c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                 resolution=SIZE, z_channels=32, n_embed=64, embed_dim=16)
+  c.model.update(
+    ch=32,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    resolution=SIZE,
+    z_channels=32,
+    n_embed=64,
+    embed_dim=16,
+  )
   c.loss.update(disc_start=0, disc_ndf=16, disc_num_layers=2, lpips_dropout=False)
   c.data.image_size = SIZE
   c.train.update(batch_size=BATCH, num_steps=10, dtype=dtype)
@@ -45,11 +53,11 @@ def _config(dtype):
 @pytest.fixture(scope='module')
 def steps():
   """{dtype: (models, new_state, metrics)} of one step from the same float32-initialised state."""
-  images = jnp.asarray(np.random.RandomState(0).randint(0, 256, (BATCH, SIZE, SIZE, 3)),
-                       jnp.uint8)
+  images = jnp.asarray(np.random.RandomState(0).randint(0, 256, (BATCH, SIZE, SIZE, 3)), jnp.uint8)
   lpips_params = lpips_lib.load_pretrained_params()
-  state = stage1.init_state(_config('float32'), stage1.build_models(_config('float32')),
-                            jax.random.PRNGKey(0))
+  state = stage1.init_state(
+    _config('float32'), stage1.build_models(_config('float32')), jax.random.PRNGKey(0)
+  )
   out = {}
   for dtype in ('float32', 'bfloat16'):
     config = _config(dtype)
@@ -64,8 +72,7 @@ def test_losses_within_tolerance(steps):
   _, _, out = steps
   m32, m16 = out['float32'][2], out['bfloat16'][2]
   report = {k: (float(m32[k]), float(m16[k])) for k in m32}
-  for k in ('total_loss', 'nll_loss', 'rec_loss', 'p_loss', 'quant_loss', 'd_weight',
-            'disc_loss'):
+  for k in ('total_loss', 'nll_loss', 'rec_loss', 'p_loss', 'quant_loss', 'd_weight', 'disc_loss'):
     assert m16[k].dtype == np.float32, k
     np.testing.assert_allclose(m16[k], m32[k], rtol=LOSS_RTOL, err_msg=f'{k}: {report}')
   for k in ('ae_grad_norm', 'disc_grad_norm'):

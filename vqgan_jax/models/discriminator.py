@@ -20,6 +20,7 @@ Dtype = Any
 class TorchBatchNorm(nn.Module):
   """BatchNorm2d with torch semantics: eps 1e-5, momentum 0.1, running variance updated
   with the *unbiased* batch variance (flax's BatchNorm uses the biased one)."""
+
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -39,8 +40,9 @@ class TorchBatchNorm(nn.Module):
       if not self.is_initializing():
         n = xf.size // c
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = ((1 - self.momentum) * ra_var.value
-                        + self.momentum * var * (n / max(n - 1, 1)))
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * (
+          n / max(n - 1, 1)
+        )
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
@@ -53,6 +55,7 @@ def _normal_002(key, shape, dtype=jnp.float32):
 
 class NLayerDiscriminator(nn.Module):
   """Returns a patch map of raw logits (B, h, w, 1)."""
+
   ndf: int = 64
   n_layers: int = 3
   dtype: Dtype = jnp.float32
@@ -60,14 +63,22 @@ class NLayerDiscriminator(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     pad1 = ((1, 1), (1, 1))
-    conv = lambda f, s, bias, name: Conv(f, 4, strides=s, padding=pad1, use_bias=bias,
-                                         dtype=self.dtype, kernel_init=_normal_002, name=name)
+    conv = lambda f, s, bias, name: Conv(
+      f,
+      4,
+      strides=s,
+      padding=pad1,
+      use_bias=bias,
+      dtype=self.dtype,
+      kernel_init=_normal_002,
+      name=name,
+    )
     lrelu = lambda h: jax.nn.leaky_relu(h, 0.2)
     h = lrelu(conv(self.ndf, 2, True, 'main_0')(x))
     idx = 2
     mult = 1
     for n in range(1, self.n_layers + 1):
-      mult = min(2 ** n, 8)
+      mult = min(2**n, 8)
       stride = 2 if n < self.n_layers else 1
       h = conv(self.ndf * mult, stride, False, f'main_{idx}')(h)
       h = lrelu(TorchBatchNorm(dtype=self.dtype, name=f'main_{idx + 1}')(h, train))

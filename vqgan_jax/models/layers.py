@@ -13,7 +13,8 @@ statistics, biases and the residual stream stay float32. float32 runs the exact 
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,9 +25,14 @@ from vqgan_jax.models.transformer import mixed_einsum
 Dtype = Any
 
 # `jax.checkpoint_policies` usable by name (the others are factories that need arguments).
-REMAT_POLICIES = ('nothing_saveable', 'everything_saveable', 'dots_saveable',
-                  'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
-                  'checkpoint_dots_with_no_batch_dims')
+REMAT_POLICIES = (
+  'nothing_saveable',
+  'everything_saveable',
+  'dots_saveable',
+  'checkpoint_dots',
+  'dots_with_no_batch_dims_saveable',
+  'checkpoint_dots_with_no_batch_dims',
+)
 
 
 def remat_module(cls, policy: str | None, static_argnums=()):
@@ -35,8 +41,9 @@ def remat_module(cls, policy: str | None, static_argnums=()):
     return cls
   if policy not in REMAT_POLICIES:
     raise ValueError(f'remat policy {policy!r}: use one of {REMAT_POLICIES}')
-  return nn.remat(cls, policy=getattr(jax.checkpoint_policies, policy),
-                  static_argnums=static_argnums)
+  return nn.remat(
+    cls, policy=getattr(jax.checkpoint_policies, policy), static_argnums=static_argnums
+  )
 
 
 def torch_kernel_init(key, shape, dtype=jnp.float32):
@@ -49,9 +56,14 @@ def torch_kernel_init(key, shape, dtype=jnp.float32):
 
 
 def _conv(x, kernel, strides, padding, preferred_element_type=None):
-  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      preferred_element_type=preferred_element_type)
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (strides, strides),
+    padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    preferred_element_type=preferred_element_type,
+  )
 
 
 # Plain autodiff through a bf16 conv that accumulates into float32 runs its backward in
@@ -90,8 +102,9 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """
   kh, kw, cin, cout = kernel.shape
   mixed = jnp.dtype(x.dtype) != jnp.float32
-  if min(x.shape[1] + sum(padding[0]) - kh, x.shape[2] + sum(padding[1]) - kw) // strides >= 2 \
-      or (kh == 1 and kw == 1):
+  if min(x.shape[1] + sum(padding[0]) - kh, x.shape[2] + sum(padding[1]) - kw) // strides >= 2 or (
+    kh == 1 and kw == 1
+  ):
     if mixed:
       return mixed_conv(x, kernel, strides, tuple(map(tuple, padding)))
     return _conv(x, kernel, strides, padding)
@@ -99,8 +112,13 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   ho = (xp.shape[1] - kh) // strides + 1
   wo = (xp.shape[2] - kw) // strides + 1
   cols = jnp.concatenate(
-      [xp[:, i:i + strides * (ho - 1) + 1:strides, j:j + strides * (wo - 1) + 1:strides]
-       for i in range(kh) for j in range(kw)], axis=-1)
+    [
+      xp[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )
   cols, kernel = cols.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout)
   y = mixed_einsum('nk,ko->no', cols, kernel) if mixed else cols @ kernel
   return y.reshape(x.shape[0], ho, wo, cout)
@@ -111,6 +129,7 @@ class Conv(nn.Module):
 
   `padding` is explicit ((top, bottom), (left, right)) so torch's layouts are reproduced.
   """
+
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -133,8 +152,10 @@ class Conv(nn.Module):
       fan_in = k * k * in_features
       bound = 1.0 / jnp.sqrt(fan_in)
       bias = self.param(
-          'bias', lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound),
-          (self.features,))
+        'bias',
+        lambda key, s: jax.random.uniform(key, s, jnp.float32, -bound, bound),
+        (self.features,),
+      )
       y = y + bias.astype(y.dtype)
     return y
 
@@ -146,6 +167,7 @@ class GroupNorm(nn.Module):
   reduced to groups, then one fused multiply-add: XLA:CPU runs flax's grouped-reshape
   reduction 3-4x slower at 64+ channels, and the norm sits before every conv here.
   """
+
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -190,8 +212,9 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic or self.dropout == 0.0)
     h = Conv(self.out_channels, 3, dtype=self.dtype, name='conv2')(h)
     if in_channels != self.out_channels:
-      x = Conv(self.out_channels, 1, padding=((0, 0), (0, 0)), dtype=self.dtype,
-               name='nin_shortcut')(x)
+      x = Conv(
+        self.out_channels, 1, padding=((0, 0), (0, 0)), dtype=self.dtype, name='nin_shortcut'
+      )(x)
     return x + h
 
 
@@ -201,6 +224,7 @@ class AttnBlock(nn.Module):
   The original's q/k/v/proj_out are 1x1 convs; here they are Dense layers on NHWC
   (torch weight[:, :, 0, 0].T is the Dense kernel).
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -208,17 +232,24 @@ class AttnBlock(nn.Module):
     b, hh, ww, c = x.shape
     mixed = jnp.dtype(self.dtype) != jnp.float32
     # Lower precision: every dot through `mixed_einsum` (bf16 backward, float32 accumulation).
-    einsum = (lambda spec, a, b: mixed_einsum(spec, a.astype(self.dtype), b.astype(self.dtype))
-              ) if mixed else jnp.einsum
+    einsum = (
+      (lambda spec, a, b: mixed_einsum(spec, a.astype(self.dtype), b.astype(self.dtype)))
+      if mixed
+      else jnp.einsum
+    )
     h = Normalize('norm', self.dtype)(x)
-    dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=torch_kernel_init,
-                                  bias_init=_torch_bias_init(c),
-                                  dot_general=_mixed_dense_dot if mixed else jax.lax.dot_general,
-                                  name=name)
+    dense = lambda name: nn.Dense(
+      c,
+      dtype=self.dtype,
+      kernel_init=torch_kernel_init,
+      bias_init=_torch_bias_init(c),
+      dot_general=_mixed_dense_dot if mixed else jax.lax.dot_general,
+      name=name,
+    )
     q = dense('q')(h).reshape(b, hh * ww, c)
     k = dense('k')(h).reshape(b, hh * ww, c)
     v = dense('v')(h).reshape(b, hh * ww, c)
-    w = einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    w = einsum('bqc,bkc->bqk', q, k) * (c**-0.5)
     w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = einsum('bqk,bkc->bqc', w, v).reshape(b, hh, ww, c)
     return x + dense('proj_out')(out)
@@ -233,23 +264,25 @@ def _mixed_dense_dot(x, kernel, dimension_numbers, precision=None, **unused):
 
 
 def _torch_bias_init(fan_in):
-  bound = 1.0 / (fan_in ** 0.5)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  bound = 1.0 / (fan_in**0.5)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class Downsample(nn.Module):
   """Stride-2 3x3 conv after zero-padding only right and bottom by one (the original's quirk)."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    return Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
-                name='conv')(x)
+    return Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype, name='conv')(
+      x
+    )
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -262,6 +295,7 @@ class Upsample(nn.Module):
 class Level(nn.Module):
   """One resolution level: `num_blocks` ResnetBlocks (each followed by attention when
   `use_attn`), then an optional resampler. Named `down_i` / `up_i` by its parent."""
+
   out_channels: int
   num_blocks: int
   use_attn: bool
@@ -276,8 +310,7 @@ class Level(nn.Module):
     resnet = remat_module(ResnetBlock, self.remat_policy, static_argnums=(2,))
     attn = remat_module(AttnBlock, self.remat_policy)
     for j in range(self.num_blocks):
-      x = resnet(self.out_channels, self.dropout, self.dtype, name=f'block_{j}')(
-          x, deterministic)
+      x = resnet(self.out_channels, self.dropout, self.dtype, name=f'block_{j}')(x, deterministic)
       if self.use_attn:
         x = attn(self.dtype, name=f'attn_{j}')(x)
     if self.resample == 'down':
@@ -304,4 +337,4 @@ class MidBlock(nn.Module):
 
 def level_resolutions(resolution: int, ch_mult: Sequence[int]):
   """Configured resolution at each level (attention placement follows it, not the input)."""
-  return [resolution // 2 ** i for i in range(len(ch_mult))]
+  return [resolution // 2**i for i in range(len(ch_mult))]

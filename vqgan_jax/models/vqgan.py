@@ -1,6 +1,7 @@
 """Encoder, Decoder and the VQGAN composition (taming `VQModel`)."""
 
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,13 +30,19 @@ class Encoder(nn.Module):
     n = len(self.ch_mult)
     h = layers.Conv(self.ch, 3, dtype=self.dtype, name='conv_in')(x)
     for i, res in enumerate(layers.level_resolutions(self.resolution, self.ch_mult)):
-      h = layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks,
-                       use_attn=res in self.attn_resolutions,
-                       resample='down' if i < n - 1 else 'none',
-                       dropout=self.dropout, dtype=self.dtype,
-                       remat_policy=self.remat_policy, name=f'down_{i}')(h, deterministic)
-    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, self.remat_policy,
-                        name='mid')(h, deterministic)
+      h = layers.Level(
+        self.ch * self.ch_mult[i],
+        self.num_res_blocks,
+        use_attn=res in self.attn_resolutions,
+        resample='down' if i < n - 1 else 'none',
+        dropout=self.dropout,
+        dtype=self.dtype,
+        remat_policy=self.remat_policy,
+        name=f'down_{i}',
+      )(h, deterministic)
+    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, self.remat_policy, name='mid')(
+      h, deterministic
+    )
     h = layers.swish(layers.Normalize('norm_out', self.dtype)(h))
     out = 2 * self.z_channels if self.double_z else self.z_channels
     return layers.Conv(out, 3, dtype=self.dtype, name='conv_out')(h)
@@ -56,15 +63,22 @@ class Decoder(nn.Module):
     n = len(self.ch_mult)
     res = layers.level_resolutions(self.resolution, self.ch_mult)
     self.conv_in = layers.Conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype)
-    self.mid = layers.MidBlock(self.ch * self.ch_mult[-1], self.dropout, self.dtype,
-                               self.remat_policy)
+    self.mid = layers.MidBlock(
+      self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat_policy
+    )
     # Indexed by level like the original's `up.i`; run from the lowest resolution up.
     self.up = [
-        layers.Level(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
-                     use_attn=res[i] in self.attn_resolutions,
-                     resample='up' if i > 0 else 'none', dropout=self.dropout,
-                     dtype=self.dtype, remat_policy=self.remat_policy)
-        for i in range(n)]
+      layers.Level(
+        self.ch * self.ch_mult[i],
+        self.num_res_blocks + 1,
+        use_attn=res[i] in self.attn_resolutions,
+        resample='up' if i > 0 else 'none',
+        dropout=self.dropout,
+        dtype=self.dtype,
+        remat_policy=self.remat_policy,
+      )
+      for i in range(n)
+    ]
     self.norm_out = layers.Normalize(dtype=self.dtype)
     self.conv_out = layers.Conv(self.out_ch, 3, dtype=self.dtype)
 
@@ -101,6 +115,7 @@ class VQGAN(nn.Module):
   `remat_policy` (a `jax.checkpoint_policies` name, None: off) rematerialises every
   ResnetBlock / AttnBlock of the encoder and decoder; the parameter tree does not change.
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -114,16 +129,23 @@ class VQGAN(nn.Module):
   beta: float = 0.25
   legacy_beta: bool = True
   quantizer: str = 'vq'
-  kl_weight: float = 1e-8     # gumbel only
-  temperature: float = 1.0    # gumbel only (training forward)
+  kl_weight: float = 1e-8  # gumbel only
+  temperature: float = 1.0  # gumbel only (training forward)
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: str | None = None
 
   def setup(self):
-    common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, dtype=self.dtype, remat_policy=self.remat_policy)
+    common = dict(
+      ch=self.ch,
+      ch_mult=tuple(self.ch_mult),
+      num_res_blocks=self.num_res_blocks,
+      attn_resolutions=tuple(self.attn_resolutions),
+      resolution=self.resolution,
+      dropout=self.dropout,
+      dtype=self.dtype,
+      remat_policy=self.remat_policy,
+    )
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     one = ((0, 0), (0, 0))
@@ -132,8 +154,9 @@ class VQGAN(nn.Module):
     if self.quantizer == 'vq':
       self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta)
     elif self.quantizer == 'gumbel':
-      self.quantize = GumbelQuantizer(self.n_embed, self.embed_dim, self.kl_weight,
-                                      self.temperature)
+      self.quantize = GumbelQuantizer(
+        self.n_embed, self.embed_dim, self.kl_weight, self.temperature
+      )
     else:
       raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
 
@@ -176,14 +199,23 @@ def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -
   checkpoint was written take their defaults. `frozen`: no dropout (encode, decode, stage 2).
   """
   get = fields.get
-  return VQGAN(ch=fields['ch'], ch_mult=tuple(fields['ch_mult']),
-               num_res_blocks=fields['num_res_blocks'],
-               attn_resolutions=tuple(fields['attn_resolutions']),
-               resolution=fields['resolution'], in_channels=fields['in_channels'],
-               out_ch=fields['out_ch'], z_channels=fields['z_channels'],
-               n_embed=fields['n_embed'], embed_dim=fields['embed_dim'],
-               beta=get('beta', 0.25), legacy_beta=get('legacy_beta', True),
-               quantizer=get('quantizer', 'vq'), kl_weight=get('kl_weight', 1e-8),
-               temperature=get('temperature', 1.0),
-               dropout=0.0 if frozen else get('dropout', 0.0), dtype=dtype,
-               remat_policy=remat_policy)
+  return VQGAN(
+    ch=fields['ch'],
+    ch_mult=tuple(fields['ch_mult']),
+    num_res_blocks=fields['num_res_blocks'],
+    attn_resolutions=tuple(fields['attn_resolutions']),
+    resolution=fields['resolution'],
+    in_channels=fields['in_channels'],
+    out_ch=fields['out_ch'],
+    z_channels=fields['z_channels'],
+    n_embed=fields['n_embed'],
+    embed_dim=fields['embed_dim'],
+    beta=get('beta', 0.25),
+    legacy_beta=get('legacy_beta', True),
+    quantizer=get('quantizer', 'vq'),
+    kl_weight=get('kl_weight', 1e-8),
+    temperature=get('temperature', 1.0),
+    dropout=0.0 if frozen else get('dropout', 0.0),
+    dtype=dtype,
+    remat_policy=remat_policy,
+  )
