@@ -194,6 +194,17 @@ class _Stepper:
 # ----------------------------------------------------------------------------------------
 
 
+def _inputs(params, model, cond_tokens, uncond_tokens, cfg_scale):
+  """What both public samplers hand their jitted loops: (guided, decoding model, variables,
+  int32 cond tokens, int32 uncond tokens or None)."""
+  guided = cfg_scale is not None
+  if guided and uncond_tokens is None:
+    raise ValueError('cfg_scale needs uncond_tokens')
+  model, variables = _decoding(model, params)
+  uncond = jnp.asarray(uncond_tokens, jnp.int32) if guided else None
+  return guided, model, variables, jnp.asarray(cond_tokens, jnp.int32), uncond
+
+
 def sample(
   params,
   model,
@@ -229,12 +240,9 @@ def sample(
     top_k=top_k,
     top_p=top_p,
   )
-  guided = cfg_scale is not None
-  if guided and uncond_tokens is None:
-    raise ValueError('cfg_scale needs uncond_tokens')
-  model, variables = _decoding(model, params)
-  cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
-  uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
+  guided, model, variables, cond_tokens, uncond = _inputs(
+    params, model, cond_tokens, uncond_tokens, cfg_scale
+  )
   return _sample(
     variables,
     model,
@@ -474,12 +482,9 @@ def sliding_window_sample(
     top_k=top_k,
     top_p=top_p,
   )
-  guided = cfg_scale is not None
-  if guided and uncond_tokens is None:
-    raise ValueError('cfg_scale needs uncond_tokens')
-  model, variables = _decoding(model, params)
-  cond_tokens = jnp.asarray(cond_tokens, jnp.int32)
-  uncond = None if not guided else jnp.asarray(uncond_tokens, jnp.int32)
+  guided, model, variables, cond_tokens, uncond = _inputs(
+    params, model, cond_tokens, uncond_tokens, cfg_scale
+  )
   return _sliding(
     variables,
     model,
