@@ -162,6 +162,67 @@ def stage1_base():
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = logical_axis_rules()
   c.init_from = ''
+  c.eval = eval_fields()
+  return c
+
+
+def eval_fields():
+  """`--mode=eval` (both stages) and the held-out measures of the field; see
+  `vqgan_jax/evaluate.py`."""
+  return ml_collections.ConfigDict(
+    dict(
+      # Stage 1: reconstruct the images of this folder (any nesting; jpg/png/...) instead of
+      # data.eval_split; they are resized and centre-cropped to data.image_size.
+      folder='',
+      split='',  # '' -> data.eval_split
+      num_examples=-1,  # stage 1: the first N images; -1: all
+      batch_size=-1,  # global; -1 -> train.eval_batch_size
+      step=-1,  # the checkpoint to evaluate; -1: the latest
+      # pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or its converted .npz) for
+      # rFID / gFID / IS; '' -> $VQGAN_JAX_INCEPTION; neither: those are skipped, said once.
+      inception_weights='',
+      # A classifier workdir (configs/fashion_mnist_classifier.py): the Frechet distance in
+      # its feature space (`fd_<its feature_name>`, never called FID) and, for class-
+      # conditional samples, the share the classifier labels as the class they were drawn for.
+      classifier_workdir='',
+      stats_dir='',  # reference statistics cache; '' -> <workdir>/eval_stats
+      num_samples=1000,  # stage 2: samples drawn (class-balanced for class models)
+      seed=0,  # stage 2: the samples depend only on this seed (and the checkpoint)
+    )
+  )
+
+
+def classifier_base():
+  """A small image classifier whose penultimate features give an offline Frechet distance
+  (see `eval_fields`); trained like any run (`python -m vqgan_jax.main`)."""
+  c = ml_collections.ConfigDict()
+  c.stage = 'classifier'
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(
+    dict(
+      features=(16, 32, 64),  # conv widths; a 2x2 max-pool after each but the last
+      hidden=128,  # the penultimate width: the feature space of the Frechet distance
+      num_classes=10,
+      # The metric's name: fd_<feature_name> (e.g. fd_fmnist). Only features of the data the
+      # classifier was trained on mean anything.
+      feature_name='',
+    )
+  )
+  c.optim = ml_collections.ConfigDict(dict(lr=2e-3, weight_decay=1e-4, warmup_steps=100))
+  c.data = stage1_base().data
+  c.train = ml_collections.ConfigDict(
+    dict(
+      batch_size=128,
+      eval_batch_size=500,
+      num_steps=2000,
+      log_every=100,
+      eval_every=2000,
+      checkpoint_every=1000,
+      max_to_keep=1,
+    )
+  )
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = logical_axis_rules()
   return c
 
 
@@ -305,6 +366,7 @@ def stage2_base():
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.logical_axis_rules = logical_axis_rules()
   c.init_from = ''  # a stage-2 workdir whose latest params start this run
+  c.eval = eval_fields()
   return c
 
 
