@@ -1,6 +1,7 @@
-"""Command line: convert an original taming-transformers checkpoint.
+"""Command line: convert an original taming-transformers checkpoint (or FID Inception weights).
 
   python -m vqgan_jax.convert taming --ckpt last.ckpt --config model.yaml --out DIR
+  python -m vqgan_jax.convert inception --pth pt_inception-2015-12-05-6726825d.pth --out FILE.npz
 
 VQModel: DIR is a stage-1 workdir (orbax checkpoint of the full training state, fresh
 optimizer states) + DIR/config.json; fine-tune with `--config.init_from=DIR`.
@@ -8,6 +9,9 @@ Net2NetTransformer: DIR/first_stage (stage-1 workdir), DIR/cond_stage (when the 
 its own VQModel), and DIR itself holding the GPT params ({'step', 'params'}) + DIR/config.json.
 Everything is read and checked before anything is written, and DIR is replaced in one rename
 at the end, so a failed conversion leaves an existing DIR as it was.
+
+inception: pytorch-fid's FID Inception state dict -> a `.npz` that `--mode=eval` loads without
+torch (`--config.eval.inception_weights=FILE.npz`); written to a temp file, then renamed.
 """
 
 import argparse
@@ -40,21 +44,36 @@ def main(argv=None):
     "original release's few, with the full unpickler, which can run any code "
     'the file contains; only for a file from a source you trust',
   )
+  p = sub.add_parser('inception', help="pytorch-fid's FID Inception weights (.pth) -> .npz")
+  p.add_argument('--pth', required=True, help='pt_inception-2015-12-05-6726825d.pth')
+  p.add_argument('--out', required=True, help='output .npz (replaced if it exists)')
+  p.add_argument(
+    '--trust_pickle',
+    action='store_true',
+    help='UNSAFE: load a --pth whose pickle names Python objects beyond tensors, with the full '
+    'unpickler; only for a file from a source you trust',
+  )
   args = parser.parse_args(argv)
 
   # Imported here so --help and argument errors are instant.
   from vqgan_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.convert import taming  # pylint: disable=g-import-not-at-top
 
   try:
-    summary = taming.convert_taming_checkpoint(
-      args.ckpt,
-      args.config,
-      args.out,
-      step=args.step,
-      overwrite=args.overwrite,
-      trust_pickle=args.trust_pickle,
-    )
+    if args.source == 'inception':
+      from vqgan_jax.convert import inception  # pylint: disable=g-import-not-at-top
+
+      summary = inception.convert(args.pth, args.out, trust_pickle=args.trust_pickle)
+    else:
+      from vqgan_jax.convert import taming  # pylint: disable=g-import-not-at-top
+
+      summary = taming.convert_taming_checkpoint(
+        args.ckpt,
+        args.config,
+        args.out,
+        step=args.step,
+        overwrite=args.overwrite,
+        trust_pickle=args.trust_pickle,
+      )
   except (ConversionError, OSError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
