@@ -304,6 +304,11 @@ def test_fid_stats_files_round_trip(tmp_path):
   np.savez(str(tmp_path / 'bad.npz'), mu=mu)
   with pytest.raises(ValueError, match='not the statistics'):
     fid.load_stats(str(tmp_path / 'bad.npz'))
+  (tmp_path / 'text.npz').write_text('mu')
+  with pytest.raises(ValueError, match=r'text\.npz is no readable statistics'):
+    fid.load_stats(str(tmp_path / 'text.npz'))
+  with pytest.raises(FileNotFoundError):  # eval computes the statistics then
+    fid.load_stats(str(tmp_path / 'absent.npz'))
 
 
 def test_fid_inception_score():

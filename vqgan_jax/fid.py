@@ -17,6 +17,7 @@ import dataclasses
 import os
 from typing import Any
 from typing import Optional
+import zipfile
 
 import jax
 import numpy as np
@@ -150,7 +151,8 @@ class StatsAccumulator:
 
 
 def save_stats(path: str, mu, sigma, count: int, extractor_name: str) -> None:
-  """pytorch-fid's statistics `.npz` (`mu`, `sigma`) plus `count` and `extractor`; atomic."""
+  """pytorch-fid's statistics `.npz` (`mu`, `sigma`) plus `count` and `extractor`, written
+  atomically (call it on one process)."""
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f'mu {mu.shape} and sigma {sigma.shape} are no (d,), (d, d) pair')
@@ -161,23 +163,26 @@ def save_stats(path: str, mu, sigma, count: int, extractor_name: str) -> None:
 
 def load_stats(path: str) -> dict:
   """{'mu', 'sigma', 'count', 'extractor'} of a statistics `.npz`; `count` and `extractor` are
-  None in files that lack them (pytorch-fid's own)."""
+  None in files that lack them (pytorch-fid's own). FileNotFoundError when there is no file
+  (compute the statistics then); ValueError for a file that holds no statistics."""
   try:
     with np.load(path, allow_pickle=False) as f:
-      if 'mu' not in f.files or 'sigma' not in f.files:
-        raise ValueError(f'{path} holds {sorted(f.files)}, not the statistics `mu` and `sigma`')
-      out = {
-        'mu': np.asarray(f['mu'], np.float64),
-        'sigma': np.asarray(f['sigma'], np.float64),
-        'count': int(f['count']) if 'count' in f.files else None,
-        'extractor': str(f['extractor']) if 'extractor' in f.files else None,
-      }
-  except OSError as e:
-    raise ValueError(f'{path} is not a readable statistics .npz ({e})') from None
-  d = out['mu'].shape[0] if out['mu'].ndim == 1 else -1
-  if out['sigma'].shape != (d, d):
-    raise ValueError(f'{path}: mu {out["mu"].shape} and sigma {out["sigma"].shape} do not pair')
-  return out
+      arrays = {k: f[k] for k in f.files}
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f'{path} is no readable statistics .npz ({type(e).__name__}: {e})') from None
+  if 'mu' not in arrays or 'sigma' not in arrays:
+    raise ValueError(f'{path} holds {sorted(arrays)}, not the statistics `mu` and `sigma`')
+  mu, sigma = np.asarray(arrays['mu'], np.float64), np.asarray(arrays['sigma'], np.float64)
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+    raise ValueError(f'{path}: mu {mu.shape} and sigma {sigma.shape} do not pair')
+  return {
+    'mu': mu,
+    'sigma': sigma,
+    'count': int(arrays['count']) if 'count' in arrays else None,
+    'extractor': str(arrays['extractor']) if 'extractor' in arrays else None,
+  }
 
 
 def fid_from_stats(a: dict, b: dict) -> float:

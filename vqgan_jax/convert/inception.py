@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 import functools
 import os
-import tempfile
 import time
+import uuid
+import zipfile
 
 import numpy as np
 
@@ -128,12 +129,12 @@ def read_pth(path: str, *, trust_pickle: bool = False) -> dict:
 
 
 def write_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-  """np.savez to a temp file beside `path`, then one rename: readers never see half a file."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=d)
+  """np.savez to a temp file beside `path`, then one rename: readers never see half a file.
+  (Not `tempfile.mkstemp`: its 0600 mode would make a shared statistics cache unreadable.)"""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   try:
-    with os.fdopen(fd, 'wb') as f:  # a file object, so np.savez adds no '.npz' suffix
+    with open(tmp, 'xb') as f:  # a file object, so np.savez adds no '.npz' suffix
       np.savez(f, **arrays)
     os.replace(tmp, path)
   except BaseException:
@@ -151,8 +152,8 @@ def load_npz(path: str) -> dict:
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: np.asarray(f[k], np.float32) for k in f.files}
-  except (OSError, ValueError) as e:
-    raise ConversionError(f'{path} is not a readable .npz ({e})') from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ConversionError(f'{path} is not a readable .npz ({type(e).__name__}: {e})') from None
   _check({k: v.shape for k, v in flat.items()}, variable_shapes(), path)
   return _unflatten(flat)
 
