@@ -58,6 +58,9 @@ def _import_pytorch_fid():
       for n in [n for n in sys.modules if _is_torchvision(n)]:
         del sys.modules[n]
       spec = importlib.util.find_spec('torchvision')
+      if spec is None:  # reference-constraints.txt calls it optional (for LPIPS)
+        msg = "pytorch-fid subclasses torchvision's Inception: pip install torchvision==0.28.0"
+        raise ImportError(msg) from None
       pkg = types.ModuleType('torchvision')
       pkg.__spec__, pkg.__path__ = spec, list(spec.submodule_search_locations)
       sys.modules['torchvision'] = pkg
