@@ -56,7 +56,18 @@ COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage
 
 # Fields added to the configs after checkpoints were already being written, with the value
 # that means what a config without the field meant: absent and this value compare equal.
-ADDED_FIELD_DEFAULTS = {'model.quantizer': 'vq', 'model.kl_weight': 1e-8, 'model.temperature': 1.0}
+ADDED_FIELD_DEFAULTS = {
+  'model.quantizer': 'vq',
+  'model.kl_weight': 1e-8,
+  'model.temperature': 1.0,
+  # Stage-1 quantizer options (issue 13); their defaults are the original's quantizer.
+  'model.codebook_dim': 0,
+  'model.codebook_l2_norm': False,
+  'model.ema_decay': 0.0,
+  'model.restart_window': 0,
+  'model.fsq_levels': [],
+  'model.lfq_bits': 0,
+}
 
 
 class CheckpointError(RuntimeError):

@@ -92,10 +92,25 @@ def stage1_base():
       legacy_beta=True,
       # 'vq': taming VQModel (VectorQuantizer2); 'gumbel': GumbelVQ (GumbelQuantize), whose
       # KL-to-uniform loss weight and Gumbel-softmax training temperature (constant here; the
-      # original anneals it) are the next two fields.
+      # original anneals it) are the next two fields. Not in the original: 'fsq' (finite
+      # scalar quantization, fsq_levels) and 'lfq' (lookup-free, lfq_bits), whose every code
+      # is reachable; n_embed must equal their code count, prod(fsq_levels) / 2**lfq_bits
+      # (stage 2 sizes its vocabulary by n_embed), and embed_dim their number of channels.
       quantizer='vq',
       kl_weight=1e-8,
       temperature=1.0,
+      # vq options beyond the original (the defaults are the original's quantizer):
+      # > 0: codes are searched in this many dims, projected in and out (ViT-VQGAN/LlamaGen: 8).
+      codebook_dim=0,
+      # Nearest code by cosine: latents and codebook l2-normalised (LlamaGen).
+      codebook_l2_norm=False,
+      # > 0: the codebook is an EMA (this decay, e.g. 0.99) of the latents assigned to each
+      # code, no codebook gradient; its statistics are train state (a 'quantizer' collection).
+      ema_decay=0.0,
+      # > 0: a code unpicked for this many steps is re-seeded from a latent of the batch.
+      restart_window=0,
+      fsq_levels=(),  # fsq: levels per channel, e.g. (8, 5, 5, 5) = 1000 codes
+      lfq_bits=0,  # lfq: bits per code, 2**bits codes (beta is its commitment weight)
     )
   )
   c.loss = ml_collections.ConfigDict(
@@ -111,6 +126,22 @@ def stage1_base():
       disc_ndf=64,
       # The original trains with LPIPS dropout on (Lightning's train() undoes its eval()).
       lpips_dropout=True,
+      # False: the generator's GAN weight is disc_weight itself (MAGVIT 0.1, LlamaGen 0.5)
+      # instead of the original's adaptive lambda (which swings when D switches on).
+      adaptive_weight=True,
+      # LeCAM regulariser of D (MAGVIT, Open-MAGVIT2: 0.05), against EMAs (this decay) of
+      # D's mean logits on reals and fakes; 0: off.
+      lecam_weight=0.0,
+      lecam_decay=0.999,
+      # R1 gradient penalty on reals, r1_weight / 2 * E||grad_x D(x)||^2 (MaskGIT: 10); 0: off.
+      r1_weight=0.0,
+      # lfq: weight of the entropy term (per-latent entropy - batch entropy), at temperature
+      # entropy_temperature; it starts at entropy_anneal_factor x the weight and decays
+      # linearly to it over entropy_anneal_steps (0: constant).
+      entropy_weight=0.1,
+      entropy_temperature=0.01,
+      entropy_anneal_steps=0,
+      entropy_anneal_factor=3.0,
     )
   )
   c.optim = ml_collections.ConfigDict(
@@ -155,6 +186,14 @@ def stage1_base():
       remat='none',
       remat_policy='nothing_saveable',
       num_grid_images=16,
+      # > 0: keep an EMA (this decay, e.g. 0.999) of the generator's params in the state
+      # ('params_ema'); eval, --mode=encode and the loaders then use it. 0: off.
+      params_ema_decay=0.0,
+      # Codebook health: the fraction of codes picked in the last usage_window steps is
+      # logged (window_usage) every log step; one warning line when it falls below
+      # usage_warning once a whole window has run. 0: off.
+      usage_window=100,
+      usage_warning=0.25,
     )
   )
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;

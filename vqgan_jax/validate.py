@@ -38,6 +38,93 @@ def validate_remat(section, field, modes, policy_as_mode=False):
   )
 
 
+QUANTIZERS = ('vq', 'gumbel', 'fsq', 'lfq')
+# vq-only model fields and the value that means "off" (the original's quantizer).
+_VQ_OPTIONS = {'codebook_dim': 0, 'codebook_l2_norm': False, 'ema_decay': 0.0, 'restart_window': 0}
+
+
+def _fraction(value, field, upper_open=True):
+  """A decay in [0, 1)."""
+  check(
+    0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0,
+    f'{field} must be in [0, {"1)" if upper_open else "1]"}, got {value}',
+  )
+
+
+def validate_quantizer(m):
+  """config.model's quantizer fields (fields a config predates take their defaults)."""
+  quantizer = m.get('quantizer', 'vq')
+  check(
+    quantizer in QUANTIZERS,
+    f'config.model.quantizer must be one of {QUANTIZERS}, got {quantizer!r}',
+  )
+  if quantizer == 'gumbel':
+    check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
+    check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
+  for name, off in _VQ_OPTIONS.items():
+    value = m.get(name, off)
+    if quantizer != 'vq':
+      check(
+        value == off,
+        f"config.model.{name}={value!r} applies to quantizer='vq' only "
+        f'(this config has {quantizer!r}); set it to {off!r}',
+      )
+  check(
+    m.get('codebook_dim', 0) >= 0,
+    f'config.model.codebook_dim must be >= 0, got {m.get("codebook_dim")}',
+  )
+  _fraction(m.get('ema_decay', 0.0), 'config.model.ema_decay')
+  check(
+    m.get('restart_window', 0) >= 0,
+    f'config.model.restart_window must be >= 0, got {m.get("restart_window")}',
+  )
+  levels, bits = tuple(m.get('fsq_levels', ()) or ()), m.get('lfq_bits', 0)
+  if quantizer == 'fsq':
+    check(
+      len(levels) >= 1 and all(int(l) == l and l >= 2 for l in levels),
+      f'config.model.fsq_levels must be a tuple of integers >= 2, got {levels!r}',
+    )
+    check(
+      m.embed_dim == len(levels),
+      f'config.model.embed_dim={m.embed_dim} must equal len(config.model.fsq_levels)='
+      f'{len(levels)} (one channel per level)',
+    )
+    check(
+      m.n_embed == math.prod(levels),
+      f'config.model.n_embed={m.n_embed} must equal prod(fsq_levels)={math.prod(levels)} '
+      '(the vocabulary stage 2 reads)',
+    )
+  if quantizer == 'lfq':
+    check(1 <= bits <= 30, f'config.model.lfq_bits must be in [1, 30], got {bits}')
+    check(
+      m.embed_dim == bits,
+      f'config.model.embed_dim={m.embed_dim} must equal config.model.lfq_bits={bits} '
+      '(one channel per bit)',
+    )
+    check(
+      m.n_embed == 2**bits,
+      f'config.model.n_embed={m.n_embed} must equal 2**lfq_bits={2**bits} '
+      '(the vocabulary stage 2 reads)',
+    )
+
+
+def validate_gan_and_health(loss, t):
+  """config.loss's GAN/entropy fields and config.train's EMA-params and codebook-health fields."""
+  for name in ('lecam_weight', 'r1_weight', 'entropy_weight', 'entropy_anneal_steps'):
+    value = loss.get(name, 0)
+    check(value >= 0, f'config.loss.{name} must be >= 0, got {value}')
+  check(loss.disc_weight >= 0, f'config.loss.disc_weight must be >= 0, got {loss.disc_weight}')
+  _fraction(loss.get('lecam_decay', 0.999), 'config.loss.lecam_decay')
+  temperature = loss.get('entropy_temperature', 0.01)
+  check(temperature > 0, f'config.loss.entropy_temperature must be > 0, got {temperature}')
+  factor = loss.get('entropy_anneal_factor', 1.0)
+  check(factor >= 1, f'config.loss.entropy_anneal_factor must be >= 1, got {factor}')
+  _fraction(t.get('params_ema_decay', 0.0), 'config.train.params_ema_decay')
+  window = t.get('usage_window', 0)
+  check(window >= 0, f'config.train.usage_window must be >= 0, got {window}')
+  _fraction(t.get('usage_warning', 0.0), 'config.train.usage_warning', upper_open=False)
+
+
 def validate_stage1(config, batch_divisor: int = 1):
   m, d, t, loss = config.model, config.data, config.train, config.loss
   check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
@@ -62,14 +149,7 @@ def validate_stage1(config, batch_divisor: int = 1):
     )
   for name in ('n_embed', 'embed_dim', 'z_channels', 'num_res_blocks'):
     check(m[name] >= 1, f'config.model.{name} must be >= 1, got {m[name]}')
-  quantizer = m.get('quantizer', 'vq')
-  check(
-    quantizer in ('vq', 'gumbel'),
-    f"config.model.quantizer must be 'vq' or 'gumbel', got {quantizer!r}",
-  )
-  if quantizer == 'gumbel':
-    check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
-    check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
+  validate_quantizer(m)
   check(
     m.in_channels in (1, 3) and m.out_ch == m.in_channels,
     f'config.model.in_channels/out_ch must both be 1 or 3, got {m.in_channels}/{m.out_ch}',
@@ -80,6 +160,7 @@ def validate_stage1(config, batch_divisor: int = 1):
   )
   check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
   check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
+  validate_gan_and_health(loss, t)
   check(t.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {t.dtype!r}')
   validate_remat(t, 'config.train', ('none', 'block'))
   for name in ('batch_size', 'eval_batch_size'):

@@ -1,5 +1,18 @@
-"""The taming quantizers: VectorQuantizer2 (legacy beta placement, straight-through
-estimator) and GumbelQuantize (the released Gumbel f8 model's)."""
+"""The quantizers between the encoder and the decoder.
+
+The original's: VectorQuantizer2 (legacy beta placement, straight-through estimator) and
+GumbelQuantize (the released Gumbel f8 model's). Beyond the original (off by default, see
+`../shared/reference/tokenizers.md`): the VQ codebook's options (a low-dimensional codebook,
+l2-normalised lookup, EMA statistics, dead-code restart), FSQ and LFQ.
+
+Every quantizer is called on the quant_conv output z (..., embed_dim) and returns
+(z_q straight-through, loss, indices (...,)), and has `lookup(indices)` (the vectors the
+decoder reads) and `latents(z)` (z in the space where codes are picked, for the train step's
+codebook updates), so encode, stage 2, sampling and the planner never ask which it is.
+"""
+
+import math
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -37,37 +50,152 @@ def vq_loss(z, z_q, beta: float, legacy: bool):
   return beta * commit + codebook
 
 
+def l2_normalize(x, eps: float = 1e-12):
+  """x / max(||x||, eps) along the last axis (torch's F.normalize), float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class _Dense(nn.Module):
+  """A float32 Dense at HIGHEST precision: the nearest-code search reads its output, so
+  accelerators must not round it to TF32/bf16."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, z):
+    kernel = self.param(
+      'kernel', nn.initializers.lecun_normal(), (z.shape[-1], self.features), jnp.float32
+    )
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return jnp.matmul(z.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST) + bias
+
+
 class VectorQuantizer(nn.Module):
-  """Nearest-codebook quantizer. torch `quantize.embedding.weight` = `embedding/embedding`."""
+  """Nearest-codebook quantizer. torch `quantize.embedding.weight` = `embedding/embedding`.
+
+  With the defaults it is the original's VectorQuantizer2, operation for operation. Options:
+  - codebook_dim > 0: codes are searched in that many dimensions: `proj_in` (embed_dim ->
+    codebook_dim) before the search, `proj_out` back after it (ViT-VQGAN, LlamaGen).
+  - l2_norm: the latents and the codebook are l2-normalised before the search and the losses
+    (nearest by cosine); the decoder reads the normalised code.
+  - ema: the codebook is the EMA of the latents assigned to each code (`ema_update` /
+    `ema_codebook`, applied by the train step, which writes the result into `params`). Its
+    statistics live in the non-parameter collection 'quantizer' (`ema_count`, `ema_sum`,
+    created by `init` only: inference reads `params` alone), and the codebook term of the
+    loss carries no gradient (the commitment term still does).
+  """
 
   n_embed: int
   embed_dim: int
   beta: float = 0.25
   legacy: bool = True
+  codebook_dim: int = 0
+  l2_norm: bool = False
+  ema: bool = False
+
+  @property
+  def search_dim(self):
+    return self.codebook_dim or self.embed_dim
 
   def setup(self):
     bound = 1.0 / self.n_embed
     self.embedding = nn.Embed(
       self.n_embed,
-      self.embed_dim,
+      self.search_dim,
       param_dtype=jnp.float32,
       embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
     )
+    if self.codebook_dim:
+      self.proj_in = _Dense(self.codebook_dim)
+      self.proj_out = _Dense(self.embed_dim)
+    if self.ema and self.is_initializing():
+      # Pseudo-count 1 at the initial codebook: ema_sum / ema_count starts as the codebook,
+      # and a code nobody picks decays in both, so it stays where it is.
+      self.variable('quantizer', 'ema_count', lambda: jnp.ones((self.n_embed,), jnp.float32))
+      self.variable('quantizer', 'ema_sum', lambda: jnp.asarray(self.embedding.embedding))
+
+  def latents(self, z):
+    """z (..., embed_dim) in the codebook's space (projected, normalised), float32."""
+    z = z.astype(jnp.float32)
+    if self.codebook_dim:
+      z = self.proj_in(z)
+    return l2_normalize(z) if self.l2_norm else z
+
+  def codebook(self):
+    """The (n_embed, search_dim) vectors codes are searched among and decoded from."""
+    codebook = self.embedding.embedding
+    return l2_normalize(codebook) if self.l2_norm else codebook
 
   def __call__(self, z):
     """z: (..., embed_dim). Returns (z_q straight-through, loss, indices (...,))."""
-    z = z.astype(jnp.float32)
-    codebook = self.embedding.embedding
-    d = codebook_distances(z.reshape(-1, self.embed_dim), codebook)
+    z = self.latents(z)
+    codebook = self.codebook()
+    d = codebook_distances(z.reshape(-1, self.search_dim), codebook)
     indices = jnp.argmin(d, axis=-1).reshape(z.shape[:-1])  # first minimum on ties
     z_q = codebook[indices]
-    loss = vq_loss(z, z_q, self.beta, self.legacy)
+    loss = vq_loss(z, jax.lax.stop_gradient(z_q) if self.ema else z_q, self.beta, self.legacy)
     z_q = z + jax.lax.stop_gradient(z_q - z)
-    return z_q, loss, indices
+    return (self.proj_out(z_q) if self.codebook_dim else z_q), loss, indices
 
   def lookup(self, indices):
     """Codebook entries (..., embed_dim) for integer indices (...)."""
-    return self.embedding.embedding[indices]
+    e = self.codebook()[indices]
+    return self.proj_out(e) if self.codebook_dim else e
+
+
+def ema_update(count, ema_sum, z, indices, decay):
+  """One EMA step of the codebook statistics (VQ-VAE-2): each code's count of assigned
+  latents and their sum move by (1 - decay) towards this batch's.
+
+  count (K,), ema_sum (K, D); z (N, D) float32 latents, indices (N,). In a sharded jit the
+  batch sums are global (XLA adds the partial sums), so every device holds the same result.
+  """
+  onehot = jax.nn.one_hot(indices, count.shape[0], dtype=jnp.float32)  # (N, K)
+  batch_count = jnp.sum(onehot, axis=0)
+  batch_sum = jnp.matmul(onehot.T, z.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return (
+    decay * count + (1.0 - decay) * batch_count,
+    decay * ema_sum + (1.0 - decay) * batch_sum,
+  )
+
+
+def ema_codebook(count, ema_sum, eps):
+  """The codebook the EMA statistics describe: ema_sum / count, the counts Laplace-smoothed
+  ((c + eps) / (n + K eps) * n, n the total) so that no code divides by ~0."""
+  n = jnp.sum(count)
+  smoothed = (count + eps) / (n + count.shape[0] * eps) * n
+  return ema_sum / smoothed[:, None]
+
+
+def mark_used(last_used, indices, step, mask=None):
+  """`last_used` (K,) int32, the step each code was last picked at (0: never), with this
+  step's `indices` (any shape; `mask` False entries not counted) set to `step` (1-based)."""
+  used = jnp.bincount(
+    jnp.ravel(indices),
+    weights=None if mask is None else jnp.ravel(mask).astype(jnp.int32),
+    length=last_used.shape[0],
+  )
+  return jnp.where(used > 0, jnp.asarray(step, last_used.dtype), last_used)
+
+
+def window_usage(last_used, step, window: int):
+  """Fraction of the codes picked at least once in the last `window` steps up to `step`."""
+  return jnp.mean(((last_used > 0) & (last_used > step - window)).astype(jnp.float32))
+
+
+def dead_codes(last_used, step, window: int):
+  """Codes not picked in the last `window` steps (never picked counts from step 0)."""
+  return step - last_used >= window
+
+
+def restart_codes(codebook, dead, z, key):
+  """Dead codes (bool (K,)) re-seeded from the batch's latents z (N, D), one drawn uniformly
+  per code with `key` (jittable; the same key draws the same vectors on any mesh); live codes
+  are untouched. Returns (codebook, the drawn vectors (K, D))."""
+  pick = jax.random.randint(key, dead.shape, 0, z.shape[0])
+  drawn = z.astype(jnp.float32)[pick]
+  return jnp.where(dead[:, None], drawn, codebook), drawn
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +280,9 @@ class GumbelQuantizer(nn.Module):
   def logits(self, z):
     return self.proj(z)
 
+  def latents(self, z):
+    return z.astype(jnp.float32)
+
   def __call__(self, z, train: bool = False, gumbels=None, temperature=None):
     """z: (..., C). Returns (z_q (..., embed_dim) float32, loss, indices (...,))."""
     logits = self.proj(z)
@@ -171,3 +302,130 @@ class GumbelQuantizer(nn.Module):
   def lookup(self, indices):
     """Codebook entries (..., embed_dim) for integer indices (...)."""
     return self.embed.embedding[indices]
+
+
+# --------------------------------------------------------------------------------------------
+# FSQ (Mentzer et al. 2023) and LFQ (MAGVIT-v2): no codebook to collapse
+# --------------------------------------------------------------------------------------------
+
+
+def fsq_bound(z, levels, eps: float = 1e-3):
+  """Each channel squashed into (-(L-1)/2, (L-1)/2) (shifted by 1/2 for even L) so that
+  rounding gives exactly L values. The shift is atanh(offset / half_l), which maps z = 0 to
+  0 (the official notebook writes tan, nearly equal for these small arguments)."""
+  levels = jnp.asarray(levels, jnp.float32)
+  half_l = (levels - 1.0) * (1.0 - eps) / 2.0
+  offset = jnp.where(levels % 2 == 0, 0.5, 0.0)
+  shift = jnp.arctanh(offset / half_l)
+  return jnp.tanh(z + shift) * half_l - offset
+
+
+def _fsq_basis(levels):
+  return jnp.asarray([math.prod(levels[:i]) for i in range(len(levels))], jnp.int32)
+
+
+def fsq_codes_to_indices(codes, levels):
+  """Codes (..., d) on FSQ's grid -> indices (...,) int32: the mixed-radix number whose
+  digits are the per-channel levels, basis cumprod([1] + L[:-1])."""
+  half = jnp.asarray([l // 2 for l in levels], jnp.float32)
+  digits = jnp.round(codes * half + half).astype(jnp.int32)
+  return jnp.sum(digits * _fsq_basis(levels), axis=-1)
+
+
+def fsq_indices_to_codes(indices, levels):
+  """Indices (...,) -> the codes (..., d) float32 that `fsq_codes_to_indices` maps to them."""
+  half = jnp.asarray([l // 2 for l in levels], jnp.float32)
+  digits = (indices[..., None] // _fsq_basis(levels)) % jnp.asarray(levels, jnp.int32)
+  return (digits.astype(jnp.float32) - half) / half
+
+
+class FSQuantizer(nn.Module):
+  """Finite scalar quantization: channel i of z (embed_dim == len(levels)) is bounded, rounded
+  to one of levels[i] values (straight-through) and scaled into [-1, 1]. prod(levels) codes,
+  no parameters, no loss, every code reachable by construction."""
+
+  levels: Sequence[int]
+
+  def latents(self, z):
+    return z.astype(jnp.float32)
+
+  def __call__(self, z):
+    levels = tuple(self.levels)
+    bounded = fsq_bound(z.astype(jnp.float32), levels)
+    rounded = bounded + jax.lax.stop_gradient(jnp.round(bounded) - bounded)
+    codes = rounded / jnp.asarray([l // 2 for l in levels], jnp.float32)
+    indices = fsq_codes_to_indices(jax.lax.stop_gradient(codes), levels)
+    return codes, jnp.zeros((), jnp.float32), indices
+
+  def lookup(self, indices):
+    return fsq_indices_to_codes(indices, tuple(self.levels))
+
+
+def lfq_indices(bits):
+  """Sign bits (..., k) (True: +1) -> indices (...,) int32, the first channel the most
+  significant bit."""
+  k = bits.shape[-1]
+  return jnp.sum(bits.astype(jnp.int32) << jnp.arange(k - 1, -1, -1, dtype=jnp.int32), axis=-1)
+
+
+def lfq_codes(indices, k: int):
+  """Indices (...,) -> the codes (..., k) in {-1, +1}, float32."""
+  bits = (indices[..., None] >> jnp.arange(k - 1, -1, -1, dtype=jnp.int32)) & 1
+  return 2.0 * bits.astype(jnp.float32) - 1.0
+
+
+# Up to this many bits the batch-mean code distribution is computed over all 2**bits codes;
+# above it, per bit (an upper bound of its entropy), since N x 2**bits would not fit.
+LFQ_EXACT_BITS = 12
+
+
+def _bernoulli_entropy(logit):
+  p = jax.nn.sigmoid(logit)
+  return -(p * jax.nn.log_sigmoid(logit) + (1.0 - p) * jax.nn.log_sigmoid(-logit))
+
+
+def lfq_entropy_loss(z, temperature: float):
+  """MAGVIT-v2's entropy term: mean per-latent entropy - entropy of the batch-mean
+  distribution, of q(c | z) = softmax_c(2 z.c / T) over the codes c in {-1, +1}^k (the
+  -distance logits of Open-MAGVIT2). q factorises over bits, p(bit_i = +1) = sigmoid(4 z_i
+  / T), so the per-latent entropy is a sum of k Bernoulli entropies, exactly; the batch mean
+  is taken over all codes up to LFQ_EXACT_BITS bits. Low per-latent entropy makes codes
+  confident; high batch entropy spreads them over the whole vocabulary."""
+  k = z.shape[-1]
+  z = z.reshape(-1, k).astype(jnp.float32)
+  per_latent = jnp.mean(jnp.sum(_bernoulli_entropy(4.0 * z / temperature), axis=-1))
+  if k <= LFQ_EXACT_BITS:
+    codes = lfq_codes(jnp.arange(2**k, dtype=jnp.int32), k)  # (2**k, k)
+    logits = 2.0 * jnp.matmul(z, codes.T, precision=jax.lax.Precision.HIGHEST) / temperature
+    avg = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    batch = -jnp.sum(jnp.where(avg > 0, avg * jnp.log(jnp.where(avg > 0, avg, 1.0)), 0.0))
+  else:
+    p = jnp.mean(jax.nn.sigmoid(4.0 * z / temperature), axis=0)
+    p = jnp.clip(p, 1e-7, 1.0 - 1e-7)
+    batch = -jnp.sum(p * jnp.log(p) + (1.0 - p) * jnp.log(1.0 - p))
+  return per_latent - batch
+
+
+class LookupFreeQuantizer(nn.Module):
+  """Lookup-free quantization: the code is the sign of each of the `bits` channels of z
+  (embed_dim == bits), 2**bits codes, z_q in {-1, +1}^bits straight-through. Loss: beta x
+  commitment, plus `entropy_weight` x `lfq_entropy_loss` when the train step passes a
+  weight (it anneals it; inference passes none and skips the term)."""
+
+  bits: int
+  beta: float = 0.25
+
+  def latents(self, z):
+    return z.astype(jnp.float32)
+
+  def __call__(self, z, entropy_weight=None, entropy_temperature: float = 0.01):
+    z = z.astype(jnp.float32)
+    positive = z > 0
+    q = jnp.where(positive, 1.0, -1.0)
+    loss = self.beta * jnp.mean((z - jax.lax.stop_gradient(q)) ** 2)
+    if entropy_weight is not None:
+      loss = loss + entropy_weight * lfq_entropy_loss(z, entropy_temperature)
+    return z + jax.lax.stop_gradient(q - z), loss, lfq_indices(positive)
+
+  def lookup(self, indices):
+    return lfq_codes(indices, self.bits)

@@ -1,13 +1,17 @@
 """Encoder, Decoder and the VQGAN composition (taming `VQModel`)."""
 
+import math
 from typing import Any
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models import layers
+from vqgan_jax.models.quantizer import FSQuantizer
 from vqgan_jax.models.quantizer import GumbelQuantizer
+from vqgan_jax.models.quantizer import LookupFreeQuantizer
 from vqgan_jax.models.quantizer import VectorQuantizer
 
 Dtype = Any
@@ -94,7 +98,17 @@ class Decoder(nn.Module):
     return self.conv_out(self.features(z, deterministic))
 
 
-QUANTIZERS = ('vq', 'gumbel')
+QUANTIZERS = ('vq', 'gumbel', 'fsq', 'lfq')
+
+
+def num_codes(quantizer: str, n_embed: int, fsq_levels=(), lfq_bits: int = 0) -> int:
+  """The vocabulary a quantizer gives: n_embed for the codebook ones, prod(levels) for FSQ,
+  2**bits for LFQ (where n_embed must equal it: stage 2 sizes its vocabulary by n_embed)."""
+  if quantizer == 'fsq':
+    return math.prod(fsq_levels)
+  if quantizer == 'lfq':
+    return 2**lfq_bits
+  return n_embed
 
 
 class VQGAN(nn.Module):
@@ -104,13 +118,16 @@ class VQGAN(nn.Module):
   `decode_indices`, `decode_with_features`; `__call__` returns (xrec, qloss, indices).
   Images are NHWC in [-1, 1]; the decoder output is unbounded, as in the original.
 
-  quantizer='vq': VQModel (VectorQuantizer2, beta / legacy_beta). quantizer='gumbel': GumbelVQ
-  (GumbelQuantize: a 1x1 `proj` to n_embed logits and an `embed` table; kl_weight, temperature).
-  GumbelVQ has the same quant_conv / post_quant_conv; the original's proj takes z_channels
-  inputs from quant_conv's embed_dim outputs, so its checkpoints have embed_dim == z_channels
-  (ours would take any). `train=True` (encode / __call__) is the Gumbel quantizer's training
-  forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits), without the
-  noise the original adds even at inference. The VQ quantizer has no train mode.
+  quantizer='vq': VQModel (VectorQuantizer2, beta / legacy_beta; beyond the original:
+  codebook_dim, codebook_l2_norm, ema_decay > 0 for an EMA codebook). quantizer='gumbel':
+  GumbelVQ (GumbelQuantize: a 1x1 `proj` to n_embed logits and an `embed` table; kl_weight,
+  temperature). GumbelVQ has the same quant_conv / post_quant_conv; the original's proj takes
+  z_channels inputs from quant_conv's embed_dim outputs, so its checkpoints have embed_dim ==
+  z_channels (ours would take any). `train=True` (encode / __call__) is the Gumbel quantizer's
+  training forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits),
+  without the noise the original adds even at inference. quantizer='fsq' (fsq_levels,
+  embed_dim == len(levels)) and 'lfq' (lfq_bits == embed_dim; beta is its commitment weight)
+  have no codebook; n_embed must equal their number of codes (`num_codes`).
 
   `remat_policy` (a `jax.checkpoint_policies` name, None: off) rematerialises every
   ResnetBlock / AttnBlock of the encoder and decoder; the parameter tree does not change.
@@ -131,6 +148,11 @@ class VQGAN(nn.Module):
   quantizer: str = 'vq'
   kl_weight: float = 1e-8  # gumbel only
   temperature: float = 1.0  # gumbel only (training forward)
+  codebook_dim: int = 0  # vq only
+  codebook_l2_norm: bool = False  # vq only
+  ema_decay: float = 0.0  # vq only
+  fsq_levels: Sequence[int] = ()  # fsq only
+  lfq_bits: int = 0  # lfq only
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: str | None = None
@@ -151,28 +173,63 @@ class VQGAN(nn.Module):
     one = ((0, 0), (0, 0))
     self.quant_conv = layers.Conv(self.embed_dim, 1, padding=one, dtype=self.dtype)
     self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=one, dtype=self.dtype)
+    if self.quantizer not in QUANTIZERS:
+      raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
+    codes = num_codes(self.quantizer, self.n_embed, tuple(self.fsq_levels), self.lfq_bits)
+    if codes != self.n_embed:
+      raise ValueError(
+        f'n_embed={self.n_embed} but quantizer={self.quantizer!r} gives {codes} codes'
+      )
     if self.quantizer == 'vq':
-      self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy_beta)
+      self.quantize = VectorQuantizer(
+        self.n_embed,
+        self.embed_dim,
+        self.beta,
+        self.legacy_beta,
+        codebook_dim=self.codebook_dim,
+        l2_norm=self.codebook_l2_norm,
+        ema=self.ema_decay > 0,
+      )
     elif self.quantizer == 'gumbel':
       self.quantize = GumbelQuantizer(
         self.n_embed, self.embed_dim, self.kl_weight, self.temperature
       )
+    elif self.quantizer == 'fsq':
+      self.quantize = FSQuantizer(tuple(self.fsq_levels))
     else:
-      raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
+      self.quantize = LookupFreeQuantizer(self.lfq_bits, self.beta)
 
   @property
   def downsample_factor(self):
     return 2 ** (len(self.ch_mult) - 1)
 
-  def encode(self, x, deterministic: bool = True, train: bool = False):
+  def encode(
+    self,
+    x,
+    deterministic: bool = True,
+    train: bool = False,
+    *,
+    entropy_weight=None,
+    entropy_temperature: float = 0.01,
+    with_latents: bool = False,
+  ):
     """Returns (z_q (B,h,w,embed_dim) float32, qloss, indices (B,h,w)).
 
     `deterministic`: dropout off. `train`: the Gumbel quantizer's training forward.
+    `entropy_weight` / `entropy_temperature`: LFQ's entropy term (the train step's; None:
+    no entropy term). `with_latents`: also return the quantizer's latents (B,h,w,D) (z where
+    codes are picked, without gradient), for the codebook updates of the train step.
     """
     h = self.quant_conv(self.encoder(x, deterministic))
     if self.quantizer == 'gumbel':
-      return self.quantize(h, train=train)
-    return self.quantize(h)
+      out = self.quantize(h, train=train)
+    elif self.quantizer == 'lfq':
+      out = self.quantize(h, entropy_weight, entropy_temperature)
+    else:
+      out = self.quantize(h)
+    if with_latents:
+      return (*out, jax.lax.stop_gradient(self.quantize.latents(h)))
+    return out
 
   def encode_to_indices(self, x):
     return self.encode(x)[2]
@@ -196,7 +253,8 @@ class VQGAN(nn.Module):
 def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -> VQGAN:
   """The VQGAN described by stage-1 `model` fields (a ConfigDict or a dict, as saved in a
   checkpoint's config): the one place a config becomes a module. Fields added after a
-  checkpoint was written take their defaults. `frozen`: no dropout (encode, decode, stage 2).
+  checkpoint was written take their defaults (an old run is a 'vq' model with the original's
+  quantizer). `frozen`: no dropout (encode, decode, stage 2).
   """
   get = fields.get
   return VQGAN(
@@ -215,6 +273,11 @@ def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -
     quantizer=get('quantizer', 'vq'),
     kl_weight=get('kl_weight', 1e-8),
     temperature=get('temperature', 1.0),
+    codebook_dim=get('codebook_dim', 0),
+    codebook_l2_norm=get('codebook_l2_norm', False),
+    ema_decay=get('ema_decay', 0.0),
+    fsq_levels=tuple(get('fsq_levels', ()) or ()),
+    lfq_bits=get('lfq_bits', 0),
     dropout=0.0 if frozen else get('dropout', 0.0),
     dtype=dtype,
     remat_policy=remat_policy,

@@ -15,6 +15,12 @@ reconstruction of the *same* AE forward, where PyTorch Lightning recomputed it w
 freshly updated autoencoder (one more AE forward per step, and a one-step-stale fake).
 As a consequence D's BatchNorm running statistics move twice per step (fakes, then
 reals) instead of three times (fakes, reals, fakes); they are only used in eval mode.
+
+Beyond the original, each off by default (`optional_state_keys` lists the state entries they
+add; a run without them holds the original's state): the VQ codebook's EMA statistics and
+dead-code restart, the codebook-usage window, LFQ's annealed entropy weight, a fixed GAN
+weight instead of the adaptive one, LeCAM and R1 regularisation of D, and an EMA of the
+generator's params.
 """
 
 import functools
@@ -30,6 +36,7 @@ from vqgan_jax import losses
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
 from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models.discriminator import NLayerDiscriminator
 from vqgan_jax.train.common import peak_learning_rate
@@ -66,15 +73,71 @@ def make_optimizers(config):
   return adam(), adam()
 
 
-def init_state(config, models: Models, rng):
-  """The full training state as a plain dict pytree (what the checkpoints hold)."""
+# Laplace smoothing of the EMA codebook's counts (taming's EMAVQ and VQ-VAE-2 use 1e-5).
+EMA_EPS = 1e-5
+
+
+OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
+
+
+def optional_state_keys(config) -> tuple:
+  """The train-state entries beyond the original's that a run with `config` holds (a
+  ConfigDict; fields it predates count as off):
+
+  'quantizer': the VQ's EMA codebook statistics (model.ema_decay > 0), the flax collection;
+  'code_last_used': (n_embed,) int32, the step each code was last picked at (0: never), for
+    the usage window (train.usage_window) and dead-code restart (model.restart_window);
+  'lecam': EMAs of D's mean logits on reals and fakes (loss.lecam_weight > 0);
+  'params_ema': an EMA of the generator's params (train.params_ema_decay > 0).
+  """
+  m, loss, t = config.model, config.loss, config.train
+  keys = []
+  if m.get('quantizer', 'vq') == 'vq' and m.get('ema_decay', 0.0) > 0:
+    keys.append('quantizer')
+  if t.get('usage_window', 0) > 0 or m.get('restart_window', 0) > 0:
+    keys.append('code_last_used')
+  if loss.get('lecam_weight', 0.0) > 0:
+    keys.append('lecam')
+  if t.get('params_ema_decay', 0.0) > 0:
+    keys.append('params_ema')
+  return tuple(keys)
+
+
+def fresh_optional_state(config, keys, params):
+  """Initial values of the optional state entries `keys`, given the generator's params: the
+  EMA statistics as the VQ module's init makes them (count 1 at each code of the codebook),
+  no code used yet, LeCAM's EMAs at 0, the params EMA at the params."""
+  out = {}
+  if 'quantizer' in keys:
+    codebook = params['quantize']['embedding']['embedding']
+    out['quantizer'] = {
+      'quantize': {
+        'ema_count': jnp.ones(codebook.shape[:1], jnp.float32),
+        'ema_sum': jnp.asarray(codebook, jnp.float32),
+      }
+    }
+  if 'code_last_used' in keys:
+    out['code_last_used'] = jnp.zeros((config.model.n_embed,), jnp.int32)
+  if 'lecam' in keys:
+    out['lecam'] = {'real': jnp.zeros((), jnp.float32), 'fake': jnp.zeros((), jnp.float32)}
+  if 'params_ema' in keys:
+    out['params_ema'] = jax.tree.map(jnp.array, params)
+  return out
+
+
+def init_state(config, models: Models, rng, optional=None):
+  """The full training state as a plain dict pytree (what the checkpoints hold).
+
+  `optional`: the optional entries to hold (default: `optional_state_keys(config)`).
+  """
   size = config.data.image_size
   x = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
   k_ae, k_d, k_run = jax.random.split(rng, 3)
-  params = models.vqgan.init(k_ae, x)['params']
+  variables = models.vqgan.init(k_ae, x)
+  params = variables['params']
   d_vars = models.disc.init(k_d, x, train=True)
   tx, dtx = make_optimizers(config)
-  return {
+  state = {
     'step': jnp.zeros((), jnp.int32),
     'params': params,
     'opt_state': tx.init(params),
@@ -83,12 +146,18 @@ def init_state(config, models: Models, rng):
     'disc_opt_state': dtx.init(d_vars['params']),
     'rng': k_run,
   }
+  keys = optional_state_keys(config) if optional is None else tuple(optional)
+  state.update(fresh_optional_state(config, [k for k in keys if k != 'quantizer'], params))
+  if 'quantizer' in keys and 'quantizer' in variables:
+    state['quantizer'] = variables['quantizer']  # the VQ module's own collection
+  return state
 
 
-def state_setup(config, models: Models, mesh, rng):
-  """(abstract state, shardings, born-sharded initialiser) of the stage-1 training state."""
+def state_setup(config, models: Models, mesh, rng, optional=None):
+  """(abstract state, shardings, born-sharded initialiser) of the stage-1 training state
+  (`optional`: as `init_state`'s)."""
   return setup_initial_state(
-    functools.partial(init_state, config, models),
+    functools.partial(init_state, config, models, optional=optional),
     rng,
     lambda abstract: parallel.state_shardings(abstract, mesh, parallel.axis_rules(config)),
   )
@@ -122,20 +191,29 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   rng = jax.random.fold_in(state['rng'], step)
   k_lpips, k_drop = jax.random.split(rng)
   ae_deterministic = config.model.dropout == 0.0
+  # The VQ codebook updates read the quantizer's latents; the original's step asks for none.
+  with_latents = 'quantizer' in state or config.model.get('restart_window', 0) > 0
+  encode_kw = {'with_latents': True} if with_latents else {}
+  entropy_weight = None
+  if models.vqgan.quantizer == 'lfq':
+    entropy_weight = losses.annealed_weight(
+      step, cfg.entropy_weight, cfg.entropy_anneal_steps, cfg.entropy_anneal_factor
+    )
+    encode_kw.update(entropy_weight=entropy_weight, entropy_temperature=cfg.entropy_temperature)
 
   def ae_forward(params):
     variables = {'params': params}
     # 'gumbel': the Gumbel quantizer's training noise (the VQ quantizer takes none).
     rngs = {'dropout': k_drop, 'gumbel': jax.random.fold_in(k_drop, 1)}
-    z_q, qloss, indices = models.vqgan.apply(
-      variables, x, ae_deterministic, train=True, rngs=rngs, method='encode'
+    z_q, qloss, indices, *latents = models.vqgan.apply(
+      variables, x, ae_deterministic, train=True, rngs=rngs, method='encode', **encode_kw
     )
     h, xrec = models.vqgan.apply(
       variables, z_q, ae_deterministic, rngs=rngs, method='decode_with_features'
     )
-    return (xrec, qloss), (h, indices)
+    return (xrec, qloss), (h, indices, latents[0] if latents else None)
 
-  (xrec, qloss), ae_vjp, (h, indices) = jax.vjp(ae_forward, state['params'], has_aux=True)
+  (xrec, qloss), ae_vjp, (h, indices, latents) = jax.vjp(ae_forward, state['params'], has_aux=True)
 
   def nll_fn(xr):
     rec = losses.l1(x, xr)
@@ -168,8 +246,11 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   g_loss, ct_logits_g = jax.value_and_grad(losses.generator_loss)(logits_fake)
   _, ct_g = fake_vjp(ct_logits_g)
 
-  kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
-  d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
+  if cfg.get('adaptive_weight', True):
+    kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
+    d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
+  else:
+    d_weight = jnp.asarray(cfg.disc_weight, jnp.float32)  # fixed: no last-layer gradients
   dfactor = losses.disc_factor(step, disc_start, cfg.disc_factor)
   gan_scale = d_weight * dfactor
   total_loss = nll + gan_scale * g_loss + cfg.codebook_weight * qloss
@@ -179,24 +260,57 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   logits_real, real_vjp, stats = jax.vjp(
     lambda dp: disc_forward(dp, stats_after_fake, x), state['disc_params'], has_aux=True
   )
-  d_loss_fn = lambda lr, lf: dfactor * losses.D_LOSSES[cfg.disc_loss](lr, lf)
+  extra, metrics = {}, {}
+  if 'lecam' in state:
+    ema = jax.lax.stop_gradient(state['lecam'])
+    d_loss_fn = lambda lr, lf: (
+      dfactor
+      * (
+        losses.D_LOSSES[cfg.disc_loss](lr, lf)
+        + cfg.lecam_weight * losses.lecam_reg(lr, lf, ema['real'], ema['fake'])
+      )
+    )
+    metrics['lecam_reg'] = losses.lecam_reg(logits_real, logits_fake, ema['real'], ema['fake'])
+    extra['lecam'] = losses.lecam_ema_update(ema, logits_real, logits_fake, cfg.lecam_decay)
+  else:
+    d_loss_fn = lambda lr, lf: dfactor * losses.D_LOSSES[cfg.disc_loss](lr, lf)
   disc_loss, (ct_real, ct_fake) = jax.value_and_grad(d_loss_fn, argnums=(0, 1))(
     logits_real, logits_fake
   )
   d_grads = jax.tree.map(jnp.add, real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
+  if cfg.get('r1_weight', 0.0) > 0:
+    r1, r1_grads = jax.value_and_grad(
+      lambda dp: losses.r1_penalty(lambda inp: disc_forward(dp, stats_after_fake, inp)[0], x)
+    )(state['disc_params'])
+    scale = dfactor * 0.5 * cfg.r1_weight
+    d_grads = jax.tree.map(lambda g, r: g + scale * r, d_grads, r1_grads)
+    disc_loss = disc_loss + scale * r1
+    metrics['r1_penalty'] = r1
 
   tx, dtx = make_optimizers(config)
   updates, opt_state = tx.update(ae_grads, state['opt_state'], state['params'])
   d_updates, d_opt_state = dtx.update(d_grads, state['disc_opt_state'], state['disc_params'])
+  params = optax.apply_updates(state['params'], updates)
+  params, codebook_state, codebook_metrics = _codebook_updates(
+    config, state, params, indices, latents, step + 1, jax.random.fold_in(rng, 2)
+  )
+  extra.update(codebook_state)
+  metrics.update(codebook_metrics)
+  if 'params_ema' in state:
+    decay = config.train.params_ema_decay
+    extra['params_ema'] = jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * p, state['params_ema'], params
+    )
   codes = metrics_lib.codebook_stats(indices, config.model.n_embed)
   new_state = dict(
     state,
     step=step + 1,
-    params=optax.apply_updates(state['params'], updates),
+    params=params,
     opt_state=opt_state,
     disc_params=optax.apply_updates(state['disc_params'], d_updates),
     disc_stats=stats,
     disc_opt_state=d_opt_state,
+    **extra,
   )
   metrics = {
     'total_loss': total_loss,
@@ -214,8 +328,49 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     'disc_grad_norm': optax.global_norm(d_grads),
     'codebook_usage': codes['usage'],
     'perplexity': codes['perplexity'],
+    **metrics,
   }
+  if entropy_weight is not None:
+    metrics['entropy_weight'] = entropy_weight
   return new_state, metrics
+
+
+def _codebook_updates(config, state, params, indices, latents, t, key):
+  """The codebook's updates after the optimizer's: the EMA codebook (written into `params`,
+  where inference reads it), the usage record and dead-code restart. `t`: this update's
+  1-based number; `key`: this step's restart key. Returns (params, state entries, metrics)."""
+  m = config.model
+  out, metrics = {}, {}
+  if 'code_last_used' not in state and 'quantizer' not in state:
+    return params, out, metrics
+  codebook = params['quantize']['embedding']['embedding'] if m.quantizer == 'vq' else None
+  flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
+  if 'quantizer' in state:
+    stats = state['quantizer']['quantize']
+    count, ema_sum = quantizer_lib.ema_update(
+      stats['ema_count'], stats['ema_sum'], flat, indices.reshape(-1), m.ema_decay
+    )
+    codebook = quantizer_lib.ema_codebook(count, ema_sum, EMA_EPS)
+  if 'code_last_used' in state:
+    last_used = quantizer_lib.mark_used(state['code_last_used'], indices, t)
+    window = config.train.get('usage_window', 0)
+    if window > 0:  # before any restart: re-seeded codes were not picked
+      metrics['window_usage'] = quantizer_lib.window_usage(last_used, t, window)
+    if m.get('restart_window', 0) > 0:
+      dead = quantizer_lib.dead_codes(last_used, t, m.restart_window)
+      codebook, drawn = quantizer_lib.restart_codes(codebook, dead, flat, key)
+      last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
+      if 'quantizer' in state:  # count 1 at the drawn latent, as at init
+        count = jnp.where(dead, 1.0, count)
+        ema_sum = jnp.where(dead[:, None], drawn, ema_sum)
+      metrics['codes_restarted'] = jnp.sum(dead.astype(jnp.int32))
+    out['code_last_used'] = last_used
+  if 'quantizer' in state:
+    out['quantizer'] = {'quantize': {'ema_count': count, 'ema_sum': ema_sum}}
+  if codebook is not None:
+    quantize = dict(params['quantize'], embedding={'embedding': codebook})
+    params = dict(params, quantize=quantize)
+  return params, out, metrics
 
 
 def make_train_step(config, models: Models, mesh, state_shardings, lpips_shardings):
@@ -271,10 +426,19 @@ def init_vqgan_params(vqgan, mesh, rng, rules=()):
   return jax.jit(lambda r: vqgan.init(r, x)['params'], out_shardings=shardings)(rng)
 
 
-def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None):
+def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None, ema=True):
   """A stage-1 run's VQGAN params (latest step by default), read straight into their
-  shardings on `mesh` (any mesh and process count)."""
+  shardings on `mesh` (any mesh and process count).
+
+  ema: the EMA of the generator's params when the run kept one (`params_ema`, with
+  config.train.params_ema_decay > 0), as `inference.load_vqgan` reads it, so --mode=encode,
+  stage 2 and the loader see the same first stage; otherwise (and with ema=False) `params`.
+  """
   abstract, shardings = vqgan_param_shardings(vqgan, mesh, rules)
-  return checkpoints.restore_params(
-    workdir, checkpoints.abstract_like(abstract, shardings), step=step
-  )
+  target = checkpoints.abstract_like(abstract, shardings)
+  if ema:
+    try:
+      return checkpoints.restore_params(workdir, target, key='params_ema', step=step)
+    except checkpoints.CheckpointError:
+      pass  # The run kept no EMA copy.
+  return checkpoints.restore_params(workdir, target, step=step)

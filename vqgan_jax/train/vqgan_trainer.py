@@ -1,11 +1,14 @@
-"""Trains a VQGAN (stage 1): data -> sharded fused AE + discriminator step -> logs, held-out
-evals (PSNR, SSIM, LPIPS, L1, codebook usage), reconstruction grids, checkpoints, resume."""
+"""Trains a VQGAN (stage 1): data -> sharded fused AE + discriminator step -> logs (codebook
+health included), held-out evals (PSNR, SSIM, LPIPS, L1, codebook usage; of the EMA params when
+the run keeps them), reconstruction grids, checkpoints, resume."""
 
 import os
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
+import tqdm
 
 from vqgan_jax import checkpoints
 from vqgan_jax import images as images_lib
@@ -64,6 +67,26 @@ def _init_from(config, state, abstract, shardings):
   state['params'] = checkpoints.restore_params(
     src, checkpoints.abstract_like(abstract['params'], shardings['params'])
   )
+  # The optional entries follow the new params: the params EMA starts at them, the EMA
+  # codebook statistics are the source's when it kept them, else count 1 at its codebook.
+  fresh = [k for k in ('params_ema', 'quantizer') if k in state]
+  if 'quantizer' in state:
+    try:
+      state['quantizer'] = checkpoints.restore_params(
+        src,
+        checkpoints.abstract_like(abstract['quantizer'], shardings['quantizer']),
+        key='quantizer',
+      )
+      fresh.remove('quantizer')
+    except checkpoints.CheckpointError:
+      pass
+  if fresh:
+    state.update(
+      jax.jit(
+        lambda p: stage1.fresh_optional_state(config, fresh, p),
+        out_shardings={k: shardings[k] for k in fresh},
+      )(state['params'])
+    )
   # A converted release trains with its GAN on from step 0: start from its discriminator too
   # when the source has a compatible one.
   try:
@@ -75,6 +98,86 @@ def _init_from(config, state, abstract, shardings):
     logging.warning('init_from %s: discriminator not restored (%s)', src, e)
   logging.info('Initialised params from %s (fresh optimizer state)', src)
   return state
+
+
+def _resume(ckpt, config, models, mesh, setup, train_it):
+  """(state, resumed): the latest checkpoint's state, or `init()` when there is none.
+
+  The optional state entries (`stage1.optional_state_keys`) follow this config: those the
+  checkpoint lacks (a run from before they existed, or one that had them off) start fresh,
+  those this config turned off are dropped. What the checkpoint holds is read off the config
+  saved with it (its keys are a function of that config)."""
+  abstract, shardings, init = setup
+  want = stage1.optional_state_keys(config)
+  have = want
+  if ckpt.latest_step() is not None:
+    have = stage1.optional_state_keys(ml_collections.ConfigDict(ckpt.restore_config()))
+  if set(have) == set(want):
+    return common.restore_or_init(ckpt, abstract, shardings, init, train_it, config)
+  # The target: exactly the entries the checkpoint holds.
+  union = tuple(dict.fromkeys(want + have))
+  full = jax.eval_shape(
+    lambda r: stage1.init_state(config, models, r, optional=union), jax.random.PRNGKey(0)
+  )
+  optional = set(stage1.OPTIONAL_KEYS)
+  target = {k: v for k, v in full.items() if k not in optional or k in have}
+  target_sh = parallel.state_shardings(target, mesh, parallel.axis_rules(config))
+  state, resumed = common.restore_or_init(ckpt, target, target_sh, init, train_it, config)
+  missing = [k for k in want if k not in have]
+  dropped = [k for k in have if k not in want]
+  logging.info('Resumed state: %s start fresh, %s dropped (config changed)', missing, dropped)
+
+  def adapt(s):
+    s = {k: v for k, v in s.items() if k not in dropped}
+    s.update(stage1.fresh_optional_state(config, missing, s['params']))
+    return s
+
+  return jax.jit(adapt, out_shardings=shardings)(state), resumed
+
+
+class _CodebookHealth:
+  """The progress bar's postfix, and one warning line the first time the codebook usage over
+  a whole window (config.train.usage_window steps) falls below config.train.usage_warning."""
+
+  def __init__(self, config, start):
+    self.step = start  # the step the last metrics belong to (the step function counts)
+    self.window = config.train.get('usage_window', 0)
+    self.threshold = config.train.get('usage_warning', 0.0)
+    self.n_embed = config.model.n_embed
+    self.warned = False
+
+  def counted(self, step_fn):
+    def fn(*args):
+      self.step += 1
+      return step_fn(*args)
+
+    return fn
+
+  def postfix(self, m):
+    usage = m.get('window_usage', m['codebook_usage'])
+    if (
+      'window_usage' in m
+      and not self.warned
+      and self.step >= self.window
+      and usage < self.threshold
+    ):
+      self.warned = True
+      if jax.process_index() == 0:
+        tqdm.tqdm.write(
+          f'WARNING: step {self.step}: the codebook is collapsing: {usage:.1%} of its '
+          f'{self.n_embed} codes were picked in the last {self.window} steps (below '
+          f'config.train.usage_warning={self.threshold}); see model.quantizer and the vq '
+          'options (codebook_l2_norm, codebook_dim, ema_decay, restart_window)'
+        )
+    return dict(
+      img_s=f'{m["images_per_s"]:.1f}',
+      rec=f'{m["rec_loss"]:.4f}',
+      p=f'{m["p_loss"]:.4f}',
+      q=f'{m["quant_loss"]:.4f}',
+      d=f'{m["disc_loss"]:.3f}',
+      use=f'{usage:.0%}',
+      ppl=f'{m["perplexity"]:.1f}',
+    )
 
 
 def train_and_evaluate(config, workdir):
@@ -92,15 +195,14 @@ def train_and_evaluate(config, workdir):
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
   lpips_params = jax.device_put(lpips_params, lpips_shardings)
-  abstract, shardings, init = stage1.state_setup(
-    config, models, mesh, jax.random.PRNGKey(config.seed)
-  )
+  setup = stage1.state_setup(config, models, mesh, jax.random.PRNGKey(config.seed))
+  abstract, shardings, _ = setup
   train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
 
   with checkpoints.Checkpointer(
     workdir, max_to_keep=config.train.max_to_keep, save_every=config.train.checkpoint_every
   ) as ckpt:
-    state, resumed = common.restore_or_init(ckpt, abstract, shardings, init, train_it, config)
+    state, resumed = _resume(ckpt, config, models, mesh, setup, train_it)
     if not resumed and config.init_from:
       state = _init_from(config, state, abstract, shardings)
     train_fn = stage1.make_train_step(config, models, mesh, shardings, lpips_shardings)
@@ -108,13 +210,15 @@ def train_and_evaluate(config, workdir):
     batch_sharding = parallel.batch_sharding(mesh)
     start, total = int(jax.device_get(state['step'])), config.train.num_steps
     writer = common.Writer(workdir, start)
+    health = _CodebookHealth(config, start)
     try:
+      # With config.train.params_ema_decay the held-out eval measures the EMA params.
       run_eval = lambda s, step: evaluate(
-        config, eval_fn, s['params'], lpips_params, mesh, workdir, step, writer
+        config, eval_fn, s.get('params_ema', s['params']), lpips_params, mesh, workdir, step, writer
       )
       state, result = common.train_loop(
         state,
-        step_fn=lambda s, images: train_fn(s, lpips_params, images),
+        step_fn=health.counted(lambda s, images: train_fn(s, lpips_params, images)),
         next_batch=lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
           'image'
         ],
@@ -128,13 +232,7 @@ def train_and_evaluate(config, workdir):
         evaluate=run_eval,
         loss_key='total_loss',
         rate=('images_per_s', config.train.batch_size),
-        postfix=lambda m: dict(
-          img_s=f'{m["images_per_s"]:.1f}',
-          rec=f'{m["rec_loss"]:.4f}',
-          p=f'{m["p_loss"]:.4f}',
-          q=f'{m["quant_loss"]:.4f}',
-          d=f'{m["disc_loss"]:.3f}',
-        ),
+        postfix=health.postfix,
         desc='stage1',
       )
     finally:
