@@ -52,6 +52,11 @@ _STAGE1_MODEL_FIELDS = (
   'n_embed',
   'embed_dim',
   'quantizer',
+  # The quantizer options that change which code a latent gets (issue 13).
+  'codebook_dim',
+  'codebook_l2_norm',
+  'fsq_levels',
+  'lfq_bits',
 )
 
 
