@@ -67,6 +67,7 @@ ADDED_FIELD_DEFAULTS = {
   'model.restart_window': 0,
   'model.fsq_levels': [],
   'model.lfq_bits': 0,
+  'transformer.kind': 'gpt',
 }
 
 

@@ -327,15 +327,20 @@ def stage2_base():
   )
   c.transformer = ml_collections.ConfigDict(
     dict(
+      # 'gpt': taming's autoregressive GPT (one code per sampling step); 'maskgit': a
+      # bidirectional transformer trained on masked codes, sampled in config.sample.steps
+      # parallel steps (its vocabulary adds a [MASK] id last; block = cond + image length).
+      kind='gpt',
       vocab_size=-1,  # -1: from the vocabulary convention (see the module docstring)
-      block_size=-1,  # -1: cond length + image length - 1
+      block_size=-1,  # -1: cond length + image length - 1 (maskgit: cond + image length)
       n_layer=12,
       n_head=8,
       n_embd=256,
       embd_pdrop=0.0,
       resid_pdrop=0.0,
       attn_pdrop=0.0,
-      pkeep=1.0,  # keep each input image token with this probability, else random
+      pkeep=1.0,  # gpt: keep each input image token with this probability, else random
+      label_smoothing=0.0,  # maskgit: of its masked-code loss (MaskGIT: 0.1); gpt: must be 0
       shared_vocab=False,
       # Train under nn.scan over stacked layer params (the checkpointed layout too); the sampler
       # unstacks them into the per-layer layout it needs.
@@ -396,8 +401,13 @@ def stage2_base():
       num_samples=16,  # unconditional / spatial models
       batch_size=32,
       grid_h=0,
-      grid_w=0,  # 0: the training grid; larger: the sliding-window sampler
+      grid_w=0,  # 0: the training grid; larger: the sliding-window sampler (gpt only)
       seed=0,
+      # maskgit: parallel decoding steps T, the masking schedule ('cosine' | 'linear' |
+      # 'square') and the scale of the Gumbel noise on the confidence (annealed to 0).
+      steps=8,
+      schedule='cosine',
+      choice_temperature=4.5,
     )
   )
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;

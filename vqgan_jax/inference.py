@@ -6,6 +6,8 @@
     recon = vq.decode(codes)                     # (N, H, W, C) float32, ~[-1, 1]
     gpt = vqgan_jax.load_transformer('workdirs/fm_gpt')
     codes, images = gpt.sample(gpt.condition_for_class([7] * 8), jax.random.key(0), top_k=100)
+    mg = vqgan_jax.load_transformer('workdirs/fm_maskgit')  # transformer.kind='maskgit'
+    codes, images = mg.sample(mg.condition_for_class([7] * 8), steps=8, schedule='cosine')
 
 Both read the config saved with the checkpoint (no config file needed), restore the
 parameters straight into their shardings on a mesh (all devices on its batch axis by default,
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from vqgan_jax import checkpoints
+from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.models import vqgan as vqgan_lib
@@ -189,15 +192,21 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
 
 @dataclasses.dataclass
 class TrainedTransformer:
-  """A stage-2 transformer with its first stage, ready to sample (jitted, KV-cached)."""
+  """A stage-2 transformer with its first stage, ready to sample (jitted): the GPT (KV-cached,
+  one code per step) or MaskGIT (parallel decoding in a few steps), per `kind`."""
 
-  model: Any  # the GPT, per-layer layout (what the sampler runs)
-  params: Any  # the GPT's params
+  model: Any  # the GPT or MaskGIT, per-layer layout (what the samplers run)
+  params: Any  # its params
   vqgan: TrainedVQGAN  # the frozen first stage (decodes the codes)
   layout: stage2_config.Layout  # token layout: grid, vocabulary, condition ids
   config: ml_collections.ConfigDict  # the resolved config
   step: int
   mesh: jax.sharding.Mesh
+
+  @property
+  def kind(self) -> str:
+    """'gpt' or 'maskgit' (config.transformer.kind)."""
+    return self.layout.transformer_kind
 
   def condition_for_class(self, labels) -> np.ndarray:
     """(N, 1) condition tokens for class ids (class models; an id outside [0, n_classes) is an
@@ -216,6 +225,9 @@ class TrainedTransformer:
     cfg_scale=None,
     grid=None,
     window=None,
+    steps=None,
+    schedule=None,
+    choice_temperature=None,
   ):
     """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
     float32, nominally [-1, 1]) as host arrays.
@@ -227,9 +239,16 @@ class TrainedTransformer:
     top_k / top_p: keep the k most likely codes / the smallest set with probability >= p.
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
     grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
-      the training grid's side (or `window`).
+      the training grid's side (or `window`). GPT only: MaskGIT samples the training grid.
+    steps, schedule, choice_temperature (MaskGIT only; defaults from config.sample): the
+      number of parallel decoding steps T, the masking schedule ('cosine', 'linear',
+      'square') and the scale of the Gumbel noise on the confidence.
     """
     layout = self.layout
+    maskgit_args = dict(steps=steps, schedule=schedule, choice_temperature=choice_temperature)
+    if self.kind != 'maskgit' and any(v is not None for v in maskgit_args.values()):
+      given = sorted(k for k, v in maskgit_args.items() if v is not None)
+      raise ValueError(f'{given} apply to MaskGIT models; this is a GPT (one code per step)')
     rng = jax.random.key(0) if rng is None else rng
     if condition is None:
       if layout.kind != 'unconditional':
@@ -239,6 +258,11 @@ class TrainedTransformer:
       condition = self.condition_for_class(np.zeros((num_samples or 1,), np.int32))
       num_samples = None
     grid = tuple(grid or layout.grid)
+    if self.kind == 'maskgit' and (grid != tuple(layout.grid) or window is not None):
+      raise ValueError(
+        f'MaskGIT samples its training grid {tuple(layout.grid)} only (grid={grid}, '
+        f'window={window}); larger grids need a GPT and its sliding window'
+      )
     if grid != tuple(layout.grid) and window is None:
       if layout.grid[0] != layout.grid[1]:
         raise ValueError(f'the sliding window needs a square training grid, got {layout.grid}')
@@ -262,12 +286,7 @@ class TrainedTransformer:
       cfg_scale = None
     rep = parallel.replicated(self.mesh)
     put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
-    codes, images = sampling.sample_images(
-      {'gpt': self.params, 'vqgan': self.vqgan.params},
-      self.model,
-      self.vqgan.model,
-      put(condition),
-      rng,
+    kw = dict(
       grid=grid,
       num_samples=num_samples,
       temperature=temperature,
@@ -275,8 +294,28 @@ class TrainedTransformer:
       top_p=top_p,
       cfg_scale=cfg_scale,
       uncond_tokens=None if uncond is None else put(uncond),
-      window=window,
     )
+    params = {'gpt': self.params, 'vqgan': self.vqgan.params}
+    if self.kind == 'maskgit':
+      s = self.config.get('sample', {})
+      pick = lambda v, name, default: v if v is not None else s.get(name, default)
+      codes, images = maskgit_sampling.sample_images(
+        params,
+        self.model,
+        self.vqgan.model,
+        put(condition),
+        rng,
+        steps=pick(steps, 'steps', 8),
+        schedule=pick(schedule, 'schedule', 'cosine'),
+        choice_temperature=pick(
+          choice_temperature, 'choice_temperature', maskgit_sampling.CHOICE_TEMPERATURE
+        ),
+        **kw,
+      )
+    else:
+      codes, images = sampling.sample_images(
+        params, self.model, self.vqgan.model, put(condition), rng, window=window, **kw
+      )
     return gather(codes), gather(images)
 
 

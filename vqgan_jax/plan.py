@@ -111,7 +111,8 @@ def stage1_program(config, mesh):
 
 
 def stage2_program(config, mesh):
-  """(jitted step, abstract args, state groups, settings) for the stage-2 GPT."""
+  """(jitted step, abstract args, state groups, settings) for the stage-2 transformer (the GPT
+  or MaskGIT, per config.transformer.kind: the same state, batch and sharding rules)."""
   import functools  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -173,6 +174,7 @@ def stage2_program(config, mesh):
     'scan_layers': bool(t.scan_layers),
     'data_source': config.data.source,
     'model': {
+      'kind': layout.transformer_kind,
       'n_layer': t.n_layer,
       'n_head': t.n_head,
       'n_embd': t.n_embd,

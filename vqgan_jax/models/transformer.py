@@ -165,13 +165,15 @@ def _layer_norm(x, name):
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention; with a cache, attends to cache slots [0, pos + t]."""
+  """Multi-head causal self-attention; with a cache, attends to cache slots [0, pos + t].
+  `causal=False` attends everywhere (MaskGIT's bidirectional transformer; no cache)."""
 
   n_head: int
   dtype: Dtype = jnp.float32
   attn_pdrop: float = 0.0
   resid_pdrop: float = 0.0
   deterministic: bool = True
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, cache=None, pos=None):
@@ -184,7 +186,7 @@ class CausalSelfAttention(nn.Module):
 
     k, q, v = heads('key'), heads('query'), heads('value')
     if cache is None:
-      mask = jnp.tril(jnp.ones((t, t), bool))
+      mask = jnp.tril(jnp.ones((t, t), bool)) if self.causal else None
     else:
       k = lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, 0, pos, 0))
       v = lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, 0, pos, 0))
@@ -196,7 +198,9 @@ class CausalSelfAttention(nn.Module):
     # path measured ~30% slower per sampled token than float32.
     adt = self.dtype if cache is None else jnp.float32
     att = _einsum('bhqd,bhkd->bhqk', q, k, adt, ATTENTION_DOT) * (1.0 / np.sqrt(hd))
-    att = jax.nn.softmax(jnp.where(mask, att, -jnp.inf), axis=-1)
+    if mask is not None:
+      att = jnp.where(mask, att, -jnp.inf)
+    att = jax.nn.softmax(att, axis=-1)
     att = nn.Dropout(self.attn_pdrop)(att, deterministic=self.deterministic)
     y = _einsum('bhqk,bhkd->bhqd', att, v, adt, ATTENTION_DOT)
     y = y.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, t, c)
@@ -213,6 +217,7 @@ class Block(nn.Module):
   attn_pdrop: float = 0.0
   resid_pdrop: float = 0.0
   deterministic: bool = True
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, cache=None, pos=None):
@@ -220,7 +225,13 @@ class Block(nn.Module):
     # The residual stream stays float32; sublayers compute in self.dtype.
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     h, cache = CausalSelfAttention(
-      self.n_head, self.dtype, self.attn_pdrop, self.resid_pdrop, self.deterministic, name='attn'
+      self.n_head,
+      self.dtype,
+      self.attn_pdrop,
+      self.resid_pdrop,
+      self.deterministic,
+      self.causal,
+      name='attn',
     )(_layer_norm(x, 'ln1'), cache, pos)
     x = x + h.astype(jnp.float32)
     h = _dense(4 * c, ('embed', 'mlp'), self.dtype, name='mlp_0')(_layer_norm(x, 'ln2'))
@@ -253,6 +264,38 @@ class TokenEmbed(nn.Module):
     )
     table = nn.with_logical_constraint(table, ('vocab', 'act_embed'))
     return jnp.take(table, tokens, axis=0)
+
+
+def run_blocks(model, x, deterministic, cache=None, pos=0, causal=True):
+  """`model`'s `n_layer` blocks over x, as submodules of `model` (call it inside one of its
+  compact methods): `blocks_{l}` per layer, or one `blocks` under `nn.scan` with
+  `model.scan_layers`; `model.remat` applies without a cache. Reads `model`'s n_layer, n_head,
+  dtype, attn_pdrop, resid_pdrop, remat and scan_layers. Returns (x, new cache or None)."""
+  block = Block
+  if model.remat and cache is None:
+    block = nn.remat(Block, policy=remat_policy(model.remat), prevent_cse=not model.scan_layers)
+  kw = dict(
+    n_head=model.n_head,
+    dtype=model.dtype,
+    attn_pdrop=model.attn_pdrop,
+    resid_pdrop=model.resid_pdrop,
+    deterministic=deterministic,
+    causal=causal,
+  )
+  if model.scan_layers:
+    x, _ = nn.scan(
+      block,
+      variable_axes={'params': 0},
+      split_rngs={'params': True, 'dropout': True},
+      length=model.n_layer,
+      metadata_params={nn.PARTITION_NAME: 'layers'},
+    )(**kw, name='blocks')(x, None)
+    return x, None
+  new_cache = []
+  for l in range(model.n_layer):
+    x, c = block(**kw, name=f'blocks_{l}')(x, None if cache is None else cache[l], pos)
+    new_cache.append(c)
+  return x, None if cache is None else tuple(new_cache)
 
 
 class GPT(nn.Module):
@@ -327,31 +370,7 @@ class GPT(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
 
-    block = Block
-    if self.remat and cache is None:
-      block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=not self.scan_layers)
-    kw = dict(
-      n_head=self.n_head,
-      dtype=self.dtype,
-      attn_pdrop=self.attn_pdrop,
-      resid_pdrop=self.resid_pdrop,
-      deterministic=deterministic,
-    )
-    if self.scan_layers:
-      x, _ = nn.scan(
-        block,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        length=self.n_layer,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(**kw, name='blocks')(x, None)
-    else:
-      new_cache = []
-      for l in range(self.n_layer):
-        x, c = block(**kw, name=f'blocks_{l}')(x, None if cache is None else cache[l], pos)
-        new_cache.append(c)
-      cache = None if cache is None else tuple(new_cache)
-
+    x, cache = run_blocks(self, x, deterministic, cache, pos)
     if logits_at is not None:
       x = lax.dynamic_index_in_dim(x, logits_at, axis=1, keepdims=False)
     x = _layer_norm(x, 'ln_f')

@@ -1,4 +1,6 @@
-"""Stage 2: the conditional GPT over frozen VQGAN codes (taming's Net2NetTransformer).
+"""Stage 2: the conditional GPT over frozen VQGAN codes (taming's Net2NetTransformer), or
+MaskGIT's bidirectional transformer over the same codes (`transformer.kind='maskgit'`, see
+"MaskGIT" below).
 
 A training example is the token sequence `[condition | image codes]`:
 
@@ -21,6 +23,13 @@ Optimizer: AdamW(0.9, 0.95), weight decay on Dense kernels only, lr = base_lr x 
 sharded by the GPT's logical axes under `config.logical_axis_rules` on the
 `parallel.make_mesh` ('data', 'fsdp', 'tensor') mesh; the batch is split over data x fsdp.
 
+MaskGIT: the input is `[condition | image codes]` with ceil(cos(pi/2 r) N) of the N codes
+replaced by the [MASK] id (r ~ U(0, 1) per example, positions uniformly at random); the loss
+is the label-smoothed cross-entropy at the masked positions only (mean over every masked code
+of the global batch); class dropout as for the GPT. Held-out: the NLL of the masked codes
+under masks drawn the same way from a key that depends only on the example's codes, so every
+eval (any batch size, mesh or process count) scores the same masks.
+
 Parameter layout: training runs with `scan_layers=True` by default (stacked `blocks`, 2x
 faster on CPU) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
 save time). The run's config records it (`transformer.scan_layers`); restoring for sampling
@@ -40,6 +49,7 @@ import optax
 
 from vqgan_jax import checkpoints
 from vqgan_jax import parallel
+from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.train import stage1 as stage1_lib
@@ -349,16 +359,28 @@ def make_train_step(
   config, model, layout, tx, schedule, mesh, shardings, frozen=Frozen(), frozen_shardings=None
 ):
   """The sharded, donated train step `(state, frozen_params, batch) -> (state, metrics)`."""
-  fn = functools.partial(
-    train_step,
-    model,
-    layout,
-    tx,
-    schedule,
-    frozen,
-    float(config.transformer.pkeep),
-    float(config.cond.drop_prob),
-  )
+  if layout.transformer_kind == 'maskgit':
+    fn = functools.partial(
+      maskgit_train_step,
+      model,
+      layout,
+      tx,
+      schedule,
+      frozen,
+      float(config.transformer.get('label_smoothing', 0.0)),
+      float(config.cond.drop_prob),
+    )
+  else:
+    fn = functools.partial(
+      train_step,
+      model,
+      layout,
+      tx,
+      schedule,
+      frozen,
+      float(config.transformer.pkeep),
+      float(config.cond.drop_prob),
+    )
   rep = parallel.replicated(mesh)
   jitted = jax.jit(
     fn,
@@ -387,12 +409,125 @@ def make_eval_step(
   model, layout, mesh, param_sh, frozen=Frozen(), frozen_shardings=None, rules=None
 ):
   rep = parallel.replicated(mesh)
+  step = maskgit_eval_step if layout.transformer_kind == 'maskgit' else eval_step
   jitted = jax.jit(
-    functools.partial(eval_step, model, layout, frozen),
+    functools.partial(step, model, layout, frozen),
     in_shardings=(param_sh, frozen_shardings or rep, parallel.batch_sharding(mesh)),
     out_shardings=rep,
   )
   return MeshFunction(jitted, mesh, rules)
+
+
+# ----------------------------------------------------------------------------------------
+# MaskGIT
+# ----------------------------------------------------------------------------------------
+
+# The key of the held-out masks (folded with a hash of each example's codes).
+EVAL_MASK_SEED = 1234
+
+
+def random_mask(keys, n: int):
+  """(B, n) bool masks, one per key (B,): ceil(cos(pi/2 r) n) positions (at least 1) chosen
+  uniformly, r ~ U(0, 1). Each row depends on its key alone (the same on any mesh)."""
+
+  def one(key):
+    k_r, k_pos = jax.random.split(key)
+    ratio = maskgit_lib.mask_ratio(jax.random.uniform(k_r, ()))
+    count = jnp.clip(jnp.ceil(ratio * n), 1, n).astype(jnp.int32)
+    # The `count` positions of smallest uniform score.
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_pos, (n,))))
+    return rank < count
+
+  return jax.vmap(one)(keys)
+
+
+def codes_key(base, codes):
+  """(B,) keys: `base` folded with a hash of each row of codes (B, N)."""
+  n = codes.shape[1]
+  weights = jnp.arange(1, n + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
+  h = jnp.sum((codes.astype(jnp.uint32) + 1) * weights, axis=1)  # wraps mod 2^32
+  return jax.vmap(lambda x: jax.random.fold_in(base, x))(h)
+
+
+def maskgit_inputs(layout: Layout, cond, codes, mask):
+  """MaskGIT's input: [cond | codes with the masked ones replaced by the [MASK] id]."""
+  return jnp.concatenate([cond, jnp.where(mask, layout.mask_id, codes)], axis=1)
+
+
+def masked_token_nll(logits, codes, mask, label_smoothing: float = 0.0):
+  """(loss, nll): the label-smoothed cross-entropy and the plain NLL (nats), each the mean over
+  the masked positions of the whole batch. logits (B, N, n_image) at the image positions."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  smoothed = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+  w = mask.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.sum(smoothed * w) / denom, jnp.sum(nll * w) / denom
+
+
+def maskgit_train_step(
+  model,
+  layout: Layout,
+  tx,
+  schedule,
+  frozen: Frozen,
+  label_smoothing: float,
+  drop_prob: float,
+  state,
+  frozen_params,
+  batch,
+):
+  """One AdamW step of MaskGIT on a batch of codes (or images); returns (state, metrics)."""
+  step = state['step']
+  rng = jax.random.fold_in(state['rng'], step)
+  k_cond, k_mask, k_drop = jax.random.split(rng, 3)
+  batch = encode_batch(frozen, frozen_params, batch)
+  codes = batch['codes'].astype(jnp.int32)
+  b, n = codes.shape
+  mask = random_mask(jax.random.split(k_mask, b), n)
+  inputs = maskgit_inputs(layout, cond_tokens(layout, batch, k_cond, drop_prob), codes, mask)
+  deterministic = not (model.embd_pdrop or model.resid_pdrop or model.attn_pdrop)
+
+  def loss_fn(params):
+    logits = model.apply(
+      {'params': params}, inputs, deterministic=deterministic, rngs={'dropout': k_drop}
+    )[:, layout.cond_len :]
+    loss, nll = masked_token_nll(logits, codes, mask, label_smoothing)
+    return loss, (nll, logits)
+
+  (loss, (nll, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  w = mask.astype(jnp.float32)
+  hits = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
+  metrics = {
+    'loss': loss,
+    'bits_per_token': nll / np.log(2.0),  # per masked code, without label smoothing
+    'accuracy': jnp.sum(hits * w) / jnp.maximum(jnp.sum(w), 1.0),
+    'mask_ratio': jnp.mean(w),
+    'grad_norm': optax.global_norm(grads),
+    'param_norm': optax.global_norm(params),
+    'lr': schedule(step),
+  }
+  return dict(state, step=step + 1, params=params, opt_state=opt_state), metrics
+
+
+def maskgit_eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batch):
+  """Sums over the real (mask=True) examples: the NLL (nats) of the masked codes, their
+  number ('tokens') and the examples. The masks come from `codes_key` (see the docstring)."""
+  batch = encode_batch(frozen, frozen_params, batch)
+  codes = batch['codes'].astype(jnp.int32)
+  mask = random_mask(codes_key(jax.random.PRNGKey(EVAL_MASK_SEED), codes), codes.shape[1])
+  inputs = maskgit_inputs(layout, cond_tokens(layout, batch), codes, mask)
+  logits = model.apply({'params': params}, inputs)[:, layout.cond_len :]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0]
+  w = mask.astype(jnp.float32) * batch['mask'].astype(jnp.float32)[:, None]
+  return {
+    'nll': jnp.sum(nll * w),
+    'tokens': jnp.sum(w),
+    'examples': jnp.sum(batch['mask'].astype(jnp.float32)),
+  }
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,7 +537,7 @@ def make_eval_step(
 
 def restore_gpt_params(workdir, model, mesh, saved_config=None, rules=None, step=None):
   """The params of a stage-2 run (latest step by default) in `model`'s layout, sharded by
-  logical axes.
+  logical axes; `model` is the run's GPT or MaskGIT (`stage2_config.build_model`).
 
   The checkpoint's layout is read from its saved config (`transformer.scan_layers`) and
   converted (`stack_layers` / `unstack_layers`) when it differs from `model.scan_layers`.

@@ -1,5 +1,7 @@
 """Stage-2 configs: resolving them against the stage-1 checkpoints, the token layout they
-imply (`Layout`), their validation, and the GPT they describe.
+imply (`Layout`), their validation, and the transformer they describe: the GPT
+(`transformer.kind='gpt'`, the default; configs older than the field are GPTs) or MaskGIT's
+bidirectional transformer (`'maskgit'`), both over the same codes.
 
 A stage-2 config names its frozen first stage by workdir; the stage-1 model fields are checked
 against (and missing ones filled from) that run's saved config, then the vocabulary and block
@@ -16,6 +18,7 @@ import ml_collections
 
 from vqgan_jax import checkpoints
 from vqgan_jax import parallel
+from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.validate import DTYPES
 from vqgan_jax.validate import ConfigError
@@ -23,10 +26,12 @@ from vqgan_jax.validate import check
 from vqgan_jax.validate import validate_remat
 
 COND_KINDS = ('unconditional', 'class', 'spatial')
+TRANSFORMER_KINDS = ('gpt', 'maskgit')
 
 # Fields that change the shapes or meaning of a stage-2 checkpoint's arrays.
 COMPATIBILITY_FIELDS = (
   'stage',
+  'transformer.kind',
   'transformer.vocab_size',
   'transformer.block_size',
   'transformer.n_layer',
@@ -138,6 +143,8 @@ class Layout:
   cond_n_embed: int  # spatial: the cond VQGAN's codebook size; else 0
   vocab_size: int
   block_size: int
+  transformer_kind: str = 'gpt'  # config.transformer.kind
+  mask_id: int = -1  # maskgit: the [MASK] id (the last id of the vocabulary); gpt: -1
 
   @property
   def image_len(self):
@@ -145,8 +152,9 @@ class Layout:
 
   @property
   def seq_len(self):
-    """The GPT's input length: cond + image - 1 (the last code is never an input)."""
-    return self.cond_len + self.image_len - 1
+    """The transformer's input length: the GPT's cond + image - 1 (the last code is never an
+    input); MaskGIT's cond + image."""
+    return self.cond_len + self.image_len - (self.transformer_kind == 'gpt')
 
 
 def downsample_factor(model_fields):
@@ -163,9 +171,20 @@ def _grid(size, model_fields, field):
   return (size // f, size // f)
 
 
+def transformer_kind(config):
+  """config.transformer.kind, 'gpt' for configs written before the field existed."""
+  return config.transformer.get('kind', 'gpt')
+
+
 def _layout_from(c):
   t, cond, m = c.transformer, c.cond, c.stage1_config
   check(cond.kind in COND_KINDS, f'config.cond.kind={cond.kind!r}: use one of {COND_KINDS}')
+  kind = transformer_kind(c)
+  check(
+    kind in TRANSFORMER_KINDS,
+    f'config.transformer.kind={kind!r}: use one of {TRANSFORMER_KINDS}',
+  )
+  maskgit = kind == 'maskgit'
   for k in ('n_embed', 'ch_mult'):
     check(
       m.get(k) is not None,
@@ -207,15 +226,18 @@ def _layout_from(c):
     cond_len, sos, cond_n = cond_grid[0] * cond_grid[1], -1, int(cm.n_embed)
     offset = 0 if shared else n_image
     needed = max(n_image, cond_n) if shared else n_image + cond_n
+  needed += maskgit  # MaskGIT's [MASK] id: the last id
   vocab = int(t.vocab_size)
   if vocab == -1:
     vocab = needed
   check(
     vocab >= needed,
     f'config.transformer.vocab_size={vocab} is too small: the '
-    f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}',
+    f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}'
+    + (' (with the [MASK] id)' if maskgit else ''),
   )
-  block_needed = cond_len + grid[0] * grid[1] - 1
+  # The GPT never reads the last code; MaskGIT reads the whole sequence.
+  block_needed = cond_len + grid[0] * grid[1] - (not maskgit)
   block = int(t.block_size)
   if block == -1:
     block = block_needed
@@ -237,6 +259,8 @@ def _layout_from(c):
     cond_n_embed=cond_n,
     vocab_size=vocab,
     block_size=block,
+    transformer_kind=kind,
+    mask_id=vocab - 1 if maskgit else -1,
   )
 
 
@@ -254,6 +278,23 @@ def validate_config(config, batch_divisor: int = 1):
   for name in ('n_layer', 'n_head', 'n_embd'):
     check(t[name] >= 1, f'config.transformer.{name} must be >= 1, got {t[name]}')
   check(0.0 <= t.pkeep <= 1.0, f'config.transformer.pkeep={t.pkeep} not in [0, 1]')
+  smoothing = t.get('label_smoothing', 0.0)
+  if transformer_kind(config) == 'maskgit':
+    check(
+      t.pkeep == 1.0,
+      f"config.transformer.pkeep={t.pkeep}: kind='maskgit' corrupts its inputs by masking; "
+      "pkeep is the GPT's (set it to 1)",
+    )
+    check(
+      0.0 <= smoothing < 1.0,
+      f'config.transformer.label_smoothing={smoothing} not in [0, 1)',
+    )
+  else:
+    check(
+      smoothing == 0.0,
+      f"config.transformer.label_smoothing={smoothing} applies to kind='maskgit' only "
+      "(the GPT's loss is the original's; set it to 0)",
+    )
   check(tr.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {tr.dtype!r}')
   validate_remat(t, 'config.transformer', REMAT_MODES, policy_as_mode=True)
   parallel.axis_rules(config)
@@ -327,10 +368,10 @@ def gpt_remat(t):
   return True if policy == 'nothing_saveable' else policy
 
 
-def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
+def build_model(config, layout: Layout, scan_layers=None):
+  """The config's transformer: a `CodeGPT`, or a `MaskGIT` for transformer.kind='maskgit'."""
   t = config.transformer
-  remat = gpt_remat(t)
-  return CodeGPT(
+  kw = dict(
     vocab_size=layout.vocab_size,
     block_size=layout.block_size,
     n_layer=t.n_layer,
@@ -340,10 +381,13 @@ def build_model(config, layout: Layout, scan_layers=None) -> CodeGPT:
     resid_pdrop=t.resid_pdrop,
     attn_pdrop=t.attn_pdrop,
     dtype=DTYPES[config.train.dtype],
-    remat=remat,
+    remat=gpt_remat(t),
     scan_layers=t.scan_layers if scan_layers is None else scan_layers,
     n_image=layout.n_image,
   )
+  if layout.transformer_kind == 'maskgit':
+    return maskgit_lib.MaskGIT(mask_id=layout.mask_id, **kw)
+  return CodeGPT(**kw)
 
 
 def setup(config):

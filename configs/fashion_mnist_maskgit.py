@@ -1,0 +1,38 @@
+"""The stage-2 demo as MaskGIT: a class-conditional bidirectional transformer over the demo
+VQGAN's Fashion-MNIST codes, decoded in 8 parallel steps instead of 64 (one per code).
+
+Same size, data, steps and optimizer as the GPT demo (`configs/fashion_mnist_transformer.py`:
+4 layers, 4 heads, 256 wide, 600 steps of 64 x 64 codes, bf16 matmuls), so the two generators
+can be compared at one training budget; the vocabulary adds the [MASK] id (267 ids). The loss
+is the label-smoothed (0.1) cross-entropy of the masked codes (cosine masking schedule).
+
+  python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py \
+      --workdir=workdirs/fashion_mnist_vqgan
+  cfg=configs/fashion_mnist_maskgit.py
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_maskgit --mode=encode
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_maskgit
+  python -m vqgan_jax.main --config=$cfg --workdir=workdirs/fm_maskgit --mode=sample
+
+The codes do not depend on the transformer: `--config.data.codes_dir=workdirs/fm_gpt/codes`
+reads (and skips re-encoding) the GPT demo's. `--config.cond.drop_prob=0.1` trains with class
+dropout for classifier-free guidance (`--config.sample.cfg_scale`); the GPT demo has none, so
+it is off here too. `:smoke` pairs with the stage-1 smoke config
+(`configs/fashion_mnist_vqgan.py:smoke`, workdir workdirs/fashion_mnist_vqgan_smoke) and runs
+a few steps of a tiny model.
+"""
+
+from vqgan_jax import config_base as base
+
+fashion_mnist_transformer = base.load_sibling(__file__, 'fashion_mnist_transformer')
+
+
+def get_config(arg=None):
+  args = base.parse_arg(arg)
+  c = fashion_mnist_transformer.get_config()
+  c.transformer.update(kind='maskgit', label_smoothing=0.1)
+  # MaskGIT's decoding: 8 steps, cosine schedule, Gumbel noise 4.5 on the confidence, no top-k.
+  c.sample.update(steps=8, schedule='cosine', choice_temperature=4.5, top_k=0, temperature=1.0)
+  if args.get('smoke'):
+    base.stage2_smoke(c)
+    c.sample.top_k = 0
+  return c

@@ -1,0 +1,387 @@
+"""MaskGIT (transformer.kind='maskgit'): bidirectionality, the masked-code loss, the masking
+schedules, the parallel-decoding sampler's invariants, the sharded step, and a train -> sample
+run through `python -m vqgan_jax.main` on a tiny random stage 1 and codes."""
+
+import functools
+import math
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fashion_mnist_maskgit
+from vqgan_jax import checkpoints
+from vqgan_jax import config_base
+from vqgan_jax import inference
+from vqgan_jax import maskgit_sampling
+from vqgan_jax import parallel
+from vqgan_jax.data import tokens
+from vqgan_jax.models import maskgit as maskgit_lib
+from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
+from vqgan_jax.validate import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_CLASSES = 5
+
+
+def tiny_config(**transformer):
+  """MaskGIT over a 4x4 grid of 32 codes after a class token (5 classes + the null class),
+  2 layers, width 32; no checkpoint needed."""
+  c = fashion_mnist_maskgit.get_config('smoke')
+  c.stage1_workdir = ''
+  c.stage1_config.update(ch_mult=(1, 2, 2, 2), n_embed=32)  # f8: 32 px -> 4x4
+  c.data.image_size = 32
+  c.cond.update(kind='class', n_classes=N_CLASSES, drop_prob=0.2)
+  c.transformer.update(n_layer=2, n_head=2, n_embd=32, **transformer)
+  c.train.update(batch_size=16, dtype='float32')
+  c.optim.update(warmup_steps=0, schedule='constant', base_lr=2e-4)  # lr 3.2e-3
+  return c
+
+
+def class_codes(labels, n=16):
+  """The toy data: class c's grid is (7c + i) mod 32 at position i."""
+  return (7 * np.asarray(labels)[:, None] + np.arange(n)) % 32
+
+
+def toy_batch(layout, b, seed):
+  labels = np.random.RandomState(seed).randint(0, N_CLASSES, (b,))
+  return {'codes': class_codes(labels).astype(np.int32), 'label': labels.astype(np.int32)}
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  config = tiny_config()
+  layout = stage2_config.make_layout(config)
+  model = stage2_config.build_model(config, layout)
+  tx, schedule = stage2.make_optimizer(config)
+  # One jitted forward (over batches of 16) for every test that runs the model directly.
+  forward = jax.jit(lambda p, seq: model.apply({'params': p}, seq))
+  return types.SimpleNamespace(
+    config=config, layout=layout, model=model, tx=tx, schedule=schedule, forward=forward
+  )
+
+
+def _mesh(config):
+  return parallel.make_mesh(config.mesh, None if config.mesh.data != -1 else jax.devices()[:1])
+
+
+def _run_steps(t, config, batches):
+  """(metrics per step, final state, initial state on the host) of make_train_step on
+  config.mesh (-1: one device)."""
+  mesh = _mesh(config)
+  shardings = stage2.gpt_state_shardings(t.model, t.tx, mesh, rules=parallel.axis_rules(config))
+  state = jax.jit(functools.partial(stage2.init_state, t.model, t.tx), out_shardings=shardings)(
+    jax.random.PRNGKey(0)
+  )
+  init = jax.device_get(state)  # before donation
+  step = stage2.make_train_step(config, t.model, t.layout, t.tx, t.schedule, mesh, shardings)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, {}, jax.device_put(batch, parallel.batch_sharding(mesh)))
+    metrics.append(jax.tree.map(float, jax.device_get(m)))
+  return metrics, state, init
+
+
+@pytest.fixture(scope='module')
+def trained(tiny):
+  """(params, metrics per step, initial state) of the tiny model after 150 steps on the toy
+  data on one device: it knows each class's grid."""
+  batches = [toy_batch(tiny.layout, 16, s) for s in range(150)]
+  metrics, state, init = _run_steps(tiny, tiny.config, batches)
+  assert metrics[-1]['accuracy'] > 0.9, metrics[-1]
+  return jax.tree.map(np.asarray, jax.device_get(state['params'])), metrics, init
+
+
+# ----------------------------------------------------------------------------------------
+# Model, config, loss
+# ----------------------------------------------------------------------------------------
+
+
+def test_layout_and_config_checks(tiny):
+  lay = tiny.layout
+  # Offset vocabulary: 32 codes, 5 classes, the null class, then [MASK]; no -1 on the block.
+  assert (lay.vocab_size, lay.null_id, lay.mask_id, lay.block_size) == (39, 37, 38, 17)
+  assert lay.seq_len == 17 and lay.transformer_kind == 'maskgit'
+  assert isinstance(tiny.model, maskgit_lib.MaskGIT) and tiny.model.n_image == 32
+  # A config older than the field is a GPT.
+  old = tiny_config()
+  del old.transformer['kind']
+  old.transformer.label_smoothing = 0.0
+  assert stage2_config.make_layout(old).transformer_kind == 'gpt'
+  assert not checkpoints.config_differences(
+    old.to_dict(), config_base.stage2_base(), ('transformer.kind',)
+  )
+  bad = tiny_config(kind='diffusion')
+  with pytest.raises(ConfigError, match="transformer.kind='diffusion'"):
+    stage2_config.make_layout(bad)
+  with pytest.raises(ConfigError, match='pkeep'):
+    stage2_config.validate_config(tiny_config(pkeep=0.9))
+  with pytest.raises(ConfigError, match='label_smoothing'):
+    stage2_config.validate_config(tiny_config(kind='gpt'))
+
+
+def test_bidirectional(tiny, trained):
+  """Changing the last code changes the logits at every earlier position (the GPT's causal
+  mask would leave them; test_transformer.py keeps its causality test)."""
+  batch = toy_batch(tiny.layout, 16, 1)
+  seq = jnp.asarray(np.concatenate([batch['label'][:, None] + 32, batch['codes']], 1))
+  base = tiny.forward(trained[0], seq)
+  assert base.shape == (16, 17, 32) and base.dtype == jnp.float32  # image codes only
+  out = tiny.forward(trained[0], seq.at[:, -1].set(tiny.layout.mask_id))
+  assert float(jnp.abs(out[:, :-1] - base[:, :-1]).max(axis=-1).min()) > 1e-4
+
+
+def test_masked_position_loss(tiny, trained):
+  rng = np.random.RandomState(0)
+  logits = jnp.asarray(rng.randn(3, 16, 32), jnp.float32)
+  codes = jnp.asarray(rng.randint(0, 32, (3, 16)), jnp.int32)
+  mask = jnp.asarray(rng.rand(3, 16) < 0.4)
+  loss, nll = stage2.masked_token_nll(logits, codes, mask, 0.1)
+  x = np.asarray(logits, np.float64)
+  lp = x - x.max(-1, keepdims=True)
+  lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+  picked = -np.take_along_axis(lp, np.asarray(codes)[..., None], -1)[..., 0]
+  m = np.asarray(mask)
+  np.testing.assert_allclose(float(nll), picked[m].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), (0.9 * picked - 0.1 * lp.mean(-1))[m].mean(), rtol=1e-5)
+  # Unmasked positions get no gradient and do not move the loss.
+  grad = jax.grad(lambda x: stage2.masked_token_nll(x, codes, mask, 0.1)[0])(logits)
+  assert not np.any(np.asarray(grad)[~m]) and np.all(np.abs(np.asarray(grad)[m]).sum(-1) > 0)
+
+  # Training masks: ceil(cos(pi/2 r) N) positions (1..N), r ~ U(0, 1); the step's inputs hold
+  # [MASK] exactly there, and its loss is the masked loss of the model on them.
+  keys = jax.random.split(jax.random.PRNGKey(3), 2000)
+  counts = np.asarray(stage2.random_mask(keys, 16)).sum(1)
+  assert counts.min() >= 1 and counts.max() == 16
+  r = np.asarray(jax.vmap(lambda k: jax.random.uniform(jax.random.split(k)[0], ()))(keys))
+  np.testing.assert_array_equal(counts, np.clip(np.ceil(np.cos(np.pi / 2 * r) * 16), 1, 16))
+  # E[count] = N * E[cos(pi/2 r)] = N * 2/pi (plus the ceil's ~1/2).
+  assert abs(counts.mean() - (16 * 2 / np.pi + 0.5)) < 0.3
+
+  # The fixture's first step (batch toy_batch(seed 0), from init_state(PRNGKey(0))).
+  t, metrics, state = tiny, trained[1][0], trained[2]
+  batch = toy_batch(t.layout, 16, 0)
+  k_mask = jax.random.split(jax.random.fold_in(state['rng'], 0), 3)[1]
+  mask = stage2.random_mask(jax.random.split(k_mask, 16), 16)
+  k_cond = jax.random.split(jax.random.fold_in(state['rng'], 0), 3)[0]
+  cond = stage2.cond_tokens(t.layout, batch, k_cond, t.config.cond.drop_prob)
+  inputs = stage2.maskgit_inputs(t.layout, cond, batch['codes'], mask)
+  assert np.all((np.asarray(inputs[:, 1:]) == t.layout.mask_id) == np.asarray(mask))
+  logits = t.forward(state['params'], inputs)[:, 1:]
+  want, want_nll = stage2.masked_token_nll(logits, batch['codes'], mask, 0.1)
+  np.testing.assert_allclose(metrics['loss'], float(want), rtol=1e-5)
+  np.testing.assert_allclose(metrics['bits_per_token'], float(want_nll) / np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(metrics['mask_ratio'], float(mask.mean()), rtol=1e-6)
+
+
+def test_eval_masks_depend_on_the_example_only(tiny, trained):
+  """Held-out NLL: the same masks for an example whatever batch it is in (and padding)."""
+  data = toy_batch(tiny.layout, 6, 7)
+  data['codes'][:, 3] += np.arange(6)  # distinct examples
+  ev = jax.jit(
+    functools.partial(stage2.maskgit_eval_step, tiny.model, tiny.layout, stage2.Frozen())
+  )
+
+  def padded(rows, real):  # 8 rows: `real` of them, then copies of the first marked padding
+    pad = lambda v: np.concatenate([v[rows], np.repeat(v[rows][:1], 8 - len(rows), 0)])
+    batch = {k: pad(v) for k, v in data.items()}
+    return dict(batch, mask=np.arange(8) < real)
+
+  whole = ev(trained[0], {}, padded(np.arange(6), 6))
+  parts = [ev(trained[0], {}, padded(np.arange(i, i + 3), 3)) for i in (0, 3)]
+  for k in ('nll', 'tokens', 'examples'):
+    np.testing.assert_allclose(float(whole[k]), sum(float(p[k]) for p in parts), rtol=1e-5)
+  assert 6 <= float(whole['tokens']) <= 6 * 16 and float(whole['examples']) == 6
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules and the sampler
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('schedule', maskgit_lib.SCHEDULES)
+def test_schedule_mask_counts(schedule):
+  gamma = {
+    'cosine': lambda r: math.cos(math.pi / 2 * r),
+    'linear': lambda r: 1 - r,
+    'square': lambda r: 1 - r * r,
+  }[schedule]
+  for n, steps in ((256, 8), (256, 12), (16, 4), (16, 16), (3, 8)):
+    counts = maskgit_sampling.mask_counts(n, steps, schedule)
+    assert len(counts) == steps and counts[-1] == 0
+    prev = n
+    for t, k in enumerate(counts[:-1]):
+      assert k == max(1, min(prev - 1, math.floor(n * gamma((t + 1) / steps)))), (n, steps, t)
+      prev = k
+  assert maskgit_sampling.mask_counts(256, 8, 'cosine') == (251, 236, 212, 181, 142, 97, 49, 0)
+  assert maskgit_sampling.mask_counts(256, 4, 'linear') == (192, 128, 64, 0)
+  assert maskgit_sampling.mask_counts(256, 4, 'square') == (240, 192, 112, 0)
+
+
+def test_sampler_invariants(tiny, trained):
+  """Every step leaves exactly the schedule's count masked, a decoded code never changes,
+  nothing is masked at the end, a key always gives the same codes, and each class's samples
+  are that class's grid (the model learnt them), also under guidance."""
+  lay, model, params = tiny.layout, tiny.model, trained[0]
+  labels = np.arange(N_CLASSES).repeat(2)
+  cond = stage2.class_tokens(lay, labels)
+  # temperature 0.5: the label-smoothed model gives its class's code p ~ 0.9 at temperature 1.
+  run = functools.partial(
+    maskgit_sampling.sample, params, model, cond, steps=6, temperature=0.5, return_history=True
+  )
+  codes, hist = run(jax.random.PRNGKey(0))
+  codes, hist = np.asarray(codes), np.asarray(hist)
+  masked = hist == lay.mask_id
+  counts = maskgit_sampling.mask_counts(16, 6, 'cosine')
+  np.testing.assert_array_equal(masked.sum(-1), np.broadcast_to(counts, (len(labels), 6)))
+  for t in range(5):
+    kept = ~masked[:, t]
+    assert np.all(hist[:, t + 1][kept] == hist[:, t][kept]), t  # kept codes stay
+  assert not masked[:, -1].any() and np.array_equal(codes, hist[:, -1])
+  assert codes.min() >= 0 and codes.max() < lay.n_image
+  np.testing.assert_array_equal(np.asarray(run(jax.random.PRNGKey(0))[0]), codes)
+  assert (class_codes(labels) == codes).mean() > 0.95
+  other = np.asarray(run(jax.random.PRNGKey(1), temperature=3.0)[0])
+  assert not np.array_equal(other, codes)  # another key (and a flat distribution) differs
+  # Guidance mixes the two halves: scale 1 is the conditional model, 0 the unconditional
+  # one (the null class: these samples ignore their class).
+  guided = functools.partial(
+    run, jax.random.PRNGKey(0), schedule='linear', uncond_tokens=jnp.full_like(cond, lay.null_id)
+  )
+  assert (class_codes(labels) == np.asarray(guided(cfg_scale=1.0)[0])).mean() > 0.95
+  assert (class_codes(labels) == np.asarray(guided(cfg_scale=0.0)[0])).mean() < 0.5
+  greedy = np.asarray(run(jax.random.PRNGKey(5), temperature=0.0, choice_temperature=0.0)[0])
+  assert (class_codes(labels) == greedy).mean() > 0.95
+  with pytest.raises(ValueError, match='schedule'):
+    run(jax.random.PRNGKey(0), schedule='exp')
+  with pytest.raises(ValueError, match='steps'):
+    maskgit_sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=0)
+
+
+def test_sharded_step_matches_single_device(tiny, trained):
+  """Three steps on a (data 2, fsdp 2, tensor 2) mesh of 8 fake devices: the same losses
+  and metrics as the first three on one device, parameters sharded by the GPT's logical
+  axes."""
+  batches = [toy_batch(tiny.layout, 16, s) for s in range(3)]
+  single = trained[1][:3]
+  config = tiny_config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  multi, state, _ = _run_steps(tiny, config, batches)
+  for a, b in zip(single, multi):
+    for k in ('loss', 'bits_per_token', 'accuracy', 'mask_ratio', 'grad_norm'):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
+  assert single[0]['loss'] != single[2]['loss']  # the updates reached the later losses
+  p = state['params']
+  assert tuple(p['blocks']['mlp_0']['kernel'].sharding.spec) == (None, 'fsdp', 'tensor')
+  assert tuple(p['head']['kernel'].sharding.spec) == ('fsdp', 'tensor')  # 32 codes / 2
+  assert tuple(p['tok_emb']['embedding'].sharding.spec) == (None, 'fsdp')  # 39 ids: odd
+  mu = state['opt_state'][0].mu
+  assert tuple(mu['head']['kernel'].sharding.spec) == ('fsdp', 'tensor')
+
+
+# ----------------------------------------------------------------------------------------
+# Through main: train -> sample
+# ----------------------------------------------------------------------------------------
+
+
+def _fake_stage1(workdir):
+  """A stage-1 workdir holding a random smoke VQGAN (what stage 2 reads of a stage-1 run:
+  its params and config), without training one."""
+  config = config_base.smoke_stage1()
+  vqgan = vqgan_lib.from_config(config.model, frozen=True)
+  shapes = jax.eval_shape(
+    lambda r: nn.unbox(vqgan.init(r, jnp.zeros((1, 32, 32, 3)))['params']),
+    jax.random.PRNGKey(0),
+  )
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.randn(*s.shape), s.dtype), shapes)
+  with checkpoints.Checkpointer(workdir, save_every=1) as ckpt:
+    ckpt.save(1, {'params': params}, None, config, force=True)
+
+
+def _codes(codes_dir, config):
+  """The codes dataset --mode=encode would write: 16x16 grids of 64 codes, 10 classes."""
+  c = stage2_config.resolve_config(config)
+  layout = stage2_config.make_layout(c)
+  rng = np.random.RandomState(0)
+
+  def examples(split):
+    n = 32 if split == 'train' else 8
+    labels = rng.randint(0, 10, (n,))
+    yield {
+      'codes': rng.randint(0, layout.n_image, (n, layout.image_len)),
+      'label': labels,
+      'index': np.arange(n),
+    }
+
+  tokens.write_codes(
+    codes_dir,
+    tokens.codes_name(c.data),
+    splits=['train', 'test'],
+    examples=examples,
+    seq_len=layout.image_len,
+    n_embed=layout.n_image,
+    metadata={'grid_h': layout.grid[0], 'grid_w': layout.grid[1], 'n_embed': layout.n_image},
+  )
+
+
+@pytest.mark.slow
+def test_main_train_then_sample(tmp_path):
+  stage1_dir, workdir, codes_dir = tmp_path / 'stage1', tmp_path / 'maskgit', tmp_path / 'codes'
+  _fake_stage1(stage1_dir)
+  config = fashion_mnist_maskgit.get_config('smoke')
+  config.stage1_workdir = str(stage1_dir)
+  _codes(str(codes_dir), config)
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
+
+  def main(*flags):
+    proc = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'vqgan_jax.main',
+        '--config=configs/fashion_mnist_maskgit.py:smoke',
+        f'--workdir={workdir}',
+        f'--config.stage1_workdir={stage1_dir}',
+        f'--config.data.codes_dir={codes_dir}',
+        '--config.train.num_steps=2',
+        '--config.train.eval_every=2',
+        '--config.train.checkpoint_every=2',
+        '--config.train.dtype=float32',
+        '--config.optim.warmup_steps=0',
+        *flags,
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
+    return proc.stdout
+
+  out = main()
+  assert 'bits_per_token' in out and (workdir / 'checkpoints' / '2').is_dir()
+  out = main('--mode=sample', '--config.sample.steps=4', '--config.sample.schedule=square')
+  samples = np.load(workdir / 'samples_0000002.npz')
+  assert samples['tokens'].shape == (10 * 2, 16, 16)  # 10 classes x num_per_class 2
+  assert 0 <= samples['tokens'].min() and samples['tokens'].max() < 64
+  np.testing.assert_array_equal(samples['labels'], np.repeat(np.arange(10), 2))
+  assert (workdir / 'samples_0000002.png').exists()
+
+  # load_transformer serves MaskGIT runs too; it samples the training grid only.
+  run = inference.load_transformer(str(workdir))
+  assert run.kind == 'maskgit'
+  codes, images = run.sample(run.condition_for_class([3, 4]), steps=2)
+  assert codes.shape == (2, 16, 16) and images.shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match='training grid'):
+    run.sample(run.condition_for_class([3]), grid=(32, 32))

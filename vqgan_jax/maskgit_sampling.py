@@ -1,0 +1,261 @@
+"""MaskGIT's parallel decoding (google-research/maskgit `libml/parallel_decode.py`): a whole
+code grid in T steps instead of one step per code.
+
+Start with every code masked. At step t (0-based) of T:
+  1. one forward of the bidirectional transformer over [condition | current codes];
+  2. draw a code at every position (temperature, top-k, top-p: `sampling.filter_logits`);
+     positions already decoded keep theirs;
+  3. confidence = log p(drawn code) (under the distribution it was drawn from)
+     + choice_temperature * (1 - (t + 1) / T) * Gumbel noise; decoded positions get +inf;
+  4. re-mask the `mask_counts(N, T, schedule)[t]` least confident positions: floor(N gamma((t+1)/T))
+     with gamma the schedule, at least 1 and fewer than the codes still unknown, and 0 at the
+     last step, so the grid is complete after T steps and a decoded code never changes.
+The counts are static (computed on the host), so the loop is a `lax.fori_loop` of static
+shapes, compiled once per (model, batch, T, schedule, filters, guidance on/off); the
+temperatures and cfg_scale are traced.
+
+Randomness: step t draws with `fold_in(rng, t)` (split into the draw and the noise keys), so a
+key always gives the same codes. Classifier-free guidance: the conditional and unconditional
+batches run as one batch of 2B and the logits are `uncond + cfg_scale * (cond - uncond)`, as in
+`sampling.py`. temperature 0 draws the argmax (the confidence is then that of the filtered
+softmax at temperature 1).
+"""
+
+import functools
+import math
+from typing import Mapping
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from vqgan_jax import sampling
+from vqgan_jax.models import maskgit as maskgit_lib
+from vqgan_jax.models import transformer as tf
+
+# MaskGIT's default scale of the Gumbel noise on the confidence (annealed to 0).
+CHOICE_TEMPERATURE = 4.5
+
+
+def mask_counts(n: int, steps: int, schedule: str = 'cosine'):
+  """The number of codes still masked after each of the `steps` steps, for n codes."""
+  counts, unknown = [], n
+  for t in range(steps):
+    if t == steps - 1:
+      k = 0
+    else:
+      k = math.floor(n * float(maskgit_lib.mask_ratio((t + 1) / steps, schedule, np)))
+      k = max(1, min(unknown - 1, k))
+    counts.append(k)
+    unknown = k
+  return tuple(counts)
+
+
+def _variables(model, params):
+  """The per-layer model and {'params': ...} the loop runs on (kernels cast once to a low
+  compute dtype, not at every step)."""
+  if isinstance(params, Mapping) and 'params' in params:
+    params = params['params']
+  if model.scan_layers or 'blocks' in params:
+    params = tf.unstack_layers(params)
+    model = model.clone(scan_layers=False)
+  if jnp.dtype(model.dtype) != jnp.float32:
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(model.dtype) if path[-1].key == 'kernel' else x, params
+    )
+  return model, {'params': params}
+
+
+def check_args(model, cond_len, *, steps, schedule, choice_temperature, **filters):
+  """Refuses bad arguments with one ValueError before anything compiles; returns
+  (top_k, top_p) normalised."""
+  if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 1):
+    raise ValueError(f'steps must be an integer >= 1 (MaskGIT uses 8-12), got {steps!r}')
+  if schedule not in maskgit_lib.SCHEDULES:
+    raise ValueError(f'schedule must be one of {maskgit_lib.SCHEDULES}, got {schedule!r}')
+  if not isinstance(choice_temperature, jax.core.Tracer):
+    c = float(choice_temperature)
+    if not math.isfinite(c) or c < 0:
+      raise ValueError(f'choice_temperature must be >= 0, got {choice_temperature!r}')
+  n = model.block_size - cond_len
+  if n < 1:
+    raise ValueError(
+      f'{cond_len} condition tokens leave no codes to sample in block_size {model.block_size}'
+    )
+  return sampling.check_sampling_args(
+    model, cond_len=cond_len, image_len=n, length_arg=f'{n} codes', **filters
+  )
+
+
+def sample(
+  params,
+  model,
+  cond_tokens,
+  rng,
+  *,
+  steps=8,
+  schedule='cosine',
+  temperature=1.0,
+  top_k=None,
+  top_p=1.0,
+  choice_temperature=CHOICE_TEMPERATURE,
+  cfg_scale=None,
+  uncond_tokens=None,
+  return_history=False,
+):
+  """Decodes the N = block_size - Lc codes after the condition (B, Lc) in `steps` parallel
+  steps; returns (B, N) int32 (and with return_history the codes after every step,
+  (B, steps, N), the [MASK] id where still masked).
+
+  model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
+  'square'. cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
+  """
+  shape = np.shape(cond_tokens)
+  if len(shape) != 2:
+    raise ValueError(f'cond_tokens must be (batch, length) tokens, got shape {shape}')
+  top_k, top_p = check_args(
+    model,
+    shape[1],
+    steps=steps,
+    schedule=schedule,
+    choice_temperature=choice_temperature,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+  guided = cfg_scale is not None
+  if guided and uncond_tokens is None:
+    raise ValueError('cfg_scale needs uncond_tokens')
+  cond = jnp.asarray(cond_tokens, jnp.int32)
+  uncond = None
+  if guided:
+    uncond = jnp.asarray(uncond_tokens, jnp.int32)
+    if uncond.shape != cond.shape:
+      raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
+  model, variables = _variables(model, params)
+  codes, history = _sample(
+    variables,
+    model,
+    cond,
+    uncond,
+    rng,
+    jnp.float32(temperature),
+    jnp.float32(choice_temperature),
+    jnp.float32(cfg_scale if guided else 0.0),
+    counts=mask_counts(model.block_size - shape[1], int(steps), schedule),
+    top_k=top_k,
+    top_p=top_p,
+    guided=guided,
+    history=bool(return_history),
+  )
+  return (codes, history) if return_history else codes
+
+
+@functools.partial(
+  jax.jit, static_argnames=('model', 'counts', 'top_k', 'top_p', 'guided', 'history')
+)
+def _sample(
+  variables,
+  model,
+  cond,
+  uncond,
+  rng,
+  temperature,
+  choice_temperature,
+  cfg_scale,
+  *,
+  counts,
+  top_k,
+  top_p,
+  guided,
+  history,
+):
+  b, lc = cond.shape
+  n, steps = model.block_size - lc, len(counts)
+  prefix = jnp.concatenate([cond, uncond], axis=0) if guided else cond
+  greedy = temperature == 0
+
+  def step(t, carry):
+    codes, hist = carry
+    unknown = codes == model.mask_id
+    x = jnp.concatenate([codes, codes], axis=0) if guided else codes
+    logits = model.apply(variables, jnp.concatenate([prefix, x], axis=1))[:, lc:]
+    if guided:
+      logits = sampling.guide(logits, cfg_scale)
+    # As sampling.py: temperature 0 is a select (argmax), not a recompile.
+    logits = sampling.filter_logits(logits, jnp.where(greedy, 1.0, temperature), top_k, top_p)
+    k_draw, k_noise = jax.random.split(jax.random.fold_in(rng, t))
+    drawn = jax.random.categorical(k_draw, logits, axis=-1)
+    drawn = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), drawn[..., None], axis=-1)
+    noise = choice_temperature * (1.0 - (t + 1) / steps) * jax.random.gumbel(k_noise, (b, n))
+    confidence = jnp.where(unknown, logp[..., 0] + noise, jnp.inf)
+    # Rank by confidence (stable, so ties still re-mask exactly counts[t] positions); decoded
+    # positions rank last (+inf) and counts[t] < unknown, so they are never re-masked.
+    rank = jnp.argsort(jnp.argsort(confidence, axis=-1, stable=True), axis=-1, stable=True)
+    remask = rank < jnp.asarray(counts, jnp.int32)[t]
+    codes = jnp.where(remask, model.mask_id, jnp.where(unknown, drawn, codes))
+    if history:
+      hist = lax.dynamic_update_slice(hist, codes[:, None], (0, t, 0))
+    return codes, hist
+
+  codes = jnp.full((b, n), model.mask_id, jnp.int32)
+  hist = jnp.zeros((b, steps if history else 0, n), jnp.int32)
+  return lax.fori_loop(0, steps, step, (codes, hist))
+
+
+def sample_images(
+  params,
+  model,
+  vqgan,
+  condition,
+  rng,
+  *,
+  grid,
+  num_samples=None,
+  steps=8,
+  schedule='cosine',
+  temperature=1.0,
+  top_k=None,
+  top_p=1.0,
+  choice_temperature=CHOICE_TEMPERATURE,
+  cfg_scale=None,
+  uncond_tokens=None,
+):
+  """`sampling.sample_images` for MaskGIT: returns (tokens (N, h, w) int32, images (N, H, W, C)
+  float32, the decoder's output). params: {'gpt': MaskGIT params, 'vqgan': VQGAN params}.
+  grid must be the training grid (h * w = block_size - Lc): MaskGIT has no sliding window."""
+  condition = jnp.asarray(condition, jnp.int32)
+  if condition.ndim == 1:
+    condition = condition[None]
+  h, w = (int(x) for x in grid)
+  n = model.block_size - condition.shape[1]
+  if h * w != n:
+    raise ValueError(
+      f'grid {h}x{w}: MaskGIT samples the training grid ({n} codes) only; larger grids '
+      '(the sliding window) need the GPT'
+    )
+  if num_samples is not None:
+    if condition.shape[0] != 1:
+      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
+    condition = jnp.repeat(condition, num_samples, axis=0)
+    if uncond_tokens is not None:
+      uncond_tokens = jnp.repeat(
+        jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1), num_samples, axis=0
+      )
+  tokens = sample(
+    params['gpt'],
+    model,
+    condition,
+    rng,
+    steps=steps,
+    schedule=schedule,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    choice_temperature=choice_temperature,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
+  ).reshape(-1, h, w)
+  return tokens, sampling.decode_codes(vqgan, params['vqgan'], tokens)
