@@ -573,3 +573,21 @@ def test_old_workdir_resumes_as_vq(tmp_path, mesh1):
   ):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(e, b)
+
+
+def test_usage_warning_is_one_line_after_a_whole_window(capsys):
+  c = _config()
+  c.train.update(usage_window=3, usage_warning=0.5)
+  health = vqgan_trainer._CodebookHealth(c, start=0)
+  step = health.counted(lambda: None)
+  m = dict(images_per_s=1.0, rec_loss=0, p_loss=0, quant_loss=0, disc_loss=0, perplexity=2.0)
+  m.update(codebook_usage=0.2, window_usage=0.1)
+  for _ in range(2):  # below the threshold, but the window has not run whole yet
+    step()
+    assert health.postfix(m)['use'] == '10%'
+  assert capsys.readouterr().out == ''
+  for _ in range(3):
+    step()
+    health.postfix(m)
+  out = capsys.readouterr().out
+  assert out.count('\n') == 1 and 'step 3' in out and 'config.train.usage_warning=0.5' in out
