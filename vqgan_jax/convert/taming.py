@@ -68,7 +68,8 @@ def convert_vqmodel_state_dict(
 
 def stage1_state(config, converted: Mapping[str, Any], step: int = 0) -> dict:
   """The full stage-1 training state (`stage1.init_state` structure) around converted params:
-  fresh (zero) Adam states; a freshly initialised discriminator when the checkpoint has none.
+  fresh (zero) Adam states; a freshly initialised discriminator when the checkpoint has none;
+  the config's optional entries (`stage1.optional_state_keys`) as a new run starts them.
 
   Leaves are numpy arrays (orbax saves them as they are; restores give jax.Arrays), so
   nothing is compiled per leaf and nothing is copied to a device.
@@ -93,6 +94,10 @@ def stage1_state(config, converted: Mapping[str, Any], step: int = 0) -> dict:
     'disc_opt_state': zeros(abstract['disc_opt_state']),
     'rng': np.asarray(jax.device_get(k_run)),
   }
+  # The optional entries the config asks for (the usage record by default), fresh.
+  state.update(
+    stage1.fresh_optional_state(config, stage1.optional_state_keys(config), converted['params'])
+  )
   state = jax.tree.map(np.asarray, state)
   want, got = jax.tree.structure(abstract), jax.tree.structure(state)
   if want != got:
