@@ -546,13 +546,20 @@ def test_fields_added_later_default_to_their_old_meaning():
   config = common.stage1_base()
   old = ckpt_lib.config_to_dict(config)
   for k in ckpt_lib.ADDED_FIELD_DEFAULTS:
-    del old['model'][k.split('.')[1]]
+    section, field = k.split('.')
+    old.get(section, {}).pop(field, None)  # (stage-2 fields are not in a stage-1 config)
   assert ckpt_lib.config_differences(old, config) == []
   config.model.quantizer = 'gumbel'
   config.model.temperature = 0.5
   assert ckpt_lib.config_differences(old, config) == [
     "model.quantizer: checkpoint 'vq', config 'gumbel'",
     'model.temperature: checkpoint 1.0, config 0.5',
+  ]
+  # Issue 13's quantizer options: absent means the original's VQ; set, they differ.
+  config.model.update(quantizer='vq', temperature=1.0, codebook_l2_norm=True, fsq_levels=(2, 2))
+  assert ckpt_lib.config_differences(old, config) == [
+    'model.codebook_l2_norm: checkpoint False, config True',
+    'model.fsq_levels: checkpoint [], config [2, 2]',
   ]
 
 
