@@ -239,7 +239,8 @@ def classifier_base():
   c.seed = 0
   c.model = ml_collections.ConfigDict(
     dict(
-      features=(16, 32, 64),  # conv widths; a 2x2 max-pool after each but the last
+      patch=4,  # the stem's patch size (and stride)
+      features=(64, 64, 64),  # the stem's width, then one 3x3 conv per further entry
       hidden=128,  # the penultimate width: the feature space of the Frechet distance
       num_classes=10,
       # The metric's name: fd_<feature_name> (e.g. fd_fmnist). Only features of the data the
@@ -253,10 +254,10 @@ def classifier_base():
     dict(
       batch_size=128,
       eval_batch_size=500,
-      num_steps=2000,
+      num_steps=1000,
       log_every=100,
-      eval_every=2000,
-      checkpoint_every=1000,
+      eval_every=1000,
+      checkpoint_every=500,
       max_to_keep=1,
     )
   )

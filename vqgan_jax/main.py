@@ -12,6 +12,13 @@ Modes (`--mode`):
           config.data.codes_dir), which stage-2 training reads.
   sample  (stage 2) samples with the workdir's latest GPT (config.sample.*), decodes with the
           stage-1 decoder, writes samples_<step>.png (one row per class) and .npz of tokens.
+  eval    (stage 1) reconstructs data.eval_split or config.eval.folder: PSNR, SSIM, LPIPS, L1,
+          codebook usage, perplexity, rFID (config.eval.inception_weights) and fd_<name>
+          (config.eval.classifier_workdir); (stage 2) draws config.eval.num_samples samples:
+          gFID, IS, fd_<name>, class accuracy. Writes <workdir>/eval_<step>.json.
+
+A config with stage='classifier' (configs/fashion_mnist_classifier.py) trains the classifier
+whose features give the offline fd_<name>.
 
 Several hosts (a TPU pod, a GPU cluster): run the same command on every host. JAX's
 distributed runtime (`jax.distributed.initialize`) starts before anything else touches JAX:
@@ -45,8 +52,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
   'mode',
   'train',
-  ['train', 'encode', 'sample'],
-  'What to run (encode and sample: stage-2 configs).',
+  ['train', 'encode', 'sample', 'eval'],
+  'What to run (encode and sample: stage-2 configs; eval: stage 1 or 2).',
 )
 _DISTRIBUTED = flags.DEFINE_enum(
   'distributed',
@@ -81,11 +88,13 @@ def main(argv):
   # Imported here so `--help` and flag errors do not pay for importing jax.
   import jax  # pylint: disable=g-import-not-at-top
 
+  from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import codes as codes_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
@@ -99,19 +108,26 @@ def main(argv):
   # Several processes: the summary lines below come from process 0 (like the logs).
   say = print if jax.process_index() == 0 else lambda *a, **k: None
   try:
-    if stage not in ('vqgan', 'transformer'):
-      raise validate.ConfigError(f"config.stage={stage!r}: use 'vqgan' or 'transformer'")
-    if _MODE.value != 'train' and stage != 'transformer':
+    if stage not in ('vqgan', 'transformer', 'classifier'):
+      raise validate.ConfigError(
+        f"config.stage={stage!r}: use 'vqgan', 'transformer' or 'classifier'"
+      )
+    if _MODE.value in ('encode', 'sample') and stage != 'transformer':
       raise validate.ConfigError(
         f'--mode={_MODE.value} needs a stage-2 config '
         f"(config.stage='transformer'), got stage={stage!r}"
       )
-    if _MODE.value == 'train':
-      train = (
-        vqgan_trainer.train_and_evaluate
-        if stage == 'vqgan'
-        else transformer_trainer.train_and_evaluate
+    if _MODE.value == 'eval' and stage == 'classifier':
+      raise validate.ConfigError(
+        '--mode=eval evaluates a stage-1 or stage-2 run; a classifier run evaluates itself '
+        'at the end of training (rerun --mode=train to print it again)'
       )
+    if _MODE.value == 'train':
+      train = {
+        'vqgan': vqgan_trainer.train_and_evaluate,
+        'transformer': transformer_trainer.train_and_evaluate,
+        'classifier': classifier_trainer.train_and_evaluate,
+      }[stage]
       result = train(config, workdir)
       if result:
         logging.info('Final eval: %s', result)
@@ -124,6 +140,10 @@ def main(argv):
         + ', '.join(f'{k}={v}' for k, v in counts.items())
       )
       say(f'codes: {path}')
+    elif _MODE.value == 'eval':
+      result, path = evaluate_lib.evaluate(config, workdir)
+      say('eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+      say(f'results: {path}')
     elif _MODE.value == 'sample':
       out = sample_lib.sample(config, workdir)
       say(

@@ -1,0 +1,364 @@
+"""`--mode=eval`: a trained run measured as the field measures it, on any split or folder.
+
+Stage 1 (a VQGAN workdir): reconstructs `data.eval_split` (or `eval.split`, or every image of
+`eval.folder`) and reports PSNR, SSIM, LPIPS, L1, codebook usage and perplexity, rFID (the
+Frechet distance between the Inception features of the inputs and of their
+reconstructions, when `eval.inception_weights` or $VQGAN_JAX_INCEPTION names pytorch-fid's
+weights) and `fd_<name>` (the same in the feature space of `eval.classifier_workdir`'s
+classifier: an offline proxy, never called FID).
+
+Stage 2 (a transformer workdir): draws `eval.num_samples` samples (class-balanced for class
+models; they depend only on `eval.seed` and the checkpoint) and reports gFID and Inception
+Score against the reference split (`eval.split`, default `data.train_split`, the usual gFID
+protocol), `fd_<name>`, and the class accuracy of class-conditional samples (the share the
+classifier labels as the class they were drawn for). The samples are saved as an `.npz`
+(uint8 images, codes, labels) for other evaluators.
+
+Results go to `<workdir>/eval_<step>.json` (process 0), with a PNG grid. Reference statistics
+of a dataset split are cached (pytorch-fid's `.npz` format) in `eval.stats_dir`.
+"""
+
+import json
+import os
+import re
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from vqgan_jax import checkpoints
+from vqgan_jax import classifier_features
+from vqgan_jax import fid
+from vqgan_jax import images as images_lib
+from vqgan_jax import inference
+from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import parallel
+from vqgan_jax.data import builders
+from vqgan_jax.data import pipeline
+from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.train import common
+from vqgan_jax.train import stage1
+from vqgan_jax.validate import ConfigError
+
+
+def _say(line):
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(line)
+
+
+def _bar(total, desc):
+  return tqdm.tqdm(total=total, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True)
+
+
+def extractors(config, mesh) -> dict:
+  """{metric name: extractor} for the feature networks the config names: 'fid' (Inception,
+  when its weights are given; otherwise one line says which file to supply) and
+  'fd_<name>' (a classifier workdir)."""
+  out = {}
+  path = fid.weights_path(config.eval.inception_weights)
+  if path is None:
+    _say(fid.MISSING_WEIGHTS)
+  else:
+    out['fid'] = fid.load_inception(path, mesh)
+  if config.eval.classifier_workdir:
+    clf = classifier_features.load_classifier(config.eval.classifier_workdir, mesh)
+    out[f'fd_{clf.feature_name}'] = clf
+  return out
+
+
+class _FolderSource:
+  """Every image of a folder (`builders.list_image_folder`: any nesting, links once), in
+  sorted order, as eval elements."""
+
+  def __init__(self, folder):
+    self.folder = folder
+    self.listing = builders.list_image_folder(folder)
+
+  def __len__(self):
+    return len(self.listing.paths)
+
+  def __getitem__(self, i):
+    path = os.path.join(self.folder, self.listing.paths[i])
+    try:
+      return {'image': builders.load_rgb(path), 'label': -1}
+    except Exception as e:  # pylint: disable=broad-except
+      raise builders.DataError(f'{path} (config.eval.folder): cannot decode: {e}') from None
+
+
+def _data_config(config, split):
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.eval_split = split
+  data.eval_examples = int(config.eval.num_examples)
+  return data
+
+
+def _batch_size(config, mesh):
+  size = int(config.eval.batch_size)
+  size = size if size > 0 else int(config.train.eval_batch_size)
+  divisor = parallel.batch_divisor(mesh)
+  return max(divisor, size // divisor * divisor)
+
+
+def _stats_path(config, workdir, split, n, ext):
+  stats_dir = config.eval.stats_dir or os.path.join(workdir, 'eval_stats')
+  key = f'{config.data.name}_{split}_{config.data.image_size}px_{n}_{ext.name}'
+  return os.path.join(stats_dir, re.sub(r'[^A-Za-z0-9._-]+', '_', key) + '.npz')
+
+
+def reference_stats(config, workdir, split, exts, mesh) -> dict:
+  """{metric: stats} of the real images of `split` in each extractor's feature space, read
+  from the cache or computed in one pass (and cached)."""
+  data = _data_config(config, split)
+  out, missing, paths = {}, {}, {}
+  n = None
+  for metric, ext in exts.items():
+    if n is None:
+      pipeline.check_splits(data, fields=('eval_split',))
+      n = pipeline.num_eval_examples(data)
+    paths[metric] = _stats_path(config, workdir, split, n, ext)
+    try:
+      stats = fid.load_stats(paths[metric])
+      if stats['extractor'] == ext.name and stats['count'] == n:
+        out[metric] = stats
+        continue
+    except (FileNotFoundError, ValueError):
+      pass
+    missing[metric] = ext
+  if not missing:
+    return out
+  accs = {m: fid.StatsAccumulator(e.feature_dim) for m, e in missing.items()}
+  batch = _batch_size(config, mesh)
+  sharding = parallel.batch_sharding(mesh)
+  with _bar(n, f'reference {split}') as bar:
+    for local in pipeline.make_eval_iterator(data, batch):
+      g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
+      x = stage1.to_model_range(g['image'])
+      mask = common.gather(g['mask'])
+      for m, e in missing.items():
+        accs[m].add(e(x)['features'], mask)
+      bar.update(int(mask.sum()))
+  for m, acc in accs.items():
+    mu, sigma = acc.mu_sigma()
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(paths[m]), exist_ok=True)
+      fid.save_stats(paths[m], mu, sigma, acc.count, missing[m].name)
+    out[m] = {'mu': mu, 'sigma': sigma, 'count': acc.count, 'extractor': missing[m].name}
+  return out
+
+
+def _stats(acc, ext):
+  mu, sigma = acc.mu_sigma()
+  return {'mu': mu, 'sigma': sigma, 'count': acc.count, 'extractor': ext.name}
+
+
+def _write_json(workdir, step, result):
+  path = os.path.join(workdir, f'eval_{step}.json')
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=2, sort_keys=True, allow_nan=False)
+      f.write('\n')
+    os.replace(tmp, path)
+  return path
+
+
+def _step(config):
+  return None if int(config.eval.step) < 0 else int(config.eval.step)
+
+
+def evaluate_stage1(config, workdir):
+  """Reconstruction metrics of a stage-1 workdir; returns (metrics, path of the json)."""
+  t0 = time.perf_counter()
+  mesh = parallel.make_mesh(config.mesh)
+  vq = inference.load_vqgan(workdir, _step(config), mesh=mesh)
+  folder = config.eval.folder
+  if folder:
+    source = _FolderSource(os.path.abspath(os.path.expanduser(folder)))
+    data = _data_config(config, 'folder')
+    what = {'folder': source.folder}
+  else:
+    split = config.eval.split or config.data.eval_split
+    data = _data_config(config, split)
+    pipeline.check_splits(data, fields=('eval_split',))
+    source = builders.get_source(data, split)
+    what = {'dataset': config.data.name, 'split': split}
+  if data.image_size % vq.downsample_factor:
+    raise ConfigError(
+      f"config.data.image_size={data.image_size} is not divisible by the VQGAN's "
+      f'downsampling factor {vq.downsample_factor}'
+    )
+  exts = extractors(config, mesh)
+  # Dataset splits: the real images' statistics are cached (reused by later evals and by
+  # stage 2); a folder's are gathered in the same pass.
+  ref = {} if folder else reference_stats(config, workdir, what['split'], exts, mesh)
+  real = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items() if m not in ref}
+  fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
+
+  lpips_params = lpips_lib.load_pretrained_params()
+  lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
+  lpips_params = jax.device_put(lpips_params, lpips_sh)
+  models = stage1.Models(vq.model, None, lpips_lib.LPIPS())
+  p_sh = jax.tree.map(lambda x: x.sharding, vq.params)
+  eval_fn = stage1.make_eval_step(models, mesh, p_sh, lpips_sh)
+  sharding = parallel.batch_sharding(mesh)
+  n = pipeline.num_eval_examples(data, source=source)
+  totals, grid = None, None
+  with _bar(n, 'eval stage 1') as bar:
+    for local in pipeline.make_eval_iterator(data, _batch_size(config, mesh), source=source):
+      g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
+      sums, xrec = eval_fn(vq.params, lpips_params, g['image'], g['mask'])
+      mask = common.gather(g['mask'])
+      for m, e in exts.items():
+        fake[m].add(e(xrec)['features'], mask)
+        if m in real:
+          real[m].add(e(stage1.to_model_range(g['image']))['features'], mask)
+      sums = jax.device_get(sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      if grid is None:
+        k = int(config.train.get('num_grid_images', 16))
+        grid = (common.gather(g['image'])[:k], images_lib.to_uint8(common.gather(xrec)[:k]))
+      bar.update(int(mask.sum()))
+  count = max(float(totals['count']), 1.0)
+  result = {k: float(totals[k]) / count for k in ('psnr', 'ssim', 'lpips', 'l1')}
+  counts = totals['code_counts']
+  result['codebook_usage'] = float(metrics_lib.usage_from_counts(counts))
+  result['perplexity'] = float(metrics_lib.perplexity_from_counts(counts))
+  result['num_images'] = int(totals['count'])
+  for m, e in exts.items():
+    reference = ref.get(m) or _stats(real[m], e)
+    result['rfid' if m == 'fid' else m] = fid.fid_from_stats(reference, _stats(fake[m], e))
+  result['seconds'] = time.perf_counter() - t0
+  step = vq.step
+  if jax.process_index() == 0:
+    _save_pairs(os.path.join(workdir, f'eval_{step}.png'), *grid)
+  path = _write_json(
+    workdir,
+    step,
+    {**result, 'step': step, 'stage': 'vqgan', **what, 'extractors': _names(exts)},
+  )
+  return result, path
+
+
+def _names(exts):
+  return {m: e.name for m, e in exts.items()}
+
+
+def _save_pairs(path, inputs, recons):
+  ncol = min(int(np.ceil(np.sqrt(2 * len(inputs)) / 2) * 2) or 1, len(inputs))
+  grid = images_lib.make_grid(images_lib.interleave_rows(inputs, recons, ncol), ncol)
+  images_lib.save_png(path, grid, scale=max(1, 512 // grid.shape[1]))
+
+
+def _pad(x, divisor):
+  extra = -len(x) % divisor
+  return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
+
+
+def evaluate_stage2(config, workdir):
+  """Sample metrics of a stage-2 workdir; returns (metrics, path of the json)."""
+  t0 = time.perf_counter()
+  mesh = parallel.make_mesh(config.mesh)
+  run = inference.load_transformer_for_config(config, workdir, _step(config), mesh)
+  layout, s = run.layout, config.sample
+  if layout.kind == 'spatial':
+    raise ConfigError(
+      '--mode=eval on a spatially conditioned model is not supported: its samples need '
+      'cond maps (use --mode=sample)'
+    )
+  num = int(config.eval.num_samples)
+  if num < 2:
+    raise ConfigError(f'config.eval.num_samples={num}: need >= 2 for a covariance')
+  if layout.kind == 'class':
+    labels = np.arange(num, dtype=np.int32) % layout.n_classes  # class-balanced
+  else:
+    labels = np.zeros((num,), np.int32)
+  cond = run.condition_for_class(labels)
+  exts = extractors(config, mesh)
+  split = config.eval.split or config.data.train_split
+  ref = reference_stats(config, workdir, split, exts, mesh) if exts else {}
+  fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
+  logits = {m: [] for m in exts}
+  batch = max(1, int(s.batch_size))
+  rng = jax.random.PRNGKey(int(config.eval.seed))
+  divisor = parallel.batch_divisor(mesh)
+  maskgit = {}
+  if run.kind == 'maskgit':
+    maskgit = dict(
+      steps=int(s.steps), schedule=s.schedule, choice_temperature=float(s.choice_temperature)
+    )
+  all_codes, all_images = [], []
+  with _bar(num, 'eval samples') as bar:
+    for i, start in enumerate(range(0, num, batch)):
+      try:
+        codes, images = run.sample(
+          cond[start : start + batch],
+          jax.random.fold_in(rng, i),
+          temperature=float(s.temperature),
+          top_k=int(s.top_k) or None,
+          top_p=float(s.top_p),
+          cfg_scale=float(s.cfg_scale),
+          **maskgit,
+        )
+      except ValueError as e:
+        raise ConfigError(f'config.sample: {e}') from None
+      images = np.clip(images, -1.0, 1.0)
+      k = len(images)
+      mask = np.arange(k + (-k % divisor)) < k
+      for m, e in exts.items():
+        out = e(_pad(images, divisor))
+        fake[m].add(out['features'], mask)
+        key = 'logits_unbiased' if m == 'fid' else 'logits'
+        logits[m].append(common.gather(out[key])[:k])
+      all_codes.append(codes)
+      all_images.append(images_lib.to_uint8(images))
+      bar.update(k)
+  codes, images = np.concatenate(all_codes), np.concatenate(all_images)
+  result = {'num_samples': num}
+  for m, e in exts.items():
+    name = 'gfid' if m == 'fid' else m
+    result[name] = fid.fid_from_stats(ref[m], _stats(fake[m], e))
+    lg = np.concatenate(logits[m])
+    if m == 'fid':
+      result['inception_score'], result['inception_score_std'] = fid.inception_score(lg)
+    elif layout.kind == 'class':
+      result['class_accuracy'] = float(np.mean(np.argmax(lg, -1) == labels))
+  result['seconds'] = time.perf_counter() - t0
+  step = run.step
+  if jax.process_index() == 0:
+    np.savez(
+      os.path.join(workdir, f'eval_samples_{step}.npz'),
+      images=images,
+      codes=codes,
+      labels=labels if layout.kind == 'class' else np.full((num,), -1, np.int32),
+    )
+    shown = images[: min(num, 100)]
+    grid = images_lib.make_grid(shown, int(np.ceil(np.sqrt(len(shown)))))
+    images_lib.save_png(
+      os.path.join(workdir, f'eval_{step}.png'), grid, scale=max(1, 512 // grid.shape[1])
+    )
+  path = _write_json(
+    workdir,
+    step,
+    {
+      **result,
+      'step': step,
+      'stage': 'transformer',
+      'reference': {'dataset': config.data.name, 'split': split},
+      'extractors': _names(exts),
+    },
+  )
+  return result, path
+
+
+def evaluate(config, workdir):
+  """`--mode=eval` on a stage-1 or stage-2 workdir: (metrics, the json's path)."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    raise checkpoints.CheckpointError(f'No checkpoints in {workdir}: train it first.')
+  logging.info('Evaluating %s', workdir)
+  if config.get('stage', 'vqgan') == 'vqgan':
+    return evaluate_stage1(config, workdir)
+  return evaluate_stage2(config, workdir)
