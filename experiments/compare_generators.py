@@ -8,9 +8,11 @@ for both. The GPT decodes the 256 codes one per step (`sampling.sample`: preallo
 cache, one jitted loop); MaskGIT in T parallel steps (`maskgit_sampling.sample`, T forwards
 of all 257 positions). Prints one JSON object per line: `kind` ('gpt' or 'maskgit'), `batch`,
 `steps` (T; 256 for the GPT), `latency_s` (seconds to return one batch of samples after
-compile: the median of up to --iters calls, fewer once a row has spent --max_row_s),
-`samples_per_s` and `codes_per_s` (throughput), `compile_s` (first call minus the median),
-and for MaskGIT `speedup_vs_gpt` (the GPT's latency at that batch / this one).
+compile: the median of up to --iters timed calls), `samples_per_s` and `codes_per_s`
+(throughput), `compile_s` (first call minus the median), and for MaskGIT `speedup_vs_gpt`
+(the GPT's latency at that batch / this one). The machines here are shared: at each batch
+size the samplers are timed in turn (GPT, T=4, T=8, ..., GPT, T=4, ...) so that they see
+the same load, and the rounds stop after --max_batch_s (at least one).
 
 Sample quality (Frechet distance, class accuracy) of the two trained demos is not measured
 here: it needs the `--mode=eval` evaluators and trained workdirs.
@@ -35,9 +37,9 @@ from vqgan_jax.train import stage2_config
 
 _BATCHES = flags.DEFINE_list('batches', ['1', '8', '64'], 'Batch sizes.')
 _STEPS = flags.DEFINE_list('steps', ['4', '8', '12', '16'], 'MaskGIT decoding steps T.')
-_ITERS = flags.DEFINE_integer('iters', 3, 'Timed calls per row after the compiling one.')
-_MAX_ROW_S = flags.DEFINE_float(
-  'max_row_s', 90.0, 'Stop timing a row once it has spent this long (at least one call).'
+_ITERS = flags.DEFINE_integer('iters', 3, 'Timed rounds per batch size after compiling.')
+_MAX_BATCH_S = flags.DEFINE_float(
+  'max_batch_s', 300.0, 'No further timed round once a batch size has spent this long.'
 )
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _KINDS = flags.DEFINE_list('kinds', ['gpt', 'maskgit'], 'Which generators.')
@@ -68,19 +70,23 @@ def sampler(kind, model, params, cond, steps):
   return lambda: maskgit_sampling.sample(params, model, cond, key, steps=steps, **filters)
 
 
-def time_row(fn):
-  """(median seconds after compile, compile seconds, timed calls)."""
+def _seconds(fn):
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times, spent = [], 0.0
-  while len(times) < max(1, _ITERS.value) and (not times or spent < _MAX_ROW_S.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-    spent += times[-1]
-  median = statistics.median(times)
-  return median, max(first - median, 0.0), len(times)
+  return time.perf_counter() - t0
+
+
+def time_round_robin(fns):
+  """[(median seconds after compile, compile seconds, timed calls)] of each callable, timed in
+  turn (A, B, C, A, B, C, ...) so that all see the same machine load."""
+  first = [_seconds(fn) for fn in fns]
+  times, spent = [[] for _ in fns], 0.0
+  while len(times[0]) < max(1, _ITERS.value) and (not times[0] or spent < _MAX_BATCH_S.value):
+    for fn, ts in zip(fns, times):
+      ts.append(_seconds(fn))
+      spent += ts[-1]
+  medians = [statistics.median(ts) for ts in times]
+  return [(m, max(f - m, 0.0), len(ts)) for m, f, ts in zip(medians, first, times)]
 
 
 def main(argv):
@@ -100,29 +106,33 @@ def main(argv):
     'machine': platform.machine(),
   }
   for batch in (int(b) for b in _BATCHES.value):
-    gpt_latency = None
+    rows = []  # (kind, layout, steps, sampler)
     for kind in _KINDS.value:
       layout, model, params = models[kind]
       cond = np.asarray(stage2.class_tokens(layout, np.arange(batch) % N_CLASSES))
       for steps in [layout.image_len] if kind == 'gpt' else [int(t) for t in _STEPS.value]:
-        latency, compile_s, n = time_row(sampler(kind, model, params, cond, steps))
-        row = dict(
-          kind=kind,
-          batch=batch,
-          steps=steps,
-          latency_s=round(latency, 4),
-          samples_per_s=round(batch / latency, 3),
-          codes_per_s=round(batch * layout.image_len / latency, 1),
-          compile_s=round(compile_s, 2),
-          timed_calls=n,
-          **base,
-          load_avg_1m=round(os.getloadavg()[0], 2),
-        )
-        if kind == 'gpt':
-          gpt_latency = latency
-        elif gpt_latency is not None:
-          row['speedup_vs_gpt'] = round(gpt_latency / latency, 3)
-        print(json.dumps(row), flush=True)
+        rows.append((kind, layout, steps, sampler(kind, model, params, cond, steps)))
+    timings = time_round_robin([fn for *_, fn in rows])
+    load = round(os.getloadavg()[0], 2)
+    gpt_latency = None
+    for (kind, layout, steps, _), (latency, compile_s, n) in zip(rows, timings):
+      row = dict(
+        kind=kind,
+        batch=batch,
+        steps=steps,
+        latency_s=round(latency, 4),
+        samples_per_s=round(batch / latency, 3),
+        codes_per_s=round(batch * layout.image_len / latency, 1),
+        compile_s=round(compile_s, 2),
+        timed_calls=n,
+        **base,
+        load_avg_1m=load,
+      )
+      if kind == 'gpt':
+        gpt_latency = latency
+      elif gpt_latency is not None:
+        row['speedup_vs_gpt'] = round(gpt_latency / latency, 3)
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,9 @@
 """Trains the transformer (stage 2): codes (or images encoded in the step) -> sharded AdamW
-steps -> logs, held-out bits per code over the whole eval split, checkpoints, resume."""
+steps -> logs, held-out bits per code over the whole eval split, checkpoints, resume.
+
+The GPT and MaskGIT (`transformer.kind`) share this loop; their steps differ (`stage2`). For
+MaskGIT, `bits_per_token` (train and eval) is per *masked* code: the NLL of the codes it had to
+fill in under cosine-schedule masks, not comparable to the GPT's bits per code."""
 
 import functools
 
