@@ -543,7 +543,13 @@ def test_old_workdir_resumes_as_vq(tmp_path, mesh1):
   c = _config()
   c.train.params_ema_decay = 0.99
   models = _models(c)
-  old_state = dict(_init(c, models, optional=()), step=np.asarray(5, np.int32))
+  # Values do not matter here, only that they come back: random arrays, nothing compiled.
+  abstract = jax.eval_shape(
+    lambda r: stage1.init_state(c, models, r, optional=()), jax.random.PRNGKey(0)
+  )
+  rng = np.random.default_rng(0)
+  old_state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract)
+  old_state.update(step=np.asarray(5, np.int32), rng=np.asarray([0, 3], np.uint32))
   old_config = checkpoints.config_to_dict(c)
   for name in ('codebook_dim', 'codebook_l2_norm', 'ema_decay', 'restart_window'):
     del old_config['model'][name]
