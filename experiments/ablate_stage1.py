@@ -69,13 +69,27 @@ _BASE = flags.DEFINE_string('base', '', "Atoms applied before each variant's, e.
 _CONFIG = flags.DEFINE_string(
   'config', os.path.join(_REPO, 'configs', 'fashion_mnist_vqgan.py'), 'Config file[:arg].'
 )
+_CLASSIFIER = flags.DEFINE_string(
+  'classifier_workdir',
+  '',
+  'A classifier run (configs/fashion_mnist_classifier.py): the final eval adds fd_fmnist.',
+)
 _OUT = flags.DEFINE_string(
   'out',
   os.path.join(_REPO, 'experiments', 'results', 'ablate_stage1.jsonl'),
   'JSON lines file the rows are appended to.',
 )
 
-EVAL_KEYS = ('psnr', 'ssim', 'lpips', 'l1', 'codebook_usage', 'perplexity', 'num_images')
+EVAL_KEYS = (
+  'psnr',
+  'ssim',
+  'lpips',
+  'l1',
+  'codebook_usage',
+  'perplexity',
+  'fd_fmnist',
+  'num_images',
+)
 
 
 def atoms(variant: str) -> list:
@@ -92,7 +106,9 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
-def make_config(spec: str, variant: str, seed: int, steps: int, base: str = ''):
+def make_config(
+  spec: str, variant: str, seed: int, steps: int, base: str = '', classifier_workdir: str = ''
+):
   """The demo config (`spec`) with the base's and the variant's overrides, `seed`, and a
   budget of `steps` (one eval, at the end; checkpoints at most every third of the run)."""
   c = load_config(spec)
@@ -101,6 +117,7 @@ def make_config(spec: str, variant: str, seed: int, steps: int, base: str = ''):
       section, field = key.split('.')
       c[section][field] = value
   c.seed = seed
+  c.eval.classifier_workdir = classifier_workdir
   c.train.num_steps = steps
   c.train.eval_every = steps
   c.train.log_every = min(c.train.log_every, steps)
@@ -118,8 +135,8 @@ def _commit() -> str:
     return ''
 
 
-def run_one(spec, variant, seed, steps, base, root):
-  config = make_config(spec, variant, seed, steps, base)
+def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
+  config = make_config(spec, variant, seed, steps, base, classifier_workdir)
   name = '+'.join(atoms(base) + atoms(variant)) or 'vq'
   workdir = os.path.join(root, f'{name}_seed{seed}_steps{steps}')
   t0 = time.perf_counter()
@@ -151,7 +168,15 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   for variant in variants:
     for seed in seeds:
-      row = run_one(_CONFIG.value, variant, seed, _STEPS.value, _BASE.value, _ROOT.value)
+      row = run_one(
+        _CONFIG.value,
+        variant,
+        seed,
+        _STEPS.value,
+        _BASE.value,
+        _ROOT.value,
+        _CLASSIFIER.value,
+      )
       line = json.dumps(row)
       print(line, flush=True)
       with open(_OUT.value, 'a') as f:

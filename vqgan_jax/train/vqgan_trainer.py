@@ -11,6 +11,8 @@ import numpy as np
 import tqdm
 
 from vqgan_jax import checkpoints
+from vqgan_jax import classifier_features
+from vqgan_jax import fid
 from vqgan_jax import images as images_lib
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
@@ -21,15 +23,37 @@ from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 
 
-def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer):
-  """One pass over the held-out split: PSNR, SSIM, LPIPS, L1 and codebook usage; writes the
-  reconstructions of the first batch as a grid."""
+def feature_nets(config, mesh) -> dict:
+  """{'fd_<name>': classifier} when `config.eval.classifier_workdir` names one: the training
+  evals then report the offline Frechet distance of the reconstructions too (the
+  classifier's forward costs little beside the VQGAN's and LPIPS's)."""
+  workdir = config.get('eval', {}).get('classifier_workdir', '')
+  if not workdir:
+    return {}
+  net = classifier_features.load_classifier(workdir, mesh)
+  return {f'fd_{net.feature_name}': net}
+
+
+def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer, nets=None):
+  """One pass over the held-out split: PSNR, SSIM, LPIPS, L1 and codebook usage, and for each
+  of `nets` ({metric: feature extractor}) the Frechet distance between the features of the
+  inputs and of their reconstructions; writes the reconstructions of the first batch as a
+  grid."""
+  nets = nets or {}
   it = pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
   sharding = parallel.batch_sharding(mesh)
+  real = {m: fid.StatsAccumulator(n.feature_dim) for m, n in nets.items()}
+  fake = {m: fid.StatsAccumulator(n.feature_dim) for m, n in nets.items()}
   totals = None
   for batch in it:
     gbatch = pipeline.to_global({'image': batch['image'], 'mask': batch['mask']}, sharding)
     sums, xrec = eval_fn(params, lpips_params, gbatch['image'], gbatch['mask'])
+    if nets:
+      mask = common.gather(gbatch['mask'])
+      x = stage1.to_model_range(gbatch['image'])
+      for m, net in nets.items():
+        real[m].add(net(x)['features'], mask)
+        fake[m].add(net(xrec)['features'], mask)
     sums = jax.device_get(sums)
     if totals is None:
       _write_grid(config, gbatch['image'], xrec, workdir, step, writer)
@@ -41,6 +65,9 @@ def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer)
   result['codebook_usage'] = float(metrics_lib.usage_from_counts(totals['code_counts']))
   result['perplexity'] = float(metrics_lib.perplexity_from_counts(totals['code_counts']))
   result['num_images'] = float(totals['count'])
+  for m, net in nets.items():
+    stats = lambda acc: dict(zip(('mu', 'sigma'), acc.mu_sigma()), extractor=net.name)
+    result[m] = fid.fid_from_stats(stats(real[m]), stats(fake[m]))
   writer.scalars(step, result, 'eval')
   return result
 
@@ -213,8 +240,17 @@ def train_and_evaluate(config, workdir):
     health = _CodebookHealth(config, start)
     try:
       # With config.train.params_ema_decay the held-out eval measures the EMA params.
+      nets = feature_nets(config, mesh)
       run_eval = lambda s, step: evaluate(
-        config, eval_fn, s.get('params_ema', s['params']), lpips_params, mesh, workdir, step, writer
+        config,
+        eval_fn,
+        s.get('params_ema', s['params']),
+        lpips_params,
+        mesh,
+        workdir,
+        step,
+        writer,
+        nets,
       )
       state, result = common.train_loop(
         state,
