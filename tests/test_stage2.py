@@ -5,6 +5,7 @@ README's Python example."""
 
 import functools
 import importlib
+import json
 import os
 import shutil
 import struct
@@ -708,6 +709,13 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   np.testing.assert_array_equal(samples['labels'], np.repeat(np.arange(10), 2))
   w, h = _png_size(png)
   assert (w, h) == ((2 * 34 + 2) * (512 // 70), (10 * 34 + 2) * (512 // 70))
+  # --mode=eval draws class-balanced samples (no feature networks here: plumbing and files).
+  out = main(s2, b, '--mode=eval', f'--config.stage1_workdir={a}', '--config.eval.num_samples=12')
+  assert f'results: {b / "eval_4.json"}' in out
+  assert json.loads((b / 'eval_4.json').read_text())['num_samples'] == 12
+  drawn = np.load(b / 'eval_samples_4.npz')
+  assert drawn['images'].shape == (12, 32, 32, 3) and drawn['images'].dtype == np.uint8
+  np.testing.assert_array_equal(drawn['labels'], np.arange(12) % 10)
   # A stage-1 config with different model fields is refused with the field named.
   proc = run(
     [
