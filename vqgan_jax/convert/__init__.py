@@ -1,6 +1,7 @@
 """Converters from the original PyTorch checkpoints to this project's params and checkpoints.
 
   python -m vqgan_jax.convert taming --ckpt last.ckpt --config model.yaml --out DIR
+  python -m vqgan_jax.convert inception --pth pt_inception-2015-12-05-6726825d.pth --out X.npz
 
 One idea per module:
   torch_ckpt     reading a Lightning `.ckpt` without running code from it
@@ -8,6 +9,7 @@ One idea per module:
                  discriminator, LPIPS, GPT), both ways, numpy only
   yaml_config    a taming yaml -> our ml_collections config (stage 1 and stage 2)
   taming         the driver: read and validate everything, write a workdir, swap it in
+  inception      pytorch-fid's FID Inception weights (.pth) -> our params (.npz, no torch)
 
 The names below are imported on first use, so `python -m vqgan_jax.convert --help` does not
 wait for jax.
