@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then run the whole Fashion-MNIST demo on this machine:
-#   stage 1 (VQGAN)  -> encode the dataset to codes -> stage 2 (class-conditional GPT)
-#   -> a grid of samples, one row per class.
+#   a small classifier (the feature space of the offline Frechet distance fd_fmnist)
+#   -> stage 1 (VQGAN) -> encode the dataset to codes -> stage 2 (class-conditional GPT)
+#   -> a grid of samples, one row per class -> eval of 1000 class-balanced samples.
 # Arguments go to stage 1's vqgan_jax.main, e.g. --config.train.num_steps=3000.
 # Rerunning resumes each stage from its last checkpoint in workdirs/ (a finished stage is
 # skipped by its own resume logic; codes are re-encoded only when stage 1 moved on).
@@ -9,13 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 py=.venv/bin/python
+clf="workdirs/fashion_mnist_classifier"
 stage1="workdirs/fashion_mnist_vqgan"
 stage2="workdirs/fashion_mnist_transformer"
 start=$SECONDS
 stamp() { echo "demo: $1 ($((SECONDS - start)) s)"; }
 
+stamp "training the Fashion-MNIST classifier behind fd_fmnist into $clf"
+$py -m vqgan_jax.main --config=configs/fashion_mnist_classifier.py --workdir="$clf"
+
 stamp "stage 1: training the VQGAN into $stage1"
-$py -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir="$stage1" "$@"
+$py -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir="$stage1" \
+  --config.eval.classifier_workdir="$clf" "$@"
 recon="$(ls -1 "$stage1"/reconstructions_*.png | tail -n 1)"
 
 s2=(--config=configs/fashion_mnist_transformer.py --workdir="$stage2"
@@ -28,6 +34,25 @@ $py -m vqgan_jax.main "${s2[@]}"
 stamp "sampling"
 $py -m vqgan_jax.main "${s2[@]}" --mode=sample
 samples="$(ls -1 "$stage2"/samples_*.png | tail -n 1)"
+stamp "evaluating 1000 class-balanced samples against the training images"
+$py -m vqgan_jax.main "${s2[@]}" --mode=eval --config.eval.classifier_workdir="$clf" \
+  --config.eval.num_samples=1000
 stamp "done"
 echo "demo: stage-1 reconstructions (odd rows: held-out inputs, even rows: reconstructions): $recon"
 echo "demo: stage-2 samples, one row per class (T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot): $samples"
+$py - "$clf" "$stage1" "$stage2" <<'PY'
+import glob, json, os, sys
+clf, stage1, stage2 = sys.argv[1:]
+def last_eval(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [r for r in rows if r.get('split') == 'eval'][-1]
+c, r = last_eval(clf), last_eval(stage1)
+g = json.load(open(max(glob.glob(os.path.join(stage2, 'eval_*.json')), key=os.path.getmtime)))
+print(f"demo: classifier test accuracy {c['accuracy']:.4f} (its features define fd_fmnist: "
+      'an offline Frechet distance, not FID)')
+print(f"demo: stage 1 on the 10k test images: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+      f"LPIPS {r['lpips']:.3f}, codebook usage {r['codebook_usage']:.1%}, "
+      f"perplexity {r['perplexity']:.1f}, fd_fmnist of reconstructions {r['fd_fmnist']:.2f}")
+print(f"demo: stage 2, {g['num_samples']} class-balanced samples: fd_fmnist {g['fd_fmnist']:.2f} "
+      f"(vs the 60k training images), class accuracy {g['class_accuracy']:.1%}")
+PY

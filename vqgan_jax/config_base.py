@@ -214,7 +214,9 @@ def eval_fields():
       # data.eval_split; they are resized and centre-cropped to data.image_size.
       folder='',
       split='',  # '' -> data.eval_split
-      num_examples=-1,  # stage 1: the first N images; -1: all
+      # The first N images of the split: stage 1 evaluates them, stage 2 takes its reference
+      # statistics from them; -1: all.
+      num_examples=-1,
       batch_size=-1,  # global; -1 -> train.eval_batch_size
       step=-1,  # the checkpoint to evaluate; -1: the latest
       # pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or its converted .npz) for
