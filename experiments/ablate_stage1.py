@@ -35,7 +35,16 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Atom -> config overrides ('section.field': value). Quantizers at the demo's 256 codes.
 VARIANTS = {
-  'vq': {},  # the demo as it is: the original's quantizer and losses
+  # The original's quantizer and losses at the demo's size (the demo itself now uses fsq with
+  # a fixed GAN weight).
+  'vq': {
+    'model.quantizer': 'vq',
+    'model.fsq_levels': (),
+    'model.embed_dim': 32,
+    'model.n_embed': 256,
+    'loss.adaptive_weight': True,
+    'loss.disc_weight': 0.8,
+  },
   'vq_l2': {'model.codebook_dim': 8, 'model.codebook_l2_norm': True},  # LlamaGen-style codes
   'vq_ema': {'model.ema_decay': 0.99, 'model.restart_window': 50},  # EMA codebook + restart
   'fsq': {
@@ -55,6 +64,7 @@ VARIANTS = {
   'no_lpips': {'loss.perceptual_weight': 0.0},
   'lecam': {'loss.lecam_weight': 0.05},
   'fixed_gan_weight': {'loss.adaptive_weight': False, 'loss.disc_weight': 0.1},
+  'adaptive_gan_weight': {'loss.adaptive_weight': True, 'loss.disc_weight': 0.8},  # original
   'r1': {'loss.r1_weight': 10.0},
   'params_ema': {'train.params_ema_decay': 0.99},  # ~100-step horizon for a 600-step run
   'f8': {'model.ch_mult': (1, 2, 2, 2), 'model.attn_resolutions': (4,)},  # 4x4 codes
