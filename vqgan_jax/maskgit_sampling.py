@@ -23,7 +23,6 @@ softmax at temperature 1).
 
 import functools
 import math
-from typing import Mapping
 
 import jax
 from jax import lax
@@ -32,7 +31,6 @@ import numpy as np
 
 from vqgan_jax import sampling
 from vqgan_jax.models import maskgit as maskgit_lib
-from vqgan_jax.models import transformer as tf
 
 # MaskGIT's default scale of the Gumbel noise on the confidence (annealed to 0).
 CHOICE_TEMPERATURE = 4.5
@@ -50,21 +48,6 @@ def mask_counts(n: int, steps: int, schedule: str = 'cosine'):
     counts.append(k)
     unknown = k
   return tuple(counts)
-
-
-def _variables(model, params):
-  """The per-layer model and {'params': ...} the loop runs on (kernels cast once to a low
-  compute dtype, not at every step)."""
-  if isinstance(params, Mapping) and 'params' in params:
-    params = params['params']
-  if model.scan_layers or 'blocks' in params:
-    params = tf.unstack_layers(params)
-    model = model.clone(scan_layers=False)
-  if jnp.dtype(model.dtype) != jnp.float32:
-    params = jax.tree_util.tree_map_with_path(
-      lambda path, x: x.astype(model.dtype) if path[-1].key == 'kernel' else x, params
-    )
-  return model, {'params': params}
 
 
 def check_args(model, cond_len, *, steps, schedule, choice_temperature, **filters):
@@ -133,7 +116,7 @@ def sample(
     uncond = jnp.asarray(uncond_tokens, jnp.int32)
     if uncond.shape != cond.shape:
       raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
-  model, variables = _variables(model, params)
+  model, variables = sampling.decoding_variables(model, params)
   codes, history = _sample(
     variables,
     model,

@@ -81,8 +81,8 @@ def kth_largest(x, k):
 # ----------------------------------------------------------------------------------------
 
 
-def _decoding(model, params):
-  """The per-layer model and {'params': ...} variables the decode loop runs on."""
+def decoding_variables(model, params):
+  """The per-layer model and {'params': ...} variables a decode loop runs on (both samplers)."""
   if isinstance(params, Mapping) and 'params' in params:
     params = params['params']
   if model.scan_layers or 'blocks' in params:
@@ -200,7 +200,7 @@ def _inputs(params, model, cond_tokens, uncond_tokens, cfg_scale):
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
-  model, variables = _decoding(model, params)
+  model, variables = decoding_variables(model, params)
   uncond = jnp.asarray(uncond_tokens, jnp.int32) if guided else None
   return guided, model, variables, jnp.asarray(cond_tokens, jnp.int32), uncond
 
