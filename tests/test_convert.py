@@ -249,7 +249,7 @@ def test_gumbel_f8_release_config():
   assert smoke.model.quantizer == 'gumbel' and smoke.model.embed_dim == smoke.model.z_channels
   bad = openimages_vqgan_gumbel_f8.get_config()
   bad.model.quantizer = 'ema'
-  with pytest.raises(validate.ConfigError, match="config.model.quantizer must be one of"):
+  with pytest.raises(validate.ConfigError, match='config.model.quantizer must be one of'):
     validate.validate_stage1(bad)
 
 
