@@ -219,14 +219,7 @@ def sample_images(
       f'grid {h}x{w}: MaskGIT samples the training grid ({n} codes) only; larger grids '
       '(the sliding window) need the GPT'
     )
-  if num_samples is not None:
-    if condition.shape[0] != 1:
-      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
-    condition = jnp.repeat(condition, num_samples, axis=0)
-    if uncond_tokens is not None:
-      uncond_tokens = jnp.repeat(
-        jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1), num_samples, axis=0
-      )
+  condition, uncond_tokens = sampling.repeat_condition(condition, num_samples, uncond_tokens)
   tokens = sample(
     params['gpt'],
     model,

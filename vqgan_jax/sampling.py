@@ -330,6 +330,23 @@ def decode_codes(vqgan, vqgan_params, codes):
   return vqgan.apply({'params': vqgan_params}, codes, method='decode_indices')
 
 
+def repeat_condition(condition, num_samples, uncond_tokens):
+  """(B, Lc) int32 conditions (a single (Lc,) one made (1, Lc)), and the guidance's
+  unconditional tokens, repeated num_samples times when num_samples is given."""
+  condition = jnp.asarray(condition, jnp.int32)
+  if condition.ndim == 1:
+    condition = condition[None]
+  if num_samples is not None:
+    if condition.shape[0] != 1:
+      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
+    condition = jnp.repeat(condition, num_samples, axis=0)
+    if uncond_tokens is not None:
+      uncond_tokens = jnp.repeat(
+        jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1), num_samples, axis=0
+      )
+  return condition, uncond_tokens
+
+
 def sample_images(
   params,
   model,
@@ -386,17 +403,7 @@ def sample_images(
       top_k=top_k,
       top_p=top_p,
     )
-  condition = jnp.asarray(condition, jnp.int32)
-  if condition.ndim == 1:
-    condition = condition[None]
-  if num_samples is not None:
-    if condition.shape[0] != 1:
-      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
-    condition = jnp.repeat(condition, num_samples, axis=0)
-    if uncond_tokens is not None:
-      uncond_tokens = jnp.repeat(
-        jnp.asarray(uncond_tokens, jnp.int32).reshape(1, -1), num_samples, axis=0
-      )
+  condition, uncond_tokens = repeat_condition(condition, num_samples, uncond_tokens)
   filters = dict(
     temperature=temperature,
     top_k=top_k,
