@@ -38,7 +38,6 @@ _TIMES = {}
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp('main_shared')
   e = dict(os.environ)
-  e.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
   e.update(
     {
       'TFDS_DATA_DIR': str(root / 'tfds'),

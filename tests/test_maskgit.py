@@ -356,7 +356,6 @@ def test_main_train_then_sample(tmp_path):
   config.stage1_workdir = str(stage1_dir)
   _codes(str(codes_dir), config)
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
 
   def main(*flags):
     proc = subprocess.run(

@@ -53,6 +53,8 @@ STAGE2 = 'configs/fashion_mnist_transformer.py:smoke'
 NUM_STEPS = 8  # both smoke configs'
 KILL_AFTER_STEP = 4  # both smoke configs checkpoint every 4 steps
 DEVICES = 4  # in all: 2 processes x 2, or 1 x 4
+FORCE_DEVICES = '--xla_force_host_platform_device_count'
+FAST_COMPILE = '--xla_backend_optimization_level=1'  # as conftest.py sets for the tests
 TIMEOUT = 900
 
 _TIMES = {}
@@ -110,7 +112,7 @@ class _Run:
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES // nproc}'},
+            env={**env, 'XLA_FLAGS': f'{FORCE_DEVICES}={DEVICES // nproc} {FAST_COMPILE}'},
           )
         )
 

@@ -601,7 +601,6 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   ).stdout
   assert where.startswith(str(tmp_path / 'install' / 'venv')), where
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # one CPU device in the subprocesses
   env.pop('PYTHONPATH', None)
   env.update(
     {
@@ -712,7 +711,16 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   # --mode=eval draws class-balanced samples (no feature networks here: plumbing and files).
   out = main(s2, b, '--mode=eval', f'--config.stage1_workdir={a}', '--config.eval.num_samples=12')
   assert f'results: {b / "eval_4.json"}' in out
-  assert json.loads((b / 'eval_4.json').read_text())['num_samples'] == 12
+  result = json.loads((b / 'eval_4.json').read_text())
+  assert result['num_samples'] == 12
+  assert result['sampler'] == {
+    'kind': 'gpt',
+    'temperature': 1.0,
+    'top_k': 16,
+    'top_p': 1.0,
+    'cfg_scale': 1.0,
+    'seed': 0,
+  }
   drawn = np.load(b / 'eval_samples_4.npz')
   assert drawn['images'].shape == (12, 32, 32, 3) and drawn['images'].dtype == np.uint8
   np.testing.assert_array_equal(drawn['labels'], np.arange(12) % 10)
