@@ -348,6 +348,16 @@ def evaluate_stage2(config, workdir):
       'stage': 'transformer',
       'reference': {'dataset': config.data.name, 'split': split},
       'extractors': _names(exts),
+      # What drew the samples: figures of one model differ by these.
+      'sampler': {
+        'kind': run.kind,
+        'temperature': float(s.temperature),
+        'top_k': int(s.top_k),
+        'top_p': float(s.top_p),
+        'cfg_scale': float(s.cfg_scale),
+        'seed': int(config.eval.seed),
+        **maskgit,
+      },
     },
   )
   return result, path
