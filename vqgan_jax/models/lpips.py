@@ -104,6 +104,17 @@ def _normalize(f: Array, eps: float = 1e-10) -> Array:
   return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
 
 
+def max_pool_2x2(x: Array) -> Array:
+  """MaxPool2d(2, 2) (odd trailing rows/columns dropped, as torch's floor mode) as a reshape
+  and a max: the same values as `nn.max_pool`, but its gradient is a compare and select,
+  where XLA:CPU's reduce-window gradient builds four index maps per pool (90 ms of the
+  demo's 1.45 s step). Ties share the gradient, torch picks one; after a ReLU ties are
+  zeros, whose gradient the ReLU drops anyway."""
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class VGG16Features(nn.Module):
   """torchvision VGG16 `features` up to relu5_3; returns the 5 LPIPS taps."""
 
@@ -115,7 +126,7 @@ class VGG16Features(nn.Module):
     for s in range(1, 6):
       if s > 1:
         # torchvision MaxPool2d(2, 2) at indices 4, 9, 16, 23.
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       for slice_idx, idx, ch in VGG16_CONVS:
         if slice_idx != s:
           continue
