@@ -40,6 +40,7 @@ from vqgan_jax import config_base
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.train import stage2
+from vqgan_jax.train import stage2_config
 
 _ITERS = flags.DEFINE_integer('iters', 5, 'Timed repetitions (median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed repetitions after compilation.')
@@ -99,7 +100,7 @@ def train_flops(layout, batch):
 def ours_train(config, layout):
   """(one timed step, compile seconds, current params, the first step's loss)."""
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  model = stage2.build_model(config, layout)
+  model = stage2_config.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   shardings = stage2.gpt_state_shardings(model, tx, mesh)
   state = jax.jit(lambda r: stage2.init_state(model, tx, r), out_shardings=shardings)(
@@ -126,7 +127,7 @@ def ours_train(config, layout):
 
 def ours_sample(config, layout, params):
   """(one timed sampling of batch x 256 tokens, compile seconds)."""
-  model = stage2.build_model(config, layout, scan_layers=False)
+  model = stage2_config.build_model(config, layout, scan_layers=False)
   from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
 
   params = tf.unstack_layers(params)
@@ -251,8 +252,8 @@ def main(argv):
   del argv
   use_ref = not _NO_REF.value and _reference_available()
   dtypes = list(_DTYPES.value)
-  configs = {d: stage2.resolve_config(bench_config(d)) for d in dtypes}
-  layout = stage2.make_layout(configs[dtypes[0]])
+  configs = {d: stage2_config.resolve_config(bench_config(d)) for d in dtypes}
+  layout = stage2_config.make_layout(configs[dtypes[0]])
   assert (layout.vocab_size, layout.seq_len, layout.image_len) == (513, 256, 256)
   b = _BATCH.value
   common = {
