@@ -12,9 +12,11 @@ dtypes it is timed once per config, after all of ours.
 
   python experiments/bench_stage1.py --conv_profile
 
-times one 3x3 conv's forward + both backward convs instead (`CONV_SHAPES`: the demo's and
-the small reference config's VQGAN and LPIPS shapes), float32 vs bf16 operands with float32
-accumulation (`layers.mixed_conv`) vs a bf16 patch-matrix matmul, interleaved, best of 5.
+times one 3x3 conv's forward + input and kernel gradients instead (`CONV_SHAPES`: the demo's
+and the small reference config's VQGAN and LPIPS shapes): XLA's own float32 conv gradient
+(`float32_xla`), ours (`float32`: on CPU the kernel gradient by chunked patch matmuls,
+`layers._kernel_grad_chunked`) and bf16 operands with float32 accumulation
+(`layers.mixed_conv`), interleaved, best of 5.
 """
 
 import json
@@ -32,7 +34,6 @@ from vqgan_jax import config_base
 from vqgan_jax import parallel
 from vqgan_jax.models import layers
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.models.transformer import mixed_einsum
 from vqgan_jax.train import stage1
 
 _CONFIGS = flags.DEFINE_list('configs', ['demo', 'small_ref'], 'Which configs to time.')
@@ -54,6 +55,7 @@ CONV_SHAPES = (
   (8, 8, 512, 512),
   (8, 4, 512, 512),
   (32, 32, 32, 32),
+  (32, 32, 64, 64),
   (32, 16, 64, 64),
   (32, 8, 256, 256),
   (32, 4, 512, 512),
@@ -190,20 +192,14 @@ def conv_profile(rounds=5):
   """One JSON row per conv shape: ms and GFLOP/s of forward + input and kernel gradients."""
   pad = ((1, 1), (1, 1))
 
-  def patches(x, k):
-    b, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    cols = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
-    return mixed_einsum('nk,ko->no', cols.reshape(-1, 9 * c), k.reshape(9 * c, -1))
-
   def fwd_bwd(conv, dtype):
     loss = lambda x, k: jnp.sum(jnp.square(conv(x.astype(dtype), k.astype(dtype))))
     return jax.jit(jax.grad(loss, (0, 1)))
 
   candidates = {
+    'float32_xla': fwd_bwd(lambda x, k: layers._conv(x, k, 1, pad), jnp.float32),  # pylint: disable=protected-access
     'float32': fwd_bwd(lambda x, k: layers.conv2d(x, k, 1, pad), jnp.float32),
     'bf16_conv': fwd_bwd(lambda x, k: layers.mixed_conv(x, k, 1, pad), jnp.bfloat16),
-    'bf16_patch_matmul': fwd_bwd(patches, jnp.bfloat16),
   }
   for b, size, cin, cout in CONV_SHAPES:
     rng = np.random.RandomState(0)

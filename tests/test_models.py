@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vqgan_jax.models import layers
 from vqgan_jax.models.discriminator import NLayerDiscriminator
 from vqgan_jax.models.quantizer import GumbelQuantizer
 from vqgan_jax.models.quantizer import VectorQuantizer
@@ -314,3 +315,37 @@ def test_groupnorm_matches_flax_groupnorm():
   }
   assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(p)
   np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+  'shape,k,stride,pad,chunk_bytes',
+  [
+    ((6, 8, 8, 5, 16), 3, 1, ((1, 1), (1, 1)), 4 << 20),  # one chunk of the whole batch
+    ((6, 8, 8, 5, 16), 3, 1, ((1, 1), (1, 1)), 25000),  # three chunks of two images
+    ((4, 9, 7, 3, 24), 3, 2, ((0, 1), (0, 1)), 100),  # per-tap matmuls; Downsample's padding
+    ((2, 8, 8, 4, 16), 4, 2, ((1, 1), (1, 1)), 4 << 20),  # the discriminator's 4x4 stride 2
+    ((3, 5, 5, 8, 16), 1, 1, ((0, 0), (0, 0)), 4 << 20),  # nin_shortcut
+  ],
+)
+def test_cpu_kernel_gradient_equals_xla_conv_gradient(
+  shape, k, stride, pad, chunk_bytes, monkeypatch
+):
+  """The CPU conv's chunked kernel gradient (and its input gradient) equal autodiff through
+  lax.conv_general_dilated, for every chunking branch, stride and padding the models use."""
+  monkeypatch.setattr(layers, '_KERNEL_GRAD_CHUNK_BYTES', chunk_bytes)
+  b, h, w, cin, cout = shape
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(b, h, w, cin), jnp.float32)
+  kernel = jnp.asarray(rng.randn(k, k, cin, cout), jnp.float32)
+  ref = lambda x, kk: jax.lax.conv_general_dilated(
+    x, kk, (stride, stride), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  ours = lambda x, kk: layers.conv2d(x, kk, stride, pad)
+  y = ref(x, kernel)
+  ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
+  np.testing.assert_array_equal(ours(x, kernel), y)
+  want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
+  got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)

@@ -91,10 +91,72 @@ def _mixed_conv_bwd(strides, padding, res, g):
 mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
 
 
+_KERNEL_GRAD_CHUNK_BYTES = 4 << 20
+
+
+def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
+  """d(loss)/d(kernel) of `_conv` as a loop over batch chunks, each a patch-matrix matmul
+  (B_c*Ho*Wo, kh*kw*Cin)^T @ (B_c*Ho*Wo, Cout) accumulated in float32. A chunk's patch matrix
+  is sized to stay in cache (<= 4 MiB); where one image's is larger, one matmul per tap."""
+  kh, kw, cin, cout = kernel_shape
+  b, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  per_image = ho * wo * kh * kw * cin * x.dtype.itemsize
+  chunk = max(
+    [c for c in range(1, b + 1) if b % c == 0 and c * per_image <= _KERNEL_GRAD_CHUNK_BYTES] or [1]
+  )
+  taps = lambda xc: [
+    xc[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
+    for i in range(kh)
+    for j in range(kw)
+  ]
+
+  def body(acc, xg):
+    xc, gc = xg
+    g2 = gc.reshape(-1, cout)
+    if per_image <= _KERNEL_GRAD_CHUNK_BYTES:
+      cols = jnp.concatenate(taps(xc), axis=-1).reshape(-1, kh * kw * cin)
+      return acc + (cols.T @ g2).reshape(kernel_shape), None
+    per_tap = [t.reshape(-1, cin).T @ g2 for t in taps(xc)]
+    return acc + jnp.stack(per_tap).reshape(kernel_shape), None
+
+  # Chunk k holds images k, k + n, k + 2n, ... (n chunks): a batch sharded in contiguous
+  # blocks stays sharded within each chunk, and the loop runs over an unsharded axis.
+  split = lambda a: jnp.swapaxes(a.reshape(chunk, b // chunk, *a.shape[1:]), 0, 1)
+  acc, _ = jax.lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (split(xp), split(g)))
+  return acc
+
+
+# XLA:CPU lowers a conv's kernel gradient as a second convolution with batch and features
+# swapped, behind transposes of both operands; at the demo's and the small reference config's
+# shapes that runs at 5-35 GFLOP/s, against 70-170 for the forward. The chunked patch matmuls
+# above run 1.5-3.6x faster there (`bench_stage1.py --conv_profile`). Only the CPU takes this
+# path (`platform_dependent`); accelerators keep their own conv backward.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_cpu_kernel_grad(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv_ckg_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_ckg_bwd(strides, padding, res, g):
+  x, kernel = res
+  (dx,) = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)[1](g)
+  native = lambda x, g: jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
+  chunked = lambda x, g: _kernel_grad_chunked(x, g, kernel.shape, strides, padding)
+  return dx, jax.lax.platform_dependent(x, g, cpu=chunked, default=native)
+
+
+_conv_cpu_kernel_grad.defvjp(_conv_ckg_fwd, _conv_ckg_bwd)
+
+
 def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding.
 
-  float32 operands: the exact float32 conv. Lower precision: `mixed_conv` (float32 result).
+  float32 operands: the exact float32 conv; on CPU its kernel gradient comes from
+  `_kernel_grad_chunked` (16+ output channels). Lower precision: `mixed_conv` (float32 result).
 
   XLA:CPU's convolution is pathologically slow when the output is 1-2 pixels wide (64x2x2x512
   3x3 conv: 800 ms instead of 8 ms; LPIPS's relu5 stage at 32x32 inputs hits it), so tiny
@@ -105,8 +167,11 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   if min(x.shape[1] + sum(padding[0]) - kh, x.shape[2] + sum(padding[1]) - kw) // strides >= 2 or (
     kh == 1 and kw == 1
   ):
+    padding = tuple(map(tuple, padding))
     if mixed:
-      return mixed_conv(x, kernel, strides, tuple(map(tuple, padding)))
+      return mixed_conv(x, kernel, strides, padding)
+    if cout >= 16:  # narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster
+      return _conv_cpu_kernel_grad(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   ho = (xp.shape[1] - kh) // strides + 1
