@@ -92,6 +92,9 @@ mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
 
 
 _KERNEL_GRAD_CHUNK_BYTES = 4 << 20
+# False: XLA's own conv kernel gradient on every platform. Benchmarks count a step's FLOPs
+# with it (XLA's cost analysis counts a loop's body once, not once per iteration).
+CPU_KERNEL_GRAD = True
 
 
 def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
@@ -170,7 +173,8 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
     padding = tuple(map(tuple, padding))
     if mixed:
       return mixed_conv(x, kernel, strides, padding)
-    if cout >= 16:  # narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster
+    # Narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster.
+    if cout >= 16 and CPU_KERNEL_GRAD:
       return _conv_cpu_kernel_grad(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
