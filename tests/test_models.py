@@ -349,3 +349,25 @@ def test_cpu_kernel_gradient_equals_xla_conv_gradient(
   got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_kernel_gradient_supports_the_r1_double_backward():
+  """R1 differentiates the discriminator's input gradient w.r.t. its kernels: through the
+  custom VJP this equals autodiff through lax.conv_general_dilated."""
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(2, 8, 8, 3), jnp.float32)
+  k1 = jnp.asarray(rng.randn(4, 4, 3, 16) * 0.2, jnp.float32)
+  k2 = jnp.asarray(rng.randn(3, 3, 16, 16) * 0.2, jnp.float32)
+  pad = ((1, 1), (1, 1))
+  lax_conv = lambda x, k, s: jax.lax.conv_general_dilated(
+    x, k, (s, s), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+  def r1(conv):
+    d = lambda ks, x: jnp.sum(jnp.tanh(conv(jax.nn.leaky_relu(conv(x, ks[0], 2), 0.2), ks[1], 1)))
+    return lambda ks: jnp.sum(jnp.square(jax.grad(d, 1)(ks, x)))
+
+  want = jax.jit(jax.grad(r1(lax_conv)))((k1, k2))
+  got = jax.jit(jax.grad(r1(lambda x, k, s: layers.conv2d(x, k, s, pad))))((k1, k2))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -132,7 +132,7 @@ def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
 
 # XLA:CPU lowers a conv's kernel gradient as a second convolution with batch and features
 # swapped, behind transposes of both operands; at the demo's and the small reference config's
-# shapes that runs at 5-35 GFLOP/s, against 70-170 for the forward. The chunked patch matmuls
+# shapes that runs at 2-35 GFLOP/s, against 70-170 for the forward. The chunked patch matmuls
 # above run 1.5-3.6x faster there (`bench_stage1.py --conv_profile`). Only the CPU takes this
 # path (`platform_dependent`); accelerators keep their own conv backward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
