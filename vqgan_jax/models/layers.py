@@ -123,9 +123,7 @@ def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
     per_tap = [t.reshape(-1, cin).T @ g2 for t in taps(xc)]
     return acc + jnp.stack(per_tap).reshape(kernel_shape), None
 
-  # Chunk k holds images k, k + n, k + 2n, ... (n chunks): a batch sharded in contiguous
-  # blocks stays sharded within each chunk, and the loop runs over an unsharded axis.
-  split = lambda a: jnp.swapaxes(a.reshape(chunk, b // chunk, *a.shape[1:]), 0, 1)
+  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
   acc, _ = jax.lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (split(xp), split(g)))
   return acc
 
@@ -133,8 +131,8 @@ def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
 # XLA:CPU lowers a conv's kernel gradient as a second convolution with batch and features
 # swapped, behind transposes of both operands; at the demo's and the small reference config's
 # shapes that runs at 2-35 GFLOP/s, against 70-170 for the forward. The chunked patch matmuls
-# above run 1.5-3.6x faster there (`bench_stage1.py --conv_profile`). Only the CPU takes this
-# path (`platform_dependent`); accelerators keep their own conv backward.
+# above run 1.5-3.6x faster there (`bench_stage1.py --conv_profile`). Only a single CPU device
+# takes this path (`platform_dependent`, `conv2d`); accelerators keep their own conv backward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_cpu_kernel_grad(x, kernel, strides, padding):
   return _conv(x, kernel, strides, padding)
@@ -158,7 +156,7 @@ _conv_cpu_kernel_grad.defvjp(_conv_ckg_fwd, _conv_ckg_bwd)
 def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding.
 
-  float32 operands: the exact float32 conv; on CPU its kernel gradient comes from
+  float32 operands: the exact float32 conv; on one CPU device its kernel gradient comes from
   `_kernel_grad_chunked` (16+ output channels). Lower precision: `mixed_conv` (float32 result).
 
   XLA:CPU's convolution is pathologically slow when the output is 1-2 pixels wide (64x2x2x512
@@ -173,8 +171,10 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
     padding = tuple(map(tuple, padding))
     if mixed:
       return mixed_conv(x, kernel, strides, padding)
-    # Narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster.
-    if cout >= 16 and CPU_KERNEL_GRAD:
+    # Narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster. One device only:
+    # with a sharded batch the loop holds collectives, and XLA:CPU's in-process collectives
+    # deadlocked on a 2x2 mesh of host devices (the two-process tests).
+    if cout >= 16 and CPU_KERNEL_GRAD and jax.device_count() == 1:
       return _conv_cpu_kernel_grad(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
