@@ -371,3 +371,41 @@ def test_cpu_kernel_gradient_supports_the_r1_double_backward():
   got = jax.jit(jax.grad(r1(lambda x, k, s: layers.conv2d(x, k, s, pad))))((k1, k2))
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'shape',
+  [
+    (2, 5, 7, 3, 4),  # odd sizes, the plain conv's kernel gradient (cout < 16)
+    (2, 8, 8, 16, 16),  # the chunked kernel gradient
+    (2, 1, 1, 8, 16),  # 1x1 input: the patch-matrix branch
+  ],
+)
+def test_upsample_conv_equals_nearest_upsample_then_conv(shape):
+  """The sub-pixel Upsample conv equals the original's repeat-then-3x3-conv, in value and in
+  both gradients, up to float32 rounding of the summed taps."""
+  b, h, w, cin, cout = shape
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(b, h, w, cin), jnp.float32)
+  kernel = jnp.asarray(rng.randn(3, 3, cin, cout) * 0.3, jnp.float32)
+  ref = lambda x, kk: jax.lax.conv_general_dilated(
+    jnp.repeat(jnp.repeat(x, 2, 1), 2, 2),
+    kk,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision='highest',
+  )
+  y = ref(x, kernel)
+  assert y.shape == (b, 2 * h, 2 * w, cout)
+  np.testing.assert_allclose(layers.upsample_conv2d(x, kernel), y, rtol=1e-5, atol=1e-5)
+  ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
+  want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
+  got = jax.jit(jax.grad(loss(layers.upsample_conv2d), (0, 1)))(x, kernel)
+  for g, wnt in zip(got, want):
+    np.testing.assert_allclose(g, wnt, rtol=1e-5, atol=1e-4)
+  # bf16 operands: the kernel is combined in float32, then rounded once.
+  yb = layers.upsample_conv2d(x.astype(jnp.bfloat16), kernel)
+  assert yb.dtype == jnp.float32
+  np.testing.assert_allclose(yb, y, rtol=0.05, atol=0.05 * float(jnp.abs(y).max()))

@@ -66,10 +66,96 @@ def _conv(x, kernel, strides, padding, preferred_element_type=None):
   )
 
 
+_KERNEL_GRAD_CHUNK_BYTES = 4 << 20
+# False: XLA's own conv kernel gradient on every platform. Benchmarks count a step's FLOPs
+# with it (XLA's cost analysis counts a loop's body once, not once per iteration).
+CPU_KERNEL_GRAD = True
+
+
+def _taps(xp, kh, kw, strides, ho, wo):
+  """The kh*kw strided (B, ho, wo, C) views of padded `xp` that a conv's taps multiply."""
+  return [
+    xp[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
+    for i in range(kh)
+    for j in range(kw)
+  ]
+
+
+def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
+  """d(loss)/d(kernel) of `_conv` as a loop over batch chunks, each a patch-matrix matmul
+  (B_c*Ho*Wo, kh*kw*Cin)^T @ (B_c*Ho*Wo, Cout) accumulated in float32. A chunk's patch matrix
+  is sized to stay in cache (<= 4 MiB); where one image's is larger, one matmul per tap.
+
+  On several devices: one matmul per tap over the whole batch, no loop. With a sharded batch
+  the loop would hold collectives, and XLA:CPU's in-process collectives deadlocked in one on
+  the two-process tests' 2x2 mesh."""
+  kh, kw, cin, cout = kernel_shape
+  b, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  if jax.device_count() > 1:
+    g2 = g.reshape(-1, cout)
+    per_tap = [dot(t.reshape(-1, cin).T, g2) for t in _taps(xp, kh, kw, strides, ho, wo)]
+    return jnp.stack(per_tap).reshape(kernel_shape)
+  per_image = ho * wo * kh * kw * cin * x.dtype.itemsize
+  chunk = max(
+    [c for c in range(1, b + 1) if b % c == 0 and c * per_image <= _KERNEL_GRAD_CHUNK_BYTES] or [1]
+  )
+
+  def body(acc, xg):
+    xc, gc = xg
+    g2 = gc.reshape(-1, cout)
+    if per_image <= _KERNEL_GRAD_CHUNK_BYTES:
+      cols = jnp.concatenate(_taps(xc, kh, kw, strides, ho, wo), axis=-1).reshape(-1, kh * kw * cin)
+      return acc + dot(cols.T, g2).reshape(kernel_shape), None
+    per_tap = [dot(t.reshape(-1, cin).T, g2) for t in _taps(xc, kh, kw, strides, ho, wo)]
+    return acc + jnp.stack(per_tap).reshape(kernel_shape), None
+
+  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
+  acc, _ = jax.lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (split(xp), split(g)))
+  return acc
+
+
+# XLA:CPU lowers a conv's kernel gradient as a second convolution with batch and features
+# swapped, behind transposes of both operands; at the demo's and the small reference config's
+# shapes that runs at 2-35 GFLOP/s, against 70-170 for the forward, and the sub-pixel
+# Upsample's 2x2 conv takes 70x its forward (725 ms at the demo's 16x16x64). The patch matmuls
+# above run 1.5-3.6x faster at the 3x3 shapes (`bench_stage1.py --conv_profile`), 70x at the
+# 2x2 one. On CPU (`platform_dependent`) every conv with 16+ output channels, float32 or bf16,
+# takes them; narrower ones (conv_out to RGB) and accelerators keep XLA's.
+def _kernel_grad(x, g, kernel, strides, padding):
+  """d(loss)/d(kernel) of `_conv(x, kernel)` for the cotangent `g` (x's dtype)."""
+  native = lambda x, g: jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
+  if not CPU_KERNEL_GRAD or kernel.shape[-1] < 16:
+    return native(x, g)
+  ours = lambda x, g: _kernel_grad_chunked(x, g, kernel.shape, strides, padding).astype(
+    kernel.dtype
+  )
+  return jax.lax.platform_dependent(x, g, cpu=ours, default=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _float32_conv(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding)
+
+
+def _float32_conv_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _float32_conv_bwd(strides, padding, res, g):
+  x, kernel = res
+  (dx,) = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)[1](g)
+  return dx, _kernel_grad(x, g, kernel, strides, padding)
+
+
+_float32_conv.defvjp(_float32_conv_fwd, _float32_conv_bwd)
+
+
 # Plain autodiff through a bf16 conv that accumulates into float32 runs its backward in
 # float32: the float32 cotangent promotes the bf16 operand, and both backward convs run on
 # float32 operands. `mixed_conv` keeps them in the operands' dtype, as `mixed_einsum` does
-# for the GPT's dots. The backward convs return bf16 (the operands' cotangents); on XLA:CPU
+# for the GPT's dots. The backward returns bf16 (the operands' cotangents); on XLA:CPU
 # bf16 convs time exactly like float32 ones at every shape measured (widened inside), so they
 # accumulate in float32 there; accelerators accumulate bf16 convs in float32 anyway.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -84,80 +170,19 @@ def _mixed_conv_fwd(x, kernel, strides, padding):
 
 def _mixed_conv_bwd(strides, padding, res, g):
   x, kernel = res
-  _, vjp = jax.vjp(lambda a, k: _conv(a, k, strides, padding), x, kernel)
-  return vjp(g.astype(x.dtype))
+  g = g.astype(x.dtype)
+  (dx,) = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)[1](g)
+  return dx, _kernel_grad(x, g, kernel, strides, padding)
 
 
 mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
 
 
-_KERNEL_GRAD_CHUNK_BYTES = 4 << 20
-# False: XLA's own conv kernel gradient on every platform. Benchmarks count a step's FLOPs
-# with it (XLA's cost analysis counts a loop's body once, not once per iteration).
-CPU_KERNEL_GRAD = True
-
-
-def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
-  """d(loss)/d(kernel) of `_conv` as a loop over batch chunks, each a patch-matrix matmul
-  (B_c*Ho*Wo, kh*kw*Cin)^T @ (B_c*Ho*Wo, Cout) accumulated in float32. A chunk's patch matrix
-  is sized to stay in cache (<= 4 MiB); where one image's is larger, one matmul per tap."""
-  kh, kw, cin, cout = kernel_shape
-  b, ho, wo, _ = g.shape
-  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  per_image = ho * wo * kh * kw * cin * x.dtype.itemsize
-  chunk = max(
-    [c for c in range(1, b + 1) if b % c == 0 and c * per_image <= _KERNEL_GRAD_CHUNK_BYTES] or [1]
-  )
-  taps = lambda xc: [
-    xc[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
-    for i in range(kh)
-    for j in range(kw)
-  ]
-
-  def body(acc, xg):
-    xc, gc = xg
-    g2 = gc.reshape(-1, cout)
-    if per_image <= _KERNEL_GRAD_CHUNK_BYTES:
-      cols = jnp.concatenate(taps(xc), axis=-1).reshape(-1, kh * kw * cin)
-      return acc + (cols.T @ g2).reshape(kernel_shape), None
-    per_tap = [t.reshape(-1, cin).T @ g2 for t in taps(xc)]
-    return acc + jnp.stack(per_tap).reshape(kernel_shape), None
-
-  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
-  acc, _ = jax.lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (split(xp), split(g)))
-  return acc
-
-
-# XLA:CPU lowers a conv's kernel gradient as a second convolution with batch and features
-# swapped, behind transposes of both operands; at the demo's and the small reference config's
-# shapes that runs at 2-35 GFLOP/s, against 70-170 for the forward. The chunked patch matmuls
-# above run 1.5-3.6x faster there (`bench_stage1.py --conv_profile`). Only a single CPU device
-# takes this path (`platform_dependent`, `conv2d`); accelerators keep their own conv backward.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_cpu_kernel_grad(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding)
-
-
-def _conv_ckg_fwd(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv_ckg_bwd(strides, padding, res, g):
-  x, kernel = res
-  (dx,) = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)[1](g)
-  native = lambda x, g: jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)[1](g)[0]
-  chunked = lambda x, g: _kernel_grad_chunked(x, g, kernel.shape, strides, padding)
-  return dx, jax.lax.platform_dependent(x, g, cpu=chunked, default=native)
-
-
-_conv_cpu_kernel_grad.defvjp(_conv_ckg_fwd, _conv_ckg_bwd)
-
-
 def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """NHWC x HWIO convolution with explicit ((top, bottom), (left, right)) padding.
 
-  float32 operands: the exact float32 conv; on one CPU device its kernel gradient comes from
-  `_kernel_grad_chunked` (16+ output channels). Lower precision: `mixed_conv` (float32 result).
+  float32 operands: the exact float32 conv. Lower precision: `mixed_conv` (float32 result).
+  Either way, on CPU the kernel gradient of 16+ output channels is `_kernel_grad_chunked`'s.
 
   XLA:CPU's convolution is pathologically slow when the output is 1-2 pixels wide (64x2x2x512
   3x3 conv: 800 ms instead of 8 ms; LPIPS's relu5 stage at 32x32 inputs hits it), so tiny
@@ -171,26 +196,37 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
     padding = tuple(map(tuple, padding))
     if mixed:
       return mixed_conv(x, kernel, strides, padding)
-    # Narrower outputs (conv_out to RGB): XLA's own kernel gradient is faster. One device only:
-    # with a sharded batch the loop holds collectives, and XLA:CPU's in-process collectives
-    # deadlocked on a 2x2 mesh of host devices (the two-process tests).
-    if cout >= 16 and CPU_KERNEL_GRAD and jax.device_count() == 1:
-      return _conv_cpu_kernel_grad(x, kernel, strides, padding)
-    return _conv(x, kernel, strides, padding)
+    return _float32_conv(x, kernel, strides, padding)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   ho = (xp.shape[1] - kh) // strides + 1
   wo = (xp.shape[2] - kw) // strides + 1
-  cols = jnp.concatenate(
-    [
-      xp[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
-      for i in range(kh)
-      for j in range(kw)
-    ],
-    axis=-1,
-  )
+  cols = jnp.concatenate(_taps(xp, kh, kw, strides, ho, wo), axis=-1)
   cols, kernel = cols.reshape(-1, kh * kw * cin), kernel.reshape(kh * kw * cin, cout)
   y = mixed_einsum('nk,ko->no', cols, kernel) if mixed else cols @ kernel
   return y.reshape(x.shape[0], ho, wo, cout)
+
+
+# For each output phase (0: even rows, 1: odd), which of a 3x3 kernel's rows land on each row
+# of a 2x2 window over the low-resolution input: even output rows 2i see x[i-1] (kernel row 0)
+# and x[i] (rows 1, 2); odd rows 2i+1 see x[i] (rows 0, 1) and x[i+1] (row 2). Same for columns.
+_SUBPIXEL_ROWS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
+
+
+def upsample_conv2d(x, kernel):
+  """The 3x3 'same' conv (HWIO `kernel`) of `x` upsampled x2 by nearest neighbour, without
+  building the upsampled tensor: each output phase (row and column parity) is a 2x2 conv of
+  `x` with summed taps, and one 2x2 conv with four times the output channels computes all
+  four phases. 16 multiply-adds per output pixel pair instead of 36 (rounding differs only in
+  the order of the sums). `kernel` is float32; it is combined, then cast to `x`'s dtype."""
+  b, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  m = jnp.asarray(_SUBPIXEL_ROWS, jnp.float32)
+  k2 = jnp.einsum('arp,csq,pqio->rsiaco', m, m, kernel.astype(jnp.float32))
+  k2 = k2.reshape(2, 2, cin, 4 * cout).astype(x.dtype)
+  y = conv2d(x, k2, 1, ((1, 1), (1, 1))).reshape(b, h + 1, w + 1, 2, 2, cout)
+  # Phase (a, c) at (i, j) is window (i + a, j + c); out[2i + a, 2j + c] interleaves them.
+  rows = [jnp.stack([y[:, a : a + h, c : c + w, a, c] for c in range(2)], 3) for a in range(2)]
+  return jnp.stack(rows, 2).reshape(b, 2 * h, 2 * w, cout)
 
 
 class Conv(nn.Module):
@@ -206,6 +242,8 @@ class Conv(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   kernel_init: Any = torch_kernel_init
+  # True: the conv of x upsampled x2 (nearest), as `upsample_conv2d` (3x3, stride 1, 'torch').
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -216,7 +254,12 @@ class Conv(nn.Module):
     if pad == 'torch':
       pad = ((k // 2, k // 2), (k // 2, k // 2))
     # bf16: float32 out (accumulated), so biases, norms and the residual stream stay float32.
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
+    if self.upsample:
+      if (k, self.strides, self.padding) != (3, 1, 'torch'):
+        raise ValueError('upsample: only the 3x3, stride-1, torch-padded conv')
+      y = upsample_conv2d(x.astype(self.dtype), kernel)
+    else:
+      y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, pad)
     if self.use_bias:
       fan_in = k * k * in_features
       bound = 1.0 / jnp.sqrt(fan_in)
@@ -350,15 +393,13 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2, then a 3x3 conv."""
+  """Nearest-neighbour x2, then a 3x3 conv (computed as one sub-pixel conv)."""
 
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = x.astype(self.dtype)  # cast before the repeat: a quarter of the converts
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return Conv(x.shape[-1], 3, dtype=self.dtype, name='conv')(x)
+    return Conv(x.shape[-1], 3, dtype=self.dtype, upsample=True, name='conv')(x)
 
 
 class Level(nn.Module):
