@@ -125,14 +125,14 @@ def time_ours(config, iters, warmup):
 
   # The step's FLOPs as XLA counts them with its own conv gradients: the CPU's chunked kernel
   # gradients are a loop, whose body XLA's cost analysis counts once.
-  layers.CPU_KERNEL_GRAD = False
+  layers.CPU_PATCH_MATMULS = False
   try:
     plain = stage1.make_train_step(config, models, mesh, shardings, lpips_sh)
     flops = (plain.lower(state, lpips_params, images).compile().cost_analysis() or {}).get(
       'flops', 0.0
     )
   finally:
-    layers.CPU_KERNEL_GRAD = True
+    layers.CPU_PATCH_MATMULS = True
   t0 = time.perf_counter()
   compiled = step.lower(state, lpips_params, images).compile()
   holder = {'state': state}

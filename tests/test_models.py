@@ -325,14 +325,20 @@ def test_groupnorm_matches_flax_groupnorm():
     ((4, 9, 7, 3, 24), 3, 2, ((0, 1), (0, 1)), 100),  # per-tap matmuls; Downsample's padding
     ((2, 8, 8, 4, 16), 4, 2, ((1, 1), (1, 1)), 4 << 20),  # the discriminator's 4x4 stride 2
     ((3, 5, 5, 8, 16), 1, 1, ((0, 0), (0, 0)), 4 << 20),  # nin_shortcut
+    ((4, 8, 8, 32, 48), 3, 1, ((1, 1), (1, 1)), 4 << 20),  # patch-matmul forward, chunks of 4
+    ((4, 8, 8, 48, 32), 3, 1, ((1, 1), (1, 1)), 50000),  # ... one matmul per tap
   ],
 )
-def test_cpu_kernel_gradient_equals_xla_conv_gradient(
-  shape, k, stride, pad, chunk_bytes, monkeypatch
+@pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
+def test_cpu_conv_paths_equal_xla_conv_and_its_gradients(
+  shape, k, stride, pad, chunk_bytes, loops, monkeypatch
 ):
-  """The CPU conv's chunked kernel gradient (and its input gradient) equal autodiff through
-  lax.conv_general_dilated, for every chunking branch, stride and padding the models use."""
-  monkeypatch.setattr(layers, '_KERNEL_GRAD_CHUNK_BYTES', chunk_bytes)
+  """The CPU conv paths (patch-matmul forward and input gradient, chunked kernel gradient; the
+  loop-free kernel gradient of a sharded batch) equal lax.conv_general_dilated and its
+  autodiff, for every chunking branch, stride and padding the models use. The suite runs on
+  8 devices, so `_loops_allowed` is set for each branch."""
+  monkeypatch.setattr(layers, '_PATCH_CHUNK_BYTES', chunk_bytes)
+  monkeypatch.setattr(layers, '_loops_allowed', lambda: loops)
   b, h, w, cin, cout = shape
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(b, h, w, cin), jnp.float32)
@@ -344,20 +350,22 @@ def test_cpu_kernel_gradient_equals_xla_conv_gradient(
   y = ref(x, kernel)
   ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
   loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
-  np.testing.assert_array_equal(ours(x, kernel), y)
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), y, rtol=1e-5, atol=1e-4)
   want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
   got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
-def test_cpu_kernel_gradient_supports_the_r1_double_backward():
+@pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
+def test_cpu_conv_paths_support_the_r1_double_backward(loops, monkeypatch):
   """R1 differentiates the discriminator's input gradient w.r.t. its kernels: through the
-  custom VJP this equals autodiff through lax.conv_general_dilated."""
+  custom VJP (patch-matmul convs included) this equals autodiff through lax.conv_general_dilated."""
+  monkeypatch.setattr(layers, '_loops_allowed', lambda: loops)
   rng = np.random.RandomState(1)
   x = jnp.asarray(rng.randn(2, 8, 8, 3), jnp.float32)
-  k1 = jnp.asarray(rng.randn(4, 4, 3, 16) * 0.2, jnp.float32)
-  k2 = jnp.asarray(rng.randn(3, 3, 16, 16) * 0.2, jnp.float32)
+  k1 = jnp.asarray(rng.randn(4, 4, 3, 32) * 0.2, jnp.float32)
+  k2 = jnp.asarray(rng.randn(3, 3, 32, 32) * 0.2, jnp.float32)
   pad = ((1, 1), (1, 1))
   lax_conv = lambda x, k, s: jax.lax.conv_general_dilated(
     x, k, (s, s), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
@@ -369,8 +377,8 @@ def test_cpu_kernel_gradient_supports_the_r1_double_backward():
 
   want = jax.jit(jax.grad(r1(lax_conv)))((k1, k2))
   got = jax.jit(jax.grad(r1(lambda x, k, s: layers.conv2d(x, k, s, pad))))((k1, k2))
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  for g, w in zip(got, want):  # float32 rounding, relative to the gradient's scale
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6 * float(jnp.abs(w).max()))
 
 
 @pytest.mark.parametrize(
@@ -381,9 +389,11 @@ def test_cpu_kernel_gradient_supports_the_r1_double_backward():
     (2, 1, 1, 8, 16),  # 1x1 input: the patch-matrix branch
   ],
 )
-def test_upsample_conv_equals_nearest_upsample_then_conv(shape):
+@pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
+def test_upsample_conv_equals_nearest_upsample_then_conv(shape, loops, monkeypatch):
   """The sub-pixel Upsample conv equals the original's repeat-then-3x3-conv, in value and in
   both gradients, up to float32 rounding of the summed taps."""
+  monkeypatch.setattr(layers, '_loops_allowed', lambda: loops)
   b, h, w, cin, cout = shape
   rng = np.random.RandomState(2)
   x = jnp.asarray(rng.randn(b, h, w, cin), jnp.float32)
