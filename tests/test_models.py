@@ -325,7 +325,7 @@ def test_groupnorm_matches_flax_groupnorm():
     ((4, 9, 7, 3, 24), 3, 2, ((0, 1), (0, 1)), 100),  # per-tap matmuls; Downsample's padding
     ((2, 8, 8, 4, 16), 4, 2, ((1, 1), (1, 1)), 4 << 20),  # the discriminator's 4x4 stride 2
     ((3, 5, 5, 8, 16), 1, 1, ((0, 0), (0, 0)), 4 << 20),  # nin_shortcut
-    ((4, 8, 8, 32, 48), 3, 1, ((1, 1), (1, 1)), 4 << 20),  # patch-matmul forward, chunks of 4
+    ((4, 8, 8, 32, 48), 3, 1, ((1, 1), (1, 1)), 150000),  # patch-matmul forward, 2 chunks
     ((4, 8, 8, 48, 32), 3, 1, ((1, 1), (1, 1)), 50000),  # ... one matmul per tap
   ],
 )
@@ -379,6 +379,29 @@ def test_cpu_conv_paths_support_the_r1_double_backward(loops, monkeypatch):
   got = jax.jit(jax.grad(r1(lambda x, k, s: layers.conv2d(x, k, s, pad))))((k1, k2))
   for g, w in zip(got, want):  # float32 rounding, relative to the gradient's scale
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-6 * float(jnp.abs(w).max()))
+
+
+@pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
+def test_bf16_conv_kernel_gradient_equals_float32_autodiff(loops, monkeypatch):
+  """`mixed_conv`'s CPU kernel gradient (bf16 operands, float32 accumulation) equals float32
+  autodiff on the same bf16-rounded operands and cotangent, to float32 rounding."""
+  monkeypatch.setattr(layers, '_PATCH_CHUNK_BYTES', 12000)  # bf16: 2 chunks of 2 images
+  monkeypatch.setattr(layers, '_loops_allowed', lambda: loops)
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(4, 6, 6, 8), jnp.bfloat16)
+  kernel = jnp.asarray(rng.randn(3, 3, 8, 16), jnp.bfloat16)
+  ct = jnp.asarray(rng.randn(4, 6, 6, 16), jnp.bfloat16).astype(jnp.float32)
+  pad = ((1, 1), (1, 1))
+  ref = lambda x, kk: jax.lax.conv_general_dilated(
+    x, kk, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+  )
+  want = jax.grad(lambda kk: jnp.sum(ref(x.astype(jnp.float32), kk) * ct))(
+    kernel.astype(jnp.float32)
+  )
+  got = jax.jit(jax.grad(lambda kk: jnp.sum(layers.conv2d(x, kk, 1, pad) * ct)))(kernel)
+  assert got.dtype == jnp.bfloat16
+  # The float32 sum is rounded once to bf16 (8 bits of mantissa).
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=1 / 128, atol=1e-3)
 
 
 @pytest.mark.parametrize(
