@@ -15,8 +15,9 @@ dtypes it is timed once per config, after all of ours.
 times one 3x3 conv's forward + input and kernel gradients instead (`CONV_SHAPES`: the demo's
 and the small reference config's VQGAN and LPIPS shapes): XLA's own float32 conv gradient
 (`float32_xla`), ours (`float32`: on CPU the kernel gradient by chunked patch matmuls,
-`layers._kernel_grad_chunked`) and bf16 operands with float32 accumulation
-(`layers.mixed_conv`), interleaved, best of 5.
+`layers._kernel_grad_chunked`, and for 32-64 channels the forward and input gradient too,
+`layers._conv_patches`) and bf16 operands with float32 accumulation (`layers.mixed_conv`, its
+kernel gradient chunked too), interleaved, best of 5.
 """
 
 import json
@@ -123,8 +124,8 @@ def time_ours(config, iters, warmup):
   )
   mask = jax.device_put(np.ones((b,), bool), parallel.batch_sharding(mesh))
 
-  # The step's FLOPs as XLA counts them with its own conv gradients: the CPU's chunked kernel
-  # gradients are a loop, whose body XLA's cost analysis counts once.
+  # The step's FLOPs as XLA counts them with its own convs and conv gradients: the CPU's patch
+  # matmuls are loops, whose body XLA's cost analysis counts once.
   layers.CPU_PATCH_MATMULS = False
   try:
     plain = stage1.make_train_step(config, models, mesh, shardings, lpips_sh)
