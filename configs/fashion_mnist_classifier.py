@@ -14,7 +14,7 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   c = base.classifier_base()
   c.model.feature_name = 'fmnist'
-  c.data.update(name='fashion_mnist', image_size=32, eval_split='test', random_crop=False)
+  c.data.update(base.fashion_mnist_data())
   if args.get('smoke'):
     c.train.update(num_steps=20, log_every=10, eval_every=20, checkpoint_every=20)
     c.data.eval_examples = 500

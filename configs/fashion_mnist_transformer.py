@@ -28,9 +28,7 @@ def get_config(arg=None):
   c.stage1_config = base.stage1_model_fields(fashion_mnist_vqgan.get_config())
   c.cond.update(kind='class', n_classes=10)
   c.transformer.update(n_layer=4, n_head=4, n_embd=256, pkeep=1.0, shared_vocab=False)
-  c.data.update(
-    name='fashion_mnist', image_size=32, train_split='train', eval_split='test', random_crop=False
-  )
+  c.data.update(base.fashion_mnist_data())
   c.encode.batch_size = 250
   # lr = 1e-5 * 64 = 6.4e-4 after 50 warm-up steps, cosine to 10% at the end. 600 steps of
   # 64 x 64 tokens (~0.6 epoch), one eval over the whole 10k test split at the end.

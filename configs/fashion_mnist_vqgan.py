@@ -23,7 +23,7 @@ def get_config(arg=None):
   # The GAN joins for the last 20%: in a 600-step run it mostly trades L1 for texture.
   c.loss.update(disc_start=0.8, disc_weight=0.8, disc_num_layers=2, disc_ndf=32)
   c.optim.base_lr = 1e-5
-  c.data.update(name='fashion_mnist', image_size=32, eval_split='test', random_crop=False)
+  c.data.update(base.fashion_mnist_data())
   # ~10 minutes on 2 CPU cores; one eval over
   # the whole 10k test split at the end.
   c.train.update(

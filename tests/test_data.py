@@ -590,6 +590,42 @@ def test_fashion_mnist_iterators(fmnist):
   assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 100
 
 
+@needs_fmnist
+def test_in_memory_source_and_iterators_equal_the_tfds_ones(fmnist):
+  """in_memory reads Fashion-MNIST's IDX files (and a sliced split by decoding the TFDS
+  source in chunks): the same records, so the same batches as reading TFDS record by record."""
+  mem = data_config(**{**fmnist.to_dict(), 'in_memory': True, 'read_threads': 0})
+  for split, every in (('train', 1), ('test', 7), ('test[10:2500]', 3)):
+    disk, memory = builders.get_source(fmnist, split), builders.get_source(mem, split)
+    assert isinstance(memory, builders.MemorySource) and len(memory) == len(disk)
+    for i in range(0, len(disk), every):
+      a, b = disk[i], memory[i]
+      np.testing.assert_array_equal(a['image'], b['image'])
+      assert a['label'] == b['label'] and b['image'].dtype == np.uint8
+  train = [
+    pipeline.make_train_iterator(c, 16, 3, process_index=0, process_count=1) for c in (fmnist, mem)
+  ]
+  for _ in range(3):
+    a, b = (next(it) for it in train)
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  evals = [
+    list(pipeline.make_eval_iterator(data_config(**{**c.to_dict(), 'eval_examples': 300}), 128))
+    for c in (fmnist, mem)
+  ]
+  assert len(evals[0]) == len(evals[1]) == 3
+  for a, b in zip(*evals):
+    for k in ('image', 'label', 'mask'):
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_in_memory_needs_images_of_one_shape(folder_builder):
+  cfg, _ = folder_builder
+  cfg = data_config(**{**cfg.to_dict(), 'in_memory': True})
+  with pytest.raises(builders.DataError, match=r'config.data.in_memory=True needs images of one'):
+    builders.get_source(cfg, 'train')
+
+
 def test_to_global():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))

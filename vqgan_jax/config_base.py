@@ -166,6 +166,10 @@ def stage1_base():
       eval_split='validation',
       random_crop=True,
       worker_count=0,
+      # Each split decoded once into memory (Fashion-MNIST: straight from its IDX files):
+      # no per-record read and decode. Small datasets only; images of one shape.
+      in_memory=False,
+      read_threads=16,  # grain's reading threads per process; 0: read in the loading thread
       eval_examples=-1,  # -1: the whole eval split
     )
   )
@@ -268,6 +272,23 @@ def classifier_base():
   return c
 
 
+def fashion_mnist_data(**overrides):
+  """`config.data` fields of the Fashion-MNIST demos: 32x32 (the 28x28 images enlarged), the
+  test split held out, in memory and read without grain's threads (the data loading cost
+  1.0 ms per image of a 2-core host's time that way, 0.45 ms without threads, far less from
+  memory)."""
+  return dict(
+    name='fashion_mnist',
+    image_size=32,
+    train_split='train',
+    eval_split='test',
+    random_crop=False,
+    in_memory=True,
+    read_threads=0,
+    **overrides,
+  )
+
+
 def stage1_smoke(c):
   """Shrinks a stage-1 config to a tiny model and a few steps on Fashion-MNIST (offline),
   keeping every part of the pipeline: data, both updates, eval, checkpoints, images."""
@@ -282,9 +303,7 @@ def stage1_smoke(c):
     embed_dim=16,
   )
   c.loss.update(disc_start=4.0, disc_ndf=16, disc_num_layers=2)
-  c.data.update(
-    name='fashion_mnist', image_size=32, eval_split='test', random_crop=False, eval_examples=64
-  )
+  c.data.update(fashion_mnist_data(eval_examples=64))
   c.train.update(
     batch_size=8,
     eval_batch_size=32,
@@ -432,14 +451,7 @@ def stage2_smoke(c):
   c.stage1_workdir = 'workdirs/fashion_mnist_vqgan_smoke'
   c.stage1_config = stage1_model_fields(smoke_stage1())
   c.transformer.update(n_layer=2, n_head=2, n_embd=64, vocab_size=-1, block_size=-1)
-  c.data.update(
-    name='fashion_mnist',
-    image_size=32,
-    train_split='train',
-    eval_split='test',
-    random_crop=False,
-    eval_examples=-1,
-  )
+  c.data.update(fashion_mnist_data(eval_examples=-1))
   c.encode.update(batch_size=64, max_examples=256)
   c.optim.update(base_lr=1e-5, warmup_steps=2, schedule='cosine')
   c.train.update(

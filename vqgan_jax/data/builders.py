@@ -760,9 +760,65 @@ def check_builder_splits(builder, named_splits, *, hint=''):
 
 
 def get_source(data_config, split, *, is_chief=None):
-  """A random-access source of {'image': uint8 [H,W,C], 'label': int, ...}."""
+  """A random-access source of {'image': uint8 [H,W,C], 'label': int, ...}; with
+  `config.data.in_memory` the split decoded once into memory (`MemorySource`)."""
   builder = prepare(data_config, is_chief=is_chief)
+  if data_config.get('in_memory', False):
+    return memory_source(builder, data_config, split)
   return source_from_builder(builder, split)
+
+
+class MemorySource:
+  """A split held decoded in memory: the records of the TFDS source, {image_key: uint8
+  [H,W,C], 'label': int}, without its per-record file read, parse and PNG decode (about
+  0.3 ms of a 2-core host's time per 28x28 record, more than a small model's step spends
+  on it)."""
+
+  def __init__(self, images, labels, image_key='image'):
+    if len(images) != len(labels):
+      raise ValueError(f'{len(images)} images but {len(labels)} labels')
+    self._images, self._labels, self._key = images, labels, image_key
+
+  def __len__(self):
+    return len(self._images)
+
+  def __getitem__(self, index):
+    return {self._key: self._images[index], 'label': int(self._labels[index])}
+
+  def __repr__(self):
+    return f'MemorySource({len(self)} x {self._images.shape[1:]})'
+
+
+_DECODE_CHUNK = 1000
+
+
+def memory_source(builder, data_config, split):
+  """`split` of `builder` decoded into a `MemorySource`. Fashion-MNIST's plain splits come
+  straight from its IDX files (record i is IDX record i, and PNG is lossless); any other
+  split is read from the TFDS source in chunks, so its images must share one shape."""
+  key = data_config.image_key
+  if data_config.name == 'fashion_mnist' and split in FASHION_MNIST_FILES:
+    images, labels = load_fashion_mnist(data_config.source_dir, split)
+    return MemorySource(images[..., None], labels, key)
+  source = source_from_builder(builder, split)
+  images, labels = None, np.empty(len(source), np.int64)
+  for start in range(0, len(source), _DECODE_CHUNK):
+    chunk = source.__getitems__(range(start, min(start + _DECODE_CHUNK, len(source))))
+    for i, element in enumerate(chunk, start):
+      image = np.asarray(element[key])
+      if images is None:
+        images = np.empty((len(source), *image.shape), image.dtype)
+      if image.shape != images.shape[1:]:
+        raise DataError(
+          f'config.data.in_memory=True needs images of one shape, but split {split!r} of '
+          f'{builder.info.full_name} has {images.shape[1:]} (record 0) and {image.shape} '
+          f'(record {i}); set config.data.in_memory=False.'
+        )
+      images[i] = image
+      labels[i] = element.get('label', -1)
+  if images is None:
+    raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
+  return MemorySource(images, labels, key)
 
 
 def source_from_builder(builder, split):

@@ -153,6 +153,18 @@ def local_batch_size(global_batch_size, process_count, field):
   return global_batch_size // process_count
 
 
+def read_options(data_config, source=None):
+  """grain's reading threads for `data_config`: none for a `MemorySource` (grain's advice for
+  data in memory) or with `config.data.read_threads=0`, else that many with grain's default
+  prefetch buffer. With its 16 default threads grain's prefetch re-scans a 500-deep buffer
+  for every record and the threads fight the main one for the GIL: on a 2-core host
+  Fashion-MNIST loaded 984 images/s that way and 1718 without threads."""
+  threads = int(data_config.get('read_threads', 16))
+  if threads == 0 or isinstance(source, builders.MemorySource):
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(num_threads=threads)
+
+
 def _allow_workers(worker_count):
   # Grain worker processes read absl flags; outside an absl app (tests,
   # notebooks) they are unparsed and the workers would fail.
@@ -251,9 +263,11 @@ def make_loader(
   process_index=None,
   process_count=None,
   field='train.batch_size',
+  options=None,
 ):
   """An infinite `TrainIterator` of this process's part of each global batch
-  (see `GlobalBatchSampler`); `operations` map one record and batch them."""
+  (see `GlobalBatchSampler`); `operations` map one record and batch them; `options`: grain
+  ReadOptions (`read_options`)."""
   process_index, process_count = _process(process_index, process_count)
   batch = local_batch_size(global_batch_size, process_count, field)
   sampler = GlobalBatchSampler(
@@ -267,6 +281,7 @@ def make_loader(
     operations=[*operations, grain.transforms.Batch(batch, drop_remainder=True)],
     worker_count=worker_count,
     shard_options=grain.sharding.NoSharding(),
+    read_options=options,
   )
   return TrainIterator(loader)
 
@@ -298,6 +313,7 @@ def make_train_iterator(
     worker_count=data_config.worker_count,
     process_index=process_index,
     process_count=process_count,
+    options=read_options(data_config, source),
   )
 
 
@@ -372,7 +388,7 @@ def make_eval_iterator(
   n = num_eval_examples(data_config, source=source)
   padded = _PaddedEvalSource(source, data_config, n, global_batch_size, batch, process_index)
   ds = grain.MapDataset.source(padded).batch(batch, drop_remainder=False)
-  it_ds = ds.to_iter_dataset()
+  it_ds = ds.to_iter_dataset(read_options(data_config, source))
   worker_count = int(data_config.worker_count)
   if worker_count:
     _allow_workers(worker_count)

@@ -177,7 +177,8 @@ def ordered_batches(
     source = builders.get_source(data_config, split)
   n = len(source) if max_examples is None or max_examples < 0 else min(len(source), max_examples)
   padded = _OrderedSource(source, data_config, n, global_batch, local, process_index, cond)
-  ds = grain.MapDataset.source(padded).batch(local, drop_remainder=False).to_iter_dataset()
+  ds = grain.MapDataset.source(padded).batch(local, drop_remainder=False)
+  ds = ds.to_iter_dataset(pipeline.read_options(data_config, source))
   workers = int(data_config.worker_count)
   if workers:
     pipeline._allow_workers(workers)  # pylint: disable=protected-access
@@ -381,11 +382,12 @@ def make_train_iterator(
   process_index=None,
   process_count=None,
   source=None,
+  options=None,
 ):
   """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']}: this
   process's part of each global batch (the same global batches for any process count, see
   `pipeline.GlobalBatchSampler`); the state (`get_state`/`set_state`) is checkpointed with
-  the run."""
+  the run. `options`: grain ReadOptions (`pipeline.read_options`)."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
   pipeline.local_batch_size(global_batch_size, process_count, 'train.batch_size')
   if source is None:
@@ -403,6 +405,7 @@ def make_train_iterator(
     worker_count=worker_count,
     process_index=process_index,
     process_count=process_count,
+    options=options,
   )
 
 
@@ -433,9 +436,11 @@ def make_eval_iterator(
   process_index=None,
   process_count=None,
   source=None,
+  options=None,
 ):
   """One ordered pass over a codes split: {'codes', 'label', 'mask'[, 'cond_codes']},
-  padded to whole batches (mask False), the same number of batches on every process."""
+  padded to whole batches (mask False), the same number of batches on every process.
+  `options`: grain ReadOptions (`pipeline.read_options`)."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
   batch = pipeline.local_batch_size(global_batch_size, process_count, 'train.eval_batch_size')
   if source is None:
@@ -444,4 +449,6 @@ def make_eval_iterator(
     raise DataError(f'Codes split {split!r} is empty.')
   n = len(source) if max_examples is None or max_examples < 0 else min(len(source), max_examples)
   padded = _PaddedCodes(source, n, global_batch_size, batch, process_index)
-  return iter(grain.MapDataset.source(padded).batch(batch, drop_remainder=False).to_iter_dataset())
+  return iter(
+    grain.MapDataset.source(padded).batch(batch, drop_remainder=False).to_iter_dataset(options)
+  )

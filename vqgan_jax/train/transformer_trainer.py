@@ -74,12 +74,14 @@ def train_and_evaluate(config, workdir):
       config.train.batch_size,
       config.seed,
       worker_count=config.data.worker_count,
+      options=pipeline.read_options(config.data),
     )
     eval_batches = lambda: tokens.make_eval_iterator(
       builder,
       config.data.eval_split,
       config.train.eval_batch_size,
       max_examples=config.data.eval_examples,
+      options=pipeline.read_options(config.data),
     )
     keys = ('codes', 'label', 'cond_codes', 'mask')
 
