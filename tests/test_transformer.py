@@ -271,3 +271,12 @@ def test_parity_with_original_mingpt(model):
   err = np.abs(got - want).max() / np.abs(want).max()
   print(f'parity vs original: max abs err {np.abs(got - want).max():.3g}, relative {err:.3g}')
   assert err <= 1e-4, err
+
+
+def test_gelu_is_the_exact_gelu():
+  """The erf form equals jax.nn.gelu's erfc form to float32 rounding; bf16 stays bf16."""
+  x = jnp.linspace(-12.0, 12.0, 100_001, dtype=jnp.float32)
+  np.testing.assert_allclose(
+    gpt_lib.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6
+  )
+  assert gpt_lib.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16

@@ -164,6 +164,13 @@ def _layer_norm(x, name):
   )(x.astype(jnp.float32))
 
 
+def gelu(x):
+  """Exact GELU, x * Phi(x), written with erf as torch's kernel computes it. jax.nn.gelu's
+  erfc form is more accurate far below zero (where both are ~0) and cost ~7% of the demo
+  GPT's training step on XLA:CPU (erfc's exponential and branches)."""
+  return 0.5 * x * (1.0 + lax.erf(x * np.float32(1 / np.sqrt(2))).astype(x.dtype))
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention; with a cache, attends to cache slots [0, pos + t].
   `causal=False` attends everywhere (MaskGIT's bidirectional transformer; no cache)."""
@@ -235,7 +242,7 @@ class Block(nn.Module):
     )(_layer_norm(x, 'ln1'), cache, pos)
     x = x + h.astype(jnp.float32)
     h = _dense(4 * c, ('embed', 'mlp'), self.dtype, name='mlp_0')(_layer_norm(x, 'ln2'))
-    h = nn.gelu(h, approximate=False)
+    h = gelu(h)
     h = _dense(c, ('mlp', 'embed'), self.dtype, name='mlp_2')(h)
     h = nn.Dropout(self.resid_pdrop)(h, deterministic=self.deterministic)
     return x + h.astype(jnp.float32), cache
