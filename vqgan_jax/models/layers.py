@@ -251,6 +251,13 @@ def conv2d(x, kernel, strides=1, padding=((0, 0), (0, 0))):
   """
   kh, kw, cin, cout = kernel.shape
   mixed = jnp.dtype(x.dtype) != jnp.float32
+  if (kh, kw, strides) == (1, 1, 1) and not any(map(any, padding)):
+    # A 1x1 conv is a matmul over channels. XLA:CPU's conv ran 2.7-4.3x slower than the dot
+    # (64 -> 32 channels at 32x32: 80.9 vs 18.7 ms at batch 250, 2.5 vs 0.95 ms at 32), and
+    # its autodiff 2.8-7x slower than the dot's.
+    if mixed:
+      return mixed_einsum('bhwi,io->bhwo', x, kernel[0, 0])
+    return jnp.einsum('bhwi,io->bhwo', x, kernel[0, 0], preferred_element_type=jnp.float32)
   if min(x.shape[1] + sum(padding[0]) - kh, x.shape[2] + sum(padding[1]) - kw) // strides >= 2 or (
     kh == 1 and kw == 1
   ):
