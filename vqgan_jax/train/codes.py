@@ -95,11 +95,7 @@ def encode(config, workdir):
     bar = tqdm.tqdm(
       total=n, disable=jax.process_index() != 0, dynamic_ncols=True, desc=f'encode {split}'
     )
-    for batch in it:
-      inputs = {'image': batch['image']}
-      if spatial:
-        inputs['cond_map'] = batch['cond_map']
-      out = encode_jit(params, pipeline.to_global(inputs, batch_sh))
+    def finish(out, batch):
       rows = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
       # Host-side bookkeeping of the whole global batch, in the same (process) order.
       host = {k: gather(batch[k]) for k in ('label', 'index', 'mask')}
@@ -107,7 +103,21 @@ def encode(config, workdir):
       rows = {k: v[keep] for k, v in rows.items()}
       rows.update(label=host['label'][keep], index=host['index'][keep])
       bar.update(int(keep.sum()))
-      yield rows
+      return rows
+
+    # One batch in flight: the next batch is loaded and dispatched before the previous one's
+    # codes are fetched, so loading and writing overlap the encoder.
+    pending = None
+    for batch in it:
+      inputs = {'image': batch['image']}
+      if spatial:
+        inputs['cond_map'] = batch['cond_map']
+      out = encode_jit(params, pipeline.to_global(inputs, batch_sh))
+      if pending is not None:
+        yield finish(*pending)
+      pending = (out, batch)
+    if pending is not None:
+      yield finish(*pending)
     bar.close()
 
   t0 = time.perf_counter()
