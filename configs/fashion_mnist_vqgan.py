@@ -45,4 +45,8 @@ def get_config(arg=None):
     # weight of 0.1 (MAGVIT, Open-MAGVIT2) keeps the GAN's texture without that.
     c.model.update(quantizer='fsq', fsq_levels=(4, 4, 4, 4), embed_dim=4, n_embed=256)
     c.loss.update(adaptive_weight=False, disc_weight=0.1)
+    # Eval, encode and the loaders read an EMA of the weights (a ~100-step horizon): LPIPS
+    # 0.128-0.129 against 0.138-0.155 for the raw weights, PSNR 20.5-20.9 against 19.1-20.6 dB
+    # (two seeds each).
+    c.train.params_ema_decay = 0.99
   return c

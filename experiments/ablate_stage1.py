@@ -149,6 +149,7 @@ def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
   config = make_config(spec, variant, seed, steps, base, classifier_workdir)
   name = '+'.join(atoms(base) + atoms(variant)) or 'vq'
   workdir = os.path.join(root, f'{name}_seed{seed}_steps{steps}')
+  commit = _commit()  # the code the run imports, not what HEAD is when it ends
   t0 = time.perf_counter()
   result = vqgan_trainer.train_and_evaluate(config, workdir)
   row = {
@@ -159,7 +160,7 @@ def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
     **{k: result[k] for k in EVAL_KEYS if k in result},
     'config': spec.replace(_REPO + os.sep, ''),
     'workdir': workdir,
-    'commit': _commit(),
+    'commit': commit,
     'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
   return row
