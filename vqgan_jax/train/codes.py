@@ -95,6 +95,7 @@ def encode(config, workdir):
     bar = tqdm.tqdm(
       total=n, disable=jax.process_index() != 0, dynamic_ncols=True, desc=f'encode {split}'
     )
+
     def finish(out, batch):
       rows = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
       # Host-side bookkeeping of the whole global batch, in the same (process) order.
