@@ -122,6 +122,9 @@ def make_config(
   """The demo config (`spec`) with the base's and the variant's overrides, `seed`, and a
   budget of `steps` (one eval, at the end; checkpoints at most every third of the run)."""
   c = load_config(spec)
+  # Every row measures the raw weights, as the table's first rows were (before the demo
+  # adopted the EMA); the EMA is the 'params_ema' atom.
+  c.train.params_ema_decay = 0.0
   for name in atoms(base) + atoms(variant):
     for key, value in VARIANTS[name].items():
       section, field = key.split('.')
