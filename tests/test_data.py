@@ -619,11 +619,17 @@ def test_in_memory_source_and_iterators_equal_the_tfds_ones(fmnist):
       np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_in_memory_needs_images_of_one_shape(folder_builder):
+def test_in_memory_folder_of_mixed_sizes_equals_the_tfds_source(folder_builder):
   cfg, _ = folder_builder
-  cfg = data_config(**{**cfg.to_dict(), 'in_memory': True})
-  with pytest.raises(builders.DataError, match=r'config.data.in_memory=True needs images of one'):
-    builders.get_source(cfg, 'train')
+  disk = builders.get_source(cfg, 'train')
+  memory = builders.get_source(data_config(**{**cfg.to_dict(), 'in_memory': True}), 'train')
+  assert isinstance(memory, builders.MemorySource) and len(memory) == len(disk) > 1
+  shapes = set()
+  for i in range(len(disk)):
+    np.testing.assert_array_equal(memory[i]['image'], disk[i]['image'])
+    assert memory[i]['label'] == disk[i]['label']
+    shapes.add(memory[i]['image'].shape)
+  assert len(shapes) > 1  # the folder's images differ in size: kept as a list
 
 
 def test_to_global():

@@ -167,7 +167,7 @@ def stage1_base():
       random_crop=True,
       worker_count=0,
       # Each split decoded once into memory (Fashion-MNIST: straight from its IDX files):
-      # no per-record read and decode. Small datasets only; images of one shape.
+      # no per-record read and decode. For datasets that fit in host memory.
       in_memory=False,
       read_threads=16,  # grain's reading threads per process; 0: read in the loading thread
       eval_examples=-1,  # -1: the whole eval split

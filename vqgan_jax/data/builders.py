@@ -786,7 +786,8 @@ class MemorySource:
     return {self._key: self._images[index], 'label': int(self._labels[index])}
 
   def __repr__(self):
-    return f'MemorySource({len(self)} x {self._images.shape[1:]})'
+    shape = self._images.shape[1:] if isinstance(self._images, np.ndarray) else 'mixed'
+    return f'MemorySource({len(self)} x {shape})'
 
 
 _DECODE_CHUNK = 1000
@@ -795,29 +796,21 @@ _DECODE_CHUNK = 1000
 def memory_source(builder, data_config, split):
   """`split` of `builder` decoded into a `MemorySource`. Fashion-MNIST's plain splits come
   straight from its IDX files (record i is IDX record i, and PNG is lossless); any other
-  split is read from the TFDS source in chunks, so its images must share one shape."""
+  split is read from the TFDS source in chunks: one array when its images share a shape, else
+  a list of them."""
   key = data_config.image_key
   if data_config.name == 'fashion_mnist' and split in FASHION_MNIST_FILES:
     images, labels = load_fashion_mnist(data_config.source_dir, split)
     return MemorySource(images[..., None], labels, key)
   source = source_from_builder(builder, split)
-  images, labels = None, np.empty(len(source), np.int64)
+  images, labels = [], np.empty(len(source), np.int64)
   for start in range(0, len(source), _DECODE_CHUNK):
     chunk = source.__getitems__(range(start, min(start + _DECODE_CHUNK, len(source))))
     for i, element in enumerate(chunk, start):
-      image = np.asarray(element[key])
-      if images is None:
-        images = np.empty((len(source), *image.shape), image.dtype)
-      if image.shape != images.shape[1:]:
-        raise DataError(
-          f'config.data.in_memory=True needs images of one shape, but split {split!r} of '
-          f'{builder.info.full_name} has {images.shape[1:]} (record 0) and {image.shape} '
-          f'(record {i}); set config.data.in_memory=False.'
-        )
-      images[i] = image
+      images.append(np.asarray(element[key]))
       labels[i] = element.get('label', -1)
-  if images is None:
-    raise DataError(f'Split {split!r} of {builder.info.full_name} is empty.')
+  if len({image.shape for image in images}) == 1:
+    images = np.stack(images)
   return MemorySource(images, labels, key)
 
 
