@@ -45,6 +45,14 @@ VARIANTS = {
     'loss.adaptive_weight': True,
     'loss.disc_weight': 0.8,
   },
+  # taming's GumbelQuantize: logits over the 256 codes, Gumbel-softmax at a constant
+  # temperature 1.0 (the release anneals from 0.9 over 1M steps: ~0.9 for all 600 here).
+  'gumbel': {
+    'model.quantizer': 'gumbel',
+    'model.fsq_levels': (),
+    'model.embed_dim': 32,
+    'model.n_embed': 256,
+  },
   'vq_l2': {'model.codebook_dim': 8, 'model.codebook_l2_norm': True},  # LlamaGen-style codes
   'vq_ema': {'model.ema_decay': 0.99, 'model.restart_window': 50},  # EMA codebook + restart
   'fsq': {
