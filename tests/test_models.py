@@ -357,6 +357,40 @@ def test_cpu_conv_paths_equal_xla_conv_and_its_gradients(
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+  'shape, chunk_bytes',
+  [
+    ((2, 16, 16, 32, 48), 8 << 20),  # the whole batch at once
+    ((4, 16, 20, 48, 32), 30000),  # a loop over 4 chunks of 1 image, non-square
+  ],
+)
+def test_winograd_conv_equals_xla_conv_and_its_gradients(shape, chunk_bytes, monkeypatch):
+  """The Winograd F(2x2, 3x3) path (on one CPU device: 3x3 'same' convs, even sizes of 16+,
+  32-256 channels) equals lax.conv_general_dilated, its input gradient and its kernel
+  gradient to float32 rounding, with and without the loop over batch chunks."""
+  monkeypatch.setattr(layers, '_WINO_CHUNK_BYTES', chunk_bytes)
+  monkeypatch.setattr(layers, '_loops_allowed', lambda: True)
+  b, h, w, cin, cout = shape
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(b, h, w, cin), jnp.float32)
+  kernel = jnp.asarray(rng.randn(3, 3, cin, cout) / np.sqrt(9 * cin), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  assert layers._wino_applies(x, kernel, 1, pad)
+  assert (layers._wino_chunks(x) == b) == (chunk_bytes > 1 << 20)
+  ref = lambda x, kk: jax.lax.conv_general_dilated(
+    x, kk, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest'
+  )
+  y = ref(x, kernel)
+  ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
+  ours = lambda x, kk: layers.conv2d(x, kk, 1, pad)
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), y, rtol=1e-5, atol=2e-5)
+  want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
+  got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=2e-4)
+
+
 @pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
 def test_cpu_conv_paths_support_the_r1_double_backward(loops, monkeypatch):
   """R1 differentiates the discriminator's input gradient w.r.t. its kernels: through the
@@ -410,6 +444,7 @@ def test_bf16_conv_kernel_gradient_equals_float32_autodiff(loops, monkeypatch):
     (2, 5, 7, 3, 4),  # odd sizes, the plain conv's kernel gradient (cout < 16)
     (2, 8, 8, 16, 16),  # the chunked kernel gradient
     (2, 1, 1, 8, 16),  # 1x1 input: the patch-matrix branch
+    (2, 4, 4, 32, 32),  # the input gradient's 2x2 conv (128 -> 32 channels) by patch matmuls
   ],
 )
 @pytest.mark.parametrize('loops', [True, False], ids=['one_device', 'sharded'])
