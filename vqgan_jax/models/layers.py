@@ -122,13 +122,13 @@ def _conv_patches(x, kernel, padding):
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 3x3 'same' conv as 16 channel matmuls over
 # 4x4 input tiles (stride 2), 2.25x fewer multiplies. Its transforms only add, subtract and
 # halve, so float32 results differ from the direct conv by rounding (~1e-6 relative).
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # input tile transform
 _WINO_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))  # kernel transform
 _WINO_CHUNK_BYTES = 8 << 20  # per batch chunk, the transformed input (4x the chunk's input)
 
 
 def _wino_rows(t, axis):
-  """B^T along `axis` of a padded tensor: the 4 rows of each 4-row tile (stride 2)."""
+  """B^T along `axis` of a padded tensor: the 4 rows of each 4-row tile (stride 2),
+  B^T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))."""
   n = t.shape[axis] - 2
   r = [jax.lax.slice_in_dim(t, a, a + n - 1, 2, axis) for a in range(4)]
   return [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
