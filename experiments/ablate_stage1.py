@@ -45,8 +45,8 @@ VARIANTS = {
     'loss.adaptive_weight': True,
     'loss.disc_weight': 0.8,
   },
-  # taming's GumbelQuantize: logits over the 256 codes, Gumbel-softmax at a constant
-  # temperature 1.0 (the release anneals from 0.9 over 1M steps: ~0.9 for all 600 here).
+  # taming's GumbelQuantize: logits over the 256 codes, Gumbel-softmax at the config's constant
+  # temperature 1.0 (the release's cosine from 0.9 over 1M steps would stay ~0.9 for 600).
   'gumbel': {
     'model.quantizer': 'gumbel',
     'model.fsq_levels': (),
