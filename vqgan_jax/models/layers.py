@@ -96,6 +96,11 @@ def _batch_chunk(b, per_image, budget=None):
   return max(fits or [1])
 
 
+def _split(a, chunk):
+  """(B, ...) -> (B // chunk, chunk, ...): the batch chunks a loop scans over."""
+  return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
+
+
 def _conv_patches(x, kernel, padding):
   """Stride-1 `_conv` as a loop over batch chunks, each a patch-matrix matmul
   (B_c*Ho*Wo, kh*kw*Cin) @ (kh*kw*Cin, Cout) sized to stay in cache; where one image's patch
@@ -115,7 +120,7 @@ def _conv_patches(x, kernel, padding):
       y = sum(t.reshape(-1, cin) @ kernel[i // kw, i % kw] for i, t in enumerate(taps))
     return None, y.reshape(chunk, ho, wo, cout)
 
-  _, y = jax.lax.scan(body, None, xp.reshape(b // chunk, chunk, *xp.shape[1:]))
+  _, y = jax.lax.scan(body, None, _split(xp, chunk))
   return y.reshape(b, ho, wo, cout)
 
 
@@ -134,10 +139,11 @@ def _wino_rows(t, axis):
   return [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
 
 
-def _wino_input(xp):
-  """Padded (B, 2t+2, 2s+2, C) -> the transformed tiles (16, B*t*s, C)."""
+def _wino_input(x):
+  """(B, 2t, 2s, C), padded by 1 -> the transformed tiles (16, B*t*s, C)."""
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   v = jnp.stack([jnp.stack(_wino_rows(r, 2)) for r in _wino_rows(xp, 1)])
-  return v.reshape(16, -1, xp.shape[-1])
+  return v.reshape(16, -1, x.shape[-1])
 
 
 def _wino_kernel(kernel):
@@ -163,7 +169,7 @@ def _wino_conv(x, u):
   """The stride-1, (1, 1)-padded 3x3 conv of (B, H, W, C) `x` (H, W even) with the
   transformed kernel `u` (16, C, O)."""
   b, h, w, _ = x.shape
-  m = jnp.matmul(_wino_input(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))), u)
+  m = jnp.matmul(_wino_input(x), u)
   m = m.reshape(4, 4, b, h // 2, w // 2, -1)
   o = jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])  # A^T along rows
   o = jnp.stack([o[:, 0] + o[:, 1] + o[:, 2], o[:, 1] - o[:, 2] - o[:, 3]], 1)  # and columns
@@ -190,9 +196,7 @@ def _wino_conv_bwd(x, kernel, g):
   G^T (sum over tiles of the input tiles^T @ the output tiles' cotangents) G."""
   b = x.shape[0]
   u_t = _wino_kernel(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  du_of = lambda xc, gc: jnp.einsum(
-    'tni,tno->tio', _wino_input(jnp.pad(xc, ((0, 0), (1, 1), (1, 1), (0, 0)))), _wino_tile_grad(gc)
-  )
+  du_of = lambda xc, gc: jnp.einsum('tni,tno->tio', _wino_input(xc), _wino_tile_grad(gc))
   chunk = min(_wino_chunks(x), _wino_chunks(g))
   if chunk == b:
     dx, du = _wino_conv(g, u_t), du_of(x, g)
@@ -228,10 +232,6 @@ def _wino_applies(x, kernel, strides, padding):
     and 32 <= cout <= 256
     and _loops_allowed()
   )
-
-
-def _split(a, chunk):
-  return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
 
 
 # XLA:CPU's convolutions with 32-64 channels in and out run at 50-80 GFLOP/s here; the same
@@ -293,8 +293,8 @@ def _kernel_grad_chunked(x, g, kernel_shape, strides, padding):
     per_tap = [dot(t.reshape(-1, cin).T, g2) for t in _taps(xc, kh, kw, strides, ho, wo)]
     return acc + jnp.stack(per_tap).reshape(kernel_shape), None
 
-  split = lambda a: a.reshape(b // chunk, chunk, *a.shape[1:])
-  acc, _ = jax.lax.scan(body, jnp.zeros(kernel_shape, jnp.float32), (split(xp), split(g)))
+  zeros = jnp.zeros(kernel_shape, jnp.float32)
+  acc, _ = jax.lax.scan(body, zeros, (_split(xp, chunk), _split(g, chunk)))
   return acc
 
 
