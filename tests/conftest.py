@@ -14,3 +14,8 @@ os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} --xla_backend_opti
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+if os.environ.get('VQGAN_JAX_BOUNDS_LOG'):  # experiments/test_bounds.py: record every bound
+  import bounds  # noqa: E402
+
+  bounds.record_allclose()

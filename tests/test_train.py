@@ -4,6 +4,7 @@ Compilation dominates on CPU, so the step is compiled once per mesh (module fixt
 every test reads the same two-step trajectory: step 0 is before disc_start (=1), step 1 at it.
 """
 
+import bounds
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,7 +261,7 @@ def _assert_grads_close(a, b, scale, what, tol=1e-5):
     excess = np.abs(x - y) - 1e-4 * np.abs(y)
     diff = float(np.max(excess)) / scale
     worst = max(worst, float(np.max(np.abs(x - y))) / scale)
-    assert diff <= tol, f'{what}{_name(path)}: differs by {diff:.3g} of the largest gradient'
+    bounds.check(f'{what}{_name(path)} (of the largest gradient)', max(diff, 0.0), tol)
   return worst
 
 
@@ -280,12 +281,12 @@ def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3, real_fra
   ):
     diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
     bound = 1e-6 * float(np.max(np.abs(o))) + 4 * lr
-    assert np.all(diff <= bound), f'{what}{_name(path)}: moved {np.max(diff) / lr:.3g} lr apart'
+    bounds.check(f'{what}{_name(path)} (any coordinate)', float(np.max(diff)), bound)
     real = np.abs(np.asarray(g)) >= real_frac * gmax
     if real.any():
       w = float(np.max(diff[real])) / lr
       worst = max(worst, w)
-      assert w <= tol, f'{what}{_name(path)}: update differs by {w:.3g} lr'
+      bounds.check(f'{what}{_name(path)} (real coordinates, lr)', w, tol)
   return worst
 
 
@@ -394,15 +395,17 @@ def test_from_disc_start_discriminator_trains(run1, config):
 # reconstruction the sharded LPIPS gradient matches to 1e-9. A real sharding error (a missing
 # reduction, a wrong slice) is off by O(1).
 LPIPS_GRAD_TOL = 5e-3
+DISC_GRAD_TOL = 2e-3
 
 
-def _grads_from_adam(config, s_in, s_out):
-  """The gradient a step used, recovered exactly from Adam's first moment."""
+def _grads_from_adam(config, s_in, s_out, key='opt_state'):
+  """The gradient a step used, recovered exactly from Adam's first moment (`key`: the
+  autoencoder's optimizer state or 'disc_opt_state')."""
   b1 = config.optim.b1
   return jax.tree.map(
     lambda m1, m0: (np.asarray(m1, np.float64) - b1 * m0) / (1 - b1),
-    s_out['opt_state'][0].mu,
-    s_in['opt_state'][0].mu,
+    s_out[key][0].mu,
+    s_in[key][0].mu,
   )
 
 
@@ -416,11 +419,39 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
       if np.issubdtype(a.dtype, np.integer):
         np.testing.assert_array_equal(a, b, err_msg=f'{key}{_name(path)}')
   worst = {}
-  for key in ('disc_params', 'disc_stats'):
-    for (path, a), (_, b) in zip(_leaves(got[key]), _leaves(want[key])):
-      diff = float(np.max(np.abs(a.astype(np.float64) - b))) / max(np.max(np.abs(b)), 1e-6)
-      worst[key] = max(worst.get(key, 0.0), diff)
-      assert diff < 1e-5, f'{key}{_name(path)}: 8 vs 1 device max rel diff {diff:.3g}'
+  # BatchNorm's running statistics come from forwards only (no argmax, no Adam): the two
+  # forwards of the same images agree to float32 rounding through the discriminator's convs,
+  # ~1e-6 of the statistics' scale (continuous in the inputs, so no amplification).
+  for (path, a), (_, b) in zip(_leaves(got['disc_stats']), _leaves(want['disc_stats'])):
+    diff = float(np.max(np.abs(a.astype(np.float64) - b))) / max(np.max(np.abs(b)), 1e-6)
+    worst['disc_stats'] = max(worst.get('disc_stats', 0.0), diff)
+    bounds.check(f'disc_stats{_name(path)}', diff, 1e-5)
+  # The discriminator's gradient sees reconstructions that differ by float32 rounding (the
+  # tensor-sharded convs) and is continuous in them but for LeakyReLU's kink: an activation
+  # within rounding of 0 switches slope, moving a kernel gradient by one of its B*H*W
+  # (>= 512 here) terms, <= 2e-3 of the largest. A missing reduction is off by O(1).
+  d_want = _grads_from_adam(config, s_in, want, 'disc_opt_state')
+  d_max = _gmax(d_want)
+  if d_max == 0.0:  # before disc_start: frozen on both
+    for (path, a), (_, b) in zip(_leaves(got['disc_params']), _leaves(want['disc_params'])):
+      np.testing.assert_array_equal(a, b, err_msg=f'disc_params{_name(path)}')
+  else:
+    d_got = _grads_from_adam(config, s_in, got, 'disc_opt_state')
+    worst['disc grads'] = _assert_grads_close(d_got, d_want, d_max, 'disc grad ', tol=DISC_GRAD_TOL)
+    # Adam divides each coordinate by its own gradient RMS: a coordinate whose gradient is
+    # float noise moves by up to ~lr in a noise-chosen direction (on AVX-512 one kernel
+    # entry of this disc moved 2.5e-4 of its weights' scale, ~1 lr, while every real
+    # coordinate agreed to 1e-7 lr). Real coordinates must agree; the rest stay within 4 lr.
+    worst['disc_params (lr)'] = _assert_updates_close(
+      got['disc_params'],
+      want['disc_params'],
+      s_in['disc_params'],
+      d_want,
+      lr,
+      'disc_params ',
+      tol=1e-2,
+      real_frac=1e-3,
+    )
   # The gradients (Adam's first moment is linear in them) agree to LPIPS_GRAD_TOL of the
   # largest (a missing reduction over an axis would be off by O(1)) ...
   worst['grads'] = _assert_grads_close(
@@ -487,7 +518,7 @@ def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1
   for (path, a), (_, b) in zip(_leaves(s2['params']), _leaves(run1['states'][2]['params'])):
     diff = float(np.max(np.abs(a.astype(np.float64) - b))) / lr
     worst = max(worst, diff)
-    assert diff <= 8, f'params{_name(path)}: 8- and 1-device trajectories {diff:.3g} lr apart'
+    bounds.check(f'params{_name(path)}: 8- vs 1-device trajectory (lr)', diff, 8)
   # The second step's metrics come from states a few lr apart through LPIPS's discontinuous
   # gradient: the AE gradient norm moved by 1.06% once the sub-pixel Upsample changed the
   # rounding (within 1% before); a sharding error moves it by O(1).
