@@ -261,6 +261,27 @@ def test_reading_a_ckpt_without_torch_names_the_install(monkeypatch, tmp_path):
     torch_ckpt.read_lightning_ckpt(str(tmp_path / 'model.ckpt'))
 
 
+@pytest.mark.parametrize('flag', ['--ckpt', '--config', '--pth'])
+def test_a_directory_for_an_input_file_is_named_before_torch(flag, monkeypatch, tmp_path, capsys):
+  """A directory given for an input file is named as such, not reported as missing torch
+  (torch is installed here: its absence is simulated, a mock)."""
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  (tmp_path / 'ckpts').mkdir()
+  (tmp_path / 'model.yaml').write_text('model:\n  target: taming.models.vqgan.VQModel\n')
+  (tmp_path / 'last.ckpt').write_bytes(b'PK\x03\x04')
+  paths = {'--ckpt': tmp_path / 'last.ckpt', '--config': tmp_path / 'model.yaml'}
+  paths[flag] = tmp_path / 'ckpts'
+  if flag == '--pth':
+    argv = ['inception', '--pth', str(paths[flag]), '--out', str(tmp_path / 'w.npz')]
+  else:
+    argv = ['taming', *(str(a) for kv in paths.items() for a in kv), '--out', str(tmp_path / 'o')]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {flag} {tmp_path / "ckpts"} is a directory; pass the file'), err
+  assert 'torch' not in err and len(err.splitlines()) == 1, err
+  assert sorted(os.listdir(tmp_path)) == ['ckpts', 'last.ckpt', 'model.yaml']
+
+
 def test_stage1_config_from_the_yaml_fields():
   c = yaml_config.stage1_config(
     DDCONFIG,
