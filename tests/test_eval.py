@@ -21,9 +21,11 @@ from vqgan_jax import evaluate
 from vqgan_jax import inference
 from vqgan_jax import metrics
 from vqgan_jax import parallel
+from vqgan_jax import validate
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
 from vqgan_jax.train import classifier_trainer
+from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 from vqgan_jax.train import vqgan_trainer
 from vqgan_jax.validate import ConfigError
@@ -242,6 +244,10 @@ def test_init_from_another_quantizer_names_the_fields_and_writes_nothing(
     'Set these as the init_from run has them, or train from scratch'
   )
   assert not workdir.exists()  # not even an empty checkpoints/
+  # The same quantizer passes the check (the configs' other fields may differ).
+  same = _eval_config(stage1_config)
+  same.model.beta = 0.5
+  common.check_init_from(stage1_workdir, 'vqgan', same, validate.QUANTIZER_FIELDS)
 
 
 def test_eval_of_an_empty_workdir_says_train_first(stage1_config, tmp_path):
