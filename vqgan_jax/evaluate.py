@@ -2,10 +2,10 @@
 
 Stage 1 (a VQGAN workdir): reconstructs `data.eval_split` (or `eval.split`, or every image of
 `eval.folder`, whose unreadable files are skipped and counted: `skipped_files`) and reports
-PSNR, SSIM, LPIPS, L1, codebook usage and perplexity, rFID (the Frechet distance between
-the Inception features of the inputs and of their reconstructions, when `eval.inception_weights` or $VQGAN_JAX_INCEPTION names pytorch-fid's
-weights) and `fd_<name>` (the same in the feature space of `eval.classifier_workdir`'s
-classifier: an offline proxy, never called FID).
+PSNR, SSIM, LPIPS, L1, codebook usage and perplexity, rFID (the Frechet distance between the
+Inception features of the inputs and of their reconstructions, when `eval.inception_weights`
+or $VQGAN_JAX_INCEPTION names pytorch-fid's weights) and `fd_<name>` (the same in the feature
+space of `eval.classifier_workdir`'s classifier: an offline proxy, never called FID).
 
 Stage 2 (a transformer workdir): draws `eval.num_samples` samples (class-balanced for class
 models; they depend only on `eval.seed` and the checkpoint) and reports gFID and Inception
