@@ -255,8 +255,31 @@ def test_gumbel_f8_release_config():
 
 def test_reading_a_ckpt_without_torch_names_the_install(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'torch', None)
-  with pytest.raises(ImportError, match=r"pip install -e '\.\[reference\]'"):
+  (tmp_path / 'model.ckpt').write_bytes(b'PK\x03\x04')  # the file is checked before torch
+  hint = r"model\.ckpt needs torch.*pip install -e '\.\[reference\]'"
+  with pytest.raises(ImportError, match=hint):
     torch_ckpt.read_lightning_ckpt(str(tmp_path / 'model.ckpt'))
+
+
+@pytest.mark.parametrize('flag', ['--ckpt', '--config', '--pth'])
+def test_a_directory_for_an_input_file_is_named_before_torch(flag, monkeypatch, tmp_path, capsys):
+  """A directory given for an input file is named as such, not reported as missing torch
+  (torch is installed here: its absence is simulated, a mock)."""
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  (tmp_path / 'ckpts').mkdir()
+  (tmp_path / 'model.yaml').write_text('model:\n  target: taming.models.vqgan.VQModel\n')
+  (tmp_path / 'last.ckpt').write_bytes(b'PK\x03\x04')
+  paths = {'--ckpt': tmp_path / 'last.ckpt', '--config': tmp_path / 'model.yaml'}
+  paths[flag] = tmp_path / 'ckpts'
+  if flag == '--pth':
+    argv = ['inception', '--pth', str(paths[flag]), '--out', str(tmp_path / 'w.npz')]
+  else:
+    argv = ['taming', *(str(a) for kv in paths.items() for a in kv), '--out', str(tmp_path / 'o')]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {flag} {tmp_path / "ckpts"} is a directory; pass the file'), err
+  assert 'torch' not in err and len(err.splitlines()) == 1, err
+  assert sorted(os.listdir(tmp_path)) == ['ckpts', 'last.ckpt', 'model.yaml']
 
 
 def test_stage1_config_from_the_yaml_fields():
@@ -421,7 +444,7 @@ def test_cli_refuses_to_overwrite_and_reports_errors(vqmodel_ckpt, converted_dir
     )
     == 2
   )
-  assert 'no checkpoint file' in capsys.readouterr().err
+  assert 'error: --ckpt ' in capsys.readouterr().err
 
 
 def test_release_layout_loads_with_the_restricted_unpickler(vqmodel_ckpt):

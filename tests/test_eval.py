@@ -7,6 +7,7 @@ against the same quantities computed independently through the public API.
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -20,10 +21,13 @@ from vqgan_jax import evaluate
 from vqgan_jax import inference
 from vqgan_jax import metrics
 from vqgan_jax import parallel
+from vqgan_jax import validate
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
 from vqgan_jax.train import classifier_trainer
+from vqgan_jax.train import common
 from vqgan_jax.train import stage1
+from vqgan_jax.train import vqgan_trainer
 from vqgan_jax.validate import ConfigError
 
 PER_CLASS = 12
@@ -132,8 +136,15 @@ def _features(clf, images_m11):
 
 
 def test_eval_folder_reports_what_the_public_api_computes(
-  stage1_config, stage1_workdir, classifier_workdir, folder
+  stage1_config, stage1_workdir, classifier_workdir, folder, tmp_path
 ):
+  # Plus one truncated file: skipped and counted (`skipped_files`), as training's reader
+  # skips it, not the end of the eval.
+  folder_copy = str(tmp_path / 'stripes')
+  shutil.copytree(folder, folder_copy)
+  png = (tmp_path / 'stripes' / 'vertical' / '1.png').read_bytes()
+  (tmp_path / 'stripes' / 'vertical' / '1_cut.png').write_bytes(png[: len(png) // 2])
+  folder = folder_copy
   config = _eval_config(stage1_config, folder=folder, classifier_workdir=classifier_workdir[0])
   result, path = evaluate.evaluate(config, stage1_workdir)
   saved = json.load(open(path))
@@ -141,13 +152,15 @@ def test_eval_folder_reports_what_the_public_api_computes(
   for key in ('psnr', 'ssim', 'lpips', 'l1', 'codebook_usage', 'perplexity', 'fd_stripes'):
     assert saved[key] == pytest.approx(result[key])
   assert saved['num_images'] == 2 * PER_CLASS and saved['folder'] == folder
+  assert result['skipped_files'] == saved['skipped_files'] == 1
   assert 'rfid' not in saved  # no Inception weights here
   assert os.path.exists(os.path.join(stage1_workdir, 'eval_5.png'))
 
   # The same images as eval reads them (sorted, resized, centre-cropped), through the API.
   listing = builders.list_image_folder(folder)
+  readable = [p for p in listing.paths if not p.endswith('_cut.png')]
   images = np.stack(
-    [pipeline.preprocess(builders.load_rgb(os.path.join(folder, p)), 32) for p in listing.paths]
+    [pipeline.preprocess(builders.load_rgb(os.path.join(folder, p)), 32) for p in readable]
   )
   vq = inference.load_vqgan(stage1_workdir, mesh=parallel.make_mesh(config.mesh))
   x = images.astype(np.float32) / 127.5 - 1.0
@@ -195,6 +208,46 @@ def test_eval_names_a_missing_inception_file(stage1_config, stage1_workdir, tmp_
   config = _eval_config(stage1_config, inception_weights=str(tmp_path / 'pt_inception.pth'))
   with pytest.raises(ConfigError, match='eval.inception_weights'):
     evaluate.evaluate(config, stage1_workdir)
+
+
+def test_eval_names_the_eval_field_of_a_missing_folder_or_classifier(
+  stage1_config, stage1_workdir, tmp_path
+):
+  config = _eval_config(stage1_config, folder=str(tmp_path / 'no_images'))
+  with pytest.raises(
+    builders.DataError, match=r"no_images' does not exist .*\(config\.eval\.folder"
+  ):
+    evaluate.evaluate(config, stage1_workdir)
+  (tmp_path / 'empty_run').mkdir()
+  for name, what in (('no_run', 'does not exist'), ('empty_run', 'has no checkpoints/ folder')):
+    config = _eval_config(stage1_config, classifier_workdir=str(tmp_path / name))
+    field = rf"^config\.eval\.classifier_workdir='\S+{name}' {what}: point it at"
+    with pytest.raises(checkpoints.CheckpointError, match=field):
+      evaluate.evaluate(config, stage1_workdir)
+
+
+def test_init_from_another_quantizer_names_the_fields_and_writes_nothing(
+  stage1_config, stage1_workdir, tmp_path
+):
+  """Reuses this module's stage-1 checkpoint (quantizer 'vq') as the init_from source."""
+  config = _eval_config(stage1_config)
+  config.model.update(quantizer='fsq', fsq_levels=(4, 4, 4), embed_dim=3)  # 64 codes, as vq's
+  config.init_from = stage1_workdir
+  workdir = tmp_path / 'run'
+  with pytest.raises(checkpoints.IncompatibleCheckpointError) as e:
+    vqgan_trainer.train_and_evaluate(config, str(workdir))
+  assert str(e.value) == (
+    f'config.init_from={stage1_workdir!r} cannot start this run: '
+    'config.model.embed_dim: init_from run 16, config 3; '
+    'config.model.fsq_levels: init_from run [], config [4, 4, 4]; '
+    "config.model.quantizer: init_from run 'vq', config 'fsq'. "
+    'Set these as the init_from run has them, or train from scratch'
+  )
+  assert not workdir.exists()  # not even an empty checkpoints/
+  # The same quantizer passes the check (the configs' other fields may differ).
+  same = _eval_config(stage1_config)
+  same.model.beta = 0.5
+  common.check_init_from(stage1_workdir, 'vqgan', same, validate.QUANTIZER_FIELDS)
 
 
 def test_eval_of_an_empty_workdir_says_train_first(stage1_config, tmp_path):

@@ -9,6 +9,7 @@ over the whole batch (the max norm).
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 import types
 
@@ -356,3 +357,86 @@ def test_fid_weights_path(tmp_path, monkeypatch):
     fid.weights_path(None)
   assert 'pt_inception-2015-12-05-6726825d.pth' in fid.MISSING_WEIGHTS
   assert '--config.eval.inception_weights' in fid.MISSING_WEIGHTS
+
+
+def _write_bad_weights(kind, tmp_path, monkeypatch):
+  """A bad Inception weights file of `kind`; returns (path, what the error must say)."""
+  if kind == 'text named .npz':
+    path = tmp_path / 'pt_inception.npz'
+    path.write_text('mu sigma\n1 2 3\n')
+    return path, r'pt_inception\.npz is not a readable \.npz: it is not a zip archive'
+  if kind == 'truncated .npz':
+    path = tmp_path / 'cut.npz'
+    np.savez(
+      path, **{k: np.zeros(s, np.float32) for k, s in list(conv.variable_shapes().items())[:20]}
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path, r'cut\.npz is not a readable \.npz: it is a truncated or damaged zip archive'
+  if kind == '.npz with other arrays':
+    path = tmp_path / 'other.npz'
+    np.savez(path, mu=np.zeros(3), sigma=np.eye(3))  # e.g. a statistics file
+    return path, r'other\.npz lacks \S+ \(and 471 more\): is it'
+  if kind == '.pth with other keys':
+    torch = pytest.importorskip('torch')  # the [reference] extra
+    path = tmp_path / 'resnet.pth'
+    torch.save({'conv1.weight': torch.zeros(4, 3, 3, 3), 'fc.bias': torch.zeros(1008)}, path)
+    return path, r'resnet\.pth lacks \S+ \(and 470 more\): is it'
+  # '.pth without torch': torch is installed here, so its absence is simulated (a mock).
+  path = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
+  path.write_bytes(b'PK\x03\x04 not read: torch is asked for first')
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  return path, r"needs torch.*pip install -e '\.\[reference\]'.*vqgan_jax\.convert inception"
+
+
+@pytest.mark.parametrize(
+  'kind',
+  [
+    'text named .npz',
+    'truncated .npz',
+    '.npz with other arrays',
+    '.pth with other keys',
+    '.pth without torch',
+  ],
+)
+def test_bad_inception_weights_are_one_config_error(kind, tmp_path, monkeypatch):
+  """Every unusable weights file is one ConfigError naming the setting it came from (the
+  config field or $VQGAN_JAX_INCEPTION) and the file, never np.load's `allow_pickle` hint."""
+  path, says = _write_bad_weights(kind, tmp_path, monkeypatch)
+  monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+  with pytest.raises(ConfigError, match=r'^config\.eval\.inception_weights: .*' + says) as e:
+    fid.load_weights(str(path))
+  assert 'allow_pickle' not in str(e.value)
+  monkeypatch.setenv(fid.WEIGHTS_ENV, str(path))
+  env = r'^config\.eval\.inception_weights \(from \$VQGAN_JAX_INCEPTION\): '
+  with pytest.raises(ConfigError, match=env + '.*' + says):
+    fid.load_weights('')
+
+
+def test_eval_refuses_bad_inception_weights_before_loading_anything(tmp_path):
+  """`--mode=eval` checks the weights first: exit 2, one `error:` line, no traceback. The
+  workdir's checkpoints/ folder is empty, so reading the model first would fail otherwise."""
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  weights = tmp_path / 'pt_inception.npz'
+  weights.write_text('not weights\n')
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'vqgan_jax.main',
+      '--config=configs/fashion_mnist_vqgan.py:smoke',
+      f'--workdir={tmp_path / "run"}',
+      '--mode=eval',
+      f'--config.eval.inception_weights={weights}',
+    ],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert len(errors) == 1 and errors[0].startswith('error: config.eval.inception_weights: '), (
+    proc.stderr
+  )
+  assert 'pt_inception.npz is not a readable .npz' in errors[0], proc.stderr

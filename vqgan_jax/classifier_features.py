@@ -50,20 +50,34 @@ class ClassifierExtractor:
     return self._fn(self.params, jax.device_put(images, self._batch))
 
 
+FIELD = 'config.eval.classifier_workdir'
+
+
+def check_workdir(workdir) -> None:
+  """CheckpointError naming `FIELD` unless `workdir` holds a checkpoints/ folder (a cheap
+  check for before anything is computed; `load_classifier` reads the rest)."""
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    what = 'does not exist' if not os.path.exists(workdir) else 'has no checkpoints/ folder'
+    raise checkpoints.CheckpointError(
+      f'{FIELD}={os.fspath(workdir)!r} {what}: point it at the workdir of a classifier run '
+      '(configs/fashion_mnist_classifier.py)'
+    )
+
+
 def load_classifier(workdir, mesh, step=None) -> ClassifierExtractor:
   """The classifier of a `stage='classifier'` workdir (latest checkpoint by default)."""
+  check_workdir(workdir)
   with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise checkpoints.CheckpointError(
-        f'No checkpoint in {ckpt.directory} (config.eval.classifier_workdir): train it with '
+        f'No checkpoint in {ckpt.directory} ({FIELD}): train it with '
         'configs/fashion_mnist_classifier.py first.'
       )
     config = ml_collections.ConfigDict(ckpt.restore_config(step))
   if config.get('stage') != 'classifier':
     raise checkpoints.CheckpointError(
-      f'{workdir} (config.eval.classifier_workdir) is a {config.get("stage")!r} run, not a '
-      'classifier'
+      f'{workdir} ({FIELD}) is a {config.get("stage")!r} run, not a classifier'
     )
   model = classifier_lib.from_config(config.model)
   size = config.data.image_size

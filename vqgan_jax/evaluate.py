@@ -1,11 +1,11 @@
 """`--mode=eval`: a trained run measured as the field measures it, on any split or folder.
 
 Stage 1 (a VQGAN workdir): reconstructs `data.eval_split` (or `eval.split`, or every image of
-`eval.folder`) and reports PSNR, SSIM, LPIPS, L1, codebook usage and perplexity, rFID (the
-Frechet distance between the Inception features of the inputs and of their
-reconstructions, when `eval.inception_weights` or $VQGAN_JAX_INCEPTION names pytorch-fid's
-weights) and `fd_<name>` (the same in the feature space of `eval.classifier_workdir`'s
-classifier: an offline proxy, never called FID).
+`eval.folder`, whose unreadable files are skipped and counted: `skipped_files`) and reports
+PSNR, SSIM, LPIPS, L1, codebook usage and perplexity, rFID (the Frechet distance between the
+Inception features of the inputs and of their reconstructions, when `eval.inception_weights`
+or $VQGAN_JAX_INCEPTION names pytorch-fid's weights) and `fd_<name>` (the same in the feature
+space of `eval.classifier_workdir`'s classifier: an offline proxy, never called FID).
 
 Stage 2 (a transformer workdir): draws `eval.num_samples` samples (class-balanced for class
 models; they depend only on `eval.seed` and the checkpoint) and reports gFID and Inception
@@ -53,39 +53,45 @@ def _bar(total, desc):
   return tqdm.tqdm(total=total, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
-def extractors(config, mesh) -> dict:
+def extractors(config, mesh, inception=None) -> dict:
   """{metric name: extractor} for the feature networks the config names: 'fid' (Inception,
   when its weights are given; otherwise one line says which file to supply) and
-  'fd_<name>' (a classifier workdir)."""
+  'fd_<name>' (a classifier workdir). `inception`: the weights `fid.load_weights` already
+  read (else they are read here)."""
   out = {}
-  path = fid.weights_path(config.eval.inception_weights)
-  if path is None:
+  if inception is None:
+    inception = fid.load_weights(config.eval.inception_weights)
+  if inception is None:
     _say(fid.MISSING_WEIGHTS)
   else:
-    out['fid'] = fid.load_inception(path, mesh)
+    out['fid'] = fid.Extractor(inception, mesh=mesh)
   if config.eval.classifier_workdir:
     clf = classifier_features.load_classifier(config.eval.classifier_workdir, mesh)
     out[f'fd_{clf.feature_name}'] = clf
   return out
 
 
+FOLDER_FIELD = 'config.eval.folder'
+
+
 class _FolderSource:
   """Every image of a folder (`builders.list_image_folder`: any nesting, links once), in
-  sorted order, as eval elements."""
+  sorted order, as eval elements. A file that does not decode is skipped as the training
+  reader skips it (`builders.load_rgb_or_skip`): its element is masked out, so the eval
+  counts it (`skipped_files`) instead of stopping."""
 
   def __init__(self, folder):
     self.folder = folder
-    self.listing = builders.list_image_folder(folder)
+    self.listing = builders.list_image_folder(folder, FOLDER_FIELD)
 
   def __len__(self):
     return len(self.listing.paths)
 
   def __getitem__(self, i):
-    path = os.path.join(self.folder, self.listing.paths[i])
-    try:
-      return {'image': builders.load_rgb(path), 'label': -1}
-    except Exception as e:  # pylint: disable=broad-except
-      raise builders.DataError(f'{path} (config.eval.folder): cannot decode: {e}') from None
+    image = builders.load_rgb_or_skip(os.path.join(self.folder, self.listing.paths[i]), [])
+    if image is None:  # a 1x1 stand-in, masked out of every metric
+      return {'image': np.zeros((1, 1, 3), np.uint8), 'label': -1, 'mask': False}
+    return {'image': image, 'label': -1}
 
 
 def _data_config(config, split):
@@ -169,13 +175,13 @@ def _step(config):
   return None if int(config.eval.step) < 0 else int(config.eval.step)
 
 
-def evaluate_stage1(config, workdir):
-  """Reconstruction metrics of a stage-1 workdir; returns (metrics, path of the json)."""
+def evaluate_stage1(config, workdir, inception=None):
+  """Reconstruction metrics of a stage-1 workdir; returns (metrics, path of the json).
+  `inception`: the FID Inception's weights when `evaluate` read them already."""
   t0 = time.perf_counter()
   mesh = parallel.make_mesh(config.mesh)
-  vq = inference.load_vqgan(workdir, _step(config), mesh=mesh)
   folder = config.eval.folder
-  if folder:
+  if folder:  # listed before the model loads: a wrong folder fails at once
     source = _FolderSource(os.path.abspath(os.path.expanduser(folder)))
     data = _data_config(config, 'folder')
     what = {'folder': source.folder}
@@ -185,12 +191,13 @@ def evaluate_stage1(config, workdir):
     pipeline.check_splits(data, fields=('eval_split',))
     source = builders.get_source(data, split)
     what = {'dataset': config.data.name, 'split': split}
+  vq = inference.load_vqgan(workdir, _step(config), mesh=mesh)
   if data.image_size % vq.downsample_factor:
     raise ConfigError(
       f"config.data.image_size={data.image_size} is not divisible by the VQGAN's "
       f'downsampling factor {vq.downsample_factor}'
     )
-  exts = extractors(config, mesh)
+  exts = extractors(config, mesh, inception)
   # Dataset splits: the real images' statistics are cached (reused by later evals and by
   # stage 2); a folder's are gathered in the same pass.
   ref = {} if folder else reference_stats(config, workdir, what['split'], exts, mesh)
@@ -206,8 +213,9 @@ def evaluate_stage1(config, workdir):
   sharding = parallel.batch_sharding(mesh)
   n = pipeline.num_eval_examples(data, source=source)
   totals, grid = None, None
+  batch = _batch_size(config, mesh)
   with _bar(n, 'eval stage 1') as bar:
-    for local in pipeline.make_eval_iterator(data, _batch_size(config, mesh), source=source):
+    for local in pipeline.make_eval_iterator(data, batch, source=source):
       g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
       sums, xrec = eval_fn(vq.params, lpips_params, g['image'], g['mask'])
       mask = common.gather(g['mask'])
@@ -217,16 +225,33 @@ def evaluate_stage1(config, workdir):
           real[m].add(e(stage1.to_model_range(g['image']))['features'], mask)
       sums = jax.device_get(sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-      if grid is None:
+      keep = mask.astype(bool)  # not padding, and decoded
+      if grid is None and keep.any():
         k = int(config.train.get('num_grid_images', 16))
-        grid = (common.gather(g['image'])[:k], images_lib.to_uint8(common.gather(xrec)[:k]))
-      bar.update(int(mask.sum()))
+        grid = (
+          common.gather(g['image'])[keep][:k],
+          images_lib.to_uint8(common.gather(xrec)[keep][:k]),
+        )
+      bar.update(min(batch, n - bar.n))  # skipped files were read too
+  # Masked out by _FolderSource: the folder's files that did not decode.
+  skipped = n - int(totals['count']) if folder else 0
+  if folder and skipped == n:
+    raise builders.DataError(
+      f'No readable image in {source.folder} ({FOLDER_FIELD}): all {n} files failed to decode'
+    )
+  if skipped:
+    _say(
+      f'skipped {skipped} unreadable image file(s) of {n} in {source.folder} '
+      f'({FOLDER_FIELD}); they are named in the warnings above'
+    )
   count = max(float(totals['count']), 1.0)
   result = {k: float(totals[k]) / count for k in ('psnr', 'ssim', 'lpips', 'l1')}
   counts = totals['code_counts']
   result['codebook_usage'] = float(metrics_lib.usage_from_counts(counts))
   result['perplexity'] = float(metrics_lib.perplexity_from_counts(counts))
   result['num_images'] = int(totals['count'])
+  if folder:
+    result['skipped_files'] = skipped
   for m, e in exts.items():
     reference = ref.get(m) or _stats(real[m], e)
     result['rfid' if m == 'fid' else m] = fid.fid_from_stats(reference, _stats(fake[m], e))
@@ -257,8 +282,9 @@ def _pad(x, divisor):
   return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x
 
 
-def evaluate_stage2(config, workdir):
-  """Sample metrics of a stage-2 workdir; returns (metrics, path of the json)."""
+def evaluate_stage2(config, workdir, inception=None):
+  """Sample metrics of a stage-2 workdir; returns (metrics, path of the json).
+  `inception`: the FID Inception's weights when `evaluate` read them already."""
   t0 = time.perf_counter()
   mesh = parallel.make_mesh(config.mesh)
   run = inference.load_transformer_for_config(config, workdir, _step(config), mesh)
@@ -276,7 +302,7 @@ def evaluate_stage2(config, workdir):
   else:
     labels = np.zeros((num,), np.int32)
   cond = run.condition_for_class(labels)
-  exts = extractors(config, mesh)
+  exts = extractors(config, mesh, inception)
   split = config.eval.split or config.data.train_split
   ref = reference_stats(config, workdir, split, exts, mesh) if exts else {}
   fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
@@ -368,7 +394,12 @@ def evaluate(config, workdir):
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
     raise checkpoints.CheckpointError(f'No checkpoints in {workdir}: train it first.')
+  # The feature networks' files, checked before anything loads or computes: a bad weights file
+  # is one sentence now, not a traceback after reconstructing the whole split.
+  inception = fid.load_weights(config.eval.inception_weights)
+  if config.eval.classifier_workdir:
+    classifier_features.check_workdir(config.eval.classifier_workdir)
   logging.info('Evaluating %s', workdir)
   if config.get('stage', 'vqgan') == 'vqgan':
-    return evaluate_stage1(config, workdir)
-  return evaluate_stage2(config, workdir)
+    return evaluate_stage1(config, workdir, inception)
+  return evaluate_stage2(config, workdir, inception)

@@ -24,6 +24,7 @@ import numpy as np
 
 from vqgan_jax import metrics
 from vqgan_jax import parallel
+from vqgan_jax.convert import ConversionError
 from vqgan_jax.convert import inception as convert_inception
 from vqgan_jax.models import inception as inception_model
 from vqgan_jax.validate import ConfigError
@@ -37,23 +38,48 @@ MISSING_WEIGHTS = (
 INCEPTION_NAME = 'pt_inception-2015-12-05'
 
 
+def _weights_source(configured: Optional[str]) -> tuple[Optional[str], str]:
+  """(path or None, the setting it came from, for messages)."""
+  if configured:
+    return os.path.expanduser(configured), 'config.eval.inception_weights'
+  path = os.environ.get(WEIGHTS_ENV)
+  source = f'config.eval.inception_weights (from ${WEIGHTS_ENV})'
+  return (os.path.expanduser(path) if path else None), source
+
+
 def weights_path(configured: Optional[str]) -> Optional[str]:
   """The Inception weights to use: `configured` (config.eval.inception_weights), else
   $VQGAN_JAX_INCEPTION, else None (FID skipped; say `MISSING_WEIGHTS`). A named file that
   does not exist is a ConfigError, so a typo is not mistaken for "no weights"."""
-  source = 'eval.inception_weights'
-  path = configured
-  if not path:
-    path, source = os.environ.get(WEIGHTS_ENV), f'eval.inception_weights (from ${WEIGHTS_ENV})'
-  if not path:
-    return None
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  path, source = _weights_source(configured)
+  if path and not os.path.isfile(path):
     raise ConfigError(
       f"{source}: no file {path!r}; it should be pytorch-fid's "
       f'{convert_inception.WEIGHTS_FILE} or a .npz converted from it'
     )
   return path
+
+
+def load_weights(configured: Optional[str]) -> Optional[dict]:
+  """The Inception variables of `weights_path(configured)`, read and checked whole (every
+  key and shape); None when no weights are given. Any unusable file (not a .npz or .pth, a
+  text or truncated file, other arrays, a .pth without torch) is one ConfigError naming the
+  setting and the file, so eval can call this before it computes anything."""
+  path = weights_path(configured)
+  if path is None:
+    return None
+  _, source = _weights_source(configured)
+  try:
+    return convert_inception.load(path)
+  except ConversionError as e:
+    raise ConfigError(f'{source}: {e}') from None
+  except ImportError as e:  # a .pth without torch
+    raise ConfigError(
+      f'{source}: {e}; or convert it once where torch is installed '
+      f'(python -m vqgan_jax.convert inception --pth {path} --out FILE.npz) and pass the .npz'
+    ) from None
+  except OSError as e:  # unreadable (permissions, I/O)
+    raise ConfigError(f'{source}: cannot read {path!r} ({e.strerror or e})') from None
 
 
 @dataclasses.dataclass(eq=False)

@@ -39,6 +39,15 @@ def validate_remat(section, field, modes, policy_as_mode=False):
 
 
 QUANTIZERS = ('vq', 'gumbel', 'fsq', 'lfq')
+# The fields that decide the quantizer's params and codes: `init_from` needs them equal.
+QUANTIZER_FIELDS = (
+  'model.quantizer',
+  'model.n_embed',
+  'model.embed_dim',
+  'model.codebook_dim',
+  'model.fsq_levels',
+  'model.lfq_bits',
+)
 # vq-only model fields and the value that means "off" (the original's quantizer).
 _VQ_OPTIONS = {'codebook_dim': 0, 'codebook_l2_norm': False, 'ema_decay': 0.0, 'restart_window': 0}
 

@@ -55,10 +55,17 @@ def main(argv=None):
   )
   args = parser.parse_args(argv)
 
-  # Imported here so --help and argument errors are instant.
+  # Imported here so --help and argument errors are instant (neither imports torch or jax).
   from vqgan_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.convert import torch_ckpt  # pylint: disable=g-import-not-at-top
 
   try:
+    # The input paths first: a directory passed as --ckpt is not "torch is missing".
+    if args.source == 'inception':
+      torch_ckpt.require_file(args.pth, '--pth')
+    else:
+      torch_ckpt.require_file(args.ckpt, '--ckpt', 'the .ckpt in it, e.g. ckpts/last.ckpt')
+      torch_ckpt.require_file(args.config, '--config', 'the .yaml in it, e.g. configs/model.yaml')
     if args.source == 'inception':
       from vqgan_jax.convert import inception  # pylint: disable=g-import-not-at-top
 

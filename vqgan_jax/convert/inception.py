@@ -147,12 +147,39 @@ def save_npz(variables: Mapping, path: str) -> None:
   write_npz_atomic(path, _flatten(variables))
 
 
+def _not_an_npz(path: str) -> str:
+  """Why `path` cannot be a `.npz`, read off its first bytes; '' when it could be one.
+  (np.load's own errors mislead: text reads as "pickled data", try `allow_pickle`.)"""
+  with open(path, 'rb') as f:
+    head = f.read(6)
+  if not head:
+    return 'the file is empty'
+  if zipfile.is_zipfile(path):
+    return ''
+  if head[:4] == b'PK\x03\x04':
+    return (
+      'it is a truncated or damaged zip archive (a .npz keeps its index at the end: was the '
+      'download or copy complete?)'
+    )
+  if head == b'\x93NUMPY':
+    return 'it is a single-array .npy, not a .npz archive'
+  return 'it is not a zip archive (a .npz is one)'
+
+
 def load_npz(path: str) -> dict:
   """A `.npz` written by `save_npz` -> our variables tree (numpy only, no torch)."""
+  what = _not_an_npz(path)
+  if what:
+    raise ConversionError(f'{path} is not a readable .npz: {what}')
   try:
     with np.load(path, allow_pickle=False) as f:
       flat = {k: np.asarray(f[k], np.float32) for k in f.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+  except ValueError as e:
+    if 'pickle' not in str(e):
+      raise ConversionError(f'{path} is not a readable .npz (ValueError: {e})') from None
+    # Object arrays: never unpickled (that could run code), and no weights file holds them.
+    raise ConversionError(f'{path} holds pickled object arrays, not weight arrays') from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise ConversionError(f'{path} is not a readable .npz ({type(e).__name__}: {e})') from None
   _check({k: v.shape for k, v in flat.items()}, variable_shapes(), path)
   return _unflatten(flat)

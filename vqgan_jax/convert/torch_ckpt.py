@@ -37,12 +37,23 @@ ALLOWED_GLOBALS = {
 }
 
 
-def _import_torch():
+def _import_torch(path: str = 'a PyTorch checkpoint'):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f'reading a PyTorch .ckpt needs torch: {INSTALL_HINT}') from e
+    raise ImportError(f'reading {path} needs torch, which is not installed: {INSTALL_HINT}') from e
   return torch
+
+
+def require_file(path: str, what: str, example: str = '') -> None:
+  """FileNotFoundError / IsADirectoryError naming `what` (e.g. '--ckpt') unless `path` is a
+  file: checked before torch is imported, so a wrong path is not reported as missing torch."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    eg = f' ({example})' if example else ''
+    raise IsADirectoryError(f'{what} {path} is a directory; pass the file itself{eg}')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} {path}: no such file')
 
 
 def _refused(torch, path: str, error: pickle.UnpicklingError) -> str:
@@ -88,9 +99,8 @@ def _not_a_checkpoint(path: str) -> str:
 def load(path: str, *, trust_pickle: bool = False):
   """The object a `.ckpt` holds, loaded with the least trust that works (see the module
   docstring); ConversionError for a refused or unreadable file."""
-  torch = _import_torch()
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'no checkpoint file {path}')
+  require_file(path, 'checkpoint file')
+  torch = _import_torch(path)
   try:
     if trust_pickle:
       return torch.load(path, map_location='cpu', weights_only=False)

@@ -310,7 +310,7 @@ def _fingerprint(folder, paths):
   return digest.hexdigest()
 
 
-def list_image_folder(folder):
+def list_image_folder(folder, field='config.data.folder'):
   """Lists a folder's images as a `FolderListing`.
 
   Classes are the immediate subfolders when every image lies in one;
@@ -318,15 +318,14 @@ def list_image_folder(folder):
   folders (e.g. macOS `._x.jpg` resource forks) are ignored. Symbolic links
   are followed, but every real file and folder is listed once: links that
   loop or lead to something already listed are skipped (`skipped_links`).
+  `field`: the config field that named the folder, for the errors.
   """
   if not folder or not os.path.isdir(folder):
-    raise DataError(
-      f'Image folder {folder!r} does not exist or is not a directory (config.data.folder).'
-    )
+    raise DataError(f'Image folder {folder!r} does not exist or is not a directory ({field}).')
   paths, skipped = _walk_images(folder)
   if not paths:
     raise DataError(
-      f'Image folder {folder!r} contains no image files ({", ".join(IMAGE_EXTENSIONS)}).'
+      f'Image folder {folder!r} ({field}) contains no image files ({", ".join(IMAGE_EXTENSIONS)}).'
     )
   if all(os.sep in p for p in paths):
     classes = sorted({p.split(os.sep, 1)[0] for p in paths})
@@ -379,6 +378,18 @@ def load_rgb(path):
   if array.ndim != 3 or array.shape[-1] != 3 or 0 in array.shape:
     raise ValueError(f'decoded to shape {array.shape}')
   return array
+
+
+def load_rgb_or_skip(path, skipped):
+  """`load_rgb(path)`, or None for a file that does not decode (corrupt, truncated,
+  unsupported): its path is appended to `skipped` and logged. How every folder reader
+  treats unreadable files: skipped and counted, not fatal."""
+  try:
+    return load_rgb(path)
+  except _DECODE_ERRORS as e:
+    skipped.append(path)
+    logging.warning('Skipping unreadable image %s: %s', path, e)
+    return None
 
 
 def _split_key(path):
@@ -478,12 +489,11 @@ class ImageFolderArray(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split, items) for split, items in splits.items()}
 
   def _load(self, path):
-    try:
-      return load_rgb(os.path.join(self.builder_config.folder, path))
-    except _DECODE_ERRORS as e:
-      self._skipped.append(path)
-      logging.warning('Skipping unreadable image %s: %s', path, e)
-      return None
+    failed = []
+    image = load_rgb_or_skip(os.path.join(self.builder_config.folder, path), failed)
+    if failed:
+      self._skipped.append(path)  # relative, as the metadata lists them
+    return image
 
   def _generate_examples(self, split, items):
     count = 0

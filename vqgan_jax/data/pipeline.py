@@ -353,7 +353,8 @@ class ProcessSlice:
 
 
 class _PaddedEvalSource(ProcessSlice):
-  """Eval images and labels; padding has mask False."""
+  """Eval images and labels; padding has mask False, and so has an element whose source
+  marks it {'mask': False} (a folder file that does not decode, see evaluate.py)."""
 
   def __init__(self, source, data_config, num_examples, global_batch, local_batch, process_index):
     super().__init__(num_examples, global_batch, local_batch, process_index)
@@ -369,7 +370,8 @@ class _PaddedEvalSource(ProcessSlice):
         'mask': np.bool_(False),
       }
     element = self._source[index]
-    return _example(element, preprocess(element[self._key], self._size), mask=True)
+    mask = bool(element.get('mask', True))
+    return _example(element, preprocess(element[self._key], self._size), mask=mask)
 
 
 def make_eval_iterator(

@@ -56,9 +56,11 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def check_init_from(path: str, stage: str) -> None:
-  """`config.init_from`, checked before anything is computed: a workdir of the same stage
-  ('vqgan' or 'transformer') with a checkpoint."""
+def check_init_from(path: str, stage: str, config=None, fields=()) -> None:
+  """`config.init_from`, checked before anything is computed or written: a workdir of the
+  same stage ('vqgan' or 'transformer') with a checkpoint, whose saved config agrees with
+  `config` in `fields` (dotted names, e.g. the quantizer's: params of another quantizer
+  cannot start this run, and the saved configs say so in field names, not array shapes)."""
   if not path:
     return
   field = f'config.init_from={path!r}'
@@ -69,12 +71,20 @@ def check_init_from(path: str, stage: str) -> None:
     )
   try:
     with checkpoints.Checkpointer(path, read_only=True, max_to_keep=None) as ckpt:
-      saved = ckpt.restore_config().get('stage', 'vqgan')
+      saved_config = ckpt.restore_config()
   except checkpoints.CheckpointError as e:
     raise checkpoints.CheckpointError(f'{field}: {e}') from None
+  saved = saved_config.get('stage', 'vqgan')
   if saved != stage:
     raise checkpoints.CheckpointError(
       f'{field} is a {saved!r} run; this {stage} run starts from a {stage} workdir'
+    )
+  differences = checkpoints.config_differences(saved_config, config, fields) if fields else []
+  if differences:
+    raise checkpoints.IncompatibleCheckpointError(
+      f'{field} cannot start this run: '
+      + '; '.join('config.' + d.replace(': checkpoint ', ': init_from run ') for d in differences)
+      + '. Set these as the init_from run has them, or train from scratch'
     )
 
 

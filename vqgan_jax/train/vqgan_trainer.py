@@ -212,10 +212,14 @@ def train_and_evaluate(config, workdir):
 
   The function `python -m vqgan_jax.main` calls for a stage-1 config (`vqgan_jax.train_stage1`).
   """
-  workdir = common.prepare_workdir(workdir)
   mesh = parallel.make_mesh(config.mesh)
   validate.validate_stage1(config, parallel.batch_divisor(mesh))
-  common.check_init_from(config.init_from, 'vqgan')
+  # The runs this one reads, before anything is written in `workdir`.
+  common.check_init_from(config.init_from, 'vqgan', config, validate.QUANTIZER_FIELDS)
+  classifier = config.get('eval', {}).get('classifier_workdir', '')
+  if classifier:
+    classifier_features.check_workdir(classifier)
+  workdir = common.prepare_workdir(workdir)
   pipeline.check_splits(config.data)
   models = stage1.build_models(config)
 
