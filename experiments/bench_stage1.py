@@ -15,8 +15,9 @@ dtypes it is timed once per config, after all of ours.
 times one 3x3 conv's forward + input and kernel gradients instead (`CONV_SHAPES`: the demo's
 and the small reference config's VQGAN and LPIPS shapes): XLA's own float32 conv gradient
 (`float32_xla`), ours (`float32`: on CPU the kernel gradient by chunked patch matmuls,
-`layers._kernel_grad_chunked`, and for 32-64 channels the forward and input gradient too,
-`layers._conv_patches`) and bf16 operands with float32 accumulation (`layers.mixed_conv`, its
+`kernels.cpu_conv`'s chunked kernel gradient, and Winograd or patch matmuls for the forward
+and input gradient where they apply) and bf16 operands with float32 accumulation
+(`kernels.conv.mixed_conv`, its
 kernel gradient chunked too), interleaved, best of 5.
 """
 
@@ -33,7 +34,8 @@ import numpy as np
 
 from vqgan_jax import config_base
 from vqgan_jax import parallel
-from vqgan_jax.models import layers
+from vqgan_jax.kernels import conv
+from vqgan_jax.kernels import cpu_conv
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.train import stage1
 
@@ -126,14 +128,13 @@ def time_ours(config, iters, warmup):
 
   # The step's FLOPs as XLA counts them with its own convs and conv gradients: the CPU's patch
   # matmuls are loops, whose body XLA's cost analysis counts once.
-  layers.CPU_PATCH_MATMULS = False
-  try:
-    plain = stage1.make_train_step(config, models, mesh, shardings, lpips_sh)
-    flops = (plain.lower(state, lpips_params, images).compile().cost_analysis() or {}).get(
-      'flops', 0.0
-    )
-  finally:
-    layers.CPU_PATCH_MATMULS = True
+  xla_config = config.copy_and_resolve_references()
+  xla_config.train.conv_impl = 'xla'
+  xla_models = stage1.build_models(xla_config)
+  plain = stage1.make_train_step(xla_config, xla_models, mesh, shardings, lpips_sh)
+  flops = (plain.lower(state, lpips_params, images).compile().cost_analysis() or {}).get(
+    'flops', 0.0
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, lpips_params, images).compile()
   holder = {'state': state}
@@ -207,9 +208,9 @@ def conv_profile(rounds=5):
     return jax.jit(jax.grad(loss, (0, 1)))
 
   candidates = {
-    'float32_xla': fwd_bwd(lambda x, k: layers._conv(x, k, 1, pad), jnp.float32),  # pylint: disable=protected-access
-    'float32': fwd_bwd(lambda x, k: layers.conv2d(x, k, 1, pad), jnp.float32),
-    'bf16_conv': fwd_bwd(lambda x, k: layers.mixed_conv(x, k, 1, pad), jnp.bfloat16),
+    'float32_xla': fwd_bwd(lambda x, k: cpu_conv.lax_conv(x, k, 1, pad), jnp.float32),
+    'float32': fwd_bwd(lambda x, k: conv.conv2d(x, k, 1, pad), jnp.float32),
+    'bf16_conv': fwd_bwd(lambda x, k: conv.mixed_conv(x, k, 1, pad), jnp.bfloat16),
   }
   for b, size, cin, cout in CONV_SHAPES:
     rng = np.random.RandomState(0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vqgan_jax import config_base
-from vqgan_jax.models import layers
+from vqgan_jax.kernels import conv
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models.quantizer import codebook_distances
 from vqgan_jax.train import stage1
@@ -134,7 +134,7 @@ def test_mixed_conv_backward_runs_in_bf16():
   x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
   k = jnp.ones((3, 3, 4, 5), jnp.bfloat16)
   pad = ((1, 1), (1, 1))
-  loss = lambda x, k: jnp.sum(layers.mixed_conv(x, k, 1, pad) ** 2)
+  loss = lambda x, k: jnp.sum(conv.mixed_conv(x, k, 1, pad) ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, k)
 
   def convs(jaxpr):

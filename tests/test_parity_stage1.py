@@ -206,6 +206,26 @@ def test_vqmodel_forward(pair):
   _check(f'VQModel qloss {pair.tag}', ours['qloss_full'], ref['qloss_full'])
 
 
+def test_cpu_conv_kernels_match_the_original():
+  """The demo trains on one CPU device, where the convs run as Winograd and patch matmuls
+  (`conv_impl='auto'` there; the suite's 8 devices would take XLA's): 'cpu' forces that path
+  (its 64-channel 3x3 convs at 32x32 and 16x16 are Winograd's) against the original."""
+  wide = pair_for('wide')
+  ref, _ = wide.outputs
+  config = wide.config.copy_and_resolve_references()
+  config.train.conv_impl = 'cpu'
+  model = stage1.build_models(config).vqgan
+  assert model.conv_impl == 'cpu'
+
+  def ours(m, x, zq_ref):
+    return m.quant_conv(m.encoder(x)), m.decode(zq_ref)
+
+  fn = jax.jit(lambda p, *a: model.apply({'params': p}, *a, method=ours))
+  hq, dec = fn(wide.converted['params'], wide.x, ref['zq'])
+  _check('quant_conv output [wide, cpu kernels]', hq, ref['hq'])
+  _check('decoder output [wide, cpu kernels]', dec, ref['dec'])
+
+
 def test_discriminator_train_and_eval_mode(pair):
   tag = f'[{pair.spec["loss"]["disc_num_layers"]} layers]'
   disc = copy.deepcopy(pair.torch.loss.discriminator).train()

@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 
+from vqgan_jax.kernels.conv import IMPLS as CONV_IMPLS
 from vqgan_jax.models.layers import REMAT_POLICIES
 
 # config.train.dtype -> the compute dtype (parameters, optimizer state and losses stay float32).
@@ -171,6 +172,10 @@ def validate_stage1(config, batch_divisor: int = 1):
   check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
   validate_gan_and_health(loss, t)
   check(t.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {t.dtype!r}')
+  check(
+    t.conv_impl in CONV_IMPLS,
+    f'config.train.conv_impl must be one of {CONV_IMPLS}, got {t.conv_impl!r}',
+  )
   validate_remat(t, 'config.train', ('none', 'block'))
   for name in ('batch_size', 'eval_batch_size'):
     check(

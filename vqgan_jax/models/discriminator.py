@@ -59,6 +59,7 @@ class NLayerDiscriminator(nn.Module):
   ndf: int = 64
   n_layers: int = 3
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'  # the CPU conv kernels: `kernels.cpu_conv`
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -70,6 +71,7 @@ class NLayerDiscriminator(nn.Module):
       padding=pad1,
       use_bias=bias,
       dtype=self.dtype,
+      conv_impl=self.conv_impl,
       kernel_init=_normal_002,
       name=name,
     )

@@ -119,6 +119,7 @@ class VGG16Features(nn.Module):
   """torchvision VGG16 `features` up to relu5_3; returns the 5 LPIPS taps."""
 
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> list[Array]:
@@ -131,9 +132,15 @@ class VGG16Features(nn.Module):
         if slice_idx != s:
           continue
         # Our Conv: same params, and it avoids XLA:CPU's slow tiny-spatial convs.
-        x = layers.Conv(ch, 3, padding=((1, 1), (1, 1)), dtype=self.dtype, name=f'slice{s}_{idx}')(
-          x
+        conv = layers.Conv(
+          ch,
+          3,
+          padding=((1, 1), (1, 1)),
+          dtype=self.dtype,
+          conv_impl=self.conv_impl,
+          name=f'slice{s}_{idx}',
         )
+        x = conv(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
@@ -158,9 +165,11 @@ class LPIPS(nn.Module):
   Attributes:
     dtype: compute dtype of the VGG convolutions. Normalisation, distance and
       the linear heads always run in float32.
+    conv_impl: the CPU conv kernels (`kernels.cpu_conv`).
   """
 
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, y: Array, deterministic: bool = True) -> Array:
@@ -177,7 +186,7 @@ class LPIPS(nn.Module):
     scale = jnp.asarray(SCALE, jnp.float32)
     b = x.shape[0]
     scaled = lambda im: ((im.astype(jnp.float32) - shift) / scale).astype(self.dtype)
-    net = VGG16Features(dtype=self.dtype, name='net')
+    net = VGG16Features(dtype=self.dtype, conv_impl=self.conv_impl, name='net')
     # Two backbone passes rather than one on the concatenation: in training only y needs
     # gradients, and a concatenated pass would back-propagate through x's half as well.
     taps_x, taps_y = net(scaled(x)), net(scaled(y))

@@ -1,5 +1,6 @@
 """Encoder, Decoder and the VQGAN composition (taming `VQModel`)."""
 
+import functools
 import math
 from typing import Any
 from typing import Sequence
@@ -28,11 +29,13 @@ class Encoder(nn.Module):
   double_z: bool = False
   dtype: Dtype = jnp.float32
   remat_policy: str | None = None
+  conv_impl: str = 'auto'  # the CPU conv kernels: `kernels.cpu_conv`
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     n = len(self.ch_mult)
-    h = layers.Conv(self.ch, 3, dtype=self.dtype, name='conv_in')(x)
+    conv = functools.partial(layers.Conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    h = conv(self.ch, 3, name='conv_in')(x)
     for i, res in enumerate(layers.level_resolutions(self.resolution, self.ch_mult)):
       h = layers.Level(
         self.ch * self.ch_mult[i],
@@ -42,14 +45,15 @@ class Encoder(nn.Module):
         dropout=self.dropout,
         dtype=self.dtype,
         remat_policy=self.remat_policy,
+        conv_impl=self.conv_impl,
         name=f'down_{i}',
       )(h, deterministic)
-    h = layers.MidBlock(h.shape[-1], self.dropout, self.dtype, self.remat_policy, name='mid')(
-      h, deterministic
-    )
+    h = layers.MidBlock(
+      h.shape[-1], self.dropout, self.dtype, self.remat_policy, self.conv_impl, name='mid'
+    )(h, deterministic)
     h = layers.swish(layers.Normalize('norm_out', self.dtype)(h))
     out = 2 * self.z_channels if self.double_z else self.z_channels
-    return layers.Conv(out, 3, dtype=self.dtype, name='conv_out')(h)
+    return conv(out, 3, name='conv_out')(h)
 
 
 class Decoder(nn.Module):
@@ -62,13 +66,15 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: str | None = None
+  conv_impl: str = 'auto'  # the CPU conv kernels: `kernels.cpu_conv`
 
   def setup(self):
     n = len(self.ch_mult)
     res = layers.level_resolutions(self.resolution, self.ch_mult)
-    self.conv_in = layers.Conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype)
+    conv = functools.partial(layers.Conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    self.conv_in = conv(self.ch * self.ch_mult[-1], 3)
     self.mid = layers.MidBlock(
-      self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat_policy
+      self.ch * self.ch_mult[-1], self.dropout, self.dtype, self.remat_policy, self.conv_impl
     )
     # Indexed by level like the original's `up.i`; run from the lowest resolution up.
     self.up = [
@@ -80,11 +86,12 @@ class Decoder(nn.Module):
         dropout=self.dropout,
         dtype=self.dtype,
         remat_policy=self.remat_policy,
+        conv_impl=self.conv_impl,
       )
       for i in range(n)
     ]
     self.norm_out = layers.Normalize(dtype=self.dtype)
-    self.conv_out = layers.Conv(self.out_ch, 3, dtype=self.dtype)
+    self.conv_out = conv(self.out_ch, 3)
 
   def features(self, z, deterministic: bool = True):
     """Activations entering `conv_out` (the adaptive GAN weight differentiates there)."""
@@ -156,6 +163,7 @@ class VQGAN(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat_policy: str | None = None
+  conv_impl: str = 'auto'  # the CPU conv kernels: `kernels.cpu_conv`
 
   def setup(self):
     common = dict(
@@ -167,12 +175,14 @@ class VQGAN(nn.Module):
       dropout=self.dropout,
       dtype=self.dtype,
       remat_policy=self.remat_policy,
+      conv_impl=self.conv_impl,
     )
     self.encoder = Encoder(z_channels=self.z_channels, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     one = ((0, 0), (0, 0))
-    self.quant_conv = layers.Conv(self.embed_dim, 1, padding=one, dtype=self.dtype)
-    self.post_quant_conv = layers.Conv(self.z_channels, 1, padding=one, dtype=self.dtype)
+    conv = functools.partial(layers.Conv, padding=one, dtype=self.dtype, conv_impl=self.conv_impl)
+    self.quant_conv = conv(self.embed_dim, 1)
+    self.post_quant_conv = conv(self.z_channels, 1)
     if self.quantizer not in QUANTIZERS:
       raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
     codes = num_codes(self.quantizer, self.n_embed, tuple(self.fsq_levels), self.lfq_bits)
@@ -250,11 +260,14 @@ class VQGAN(nn.Module):
     return self.decode(z_q, deterministic), qloss, indices
 
 
-def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -> VQGAN:
+def from_config(
+  fields, *, dtype=jnp.float32, remat_policy=None, frozen=False, conv_impl='auto'
+) -> VQGAN:
   """The VQGAN described by stage-1 `model` fields (a ConfigDict or a dict, as saved in a
   checkpoint's config): the one place a config becomes a module. Fields added after a
   checkpoint was written take their defaults (an old run is a 'vq' model with the original's
-  quantizer). `frozen`: no dropout (encode, decode, stage 2).
+  quantizer). `frozen`: no dropout (encode, decode, stage 2). `dtype`, `remat_policy` and
+  `conv_impl` say how it runs, not what it computes (`config.train`'s fields).
   """
   get = fields.get
   return VQGAN(
@@ -281,4 +294,5 @@ def from_config(fields, *, dtype=jnp.float32, remat_policy=None, frozen=False) -
     dropout=0.0 if frozen else get('dropout', 0.0),
     dtype=dtype,
     remat_policy=remat_policy,
+    conv_impl=conv_impl,
   )

@@ -58,12 +58,13 @@ def remat_policy_name(config):
 
 
 def build_models(config) -> Models:
-  dtype = DTYPES[config.train.dtype]
-  vqgan = vqgan_lib.from_config(config.model, dtype=dtype, remat_policy=remat_policy_name(config))
+  dtype, impl = DTYPES[config.train.dtype], config.train.conv_impl
+  remat = remat_policy_name(config)
+  vqgan = vqgan_lib.from_config(config.model, dtype=dtype, remat_policy=remat, conv_impl=impl)
   disc = NLayerDiscriminator(
-    ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers, dtype=dtype
+    ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers, dtype=dtype, conv_impl=impl
   )
-  return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype))
+  return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype, conv_impl=impl))
 
 
 def make_optimizers(config):
