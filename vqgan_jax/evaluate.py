@@ -308,6 +308,7 @@ def evaluate_stage2(config, workdir, inception=None):
   fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
   logits = {m: [] for m in exts}
   batch = max(1, int(s.batch_size))
+  run.batch_size = batch  # the batches below, as they are
   rng = jax.random.PRNGKey(int(config.eval.seed))
   divisor = parallel.batch_divisor(mesh)
   maskgit = {}

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from vqgan_jax import checkpoints
+from vqgan_jax import checks
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
@@ -99,23 +100,7 @@ class TrainedVQGAN:
     return 2 ** (len(self.model.ch_mult) - 1)
 
   def _images(self, images) -> np.ndarray:
-    x = np.asarray(images)
-    if x.ndim == 3:
-      x = x[..., None]
-    if x.ndim == 4 and x.shape[-1] == 1 and self.model.in_channels == 3:
-      x = np.repeat(x, 3, axis=-1)  # Gray images as the data pipeline feeds them: RGB.
-    if x.ndim != 4 or x.shape[-1] != self.model.in_channels:
-      raise ValueError(
-        f'images must be (N, H, W, {self.model.in_channels}) (NHWC; uint8 in '
-        f'[0, 255] or float in [-1, 1]), got shape {x.shape}'
-      )
-    f = self.downsample_factor
-    if x.shape[1] % f or x.shape[2] % f:
-      raise ValueError(
-        f'image size {x.shape[1]}x{x.shape[2]} is not divisible by this '
-        f"VQGAN's downsampling factor {f}"
-      )
-    return x
+    return checks.images(images, channels=self.model.in_channels, factor=self.downsample_factor)
 
   def _map(self, fn, x: np.ndarray) -> np.ndarray:
     """`fn(params, chunk)` over chunks of x, padded to the mesh's batch axes."""
@@ -137,14 +122,12 @@ class TrainedVQGAN:
   def decode(self, indices) -> np.ndarray:
     """(N, h, w) code indices -> (N, H, W, C) float32 images, nominally [-1, 1] (unclipped,
     the decoder's output)."""
-    idx = np.asarray(indices)
-    if idx.ndim != 3:
-      raise ValueError(f'indices must be (N, h, w) code grids, got shape {idx.shape}')
-    if idx.size and (idx.min() < 0 or idx.max() >= self.model.n_embed):
-      raise ValueError(
-        f'code indices must be in [0, {self.model.n_embed}), got [{idx.min()}, {idx.max()}]'
-      )
-    return self._map(self._decode, idx.astype(np.int32))
+    shape = np.shape(indices)
+    if len(shape) != 3:
+      raise ValueError(f'indices must be (N, h, w) code grids, got shape {shape}')
+    checks.nonempty_batch(shape, 'indices')
+    idx = checks.integers(indices, 'indices', 0, self.model.n_embed, what='code indices')
+    return self._map(self._decode, idx)
 
   def reconstruct(self, images) -> np.ndarray:
     """encode then decode: (N, H, W, C) float32 reconstructions, nominally [-1, 1]."""
@@ -176,17 +159,7 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
   mesh = mesh or _default_mesh()
   model = vqgan_lib.from_config(config.model, frozen=True)
   rules = _rules(config)
-  params = None
-  if ema:
-    abstract, shardings = stage1.vqgan_param_shardings(model, mesh, rules)
-    try:
-      params = checkpoints.restore_params(
-        workdir, checkpoints.abstract_like(abstract, shardings), key='params_ema', step=step
-      )
-    except checkpoints.CheckpointError:
-      params = None  # The run kept no EMA copy.
-  if params is None:
-    params = stage1.restore_vqgan_params(workdir, model, mesh, rules, step=step)
+  params = stage1.restore_vqgan_params(workdir, model, mesh, rules, step=step, ema=ema)
   return TrainedVQGAN(model, params, config, step, mesh)
 
 
@@ -202,6 +175,7 @@ class TrainedTransformer:
   config: ml_collections.ConfigDict  # the resolved config
   step: int
   mesh: jax.sharding.Mesh
+  batch_size: int = 256  # samples per sampler call (more are drawn in several calls)
 
   @property
   def kind(self) -> str:
@@ -209,9 +183,58 @@ class TrainedTransformer:
     return self.layout.transformer_kind
 
   def condition_for_class(self, labels) -> np.ndarray:
-    """(N, 1) condition tokens for class ids (class models; an id outside [0, n_classes) is an
-    error), or N start tokens for an unconditional model."""
-    return np.asarray(stage2.class_tokens(self.layout, np.asarray(labels).reshape(-1)))
+    """(N, 1) condition tokens for class ids (class models: integers in [0, n_classes)), or N
+    start tokens for an unconditional model."""
+    labels = np.asarray(labels).reshape(-1)
+    checks.nonempty_batch(labels.shape, 'labels')
+    return np.asarray(stage2.class_tokens(self.layout, labels))
+
+  def _check_condition(self, condition, num_samples):
+    """condition as (B, Lc) host int32 tokens of this model's condition ids; the number of
+    samples it asks for."""
+    lay = self.layout
+    shape = np.shape(condition)
+    if len(shape) == 1 and num_samples is not None:
+      condition, shape = np.reshape(condition, (1, -1)), (1, *shape)
+    if len(shape) != 2 or shape[1] != lay.cond_len:
+      raise ValueError(
+        f'condition must be (N, {lay.cond_len}) tokens (condition_for_class; a single '
+        f'({lay.cond_len},) one with num_samples), got shape {np.shape(condition)}'
+      )
+    checks.nonempty_batch(shape, 'condition')
+    if lay.kind == 'unconditional':
+      lo, hi, also, what = lay.sos_id, lay.sos_id + 1, (), 'start tokens'
+    elif lay.kind == 'class':
+      lo, hi, what = lay.cond_offset, lay.cond_offset + lay.n_classes, 'class tokens'
+      also = (lay.null_id,) if lay.null_id >= 0 else ()
+    else:
+      lo, hi, also, what = lay.cond_offset, lay.cond_offset + lay.cond_n_embed, (), 'cond codes'
+    condition = checks.integers(condition, 'condition', lo, hi, also=also, what=what)
+    if num_samples is None:
+      return condition, len(condition)
+    if len(condition) != 1:
+      raise ValueError(f'num_samples repeats one condition; got {len(condition)}')
+    return condition, checks.count(num_samples, 'num_samples')
+
+  def _check_memory(self, n, num_samples, grid, window, guided):
+    """Refuses a call whose batch (at most batch_size samples) would not fit the devices, or
+    whose returned codes and images would not fit the host."""
+    size = checks.count(self.batch_size, 'batch_size')
+    if self.kind == 'maskgit':
+      sampler = maskgit_sampling.maskgit_bytes(self.model, self.layout.cond_len, guided)
+    else:
+      sampler = sampling.gpt_bytes(
+        self.model, cond_len=self.layout.cond_len, grid=grid, window=window, guided=guided
+      )
+    vq = self.vqgan.model
+    per = max(sampler, sampling.decode_bytes(vq, grid))
+    asked = f'num_samples={n}' if num_samples is not None else f'a batch of {n} conditions'
+    what = f'batch_size={size}' if n > size else asked
+    checks.fits(per, min(n, size), what, checks.devices_of(self.params), needs=' for the sampler')
+    f = self.vqgan.downsample_factor
+    out = checks.nbytes(grid[0], grid[1]) * (1 + f * f * vq.out_ch)  # int32 codes, f32 images
+    checks.fits(out, n, asked, needs=' for the codes and images returned', hint='ask for at most')
+    return size
 
   def sample(
     self,
@@ -234,7 +257,7 @@ class TrainedTransformer:
 
     condition: (N, Lc) condition tokens (`condition_for_class`, or cond codes + offset for
       spatial models); None for an unconditional model (then num_samples, default 1).
-    num_samples: repeat a single condition that many times.
+    num_samples: repeat a single condition that many times (a positive int).
     temperature: > 0 divides the logits; 0 is greedy (argmax) decoding.
     top_k / top_p: keep the k most likely codes / the smallest set with probability >= p.
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
@@ -243,6 +266,11 @@ class TrainedTransformer:
     steps, schedule, choice_temperature (MaskGIT only; defaults from config.sample): the
       number of parallel decoding steps T, the masking schedule ('cosine', 'linear',
       'square') and the scale of the Gumbel noise on the confidence.
+
+    Up to `self.batch_size` samples are one sampler call drawn with `rng`; more are drawn in
+    calls of batch_size, the i-th with `jax.random.fold_in(rng, i)`. A batch whose estimated
+    memory exceeds what the devices have free, or a result larger than the host's free
+    memory, is refused with the largest size that fits.
     """
     layout = self.layout
     maskgit_args = dict(steps=steps, schedule=schedule, choice_temperature=choice_temperature)
@@ -255,8 +283,9 @@ class TrainedTransformer:
         raise ValueError(
           f'this {layout.kind}-conditional model needs a condition (see condition_for_class)'
         )
-      condition = self.condition_for_class(np.zeros((num_samples or 1,), np.int32))
-      num_samples = None
+      condition = self.condition_for_class([0])
+      num_samples = 1 if num_samples is None else num_samples
+    condition, n = self._check_condition(condition, num_samples)
     grid = tuple(grid or layout.grid)
     if self.kind == 'maskgit' and (grid != tuple(layout.grid) or window is not None):
       raise ValueError(
@@ -279,44 +308,58 @@ class TrainedTransformer:
           'cfg_scale needs a model trained with class dropout '
           '(config.cond.drop_prob > 0, offset vocabulary)'
         )
-      uncond = np.full(
-        (1 if num_samples else len(condition), layout.cond_len), layout.null_id, np.int32
-      )
+      uncond = np.full((1, layout.cond_len), layout.null_id, np.int32)
     else:
       cfg_scale = None
+    size = self._check_memory(n, num_samples, grid, window, cfg_scale is not None)
     rep = parallel.replicated(self.mesh)
     put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
-    kw = dict(
-      grid=grid,
-      num_samples=num_samples,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      cfg_scale=cfg_scale,
-      uncond_tokens=None if uncond is None else put(uncond),
-    )
+    kw = dict(grid=grid, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     params = {'gpt': self.params, 'vqgan': self.vqgan.params}
     if self.kind == 'maskgit':
       s = self.config.get('sample', {})
       pick = lambda v, name, default: v if v is not None else s.get(name, default)
-      codes, images = maskgit_sampling.sample_images(
-        params,
-        self.model,
-        self.vqgan.model,
-        put(condition),
-        rng,
+      kw.update(
         steps=pick(steps, 'steps', 8),
         schedule=pick(schedule, 'schedule', 'cosine'),
         choice_temperature=pick(
           choice_temperature, 'choice_temperature', maskgit_sampling.CHOICE_TEMPERATURE
         ),
+      )
+      sampler = maskgit_sampling.sample_images
+    else:
+      kw.update(window=window)
+      sampler = sampling.sample_images
+
+    def draw(cond, key, count):
+      # One condition repeated `count` times, or `count` conditions.
+      rows = 1 if num_samples is not None else count
+      repeat = None if num_samples is None else count
+      u = None if uncond is None else put(np.repeat(uncond, rows, axis=0))
+      codes, images = sampler(
+        params,
+        self.model,
+        self.vqgan.model,
+        put(cond),
+        key,
+        num_samples=repeat,
+        uncond_tokens=u,
         **kw,
       )
-    else:
-      codes, images = sampling.sample_images(
-        params, self.model, self.vqgan.model, put(condition), rng, window=window, **kw
-      )
-    return gather(codes), gather(images)
+      return gather(codes), gather(images)
+
+    if n <= size:
+      return draw(condition, rng, n)
+    out = []
+    for i, start in enumerate(range(0, n, size)):
+      stop = min(n, start + size)
+      cond = condition
+      if num_samples is None:  # the last batch padded: one compiled shape for every call
+        cond = condition[start:stop]
+        cond = np.concatenate([cond, np.repeat(cond[-1:], size - len(cond), axis=0)])
+      codes, images = draw(cond, jax.random.fold_in(rng, i), size)
+      out.append((codes[: stop - start], images[: stop - start]))
+    return np.concatenate([c for c, _ in out]), np.concatenate([x for _, x in out])
 
 
 def load_transformer_for_config(config, workdir, step=None, mesh=None) -> TrainedTransformer:

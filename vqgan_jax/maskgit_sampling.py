@@ -29,6 +29,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax import checks
 from vqgan_jax import sampling
 from vqgan_jax.models import maskgit as maskgit_lib
 
@@ -71,6 +72,15 @@ def check_args(model, cond_len, *, steps, schedule, choice_temperature, **filter
   )
 
 
+def maskgit_bytes(model, cond_len, guided=False):
+  """The sampler's estimated peak bytes per sample: one full forward over the block
+  (activations and attention scores) and a few copies of the logits at every code while
+  filtering, drawing and ranking. Guidance doubles the forward's batch."""
+  seq, n = model.block_size, model.block_size - cond_len
+  forward = checks.nbytes(8, seq, model.n_embd) + checks.nbytes(2, model.n_head, seq, seq)
+  return forward * (2 if guided else 1) + checks.nbytes(8, n, model.vocab_size)
+
+
 def sample(
   params,
   model,
@@ -94,12 +104,10 @@ def sample(
   model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
   'square'. cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
   """
-  shape = np.shape(cond_tokens)
-  if len(shape) != 2:
-    raise ValueError(f'cond_tokens must be (batch, length) tokens, got shape {shape}')
+  cond_len = sampling.check_tokens(model, cond_tokens, 'cond_tokens')
   top_k, top_p = check_args(
     model,
-    shape[1],
+    cond_len,
     steps=steps,
     schedule=schedule,
     choice_temperature=choice_temperature,
@@ -110,9 +118,11 @@ def sample(
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
+  sampling.check_memory(maskgit_bytes(model, cond_len, guided), cond_tokens, params)
   cond = jnp.asarray(cond_tokens, jnp.int32)
   uncond = None
   if guided:
+    sampling.check_tokens(model, uncond_tokens, 'uncond_tokens')
     uncond = jnp.asarray(uncond_tokens, jnp.int32)
     if uncond.shape != cond.shape:
       raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
@@ -126,7 +136,7 @@ def sample(
     jnp.float32(temperature),
     jnp.float32(choice_temperature),
     jnp.float32(cfg_scale if guided else 0.0),
-    counts=mask_counts(model.block_size - shape[1], int(steps), schedule),
+    counts=mask_counts(model.block_size - cond_len, int(steps), schedule),
     top_k=top_k,
     top_p=top_p,
     guided=guided,
@@ -209,16 +219,21 @@ def sample_images(
   """`sampling.sample_images` for MaskGIT: returns (tokens (N, h, w) int32, images (N, H, W, C)
   float32, the decoder's output). params: {'gpt': MaskGIT params, 'vqgan': VQGAN params}.
   grid must be the training grid (h * w = block_size - Lc): MaskGIT has no sliding window."""
-  condition = jnp.asarray(condition, jnp.int32)
-  if condition.ndim == 1:
-    condition = condition[None]
+  cond_len, num = sampling.check_condition(model, condition, num_samples)
   h, w = (int(x) for x in grid)
-  n = model.block_size - condition.shape[1]
+  n = model.block_size - cond_len
   if h * w != n:
     raise ValueError(
       f'grid {h}x{w}: MaskGIT samples the training grid ({n} codes) only; larger grids '
       '(the sliding window) need the GPT'
     )
+  need = max(
+    maskgit_bytes(model, cond_len, cfg_scale is not None), sampling.decode_bytes(vqgan, (h, w))
+  )
+  what = None if num_samples is None else f'num_samples={num}'
+  sampling.check_memory(
+    need, condition, params['gpt'], what, num, needs=' for the sampler and the decoder'
+  )
   condition, uncond_tokens = sampling.repeat_condition(condition, num_samples, uncond_tokens)
   tokens = sample(
     params['gpt'],

@@ -52,6 +52,7 @@ def sample(config, workdir):
   """Samples with the latest stage-2 params; writes samples_<step>.png/.npz; returns paths."""
   mesh = parallel.make_mesh(config.mesh)
   run = inference.load_transformer_for_config(config, workdir, None, mesh)
+  run.batch_size = max(1, int(config.sample.batch_size))  # the batches below, as they are
   config, layout, step = run.config, run.layout, run.step
   stage2_config.validate_config(config, parallel.batch_divisor(mesh))
   s = config.sample

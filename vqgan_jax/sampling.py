@@ -13,7 +13,9 @@ filter are `uncond + cfg_scale * (cond - uncond)`. Both batches are continued wi
 Arguments: `temperature` 0 is greedy decoding (argmax of the filtered logits), as a traced
 value too, so one compile serves greedy and sampled calls. Bad arguments (a negative
 temperature, top_k < 0, top_p outside (0, 1], a sequence longer than the model's block size)
-raise one ValueError naming the argument before anything runs (`check_sampling_args`).
+raise one ValueError naming the argument before anything runs (`check_sampling_args`), as do
+condition tokens outside the vocabulary and a batch whose estimated peak memory (`gpt_bytes`,
+`decode_bytes`) exceeds what its devices have free (`checks.fits`).
 """
 
 import functools
@@ -26,6 +28,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from vqgan_jax import checks
 from vqgan_jax.models import transformer as tf
 
 # Cache slots added per decode loop of `sample` (see there): smaller reads less of the cache
@@ -133,11 +136,47 @@ def _is_number(x):
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _cond_len(cond_tokens, name):
-  shape = np.shape(cond_tokens)
+def check_tokens(model, tokens, name):
+  """(batch, length) tokens, a non-empty batch of ids in [0, model.vocab_size); returns the
+  length (traced tokens: only the shape is checked)."""
+  shape = np.shape(tokens)
   if len(shape) != 2:
     raise ValueError(f'{name} must be (batch, length) tokens, got shape {shape}')
+  checks.nonempty_batch(shape, name)
+  checks.integers(tokens, name, 0, model.vocab_size, what='token ids')
   return shape[1]
+
+
+def gpt_bytes(model, *, cond_len, grid, window=None, cond_is_grid=False, guided=False):
+  """The KV-cached samplers' estimated peak bytes per sample of a (h, w) code grid (with a
+  sliding `window`: its window): the float32 K/V cache, the longest forward (the prefill, or
+  a window's re-encoding: activations and attention scores), a few copies of the logits
+  while filtering, and the drawn tokens. Guidance doubles the batch."""
+  h, w = grid
+  if window is None:
+    prefill, slots = cond_len, cond_len + h * w - 1
+  else:
+    lc = window * window if cond_is_grid else cond_len
+    prefill, slots = lc + (window - 1) * window + window // 2, lc + window * window - 1
+  cache = checks.nbytes(model.n_layer, 2, slots, model.n_embd)
+  forward = checks.nbytes(8, prefill, model.n_embd) + checks.nbytes(2, model.n_head, prefill, slots)
+  logits = checks.nbytes(8, model.vocab_size)
+  return (cache + forward + logits) * (2 if guided else 1) + checks.nbytes(h, w)
+
+
+def decode_bytes(vqgan, grid):
+  """The decoder's estimated peak bytes per image of a (h, w) code grid: a few activations
+  of its widest level, the attention scores where it attends, and the float32 image."""
+  f = 2 ** (len(vqgan.ch_mult) - 1)
+  h, w = grid[0] * f, grid[1] * f
+  peak = 0
+  for i, mult in enumerate(vqgan.ch_mult):
+    rh, rw = h >> i, w >> i
+    level = checks.nbytes(4, rh, rw, vqgan.ch * mult)
+    if rh in vqgan.attn_resolutions:
+      level += checks.nbytes(2, rh * rw, rh * rw)
+    peak = max(peak, level)
+  return peak + checks.nbytes(h, w, vqgan.out_ch)
 
 
 def _check_window(grid_h, grid_w, window):
@@ -194,12 +233,41 @@ class _Stepper:
 # ----------------------------------------------------------------------------------------
 
 
+def check_memory(
+  per_sample, cond_tokens, params, what=None, n=None, needs=' for the KV cache and logits'
+):
+  """Refuses a batch of cond_tokens (or of `n` samples) whose sampling would not fit the
+  devices of `params`."""
+  n = np.shape(cond_tokens)[0] if n is None else n
+  where = checks.devices_of(params)
+  checks.fits(per_sample, n, what or f'a batch of {n} samples', where, needs=needs)
+
+
+def check_condition(model, condition, num_samples):
+  """(Lc, the number of samples) of a sampler's `condition` ((B, Lc) or one (Lc,) token ids
+  in [0, vocab_size)) and `num_samples` (a positive int repeating a single condition)."""
+  shape = np.shape(condition)
+  if len(shape) not in (1, 2) or not shape[-1]:
+    raise ValueError(f'condition must be (batch, length) or (length,) tokens, got shape {shape}')
+  rows = 1 if len(shape) == 1 else shape[0]
+  checks.nonempty_batch((rows,), 'condition')
+  checks.integers(condition, 'condition', 0, model.vocab_size, what='token ids')
+  if num_samples is None:
+    return shape[-1], rows
+  n = checks.count(num_samples, 'num_samples')
+  if rows != 1:
+    raise ValueError(f'num_samples repeats one condition; got {rows}')
+  return shape[-1], n
+
+
 def _inputs(params, model, cond_tokens, uncond_tokens, cfg_scale):
   """What both public samplers hand their jitted loops: (guided, decoding model, variables,
   int32 cond tokens, int32 uncond tokens or None)."""
   guided = cfg_scale is not None
   if guided and uncond_tokens is None:
     raise ValueError('cfg_scale needs uncond_tokens')
+  if guided:
+    check_tokens(model, uncond_tokens, 'uncond_tokens')
   model, variables = decoding_variables(model, params)
   uncond = jnp.asarray(uncond_tokens, jnp.int32) if guided else None
   return guided, model, variables, jnp.asarray(cond_tokens, jnp.int32), uncond
@@ -233,13 +301,17 @@ def sample(
   """
   top_k, top_p = check_sampling_args(
     model,
-    cond_len=_cond_len(cond_tokens, 'cond_tokens'),
+    cond_len=check_tokens(model, cond_tokens, 'cond_tokens'),
     image_len=steps,
     length_arg=f'steps={steps}',
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
   )
+  need = gpt_bytes(
+    model, cond_len=np.shape(cond_tokens)[1], grid=(1, steps), guided=cfg_scale is not None
+  )
+  check_memory(need, cond_tokens, params)
   guided, model, variables, cond_tokens, uncond = _inputs(
     params, model, cond_tokens, uncond_tokens, cfg_scale
   )
@@ -374,11 +446,7 @@ def sample_images(
   temperature 0 is greedy (argmax); the arguments are checked as in `sample` before anything
   runs. Both samplers and the decoder are jitted (compiled once per shape and filter settings).
   """
-  cond_len = np.shape(condition)[-1] if np.ndim(condition) in (1, 2) else 0
-  if not cond_len:
-    raise ValueError(
-      f'condition must be (batch, length) or (length,) tokens, got shape {np.shape(condition)}'
-    )
+  cond_len, num = check_condition(model, condition, num_samples)
   if len(grid) != 2 or not all(_is_number(n) and float(n).is_integer() and n > 0 for n in grid):
     raise ValueError(f'grid must be (h, w) of positive ints, got {grid!r}')
   h, w = (int(n) for n in grid)
@@ -403,6 +471,12 @@ def sample_images(
       top_k=top_k,
       top_p=top_p,
     )
+  sampler = gpt_bytes(
+    model, cond_len=cond_len, grid=(h, w), window=window, guided=cfg_scale is not None
+  )
+  what = None if num_samples is None else f'num_samples={num}'
+  need = max(sampler, decode_bytes(vqgan, (h, w)))
+  check_memory(need, condition, params['gpt'], what, num, needs=' for the sampler and the decoder')
   condition, uncond_tokens = repeat_condition(condition, num_samples, uncond_tokens)
   filters = dict(
     temperature=temperature,
@@ -477,7 +551,7 @@ def sliding_window_sample(
   (argmax); the arguments are checked as in `sample` before anything runs.
   """
   _check_window(grid_h, grid_w, window)
-  cond_len = _cond_len(cond_tokens, 'cond_tokens')
+  cond_len = check_tokens(model, cond_tokens, 'cond_tokens')
   if cond_is_grid is None:
     cond_is_grid = cond_len == grid_h * grid_w
   top_k, top_p = check_sampling_args(
@@ -489,6 +563,15 @@ def sliding_window_sample(
     top_k=top_k,
     top_p=top_p,
   )
+  need = gpt_bytes(
+    model,
+    cond_len=cond_len,
+    grid=(grid_h, grid_w),
+    window=window,
+    cond_is_grid=cond_is_grid,
+    guided=cfg_scale is not None,
+  )
+  check_memory(need, cond_tokens, params)
   guided, model, variables, cond_tokens, uncond = _inputs(
     params, model, cond_tokens, uncond_tokens, cfg_scale
   )

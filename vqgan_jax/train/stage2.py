@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from vqgan_jax import checkpoints
+from vqgan_jax import checks
 from vqgan_jax import parallel
 from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import transformer as gpt_lib
@@ -156,14 +157,8 @@ def class_tokens(layout: Layout, labels):
   Concrete labels of a class model are checked: an id outside [0, n_classes) would index
   another token of the vocabulary and give garbage codes.
   """
-  if layout.kind == 'class' and not isinstance(labels, jax.core.Tracer):
-    host = np.asarray(labels).reshape(-1)
-    bad = sorted({int(c) for c in host if not 0 <= c < layout.n_classes})
-    if bad:
-      raise ValueError(
-        f'class ids {bad} are outside [0, {layout.n_classes}): this model has '
-        f'{layout.n_classes} classes'
-      )
+  if layout.kind == 'class':
+    labels = checks.integers(labels, 'labels', 0, layout.n_classes, what='class ids')
   labels = jnp.asarray(labels, jnp.int32).reshape(-1, 1)
   if layout.kind == 'unconditional':
     return jnp.full_like(labels, layout.sos_id)
