@@ -350,9 +350,8 @@ def _is_orbax_aftermath(unraisable) -> bool:
 
 
 def _drop_orbax_aftermath() -> None:
-  """From now on drops exactly the reports of `_is_orbax_aftermath` (tracebacks with
-  TensorStore's whole JSON spec, dozens per failure, long after our one sentence) and orbax's
-  own logged tracebacks of a failed save, which `Checkpointer` raises as one sentence."""
+  """From now on drops exactly the reports of `_is_orbax_aftermath`: tracebacks with
+  TensorStore's whole JSON spec, dozens per failure, long after our one sentence."""
   previous = sys.unraisablehook
   if not getattr(previous, '_drops_orbax_aftermath', False):
 
@@ -362,7 +361,6 @@ def _drop_orbax_aftermath() -> None:
 
     hook._drops_orbax_aftermath = True  # pylint: disable=protected-access
     sys.unraisablehook = hook
-  logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Once: a no-op when present.
 
 
 def _collect_abandoned_reads() -> None:
@@ -636,8 +634,9 @@ class Checkpointer:
     self._closed = False
     self._pending: int | None = None  # The step of the save in flight.
     self._failed = False
-    if not read_only:
-      _drop_orbax_aftermath()  # Before a save can fail: orbax reports it from its threads.
+    if not read_only:  # Before a save can fail: orbax reports it from its threads.
+      _drop_orbax_aftermath()
+      logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Until the last writer closes.
     _OPEN[id(self)] = self
 
   # Saving.
@@ -745,9 +744,13 @@ class Checkpointer:
       return
     self._closed = True
     _OPEN.pop(id(self), None)
-    self.wait()
-    if not self._failed:  # orbax's close would raise the failed save again.
-      self._manager.close()
+    try:
+      self.wait()
+      if not self._failed:  # orbax's close would raise the failed save again.
+        self._manager.close()
+    finally:
+      if all(c.read_only for c in _OPEN.values()):
+        logging.getLogger('absl').removeFilter(_SAVE_FAILURE_REPORTS)
 
   def __enter__(self):
     return self
