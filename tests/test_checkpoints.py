@@ -3,8 +3,6 @@ steps, non-finite states, exit noise."""
 
 import logging
 import os
-import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -769,7 +767,12 @@ def test_exit_with_a_save_in_flight_is_quiet(tmp_path):
 
 
 _FULL_DISK = textwrap.dedent("""
+    import resource
+    import signal
     import sys
+    # A real limit: writes past 64 KiB fail with EFBIG (File too large), not SIGXFSZ.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     import jax
     import jax.numpy as jnp
     from vqgan_jax import checkpoints
@@ -786,12 +789,6 @@ _FULL_DISK = textwrap.dedent("""
 """)
 
 
-def _file_size_limit():
-  # In the child: writes past 64 KiB fail with EFBIG (File too large) instead of SIGXFSZ.
-  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
 def test_failed_save_is_one_sentence_and_leaves_no_temporary(tmp_path):
   """A save that hits a real file size limit (a full disk reads the same) is one sentence
   naming the step and its path, with none of orbax's thread tracebacks or the 'Event loop is
@@ -804,7 +801,6 @@ def test_failed_save_is_one_sentence_and_leaves_no_temporary(tmp_path):
     text=True,
     timeout=90,
     env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-    preexec_fn=_file_size_limit,
   )
   directory = ckpt_lib.checkpoint_dir(tmp_path)
   assert proc.returncode == 2, proc.stderr[-3000:]
