@@ -3,7 +3,8 @@
   python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm \
       [--config.train.num_steps=2000 ...]
 
-Rerunning the same command in the same workdir resumes from the latest checkpoint.
+Rerunning the same command in the same workdir resumes from the latest checkpoint. One run
+(any mode) at a time holds a workdir: a second is refused, naming the first.
 
 Modes (`--mode`):
   train   config.stage 'vqgan': the stage-1 loop; 'transformer': the stage-2 loop.
