@@ -96,7 +96,11 @@ def _take(workdir: str, create: bool) -> int | None:
       holder = _holder(fd)  # EWOULDBLOCK: held.
       os.close(fd)
       by = _describe(holder) if holder else 'another process'
-      raise WorkdirError(f'workdir {workdir} is in use by {by}; wait for it or stop it') from None
+      if holder and not _alive(holder):  # A child it forked inherited the lock.
+        by, what = f'a process left over from {by}, which is no longer running', 'stop it'
+      else:
+        what = 'wait for it or stop it'
+      raise WorkdirError(f'workdir {workdir} is in use by {by}; {what}') from None
     flock = False
   holder = _holder(fd)
   if holder and not flock and _alive(holder):
