@@ -764,3 +764,50 @@ def test_exit_with_a_save_in_flight_is_quiet(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip() == 'the run stops before its first batch', proc.stderr[-3000:]
   assert os.listdir(ckpt_lib.checkpoint_dir(tmp_path)) == ['1']
+
+
+_FULL_DISK = textwrap.dedent("""
+    import resource
+    import signal
+    import sys
+    # A real limit: writes past 64 KiB fail with EFBIG (File too large), not SIGXFSZ.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    import jax
+    import jax.numpy as jnp
+    from vqgan_jax import checkpoints
+    keys = jax.random.split(jax.random.key(0), 8)
+    try:
+      with checkpoints.Checkpointer(sys.argv[1], save_every=1) as ck:
+        ck.save(1, {'x': jnp.ones(4)}, None, {})
+        # Eight concurrent writes of 256 KiB each, over the file size limit.
+        ck.save(2, {'x': jnp.ones(4), **{f'y{i}': jax.random.normal(k, (65536,)) for i, k in
+                                          enumerate(keys)}}, None, {})
+    except checkpoints.CheckpointError as e:  # As main does.
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+""")
+
+
+def test_failed_save_is_one_sentence_and_leaves_no_temporary(tmp_path):
+  """A save that hits a real file size limit (a full disk reads the same) is one sentence
+  naming the step and its path, with none of orbax's thread tracebacks or the 'Event loop is
+  closed' of its abandoned writes; its temporary directory is removed, and the step before
+  it restores."""
+  proc = subprocess.run(
+    [sys.executable, '-c', _FULL_DISK, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=90,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  directory = ckpt_lib.checkpoint_dir(tmp_path)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  [line] = proc.stderr.splitlines()
+  assert line.startswith(f'error: Could not write checkpoint step 2 to {directory}/2: '), line
+  assert 'File too large' in line, line
+  assert os.listdir(directory) == ['1']  # No 2.orbax-checkpoint-tmp.
+  with ckpt_lib.Checkpointer(tmp_path) as ck:
+    state, _, _ = ck.restore({'x': jax.ShapeDtypeStruct((4,), jnp.float32)})
+  np.testing.assert_array_equal(state['x'], np.ones(4))

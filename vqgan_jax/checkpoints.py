@@ -32,6 +32,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 from typing import Any
@@ -314,50 +315,58 @@ def _check_target(saved_tree, target, where: str, partial: bool) -> None:
 # Unreadable steps and non-finite states.
 
 
-def _brief(e: BaseException) -> str:
+def _brief(e: BaseException, reason_only: bool = False) -> str:
   """One line for an orbax or TensorStore error.
 
   TensorStore's own error is the innermost cause and names the file and byte
-  range; the wrappers above it append the whole JSON spec.
+  range; the wrappers above it append the whole JSON spec. `reason_only`: just
+  what follows the last file it names (e.g. "File too large").
   """
   while e.__cause__ is not None:
     e = e.__cause__
   text = str(e).strip().split('\n', 1)[0]
   for tail in (' [tensorstore_spec=', ' See full TensorStore details'):
     text = text.split(tail, 1)[0]
+  if reason_only:
+    text = text.rsplit('": ', 1)[-1]
   if len(text) > 300:
     text = text[:297] + '...'
   return f'{type(e).__name__}: {text}'
 
 
-def _is_abandoned_read(unraisable) -> bool:
+def _is_orbax_aftermath(unraisable) -> bool:
+  """What orbax's event loop leaves behind when one of its reads or writes fails: it closes
+  the loop with the other reads suspended (Python reports each coroutine when it collects
+  it) and the other writes in flight (their TensorStore callbacks find the loop closed)."""
   code = getattr(unraisable.object, 'cr_code', None)
-  return (
-    code is not None
-    and f'{os.sep}orbax{os.sep}' in code.co_filename
-    and isinstance(getattr(unraisable.exc_value, '__cause__', None), GeneratorExit)
-  )
+  if code is not None:
+    return f'{os.sep}orbax{os.sep}' in code.co_filename and isinstance(
+      getattr(unraisable.exc_value, '__cause__', None), GeneratorExit
+    )
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_frame.f_code.co_name != 'call_soon_threadsafe':
+    tb = tb.tb_next
+  return tb is not None and str(unraisable.exc_value) == 'Event loop is closed'
+
+
+def _drop_orbax_aftermath() -> None:
+  """From now on drops exactly the reports of `_is_orbax_aftermath`: tracebacks with
+  TensorStore's whole JSON spec, dozens per failure, long after our one sentence."""
+  previous = sys.unraisablehook
+  if not getattr(previous, '_drops_orbax_aftermath', False):
+
+    def hook(unraisable):
+      if not _is_orbax_aftermath(unraisable):
+        previous(unraisable)
+
+    hook._drops_orbax_aftermath = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
 
 
 def _collect_abandoned_reads() -> None:
-  """Collects, quietly, the reads orbax left pending when one read failed.
-
-  orbax reads the arrays in concurrent coroutines and, when one fails, closes
-  its event loop with the others still suspended. Python reports each such
-  coroutine when it collects it ("Exception ignored in: <coroutine ...>", a
-  traceback and TensorStore's whole JSON spec), long after our one line. This
-  collects them now, and from now on drops exactly those reports (one whose
-  read was still in flight is collected later).
-  """
-  previous = sys.unraisablehook
-  if not getattr(previous, '_drops_abandoned_reads', False):
-
-    def hook(unraisable):
-      if not _is_abandoned_read(unraisable):
-        previous(unraisable)
-
-    hook._drops_abandoned_reads = True  # pylint: disable=protected-access
-    sys.unraisablehook = hook
+  """Collects, quietly, the reads orbax left pending when one read failed (see
+  `_is_orbax_aftermath`; one whose read was still in flight is collected later)."""
+  _drop_orbax_aftermath()
   gc.collect()
 
 
@@ -450,20 +459,26 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
 
 
 class _DropMessages(logging.Filter):
-  """Drops records whose format string starts with one of `prefixes`, and nothing else."""
+  """Drops records whose format string contains one of `parts`, and nothing else."""
 
-  def __init__(self, *prefixes: str):
+  def __init__(self, *parts: str):
     super().__init__()
-    self.prefixes = prefixes
+    self.parts = parts
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+    return not (isinstance(record.msg, str) and any(p in record.msg for p in self.parts))
 
 
 # A read-only manager says so when it opens: noise for a read we asked for.
 _READ_ONLY_NOTICE = _DropMessages('Given directory is read only=%s')
 # Reading the metadata of a step whose state/_METADATA is gone: our own line says so.
 _NO_METADATA_NOTICE = _DropMessages('Item "%s" was found in the checkpoint, but could not')
+# A failed save, logged with its traceback by each orbax thread it passes through.
+_SAVE_FAILURE_REPORTS = _DropMessages(
+  '_SignalingThread.run() raised an exception',
+  'Handler Commit operations or the Commit callback',
+  'Finalize thread (%s) failed',
+)
 
 
 @contextlib.contextmanager
@@ -617,6 +632,11 @@ class Checkpointer:
       self.directory, read_only=read_only, max_to_keep=max_to_keep, async_save=async_save
     )
     self._closed = False
+    self._pending: int | None = None  # The step of the save in flight.
+    self._failed = False
+    if not read_only:  # Before a save can fail: orbax reports it from its threads.
+      _drop_orbax_aftermath()
+      logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Until the last writer closes.
     _OPEN[id(self)] = self
 
   # Saving.
@@ -678,19 +698,45 @@ class Checkpointer:
     local = json.dumps(_encode_data_state(data_state))
     per_process = [json.loads(s) for s in _gather_strings(local)]
     data = {'process_count': len(per_process), 'states': per_process}
-    return self._manager.save(
-      step,
-      force=True,  # The decision is ours (above).
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data),
-        config=ocp.args.JsonSave(config_to_dict(config)),
-      ),
-    )
+    self.wait()  # orbax would too; here a failure names the step it belongs to.
+    with self._writing(step):
+      started = self._manager.save(
+        step,
+        force=True,  # The decision is ours (above).
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave(config_to_dict(config)),
+        ),
+      )
+    self._pending = step if started else None
+    return started
 
   def wait(self) -> None:
-    """Blocks until the pending save is committed."""
-    self._manager.wait_until_finished()
+    """Blocks until the pending save is committed; raises `CheckpointError` if it failed
+    (a full disk, a file size limit): see `_writing`."""
+    if self._pending is not None:
+      with self._writing(self._pending):
+        self._manager.wait_until_finished()
+      self._pending = None
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """A failed save of `step` as one `CheckpointError`, its temporary directory removed."""
+    try:
+      yield
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      error = CheckpointError(  # Not chained, as in `_restore`: orbax's error holds its save.
+        f'Could not write checkpoint step {step} to {self.step_path(step)}: '
+        f'{_brief(e, reason_only=True)}; the steps committed before it stay.'
+      )
+    self._pending, self._failed = None, True
+    with contextlib.suppress(OSError):  # orbax's <step>.orbax-checkpoint-tmp[-<n>]
+      for name in os.listdir(self.directory) if jax.process_index() == 0 else ():
+        if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    raise error
 
   def close(self) -> None:
     """Commits the pending save and releases orbax's threads; later calls do nothing."""
@@ -698,7 +744,13 @@ class Checkpointer:
       return
     self._closed = True
     _OPEN.pop(id(self), None)
-    self._manager.close()
+    try:
+      self.wait()
+      if not self._failed:  # orbax's close would raise the failed save again.
+        self._manager.close()
+    finally:
+      if all(c.read_only for c in _OPEN.values()):
+        logging.getLogger('absl').removeFilter(_SAVE_FAILURE_REPORTS)
 
   def __enter__(self):
     return self

@@ -3,7 +3,8 @@
   python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm \
       [--config.train.num_steps=2000 ...]
 
-Rerunning the same command in the same workdir resumes from the latest checkpoint.
+Rerunning the same command in the same workdir resumes from the latest checkpoint. One run
+(any mode) at a time holds a workdir: a second is refused, naming the first.
 
 Modes (`--mode`):
   train   config.stage 'vqgan': the stage-1 loop; 'transformer': the stage-2 loop.
@@ -91,6 +92,7 @@ def main(argv):
   from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
@@ -122,42 +124,46 @@ def main(argv):
         '--mode=eval evaluates a stage-1 or stage-2 run; a classifier run evaluates itself '
         'at the end of training (rerun --mode=train to print it again)'
       )
-    if _MODE.value == 'train':
-      train = {
-        'vqgan': vqgan_trainer.train_and_evaluate,
-        'transformer': transformer_trainer.train_and_evaluate,
-        'classifier': classifier_trainer.train_and_evaluate,
-      }[stage]
-      result = train(config, workdir)
-      if result:
-        logging.info('Final eval: %s', result)
-        say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-      say(f'workdir: {os.path.abspath(workdir)}')
-    elif _MODE.value == 'encode':
-      path, counts, kept = codes_lib.encode(config, workdir)
-      say(
-        ('up to date, kept: ' if kept else 'encoded: ')
-        + ', '.join(f'{k}={v}' for k, v in counts.items())
-      )
-      say(f'codes: {path}')
-    elif _MODE.value == 'eval':
-      result, path = evaluate_lib.evaluate(config, workdir)
-      say('eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-      say(f'results: {path}')
-    elif _MODE.value == 'sample':
-      out = sample_lib.sample(config, workdir)
-      say(
-        f'sampled {out["num_samples"]} x {out["grid"][0]}x{out["grid"][1]} tokens '
-        f'({out["tokens_per_s"]:.0f} tokens/s incl. compile)'
-      )
-      say(f'tokens: {out["npz"]}')
-      say(f'grid: {out["png"]}')
+    # Every mode writes into the workdir (checkpoints and logs, codes, samples, eval_*.json):
+    # one run at a time, or two would write the same files.
+    with workdir_lock.hold(workdir, create=_MODE.value in ('train', 'encode')):
+      if _MODE.value == 'train':
+        train = {
+          'vqgan': vqgan_trainer.train_and_evaluate,
+          'transformer': transformer_trainer.train_and_evaluate,
+          'classifier': classifier_trainer.train_and_evaluate,
+        }[stage]
+        result = train(config, workdir)
+        if result:
+          logging.info('Final eval: %s', result)
+          say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+        say(f'workdir: {os.path.abspath(workdir)}')
+      elif _MODE.value == 'encode':
+        path, counts, kept = codes_lib.encode(config, workdir)
+        say(
+          ('up to date, kept: ' if kept else 'encoded: ')
+          + ', '.join(f'{k}={v}' for k, v in counts.items())
+        )
+        say(f'codes: {path}')
+      elif _MODE.value == 'eval':
+        result, path = evaluate_lib.evaluate(config, workdir)
+        say('eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+        say(f'results: {path}')
+      elif _MODE.value == 'sample':
+        out = sample_lib.sample(config, workdir)
+        say(
+          f'sampled {out["num_samples"]} x {out["grid"][0]}x{out["grid"][1]} tokens '
+          f'({out["tokens_per_s"]:.0f} tokens/s incl. compile)'
+        )
+        say(f'tokens: {out["npz"]}')
+        say(f'grid: {out["png"]}')
   except (
     validate.ConfigError,
     DataError,
     IncompatibleCheckpointError,
     CheckpointError,
     RunError,
+    workdir_lock.WorkdirError,
   ) as e:
     # One clear sentence, no traceback from deep inside the stack.
     print(f'error: {e}', file=sys.stderr)
