@@ -571,12 +571,17 @@ def test_stage2_refuses_codes_of_another_tokenizer(tmp_path, caplog):
     c = fashion_mnist_transformer.get_config('smoke')
     c.stage1_workdir, c.data.codes_dir = str(stage1), str(codes)
     c.transformer.scan_layers = False
-    config, mesh, layout = stage2_config.setup(c)
-    return config, layout, stage2.stage1_identity(config, layout, mesh)
+    return stage2_config.setup(c)
 
-  config, layout, id_a = setup(a)
+  def identity(config):  # what --mode=encode records, and what stage 2 checks the codes by
+    config, mesh, layout = stage2_config.setup(config)
+    return stage2.stage1_identity(config, layout, mesh)
+
+  config, _, layout = setup(a)
+  config_b, _, _ = setup(b)
+  config_copy, _, _ = setup(copy)
+  id_a, id_b = identity(config), identity(config_b)
   _write_codes(str(codes_dir), config, layout, id_a)
-  _, _, id_b = setup(b)
   assert id_a['params_sha256'] != id_b['params_sha256'] and id_a['step'] == id_b['step'] == 600
 
   # Training: one `error:` line naming both runs and both fingerprints, before step 1.
@@ -604,13 +609,12 @@ def test_stage2_refuses_codes_of_another_tokenizer(tmp_path, caplog):
   assert not (s2 / 'checkpoints').exists()
 
   # A copy of A (another path, the same params) is the same tokenizer.
-  config_copy, _, id_copy = setup(copy)
+  id_copy = identity(config_copy)
   assert id_copy['workdir'] != id_a['workdir'] and id_copy['params_sha256'] == id_a['params_sha256']
   codes_lib.open_codes(config_copy, None, layout, id_copy)
 
   # Sampling and eval load through `load_transformer_for_config`: the same check (a random
   # stage-2 checkpoint whose config names the codes; no step is compiled).
-  config_b, _, _ = setup(b)
   model = stage2_config.build_model(config, layout, scan_layers=False)
   gpt = jax.eval_shape(lambda r: stage2.init_params(model, r), jax.random.PRNGKey(0))
   with checkpoints.Checkpointer(s2, save_every=1) as ckpt:
@@ -632,7 +636,7 @@ def test_stage2_refuses_codes_of_another_tokenizer(tmp_path, caplog):
   assert codes_lib.encode(config_copy, str(s2))[2]  # kept: the same params
 
   # Codes written before the identity was recorded: one warning, and they are used.
-  config_old, _, _ = setup(b, tmp_path / 'old_codes')
+  config_old = setup(b, tmp_path / 'old_codes')[0]
   _write_codes(str(tmp_path / 'old_codes'), config_old, layout, None)
   with caplog.at_level('WARNING'):
     codes_lib.open_codes(config_old, None, layout, id_b)
@@ -801,7 +805,11 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   ex = train[0]
   # The stage-1 smoke VQGAN: f2 -> 16x16 codes of 64.
   assert ex['codes'].shape == (256,) and ex['codes'].max() < 64 and ex['label'] in (0, 1)
-  assert tokens.metadata(builder)['stage1_step'] == 2
+  meta = tokens.metadata(builder)
+  assert meta['stage1_step'] == 2
+  # The tokenizer that encoded them, which stage 2 checks against its stage 1.
+  assert meta['tokenizer']['workdir'] == str(a) and meta['tokenizer']['step'] == 2
+  assert len(meta['tokenizer']['params_sha256']) == 64
   # Encoding again keeps up-to-date codes; codes made differently are replaced only when
   # asked, and the refusal names the field.
   assert 'up to date, kept: ' in main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')

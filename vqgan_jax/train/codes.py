@@ -3,6 +3,11 @@ VQGAN (the LlamaGen pattern: encode once, train many steps), the transformer tra
 
   stage-1 params (config.stage1_workdir) -> codes of data.train_split and data.eval_split
   -> a TFDS array_record dataset under <workdir>/codes (or config.data.codes_dir)
+
+The dataset's metadata records the tokenizer that encoded it (`stage1.tokenizer_identity`:
+its run, step, EMA or not, a sha256 of its params); stage 2 (training, sampling, eval)
+refuses a stage 1 with other params (`check_tokenizer`): its samples would be decoded by a
+VQGAN that reads the codes differently.
 """
 
 import json

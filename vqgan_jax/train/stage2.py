@@ -80,12 +80,12 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
   if cond and layout.kind == 'spatial':
     models['cond'] = vqgan_lib.from_config(config.cond.model, frozen=True)
   for key, vqgan in models.items():
-    shardings[key] = stage1_lib.vqgan_param_shardings(vqgan, mesh, rules)[1]
     if key == 'cond' and config.cond.random_init:
       logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
       params[key] = stage1_lib.init_vqgan_params(
         vqgan, mesh, jax.random.PRNGKey(config.seed + 1), rules
       )
+      shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
       continue
     workdir = config.stage1_workdir if key == 'stage1' else config.cond.workdir
     if not workdir:
@@ -94,6 +94,8 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
         'spatial conditioning needs a trained cond VQGAN'
       )
     params[key], read = stage1_lib.restore_vqgan_params(workdir, vqgan, mesh, rules, with_key=True)
+    # The shardings it was restored into (`vqgan_param_shardings`), without tracing it again.
+    shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
     if key == 'stage1':
       stage1_id = stage1_lib.tokenizer_identity(workdir, params[key], read)
   frozen = Frozen(
