@@ -764,3 +764,20 @@ def test_exit_with_a_save_in_flight_is_quiet(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip() == 'the run stops before its first batch', proc.stderr[-3000:]
   assert os.listdir(ckpt_lib.checkpoint_dir(tmp_path)) == ['1']
+
+
+def test_params_fingerprint_is_the_values_on_any_mesh():
+  """The tokenizer fingerprint of a codes dataset: the same values give the same digest
+  however they are sharded; one changed value, or a renamed leaf, another."""
+  rng = np.random.RandomState(0)
+  params = {'enc': {'kernel': rng.randn(8, 4).astype(np.float32)}, 'b': np.arange(3.0)}
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('x',))
+  sharded = dict(
+    params,
+    enc={'kernel': jax.device_put(params['enc']['kernel'], NamedSharding(mesh, P('x')))},
+  )
+  digest = ckpt_lib.params_fingerprint(params)
+  assert len(digest) == 64 and ckpt_lib.params_fingerprint(sharded) == digest
+  nudged = {'enc': {'kernel': params['enc']['kernel'] + np.float32(1e-6)}, 'b': params['b']}
+  assert ckpt_lib.params_fingerprint(nudged) != digest
+  assert ckpt_lib.params_fingerprint({'enc': params['enc'], 'c': params['b']}) != digest

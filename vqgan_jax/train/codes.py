@@ -229,9 +229,9 @@ def check_tokenizer(meta, path, tokenizer, config):
   elif old.get('params_sha256') != tokenizer['params_sha256']:
     raise ConfigError(
       f'The codes in {path} were encoded by {_describe(old)}, but '
-      f'config.stage1_workdir={_describe(tokenizer)}: re-encode with --mode=encode '
-      '--config.encode.overwrite=True, or point config.stage1_workdir at the run that '
-      'encoded them.'
+      f'config.stage1_workdir={_describe(tokenizer)} holds other params: re-encode with '
+      '--mode=encode --config.encode.overwrite=True, or point config.stage1_workdir at the '
+      'run that encoded them.'
     )
 
 
