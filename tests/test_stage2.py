@@ -23,9 +23,13 @@ from PIL import Image
 import pytest
 
 from configs import fashion_mnist_transformer
+from vqgan_jax import checkpoints
+from vqgan_jax import config_base
+from vqgan_jax import inference
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import common
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
@@ -507,6 +511,139 @@ def test_sampling_never_draws_condition_ids():
 
 
 # ----------------------------------------------------------------------------------------
+# The tokenizer that encoded the codes
+# ----------------------------------------------------------------------------------------
+
+
+def _random_stage1(workdir, seed, step=600):
+  """A stage-1 workdir holding a random smoke VQGAN (its params and config: what stage 2 reads
+  of a stage-1 run), saved through the checkpoint API instead of training one. Two seeds are
+  two tokenizers of the same architecture."""
+  config = config_base.smoke_stage1()
+  vqgan = vqgan_lib.from_config(config.model, frozen=True)
+  shapes = jax.eval_shape(
+    lambda r: nn.unbox(vqgan.init(r, jnp.zeros((1, 32, 32, 3)))['params']),
+    jax.random.PRNGKey(0),
+  )
+  rng = np.random.RandomState(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(0.05 * rng.randn(*s.shape), s.dtype), shapes)
+  with checkpoints.Checkpointer(workdir, save_every=1) as ckpt:
+    ckpt.save(step, {'params': params}, None, config, force=True)
+
+
+def _write_codes(codes_dir, config, layout, tokenizer):
+  """A small codes dataset with the metadata --mode=encode records (`tokenizer`: the identity
+  of the stage 1 that encoded it; None: as an older version wrote it)."""
+  rng = np.random.RandomState(0)
+  meta = codes_lib._metadata(config, layout, tokenizer)  # pylint: disable=protected-access
+  if tokenizer is None:
+    del meta['tokenizer']
+
+  def examples(split):
+    yield {
+      'codes': rng.randint(0, layout.n_image, (8, layout.image_len)),
+      'label': rng.randint(0, 10, (8,)),
+      'index': np.arange(8),
+    }
+
+  tokens.write_codes(
+    codes_dir,
+    tokens.codes_name(config.data),
+    splits=['train', 'test'],
+    examples=examples,
+    seq_len=layout.image_len,
+    n_embed=layout.n_image,
+    metadata=json.loads(json.dumps(meta)),
+  )
+
+
+def test_stage2_refuses_codes_of_another_tokenizer(tmp_path, caplog):
+  """Codes encoded by stage-1 run A; stage 2 pointed at run B of the same architecture is
+  refused (train through main, the loader that sampling and eval use, and encoding into A's
+  codes), naming both; a copy of A (moved workdir, same params) passes."""
+  a, b, copy = tmp_path / 'stage1_a', tmp_path / 'stage1_b', tmp_path / 'copy_of_a'
+  _random_stage1(a, seed=0)
+  _random_stage1(b, seed=1)
+  shutil.copytree(a, copy)
+  codes_dir = tmp_path / 'codes'
+
+  def setup(stage1, codes=codes_dir):
+    c = fashion_mnist_transformer.get_config('smoke')
+    c.stage1_workdir, c.data.codes_dir = str(stage1), str(codes)
+    c.transformer.scan_layers = False
+    return stage2_config.setup(c)
+
+  def identity(config):  # what --mode=encode records, and what stage 2 checks the codes by
+    config, mesh, layout = stage2_config.setup(config)
+    return stage2.stage1_identity(config, layout, mesh)
+
+  config, _, layout = setup(a)
+  config_b, _, _ = setup(b)
+  config_copy, _, _ = setup(copy)
+  id_a, id_b = identity(config), identity(config_b)
+  _write_codes(str(codes_dir), config, layout, id_a)
+  assert id_a['params_sha256'] != id_b['params_sha256'] and id_a['step'] == id_b['step'] == 600
+
+  # Training: one `error:` line naming both runs and both fingerprints, before step 1.
+  s2 = tmp_path / 'stage2'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'vqgan_jax.main',
+      '--config=configs/fashion_mnist_transformer.py:smoke',
+      f'--workdir={s2}',
+      f'--config.stage1_workdir={b}',
+      f'--config.data.codes_dir={codes_dir}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''
+  assert proc.returncode == 2 and err.startswith('error: The codes in '), proc.stderr[-3000:]
+  for part in (f'{a} step 600', f'{b} step 600', id_a['params_sha256'][:12]):
+    assert part in err, err
+  assert id_b['params_sha256'][:12] in err and '--mode=encode' in err
+  assert not (s2 / 'checkpoints').exists()
+
+  # A copy of A (another path, the same params) is the same tokenizer.
+  id_copy = identity(config_copy)
+  assert id_copy['workdir'] != id_a['workdir'] and id_copy['params_sha256'] == id_a['params_sha256']
+  codes_lib.open_codes(config_copy, None, layout, id_copy)
+
+  # Sampling and eval load through `load_transformer_for_config`: the same check (a random
+  # stage-2 checkpoint whose config names the codes; no step is compiled).
+  model = stage2_config.build_model(config, layout, scan_layers=False)
+  gpt = jax.eval_shape(lambda r: stage2.init_params(model, r), jax.random.PRNGKey(0))
+  with checkpoints.Checkpointer(s2, save_every=1) as ckpt:
+    ckpt.save(
+      1,
+      {'params': jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), gpt)},
+      None,
+      config,
+      force=True,
+    )
+  with pytest.raises(ConfigError, match=f'were encoded by {a} step 600'):
+    inference.load_transformer_for_config(config_b, str(s2))
+  assert inference.load_transformer(str(s2), stage1_workdir=str(copy)).vqgan.step == 600
+
+  # --mode=encode into A's codes with B: not "up to date", refused naming both (nothing is
+  # encoded or lost without --config.encode.overwrite).
+  with pytest.raises(tokens.DataError, match=f'encoded by {a} step 600.*not by.*{b} step 600'):
+    codes_lib.encode(config_b, str(s2))
+  assert codes_lib.encode(config_copy, str(s2))[2]  # kept: the same params
+
+  # Codes written before the identity was recorded: one warning, and they are used.
+  config_old = setup(b, tmp_path / 'old_codes')[0]
+  _write_codes(str(tmp_path / 'old_codes'), config_old, layout, None)
+  with caplog.at_level('WARNING'):
+    codes_lib.open_codes(config_old, None, layout, id_b)
+  assert 'record no tokenizer identity' in caplog.text and '--mode=encode' in caplog.text
+
+
+# ----------------------------------------------------------------------------------------
 # End to end: stage 1 -> encode -> stage 2 -> sample, through main
 # ----------------------------------------------------------------------------------------
 
@@ -668,7 +805,11 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
   ex = train[0]
   # The stage-1 smoke VQGAN: f2 -> 16x16 codes of 64.
   assert ex['codes'].shape == (256,) and ex['codes'].max() < 64 and ex['label'] in (0, 1)
-  assert tokens.metadata(builder)['stage1_step'] == 2
+  meta = tokens.metadata(builder)
+  assert meta['stage1_step'] == 2
+  # The tokenizer that encoded them, which stage 2 checks against its stage 1.
+  assert meta['tokenizer']['workdir'] == str(a) and meta['tokenizer']['step'] == 2
+  assert len(meta['tokenizer']['params_sha256']) == 64
   # Encoding again keeps up-to-date codes; codes made differently are replaced only when
   # asked, and the refusal names the field.
   assert 'up to date, kept: ' in main(s2, b, '--mode=encode', f'--config.stage1_workdir={a}')

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_register_exit_hook`.
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -1021,3 +1022,23 @@ def restore_params(
     return tree
   finally:
     manager.close()
+
+
+def params_fingerprint(params: PyTree) -> str:
+  """The sha256 (hex) of a params tree's values: each leaf's '/'-joined path, shape and
+  float32 bytes (little-endian, C order), in sorted path order.
+
+  The same values give the same digest on any mesh or process count. Every process must call
+  it (a leaf sharded across processes is gathered whole, one leaf at a time). Cost: one host
+  copy and one sha256 pass over 4 bytes per parameter, about 0.5 s per 100M parameters.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  digest = hashlib.sha256()
+  for path, leaf in sorted(_leaves_by_path(params).items()):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
+    x = np.ascontiguousarray(jax.device_get(leaf), dtype='<f4')
+    digest.update(f'{path} {list(x.shape)}\n'.encode())
+    digest.update(x.data)
+  return digest.hexdigest()

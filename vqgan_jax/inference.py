@@ -32,10 +32,10 @@ from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
-from vqgan_jax.train.codes import stage1_step
 from vqgan_jax.train.common import gather
 
 
@@ -384,11 +384,13 @@ def load_transformer_for_config(config, workdir, step=None, mesh=None) -> Traine
   model = stage2_config.build_model(config, layout, scan_layers=False)
   params = stage2.restore_gpt_params(workdir, model, mesh, saved.to_dict(), rules=rules, step=step)
   frozen, frozen_params, _ = stage2.load_frozen(config, layout, mesh, cond=False)
+  # The codes the run trained on must be the codes this stage 1 decodes.
+  codes_lib.check_codes_of_run(config, workdir, frozen.stage1_id)
   vq = TrainedVQGAN(
     frozen.stage1,
     frozen_params['stage1'],
     ml_collections.ConfigDict({'stage': 'vqgan', 'model': config.stage1_config.to_dict()}),
-    stage1_step(config.stage1_workdir),
+    frozen.stage1_id['step'],
     mesh,
   )
   return TrainedTransformer(model, params, vq, layout, config, step, mesh)

@@ -24,6 +24,7 @@ generator's params.
 """
 
 import functools
+import os
 from typing import Any
 from typing import NamedTuple
 
@@ -427,19 +428,47 @@ def init_vqgan_params(vqgan, mesh, rng, rules=()):
   return jax.jit(lambda r: vqgan.init(r, x)['params'], out_shardings=shardings)(rng)
 
 
-def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None, ema=True):
+def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None, ema=True, with_key=False):
   """A stage-1 run's VQGAN params (latest step by default), read straight into their
   shardings on `mesh` (any mesh and process count).
 
   ema: the EMA of the generator's params when the run kept one (`params_ema`, with
   config.train.params_ema_decay > 0), as `inference.load_vqgan` reads it, so --mode=encode,
   stage 2 and the loader see the same first stage; otherwise (and with ema=False) `params`.
+  with_key: return (params, the state key read: 'params_ema' or 'params').
   """
   abstract, shardings = vqgan_param_shardings(vqgan, mesh, rules)
   target = checkpoints.abstract_like(abstract, shardings)
+  keyed = lambda key: (checkpoints.restore_params(workdir, target, key=key, step=step), key)
+  out = None
   if ema:
     try:
-      return checkpoints.restore_params(workdir, target, key='params_ema', step=step)
+      out = keyed('params_ema')
     except checkpoints.CheckpointError:
       pass  # The run kept no EMA copy.
-  return checkpoints.restore_params(workdir, target, step=step)
+  out = out or keyed('params')
+  return out if with_key else out[0]
+
+
+def latest_step(workdir):
+  """The latest step of a stage-1 run, or None when it has no checkpoint."""
+  if not workdir or not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    return None
+  with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
+    return ckpt.latest_step()
+
+
+def tokenizer_identity(workdir, params, key):
+  """What identifies the stage-1 params that encode codes (and decode what stage 2 samples):
+  a codes dataset records it (--mode=encode) and stage 2 compares it with its stage 1.
+
+  Only `params_sha256` (`checkpoints.params_fingerprint`) decides; the run's path, step and
+  whether the EMA params were read say where they came from (a moved or copied run is the
+  same tokenizer).
+  """
+  return {
+    'workdir': os.path.abspath(workdir),
+    'step': latest_step(workdir),
+    'ema': key == 'params_ema',
+    'params_sha256': checkpoints.params_fingerprint(params),
+  }

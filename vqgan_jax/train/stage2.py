@@ -65,6 +65,7 @@ class Frozen(NamedTuple):
   stage1: Any = None  # VQGAN: images -> image codes
   cond: Any = None  # VQGAN: cond maps -> cond codes
   cond_one_hot: int = 0  # > 0: cond maps are label maps, one-hot encoded
+  stage1_id: Any = None  # `stage1.tokenizer_identity` of the stage-1 params loaded
 
 
 def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
@@ -72,6 +73,7 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
   (Frozen, params, shardings), keyed 'stage1' / 'cond'."""
   rules = parallel.axis_rules(config)
   models, params, shardings = {}, {}, {}
+  stage1_id = None
   if stage1:
     if not config.stage1_workdir:
       raise ConfigError('config.stage1_workdir (the stage-1 run) is empty')
@@ -79,12 +81,12 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
   if cond and layout.kind == 'spatial':
     models['cond'] = vqgan_lib.from_config(config.cond.model, frozen=True)
   for key, vqgan in models.items():
-    shardings[key] = stage1_lib.vqgan_param_shardings(vqgan, mesh, rules)[1]
     if key == 'cond' and config.cond.random_init:
       logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
       params[key] = stage1_lib.init_vqgan_params(
         vqgan, mesh, jax.random.PRNGKey(config.seed + 1), rules
       )
+      shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
       continue
     workdir = config.stage1_workdir if key == 'stage1' else config.cond.workdir
     if not workdir:
@@ -92,11 +94,26 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
         "config.cond.workdir (the cond VQGAN's stage-1 run) is empty; "
         'spatial conditioning needs a trained cond VQGAN'
       )
-    params[key] = stage1_lib.restore_vqgan_params(workdir, vqgan, mesh, rules)
+    params[key], read = stage1_lib.restore_vqgan_params(workdir, vqgan, mesh, rules, with_key=True)
+    # The shardings it was restored into (`vqgan_param_shardings`), without tracing it again.
+    shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
+    if key == 'stage1':
+      stage1_id = stage1_lib.tokenizer_identity(workdir, params[key], read)
   frozen = Frozen(
-    stage1=models.get('stage1'), cond=models.get('cond'), cond_one_hot=int(config.cond.one_hot)
+    stage1=models.get('stage1'),
+    cond=models.get('cond'),
+    cond_one_hot=int(config.cond.one_hot),
+    stage1_id=stage1_id,
   )
   return frozen, params, shardings
+
+
+def stage1_identity(config, layout: Layout, mesh):
+  """The tokenizer identity of config.stage1_workdir's params (restored to hash them), or
+  None when it names no run with a checkpoint (stage 2 on codes needs none)."""
+  if stage1_lib.latest_step(config.stage1_workdir) is None:
+    return None
+  return load_frozen(config, layout, mesh, cond=False)[0].stage1_id
 
 
 def image_codes(vqgan, params, images):

@@ -66,7 +66,9 @@ def train_and_evaluate(config, workdir):
     keys = ('image', 'label', 'mask')
   else:
     frozen, frozen_params, frozen_sh = stage2.Frozen(), {}, {}
-    builder = codes_lib.open_codes(config, workdir, layout)
+    # Every start and resume: the codes must come from the stage 1 that will decode samples.
+    tokenizer = stage2.stage1_identity(config, layout, mesh)
+    builder = codes_lib.open_codes(config, workdir, layout, tokenizer)
     tokens.check_splits(builder, config.data)
     train_it = tokens.make_train_iterator(
       builder,
