@@ -39,7 +39,6 @@ from vqgan_jax import parallel
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 from vqgan_jax.validate import ConfigError
 
@@ -142,7 +141,7 @@ def reference_stats(config, workdir, split, exts, mesh) -> dict:
     for local in pipeline.make_eval_iterator(data, batch):
       g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
       x = stage1.to_model_range(g['image'])
-      mask = common.gather(g['mask'])
+      mask = parallel.gather(g['mask'])
       for m, e in missing.items():
         accs[m].add(e(x)['features'], mask)
       bar.update(int(mask.sum()))
@@ -218,7 +217,7 @@ def evaluate_stage1(config, workdir, inception=None):
     for local in pipeline.make_eval_iterator(data, batch, source=source):
       g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
       sums, xrec = eval_fn(vq.params, lpips_params, g['image'], g['mask'])
-      mask = common.gather(g['mask'])
+      mask = parallel.gather(g['mask'])
       for m, e in exts.items():
         fake[m].add(e(xrec)['features'], mask)
         if m in real:
@@ -229,8 +228,8 @@ def evaluate_stage1(config, workdir, inception=None):
       if grid is None and keep.any():
         k = int(config.train.get('num_grid_images', 16))
         grid = (
-          common.gather(g['image'])[keep][:k],
-          images_lib.to_uint8(common.gather(xrec)[keep][:k]),
+          parallel.gather(g['image'])[keep][:k],
+          images_lib.to_uint8(parallel.gather(xrec)[keep][:k]),
         )
       bar.update(min(batch, n - bar.n))  # skipped files were read too
   # Masked out by _FolderSource: the folder's files that did not decode.
@@ -338,7 +337,7 @@ def evaluate_stage2(config, workdir, inception=None):
         out = e(_pad(images, divisor))
         fake[m].add(out['features'], mask)
         key = 'logits_unbiased' if m == 'fid' else 'logits'
-        logits[m].append(common.gather(out[key])[:k])
+        logits[m].append(parallel.gather(out[key])[:k])
       all_codes.append(codes)
       all_images.append(images_lib.to_uint8(images))
       bar.update(k)

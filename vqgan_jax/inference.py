@@ -36,7 +36,6 @@ from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
-from vqgan_jax.train.common import gather
 
 
 def _saved_config(workdir, step):
@@ -111,7 +110,7 @@ class TrainedVQGAN:
       chunk = x[start:stop]
       if padded > len(chunk):
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], padded - len(chunk), axis=0)])
-      out.append(gather(fn(self.params, _to_global(chunk, batch)))[: stop - start])
+      out.append(parallel.gather(fn(self.params, _to_global(chunk, batch)))[: stop - start])
     return np.concatenate(out)
 
   def encode(self, images) -> np.ndarray:
@@ -346,7 +345,7 @@ class TrainedTransformer:
         uncond_tokens=u,
         **kw,
       )
-      return gather(codes), gather(images)
+      return parallel.gather(codes), parallel.gather(images)
 
     if n <= size:
       return draw(condition, rng, n)

@@ -28,9 +28,11 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from vqgan_jax import config_base
 from vqgan_jax.validate import ConfigError
@@ -233,3 +235,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def gather(x) -> np.ndarray:
+  """The whole of `x` as numpy on every process: a global jax.Array's value however it is
+  sharded, or a process-local numpy batch gathered in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -25,7 +25,6 @@ from vqgan_jax.data import tokens
 from vqgan_jax.train import stage1 as stage1_lib
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
-from vqgan_jax.train.common import gather
 from vqgan_jax.validate import ConfigError
 
 
@@ -146,7 +145,7 @@ def encode(config, workdir):
     def finish(out, batch):
       rows = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
       # Host-side bookkeeping of the whole global batch, in the same (process) order.
-      host = {k: gather(batch[k]) for k in ('label', 'index', 'mask')}
+      host = {k: parallel.gather(batch[k]) for k in ('label', 'index', 'mask')}
       keep = host['mask']
       rows = {k: v[keep] for k, v in rows.items()}
       rows.update(label=host['label'][keep], index=host['index'][keep])

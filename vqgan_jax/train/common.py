@@ -14,8 +14,6 @@ from typing import Callable
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
 import tqdm
 
 from vqgan_jax import checkpoints
@@ -86,14 +84,6 @@ def check_init_from(path: str, stage: str, config=None, fields=()) -> None:
       + '; '.join('config.' + d.replace(': checkpoint ', ': init_from run ') for d in differences)
       + '. Set these as the init_from run has them, or train from scratch'
     )
-
-
-def gather(x) -> np.ndarray:
-  """The whole of `x` as numpy on every process: a global jax.Array's value however it is
-  sharded, or a process-local numpy batch gathered in process order."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _json_value(v):

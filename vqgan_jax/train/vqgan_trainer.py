@@ -49,7 +49,7 @@ def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer,
     gbatch = pipeline.to_global({'image': batch['image'], 'mask': batch['mask']}, sharding)
     sums, xrec = eval_fn(params, lpips_params, gbatch['image'], gbatch['mask'])
     if nets:
-      mask = common.gather(gbatch['mask'])
+      mask = parallel.gather(gbatch['mask'])
       x = stage1.to_model_range(gbatch['image'])
       for m, net in nets.items():
         real[m].add(net(x)['features'], mask)
@@ -74,8 +74,8 @@ def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer,
 
 def _write_grid(config, images, xrec, workdir, step, writer):
   n = config.train.num_grid_images
-  inputs = common.gather(images)[:n]
-  recons = images_lib.to_uint8(common.gather(xrec)[:n])
+  inputs = parallel.gather(images)[:n]
+  recons = images_lib.to_uint8(parallel.gather(xrec)[:n])
   if jax.process_index() != 0:
     return
   ncol = min(int(np.ceil(np.sqrt(2 * len(inputs)) / 2) * 2) or 1, len(inputs))
