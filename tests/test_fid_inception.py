@@ -22,8 +22,8 @@ from vqgan_jax import fid
 from vqgan_jax import parallel
 from vqgan_jax.convert import ConversionError
 from vqgan_jax.convert import __main__ as convert_main
-from vqgan_jax.convert import inception as conv
 from vqgan_jax.models import inception as inc
+from vqgan_jax.models import inception_load as conv
 from vqgan_jax.validate import ConfigError
 
 

@@ -25,14 +25,14 @@ import numpy as np
 from vqgan_jax import metrics
 from vqgan_jax import parallel
 from vqgan_jax.convert import ConversionError
-from vqgan_jax.convert import inception as convert_inception
 from vqgan_jax.models import inception as inception_model
+from vqgan_jax.models import inception_load
 from vqgan_jax.validate import ConfigError
 
 WEIGHTS_ENV = 'VQGAN_JAX_INCEPTION'
 MISSING_WEIGHTS = (
   "FID and Inception Score are skipped: no Inception weights were given; supply pytorch-fid's "
-  f'{convert_inception.WEIGHTS_FILE} (or the .npz `python -m vqgan_jax.convert inception` '
+  f'{inception_load.WEIGHTS_FILE} (or the .npz `python -m vqgan_jax.convert inception` '
   f'makes of it) via --config.eval.inception_weights=PATH or ${WEIGHTS_ENV}.'
 )
 INCEPTION_NAME = 'pt_inception-2015-12-05'
@@ -55,7 +55,7 @@ def weights_path(configured: Optional[str]) -> Optional[str]:
   if path and not os.path.isfile(path):
     raise ConfigError(
       f"{source}: no file {path!r}; it should be pytorch-fid's "
-      f'{convert_inception.WEIGHTS_FILE} or a .npz converted from it'
+      f'{inception_load.WEIGHTS_FILE} or a .npz converted from it'
     )
   return path
 
@@ -70,7 +70,7 @@ def load_weights(configured: Optional[str]) -> Optional[dict]:
     return None
   _, source = _weights_source(configured)
   try:
-    return convert_inception.load(path)
+    return inception_load.load(path)
   except ConversionError as e:
     raise ConfigError(f'{source}: {e}') from None
   except ImportError as e:  # a .pth without torch
@@ -122,7 +122,7 @@ class Extractor:
 
 def load_inception(path: str, mesh: Optional[jax.sharding.Mesh] = None) -> Extractor:
   """The FID Inception from pytorch-fid's `.pth` (needs torch) or its converted `.npz`."""
-  return Extractor(convert_inception.load(path), mesh=mesh)
+  return Extractor(inception_load.load(path), mesh=mesh)
 
 
 def _host(x) -> np.ndarray:
@@ -182,7 +182,7 @@ def save_stats(path: str, mu, sigma, count: int, extractor_name: str) -> None:
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ValueError(f'mu {mu.shape} and sigma {sigma.shape} are no (d,), (d, d) pair')
-  convert_inception.write_npz_atomic(
+  inception_load.write_npz_atomic(
     path, {'mu': mu, 'sigma': sigma, 'count': np.int64(count), 'extractor': np.str_(extractor_name)}
   )
 
