@@ -31,6 +31,7 @@ import tqdm
 
 from vqgan_jax import checkpoints
 from vqgan_jax import classifier_features
+from vqgan_jax import eval_steps
 from vqgan_jax import fid
 from vqgan_jax import images as images_lib
 from vqgan_jax import inference
@@ -39,7 +40,7 @@ from vqgan_jax import parallel
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
-from vqgan_jax.train import stage1
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.validate import ConfigError
 
 
@@ -140,7 +141,7 @@ def reference_stats(config, workdir, split, exts, mesh) -> dict:
   with _bar(n, f'reference {split}') as bar:
     for local in pipeline.make_eval_iterator(data, batch):
       g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
-      x = stage1.to_model_range(g['image'])
+      x = vqgan_load.to_model_range(g['image'])
       mask = parallel.gather(g['mask'])
       for m, e in missing.items():
         accs[m].add(e(x)['features'], mask)
@@ -206,9 +207,9 @@ def evaluate_stage1(config, workdir, inception=None):
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
   lpips_params = jax.device_put(lpips_params, lpips_sh)
-  models = stage1.Models(vq.model, None, lpips_lib.LPIPS())
+  models = vqgan_load.Models(vq.model, None, lpips_lib.LPIPS())
   p_sh = jax.tree.map(lambda x: x.sharding, vq.params)
-  eval_fn = stage1.make_eval_step(models, mesh, p_sh, lpips_sh)
+  eval_fn = eval_steps.make_eval_step(models, mesh, p_sh, lpips_sh)
   sharding = parallel.batch_sharding(mesh)
   n = pipeline.num_eval_examples(data, source=source)
   totals, grid = None, None
@@ -221,7 +222,7 @@ def evaluate_stage1(config, workdir, inception=None):
       for m, e in exts.items():
         fake[m].add(e(xrec)['features'], mask)
         if m in real:
-          real[m].add(e(stage1.to_model_range(g['image']))['features'], mask)
+          real[m].add(e(vqgan_load.to_model_range(g['image']))['features'], mask)
       sums = jax.device_get(sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       keep = mask.astype(bool)  # not padding, and decoded

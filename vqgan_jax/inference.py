@@ -32,8 +32,8 @@ from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.train import codes as codes_lib
-from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
 
@@ -158,7 +158,7 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
   mesh = mesh or _default_mesh()
   model = vqgan_lib.from_config(config.model, frozen=True)
   rules = _rules(config)
-  params = stage1.restore_vqgan_params(workdir, model, mesh, rules, step=step, ema=ema)
+  params = vqgan_load.restore_vqgan_params(workdir, model, mesh, rules, step=step, ema=ema)
   return TrainedVQGAN(model, params, config, step, mesh)
 
 

@@ -33,6 +33,7 @@ from vqgan_jax.convert import torch_ckpt
 from vqgan_jax.convert import yaml_config
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import transformer as gpt_lib
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.train import stage1
 
 # What a conversion writes into --out; --overwrite replaces these and keeps anything else.
@@ -74,7 +75,7 @@ def stage1_state(config, converted: Mapping[str, Any], step: int = 0) -> dict:
   Leaves are numpy arrays (orbax saves them as they are; restores give jax.Arrays), so
   nothing is compiled per leaf and nothing is copied to a device.
   """
-  models = stage1.build_models(config)
+  models = vqgan_load.build_models(config)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(lambda r: stage1.init_state(config, models, r), rng)
   _, k_d, k_run = jax.random.split(rng, 3)  # as init_state splits

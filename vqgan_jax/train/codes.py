@@ -4,7 +4,7 @@ VQGAN (the LlamaGen pattern: encode once, train many steps), the transformer tra
   stage-1 params (config.stage1_workdir) -> codes of data.train_split and data.eval_split
   -> a TFDS array_record dataset under <workdir>/codes (or config.data.codes_dir)
 
-The dataset's metadata records the tokenizer that encoded it (`stage1.tokenizer_identity`:
+The dataset's metadata records the tokenizer that encoded it (`vqgan_load.tokenizer_identity`:
 its run, step, EMA or not, a sha256 of its params); stage 2 (training, sampling, eval)
 refuses a stage 1 with other params (`check_tokenizer`): its samples would be decoded by a
 VQGAN that reads the codes differently.
@@ -22,7 +22,7 @@ import tqdm
 from vqgan_jax import parallel
 from vqgan_jax.data import pipeline
 from vqgan_jax.data import tokens
-from vqgan_jax.train import stage1 as stage1_lib
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config
 from vqgan_jax.validate import ConfigError
@@ -34,7 +34,7 @@ def codes_dir(config, workdir):
 
 def stage1_step(workdir):
   """The latest step of a stage-1 run, or None when it has no checkpoint."""
-  return stage1_lib.latest_step(workdir)
+  return vqgan_load.latest_step(workdir)
 
 
 # Metadata that says where the codes came from without deciding whether they are the same
@@ -53,7 +53,7 @@ def _metadata(config, layout, tokenizer):
     'cond_n_embed': layout.cond_n_embed,
     'stage1_workdir': os.path.abspath(config.stage1_workdir),
     'stage1_step': stage1_step(config.stage1_workdir),
-    'tokenizer': tokenizer,  # `stage1.tokenizer_identity` of the params that encoded them
+    'tokenizer': tokenizer,  # `vqgan_load.tokenizer_identity` of the params that encoded them
     'source': config.data.name,
     'image_size': config.data.image_size,
     'max_examples': config.encode.max_examples,
@@ -220,7 +220,7 @@ def _warn_unchecked(path, meta, config):
 
 def check_tokenizer(meta, path, tokenizer, config):
   """Raises ConfigError when the codes (metadata `meta`) were encoded by other stage-1 params
-  than `tokenizer` (`stage1.tokenizer_identity` of config.stage1_workdir): a transformer
+  than `tokenizer` (`vqgan_load.tokenizer_identity` of config.stage1_workdir): a transformer
   trained on them would be sampled through a decoder that reads its codes differently."""
   old = meta.get('tokenizer')
   if old is None:

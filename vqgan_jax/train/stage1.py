@@ -1,4 +1,6 @@
-"""Stage 1: VQGAN training state, the fused AE + discriminator step, and the eval step.
+"""Stage 1: VQGAN training state and the fused AE + discriminator step (the models and their
+loading: `models.vqgan_load`; the eval step: `eval_steps`; the names imported from them
+with `noqa: F401` stay importable here for callers of `stage1.*`).
 
 One jitted, donated step does both updates of taming's two-optimizer iteration:
 
@@ -24,48 +26,28 @@ generator's params.
 """
 
 import functools
-import os
-from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from vqgan_jax import checkpoints
 from vqgan_jax import losses
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
-from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.eval_steps import eval_step  # noqa: F401
+from vqgan_jax.eval_steps import make_eval_step  # noqa: F401
 from vqgan_jax.models import quantizer as quantizer_lib
-from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.models.discriminator import NLayerDiscriminator
+from vqgan_jax.models.vqgan_load import Models
+from vqgan_jax.models.vqgan_load import build_models  # noqa: F401
+from vqgan_jax.models.vqgan_load import init_vqgan_params  # noqa: F401
+from vqgan_jax.models.vqgan_load import latest_step  # noqa: F401
+from vqgan_jax.models.vqgan_load import remat_policy_name  # noqa: F401
+from vqgan_jax.models.vqgan_load import restore_vqgan_params  # noqa: F401
+from vqgan_jax.models.vqgan_load import to_model_range
+from vqgan_jax.models.vqgan_load import tokenizer_identity  # noqa: F401
+from vqgan_jax.models.vqgan_load import vqgan_param_shardings  # noqa: F401
 from vqgan_jax.train.common import peak_learning_rate
 from vqgan_jax.train.common import setup_initial_state
-from vqgan_jax.validate import DTYPES
-
-
-class Models(NamedTuple):
-  vqgan: vqgan_lib.VQGAN
-  disc: NLayerDiscriminator
-  lpips: Any
-
-
-def remat_policy_name(config):
-  """The VQGAN's `jax.checkpoint_policies` name from `config.train.remat` / `remat_policy`
-  (None: no remat)."""
-  t = config.train
-  return t.get('remat_policy', 'nothing_saveable') if t.get('remat', 'none') == 'block' else None
-
-
-def build_models(config) -> Models:
-  dtype, impl = DTYPES[config.train.dtype], config.train.conv_impl
-  remat = remat_policy_name(config)
-  vqgan = vqgan_lib.from_config(config.model, dtype=dtype, remat_policy=remat, conv_impl=impl)
-  disc = NLayerDiscriminator(
-    ndf=config.loss.disc_ndf, n_layers=config.loss.disc_num_layers, dtype=dtype, conv_impl=impl
-  )
-  return Models(vqgan, disc, lpips_lib.LPIPS(dtype=dtype, conv_impl=impl))
 
 
 def make_optimizers(config):
@@ -169,10 +151,6 @@ def create_sharded_state(config, models: Models, mesh, rng):
   """The initial state, born in its shardings (never whole on one device), and those."""
   _, shardings, init = state_setup(config, models, mesh, rng)
   return init(), shardings
-
-
-def to_model_range(images):
-  return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def _conv_kernel_vjp(h, kernel):
@@ -384,91 +362,3 @@ def make_train_step(config, models: Models, mesh, state_shardings, lpips_shardin
     out_shardings=(state_shardings, parallel.replicated(mesh)),
     donate_argnums=(0,),
   )
-
-
-def eval_step(models: Models, params, lpips_params, images, mask):
-  """Sums of per-image metrics over the real (mask=True) images, and the code histogram."""
-  x = to_model_range(images)
-  xrec, _, indices = models.vqgan.apply({'params': params}, x)
-  xrec = jnp.clip(xrec.astype(jnp.float32), -1.0, 1.0)
-  w = mask.astype(jnp.float32)
-  per_image = {
-    'psnr': metrics_lib.psnr(x, xrec),
-    'ssim': metrics_lib.ssim(x, xrec),
-    'lpips': models.lpips.apply({'params': lpips_params}, x, xrec, deterministic=True),
-    'l1': jnp.mean(jnp.abs(x - xrec), axis=(1, 2, 3)),
-  }
-  sums = {k: jnp.sum(v.reshape(-1) * w) for k, v in per_image.items()}
-  sums['count'] = jnp.sum(w)
-  code_mask = jnp.broadcast_to(mask[:, None, None], indices.shape)
-  sums['code_counts'] = metrics_lib.codebook_counts(indices, models.vqgan.n_embed, code_mask)
-  return sums, xrec
-
-
-def make_eval_step(models: Models, mesh, param_shardings, lpips_shardings):
-  batch = parallel.batch_sharding(mesh)
-  return jax.jit(
-    functools.partial(eval_step, models),
-    in_shardings=(param_shardings, lpips_shardings, batch, batch),
-    out_shardings=(parallel.replicated(mesh), batch),
-  )
-
-
-def vqgan_param_shardings(vqgan, mesh, rules=()):
-  """(abstract params, shardings) of a VQGAN's parameters on `mesh` under `rules`."""
-  x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
-  abstract = jax.eval_shape(lambda r: vqgan.init(r, x)['params'], jax.random.PRNGKey(0))
-  return abstract, parallel.state_shardings(abstract, mesh, rules)
-
-
-def init_vqgan_params(vqgan, mesh, rng, rules=()):
-  """Randomly initialised VQGAN params, born sharded (tests and smoke runs only)."""
-  x = jnp.zeros((1, vqgan.resolution, vqgan.resolution, vqgan.in_channels), jnp.float32)
-  _, shardings = vqgan_param_shardings(vqgan, mesh, rules)
-  return jax.jit(lambda r: vqgan.init(r, x)['params'], out_shardings=shardings)(rng)
-
-
-def restore_vqgan_params(workdir, vqgan, mesh, rules=(), step=None, ema=True, with_key=False):
-  """A stage-1 run's VQGAN params (latest step by default), read straight into their
-  shardings on `mesh` (any mesh and process count).
-
-  ema: the EMA of the generator's params when the run kept one (`params_ema`, with
-  config.train.params_ema_decay > 0), as `inference.load_vqgan` reads it, so --mode=encode,
-  stage 2 and the loader see the same first stage; otherwise (and with ema=False) `params`.
-  with_key: return (params, the state key read: 'params_ema' or 'params').
-  """
-  abstract, shardings = vqgan_param_shardings(vqgan, mesh, rules)
-  target = checkpoints.abstract_like(abstract, shardings)
-  keyed = lambda key: (checkpoints.restore_params(workdir, target, key=key, step=step), key)
-  out = None
-  if ema:
-    try:
-      out = keyed('params_ema')
-    except checkpoints.CheckpointError:
-      pass  # The run kept no EMA copy.
-  out = out or keyed('params')
-  return out if with_key else out[0]
-
-
-def latest_step(workdir):
-  """The latest step of a stage-1 run, or None when it has no checkpoint."""
-  if not workdir or not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-    return None
-  with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
-    return ckpt.latest_step()
-
-
-def tokenizer_identity(workdir, params, key):
-  """What identifies the stage-1 params that encode codes (and decode what stage 2 samples):
-  a codes dataset records it (--mode=encode) and stage 2 compares it with its stage 1.
-
-  Only `params_sha256` (`checkpoints.params_fingerprint`) decides; the run's path, step and
-  whether the EMA params were read say where they came from (a moved or copied run is the
-  same tokenizer).
-  """
-  return {
-    'workdir': os.path.abspath(workdir),
-    'step': latest_step(workdir),
-    'ema': key == 'params_ema',
-    'params_sha256': checkpoints.params_fingerprint(params),
-  }

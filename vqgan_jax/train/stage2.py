@@ -53,7 +53,7 @@ from vqgan_jax import parallel
 from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import stage1 as stage1_lib
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.train.common import peak_learning_rate
 from vqgan_jax.train.stage2_config import Layout
 from vqgan_jax.validate import ConfigError
@@ -65,7 +65,7 @@ class Frozen(NamedTuple):
   stage1: Any = None  # VQGAN: images -> image codes
   cond: Any = None  # VQGAN: cond maps -> cond codes
   cond_one_hot: int = 0  # > 0: cond maps are label maps, one-hot encoded
-  stage1_id: Any = None  # `stage1.tokenizer_identity` of the stage-1 params loaded
+  stage1_id: Any = None  # `vqgan_load.tokenizer_identity` of the stage-1 params loaded
 
 
 def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
@@ -83,7 +83,7 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
   for key, vqgan in models.items():
     if key == 'cond' and config.cond.random_init:
       logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
-      params[key] = stage1_lib.init_vqgan_params(
+      params[key] = vqgan_load.init_vqgan_params(
         vqgan, mesh, jax.random.PRNGKey(config.seed + 1), rules
       )
       shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
@@ -94,11 +94,11 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
         "config.cond.workdir (the cond VQGAN's stage-1 run) is empty; "
         'spatial conditioning needs a trained cond VQGAN'
       )
-    params[key], read = stage1_lib.restore_vqgan_params(workdir, vqgan, mesh, rules, with_key=True)
+    params[key], read = vqgan_load.restore_vqgan_params(workdir, vqgan, mesh, rules, with_key=True)
     # The shardings it was restored into (`vqgan_param_shardings`), without tracing it again.
     shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
     if key == 'stage1':
-      stage1_id = stage1_lib.tokenizer_identity(workdir, params[key], read)
+      stage1_id = vqgan_load.tokenizer_identity(workdir, params[key], read)
   frozen = Frozen(
     stage1=models.get('stage1'),
     cond=models.get('cond'),
@@ -111,7 +111,7 @@ def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
 def stage1_identity(config, layout: Layout, mesh):
   """The tokenizer identity of config.stage1_workdir's params (restored to hash them), or
   None when it names no run with a checkpoint (stage 2 on codes needs none)."""
-  if stage1_lib.latest_step(config.stage1_workdir) is None:
+  if vqgan_load.latest_step(config.stage1_workdir) is None:
     return None
   return load_frozen(config, layout, mesh, cond=False)[0].stage1_id
 

@@ -12,6 +12,7 @@ import tqdm
 
 from vqgan_jax import checkpoints
 from vqgan_jax import classifier_features
+from vqgan_jax import eval_steps
 from vqgan_jax import fid
 from vqgan_jax import images as images_lib
 from vqgan_jax import metrics as metrics_lib
@@ -19,6 +20,7 @@ from vqgan_jax import parallel
 from vqgan_jax import validate
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
+from vqgan_jax.models import vqgan_load
 from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 
@@ -50,7 +52,7 @@ def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer,
     sums, xrec = eval_fn(params, lpips_params, gbatch['image'], gbatch['mask'])
     if nets:
       mask = parallel.gather(gbatch['mask'])
-      x = stage1.to_model_range(gbatch['image'])
+      x = vqgan_load.to_model_range(gbatch['image'])
       for m, net in nets.items():
         real[m].add(net(x)['features'], mask)
         fake[m].add(net(xrec)['features'], mask)
@@ -221,7 +223,7 @@ def train_and_evaluate(config, workdir):
     classifier_features.check_workdir(classifier)
   workdir = common.prepare_workdir(workdir)
   pipeline.check_splits(config.data)
-  models = stage1.build_models(config)
+  models = vqgan_load.build_models(config)
 
   lpips_params = lpips_lib.load_pretrained_params()
   lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
@@ -237,7 +239,7 @@ def train_and_evaluate(config, workdir):
     if not resumed and config.init_from:
       state = _init_from(config, state, abstract, shardings)
     train_fn = stage1.make_train_step(config, models, mesh, shardings, lpips_shardings)
-    eval_fn = stage1.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
+    eval_fn = eval_steps.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
     batch_sharding = parallel.batch_sharding(mesh)
     start, total = int(jax.device_get(state['step'])), config.train.num_steps
     writer = common.Writer(workdir, start)
