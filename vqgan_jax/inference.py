@@ -31,11 +31,10 @@ from vqgan_jax import checks
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
+from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models import vqgan_load
 from vqgan_jax.train import codes as codes_lib
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
 
 
 def _saved_config(workdir, step):
@@ -170,7 +169,7 @@ class TrainedTransformer:
   model: Any  # the GPT or MaskGIT, per-layer layout (what the samplers run)
   params: Any  # its params
   vqgan: TrainedVQGAN  # the frozen first stage (decodes the codes)
-  layout: stage2_config.Layout  # token layout: grid, vocabulary, condition ids
+  layout: gpt_load.Layout  # token layout: grid, vocabulary, condition ids
   config: ml_collections.ConfigDict  # the resolved config
   step: int
   mesh: jax.sharding.Mesh
@@ -186,7 +185,7 @@ class TrainedTransformer:
     start tokens for an unconditional model."""
     labels = np.asarray(labels).reshape(-1)
     checks.nonempty_batch(labels.shape, 'labels')
-    return np.asarray(stage2.class_tokens(self.layout, labels))
+    return np.asarray(gpt_load.class_tokens(self.layout, labels))
 
   def _check_condition(self, condition, num_samples):
     """condition as (B, Lc) host int32 tokens of this model's condition ids; the number of
@@ -371,18 +370,20 @@ def load_transformer_for_config(config, workdir, step=None, mesh=None) -> Traine
       f'{workdir} is a {saved.get("stage", "vqgan")!r} run; load_transformer reads stage-2 '
       '(transformer) workdirs (load_vqgan reads stage-1 ones)'
     )
-  config = stage2_config.resolve_config(config)
+  config = gpt_load.resolve_config(config)
   checkpoints.check_compatible(
     saved.to_dict(),
     config,
-    tuple(f for f in stage2_config.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
+    tuple(f for f in gpt_load.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),
     where=workdir,
   )
-  layout = stage2_config.make_layout(config)
+  layout = gpt_load.make_layout(config)
   rules = _rules(config)
-  model = stage2_config.build_model(config, layout, scan_layers=False)
-  params = stage2.restore_gpt_params(workdir, model, mesh, saved.to_dict(), rules=rules, step=step)
-  frozen, frozen_params, _ = stage2.load_frozen(config, layout, mesh, cond=False)
+  model = gpt_load.build_model(config, layout, scan_layers=False)
+  params = gpt_load.restore_gpt_params(
+    workdir, model, mesh, saved.to_dict(), rules=rules, step=step
+  )
+  frozen, frozen_params, _ = gpt_load.load_frozen(config, layout, mesh, cond=False)
   # The codes the run trained on must be the codes this stage 1 decodes.
   codes_lib.check_codes_of_run(config, workdir, frozen.stage1_id)
   vq = TrainedVQGAN(

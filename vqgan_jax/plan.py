@@ -119,15 +119,15 @@ def stage2_program(config, mesh):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from vqgan_jax import parallel  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.models import gpt_load  # pylint: disable=g-import-not-at-top
   from vqgan_jax.models import vqgan as vqgan_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import stage1  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import stage2  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import stage2_config  # pylint: disable=g-import-not-at-top
 
-  config = stage2_config.resolve_config(config)
-  stage2_config.validate_config(config)  # the batch is rounded to the mesh below
-  layout = stage2_config.make_layout(config)
-  model = stage2_config.build_model(config, layout)
+  config = gpt_load.resolve_config(config)
+  gpt_load.validate_config(config)  # the batch is rounded to the mesh below
+  layout = gpt_load.make_layout(config)
+  model = gpt_load.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   rules = parallel.axis_rules(config)
   rng = jax.random.PRNGKey(0)
@@ -169,7 +169,7 @@ def stage2_program(config, mesh):
     'param_dtype': _dtypes(abstract['params']),
     'remat': t.get('remat', 'none'),
     'remat_policy': {False: None, True: 'nothing_saveable'}.get(
-      stage2_config.gpt_remat(t), stage2_config.gpt_remat(t)
+      gpt_load.gpt_remat(t), gpt_load.gpt_remat(t)
     ),
     'scan_layers': bool(t.scan_layers),
     'data_source': config.data.source,

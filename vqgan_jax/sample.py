@@ -15,8 +15,8 @@ from vqgan_jax import images as images_lib
 from vqgan_jax import inference
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
+from vqgan_jax.models import gpt_load
 from vqgan_jax.train import codes as codes_lib
-from vqgan_jax.train import stage2_config
 from vqgan_jax.validate import ConfigError
 
 
@@ -54,7 +54,7 @@ def sample(config, workdir):
   run = inference.load_transformer_for_config(config, workdir, None, mesh)
   run.batch_size = max(1, int(config.sample.batch_size))  # the batches below, as they are
   config, layout, step = run.config, run.layout, run.step
-  stage2_config.validate_config(config, parallel.batch_divisor(mesh))
+  gpt_load.validate_config(config, parallel.batch_divisor(mesh))
   s = config.sample
   grid = (s.grid_h or layout.grid[0], s.grid_w or layout.grid[1])
   if s.cfg_scale != 1.0 and layout.null_id < 0:

@@ -22,9 +22,8 @@ import tqdm
 from vqgan_jax import parallel
 from vqgan_jax.data import pipeline
 from vqgan_jax.data import tokens
+from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan_load
-from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
 from vqgan_jax.validate import ConfigError
 
 
@@ -97,11 +96,11 @@ def encode(config, workdir):
   Codes already on disk with the same metadata (same stage-1 params, data and grid) are kept
   and not encoded again; different ones are replaced only with config.encode.overwrite.
   """
-  config, mesh, layout = stage2_config.setup(config)
+  config, mesh, layout = gpt_load.setup(config)
   name = tokens.codes_name(config.data)
   path = tokens.dataset_path(codes_dir(config, workdir), name)
   # The params are restored first: whether the codes on disk are up to date depends on them.
-  frozen, params, shardings = stage2.load_frozen(config, layout, mesh)
+  frozen, params, shardings = gpt_load.load_frozen(config, layout, mesh)
   meta = json.loads(json.dumps(_metadata(config, layout, frozen.stage1_id)))
   if tokens.is_prepared(path):
     old = tokens.metadata(tokens.open_codes(codes_dir(config, workdir), name))
@@ -120,7 +119,7 @@ def encode(config, workdir):
   batch_sh = parallel.batch_sharding(mesh)
 
   def encode_fn(p, batch):
-    out = stage2.encode_batch(frozen, p, batch)
+    out = gpt_load.encode_batch(frozen, p, batch)
     return {k: out[k] for k in ('codes', 'cond_codes') if k in out}
 
   encode_jit = jax.jit(

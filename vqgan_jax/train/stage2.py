@@ -34,120 +34,35 @@ Parameter layout: training runs with `scan_layers=True` by default (stacked `blo
 faster on CPU) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
 save time). The run's config records it (`transformer.scan_layers`); restoring for sampling
 or fine-tuning reads it from the saved config and converts (`restore_gpt_params`).
+
+The GPT's construction, shardings and restore and the frozen encoders live in
+`models.gpt_load` (the loaders use them); the names imported from it with `noqa: F401` stay
+importable here for callers of `stage2.*`.
 """
 
 import functools
-from typing import Any
-from typing import NamedTuple
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vqgan_jax import checkpoints
-from vqgan_jax import checks
 from vqgan_jax import parallel
 from vqgan_jax.models import maskgit as maskgit_lib
-from vqgan_jax.models import transformer as gpt_lib
-from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.models import vqgan_load
+from vqgan_jax.models.gpt_load import Frozen
+from vqgan_jax.models.gpt_load import Layout
+from vqgan_jax.models.gpt_load import _rules
+from vqgan_jax.models.gpt_load import class_tokens  # noqa: F401
+from vqgan_jax.models.gpt_load import cond_map_codes  # noqa: F401
+from vqgan_jax.models.gpt_load import encode_batch
+from vqgan_jax.models.gpt_load import image_codes  # noqa: F401
+from vqgan_jax.models.gpt_load import init_params
+from vqgan_jax.models.gpt_load import load_frozen  # noqa: F401
+from vqgan_jax.models.gpt_load import param_shardings
+from vqgan_jax.models.gpt_load import restore_gpt_params  # noqa: F401
+from vqgan_jax.models.gpt_load import stage1_identity  # noqa: F401
 from vqgan_jax.train.common import peak_learning_rate
-from vqgan_jax.train.stage2_config import Layout
-from vqgan_jax.validate import ConfigError
-
-
-class Frozen(NamedTuple):
-  """The frozen encoders a step needs (None where the batch already holds codes)."""
-
-  stage1: Any = None  # VQGAN: images -> image codes
-  cond: Any = None  # VQGAN: cond maps -> cond codes
-  cond_one_hot: int = 0  # > 0: cond maps are label maps, one-hot encoded
-  stage1_id: Any = None  # `vqgan_load.tokenizer_identity` of the stage-1 params loaded
-
-
-def load_frozen(config, layout: Layout, mesh, *, stage1=True, cond=True):
-  """The frozen VQGANs of a resolved stage-2 config and their params on the mesh:
-  (Frozen, params, shardings), keyed 'stage1' / 'cond'."""
-  rules = parallel.axis_rules(config)
-  models, params, shardings = {}, {}, {}
-  stage1_id = None
-  if stage1:
-    if not config.stage1_workdir:
-      raise ConfigError('config.stage1_workdir (the stage-1 run) is empty')
-    models['stage1'] = vqgan_lib.from_config(config.stage1_config, frozen=True)
-  if cond and layout.kind == 'spatial':
-    models['cond'] = vqgan_lib.from_config(config.cond.model, frozen=True)
-  for key, vqgan in models.items():
-    if key == 'cond' and config.cond.random_init:
-      logging.warning('config.cond.random_init: the cond VQGAN is randomly initialised')
-      params[key] = vqgan_load.init_vqgan_params(
-        vqgan, mesh, jax.random.PRNGKey(config.seed + 1), rules
-      )
-      shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
-      continue
-    workdir = config.stage1_workdir if key == 'stage1' else config.cond.workdir
-    if not workdir:
-      raise ConfigError(
-        "config.cond.workdir (the cond VQGAN's stage-1 run) is empty; "
-        'spatial conditioning needs a trained cond VQGAN'
-      )
-    params[key], read = vqgan_load.restore_vqgan_params(workdir, vqgan, mesh, rules, with_key=True)
-    # The shardings it was restored into (`vqgan_param_shardings`), without tracing it again.
-    shardings[key] = jax.tree.map(lambda x: x.sharding, params[key])
-    if key == 'stage1':
-      stage1_id = vqgan_load.tokenizer_identity(workdir, params[key], read)
-  frozen = Frozen(
-    stage1=models.get('stage1'),
-    cond=models.get('cond'),
-    cond_one_hot=int(config.cond.one_hot),
-    stage1_id=stage1_id,
-  )
-  return frozen, params, shardings
-
-
-def stage1_identity(config, layout: Layout, mesh):
-  """The tokenizer identity of config.stage1_workdir's params (restored to hash them), or
-  None when it names no run with a checkpoint (stage 2 on codes needs none)."""
-  if vqgan_load.latest_step(config.stage1_workdir) is None:
-    return None
-  return load_frozen(config, layout, mesh, cond=False)[0].stage1_id
-
-
-def image_codes(vqgan, params, images):
-  """uint8 NHWC images -> (B, h*w) int32 codes, row-major."""
-  x = images.astype(jnp.float32) / 127.5 - 1.0
-  idx = vqgan.apply({'params': params}, x, method='encode_to_indices')
-  return idx.reshape(idx.shape[0], -1).astype(jnp.int32)
-
-
-def cond_map_codes(vqgan, params, cond_map, one_hot: int):
-  """Cond maps -> (B, hc*wc) int32 codes: label maps (B, S, S) one-hot encoded (taming's
-  segmentation VQGAN input), or uint8 maps (B, S, S, C) scaled to [-1, 1] (depth)."""
-  if one_hot:
-    x = jax.nn.one_hot(cond_map.astype(jnp.int32), one_hot, dtype=jnp.float32)
-  else:
-    x = cond_map.astype(jnp.float32) / 127.5 - 1.0
-  idx = vqgan.apply({'params': params}, x, method='encode_to_indices')
-  return idx.reshape(idx.shape[0], -1).astype(jnp.int32)
-
-
-def encode_batch(frozen: Frozen, frozen_params, batch):
-  """Adds 'codes' (and 'cond_codes') to a batch of images (and cond maps) with the frozen
-  encoders, as --mode=encode stores them; a batch that has them passes through."""
-  batch = dict(batch)
-  if 'codes' not in batch:
-    batch['codes'] = jax.lax.stop_gradient(
-      image_codes(frozen.stage1, frozen_params['stage1'], batch['image'])
-    )
-  if 'cond_codes' not in batch and frozen.cond is not None and 'cond_map' in batch:
-    batch['cond_codes'] = jax.lax.stop_gradient(
-      cond_map_codes(frozen.cond, frozen_params['cond'], batch['cond_map'], frozen.cond_one_hot)
-    )
-  return batch
-
 
 # ----------------------------------------------------------------------------------------
 # Sequences and the loss
@@ -166,20 +81,6 @@ def cond_tokens(layout: Layout, batch, rng=None, drop_prob: float = 0.0):
       ids = jnp.where(jax.random.bernoulli(rng, drop_prob, (b, 1)), layout.null_id, ids)
     return ids
   return batch['cond_codes'].astype(jnp.int32) + layout.cond_offset
-
-
-def class_tokens(layout: Layout, labels):
-  """Condition ids for sampling: class ids (class models) or SOS (unconditional).
-
-  Concrete labels of a class model are checked: an id outside [0, n_classes) would index
-  another token of the vocabulary and give garbage codes.
-  """
-  if layout.kind == 'class':
-    labels = checks.integers(labels, 'labels', 0, layout.n_classes, what='class ids')
-  labels = jnp.asarray(labels, jnp.int32).reshape(-1, 1)
-  if layout.kind == 'unconditional':
-    return jnp.full_like(labels, layout.sos_id)
-  return labels + layout.cond_offset
 
 
 def corrupt(rng, codes, pkeep: float, n_image: int):
@@ -252,11 +153,6 @@ def make_optimizer(config):
   return tx, schedule
 
 
-def init_params(model, rng, boxed=False):
-  params = model.init(rng, jnp.zeros((1, 1), jnp.int32))['params']
-  return params if boxed else nn.unbox(params)
-
-
 def init_state(model, tx, rng):
   """The training state as a plain dict pytree (what the checkpoints hold)."""
   k_init, k_run = jax.random.split(rng)
@@ -267,19 +163,6 @@ def init_state(model, tx, rng):
     'opt_state': tx.init(params),
     'rng': k_run,
   }
-
-
-def _rules(rules):
-  """The logical-axis rules to apply: a config's table (`parallel.axis_rules(config)`);
-  None: the GPT's own `DEFAULT_RULES` (standalone use; every run passes its config's)."""
-  return parallel.DEFAULT_RULES if rules is None else parallel.normalize_rules(rules)
-
-
-def param_shardings(model, mesh, rng=None, rules=None):
-  """NamedShardings of the GPT params from their logical axes under `rules` on `mesh`."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  boxed = jax.eval_shape(functools.partial(init_params, model, boxed=True), rng)
-  return parallel.logical_shardings(boxed, mesh, _rules(rules))
 
 
 def gpt_state_shardings(model, tx, mesh, rng=None, rules=None):
@@ -540,29 +423,3 @@ def maskgit_eval_step(model, layout: Layout, frozen: Frozen, params, frozen_para
     'tokens': jnp.sum(w),
     'examples': jnp.sum(batch['mask'].astype(jnp.float32)),
   }
-
-
-# ----------------------------------------------------------------------------------------
-# Restoring GPT params in either layout
-# ----------------------------------------------------------------------------------------
-
-
-def restore_gpt_params(workdir, model, mesh, saved_config=None, rules=None, step=None):
-  """The params of a stage-2 run (latest step by default) in `model`'s layout, sharded by
-  logical axes; `model` is the run's GPT or MaskGIT (`stage2_config.build_model`).
-
-  The checkpoint's layout is read from its saved config (`transformer.scan_layers`) and
-  converted (`stack_layers` / `unstack_layers`) when it differs from `model.scan_layers`.
-  """
-  if saved_config is None:
-    with checkpoints.Checkpointer(workdir, read_only=True, max_to_keep=None) as ckpt:
-      saved_config = ckpt.restore_config(step)
-  saved_scan = bool(saved_config.get('transformer', {}).get('scan_layers', False))
-  saved_model = model.clone(scan_layers=saved_scan)
-  sh = param_shardings(saved_model, mesh, rules=rules)
-  abstract = jax.eval_shape(functools.partial(init_params, saved_model), jax.random.PRNGKey(0))
-  params = checkpoints.restore_params(workdir, checkpoints.abstract_like(abstract, sh), step=step)
-  if saved_scan != model.scan_layers:
-    convert = gpt_lib.stack_layers if model.scan_layers else gpt_lib.unstack_layers
-    params = jax.jit(convert, out_shardings=param_shardings(model, mesh, rules=rules))(params)
-  return params

@@ -15,10 +15,10 @@ from vqgan_jax import checkpoints
 from vqgan_jax import parallel
 from vqgan_jax.data import pipeline
 from vqgan_jax.data import tokens
+from vqgan_jax.models import gpt_load
 from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import common
 from vqgan_jax.train import stage2
-from vqgan_jax.train import stage2_config
 
 
 def evaluate(eval_fn, params, frozen_params, batches, mesh):
@@ -46,9 +46,9 @@ def train_and_evaluate(config, workdir):
   The function `python -m vqgan_jax.main` calls for a stage-2 config (`vqgan_jax.train_stage2`).
   """
   workdir = common.prepare_workdir(workdir)
-  config, mesh, layout = stage2_config.setup(config)
+  config, mesh, layout = gpt_load.setup(config)
   common.check_init_from(config.init_from, 'transformer')
-  model = stage2_config.build_model(config, layout)
+  model = gpt_load.build_model(config, layout)
   tx, schedule = stage2.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   rules = parallel.axis_rules(config)
@@ -60,14 +60,14 @@ def train_and_evaluate(config, workdir):
 
   if config.data.source == 'images':
     pipeline.check_splits(config.data)
-    frozen, frozen_params, frozen_sh = stage2.load_frozen(config, layout, mesh)
+    frozen, frozen_params, frozen_sh = gpt_load.load_frozen(config, layout, mesh)
     train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
     eval_batches = lambda: pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
     keys = ('image', 'label', 'mask')
   else:
     frozen, frozen_params, frozen_sh = stage2.Frozen(), {}, {}
     # Every start and resume: the codes must come from the stage 1 that will decode samples.
-    tokenizer = stage2.stage1_identity(config, layout, mesh)
+    tokenizer = gpt_load.stage1_identity(config, layout, mesh)
     builder = codes_lib.open_codes(config, workdir, layout, tokenizer)
     tokens.check_splits(builder, config.data)
     train_it = tokens.make_train_iterator(
@@ -91,10 +91,10 @@ def train_and_evaluate(config, workdir):
     workdir, max_to_keep=config.train.max_to_keep, save_every=config.train.checkpoint_every
   ) as ckpt:
     state, resumed = common.restore_or_init(
-      ckpt, abstract, shardings, init, train_it, config, fields=stage2_config.COMPATIBILITY_FIELDS
+      ckpt, abstract, shardings, init, train_it, config, fields=gpt_load.COMPATIBILITY_FIELDS
     )
     if not resumed and config.init_from:
-      state['params'] = stage2.restore_gpt_params(config.init_from, model, mesh, rules=rules)
+      state['params'] = gpt_load.restore_gpt_params(config.init_from, model, mesh, rules=rules)
       state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(state['params'])
       logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
 
