@@ -25,11 +25,11 @@ import pytest
 from configs import fashion_mnist_transformer
 from vqgan_jax import checkpoints
 from vqgan_jax import config_base
+from vqgan_jax import encode as codes_lib
 from vqgan_jax import inference
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.models import vqgan as vqgan_lib
-from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.train import common
 from vqgan_jax.train import stage2
 from vqgan_jax.train import stage2_config

@@ -28,13 +28,13 @@ import numpy as np
 
 from vqgan_jax import checkpoints
 from vqgan_jax import checks
+from vqgan_jax import encode as codes_lib
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models import vqgan_load
-from vqgan_jax.train import codes as codes_lib
 
 
 def _saved_config(workdir, step):

@@ -89,6 +89,7 @@ def main(argv):
   # Imported here so `--help` and flag errors do not pay for importing jax.
   import jax  # pylint: disable=g-import-not-at-top
 
+  from vqgan_jax import encode as codes_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
@@ -97,7 +98,6 @@ def main(argv):
   from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import codes as codes_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train.common import RunError  # pylint: disable=g-import-not-at-top

@@ -11,12 +11,12 @@ import time
 import jax
 import numpy as np
 
+from vqgan_jax import encode as codes_lib
 from vqgan_jax import images as images_lib
 from vqgan_jax import inference
 from vqgan_jax import parallel
 from vqgan_jax.data import tokens
 from vqgan_jax.models import gpt_load
-from vqgan_jax.train import codes as codes_lib
 from vqgan_jax.validate import ConfigError
 
 

@@ -5,7 +5,7 @@ Written once by `--mode=encode` (the LlamaGen pattern) as a TFDS array_record da
   <codes_dir>/vqgan_codes/<name>/1.0.0/    codes_dir: config.data.codes_dir or <workdir>/codes
     vqgan_codes-<split>.array_record-*     one record per source example, in source order
     dataset_info.json, features.json       + metadata.json (grid, n_embed, stage-1 run/step,
-                                           the tokenizer identity: see train/codes.py)
+                                           the tokenizer identity: see encode.py)
 
 Features per record:
   codes       uint16 (int32 if n_embed > 65536) [h*w]   image codes, row-major
