@@ -32,6 +32,7 @@ RESULTS = os.path.join(ROOT, 'experiments', 'results', 'test_bounds_cpu.jsonl')
 NUMERICAL = (
   'tests/test_train.py',
   'tests/test_models.py',
+  'tests/test_kernels.py',
   'tests/test_quantizers.py',
   'tests/test_losses.py',
   'tests/test_lpips.py',
