@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -316,10 +315,9 @@ def _drop_orbax_aftermath() -> None:
 
 
 def _raise_quietly(error: Exception):
-  """Raises `error` (not chained: orbax's error holds the abandoned reads or the save) after
-  collecting, through `_drop_orbax_aftermath`, the reads orbax left pending."""
+  """Raises `error` (not chained: orbax's error holds the abandoned reads or the save), with
+  `_drop_orbax_aftermath` in place for when the reads orbax left pending are collected."""
   _drop_orbax_aftermath()
-  gc.collect()
   raise error
 
 
