@@ -21,7 +21,6 @@ others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
@@ -111,14 +110,9 @@ def _to_abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
 
 
 def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
-  """Returns `tree` as `jax.ShapeDtypeStruct`s carrying target shardings.
-
-  Args:
-    tree: arrays, `ShapeDtypeStruct`s (e.g. from `jax.eval_shape`), numpy arrays or scalars.
-    shardings: one `Sharding` for every leaf, a pytree of shardings matching `tree` (or a
-      prefix of it), or None: keep each leaf's own sharding, and use one device (one process)
-      or full replication (several processes) for leaves that have none.
-  """
+  """`tree` (arrays, `ShapeDtypeStruct`s, numpy arrays or scalars) as `ShapeDtypeStruct`s with
+  target shardings: `shardings` is one `Sharding`, a pytree (or prefix) of them, or None: each
+  leaf's own, else one device (one process) or full replication (several processes)."""
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: _to_abstract(x, shardings), tree)
   return jax.tree.map(
@@ -211,15 +205,9 @@ def check_compatible(
   fields: Sequence[str] = COMPATIBILITY_FIELDS,
   where: str = '',
 ) -> None:
-  """Raises one `IncompatibleCheckpointError` naming every differing field.
-
-  Args:
-    saved_config: the config dict stored with a checkpoint.
-    config: the run's config (ConfigDict or mapping).
-    fields: dotted names that must agree; a name covers its whole subtree (`'model'` or
-      `'model.*'`: every `model.` field).
-    where: the checkpoint's path, for the message.
-  """
+  """Raises one `IncompatibleCheckpointError` naming every field of `fields` (a name covers
+  its subtree: `'model'` or `'model.*'`) where `saved_config` and `config` differ; `where`: the
+  checkpoint's path, for the message."""
   lines = config_differences(saved_config, config, fields)
   if lines:
     at = f' {where}' if where else ''
@@ -299,10 +287,9 @@ def _is_orbax_aftermath(unraisable) -> bool:
 
 
 def _drop_orbax_aftermath() -> None:
-  """Drops exactly the reports of `_is_orbax_aftermath` (dozens of tracebacks with
-  TensorStore's JSON spec after our one sentence). Needed by
-  test_failed_save_is_one_sentence_and_leaves_no_temporary: without it that test's stderr
-  gets 'Event loop is closed' tracebacks (intermittently)."""
+  """Drops exactly the reports of `_is_orbax_aftermath` (tracebacks with TensorStore's JSON
+  spec after our one sentence): test_failed_save_is_one_sentence_and_leaves_no_temporary fails
+  intermittently without it."""
   previous = sys.unraisablehook
   if not getattr(previous, '_drops_orbax_aftermath', False):
 
@@ -322,12 +309,9 @@ def _raise_quietly(error: Exception):
 
 
 def _array_read_error(message: str, path: str) -> CheckpointError:
-  """The error for a restore that failed inside orbax.
-
-  In a multi-process run each process reads only its own shards, so a damaged file may fail
-  on some processes while the others wait in orbax's barriers: one skipping the step would
-  leave them restoring different steps. There it is an error naming the way out.
-  """
+  """The error for a restore that failed inside orbax. In a multi-process run each process
+  reads only its shards, so processes could disagree on a damaged step: there it is an error
+  naming the way out, not a fallback."""
   if jax.process_count() == 1:
     return CorruptCheckpointError(message)
   return CheckpointError(
@@ -361,19 +345,30 @@ def _read_tree_metadata(manager, step: int, path: str):
   _raise_quietly(CorruptCheckpointError(message))
 
 
-def _newest_readable(steps: Sequence[int], read: Callable[[int], Any], directory: str):
-  """`(step, read(step), skipped)` for the newest of `steps` that `read` gets whole; `skipped`
-  lists `(step, reason)` for the newer ones it could not.
-
-  Only `CorruptCheckpointError` moves on: a config or target mismatch would recur on every
-  step. Every process reads the same metadata and JSON, so they skip a step together.
-  """
+def _read_newest(steps, step, read, directory, done=None, empty=None):
+  """`(step, read(step), skipped)` for `step`, or by default for the newest of `steps` that
+  `read` gets whole; `skipped`: `(step, reason)` for the newer ones it could not, logged in one
+  line unless `done` is None. Only `CorruptCheckpointError` moves on: a config or target
+  mismatch would recur on every step. Every process reads the same metadata and JSON, so they
+  skip a step together (see `_array_read_error` for the arrays)."""
+  if not steps and (step is None or empty):
+    raise CheckpointError(empty or f'No checkpoint in {directory}.')
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(
+        f'No checkpoint for step {step} in {directory}; committed steps: {steps or "none"}.'
+      )
+    return step, read(step), []
   skipped = []
   for step in sorted(steps, reverse=True):
     try:
-      return step, read(step), skipped
+      out = read(step)
     except CorruptCheckpointError as e:
       skipped.append((step, str(e)))
+      continue
+    if skipped and done:
+      _log.warning(_skipped_line(skipped, step, done))
+    return step, out, skipped
   reasons = '; '.join(f'step {s}: {r}' for s, r in skipped)
   raise CheckpointError(f'No checkpoint in {directory} can be read: {reasons}.')
 
@@ -489,15 +484,11 @@ _OPEN: dict[int, Checkpointer] = {}
 
 
 def _close_open() -> None:
-  """Commits the pending save of every Checkpointer a run left open.
-
-  A run that raises past its Checkpointer would otherwise exit with a save in flight, which
-  orbax's threads then fail ("cannot schedule new futures after interpreter shutdown") and
-  leave uncommitted. Registered with threading's exit hooks, which run newest first before
-  the interpreter stops its thread pools (the import of concurrent.futures.thread above
-  registers the hook that stops them); `atexit` runs too late and the save fails: needed by
-  test_exit_with_a_save_in_flight_is_quiet.
-  """
+  """Commits the pending save of every Checkpointer a run left open (needed by
+  test_exit_with_a_save_in_flight_is_quiet). Registered with threading's exit hooks, which run
+  newest first before the interpreter stops its thread pools (the import of
+  concurrent.futures.thread above registers the hook that stops them); from `atexit`, orbax's
+  threads fail with "cannot schedule new futures after interpreter shutdown"."""
   for ckpt in list(_OPEN.values()):
     try:
       ckpt.close()
@@ -511,21 +502,11 @@ threading._register_atexit(_close_open)  # pylint: disable=protected-access
 class Checkpointer:
   """Periodic, asynchronous, atomic checkpoints of a training run.
 
-  Every process calls every method (the saves and restores are collective); orbax lets only
-  the primary process write the JSON items.
-
-    with Checkpointer(workdir, save_every=config.train.checkpoint_every) as ckpt:
-      state = ckpt.resume(abstract_state, it, config=config) or init()
-      for step in ...:
-        state, metrics = train_step(state, batch)
-        if ckpt.should_save(step, force=step == last):
-          check(metrics)  # e.g. the loss, on exactly the steps that save
-        ckpt.save(step, state, it.get_state, config, force=step == last)
-
-  `save` refuses a state holding NaN or Inf (`NonFiniteStateError`), so every step on disk is
-  finite. `close()` (or leaving the `with`) commits the pending save; it is safe to call more
-  than once and from `finally`. One still open when the interpreter exits is closed then.
-  """
+  Every process calls every method (saves and restores are collective). A trainer asks
+  `should_save` each step to run its own checks (the loss) on exactly the saving steps, then
+  calls `save(step, state, it.get_state, config, force=last)`. `close()` (or leaving the
+  `with`) commits the pending save; it may be called again, and from `finally`. One still open
+  when the interpreter exits is closed then."""
 
   def __init__(
     self,
@@ -571,28 +552,11 @@ class Checkpointer:
     return force or self._manager.should_save(step)  # orbax's save_decision_policy.
 
   def save(self, step: int, state: PyTree, data_state, config, force: bool = False) -> bool:
-    """Starts saving a checkpoint if `step` is due (or `force`); non-blocking.
-
-    Returns once the arrays are copied off the devices, so `state` may be donated to the next
-    step right away; the files are written in the background and become visible only when
-    complete.
-
-    Args:
-      step: the training step (number of updates applied to `state`).
-      state: a pytree of jax.Arrays (any sharding; typed PRNG keys included).
-      data_state: the data-iterator state (bytes, str, JSON-able, None), or a callable
-        returning it, called only when a checkpoint is written.
-      config: the run's config (ConfigDict or mapping).
-      force: save even if `step` is not a multiple of `save_every`.
-
-    Returns:
-      Whether a save was started.
-
-    Raises:
-      NonFiniteStateError: a floating leaf of `state` holds NaN or Inf (checked only on the
-        steps that save); nothing was written, and every checkpoint on disk is kept.
-      CheckpointError: the previous save failed (see `wait`).
-    """
+    """Starts saving `step` if due (or `force`); returns whether it did. Non-blocking: it returns
+    once the arrays are off the devices (`state` may be donated), and the files become visible
+    when complete. `data_state`: the iterator's state (bytes, str, JSON-able, None) or a
+    callable giving it, called only when saving. Raises `NonFiniteStateError` (nothing written)
+    when a floating leaf holds NaN or Inf, checked only on saving steps."""
     step = int(step)
     if not self.should_save(step, force):
       return False
@@ -699,27 +663,14 @@ class Checkpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _read_newest(self, step: int | None, read: Callable[[int], Any]):
-    """`(step, read(step), skipped)`: the given step, or the newest readable one."""
+  def _read_newest(self, step, read, done):
     self.wait()  # A save of ours in flight is committed before it is read.
-    steps = self.all_steps()
-    if step is None and not steps:
-      raise CheckpointError(f'No checkpoint in {self.directory}.')
-    if step is None:
-      return _newest_readable(steps, read, self.directory)
-    if step not in steps:
-      raise CheckpointError(
-        f'No checkpoint for step {step} in {self.directory}; committed steps: {steps or "none"}.'
-      )
-    return step, read(step), []
+    return _read_newest(self.all_steps(), step, read, self.directory, done)
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config dict stored with a checkpoint (by default the newest step whose config
     reads)."""
-    step, config, skipped = self._read_newest(step, self._read_config)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, 'read the config of'))
-    return config
+    return self._read_newest(step, self._read_config, 'read the config of')[1]
 
   def _read_config(self, step: int) -> dict[str, Any]:
     path = self.step_path(step)
@@ -735,34 +686,16 @@ class Checkpointer:
   ):
     """Restores a checkpoint onto the target shardings.
 
-    Args:
-      abstract_state: the target: a pytree of the saved structure (optax namedtuples
-        included) whose leaves are `jax.ShapeDtypeStruct`s with `sharding=` (see
-        `abstract_like`) or live jax.Arrays.
-      step: the step to restore. By default the newest committed step that reads whole:
-        unreadable newer steps are skipped with one logged line (`restored_step` says which
-        step was read).
-      config: if given, the run's config, checked against the saved one (`check_compatible`
-        over `fields`) before any array is read.
-      fields: see `check_compatible`.
+    `abstract_state`: the saved structure (optax namedtuples included) as `ShapeDtypeStruct`s
+    with `sharding=` (see `abstract_like`) or live arrays. `step`: by default the newest step
+    that reads whole; newer unreadable ones are skipped with one logged line (`restored_step`
+    says which was read), while a named unreadable step raises `CorruptCheckpointError`.
+    `config`: if given, checked with `check_compatible` over `fields` before any array is read
+    (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`; `data_state`
+    is this process's, or None when the process count changed (the iterator starts afresh)."""
+    return self._restore_newest(abstract_state, step, config, fields, 'restored')[1]
 
-    Returns:
-      `(state, data_state, saved_config)`: the state with the target's structure and
-      shardings, this process's data-iterator state (None when the process count changed:
-      the iterator then starts afresh), and the saved config as a dict.
-
-    Raises:
-      CorruptCheckpointError: the given `step` cannot be read.
-      CheckpointError: no step, or none that reads (one sentence per step), or the target
-        does not match the saved arrays.
-      IncompatibleCheckpointError: `config` differs in one of `fields`.
-    """
-    step, out, skipped = self._restore_newest(abstract_state, step, config, fields)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, 'restored'))
-    return out
-
-  def _restore_newest(self, abstract_state, step, config, fields):
+  def _restore_newest(self, abstract_state, step, config, fields, done):
     target = abstract_like(abstract_state)
 
     def read(step):
@@ -785,25 +718,21 @@ class Checkpointer:
         return out['state'], None, saved_config
       return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
 
-    step, out, skipped = self._read_newest(step, read)
+    step, out, skipped = self._read_newest(step, read, done)
     self.restored_step = step
     return step, out, skipped
 
   def resume(
     self, abstract_state: PyTree, iterator, *, config, fields: Sequence[str] = COMPATIBILITY_FIELDS
   ):
-    """A run's restart: restores the newest step that reads whole (see `restore`) and moves
-    the data `iterator` (`set_state`) to where that step left it. Returns the state, or None
-    when there is no checkpoint yet.
-
-    Newer steps that did not read are moved to `checkpoints/corrupt/<step>` (kept for
-    inspection, out of the run's way) so the run saves those step numbers afresh; one line
-    says which and why.
-    """
+    """A run's restart: `restore`s the newest step that reads whole and moves `iterator`
+    (`set_state`) to where it left off; None when there is no checkpoint yet. Newer unreadable
+    steps are moved to `checkpoints/corrupt/<step>` (one line says which and why), so the run
+    saves those step numbers afresh."""
     if self.latest_step() is None:
       return None
     step, (state, data_state, _), skipped = self._restore_newest(
-      abstract_state, None, config, fields
+      abstract_state, None, config, fields, None
     )
     if skipped:
       moved = [] if self.read_only else [self._set_aside(s) for s, _ in skipped]
@@ -835,19 +764,10 @@ def restore_params(
   key: str | Sequence[str] = 'params',
   step: int | None = None,
 ) -> PyTree:
-  """Restores one subtree of another run's checkpoint (e.g. stage-1 params).
-
-  Only the arrays of that subtree are read, onto the shardings that `abstract_params` carries
-  (any mesh, any process count).
-
-  Args:
-    workdir: the other run's workdir.
-    abstract_params: the target subtree (see `abstract_like`).
-    key: the subtree's path in the saved state: `'params'`, or a sequence of keys / a
-      `'/'`-separated string for nested subtrees.
-    step: the step. By default the newest committed step whose subtree reads whole:
-      unreadable newer steps are skipped with one logged line.
-  """
+  """Restores one subtree (`key`: `'params'`, or nested keys as a sequence or a '/'-joined
+  string) of another run's checkpoint, reading only its arrays, onto the shardings of
+  `abstract_params` (see `abstract_like`). `step`: by default the newest step whose subtree
+  reads whole, skipping unreadable newer ones with one logged line."""
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
   # orbax's PyTree handler: the Standard one has no partial restore.
@@ -880,21 +800,9 @@ def restore_params(
     return tree
 
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise CheckpointError(
-        f'restore_params: no committed checkpoint in {directory} (workdir {os.fspath(workdir)}).'
-      )
-    if step is not None:
-      if step not in steps:
-        raise CheckpointError(
-          f'No checkpoint for step {step} in {directory}; committed steps: {steps}.'
-        )
-      return read(step)
-    step, tree, skipped = _newest_readable(steps, read, directory)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, f'restored {"/".join(keys)!r} from'))
-    return tree
+    empty = f'restore_params: no committed checkpoint in {directory} (workdir {workdir}).'
+    done = f'restored {"/".join(keys)!r} from'
+    return _read_newest(sorted(manager.all_steps()), step, read, directory, done, empty)[1]
   finally:
     manager.close()
 
