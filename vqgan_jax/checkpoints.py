@@ -21,6 +21,7 @@ others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
@@ -414,22 +415,16 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
 # The manager.
 
 
-class _DropMessages(logging.Filter):
-  """Drops absl records whose format string contains one of `parts`, and nothing else."""
-
-  def __init__(self, *parts: str):
-    super().__init__()
-    self.parts = parts
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and any(p in record.msg for p in self.parts))
+def _dropping(*parts: str) -> Callable[[logging.LogRecord], bool]:
+  """An absl log filter dropping the records whose format string holds one of `parts`."""
+  return lambda r: not (isinstance(r.msg, str) and any(p in r.msg for p in parts))
 
 
 # A read-only manager says so when it opens (test_read_only_restores_are_quiet).
-_READ_ONLY_NOTICE = _DropMessages('Given directory is read only=%s')
+_READ_ONLY_NOTICE = _dropping('Given directory is read only=%s')
 # A failed save, logged with its traceback by each orbax thread it passes through
 # (test_failed_save_is_one_sentence_and_leaves_no_temporary).
-_SAVE_FAILURE_REPORTS = _DropMessages(
+_SAVE_FAILURE_REPORTS = _dropping(
   '_SignalingThread.run() raised an exception',
   'Handler Commit operations or the Commit callback',
   'Finalize thread (%s) failed',
