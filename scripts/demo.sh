@@ -72,7 +72,10 @@ results = {
   **machine.info(),
   'classifier_accuracy': c['accuracy'],
   'stage1': {k: r[k] for k in keys if k in r},
-  'stage2': {k: g[k] for k in ('num_samples', 'fd_fmnist', 'class_accuracy') if k in g},
+  'stage2': {
+    'eval_bits_per_code': last_eval(stage2).get('bits_per_token'),
+    **{k: g[k] for k in ('num_samples', 'fd_fmnist', 'class_accuracy') if k in g},
+  },
   'stage_seconds': stages,
   'total_minutes': round(int(marks[-1][0]) / 60, 1),
 }
