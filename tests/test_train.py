@@ -404,10 +404,13 @@ def test_from_disc_start_discriminator_trains(run1, config):
 # in the last float32 bits (~1e-6 relative; data/fsdp alone all-gather the weights and are
 # bit-identical on CPU). LPIPS's gradient is not continuous in its input (VGG max-pool
 # argmaxes and ReLUs switch at near-ties): a 1e-7 change of the reconstruction moves it by ~1%
-# of its largest entry, and the whole-model gradients by ~1e-3 of the largest; given the same
-# reconstruction the sharded LPIPS gradient matches to 1e-9. A real sharding error (a missing
-# reduction, a wrong slice) is off by O(1).
-LPIPS_GRAD_TOL = 5e-3
+# of its largest entry, and the whole-model gradients by a few 1e-3 of the largest; given the
+# same reconstruction the sharded LPIPS gradient matches to 1e-9. Which ties switch depends on
+# the CPU's rounding (worst measured: 2.8e-3 on AVX-512, 4.3e-3 under AVX2 code generation,
+# experiments/results/test_bounds_cpu.jsonl), so no rounding bound covers it: the bound is set
+# to what such switches can plausibly reach (a few % of the largest), 25x below what a real
+# sharding error gives (a missing reduction over the 2 data shards: half the gradient).
+LPIPS_GRAD_TOL = 2e-2
 DISC_GRAD_TOL = 2e-3
 
 
@@ -475,14 +478,15 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
     tol=LPIPS_GRAD_TOL,
   )
   # ... and so do the parameters they move (see _assert_updates_close for Adam's noise):
-  # where the gradient is >= 5% of the largest, LPIPS's noise changes it by <= 10%, and
+  # where the gradient is >= 20% of the largest, LPIPS's noise changes it by <= 10%, and
   # Adam's update by <= 0.25 lr; a wrongly sharded moment would be off by ~lr.
   worst['params (lr)'] = _assert_updates_close(
-    got['params'], want['params'], s_in['params'], grads, lr, 'params ', LPIPS_GRAD_TOL, 5e-2
+    got['params'], want['params'], s_in['params'], grads, lr, 'params ', LPIPS_GRAD_TOL, 0.2
   )
   for k, b in want_m.items():
-    # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise; losses do not.
-    rtol = 1e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
+    # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise (a norm averages the
+    # switches: 6e-4 relative under AVX2), losses do not (float32 rounding of a few sums).
+    rtol = 5e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
     np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=1e-6, err_msg=f'metric {k}')
     worst['metrics'] = max(worst.get('metrics', 0.0), float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
   print(f'\n{what} 8-device vs 1-device: ' + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))
