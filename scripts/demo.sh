@@ -18,7 +18,8 @@ clf="workdirs/fashion_mnist_classifier"
 stage1="workdirs/fashion_mnist_vqgan"
 stage2="workdirs/fashion_mnist_transformer"
 start=$SECONDS
-stamp() { echo "demo: $1 ($((SECONDS - start)) s)"; }
+marks=""  # "seconds:what;" per stage, for the results file
+stamp() { echo "demo: $1 ($((SECONDS - start)) s)"; marks="$marks$((SECONDS - start)):$1;"; }
 
 stamp "training the Fashion-MNIST classifier behind fd_fmnist into $clf"
 $py -m vqgan_jax.main --config=configs/fashion_mnist_classifier.py --workdir="$clf"
@@ -44,8 +45,12 @@ $py -m vqgan_jax.main "${s2[@]}" --mode=eval --config.eval.classifier_workdir="$
 stamp "done"
 echo "demo: stage-1 reconstructions (odd rows: held-out inputs, even rows: reconstructions): $recon"
 echo "demo: stage-2 samples, one row per class (T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot): $samples"
-$py - "$clf" "$stage1" "$stage2" <<'PY'
+# The figures above, the stage times and the machine, as one JSON file (README's demo figures
+# are quoted from a committed copy of it: docs/demo_results.json).
+DEMO_MARKS="$marks" $py - "$clf" "$stage1" "$stage2" <<'PY'
 import glob, json, os, sys
+sys.path.insert(0, 'experiments')
+import machine
 clf, stage1, stage2 = sys.argv[1:]
 def last_eval(workdir):
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -59,4 +64,23 @@ print(f"demo: stage 1 on the 10k test images: PSNR {r['psnr']:.2f} dB, SSIM {r['
       f"perplexity {r['perplexity']:.1f}, fd_fmnist of reconstructions {r['fd_fmnist']:.2f}")
 print(f"demo: stage 2, {g['num_samples']} class-balanced samples: fd_fmnist {g['fd_fmnist']:.2f} "
       f"(vs the 60k training images), class accuracy {g['class_accuracy']:.1%}")
+marks = [m.split(':', 1) for m in os.environ['DEMO_MARKS'].split(';') if m]
+stages = {what: int(t1) - int(t0) for (t0, what), (t1, _) in zip(marks, marks[1:])}
+keys = ('psnr', 'ssim', 'lpips', 'codebook_usage', 'perplexity', 'fd_fmnist', 'step')
+results = {
+  'name': 'demo_fashion_mnist',
+  **machine.info(),
+  'classifier_accuracy': c['accuracy'],
+  'stage1': {k: r[k] for k in keys if k in r},
+  'stage2': {
+    'eval_bits_per_code': last_eval(stage2).get('bits_per_token'),
+    **{k: g[k] for k in ('num_samples', 'fd_fmnist', 'class_accuracy') if k in g},
+  },
+  'stage_seconds': stages,
+  'total_minutes': round(int(marks[-1][0]) / 60, 1),
+}
+path = os.path.join(os.path.dirname(stage1), 'demo_results.json')
+with open(path, 'w') as f:
+  json.dump(results, f, indent=1)
+print(f'demo: figures, stage times and machine: {path}')
 PY

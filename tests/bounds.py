@@ -70,3 +70,17 @@ def record_allclose() -> None:
     return original(actual, desired, rtol, atol, *args, **kwargs)
 
   np.testing.assert_allclose = wrapped
+
+
+U32 = 2.0**-24  # float32's unit roundoff
+
+
+def check_sums_close(name, got, want, magnitude, n, extra=1.0):
+  """Two float32 evaluations of the same sums of n products (a conv, a matmul, a gradient)
+  agree within 2 n u `magnitude`, elementwise: each is within Higham's gamma_n = n u of the
+  exact sum times the sum of its terms' absolute values (`magnitude`: the same op on |operands|),
+  whatever order or blocking a CPU's kernel sums in. `extra` widens it for algorithms that
+  transform their terms first (Winograd). A wrong tap or coefficient is off by O(magnitude)."""
+  err = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+  bound = extra * 2 * n * U32 * np.asarray(magnitude, np.float64) + np.finfo(np.float32).tiny
+  check(f'{name} (of 2 n u |terms|, n = {n})', float(np.max(err / bound)), 1.0)

@@ -2,6 +2,7 @@
 the loop-free kernel gradient) against lax.conv_general_dilated and its autodiff, and the
 sub-pixel upsample conv against the original's repeat-then-conv."""
 
+import bounds
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,13 @@ import pytest
 
 from vqgan_jax.kernels import conv
 from vqgan_jax.kernels import cpu_conv
+
+
+def _magnitudes(conv_fn, x, kernel, ct):
+  """The sums of |terms| behind a conv's output, input gradient and kernel gradient (for
+  `bounds.check_sums_close`): the same conv and its VJP on the operands' absolute values."""
+  y, vjp = jax.vjp(conv_fn, jnp.abs(x), jnp.abs(kernel))
+  return (y, *vjp(jnp.abs(ct)))
 
 
 def _impl(loops):
@@ -50,11 +58,13 @@ def test_cpu_conv_paths_equal_xla_conv_and_its_gradients(
   y = ref(x, kernel)
   ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
   loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
-  np.testing.assert_allclose(jax.jit(ours)(x, kernel), y, rtol=1e-5, atol=1e-4)
+  mag = _magnitudes(ref, x, kernel, ct)
+  _, ho, wo, _ = y.shape
+  bounds.check_sums_close('forward', jax.jit(ours)(x, kernel), y, mag[0], k * k * cin)
   want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
   got = jax.jit(jax.grad(loss(ours), (0, 1)))(x, kernel)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+  bounds.check_sums_close('input gradient', got[0], want[0], mag[1], k * k * cout)
+  bounds.check_sums_close('kernel gradient', got[1], want[1], mag[2], b * ho * wo)
 
 
 @pytest.mark.parametrize(
@@ -166,13 +176,17 @@ def test_upsample_conv_equals_nearest_upsample_then_conv(shape, loops, monkeypat
   y = ref(x, kernel)
   assert y.shape == (b, 2 * h, 2 * w, cout)
   upsample = lambda x, kk: conv.upsample_conv2d(x, kk, impl)
-  np.testing.assert_allclose(upsample(x, kernel), y, rtol=1e-5, atol=1e-5)
   ct = jnp.asarray(rng.randn(*y.shape), jnp.float32)
+  mag = _magnitudes(ref, x, kernel, ct)
+  # The sub-pixel form sums the same products (its 2x2 kernel adds up to 4 taps first, +4
+  # terms): per output 9 cin, per input-gradient entry 9 cout (each of the 4 phases' windows),
+  # per kernel-gradient entry b (2h)(2w) products.
+  bounds.check_sums_close('forward', upsample(x, kernel), y, mag[0], 9 * cin + 4)
   loss = lambda f: lambda x, kk: jnp.sum(f(x, kk) * ct)
   want = jax.jit(jax.grad(loss(ref), (0, 1)))(x, kernel)
   got = jax.jit(jax.grad(loss(upsample), (0, 1)))(x, kernel)
-  for g, wnt in zip(got, want):
-    np.testing.assert_allclose(g, wnt, rtol=1e-5, atol=1e-4)
+  bounds.check_sums_close('input gradient', got[0], want[0], mag[1], 4 * 9 * cout + 4)
+  bounds.check_sums_close('kernel gradient', got[1], want[1], mag[2], 4 * b * h * w + 4)
   # bf16 operands: the kernel is combined in float32, then rounded once.
   yb = upsample(x.astype(jnp.bfloat16), kernel)
   assert yb.dtype == jnp.float32

@@ -249,6 +249,13 @@ def _adam(grads, opt_state, params, lr, b1, b2, eps):
   return tuple(jax.tree.map(lambda t, k=k: t[k], out, is_leaf=is3) for k in range(3))
 
 
+# How far Adam's update u = m/(sqrt(v) + eps) (bias-corrected, in lr) moves per relative
+# change of its gradient g in the first two steps (b1 = 0.5, b2 = 0.9): |du/dg| |g| <=
+# (1 - b1) / (1 - b1^c) sqrt((1 - b2^c) / (1 - b2)) + |m| / sqrt(v) <= 0.92 + 1.04 (c = 2;
+# 1 + 1 at c = 1), rounded up.
+ADAM_SENSITIVITY = 2.5
+
+
 def _gmax(grads):
   return max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
 
@@ -265,15 +272,19 @@ def _assert_grads_close(a, b, scale, what, tol=1e-5):
   return worst
 
 
-def _assert_updates_close(new_a, new_b, old, grads, lr, what, tol=1e-3, real_frac=1e-3):
-  """Params after one Adam step from the same `old`, with gradients `grads`.
+def _assert_updates_close(new_a, new_b, old, grads, lr, what, grad_tol, real_frac):
+  """Params after one Adam step from the same `old`, with gradients `grads` that agreed to
+  `grad_tol` of the largest (+ 1e-4 relative, as `_assert_grads_close` checks).
 
   Adam divides every coordinate by its own gradient RMS, so a coordinate whose gradient
   is float noise (zero in exact arithmetic: biases right before a per-channel GroupNorm,
   attention key biases) moves by up to ~lr in a noise-chosen direction; those are only
-  bounded. Every coordinate with a real gradient (>= real_frac of the largest) must move
-  the same to `tol` * lr. Returns the worst such difference, in units of lr.
+  bounded (4 lr: two updates of at most ~2 lr each). A coordinate with a real gradient
+  (>= real_frac of the largest) has a relative gradient error <= grad_tol / real_frac + 1e-4,
+  and Adam's update moves by at most ADAM_SENSITIVITY times that (in lr). Returns the worst
+  such difference, in units of lr.
   """
+  tol = ADAM_SENSITIVITY * (grad_tol / real_frac + 1e-4)
   gmax = _gmax(grads)
   worst = 0.0
   for (path, x), (_, y), (_, o), (_, g) in zip(
@@ -330,7 +341,9 @@ def test_fused_gradients_equal_plain_autodiff(config, run1, direct_results, i):
   worst_g = _assert_grads_close(fused_grads, d['grads'], gmax, 'grad ')
 
   new_p, _, new_nu = _adam(d['grads'], s_in['opt_state'], s_in['params'], lr, o.b1, o.b2, o.eps)
-  worst_p = _assert_updates_close(s_out['params'], new_p, s_in['params'], d['grads'], lr, 'params ')
+  worst_p = _assert_updates_close(
+    s_out['params'], new_p, s_in['params'], d['grads'], lr, 'params ', 1e-5, 1e-3
+  )
   for (path, x), (_, y) in zip(_leaves(s_out['opt_state'][0].nu), _leaves(new_nu)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * gmax**2, err_msg=_name(path))
   assert int(s_out['opt_state'][0].count) == i + 1
@@ -391,10 +404,13 @@ def test_from_disc_start_discriminator_trains(run1, config):
 # in the last float32 bits (~1e-6 relative; data/fsdp alone all-gather the weights and are
 # bit-identical on CPU). LPIPS's gradient is not continuous in its input (VGG max-pool
 # argmaxes and ReLUs switch at near-ties): a 1e-7 change of the reconstruction moves it by ~1%
-# of its largest entry, and the whole-model gradients by ~1e-3 of the largest; given the same
-# reconstruction the sharded LPIPS gradient matches to 1e-9. A real sharding error (a missing
-# reduction, a wrong slice) is off by O(1).
-LPIPS_GRAD_TOL = 5e-3
+# of its largest entry, and the whole-model gradients by a few 1e-3 of the largest; given the
+# same reconstruction the sharded LPIPS gradient matches to 1e-9. Which ties switch depends on
+# the CPU's rounding (worst measured: 2.8e-3 on AVX-512, 4.3e-3 under AVX2 code generation,
+# experiments/results/test_bounds_cpu.jsonl), so no rounding bound covers it: the bound is set
+# to what such switches can plausibly reach (a few % of the largest), 25x below what a real
+# sharding error gives (a missing reduction over the 2 data shards: half the gradient).
+LPIPS_GRAD_TOL = 2e-2
 DISC_GRAD_TOL = 2e-3
 
 
@@ -449,8 +465,8 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
       d_want,
       lr,
       'disc_params ',
-      tol=1e-2,
-      real_frac=1e-3,
+      DISC_GRAD_TOL,
+      5e-2,
     )
   # The gradients (Adam's first moment is linear in them) agree to LPIPS_GRAD_TOL of the
   # largest (a missing reduction over an axis would be off by O(1)) ...
@@ -462,14 +478,15 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
     tol=LPIPS_GRAD_TOL,
   )
   # ... and so do the parameters they move (see _assert_updates_close for Adam's noise):
-  # where the gradient is >= 5% of the largest, LPIPS's noise changes it by <= 10%, and
-  # Adam's update by <= 0.1 lr; a wrongly sharded moment would be off by ~lr.
+  # where the gradient is >= 20% of the largest, LPIPS's noise changes it by <= 10%, and
+  # Adam's update by <= 0.25 lr; a wrongly sharded moment would be off by ~lr.
   worst['params (lr)'] = _assert_updates_close(
-    got['params'], want['params'], s_in['params'], grads, lr, 'params ', tol=0.1, real_frac=5e-2
+    got['params'], want['params'], s_in['params'], grads, lr, 'params ', LPIPS_GRAD_TOL, 0.2
   )
   for k, b in want_m.items():
-    # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise; losses do not.
-    rtol = 1e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
+    # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise (a norm averages the
+    # switches: 6e-4 relative under AVX2), losses do not (float32 rounding of a few sums).
+    rtol = 5e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
     np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=1e-6, err_msg=f'metric {k}')
     worst['metrics'] = max(worst.get('metrics', 0.0), float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
   print(f'\n{what} 8-device vs 1-device: ' + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))

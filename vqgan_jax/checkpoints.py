@@ -1,23 +1,21 @@
 """Checkpoints: the only module that imports orbax.
 
-One checkpoint is one step directory holding three items, written together and
-committed atomically by orbax (a temporary directory renamed on local disks, a
-commit file on GCS), so a crash mid-save leaves the previous step intact:
+One checkpoint is one step directory of three items, committed atomically by orbax's
+`CheckpointManager` (which also decides the cadence and the retention), so a crash mid-save
+leaves the previous step intact:
 
   <workdir>/checkpoints/<step>/state/    the training-state pytree (OCDBT arrays)
-  <workdir>/checkpoints/<step>/data/     the data-iterator state of every process
-  <workdir>/checkpoints/<step>/config/   the run's config, as JSON
+  <workdir>/checkpoints/<step>/data/     the data-iterator state of every process (JSON)
+  <workdir>/checkpoints/<step>/config/   the run's config (JSON)
 
-Restores go into an abstract target whose leaves carry the *target* shardings,
-so a checkpoint written on one mesh restores onto any other mesh or process
-count.
+Restores go into an abstract target carrying the *target* shardings, so a checkpoint written on
+one mesh restores onto any other mesh or process count.
 
-Failure model: a state holding NaN or Inf is never saved (so `max_to_keep`
-never rotates a good checkpoint out for a bad one); restoring "the latest"
-step skips steps whose files cannot be read (truncated, deleted) and takes the
-newest one that reads whole, saying which it skipped; a writer resuming past
-such steps moves them to `checkpoints/corrupt/` so their step numbers can be
-saved again.
+What this adds to orbax: the config identity check (`check_compatible`), a shape check that
+names the leaves (`_check_target`), the non-finite guard (a NaN/Inf state is never saved, so
+retention never rotates a good step out for a bad one), the fallback past a damaged step
+(restoring "the latest" takes the newest step that reads whole; a resuming writer moves the
+others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and writes.
 """
 
 from __future__ import annotations
@@ -26,9 +24,8 @@ import base64
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
-import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_register_exit_hook`.
+import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -39,25 +36,25 @@ import threading
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
 PyTree = Any
-
 _log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = 'checkpoints'
-# Under the checkpoint directory: steps a resuming writer found unreadable
-# (orbax lists only numeric names, so it ignores this folder).
+# Steps a resuming writer found unreadable (orbax lists only numeric names, so it ignores it).
 CORRUPT_SUBDIR = 'corrupt'
 
-# Fields that change the shapes or meaning of saved arrays: a checkpoint whose
-# config differs in any of these is refused. A name covers its whole subtree.
+# Fields that change the shapes or meaning of saved arrays: a checkpoint whose config differs
+# in any of these is refused. A name covers its whole subtree.
 COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage')
 
-# Fields added to the configs after checkpoints were already being written, with the value
-# that means what a config without the field meant: absent and this value compare equal.
+# Fields added after checkpoints were already being written, with the value that means what a
+# config without the field meant: absent and this value compare equal.
 ADDED_FIELD_DEFAULTS = {
   'model.quantizer': 'vq',
   'model.kl_weight': 1e-8,
@@ -78,10 +75,8 @@ class CheckpointError(RuntimeError):
 
 
 class CorruptCheckpointError(CheckpointError):
-  """A committed checkpoint's files cannot be read (truncated, deleted, garbled).
-
-  Restoring the latest step skips such steps; restoring a named step raises it.
-  """
+  """A committed step's files cannot be read (truncated, deleted, garbled). Restoring the
+  latest step skips such steps; restoring a named step raises it."""
 
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
@@ -93,61 +88,46 @@ class IncompatibleCheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
-  """Where the checkpoints of a run's workdir live (absolute: orbax's OCDBT writer
-  rejects relative paths, and only when the first async save commits)."""
+  """Where a workdir's checkpoints live (absolute: orbax's OCDBT writer rejects relative
+  paths, and only when the first async save commits)."""
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
 
 
-# --------------------------------------------------------------------------
 # Abstract targets.
 
 
-def _default_sharding() -> jax.sharding.Sharding:
-  # What a plain jnp.asarray gives in one process; replicated over all devices
-  # when there are several processes, since every process must hold its part.
-  if jax.process_count() == 1:
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('_replica',))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def _is_sharding(x) -> bool:
-  return x is None or isinstance(x, jax.sharding.Sharding)
-
-
 def _to_abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
-  if sharding is None:
-    sharding = getattr(x, 'sharding', None)
+  sharding = sharding or getattr(x, 'sharding', None)
   if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
     x = np.asarray(x)  # numpy arrays and Python scalars.
-  if sharding is None or not isinstance(sharding, jax.sharding.Sharding):
-    sharding = _default_sharding()
+  if not isinstance(sharding, jax.sharding.Sharding):
+    # What jnp.asarray gives in one process; replicated when several must each hold a part.
+    if jax.process_count() == 1:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('_replica',))
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
-  """Returns `tree` as `jax.ShapeDtypeStruct`s carrying target shardings.
-
-  Args:
-    tree: arrays, `ShapeDtypeStruct`s (e.g. from `jax.eval_shape`), numpy
-      arrays or scalars.
-    shardings: one `Sharding` for every leaf, a pytree of shardings matching
-      `tree` (or a prefix of it), or None: keep each leaf's own sharding, and
-      use one device (one process) or full replication (several processes)
-      for leaves that have none.
-  """
+  """`tree` (arrays, `ShapeDtypeStruct`s, numpy arrays or scalars) as `ShapeDtypeStruct`s with
+  target shardings: `shardings` is one `Sharding`, a pytree (or prefix) of them, or None: each
+  leaf's own, else one device (one process) or full replication (several processes)."""
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: _to_abstract(x, shardings), tree)
   return jax.tree.map(
     lambda s, sub: jax.tree.map(lambda x: _to_abstract(x, s), sub),
     shardings,
     tree,
-    is_leaf=_is_sharding,
+    is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding),
   )
 
 
-# --------------------------------------------------------------------------
-# JSON items: config and data-iterator state.
+# JSON items: config and data-iterator state. The iterator state stays a JSON item rather than
+# grain's handler: `save` takes any iterator's state (bytes, str, JSON, None; the tests' fake
+# iterators included), and a run on another process count restarts its iterator (grain's
+# handler would fail on the missing per-process file).
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -157,29 +137,23 @@ def config_to_dict(config) -> dict[str, Any]:
   return json.loads(json.dumps(dict(config), default=repr))
 
 
-def _encode_data_state(data_state) -> dict[str, Any]:
-  # Keep the type the iterator gave (grain's DataLoader gives bytes, dataset
-  # iterators give dicts) so `set_state` gets back exactly what it produced.
-  if data_state is None:
+def _encode_data_state(s) -> dict[str, Any]:
+  # Keep the type the iterator gave so `set_state` gets back exactly what it produced.
+  if s is None:
     return {'type': 'none'}
-  if isinstance(data_state, (bytes, bytearray)):
+  if isinstance(s, (bytes, bytearray)):
     try:
-      return {'type': 'bytes', 'utf8': bytes(data_state).decode('utf-8')}
+      return {'type': 'bytes', 'utf8': bytes(s).decode('utf-8')}
     except UnicodeDecodeError:
-      return {'type': 'bytes', 'base64': base64.b64encode(bytes(data_state)).decode('ascii')}
-  if isinstance(data_state, str):
-    return {'type': 'str', 'value': data_state}
-  return {'type': 'json', 'value': data_state}
+      return {'type': 'bytes', 'base64': base64.b64encode(bytes(s)).decode('ascii')}
+  return {'type': 'str' if isinstance(s, str) else 'json', 'value': s}
 
 
 def _decode_data_state(blob: Mapping[str, Any]):
-  kind = blob['type']
-  if kind == 'none':
+  if blob['type'] == 'none':
     return None
-  if kind == 'bytes':
-    if 'utf8' in blob:
-      return blob['utf8'].encode('utf-8')
-    return base64.b64decode(blob['base64'])
+  if blob['type'] == 'bytes':
+    return blob['utf8'].encode('utf-8') if 'utf8' in blob else base64.b64decode(blob['base64'])
   return blob['value']
 
 
@@ -187,34 +161,21 @@ def _gather_strings(text: str) -> list[str]:
   """Every process's `text`, in process order (a collective: all must call)."""
   if jax.process_count() == 1:
     return [text]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int32))).reshape(
-    -1
-  )
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[: len(data)] = data
   rows = np.asarray(multihost_utils.process_allgather(padded))
   return [bytes(rows[i, :n]).decode('utf-8') for i, n in enumerate(lengths)]
 
 
-# --------------------------------------------------------------------------
 # Config compatibility.
 
 
 def _flatten(tree, prefix=''):
   if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    return out
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
   return {prefix[:-1]: tree}  # Lists compare whole.
-
-
-def _normalize(value):
-  # JSON turns tuples into lists; compare like with like.
-  return json.loads(json.dumps(value, default=repr))
 
 
 _ABSENT = object()
@@ -224,8 +185,10 @@ def config_differences(
   saved_config: Mapping[str, Any], config, fields: Sequence[str] = COMPATIBILITY_FIELDS
 ) -> list[str]:
   """Lines `name: checkpoint X, config Y` for each differing field."""
-  saved = _flatten(_normalize(dict(saved_config)))
+  # JSON turns tuples into lists; compare like with like.
+  saved = _flatten(json.loads(json.dumps(dict(saved_config), default=repr)))
   current = _flatten(config_to_dict(config))
+  fmt = lambda v: '<absent>' if v is _ABSENT else repr(v)
   lines = []
   for name in sorted(set(saved) | set(current)):
     if not any(name == f or name.startswith(f.rstrip('.*') + '.') for f in fields):
@@ -233,7 +196,6 @@ def config_differences(
     default = ADDED_FIELD_DEFAULTS.get(name, _ABSENT)
     a, b = saved.get(name, default), current.get(name, default)
     if a != b:
-      fmt = lambda v: '<absent>' if v is _ABSENT else repr(v)
       lines.append(f'{name}: checkpoint {fmt(a)}, config {fmt(b)}')
   return lines
 
@@ -244,15 +206,9 @@ def check_compatible(
   fields: Sequence[str] = COMPATIBILITY_FIELDS,
   where: str = '',
 ) -> None:
-  """Raises one `IncompatibleCheckpointError` naming every differing field.
-
-  Args:
-    saved_config: the config dict stored with a checkpoint.
-    config: the run's config (ConfigDict or mapping).
-    fields: dotted names that must agree; a name covers its whole subtree
-      (`'model'` or `'model.*'`: every `model.` field).
-    where: the checkpoint's path, for the message.
-  """
+  """Raises one `IncompatibleCheckpointError` naming every field of `fields` (a name covers
+  its subtree: `'model'` or `'model.*'`) where `saved_config` and `config` differ; `where`: the
+  checkpoint's path, for the message."""
   lines = config_differences(saved_config, config, fields)
   if lines:
     at = f' {where}' if where else ''
@@ -262,48 +218,35 @@ def check_compatible(
     )
 
 
-# --------------------------------------------------------------------------
 # Matching a target against what a checkpoint holds.
 
 
-def _key_name(k) -> str:
-  for attr in ('key', 'idx', 'name'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _leaves_by_path(tree) -> dict[str, Any]:
-  # Namedtuples (optax states) are saved as dicts of their fields and tuples
-  # as lists, so paths are compared as plain '/'-joined names.
+  # Namedtuples (optax states) are saved as dicts of their fields and tuples as lists, so
+  # paths are compared as plain '/'-joined names.
+  def name(k):
+    return str(next((getattr(k, a) for a in ('key', 'idx', 'name') if hasattr(k, a)), k))
+
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+  return {'/'.join(name(k) for k in path): leaf for path, leaf in leaves}
 
 
 def _check_target(saved_tree, target, where: str, partial: bool) -> None:
-  """One clear error for leaves missing on either side or differing in shape.
-
-  orbax 0.12.8 silently hands back the abstract leaf for a target leaf that a
-  partial restore does not find, so this check is what catches a wrong key.
-  """
+  """One clear error for leaves missing on either side or differing in shape (orbax 0.12.8
+  silently hands back the abstract leaf for a target leaf a partial restore does not find)."""
   saved, wanted = _leaves_by_path(saved_tree), _leaves_by_path(target)
   problems = []
   missing = [p for p in wanted if p not in saved]
   if missing:
-    problems.append(
-      'missing in the checkpoint: '
-      + ', '.join(missing[:20])
-      + (f' (+{len(missing) - 20} more)' if len(missing) > 20 else '')
-    )
-  if not partial:
-    extra = [p for p in saved if p not in wanted]
-    if extra:
-      problems.append('in the checkpoint but not in the target: ' + ', '.join(extra[:20]))
+    more = f' (+{len(missing) - 20} more)' if len(missing) > 20 else ''
+    problems.append('missing in the checkpoint: ' + ', '.join(missing[:20]) + more)
+  extra = [] if partial else [p for p in saved if p not in wanted]
+  if extra:
+    problems.append('in the checkpoint but not in the target: ' + ', '.join(extra[:20]))
   for p, leaf in wanted.items():
-    meta = saved.get(p)
-    if meta is None or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    shape = getattr(saved.get(p), 'shape', None)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       continue  # Keys are saved as their raw key data.
-    shape = getattr(meta, 'shape', None)
     if shape is not None and tuple(shape) != tuple(leaf.shape):
       problems.append(f'{p}: checkpoint shape {tuple(shape)}, target shape {tuple(leaf.shape)}')
   if problems:
@@ -312,17 +255,13 @@ def _check_target(saved_tree, target, where: str, partial: bool) -> None:
     )
 
 
-# --------------------------------------------------------------------------
-# Unreadable steps and non-finite states.
+# Failed reads and writes, unreadable steps, non-finite states.
 
 
 def _brief(e: BaseException, reason_only: bool = False) -> str:
-  """One line for an orbax or TensorStore error.
-
-  TensorStore's own error is the innermost cause and names the file and byte
-  range; the wrappers above it append the whole JSON spec. `reason_only`: just
-  what follows the last file it names (e.g. "File too large").
-  """
+  """One line for an orbax or TensorStore error: TensorStore's own error is the innermost
+  cause and names the file; the wrappers append the whole JSON spec. `reason_only`: just what
+  follows the last file it names (e.g. "File too large")."""
   while e.__cause__ is not None:
     e = e.__cause__
   text = str(e).strip().split('\n', 1)[0]
@@ -330,15 +269,13 @@ def _brief(e: BaseException, reason_only: bool = False) -> str:
     text = text.split(tail, 1)[0]
   if reason_only:
     text = text.rsplit('": ', 1)[-1]
-  if len(text) > 300:
-    text = text[:297] + '...'
-  return f'{type(e).__name__}: {text}'
+  return f'{type(e).__name__}: {text[:297] + "..." if len(text) > 300 else text}'
 
 
 def _is_orbax_aftermath(unraisable) -> bool:
-  """What orbax's event loop leaves behind when one of its reads or writes fails: it closes
-  the loop with the other reads suspended (Python reports each coroutine when it collects
-  it) and the other writes in flight (their TensorStore callbacks find the loop closed)."""
+  """What orbax's event loop leaves when one of its reads or writes fails: it closes the loop
+  with the other reads suspended (reported as each coroutine is collected) and the other
+  writes in flight (their TensorStore callbacks find the loop closed)."""
   code = getattr(unraisable.object, 'cr_code', None)
   if code is not None:
     return f'{os.sep}orbax{os.sep}' in code.co_filename and isinstance(
@@ -351,8 +288,9 @@ def _is_orbax_aftermath(unraisable) -> bool:
 
 
 def _drop_orbax_aftermath() -> None:
-  """From now on drops exactly the reports of `_is_orbax_aftermath`: tracebacks with
-  TensorStore's whole JSON spec, dozens per failure, long after our one sentence."""
+  """Drops exactly the reports of `_is_orbax_aftermath` (tracebacks with TensorStore's JSON
+  spec after our one sentence): test_failed_save_is_one_sentence_and_leaves_no_temporary fails
+  intermittently without it."""
   previous = sys.unraisablehook
   if not getattr(previous, '_drops_orbax_aftermath', False):
 
@@ -364,21 +302,17 @@ def _drop_orbax_aftermath() -> None:
     sys.unraisablehook = hook
 
 
-def _collect_abandoned_reads() -> None:
-  """Collects, quietly, the reads orbax left pending when one read failed (see
-  `_is_orbax_aftermath`; one whose read was still in flight is collected later)."""
+def _raise_quietly(error: Exception):
+  """Raises `error` (not chained: orbax's error holds the abandoned reads or the save), with
+  `_drop_orbax_aftermath` in place for when the reads orbax left pending are collected."""
   _drop_orbax_aftermath()
-  gc.collect()
+  raise error
 
 
 def _array_read_error(message: str, path: str) -> CheckpointError:
-  """The error for a restore that failed inside orbax.
-
-  In a multi-process run each process reads only its own shards, so a damaged
-  file may fail on some processes while the others finish the read and wait in
-  orbax's barriers: one skipping the step would leave them restoring different
-  steps. There it is an error that names the way out, not a fallback.
-  """
+  """The error for a restore that failed inside orbax. In a multi-process run each process
+  reads only its shards, so processes could disagree on a damaged step: there it is an error
+  naming the way out, not a fallback."""
   if jax.process_count() == 1:
     return CorruptCheckpointError(message)
   return CheckpointError(
@@ -388,40 +322,65 @@ def _array_read_error(message: str, path: str) -> CheckpointError:
   )
 
 
-def _newest_readable(
-  steps: Sequence[int], read: Callable[[int], Any], directory: str
-) -> tuple[int, Any, list[tuple[int, str]]]:
-  """`(step, read(step), skipped)` for the newest of `steps` that `read` gets
-  whole; `skipped` lists `(step, reason)` for the newer ones it could not.
+def _restore(manager, step: int, path: str, what: str, **items):
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except  TensorStore raises bare Exception.
+    message = f'Could not restore {what} from checkpoint {path}: {_brief(e)}'
+  # The JSON items alone read the same on every process.
+  states = any(k == 'state' for k in items)
+  _raise_quietly(_array_read_error(message, path) if states else CorruptCheckpointError(message))
 
-  Only `CorruptCheckpointError` moves on to an older step: a config or target
-  mismatch would recur on every step, and hiding it behind an older step would
-  be a silent fallback. Every process reads the same metadata and JSON files,
-  so they skip a step together (see `_array_read_error` for the arrays).
-  """
+
+def _read_tree_metadata(manager, step: int, path: str):
+  try:
+    metadata = manager.item_metadata(step)['state']
+  except Exception as e:  # pylint: disable=broad-except
+    message = f'Could not read the array metadata of checkpoint {path}: {_brief(e)}'
+  else:
+    if getattr(metadata, 'tree', None) is None:
+      raise CorruptCheckpointError(
+        f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
+      )
+    return metadata.tree
+  _raise_quietly(CorruptCheckpointError(message))
+
+
+def _read_newest(steps, step, read, directory, done=None, empty=None):
+  """`(step, read(step), skipped)` for `step`, or by default for the newest of `steps` that
+  `read` gets whole; `skipped`: `(step, reason)` for the newer ones it could not, logged in one
+  line unless `done` is None. Only `CorruptCheckpointError` moves on: a config or target
+  mismatch would recur on every step. Every process reads the same metadata and JSON, so they
+  skip a step together (see `_array_read_error` for the arrays)."""
+  if not steps and (step is None or empty):
+    raise CheckpointError(empty or f'No checkpoint in {directory}.')
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(
+        f'No checkpoint for step {step} in {directory}; committed steps: {steps or "none"}.'
+      )
+    return step, read(step), []
   skipped = []
   for step in sorted(steps, reverse=True):
     try:
-      return step, read(step), skipped
+      out = read(step)
     except CorruptCheckpointError as e:
       skipped.append((step, str(e)))
-  raise CheckpointError(
-    f'No checkpoint in {directory} can be read: '
-    + '; '.join(f'step {s}: {r}' for s, r in skipped)
-    + '.'
-  )
+      continue
+    if skipped and done:
+      _log.warning(_skipped_line(skipped, step, done))
+    return step, out, skipped
+  reasons = '; '.join(f'step {s}: {r}' for s, r in skipped)
+  raise CheckpointError(f'No checkpoint in {directory} can be read: {reasons}.')
 
 
-def _skipped_line(
-  skipped: Sequence[tuple[int, str]], step: int, done: str, moved: Sequence[str] = ()
-) -> str:
+def _skipped_line(skipped, step: int, done: str, moved: Sequence[str] = ()) -> str:
   """The one line a fallback logs: which steps, where they went, which step instead, why."""
   steps = ', '.join(str(s) for s, _ in skipped)
   where = f' (moved to {", ".join(moved)})' if moved else ''
-  reasons = '; '.join(r for _, r in skipped)
   return (
-    f'Skipped unreadable checkpoint step{"s" if len(skipped) > 1 else ""} '
-    f'{steps}{where}, {done} step {step} instead: {reasons}'
+    f'Skipped unreadable checkpoint step{"s" if len(skipped) > 1 else ""} {steps}{where}, '
+    f'{done} step {step} instead: ' + '; '.join(r for _, r in skipped)
   )
 
 
@@ -432,16 +391,14 @@ def _finite_flags(leaves):
 
 
 def _nonfinite_leaves(state: PyTree) -> list[str]:
-  """Paths of the floating leaves of `state` that hold NaN or Inf (a collective
-  when the leaves span several processes)."""
+  """Paths of the floating leaves of `state` holding NaN or Inf (a collective when the
+  leaves span several processes)."""
   finite, groups = {}, {}
   for path, x in _leaves_by_path(state).items():
-    if not isinstance(x, jax.Array):
-      x = np.asarray(x)
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.inexact):
       continue  # Integers, bools and PRNG keys cannot diverge.
-    if isinstance(x, jax.Array):
-      # One jitted reduction per set of devices (usually one: the mesh).
+    if isinstance(x, jax.Array):  # One jitted reduction per set of devices (usually the mesh).
       groups.setdefault(frozenset(x.sharding.device_set), []).append((path, x))
     else:
       finite[path] = bool(np.all(np.isfinite(x)))
@@ -455,55 +412,46 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
   return [p for p in _leaves_by_path(state) if finite.get(p) is False]
 
 
-# --------------------------------------------------------------------------
 # The manager.
 
 
-class _DropMessages(logging.Filter):
-  """Drops records whose format string contains one of `parts`, and nothing else."""
-
-  def __init__(self, *parts: str):
-    super().__init__()
-    self.parts = parts
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and any(p in record.msg for p in self.parts))
+def _dropping(*parts: str) -> Callable[[logging.LogRecord], bool]:
+  """An absl log filter dropping the records whose format string holds one of `parts`."""
+  return lambda r: not (isinstance(r.msg, str) and any(p in r.msg for p in parts))
 
 
-# A read-only manager says so when it opens: noise for a read we asked for.
-_READ_ONLY_NOTICE = _DropMessages('Given directory is read only=%s')
-# Reading the metadata of a step whose state/_METADATA is gone: our own line says so.
-_NO_METADATA_NOTICE = _DropMessages('Item "%s" was found in the checkpoint, but could not')
-# A failed save, logged with its traceback by each orbax thread it passes through.
-_SAVE_FAILURE_REPORTS = _DropMessages(
+# A read-only manager says so when it opens (test_read_only_restores_are_quiet).
+_READ_ONLY_NOTICE = _dropping('Given directory is read only=%s')
+# A failed save, logged with its traceback by each orbax thread it passes through
+# (test_failed_save_is_one_sentence_and_leaves_no_temporary).
+_SAVE_FAILURE_REPORTS = _dropping(
   '_SignalingThread.run() raised an exception',
   'Handler Commit operations or the Commit callback',
   'Finalize thread (%s) failed',
 )
 
 
-@contextlib.contextmanager
-def _quiet(notice: logging.Filter):
-  logger = logging.getLogger('absl')  # orbax logs through absl.logging.
-  logger.addFilter(notice)
-  try:
-    yield
-  finally:
-    logger.removeFilter(notice)
-
-
 def _manager(
-  directory: str, *, read_only: bool, max_to_keep=None, async_save=True, state_handler=None
+  directory: str,
+  *,
+  read_only: bool,
+  max_to_keep=None,
+  save_every=1,
+  async_save=True,
+  state_handler=None,
 ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-    # A reader deletes nothing; orbax warns when it has to say so itself.
-    max_to_keep=None if read_only else max_to_keep,
-    save_interval_steps=0 if read_only else 1,  # Saves are decided above.
     read_only=read_only,
     create=not read_only,
+    save_interval_steps=0,  # Unused (the policy below decides); anything else warns readers.
+    # Multiples of `save_every`, and a step a preemption notice (multi-host) reaches.
+    save_decision_policy=ocm.AnySavePolicy(
+      [ocm.FixedIntervalPolicy(save_every), ocm.PreemptionCheckpointingPolicy()]
+    ),
+    preservation_policy=ocm.LatestN(None if read_only else max_to_keep),  # None: keep all.
     enable_async_checkpointing=async_save,
-    # A writer removes temporaries of saves that a crash interrupted;
-    # readers never do, since a writer may be mid-save.
+    # A writer removes temporaries of saves a crash interrupted; readers never do, since a
+    # writer may be mid-save.
     cleanup_tmp_directories=not read_only,
   )
   handlers = {
@@ -511,28 +459,14 @@ def _manager(
     'data': ocp.JsonCheckpointHandler(),
     'config': ocp.JsonCheckpointHandler(),
   }
-  with _quiet(_READ_ONLY_NOTICE) if read_only else contextlib.nullcontext():
+  logger = logging.getLogger('absl')  # orbax logs through absl.logging.
+  logger.addFilter(_READ_ONLY_NOTICE)
+  try:
     return ocp.CheckpointManager(
       directory, options=options, item_names=tuple(handlers), item_handlers=handlers
     )
-
-
-def _read_tree_metadata(manager: ocp.CheckpointManager, step: int, path: str):
-  try:
-    with _quiet(_NO_METADATA_NOTICE):
-      metadata = manager.item_metadata(step)['state']
-  except Exception as e:  # pylint: disable=broad-except
-    error = CorruptCheckpointError(  # Not chained: see `Checkpointer._restore`.
-      f'Could not read the array metadata of checkpoint {path}: {_brief(e)}'
-    )
-  else:
-    if getattr(metadata, 'tree', None) is None:
-      raise CorruptCheckpointError(
-        f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
-      )
-    return metadata.tree
-  _collect_abandoned_reads()
-  raise error
+  finally:
+    logger.removeFilter(_READ_ONLY_NOTICE)
 
 
 def _require_dir(directory: str, what: str) -> None:
@@ -540,33 +474,16 @@ def _require_dir(directory: str, what: str) -> None:
     raise CheckpointError(f'{what}: no checkpoint directory {directory}.')
 
 
-def _check_global(state: PyTree) -> None:
-  # A leaf living on one process's devices has no global layout to write.
-  local = [
-    p
-    for p, x in _leaves_by_path(state).items()
-    if isinstance(x, jax.Array) and x.is_fully_addressable
-  ]
-  if local:
-    raise ValueError(
-      'Checkpointer.save: in a multi-process run every state leaf must be a '
-      'global jax.Array (on the mesh, e.g. from jit out_shardings); these '
-      'live on one process only: ' + ', '.join(local[:20]) + '.'
-    )
-
-
-# Checkpointers not closed yet, closed at exit by `_close_open_checkpointers`.
+# Checkpointers not closed yet, closed at exit by `_close_open`.
 _OPEN: dict[int, Checkpointer] = {}
 
 
-def _close_open_checkpointers() -> None:
-  """Commits the pending save of every Checkpointer a run left open.
-
-  A run that raises past its Checkpointer would otherwise exit with a save in
-  flight: orbax's threads then fail against executors that take no more work
-  ("cannot schedule new futures after interpreter shutdown") and wait minutes
-  on signals that never come, printing tracebacks after the run's own error.
-  """
+def _close_open() -> None:
+  """Commits the pending save of every Checkpointer a run left open (needed by
+  test_exit_with_a_save_in_flight_is_quiet). Registered with threading's exit hooks, which run
+  newest first before the interpreter stops its thread pools (the import of
+  concurrent.futures.thread above registers the hook that stops them); from `atexit`, orbax's
+  threads fail with "cannot schedule new futures after interpreter shutdown"."""
   for ckpt in list(_OPEN.values()):
     try:
       ckpt.close()
@@ -574,40 +491,17 @@ def _close_open_checkpointers() -> None:
       _log.error('Checkpointer(%r) failed to close at exit: %s', ckpt.workdir, _brief(e))
 
 
-def _register_exit_hook() -> None:
-  # threading's exit hooks run before the interpreter stops its thread pools
-  # (atexit's run after, too late to commit a save), newest first: the import
-  # of concurrent.futures.thread above registered the hook that stops them.
-  register = getattr(threading, '_register_atexit', None)
-  if register is None:
-    import atexit  # pylint: disable=g-import-not-at-top
-
-    register = atexit.register
-  register(_close_open_checkpointers)
-
-
-_register_exit_hook()
+threading._register_atexit(_close_open)  # pylint: disable=protected-access
 
 
 class Checkpointer:
   """Periodic, asynchronous, atomic checkpoints of a training run.
 
-  Every process calls every method (the saves and restores are collective);
-  orbax lets only the primary process write the JSON items.
-
-    with Checkpointer(workdir, save_every=config.train.checkpoint_every) as ckpt:
-      state = ckpt.resume(abstract_state, it, config=config) or init()
-      for step in ...:
-        state, metrics = train_step(state, batch)
-        if ckpt.should_save(step, force=step == last):
-          check(metrics)  # e.g. the loss, on exactly the steps that save
-        ckpt.save(step, state, it.get_state, config, force=step == last)
-
-  `save` refuses a state holding NaN or Inf (`NonFiniteStateError`), so every
-  step on disk is finite. `close()` (or leaving the `with`) commits the pending
-  save; it is safe to call more than once and from `finally`. A Checkpointer
-  still open when the interpreter exits is closed then.
-  """
+  Every process calls every method (saves and restores are collective). A trainer asks
+  `should_save` each step to run its own checks (the loss) on exactly the saving steps, then
+  calls `save(step, state, it.get_state, config, force=last)`. `close()` (or leaving the
+  `with`) commits the pending save; it may be called again, and from `finally`. One still open
+  when the interpreter exits is closed then."""
 
   def __init__(
     self,
@@ -624,17 +518,20 @@ class Checkpointer:
     self.directory = checkpoint_dir(self.workdir)
     self.save_every = save_every
     self.read_only = read_only
-    # The step the latest `restore`/`resume` read (it may be older than
-    # `latest_step()` when newer steps were unreadable); None before any.
+    # The step the latest `restore`/`resume` read (older than `latest_step()` when newer steps
+    # were unreadable); None before any.
     self.restored_step: int | None = None
     if read_only:
       _require_dir(self.directory, f'Checkpointer({self.workdir!r})')
     self._manager = _manager(
-      self.directory, read_only=read_only, max_to_keep=max_to_keep, async_save=async_save
+      self.directory,
+      read_only=read_only,
+      max_to_keep=max_to_keep,
+      save_every=save_every,
+      async_save=async_save,
     )
-    self._closed = False
+    self._closed, self._failed = False, False
     self._pending: int | None = None  # The step of the save in flight.
-    self._failed = False
     if not read_only:  # Before a save can fail: orbax reports it from its threads.
       _drop_orbax_aftermath()
       logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Until the last writer closes.
@@ -643,39 +540,18 @@ class Checkpointer:
   # Saving.
 
   def should_save(self, step: int, force: bool = False) -> bool:
-    """Whether `save(step, ..., force)` would write (a collective; all must call).
-
-    Cheap: a trainer asks it every step to run its own checks (the loss) on
-    exactly the steps that save.
-    """
+    """Whether `save(step, ..., force)` would write (a collective; all must call). Cheap: a
+    trainer asks every step, to run its own checks (the loss) on exactly the saving steps."""
     if self.read_only or step in self._manager.all_steps():
       return False  # E.g. the last step after a resume, saved already.
-    # A preemption notice (multi-host) also triggers a save.
-    return force or step % self.save_every == 0 or self._manager.reached_preemption(step)
+    return force or self._manager.should_save(step)  # orbax's save_decision_policy.
 
   def save(self, step: int, state: PyTree, data_state, config, force: bool = False) -> bool:
-    """Starts saving a checkpoint if `step` is due (or `force`); non-blocking.
-
-    Returns once the arrays are copied off the devices, so `state` may be
-    donated to the next step right away; the files are written in the
-    background and become visible only when complete.
-
-    Args:
-      step: the training step (number of updates applied to `state`).
-      state: a pytree of jax.Arrays (any sharding; typed PRNG keys included).
-      data_state: the data-iterator state (bytes, str, JSON-able, None), or a
-        callable returning it, called only when a checkpoint is written.
-      config: the run's config (ConfigDict or mapping).
-      force: save even if `step` is not a multiple of `save_every`.
-
-    Returns:
-      Whether a save was started.
-
-    Raises:
-      NonFiniteStateError: a floating leaf of `state` holds NaN or Inf (checked
-        only on the steps that save); nothing was written, and every
-        checkpoint on disk is kept.
-    """
+    """Starts saving `step` if due (or `force`); returns whether it did. Non-blocking: it returns
+    once the arrays are off the devices (`state` may be donated), and the files become visible
+    when complete. `data_state`: the iterator's state (bytes, str, JSON-able, None) or a
+    callable giving it, called only when saving. Raises `NonFiniteStateError` (nothing written)
+    when a floating leaf holds NaN or Inf, checked only on saving steps."""
     step = int(step)
     if not self.should_save(step, force):
       return False
@@ -693,20 +569,28 @@ class Checkpointer:
         f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.'
       )
     if jax.process_count() > 1:
-      _check_global(state)
-    if callable(data_state):
-      data_state = data_state()
-    local = json.dumps(_encode_data_state(data_state))
+      # A leaf living on one process's devices has no global layout to write.
+      local = [
+        p
+        for p, x in _leaves_by_path(state).items()
+        if isinstance(x, jax.Array) and x.is_fully_addressable
+      ]
+      if local:
+        raise ValueError(
+          'Checkpointer.save: in a multi-process run every state leaf must be a global '
+          'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
+          'only: ' + ', '.join(local[:20]) + '.'
+        )
+    local = json.dumps(_encode_data_state(data_state() if callable(data_state) else data_state))
     per_process = [json.loads(s) for s in _gather_strings(local)]
-    data = {'process_count': len(per_process), 'states': per_process}
     self.wait()  # orbax would too; here a failure names the step it belongs to.
     with self._writing(step):
       started = self._manager.save(
         step,
-        force=True,  # The decision is ours (above).
+        force=True,  # Decided by `should_save` above.
         args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave(data),
+          data=ocp.args.JsonSave({'process_count': len(per_process), 'states': per_process}),
           config=ocp.args.JsonSave(config_to_dict(config)),
         ),
       )
@@ -714,8 +598,8 @@ class Checkpointer:
     return started
 
   def wait(self) -> None:
-    """Blocks until the pending save is committed; raises `CheckpointError` if it failed
-    (a full disk, a file size limit): see `_writing`."""
+    """Blocks until the pending save is committed; raises `CheckpointError` if it failed (a
+    full disk, a file size limit): see `_writing`."""
     if self._pending is not None:
       with self._writing(self._pending):
         self._manager.wait_until_finished()
@@ -728,7 +612,7 @@ class Checkpointer:
       yield
       return
     except Exception as e:  # pylint: disable=broad-except
-      error = CheckpointError(  # Not chained, as in `_restore`: orbax's error holds its save.
+      error = CheckpointError(
         f'Could not write checkpoint step {step} to {self.step_path(step)}: '
         f'{_brief(e, reason_only=True)}; the steps committed before it stay.'
       )
@@ -737,7 +621,7 @@ class Checkpointer:
       for name in os.listdir(self.directory) if jax.process_index() == 0 else ():
         if name.startswith(f'{step}.orbax-checkpoint-tmp'):
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    raise error
+    raise error  # Not chained: orbax's error holds its save.
 
   def close(self) -> None:
     """Commits the pending save and releases orbax's threads; later calls do nothing."""
@@ -762,54 +646,30 @@ class Checkpointer:
   # Reading.
 
   def all_steps(self) -> list[int]:
-    """Steps found committed on disk, plus this object's saves, ascending.
-
-    Interrupted saves are never listed. A save of this object still in flight
-    is (orbax tracks it from `save()` on); `wait()` commits it.
-    """
+    """Steps committed on disk, plus this object's saves (one in flight included: `wait()`
+    commits it), ascending. Interrupted saves are never listed."""
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest step of `all_steps()`, or None when there is none.
-
-    Its files are not read: `restore` may find it unreadable and take an older
-    step (see `restored_step`).
-    """
+    """The newest of `all_steps()`, or None. Its files are not read: `restore` may find it
+    unreadable and take an older step (see `restored_step`)."""
     return self._manager.latest_step()
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _steps_to_read(self, step: int | None) -> list[int]:
+  def _read_newest(self, step, read, done):
     self.wait()  # A save of ours in flight is committed before it is read.
-    steps = self.all_steps()
-    if step is None:
-      if not steps:
-        raise CheckpointError(f'No checkpoint in {self.directory}.')
-      return steps
-    if step not in steps:
-      raise CheckpointError(
-        f'No checkpoint for step {step} in {self.directory}; committed steps: {steps or "none"}.'
-      )
-    return [step]
-
-  def _read_newest(self, step: int | None, read: Callable[[int], Any]):
-    """`(step, read(step), skipped)`: the given step, or the newest readable one."""
-    steps = self._steps_to_read(step)
-    if step is not None:
-      return step, read(step), []
-    return _newest_readable(steps, read, self.directory)
+    return _read_newest(self.all_steps(), step, read, self.directory, done)
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
-    """The config dict stored with a checkpoint (by default the newest step whose
-    config reads)."""
-    step, config, skipped = self._read_newest(step, self._read_config)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, 'read the config of'))
-    return config
+    """The config dict stored with a checkpoint (by default the newest step whose config
+    reads)."""
+    return self._read_newest(step, self._read_config, 'read the config of')[1]
 
   def _read_config(self, step: int) -> dict[str, Any]:
-    return self._restore(step, config=ocp.args.JsonRestore())['config']
+    path = self.step_path(step)
+    return _restore(self._manager, step, path, 'config', config=ocp.args.JsonRestore())['config']
 
   def restore(
     self,
@@ -821,69 +681,53 @@ class Checkpointer:
   ):
     """Restores a checkpoint onto the target shardings.
 
-    Args:
-      abstract_state: the target: a pytree of the saved structure (optax
-        namedtuples included) whose leaves are `jax.ShapeDtypeStruct`s with
-        `sharding=` (see `abstract_like`) or live jax.Arrays.
-      step: the step to restore. By default the newest committed step that
-        reads whole: unreadable newer steps are skipped with one logged line
-        (`restored_step` says which step was read).
-      config: if given, the run's config, checked against the saved one
-        (`check_compatible` over `fields`) before any array is read.
-      fields: see `check_compatible`.
+    `abstract_state`: the saved structure (optax namedtuples included) as `ShapeDtypeStruct`s
+    with `sharding=` (see `abstract_like`) or live arrays. `step`: by default the newest step
+    that reads whole; newer unreadable ones are skipped with one logged line (`restored_step`
+    says which was read), while a named unreadable step raises `CorruptCheckpointError`.
+    `config`: if given, checked with `check_compatible` over `fields` before any array is read
+    (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`; `data_state`
+    is this process's, or None when the process count changed (the iterator starts afresh)."""
+    return self._restore_newest(abstract_state, step, config, fields, 'restored')[1]
 
-    Returns:
-      `(state, data_state, saved_config)`: the state with the target's
-      structure and shardings, this process's data-iterator state (None when
-      the process count changed: the iterator then starts afresh), and the
-      saved config as a dict.
-
-    Raises:
-      CorruptCheckpointError: the given `step` cannot be read.
-      CheckpointError: no step, or none that reads (one sentence per step), or
-        the target does not match the saved arrays.
-      IncompatibleCheckpointError: `config` differs in one of `fields`.
-    """
-    step, out, skipped = self._restore_newest(abstract_state, step, config, fields)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, 'restored'))
-    return out
-
-  def _restore_newest(self, abstract_state, step, config, fields):
+  def _restore_newest(self, abstract_state, step, config, fields, done):
     target = abstract_like(abstract_state)
 
     def read(step):
+      path = self.step_path(step)
       saved_config = self._read_config(step)
       if config is not None:
-        check_compatible(saved_config, config, fields, where=self.step_path(step))
-      _check_target(
-        _read_tree_metadata(self._manager, step, self.step_path(step)),
-        target,
-        self.step_path(step),
-        partial=False,
-      )
-      out = self._restore(step, state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-      return out['state'], self._local_data_state(out['data'], step), saved_config
+        check_compatible(saved_config, config, fields, where=path)
+      _check_target(_read_tree_metadata(self._manager, step, path), target, path, partial=False)
+      args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+      out = _restore(self._manager, step, path, 'state/data', **args)
+      data = out['data']
+      if data['process_count'] != jax.process_count():
+        _log.warning(
+          'Checkpoint %s was written by %d processes, this run has %d: the data iterator '
+          'restarts from its initial state.',
+          path,
+          data['process_count'],
+          jax.process_count(),
+        )
+        return out['state'], None, saved_config
+      return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
 
-    step, out, skipped = self._read_newest(step, read)
+    step, out, skipped = self._read_newest(step, read, done)
     self.restored_step = step
     return step, out, skipped
 
   def resume(
     self, abstract_state: PyTree, iterator, *, config, fields: Sequence[str] = COMPATIBILITY_FIELDS
   ):
-    """A run's restart: restores the newest step that reads whole (see `restore`)
-    and moves the data `iterator` (`set_state`) to where that step left it.
-    Returns the state, or None when there is no checkpoint yet.
-
-    Newer steps that did not read are moved to `checkpoints/corrupt/<step>`
-    (kept for inspection, out of the run's way) so the run saves those step
-    numbers afresh; one line says which and why.
-    """
+    """A run's restart: `restore`s the newest step that reads whole and moves `iterator`
+    (`set_state`) to where it left off; None when there is no checkpoint yet. Newer unreadable
+    steps are moved to `checkpoints/corrupt/<step>` (one line says which and why), so the run
+    saves those step numbers afresh."""
     if self.latest_step() is None:
       return None
     step, (state, data_state, _), skipped = self._restore_newest(
-      abstract_state, None, config, fields
+      abstract_state, None, config, fields, None
     )
     if skipped:
       moved = [] if self.read_only else [self._set_aside(s) for s, _ in skipped]
@@ -904,43 +748,9 @@ class Checkpointer:
       os.makedirs(aside, exist_ok=True)
       os.rename(self.step_path(step), dest)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
       multihost_utils.sync_global_devices(f'vqgan_jax_set_aside_{step}')
     self._manager.reload()
     return dest
-
-  def _local_data_state(self, data, step):
-    count = data['process_count']
-    if count != jax.process_count():
-      _log.warning(
-        'Checkpoint %s was written by %d processes, this run has %d: the '
-        'data iterator restarts from its initial state.',
-        self.step_path(step),
-        count,
-        jax.process_count(),
-      )
-      return None
-    return _decode_data_state(data['states'][jax.process_index()])
-
-  def _restore(self, step: int, **items):
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      # TensorStore raises a bare Exception for a truncated or missing file.
-      # Its brief says what a traceback would; keeping `e` would keep the
-      # abandoned reads alive (see `_collect_abandoned_reads`).
-      message = (
-        f'Could not restore {"/".join(items)} from checkpoint {self.step_path(step)}: {_brief(e)}'
-      )
-      # The JSON items alone read the same on every process.
-      error = (
-        _array_read_error(message, self.step_path(step))
-        if 'state' in items
-        else CorruptCheckpointError(message)
-      )
-    _collect_abandoned_reads()
-    raise error
 
 
 def restore_params(
@@ -949,21 +759,13 @@ def restore_params(
   key: str | Sequence[str] = 'params',
   step: int | None = None,
 ) -> PyTree:
-  """Restores one subtree of another run's checkpoint (e.g. stage-1 params).
-
-  Only the arrays of that subtree are read, onto the shardings that
-  `abstract_params` carries (any mesh, any process count).
-
-  Args:
-    workdir: the other run's workdir.
-    abstract_params: the target subtree (see `abstract_like`).
-    key: the subtree's path in the saved state: `'params'`, or a sequence of
-      keys / a `'/'`-separated string for nested subtrees.
-    step: the step. By default the newest committed step whose subtree reads
-      whole: unreadable newer steps are skipped with one logged line.
-  """
+  """Restores one subtree (`key`: `'params'`, or nested keys as a sequence or a '/'-joined
+  string) of another run's checkpoint, reading only its arrays, onto the shardings of
+  `abstract_params` (see `abstract_like`). `step`: by default the newest step whose subtree
+  reads whole, skipping unreadable newer ones with one logged line."""
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
+  # orbax's PyTree handler: the Standard one has no partial restore.
   manager = _manager(directory, read_only=True, state_handler=ocp.PyTreeCheckpointHandler())
   keys = key.split('/') if isinstance(key, str) else list(key)
   item = abstract_like(abstract_params)
@@ -972,8 +774,7 @@ def restore_params(
 
   def read(step):
     path = os.path.join(directory, str(step))
-    saved = _read_tree_metadata(manager, step, path)
-    node = saved
+    node = saved = _read_tree_metadata(manager, step, path)
     for i, k in enumerate(keys):
       if not isinstance(node, Mapping) or k not in node:
         have = ', '.join(map(str, node)) if isinstance(node, Mapping) else '-'
@@ -983,43 +784,20 @@ def restore_params(
         )
       node = node[k]
     _check_target(saved, item, path, partial=True)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    try:
-      out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        ),
-      )
-    except Exception as e:  # pylint: disable=broad-except
-      # As in `Checkpointer._restore`.
-      error = _array_read_error(
-        f'Could not restore {"/".join(keys)!r} from checkpoint {path}: {_brief(e)}', path
-      )
-    else:
-      tree = out['state']
-      for k in keys:
-        tree = tree[k]
-      return tree
-    _collect_abandoned_reads()
-    raise error
+    args = ocp.args.PyTreeRestore(
+      item=item,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True,
+    )
+    tree = _restore(manager, step, path, repr('/'.join(keys)), state=args)['state']
+    for k in keys:
+      tree = tree[k]
+    return tree
 
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise CheckpointError(
-        f'restore_params: no committed checkpoint in {directory} (workdir {os.fspath(workdir)}).'
-      )
-    if step is not None:
-      if step not in steps:
-        raise CheckpointError(
-          f'No checkpoint for step {step} in {directory}; committed steps: {steps}.'
-        )
-      return read(step)
-    step, tree, skipped = _newest_readable(steps, read, directory)
-    if skipped:
-      _log.warning(_skipped_line(skipped, step, f'restored {"/".join(keys)!r} from'))
-    return tree
+    empty = f'restore_params: no committed checkpoint in {directory} (workdir {workdir}).'
+    done = f'restored {"/".join(keys)!r} from'
+    return _read_newest(sorted(manager.all_steps()), step, read, directory, done, empty)[1]
   finally:
     manager.close()
 
@@ -1032,8 +810,6 @@ def params_fingerprint(params: PyTree) -> str:
   it (a leaf sharded across processes is gathered whole, one leaf at a time). Cost: one host
   copy and one sha256 pass over 4 bytes per parameter, about 0.5 s per 100M parameters.
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
   digest = hashlib.sha256()
   for path, leaf in sorted(_leaves_by_path(params).items()):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
