@@ -483,11 +483,14 @@ def _assert_same_step(config, s_in, got, got_m, want, want_m, grads, what):
   worst['params (lr)'] = _assert_updates_close(
     got['params'], want['params'], s_in['params'], grads, lr, 'params ', LPIPS_GRAD_TOL, 0.2
   )
+  noisy = ('d_weight', 'ae_grad_norm', 'disc_grad_norm')
   for k, b in want_m.items():
     # Gradient norms (and d_weight, a ratio of two) carry LPIPS's noise (a norm averages the
-    # switches: 6e-4 relative under AVX2), losses do not (float32 rounding of a few sums).
-    rtol = 5e-3 if k in ('d_weight', 'ae_grad_norm', 'disc_grad_norm') else 1e-5
-    np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=1e-6, err_msg=f'metric {k}')
+    # switches: 6e-4 relative under AVX2); losses only float32 rounding of a few sums, but the
+    # total carries d_weight's noise in its d_weight * g_loss term.
+    rtol = 5e-3 if k in noisy else 1e-5
+    atol = 1e-6 + (5e-3 * abs(want_m['d_weight'] * want_m['g_loss']) if k == 'total_loss' else 0)
+    np.testing.assert_allclose(got_m[k], b, rtol=rtol, atol=atol, err_msg=f'metric {k}')
     worst['metrics'] = max(worst.get('metrics', 0.0), float(abs(got_m[k] - b) / max(abs(b), 1e-6)))
   print(f'\n{what} 8-device vs 1-device: ' + ', '.join(f'{k} {v:.3g}' for k, v in worst.items()))
 
@@ -537,10 +540,11 @@ def test_sharded_two_free_steps_stay_on_the_trajectory(config, run1, run8, mesh1
     worst = max(worst, diff)
     bounds.check(f'params{_name(path)}: 8- vs 1-device trajectory (lr)', diff, 8)
   # The second step's metrics come from states a few lr apart through LPIPS's discontinuous
-  # gradient: the AE gradient norm moved by 1.06% once the sub-pixel Upsample changed the
-  # rounding (within 1% before); a sharding error moves it by O(1).
+  # gradient: chaos, not rounding (the AE gradient norm moved 1.06%, d_weight 1.3% under AVX
+  # code generation), so the bound is what that can plausibly reach; a sharding error moves
+  # them by O(1).
   for k, b in run1['metrics'][1].items():
-    np.testing.assert_allclose(run8['free_metrics'][k], b, rtol=2e-2, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(run8['free_metrics'][k], b, rtol=5e-2, atol=1e-5, err_msg=k)
   print(f'\nfree-running 8-device s2 within {worst:.3g} lr of the 1-device s2')
 
 
