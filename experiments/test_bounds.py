@@ -9,7 +9,7 @@ is) with $VQGAN_JAX_BOUNDS_LOG set, so every `np.testing.assert_allclose` and ev
 `bounds.check` of the suite records measured / bound (tests/bounds.py). Appends one row per
 ISA to experiments/results/test_bounds_cpu.jsonl (pass/fail counts, the worst ratio per
 bound, the machine) and prints one JSON line per bound whose worst ratio reaches --show, worst
-first.
+first. `--table=N` prints the N bounds closest to failing from the rows already written.
 """
 
 import argparse
@@ -90,13 +90,44 @@ def run(isa: str, files, workers: int) -> dict:
   }
 
 
+def table(top: int) -> str:
+  """A Markdown table of the `top` bounds closest to failing, from the newest row of each
+  test file and ISA in RESULTS (a later run of some files replaces only their bounds)."""
+  newest = {}
+  with open(RESULTS) as f:
+    for line in f:
+      row = json.loads(line)
+      for file in row['files']:
+        newest[(file, row['isa'])] = row
+  per_site = collections.defaultdict(dict)
+  for (file, isa), row in newest.items():
+    for site, b in row['bounds'].items():
+      if site.split(':')[0] == file:
+        per_site[site][isa] = b
+  isas = sorted({isa for _, isa in newest}, key=lambda i: (i != 'native', i))
+  lines = [
+    '| bound | test | ' + ' | '.join(isas) + ' |',
+    '|---|---|' + '---|' * len(isas),
+  ]
+  ranked = sorted(per_site.items(), key=lambda kv: -max(b['ratio'] for b in kv[1].values()))
+  for site, per in ranked[:top]:
+    test = max(per.values(), key=lambda b: b['ratio'])['test'].split('::')[-1]
+    ratios = [f'{per[i]["ratio"]:.3f}' if i in per else '-' for i in isas]
+    lines.append(f'| `{site}` | {test} | ' + ' | '.join(ratios) + ' |')
+  return '\n'.join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('files', nargs='*', default=NUMERICAL)
   parser.add_argument('--isa', default='native,AVX2,AVX')
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--show', type=float, default=0.1, help='print bounds reaching this ratio')
+  parser.add_argument('--table', type=int, default=0, help='print the N closest bounds, run none')
   args = parser.parse_args()
+  if args.table:
+    print(table(args.table))
+    return
   where = machine.info()
   rows = []
   for isa in args.isa.split(','):
@@ -110,8 +141,8 @@ def main():
   for row in rows:
     for site, b in row['bounds'].items():
       by_site[site][row['isa']] = b
-  table = sorted(by_site.items(), key=lambda kv: -max(b['ratio'] for b in kv[1].values()))
-  for site, per_isa in table:
+  ranked = sorted(by_site.items(), key=lambda kv: -max(b['ratio'] for b in kv[1].values()))
+  for site, per_isa in ranked:
     top = max(per_isa.values(), key=lambda b: b['ratio'])
     if top['ratio'] >= args.show:
       ratios = {isa: round(b['ratio'], 4) for isa, b in per_isa.items()}
