@@ -9,15 +9,24 @@ Every quantizer is called on the quant_conv output z (..., embed_dim) and return
 (z_q straight-through, loss, indices (...,)), and has `lookup(indices)` (the vectors the
 decoder reads) and `latents(z)` (z in the space where codes are picked, for the train step's
 codebook updates), so encode, stage 2, sampling and the planner never ask which it is.
+
+`QUANTIZERS` (at the end) is the registry the VQGAN, the config checks and the train step
+read: a new quantizer is its module here plus one `QuantizerSpec` entry.
 """
 
+import dataclasses
 import math
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Mapping
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax import losses
 from vqgan_jax.models import layers
 
 
@@ -429,3 +438,159 @@ class LookupFreeQuantizer(nn.Module):
 
   def lookup(self, indices):
     return lfq_codes(indices, self.bits)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: each quantizer as a plug-in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+  """What the VQGAN, the config checks and the stage-1 train step know of one quantizer. `m`:
+  the stage-1 model fields with attribute access (config.model, or the VQGAN module itself).
+
+  build(m): its flax module (the VQGAN names it `quantize`: the checkpoints' param layout).
+  num_codes(m): its vocabulary; model.n_embed must equal it (stage 2 sizes its vocabulary by
+    n_embed).
+  validate(m): its fields' problems (config.model only), one sentence each naming
+    config.model.<field>, lazily: the first is reported, and a check may assume the ones
+    before it passed.
+  options: model fields only it reads, with the value that means off: a config of another
+    quantizer must leave them off.
+  shape_fields: model fields (beyond quantizer, n_embed, embed_dim) that decide its params'
+    shapes: a run starting from another's params (`init_from`) needs them equal.
+  code_fields: further model fields that change which code a latent gets: stage 2 needs
+    them equal to its stage-1 checkpoint's.
+  train_forward: its __call__ takes `train` (a training forward that differs from inference).
+  train_state(m): the train state holds its 'quantizer' collection (statistics the train
+    step updates; config.model only).
+  train_terms(loss, step): (keywords of its __call__, metrics) of the train step, from
+    config.loss and the step (an annealed loss term); None: none.
+  """
+
+  build: Callable[[Any], nn.Module]
+  num_codes: Callable[[Any], int]
+  validate: Callable[[Any], Iterator[str]] = lambda m: iter(())
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  shape_fields: tuple[str, ...] = ()
+  code_fields: tuple[str, ...] = ()
+  train_forward: bool = False
+  train_state: Callable[[Any], bool] = lambda m: False
+  train_terms: Callable[[Any, Any], tuple[dict, dict]] | None = None
+
+
+def _vq_checks(m):
+  if m.codebook_dim < 0:
+    yield f'config.model.codebook_dim must be >= 0, got {m.codebook_dim}'
+  if not 0.0 <= m.ema_decay < 1.0:
+    yield f'config.model.ema_decay must be in [0, 1), got {m.ema_decay}'
+  if m.restart_window < 0:
+    yield f'config.model.restart_window must be >= 0, got {m.restart_window}'
+
+
+def _gumbel_checks(m):
+  if not m.temperature > 0:
+    yield f'config.model.temperature must be > 0, got {m.temperature}'
+  if not m.kl_weight >= 0:
+    yield f'config.model.kl_weight must be >= 0, got {m.kl_weight}'
+
+
+def _fsq_levels(m):
+  return tuple(m.fsq_levels or ())
+
+
+def _fsq_checks(m):
+  levels = _fsq_levels(m)
+  if not (len(levels) >= 1 and all(int(l) == l and l >= 2 for l in levels)):
+    yield f'config.model.fsq_levels must be a tuple of integers >= 2, got {levels!r}'
+  if m.embed_dim != len(levels):
+    yield (
+      f'config.model.embed_dim={m.embed_dim} must equal len(config.model.fsq_levels)='
+      f'{len(levels)} (one channel per level)'
+    )
+  if m.n_embed != math.prod(levels):
+    yield (
+      f'config.model.n_embed={m.n_embed} must equal prod(fsq_levels)={math.prod(levels)} '
+      '(the vocabulary stage 2 reads)'
+    )
+
+
+def _lfq_checks(m):
+  bits = m.lfq_bits
+  if not 1 <= bits <= 30:
+    yield f'config.model.lfq_bits must be in [1, 30], got {bits}'
+  if m.embed_dim != bits:
+    yield (
+      f'config.model.embed_dim={m.embed_dim} must equal config.model.lfq_bits={bits} '
+      '(one channel per bit)'
+    )
+  if m.n_embed != 2**bits:
+    yield (
+      f'config.model.n_embed={m.n_embed} must equal 2**lfq_bits={2**bits} '
+      '(the vocabulary stage 2 reads)'
+    )
+
+
+def _lfq_train_terms(loss, step):
+  """LFQ's entropy term, its weight annealed over the steps (also logged)."""
+  weight = losses.annealed_weight(
+    step, loss.entropy_weight, loss.entropy_anneal_steps, loss.entropy_anneal_factor
+  )
+  terms = {'entropy_weight': weight, 'entropy_temperature': loss.entropy_temperature}
+  return terms, {'entropy_weight': weight}
+
+
+QUANTIZERS = {
+  'vq': QuantizerSpec(
+    build=lambda m: VectorQuantizer(
+      m.n_embed,
+      m.embed_dim,
+      m.beta,
+      m.legacy_beta,
+      codebook_dim=m.codebook_dim,
+      l2_norm=m.codebook_l2_norm,
+      ema=m.ema_decay > 0,
+    ),
+    num_codes=lambda m: m.n_embed,
+    validate=_vq_checks,
+    # The original's quantizer when off; the train step's EMA codebook and restart read them.
+    options={'codebook_dim': 0, 'codebook_l2_norm': False, 'ema_decay': 0.0, 'restart_window': 0},
+    shape_fields=('codebook_dim',),
+    code_fields=('codebook_l2_norm',),
+    train_state=lambda m: m.ema_decay > 0,
+  ),
+  'gumbel': QuantizerSpec(
+    build=lambda m: GumbelQuantizer(m.n_embed, m.embed_dim, m.kl_weight, m.temperature),
+    num_codes=lambda m: m.n_embed,
+    validate=_gumbel_checks,
+    train_forward=True,
+  ),
+  'fsq': QuantizerSpec(
+    build=lambda m: FSQuantizer(_fsq_levels(m)),
+    num_codes=lambda m: math.prod(_fsq_levels(m)),
+    validate=_fsq_checks,
+    shape_fields=('fsq_levels',),
+  ),
+  'lfq': QuantizerSpec(
+    build=lambda m: LookupFreeQuantizer(m.lfq_bits, m.beta),
+    num_codes=lambda m: 2**m.lfq_bits,
+    validate=_lfq_checks,
+    shape_fields=('lfq_bits',),
+    train_terms=_lfq_train_terms,
+  ),
+}
+
+
+def shape_fields() -> tuple[str, ...]:
+  """The model fields that decide a quantizer's params and codes, of every quantizer."""
+  return ('quantizer', 'n_embed', 'embed_dim') + tuple(
+    f for spec in QUANTIZERS.values() for f in spec.shape_fields
+  )
+
+
+def code_fields() -> tuple[str, ...]:
+  """The model fields that decide which code a latent gets, of every quantizer."""
+  return ('quantizer',) + tuple(
+    f for spec in QUANTIZERS.values() for f in spec.shape_fields + spec.code_fields
+  )

@@ -68,7 +68,8 @@ def optional_state_keys(config) -> tuple:
   """The train-state entries beyond the original's that a run with `config` holds (a
   ConfigDict; fields it predates count as off):
 
-  'quantizer': the VQ's EMA codebook statistics (model.ema_decay > 0), the flax collection;
+  'quantizer': the quantizer's train-time statistics, the flax collection, where its
+    `QuantizerSpec.train_state` says so (the VQ's EMA codebook: model.ema_decay > 0);
   'code_last_used': (n_embed,) int32, the step each code was last picked at (0: never), for
     the usage window (train.usage_window) and dead-code restart (model.restart_window);
   'lecam': EMAs of D's mean logits on reals and fakes (loss.lecam_weight > 0);
@@ -76,9 +77,9 @@ def optional_state_keys(config) -> tuple:
   """
   m, loss, t = config.model, config.loss, config.train
   keys = []
-  if m.get('quantizer', 'vq') == 'vq' and m.get('ema_decay', 0.0) > 0:
+  if quantizer_lib.QUANTIZERS[m.quantizer].train_state(m):
     keys.append('quantizer')
-  if t.get('usage_window', 0) > 0 or m.get('restart_window', 0) > 0:
+  if t.get('usage_window', 0) > 0 or m.restart_window > 0:
     keys.append('code_last_used')
   if loss.get('lecam_weight', 0.0) > 0:
     keys.append('lecam')
@@ -172,18 +173,16 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   k_lpips, k_drop = jax.random.split(rng)
   ae_deterministic = config.model.dropout == 0.0
   # The VQ codebook updates read the quantizer's latents; the original's step asks for none.
-  with_latents = 'quantizer' in state or config.model.get('restart_window', 0) > 0
+  with_latents = 'quantizer' in state or config.model.restart_window > 0
   encode_kw = {'with_latents': True} if with_latents else {}
-  entropy_weight = None
-  if models.vqgan.quantizer == 'lfq':
-    entropy_weight = losses.annealed_weight(
-      step, cfg.entropy_weight, cfg.entropy_anneal_steps, cfg.entropy_anneal_factor
-    )
-    encode_kw.update(entropy_weight=entropy_weight, entropy_temperature=cfg.entropy_temperature)
+  # The quantizer's train-time keywords (LFQ's annealed entropy term) and their metrics.
+  train_terms = models.vqgan.spec.train_terms
+  terms, term_metrics = train_terms(cfg, step) if train_terms else ({}, {})
+  encode_kw.update(terms)
 
   def ae_forward(params):
     variables = {'params': params}
-    # 'gumbel': the Gumbel quantizer's training noise (the VQ quantizer takes none).
+    # 'gumbel': the Gumbel quantizer's training noise (the others take none).
     rngs = {'dropout': k_drop, 'gumbel': jax.random.fold_in(k_drop, 1)}
     z_q, qloss, indices, *latents = models.vqgan.apply(
       variables, x, ae_deterministic, train=True, rngs=rngs, method='encode', **encode_kw
@@ -309,9 +308,8 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     'codebook_usage': codes['usage'],
     'perplexity': codes['perplexity'],
     **metrics,
+    **term_metrics,
   }
-  if entropy_weight is not None:
-    metrics['entropy_weight'] = entropy_weight
   return new_state, metrics
 
 
@@ -323,7 +321,11 @@ def _codebook_updates(config, state, params, indices, latents, t, key):
   out, metrics = {}, {}
   if 'code_last_used' not in state and 'quantizer' not in state:
     return params, out, metrics
-  codebook = params['quantize']['embedding']['embedding'] if m.quantizer == 'vq' else None
+  # The EMA codebook and restart are 'vq' options (validate.py keeps them off for the others).
+  restart = m.restart_window > 0
+  codebook = None
+  if 'quantizer' in state or restart:
+    codebook = params['quantize']['embedding']['embedding']
   flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
   if 'quantizer' in state:
     stats = state['quantizer']['quantize']
@@ -336,7 +338,7 @@ def _codebook_updates(config, state, params, indices, latents, t, key):
     window = config.train.get('usage_window', 0)
     if window > 0:  # before any restart: re-seeded codes were not picked
       metrics['window_usage'] = quantizer_lib.window_usage(last_used, t, window)
-    if m.get('restart_window', 0) > 0:
+    if restart:
       dead = quantizer_lib.dead_codes(last_used, t, m.restart_window)
       codebook, drawn = quantizer_lib.restart_codes(codebook, dead, flat, key)
       last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
