@@ -370,17 +370,13 @@ def test_old_config_builds_the_original_vq():
   for name in ('codebook_dim', 'codebook_l2_norm', 'ema_decay', 'restart_window', 'fsq_levels'):
     del fields[name]
   del fields['lfq_bits'], fields['quantizer']
-  fields = checkpoints.upgrade_config({'model': fields})['model']
+  old = checkpoints.upgrade_config({'model': fields, 'loss': {}, 'train': {}})
+  fields = old['model']
   vq = vqgan_lib.from_config(fields)
   assert (vq.quantizer, vq.codebook_dim, vq.codebook_l2_norm, vq.ema_decay) == ('vq', 0, False, 0)
   q = vq.bind({}).quantize  # unbound setup fields
   assert isinstance(q, Q.VectorQuantizer) and not q.ema and q.search_dim == vq.embed_dim
-  assert (
-    stage1.optional_state_keys(
-      ml_collections.ConfigDict({'model': fields, 'loss': {}, 'train': {}})
-    )
-    == ()
-  )
+  assert stage1.optional_state_keys(ml_collections.ConfigDict(old)) == ()
 
 
 def test_n_embed_must_equal_the_code_count():

@@ -67,12 +67,24 @@ ADDED_FIELD_DEFAULTS = {
   'model.restart_window': 0,
   'model.fsq_levels': [],
   'model.lfq_bits': 0,
+  # Stage-1 loss and train options beyond the original; absent, they are off.
+  'loss.adaptive_weight': True,
+  'loss.lecam_weight': 0.0,
+  'loss.lecam_decay': 0.999,
+  'loss.r1_weight': 0.0,
+  'loss.entropy_weight': 0.0,
+  'loss.entropy_temperature': 0.01,
+  'loss.entropy_anneal_steps': 0,
+  'loss.entropy_anneal_factor': 1.0,
+  'train.params_ema_decay': 0.0,
+  'train.usage_window': 0,
+  'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
 }
 # Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
 # config holds its first stages' model fields in stage1_config and cond.model.
 _ADDED_FIELD_PLACES = {
-  'vqgan': {'model': ('model',)},
+  'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
   'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
 }
 

@@ -75,18 +75,16 @@ def validate_quantizer(m):
 def validate_gan_and_health(loss, t):
   """config.loss's GAN/entropy fields and config.train's EMA-params and codebook-health fields."""
   for name in ('lecam_weight', 'r1_weight', 'entropy_weight', 'entropy_anneal_steps'):
-    value = loss.get(name, 0)
-    check(value >= 0, f'config.loss.{name} must be >= 0, got {value}')
+    check(loss[name] >= 0, f'config.loss.{name} must be >= 0, got {loss[name]}')
   check(loss.disc_weight >= 0, f'config.loss.disc_weight must be >= 0, got {loss.disc_weight}')
-  _fraction(loss.get('lecam_decay', 0.999), 'config.loss.lecam_decay')
-  temperature = loss.get('entropy_temperature', 0.01)
+  _fraction(loss.lecam_decay, 'config.loss.lecam_decay')
+  temperature = loss.entropy_temperature
   check(temperature > 0, f'config.loss.entropy_temperature must be > 0, got {temperature}')
-  factor = loss.get('entropy_anneal_factor', 1.0)
+  factor = loss.entropy_anneal_factor
   check(factor >= 1, f'config.loss.entropy_anneal_factor must be >= 1, got {factor}')
-  _fraction(t.get('params_ema_decay', 0.0), 'config.train.params_ema_decay')
-  window = t.get('usage_window', 0)
-  check(window >= 0, f'config.train.usage_window must be >= 0, got {window}')
-  _fraction(t.get('usage_warning', 0.0), 'config.train.usage_warning', upper_open=False)
+  _fraction(t.params_ema_decay, 'config.train.params_ema_decay')
+  check(t.usage_window >= 0, f'config.train.usage_window must be >= 0, got {t.usage_window}')
+  _fraction(t.usage_warning, 'config.train.usage_warning', upper_open=False)
 
 
 def validate_stage1(config, batch_divisor: int = 1):

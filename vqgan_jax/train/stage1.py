@@ -66,7 +66,7 @@ OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
 
 def optional_state_keys(config) -> tuple:
   """The train-state entries beyond the original's that a run with `config` holds (a
-  ConfigDict; fields it predates count as off):
+  ConfigDict; a saved one as `checkpoints.upgrade_config` reads it):
 
   'quantizer': the quantizer's train-time statistics, the flax collection, where its
     `QuantizerSpec.train_state` says so (the VQ's EMA codebook: model.ema_decay > 0);
@@ -79,11 +79,11 @@ def optional_state_keys(config) -> tuple:
   keys = []
   if quantizer_lib.QUANTIZERS[m.quantizer].train_state(m):
     keys.append('quantizer')
-  if t.get('usage_window', 0) > 0 or m.restart_window > 0:
+  if t.usage_window > 0 or m.restart_window > 0:
     keys.append('code_last_used')
-  if loss.get('lecam_weight', 0.0) > 0:
+  if loss.lecam_weight > 0:
     keys.append('lecam')
-  if t.get('params_ema_decay', 0.0) > 0:
+  if t.params_ema_decay > 0:
     keys.append('params_ema')
   return tuple(keys)
 
@@ -225,7 +225,7 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   g_loss, ct_logits_g = jax.value_and_grad(losses.generator_loss)(logits_fake)
   _, ct_g = fake_vjp(ct_logits_g)
 
-  if cfg.get('adaptive_weight', True):
+  if cfg.adaptive_weight:
     kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
     d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
   else:
@@ -257,7 +257,7 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     logits_real, logits_fake
   )
   d_grads = jax.tree.map(jnp.add, real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
-  if cfg.get('r1_weight', 0.0) > 0:
+  if cfg.r1_weight > 0:
     r1, r1_grads = jax.value_and_grad(
       lambda dp: losses.r1_penalty(lambda inp: disc_forward(dp, stats_after_fake, inp)[0], x)
     )(state['disc_params'])
@@ -335,7 +335,7 @@ def _codebook_updates(config, state, params, indices, latents, t, key):
     codebook = quantizer_lib.ema_codebook(count, ema_sum, EMA_EPS)
   if 'code_last_used' in state:
     last_used = quantizer_lib.mark_used(state['code_last_used'], indices, t)
-    window = config.train.get('usage_window', 0)
+    window = config.train.usage_window
     if window > 0:  # before any restart: re-seeded codes were not picked
       metrics['window_usage'] = quantizer_lib.window_usage(last_used, t, window)
     if restart:
