@@ -262,6 +262,15 @@ def _codebook_inputs(k=4, d=2, n=6, seed=0, restart_window=0, ema_decay=0.9):
   return c, state, params, indices, latents
 
 
+def test_fresh_ema_statistics_are_the_modules_own():
+  """The VQ's train-time state made from params (a converted or init_from run) is the one its
+  module's init makes."""
+  variables = jax.jit(QUANTIZERS['vq_ema'].init)(jax.random.key(2), Z)
+  c = _config(ema_decay=0.99)
+  fresh = stage1.fresh_optional_state(c, ['quantizer'], {'quantize': variables['params']})
+  _assert_equal_trees(fresh['quantizer']['quantize'], _host(variables['quantizer']))
+
+
 def test_ema_update_equals_a_hand_computation():
   c, state, params, indices, latents = _codebook_inputs()
   t = 7

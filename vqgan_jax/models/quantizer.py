@@ -119,10 +119,9 @@ class VectorQuantizer(nn.Module):
       self.proj_in = _Dense(self.codebook_dim)
       self.proj_out = _Dense(self.embed_dim)
     if self.ema and self.is_initializing():
-      # Pseudo-count 1 at the initial codebook: ema_sum / ema_count starts as the codebook,
-      # and a code nobody picks decays in both, so it stays where it is.
-      self.variable('quantizer', 'ema_count', lambda: jnp.ones((self.n_embed,), jnp.float32))
-      self.variable('quantizer', 'ema_sum', lambda: jnp.asarray(self.embedding.embedding))
+      stats = ema_init({'embedding': {'embedding': self.embedding.embedding}})
+      self.variable('quantizer', 'ema_count', lambda: stats['ema_count'])
+      self.variable('quantizer', 'ema_sum', lambda: stats['ema_sum'])
 
   def latents(self, z):
     """z (..., embed_dim) in the codebook's space (projected, normalised), float32."""
@@ -151,6 +150,17 @@ class VectorQuantizer(nn.Module):
     """Codebook entries (..., embed_dim) for integer indices (...)."""
     e = self.codebook()[indices]
     return self.proj_out(e) if self.codebook_dim else e
+
+
+def ema_init(params):
+  """The EMA statistics of a VectorQuantizer with `params` (its 'quantizer' collection):
+  pseudo-count 1 at the codebook, so ema_sum / ema_count starts as the codebook, and a code
+  nobody picks decays in both and stays where it is."""
+  codebook = params['embedding']['embedding']
+  return {
+    'ema_count': jnp.ones(codebook.shape[:1], jnp.float32),
+    'ema_sum': jnp.asarray(codebook, jnp.float32),
+  }
 
 
 def ema_update(count, ema_sum, z, indices, decay):
@@ -464,7 +474,9 @@ class QuantizerSpec:
     them equal to its stage-1 checkpoint's.
   train_forward: its __call__ takes `train` (a training forward that differs from inference).
   train_state(m): the train state holds its 'quantizer' collection (statistics the train
-    step updates; config.model only).
+    step updates; config.model only); init_state(params): that collection from the
+    module's params, for a state not made by the module's init (a converted or init_from
+    run).
   train_terms(loss, step): (keywords of its __call__, metrics) of the train step, from
     config.loss and the step (an annealed loss term); None: none.
   """
@@ -477,6 +489,7 @@ class QuantizerSpec:
   code_fields: tuple[str, ...] = ()
   train_forward: bool = False
   train_state: Callable[[Any], bool] = lambda m: False
+  init_state: Callable[[Any], dict] | None = None
   train_terms: Callable[[Any, Any], tuple[dict, dict]] | None = None
 
 
@@ -559,6 +572,7 @@ QUANTIZERS = {
     shape_fields=('codebook_dim',),
     code_fields=('codebook_l2_norm',),
     train_state=lambda m: m.ema_decay > 0,
+    init_state=ema_init,
   ),
   'gumbel': QuantizerSpec(
     build=lambda m: GumbelQuantizer(m.n_embed, m.embed_dim, m.kl_weight, m.temperature),

@@ -90,17 +90,13 @@ def optional_state_keys(config) -> tuple:
 
 def fresh_optional_state(config, keys, params):
   """Initial values of the optional state entries `keys`, given the generator's params: the
-  EMA statistics as the VQ module's init makes them (count 1 at each code of the codebook),
-  no code used yet, LeCAM's EMAs at 0, the params EMA at the params."""
+  quantizer's statistics as its module's init makes them (`QuantizerSpec.init_state`: the
+  VQ's count 1 at each code of the codebook), no code used yet, LeCAM's EMAs at 0, the
+  params EMA at the params."""
   out = {}
   if 'quantizer' in keys:
-    codebook = params['quantize']['embedding']['embedding']
-    out['quantizer'] = {
-      'quantize': {
-        'ema_count': jnp.ones(codebook.shape[:1], jnp.float32),
-        'ema_sum': jnp.asarray(codebook, jnp.float32),
-      }
-    }
+    init = quantizer_lib.QUANTIZERS[config.model.quantizer].init_state
+    out['quantizer'] = {'quantize': init(params['quantize'])}
   if 'code_last_used' in keys:
     out['code_last_used'] = jnp.zeros((config.model.n_embed,), jnp.int32)
   if 'lecam' in keys:
