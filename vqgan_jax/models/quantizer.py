@@ -152,6 +152,10 @@ class VectorQuantizer(nn.Module):
     return self.proj_out(e) if self.codebook_dim else e
 
 
+# Laplace smoothing of the EMA codebook's counts (taming's EMAVQ and VQ-VAE-2 use 1e-5).
+EMA_EPS = 1e-5
+
+
 def ema_init(params):
   """The EMA statistics of a VectorQuantizer with `params` (its 'quantizer' collection):
   pseudo-count 1 at the codebook, so ema_sum / ema_count starts as the codebook, and a code
@@ -477,6 +481,11 @@ class QuantizerSpec:
     step updates; config.model only); init_state(params): that collection from the
     module's params, for a state not made by the module's init (a converted or init_from
     run).
+  train_update(m, params, stats, latents, indices, last_used, t, key): its update after the
+    optimizer's step, on its own params and `stats` (its collection, None when the state
+    holds none), given the step's latents (None unless the step asked for them) and codes,
+    the usage record `last_used` (None when off), the 1-based update number and a key.
+    Returns (params, stats, last_used, metrics). None: none.
   train_terms(loss, step): (keywords of its __call__, metrics) of the train step, from
     config.loss and the step (an annealed loss term); None: none.
   """
@@ -490,6 +499,7 @@ class QuantizerSpec:
   train_forward: bool = False
   train_state: Callable[[Any], bool] = lambda m: False
   init_state: Callable[[Any], dict] | None = None
+  train_update: Callable[..., tuple] | None = None
   train_terms: Callable[[Any, Any], tuple[dict, dict]] | None = None
 
 
@@ -500,6 +510,33 @@ def _vq_checks(m):
     yield f'config.model.ema_decay must be in [0, 1), got {m.ema_decay}'
   if m.restart_window < 0:
     yield f'config.model.restart_window must be >= 0, got {m.restart_window}'
+
+
+def _vq_train_update(m, params, stats, latents, indices, last_used, t, key):
+  """The VQ codebook after the optimizer's step: the EMA of the latents assigned to each code
+  (stats held: model.ema_decay > 0), then dead-code restart (model.restart_window > 0)."""
+  restart = m.restart_window > 0 and last_used is not None
+  if stats is None and not restart:
+    return params, stats, last_used, {}
+  codebook = params['embedding']['embedding']
+  flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
+  metrics = {}
+  if stats is not None:
+    count, ema_sum = ema_update(
+      stats['ema_count'], stats['ema_sum'], flat, indices.reshape(-1), m.ema_decay
+    )
+    codebook = ema_codebook(count, ema_sum, EMA_EPS)
+  if restart:
+    dead = dead_codes(last_used, t, m.restart_window)
+    codebook, drawn = restart_codes(codebook, dead, flat, key)
+    last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
+    if stats is not None:  # count 1 at the drawn latent, as at init
+      count = jnp.where(dead, 1.0, count)
+      ema_sum = jnp.where(dead[:, None], drawn, ema_sum)
+    metrics['codes_restarted'] = jnp.sum(dead.astype(jnp.int32))
+  if stats is not None:
+    stats = {'ema_count': count, 'ema_sum': ema_sum}
+  return dict(params, embedding={'embedding': codebook}), stats, last_used, metrics
 
 
 def _gumbel_checks(m):
@@ -573,6 +610,7 @@ QUANTIZERS = {
     code_fields=('codebook_l2_norm',),
     train_state=lambda m: m.ema_decay > 0,
     init_state=ema_init,
+    train_update=_vq_train_update,
   ),
   'gumbel': QuantizerSpec(
     build=lambda m: GumbelQuantizer(m.n_embed, m.embed_dim, m.kl_weight, m.temperature),

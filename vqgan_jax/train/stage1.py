@@ -57,8 +57,7 @@ def make_optimizers(config):
   return adam(), adam()
 
 
-# Laplace smoothing of the EMA codebook's counts (taming's EMAVQ and VQ-VAE-2 use 1e-5).
-EMA_EPS = 1e-5
+EMA_EPS = quantizer_lib.EMA_EPS  # importable here as before
 
 
 OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
@@ -310,44 +309,32 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
 
 
 def _codebook_updates(config, state, params, indices, latents, t, key):
-  """The codebook's updates after the optimizer's: the EMA codebook (written into `params`,
-  where inference reads it), the usage record and dead-code restart. `t`: this update's
-  1-based number; `key`: this step's restart key. Returns (params, state entries, metrics)."""
-  m = config.model
+  """The code-level updates after the optimizer's: the usage record, then the quantizer's own
+  (`QuantizerSpec.train_update`: the VQ's EMA codebook and dead-code restart, written into
+  `params`, where inference reads it). `t`: this update's 1-based number; `key`: this step's
+  restart key. Returns (params, state entries, metrics)."""
   out, metrics = {}, {}
   if 'code_last_used' not in state and 'quantizer' not in state:
     return params, out, metrics
-  # The EMA codebook and restart are 'vq' options (validate.py keeps them off for the others).
-  restart = m.restart_window > 0
-  codebook = None
-  if 'quantizer' in state or restart:
-    codebook = params['quantize']['embedding']['embedding']
-  flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
-  if 'quantizer' in state:
-    stats = state['quantizer']['quantize']
-    count, ema_sum = quantizer_lib.ema_update(
-      stats['ema_count'], stats['ema_sum'], flat, indices.reshape(-1), m.ema_decay
-    )
-    codebook = quantizer_lib.ema_codebook(count, ema_sum, EMA_EPS)
+  last_used = None
   if 'code_last_used' in state:
     last_used = quantizer_lib.mark_used(state['code_last_used'], indices, t)
     window = config.train.usage_window
     if window > 0:  # before any restart: re-seeded codes were not picked
       metrics['window_usage'] = quantizer_lib.window_usage(last_used, t, window)
-    if restart:
-      dead = quantizer_lib.dead_codes(last_used, t, m.restart_window)
-      codebook, drawn = quantizer_lib.restart_codes(codebook, dead, flat, key)
-      last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
-      if 'quantizer' in state:  # count 1 at the drawn latent, as at init
-        count = jnp.where(dead, 1.0, count)
-        ema_sum = jnp.where(dead[:, None], drawn, ema_sum)
-      metrics['codes_restarted'] = jnp.sum(dead.astype(jnp.int32))
+  update = quantizer_lib.QUANTIZERS[config.model.quantizer].train_update
+  if update is not None:
+    stats = state['quantizer']['quantize'] if 'quantizer' in state else None
+    quantize, stats, last_used, more = update(
+      config.model, params['quantize'], stats, latents, indices, last_used, t, key
+    )
+    if quantize is not params['quantize']:
+      params = dict(params, quantize=quantize)
+    metrics.update(more)
+    if stats is not None:
+      out['quantizer'] = {'quantize': stats}
+  if last_used is not None:
     out['code_last_used'] = last_used
-  if 'quantizer' in state:
-    out['quantizer'] = {'quantize': {'ema_count': count, 'ema_sum': ema_sum}}
-  if codebook is not None:
-    quantize = dict(params['quantize'], embedding={'embedding': codebook})
-    params = dict(params, quantize=quantize)
   return params, out, metrics
 
 
