@@ -538,6 +538,28 @@ def test_two_processes_save_and_restore(tmp_path):
   assert int(restored['step']) == 3
 
 
+def test_upgrade_config_fills_the_fields_a_saved_config_predates(tmp_path):
+  """Read back, an old config has each added field at the value its absence meant, where its
+  stage keeps model fields (a stage-2 run: its first stages'); a set field and the
+  classifier's model are left alone."""
+  from vqgan_jax import config_base  # pylint: disable=g-import-not-at-top
+
+  stage2 = ckpt_lib.config_to_dict(config_base.stage2_base())
+  for section in (stage2['stage1_config'], stage2['cond']['model']):
+    del section['quantizer'], section['lfq_bits']
+  del stage2['transformer']['kind']
+  stage2['stage1_config']['codebook_dim'] = 4
+  with ckpt_lib.Checkpointer(tmp_path) as ck:
+    ck.save(1, {'w': np.zeros(2, np.float32)}, None, stage2, force=True)
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True, max_to_keep=None) as ck:
+    got = ck.restore_config()
+  assert got['stage1_config']['quantizer'] == got['cond']['model']['quantizer'] == 'vq'
+  assert got['stage1_config']['lfq_bits'] == got['cond']['model']['lfq_bits'] == 0
+  assert got['stage1_config']['codebook_dim'] == 4 and got['transformer']['kind'] == 'gpt'
+  classifier = {'stage': 'classifier', 'model': {'width': 8}}
+  assert ckpt_lib.upgrade_config(classifier) == classifier
+
+
 def test_fields_added_later_default_to_their_old_meaning():
   """A checkpoint saved before model.quantizer/kl_weight/temperature existed resumes under a
   config that has their defaults (the VQ quantizer), but not under a Gumbel config."""

@@ -262,6 +262,15 @@ def _codebook_inputs(k=4, d=2, n=6, seed=0, restart_window=0, ema_decay=0.9):
   return c, state, params, indices, latents
 
 
+def test_fresh_ema_statistics_are_the_modules_own():
+  """The VQ's train-time state made from params (a converted or init_from run) is the one its
+  module's init makes."""
+  variables = jax.jit(QUANTIZERS['vq_ema'].init)(jax.random.key(2), Z)
+  c = _config(ema_decay=0.99)
+  fresh = stage1.fresh_optional_state(c, ['quantizer'], {'quantize': variables['params']})
+  _assert_equal_trees(fresh['quantizer']['quantize'], _host(variables['quantizer']))
+
+
 def test_ema_update_equals_a_hand_computation():
   c, state, params, indices, latents = _codebook_inputs()
   t = 7
@@ -364,21 +373,19 @@ def test_codebook_state_sharded_on_8_devices_equals_1():
 
 
 def test_old_config_builds_the_original_vq():
-  """A saved config from before these fields builds the original's quantizer."""
-  fields = _config().model.to_dict()
+  """A saved config from before these fields, upgraded as a checkpoint's is read, builds the
+  original's quantizer."""
+  fields = checkpoints.config_to_dict(_config().model)
   for name in ('codebook_dim', 'codebook_l2_norm', 'ema_decay', 'restart_window', 'fsq_levels'):
     del fields[name]
   del fields['lfq_bits'], fields['quantizer']
+  old = checkpoints.upgrade_config({'model': fields, 'loss': {}, 'train': {}})
+  fields = old['model']
   vq = vqgan_lib.from_config(fields)
   assert (vq.quantizer, vq.codebook_dim, vq.codebook_l2_norm, vq.ema_decay) == ('vq', 0, False, 0)
   q = vq.bind({}).quantize  # unbound setup fields
   assert isinstance(q, Q.VectorQuantizer) and not q.ema and q.search_dim == vq.embed_dim
-  assert (
-    stage1.optional_state_keys(
-      ml_collections.ConfigDict({'model': fields, 'loss': {}, 'train': {}})
-    )
-    == ()
-  )
+  assert stage1.optional_state_keys(ml_collections.ConfigDict(old)) == ()
 
 
 def test_n_embed_must_equal_the_code_count():
@@ -386,7 +393,40 @@ def test_n_embed_must_equal_the_code_count():
     vqgan_lib.VQGAN(quantizer='fsq', fsq_levels=(8, 5, 5, 5), embed_dim=4, n_embed=1024).init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3))
     )
-  assert vqgan_lib.num_codes('lfq', 0, lfq_bits=10) == 1024
+  assert Q.QUANTIZERS['lfq'].num_codes(ml_collections.ConfigDict(dict(lfq_bits=10))) == 1024
+
+
+def test_a_registered_quantizer_plugs_in(monkeypatch):
+  """A new quantizer is its module and one registry entry: the config checks, the VQGAN and
+  the train step's hooks find it by name (here FSQ's module under another name, with a check
+  of its own)."""
+
+  def checks(m):
+    if len(m.fsq_levels) != 2:
+      yield 'config.model.fsq_levels: toy needs 2 levels'
+
+  spec = Q.QuantizerSpec(
+    build=lambda m: Q.FSQuantizer(tuple(m.fsq_levels)),
+    num_codes=lambda m: math.prod(m.fsq_levels),
+    validate=checks,
+  )
+  monkeypatch.setitem(Q.QUANTIZERS, 'toy', spec)
+  c = _config(quantizer='toy', fsq_levels=(4, 4), embed_dim=2, n_embed=16)
+  validate.validate_stage1(c)
+  assert 'quantizer' not in stage1.optional_state_keys(c)  # no train-time state of its own
+  vqgan = vqgan_lib.from_config(c.model)
+  x = jnp.zeros((1, SIZE, SIZE, 3))
+  variables = jax.eval_shape(vqgan.init, jax.random.key(0), x)
+  assert set(variables['params']) == {'encoder', 'decoder', 'quant_conv', 'post_quant_conv'}
+  indices = jax.eval_shape(lambda v: vqgan.apply(v, x, method='encode_to_indices'), variables)
+  assert indices.shape == (1, SIZE // 2, SIZE // 2)
+  c.model.fsq_levels = (2, 2, 4)
+  c.model.update(embed_dim=3)
+  with pytest.raises(validate.ConfigError, match='toy needs 2 levels'):
+    validate.validate_stage1(c)
+  c.model.update(quantizer='toy', fsq_levels=(4, 4), embed_dim=2, ema_decay=0.5)
+  with pytest.raises(validate.ConfigError, match="applies to quantizer='vq' only"):
+    validate.validate_stage1(c)
 
 
 @pytest.mark.parametrize(
@@ -564,7 +604,7 @@ def test_old_workdir_resumes_as_vq(tmp_path, mesh1):
   with checkpoints.Checkpointer(tmp_path) as ckpt:
     ckpt.save(5, old_state, None, old_config, force=True)
 
-  assert vqgan_lib.from_config(old_config['model']).quantizer == 'vq'
+  assert vqgan_lib.from_config(checkpoints.upgrade_config(old_config)['model']).quantizer == 'vq'
   setup = stage1.state_setup(c, models, mesh1, jax.random.PRNGKey(0))
   assert set(setup[0]) - set(old_state) == {'code_last_used', 'params_ema'}
   with checkpoints.Checkpointer(tmp_path) as ckpt:

@@ -54,7 +54,8 @@ CORRUPT_SUBDIR = 'corrupt'
 COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage')
 
 # Fields added after checkpoints were already being written, with the value that means what a
-# config without the field meant: absent and this value compare equal.
+# config without the field meant: absent and this value compare equal, and `upgrade_config`
+# fills them into a saved config as it is read.
 ADDED_FIELD_DEFAULTS = {
   'model.quantizer': 'vq',
   'model.kl_weight': 1e-8,
@@ -66,8 +67,44 @@ ADDED_FIELD_DEFAULTS = {
   'model.restart_window': 0,
   'model.fsq_levels': [],
   'model.lfq_bits': 0,
+  # Stage-1 loss and train options beyond the original; absent, they are off.
+  'loss.adaptive_weight': True,
+  'loss.lecam_weight': 0.0,
+  'loss.lecam_decay': 0.999,
+  'loss.r1_weight': 0.0,
+  'loss.entropy_weight': 0.0,
+  'loss.entropy_temperature': 0.01,
+  'loss.entropy_anneal_steps': 0,
+  'loss.entropy_anneal_factor': 1.0,
+  'train.params_ema_decay': 0.0,
+  'train.usage_window': 0,
+  'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
 }
+# Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
+# config holds its first stages' model fields in stage1_config and cond.model.
+_ADDED_FIELD_PLACES = {
+  'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
+  'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
+}
+
+
+def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config (plain JSON types) as today's schema reads it: each field it predates
+  (`ADDED_FIELD_DEFAULTS`) set to the value its absence meant. The one upgrade of a saved
+  config, applied where one is read (`Checkpointer.restore_config`, `restore`), so that
+  readers index fields instead of restating their defaults. Returns a new dict."""
+  out = json.loads(json.dumps(dict(saved), default=repr))
+  places = _ADDED_FIELD_PLACES.get(out.get('stage', 'vqgan'), {})
+  for name, value in ADDED_FIELD_DEFAULTS.items():
+    section, field = name.split('.')
+    for place in places.get(section, ()):
+      node = out
+      for key in place.split('.'):
+        node = node.get(key) if isinstance(node, dict) else None
+      if isinstance(node, dict) and field not in node:
+        node[field] = json.loads(json.dumps(value))
+  return out
 
 
 class CheckpointError(RuntimeError):
@@ -664,12 +701,13 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config dict stored with a checkpoint (by default the newest step whose config
-    reads)."""
+    reads), upgraded to today's fields (`upgrade_config`)."""
     return self._read_newest(step, self._read_config, 'read the config of')[1]
 
   def _read_config(self, step: int) -> dict[str, Any]:
     path = self.step_path(step)
-    return _restore(self._manager, step, path, 'config', config=ocp.args.JsonRestore())['config']
+    saved = _restore(self._manager, step, path, 'config', config=ocp.args.JsonRestore())['config']
+    return upgrade_config(saved)
 
   def restore(
     self,

@@ -5,7 +5,9 @@ import math
 import jax.numpy as jnp
 
 from vqgan_jax.kernels.conv import IMPLS as CONV_IMPLS
+from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models.layers import REMAT_POLICIES
+from vqgan_jax.models.quantizer import QUANTIZERS
 
 # config.train.dtype -> the compute dtype (parameters, optimizer state and losses stay float32).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -39,18 +41,8 @@ def validate_remat(section, field, modes, policy_as_mode=False):
   )
 
 
-QUANTIZERS = ('vq', 'gumbel', 'fsq', 'lfq')
 # The fields that decide the quantizer's params and codes: `init_from` needs them equal.
-QUANTIZER_FIELDS = (
-  'model.quantizer',
-  'model.n_embed',
-  'model.embed_dim',
-  'model.codebook_dim',
-  'model.fsq_levels',
-  'model.lfq_bits',
-)
-# vq-only model fields and the value that means "off" (the original's quantizer).
-_VQ_OPTIONS = {'codebook_dim': 0, 'codebook_l2_norm': False, 'ema_decay': 0.0, 'restart_window': 0}
+QUANTIZER_FIELDS = tuple(f'model.{f}' for f in quantizer_lib.shape_fields())
 
 
 def _fraction(value, field, upper_open=True):
@@ -62,77 +54,37 @@ def _fraction(value, field, upper_open=True):
 
 
 def validate_quantizer(m):
-  """config.model's quantizer fields (fields a config predates take their defaults)."""
-  quantizer = m.get('quantizer', 'vq')
+  """config.model's quantizer fields: the name, the fields other quantizers own left off
+  (`QuantizerSpec.options`), then the quantizer's own checks (`QuantizerSpec.validate`)."""
+  quantizer = m.quantizer
   check(
     quantizer in QUANTIZERS,
-    f'config.model.quantizer must be one of {QUANTIZERS}, got {quantizer!r}',
+    f'config.model.quantizer must be one of {tuple(QUANTIZERS)}, got {quantizer!r}',
   )
-  if quantizer == 'gumbel':
-    check(m.temperature > 0, f'config.model.temperature must be > 0, got {m.temperature}')
-    check(m.kl_weight >= 0, f'config.model.kl_weight must be >= 0, got {m.kl_weight}')
-  for name, off in _VQ_OPTIONS.items():
-    value = m.get(name, off)
-    if quantizer != 'vq':
+  for other, spec in QUANTIZERS.items():
+    for name, off in spec.options.items():
       check(
-        value == off,
-        f"config.model.{name}={value!r} applies to quantizer='vq' only "
+        other == quantizer or m[name] == off,
+        f'config.model.{name}={m[name]!r} applies to quantizer={other!r} only '
         f'(this config has {quantizer!r}); set it to {off!r}',
       )
-  check(
-    m.get('codebook_dim', 0) >= 0,
-    f'config.model.codebook_dim must be >= 0, got {m.get("codebook_dim")}',
-  )
-  _fraction(m.get('ema_decay', 0.0), 'config.model.ema_decay')
-  check(
-    m.get('restart_window', 0) >= 0,
-    f'config.model.restart_window must be >= 0, got {m.get("restart_window")}',
-  )
-  levels, bits = tuple(m.get('fsq_levels', ()) or ()), m.get('lfq_bits', 0)
-  if quantizer == 'fsq':
-    check(
-      len(levels) >= 1 and all(int(l) == l and l >= 2 for l in levels),
-      f'config.model.fsq_levels must be a tuple of integers >= 2, got {levels!r}',
-    )
-    check(
-      m.embed_dim == len(levels),
-      f'config.model.embed_dim={m.embed_dim} must equal len(config.model.fsq_levels)='
-      f'{len(levels)} (one channel per level)',
-    )
-    check(
-      m.n_embed == math.prod(levels),
-      f'config.model.n_embed={m.n_embed} must equal prod(fsq_levels)={math.prod(levels)} '
-      '(the vocabulary stage 2 reads)',
-    )
-  if quantizer == 'lfq':
-    check(1 <= bits <= 30, f'config.model.lfq_bits must be in [1, 30], got {bits}')
-    check(
-      m.embed_dim == bits,
-      f'config.model.embed_dim={m.embed_dim} must equal config.model.lfq_bits={bits} '
-      '(one channel per bit)',
-    )
-    check(
-      m.n_embed == 2**bits,
-      f'config.model.n_embed={m.n_embed} must equal 2**lfq_bits={2**bits} '
-      '(the vocabulary stage 2 reads)',
-    )
+  error = next(iter(QUANTIZERS[quantizer].validate(m)), None)
+  check(error is None, error)
 
 
 def validate_gan_and_health(loss, t):
   """config.loss's GAN/entropy fields and config.train's EMA-params and codebook-health fields."""
   for name in ('lecam_weight', 'r1_weight', 'entropy_weight', 'entropy_anneal_steps'):
-    value = loss.get(name, 0)
-    check(value >= 0, f'config.loss.{name} must be >= 0, got {value}')
+    check(loss[name] >= 0, f'config.loss.{name} must be >= 0, got {loss[name]}')
   check(loss.disc_weight >= 0, f'config.loss.disc_weight must be >= 0, got {loss.disc_weight}')
-  _fraction(loss.get('lecam_decay', 0.999), 'config.loss.lecam_decay')
-  temperature = loss.get('entropy_temperature', 0.01)
+  _fraction(loss.lecam_decay, 'config.loss.lecam_decay')
+  temperature = loss.entropy_temperature
   check(temperature > 0, f'config.loss.entropy_temperature must be > 0, got {temperature}')
-  factor = loss.get('entropy_anneal_factor', 1.0)
+  factor = loss.entropy_anneal_factor
   check(factor >= 1, f'config.loss.entropy_anneal_factor must be >= 1, got {factor}')
-  _fraction(t.get('params_ema_decay', 0.0), 'config.train.params_ema_decay')
-  window = t.get('usage_window', 0)
-  check(window >= 0, f'config.train.usage_window must be >= 0, got {window}')
-  _fraction(t.get('usage_warning', 0.0), 'config.train.usage_warning', upper_open=False)
+  _fraction(t.params_ema_decay, 'config.train.params_ema_decay')
+  check(t.usage_window >= 0, f'config.train.usage_window must be >= 0, got {t.usage_window}')
+  _fraction(t.usage_warning, 'config.train.usage_warning', upper_open=False)
 
 
 def validate_stage1(config, batch_divisor: int = 1):

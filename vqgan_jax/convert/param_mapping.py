@@ -321,7 +321,7 @@ def vqmodel_from_torch_state_dict(
     ConversionError: one error naming every left-over key, missing key and shape mismatch.
   """
   sd = to_numpy_state_dict({k: v for k, v in sd.items() if k.startswith(prefix)})
-  _check_quantizer(sd, prefix, fields.get('quantizer', 'vq'))
+  _check_quantizer(sd, prefix, fields['quantizer'])
   problems: list[str] = []
   used: set[str] = set()
   out = {}

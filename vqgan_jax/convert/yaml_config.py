@@ -70,7 +70,8 @@ def model_fields(
   temperature: float = 1.0,
 ) -> dict:
   """taming ddconfig + quantizer sizes (+ the quantizer kind: 'vq' for VQModel, 'gumbel' for
-  GumbelVQ, with its kl_weight and training temperature) -> our stage-1 `model` fields."""
+  GumbelVQ, with its kl_weight and training temperature) -> our stage-1 `model` fields, all
+  those of the module (`vqgan.VQGAN(**fields)`)."""
   missing = [f for f in _DDCONFIG_FIELDS if f not in ddconfig]
   if missing:
     raise ConversionError(f'ddconfig lacks {missing}')
@@ -80,7 +81,12 @@ def model_fields(
     raise ConversionError('ddconfig.resamp_with_conv=False is not supported')
   if ddconfig.get('give_pre_end', False):
     raise ConversionError('ddconfig.give_pre_end=True is not supported')
+  # The base's values for the module's fields taming has no counterpart of (the original's
+  # quantizer); restart_window is the train step's, not the module's.
+  base = config_base.stage1_base().model.to_dict()
+  del base['restart_window']
   return dict(
+    base,
     ch=int(ddconfig['ch']),
     ch_mult=tuple(int(m) for m in ddconfig['ch_mult']),
     num_res_blocks=int(ddconfig['num_res_blocks']),

@@ -29,6 +29,7 @@ from vqgan_jax import checkpoints
 from vqgan_jax import checks
 from vqgan_jax import parallel
 from vqgan_jax.models import maskgit as maskgit_lib
+from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models import vqgan_load
@@ -68,12 +69,8 @@ _STAGE1_MODEL_FIELDS = (
   'z_channels',
   'n_embed',
   'embed_dim',
-  'quantizer',
-  # The quantizer options that change which code a latent gets (issue 13).
-  'codebook_dim',
-  'codebook_l2_norm',
-  'fsq_levels',
-  'lfq_bits',
+  # The quantizer and its options that change which code a latent gets (issue 13).
+  *quantizer_lib.code_fields(),
 )
 
 

@@ -9,15 +9,24 @@ Every quantizer is called on the quant_conv output z (..., embed_dim) and return
 (z_q straight-through, loss, indices (...,)), and has `lookup(indices)` (the vectors the
 decoder reads) and `latents(z)` (z in the space where codes are picked, for the train step's
 codebook updates), so encode, stage 2, sampling and the planner never ask which it is.
+
+`QUANTIZERS` (at the end) is the registry the VQGAN, the config checks and the train step
+read: a new quantizer is its module here plus one `QuantizerSpec` entry.
 """
 
+import dataclasses
 import math
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Mapping
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqgan_jax import losses
 from vqgan_jax.models import layers
 
 
@@ -110,10 +119,9 @@ class VectorQuantizer(nn.Module):
       self.proj_in = _Dense(self.codebook_dim)
       self.proj_out = _Dense(self.embed_dim)
     if self.ema and self.is_initializing():
-      # Pseudo-count 1 at the initial codebook: ema_sum / ema_count starts as the codebook,
-      # and a code nobody picks decays in both, so it stays where it is.
-      self.variable('quantizer', 'ema_count', lambda: jnp.ones((self.n_embed,), jnp.float32))
-      self.variable('quantizer', 'ema_sum', lambda: jnp.asarray(self.embedding.embedding))
+      stats = ema_init({'embedding': {'embedding': self.embedding.embedding}})
+      self.variable('quantizer', 'ema_count', lambda: stats['ema_count'])
+      self.variable('quantizer', 'ema_sum', lambda: stats['ema_sum'])
 
   def latents(self, z):
     """z (..., embed_dim) in the codebook's space (projected, normalised), float32."""
@@ -142,6 +150,21 @@ class VectorQuantizer(nn.Module):
     """Codebook entries (..., embed_dim) for integer indices (...)."""
     e = self.codebook()[indices]
     return self.proj_out(e) if self.codebook_dim else e
+
+
+# Laplace smoothing of the EMA codebook's counts (taming's EMAVQ and VQ-VAE-2 use 1e-5).
+EMA_EPS = 1e-5
+
+
+def ema_init(params):
+  """The EMA statistics of a VectorQuantizer with `params` (its 'quantizer' collection):
+  pseudo-count 1 at the codebook, so ema_sum / ema_count starts as the codebook, and a code
+  nobody picks decays in both and stays where it is."""
+  codebook = params['embedding']['embedding']
+  return {
+    'ema_count': jnp.ones(codebook.shape[:1], jnp.float32),
+    'ema_sum': jnp.asarray(codebook, jnp.float32),
+  }
 
 
 def ema_update(count, ema_sum, z, indices, decay):
@@ -429,3 +452,197 @@ class LookupFreeQuantizer(nn.Module):
 
   def lookup(self, indices):
     return lfq_codes(indices, self.bits)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: each quantizer as a plug-in
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerSpec:
+  """What the VQGAN, the config checks and the stage-1 train step know of one quantizer. `m`:
+  the stage-1 model fields with attribute access (config.model, or the VQGAN module itself).
+
+  build(m): its flax module (the VQGAN names it `quantize`: the checkpoints' param layout).
+  num_codes(m): its vocabulary; model.n_embed must equal it (stage 2 sizes its vocabulary by
+    n_embed).
+  validate(m): its fields' problems (config.model only), one sentence each naming
+    config.model.<field>, lazily: the first is reported, and a check may assume the ones
+    before it passed.
+  options: model fields only it reads, with the value that means off: a config of another
+    quantizer must leave them off.
+  shape_fields: model fields (beyond quantizer, n_embed, embed_dim) that decide its params'
+    shapes: a run starting from another's params (`init_from`) needs them equal.
+  code_fields: further model fields that change which code a latent gets: stage 2 needs
+    them equal to its stage-1 checkpoint's.
+  train_forward: its __call__ takes `train` (a training forward that differs from inference).
+  train_state(m): the train state holds its 'quantizer' collection (statistics the train
+    step updates; config.model only); init_state(params): that collection from the
+    module's params, for a state not made by the module's init (a converted or init_from
+    run).
+  train_update(m, params, stats, latents, indices, last_used, t, key): its update after the
+    optimizer's step, on its own params and `stats` (its collection, None when the state
+    holds none), given the step's latents (None unless the step asked for them) and codes,
+    the usage record `last_used` (None when off), the 1-based update number and a key.
+    Returns (params, stats, last_used, metrics). None: none.
+  train_terms(loss, step): (keywords of its __call__, metrics) of the train step, from
+    config.loss and the step (an annealed loss term); None: none.
+  """
+
+  build: Callable[[Any], nn.Module]
+  num_codes: Callable[[Any], int]
+  validate: Callable[[Any], Iterator[str]] = lambda m: iter(())
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  shape_fields: tuple[str, ...] = ()
+  code_fields: tuple[str, ...] = ()
+  train_forward: bool = False
+  train_state: Callable[[Any], bool] = lambda m: False
+  init_state: Callable[[Any], dict] | None = None
+  train_update: Callable[..., tuple] | None = None
+  train_terms: Callable[[Any, Any], tuple[dict, dict]] | None = None
+
+
+def _vq_checks(m):
+  if m.codebook_dim < 0:
+    yield f'config.model.codebook_dim must be >= 0, got {m.codebook_dim}'
+  if not 0.0 <= m.ema_decay < 1.0:
+    yield f'config.model.ema_decay must be in [0, 1), got {m.ema_decay}'
+  if m.restart_window < 0:
+    yield f'config.model.restart_window must be >= 0, got {m.restart_window}'
+
+
+def _vq_train_update(m, params, stats, latents, indices, last_used, t, key):
+  """The VQ codebook after the optimizer's step: the EMA of the latents assigned to each code
+  (stats held: model.ema_decay > 0), then dead-code restart (model.restart_window > 0)."""
+  restart = m.restart_window > 0 and last_used is not None
+  if stats is None and not restart:
+    return params, stats, last_used, {}
+  codebook = params['embedding']['embedding']
+  flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
+  metrics = {}
+  if stats is not None:
+    count, ema_sum = ema_update(
+      stats['ema_count'], stats['ema_sum'], flat, indices.reshape(-1), m.ema_decay
+    )
+    codebook = ema_codebook(count, ema_sum, EMA_EPS)
+  if restart:
+    dead = dead_codes(last_used, t, m.restart_window)
+    codebook, drawn = restart_codes(codebook, dead, flat, key)
+    last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
+    if stats is not None:  # count 1 at the drawn latent, as at init
+      count = jnp.where(dead, 1.0, count)
+      ema_sum = jnp.where(dead[:, None], drawn, ema_sum)
+    metrics['codes_restarted'] = jnp.sum(dead.astype(jnp.int32))
+  if stats is not None:
+    stats = {'ema_count': count, 'ema_sum': ema_sum}
+  return dict(params, embedding={'embedding': codebook}), stats, last_used, metrics
+
+
+def _gumbel_checks(m):
+  if not m.temperature > 0:
+    yield f'config.model.temperature must be > 0, got {m.temperature}'
+  if not m.kl_weight >= 0:
+    yield f'config.model.kl_weight must be >= 0, got {m.kl_weight}'
+
+
+def _fsq_levels(m):
+  return tuple(m.fsq_levels or ())
+
+
+def _fsq_checks(m):
+  levels = _fsq_levels(m)
+  if not (len(levels) >= 1 and all(int(l) == l and l >= 2 for l in levels)):
+    yield f'config.model.fsq_levels must be a tuple of integers >= 2, got {levels!r}'
+  if m.embed_dim != len(levels):
+    yield (
+      f'config.model.embed_dim={m.embed_dim} must equal len(config.model.fsq_levels)='
+      f'{len(levels)} (one channel per level)'
+    )
+  if m.n_embed != math.prod(levels):
+    yield (
+      f'config.model.n_embed={m.n_embed} must equal prod(fsq_levels)={math.prod(levels)} '
+      '(the vocabulary stage 2 reads)'
+    )
+
+
+def _lfq_checks(m):
+  bits = m.lfq_bits
+  if not 1 <= bits <= 30:
+    yield f'config.model.lfq_bits must be in [1, 30], got {bits}'
+  if m.embed_dim != bits:
+    yield (
+      f'config.model.embed_dim={m.embed_dim} must equal config.model.lfq_bits={bits} '
+      '(one channel per bit)'
+    )
+  if m.n_embed != 2**bits:
+    yield (
+      f'config.model.n_embed={m.n_embed} must equal 2**lfq_bits={2**bits} '
+      '(the vocabulary stage 2 reads)'
+    )
+
+
+def _lfq_train_terms(loss, step):
+  """LFQ's entropy term, its weight annealed over the steps (also logged)."""
+  weight = losses.annealed_weight(
+    step, loss.entropy_weight, loss.entropy_anneal_steps, loss.entropy_anneal_factor
+  )
+  terms = {'entropy_weight': weight, 'entropy_temperature': loss.entropy_temperature}
+  return terms, {'entropy_weight': weight}
+
+
+QUANTIZERS = {
+  'vq': QuantizerSpec(
+    build=lambda m: VectorQuantizer(
+      m.n_embed,
+      m.embed_dim,
+      m.beta,
+      m.legacy_beta,
+      codebook_dim=m.codebook_dim,
+      l2_norm=m.codebook_l2_norm,
+      ema=m.ema_decay > 0,
+    ),
+    num_codes=lambda m: m.n_embed,
+    validate=_vq_checks,
+    # The original's quantizer when off; the train step's EMA codebook and restart read them.
+    options={'codebook_dim': 0, 'codebook_l2_norm': False, 'ema_decay': 0.0, 'restart_window': 0},
+    shape_fields=('codebook_dim',),
+    code_fields=('codebook_l2_norm',),
+    train_state=lambda m: m.ema_decay > 0,
+    init_state=ema_init,
+    train_update=_vq_train_update,
+  ),
+  'gumbel': QuantizerSpec(
+    build=lambda m: GumbelQuantizer(m.n_embed, m.embed_dim, m.kl_weight, m.temperature),
+    num_codes=lambda m: m.n_embed,
+    validate=_gumbel_checks,
+    train_forward=True,
+  ),
+  'fsq': QuantizerSpec(
+    build=lambda m: FSQuantizer(_fsq_levels(m)),
+    num_codes=lambda m: math.prod(_fsq_levels(m)),
+    validate=_fsq_checks,
+    shape_fields=('fsq_levels',),
+  ),
+  'lfq': QuantizerSpec(
+    build=lambda m: LookupFreeQuantizer(m.lfq_bits, m.beta),
+    num_codes=lambda m: 2**m.lfq_bits,
+    validate=_lfq_checks,
+    shape_fields=('lfq_bits',),
+    train_terms=_lfq_train_terms,
+  ),
+}
+
+
+def shape_fields() -> tuple[str, ...]:
+  """The model fields that decide a quantizer's params and codes, of every quantizer."""
+  return ('quantizer', 'n_embed', 'embed_dim') + tuple(
+    f for spec in QUANTIZERS.values() for f in spec.shape_fields
+  )
+
+
+def code_fields() -> tuple[str, ...]:
+  """The model fields that decide which code a latent gets, of every quantizer."""
+  return ('quantizer',) + tuple(
+    f for spec in QUANTIZERS.values() for f in spec.shape_fields + spec.code_fields
+  )

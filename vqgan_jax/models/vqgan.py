@@ -1,7 +1,6 @@
 """Encoder, Decoder and the VQGAN composition (taming `VQModel`)."""
 
 import functools
-import math
 from typing import Any
 from typing import Sequence
 
@@ -10,10 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax.models import layers
-from vqgan_jax.models.quantizer import FSQuantizer
-from vqgan_jax.models.quantizer import GumbelQuantizer
-from vqgan_jax.models.quantizer import LookupFreeQuantizer
-from vqgan_jax.models.quantizer import VectorQuantizer
+from vqgan_jax.models.quantizer import QUANTIZERS
 
 Dtype = Any
 
@@ -105,19 +101,6 @@ class Decoder(nn.Module):
     return self.conv_out(self.features(z, deterministic))
 
 
-QUANTIZERS = ('vq', 'gumbel', 'fsq', 'lfq')
-
-
-def num_codes(quantizer: str, n_embed: int, fsq_levels=(), lfq_bits: int = 0) -> int:
-  """The vocabulary a quantizer gives: n_embed for the codebook ones, prod(levels) for FSQ,
-  2**bits for LFQ (where n_embed must equal it: stage 2 sizes its vocabulary by n_embed)."""
-  if quantizer == 'fsq':
-    return math.prod(fsq_levels)
-  if quantizer == 'lfq':
-    return 2**lfq_bits
-  return n_embed
-
-
 class VQGAN(nn.Module):
   """Taming's VQModel: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
 
@@ -134,7 +117,8 @@ class VQGAN(nn.Module):
   training forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits),
   without the noise the original adds even at inference. quantizer='fsq' (fsq_levels,
   embed_dim == len(levels)) and 'lfq' (lfq_bits == embed_dim; beta is its commitment weight)
-  have no codebook; n_embed must equal their number of codes (`num_codes`).
+  have no codebook; n_embed must equal their number of codes. The quantizer is the module
+  `quantizer.QUANTIZERS[quantizer]` builds; its fields are read by that entry alone.
 
   `remat_policy` (a `jax.checkpoint_policies` name, None: off) rematerialises every
   ResnetBlock / AttnBlock of the encoder and decoder; the parameter tree does not change.
@@ -183,31 +167,19 @@ class VQGAN(nn.Module):
     conv = functools.partial(layers.Conv, padding=one, dtype=self.dtype, conv_impl=self.conv_impl)
     self.quant_conv = conv(self.embed_dim, 1)
     self.post_quant_conv = conv(self.z_channels, 1)
-    if self.quantizer not in QUANTIZERS:
-      raise ValueError(f'quantizer={self.quantizer!r}: use one of {QUANTIZERS}')
-    codes = num_codes(self.quantizer, self.n_embed, tuple(self.fsq_levels), self.lfq_bits)
+    codes = self.spec.num_codes(self)
     if codes != self.n_embed:
       raise ValueError(
         f'n_embed={self.n_embed} but quantizer={self.quantizer!r} gives {codes} codes'
       )
-    if self.quantizer == 'vq':
-      self.quantize = VectorQuantizer(
-        self.n_embed,
-        self.embed_dim,
-        self.beta,
-        self.legacy_beta,
-        codebook_dim=self.codebook_dim,
-        l2_norm=self.codebook_l2_norm,
-        ema=self.ema_decay > 0,
-      )
-    elif self.quantizer == 'gumbel':
-      self.quantize = GumbelQuantizer(
-        self.n_embed, self.embed_dim, self.kl_weight, self.temperature
-      )
-    elif self.quantizer == 'fsq':
-      self.quantize = FSQuantizer(tuple(self.fsq_levels))
-    else:
-      self.quantize = LookupFreeQuantizer(self.lfq_bits, self.beta)
+    self.quantize = self.spec.build(self)
+
+  @property
+  def spec(self):
+    """This model's quantizer entry of `quantizer.QUANTIZERS`."""
+    if self.quantizer not in QUANTIZERS:
+      raise ValueError(f'quantizer={self.quantizer!r}: use one of {tuple(QUANTIZERS)}')
+    return QUANTIZERS[self.quantizer]
 
   @property
   def downsample_factor(self):
@@ -219,24 +191,21 @@ class VQGAN(nn.Module):
     deterministic: bool = True,
     train: bool = False,
     *,
-    entropy_weight=None,
-    entropy_temperature: float = 0.01,
     with_latents: bool = False,
+    **terms,
   ):
     """Returns (z_q (B,h,w,embed_dim) float32, qloss, indices (B,h,w)).
 
-    `deterministic`: dropout off. `train`: the Gumbel quantizer's training forward.
-    `entropy_weight` / `entropy_temperature`: LFQ's entropy term (the train step's; None:
-    no entropy term). `with_latents`: also return the quantizer's latents (B,h,w,D) (z where
-    codes are picked, without gradient), for the codebook updates of the train step.
+    `deterministic`: dropout off. `train`: the quantizer's training forward where it has one
+    (`QuantizerSpec.train_forward`: Gumbel's). `terms`: the train step's extra quantizer
+    keywords (`QuantizerSpec.train_terms`: LFQ's entropy term). `with_latents`: also return
+    the quantizer's latents (B,h,w,D) (z where codes are picked, without gradient), for the
+    codebook updates of the train step.
     """
     h = self.quant_conv(self.encoder(x, deterministic))
-    if self.quantizer == 'gumbel':
-      out = self.quantize(h, train=train)
-    elif self.quantizer == 'lfq':
-      out = self.quantize(h, entropy_weight, entropy_temperature)
-    else:
-      out = self.quantize(h)
+    if self.spec.train_forward:
+      terms = dict(terms, train=train)
+    out = self.quantize(h, **terms)
     if with_latents:
       return (*out, jax.lax.stop_gradient(self.quantize.latents(h)))
     return out
@@ -264,12 +233,11 @@ def from_config(
   fields, *, dtype=jnp.float32, remat_policy=None, frozen=False, conv_impl='auto'
 ) -> VQGAN:
   """The VQGAN described by stage-1 `model` fields (a ConfigDict or a dict, as saved in a
-  checkpoint's config): the one place a config becomes a module. Fields added after a
-  checkpoint was written take their defaults (an old run is a 'vq' model with the original's
-  quantizer). `frozen`: no dropout (encode, decode, stage 2). `dtype`, `remat_policy` and
-  `conv_impl` say how it runs, not what it computes (`config.train`'s fields).
+  checkpoint's config): the one place a config becomes a module. Every field is read as it
+  is: a saved config gets the fields added after it was written when it is read
+  (`checkpoints.upgrade_config`). `frozen`: no dropout (encode, decode, stage 2). `dtype`,
+  `remat_policy` and `conv_impl` say how it runs, not what it computes (`config.train`'s).
   """
-  get = fields.get
   return VQGAN(
     ch=fields['ch'],
     ch_mult=tuple(fields['ch_mult']),
@@ -281,17 +249,17 @@ def from_config(
     z_channels=fields['z_channels'],
     n_embed=fields['n_embed'],
     embed_dim=fields['embed_dim'],
-    beta=get('beta', 0.25),
-    legacy_beta=get('legacy_beta', True),
-    quantizer=get('quantizer', 'vq'),
-    kl_weight=get('kl_weight', 1e-8),
-    temperature=get('temperature', 1.0),
-    codebook_dim=get('codebook_dim', 0),
-    codebook_l2_norm=get('codebook_l2_norm', False),
-    ema_decay=get('ema_decay', 0.0),
-    fsq_levels=tuple(get('fsq_levels', ()) or ()),
-    lfq_bits=get('lfq_bits', 0),
-    dropout=0.0 if frozen else get('dropout', 0.0),
+    beta=fields['beta'],
+    legacy_beta=fields['legacy_beta'],
+    quantizer=fields['quantizer'],
+    kl_weight=fields['kl_weight'],
+    temperature=fields['temperature'],
+    codebook_dim=fields['codebook_dim'],
+    codebook_l2_norm=fields['codebook_l2_norm'],
+    ema_decay=fields['ema_decay'],
+    fsq_levels=tuple(fields['fsq_levels'] or ()),
+    lfq_bits=fields['lfq_bits'],
+    dropout=0.0 if frozen else fields['dropout'],
     dtype=dtype,
     remat_policy=remat_policy,
     conv_impl=conv_impl,

@@ -57,8 +57,7 @@ def make_optimizers(config):
   return adam(), adam()
 
 
-# Laplace smoothing of the EMA codebook's counts (taming's EMAVQ and VQ-VAE-2 use 1e-5).
-EMA_EPS = 1e-5
+EMA_EPS = quantizer_lib.EMA_EPS  # importable here as before
 
 
 OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
@@ -66,9 +65,10 @@ OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
 
 def optional_state_keys(config) -> tuple:
   """The train-state entries beyond the original's that a run with `config` holds (a
-  ConfigDict; fields it predates count as off):
+  ConfigDict; a saved one as `checkpoints.upgrade_config` reads it):
 
-  'quantizer': the VQ's EMA codebook statistics (model.ema_decay > 0), the flax collection;
+  'quantizer': the quantizer's train-time statistics, the flax collection, where its
+    `QuantizerSpec.train_state` says so (the VQ's EMA codebook: model.ema_decay > 0);
   'code_last_used': (n_embed,) int32, the step each code was last picked at (0: never), for
     the usage window (train.usage_window) and dead-code restart (model.restart_window);
   'lecam': EMAs of D's mean logits on reals and fakes (loss.lecam_weight > 0);
@@ -76,30 +76,26 @@ def optional_state_keys(config) -> tuple:
   """
   m, loss, t = config.model, config.loss, config.train
   keys = []
-  if m.get('quantizer', 'vq') == 'vq' and m.get('ema_decay', 0.0) > 0:
+  if quantizer_lib.QUANTIZERS[m.quantizer].train_state(m):
     keys.append('quantizer')
-  if t.get('usage_window', 0) > 0 or m.get('restart_window', 0) > 0:
+  if t.usage_window > 0 or m.restart_window > 0:
     keys.append('code_last_used')
-  if loss.get('lecam_weight', 0.0) > 0:
+  if loss.lecam_weight > 0:
     keys.append('lecam')
-  if t.get('params_ema_decay', 0.0) > 0:
+  if t.params_ema_decay > 0:
     keys.append('params_ema')
   return tuple(keys)
 
 
 def fresh_optional_state(config, keys, params):
   """Initial values of the optional state entries `keys`, given the generator's params: the
-  EMA statistics as the VQ module's init makes them (count 1 at each code of the codebook),
-  no code used yet, LeCAM's EMAs at 0, the params EMA at the params."""
+  quantizer's statistics as its module's init makes them (`QuantizerSpec.init_state`: the
+  VQ's count 1 at each code of the codebook), no code used yet, LeCAM's EMAs at 0, the
+  params EMA at the params."""
   out = {}
   if 'quantizer' in keys:
-    codebook = params['quantize']['embedding']['embedding']
-    out['quantizer'] = {
-      'quantize': {
-        'ema_count': jnp.ones(codebook.shape[:1], jnp.float32),
-        'ema_sum': jnp.asarray(codebook, jnp.float32),
-      }
-    }
+    init = quantizer_lib.QUANTIZERS[config.model.quantizer].init_state
+    out['quantizer'] = {'quantize': init(params['quantize'])}
   if 'code_last_used' in keys:
     out['code_last_used'] = jnp.zeros((config.model.n_embed,), jnp.int32)
   if 'lecam' in keys:
@@ -172,18 +168,16 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   k_lpips, k_drop = jax.random.split(rng)
   ae_deterministic = config.model.dropout == 0.0
   # The VQ codebook updates read the quantizer's latents; the original's step asks for none.
-  with_latents = 'quantizer' in state or config.model.get('restart_window', 0) > 0
+  with_latents = 'quantizer' in state or config.model.restart_window > 0
   encode_kw = {'with_latents': True} if with_latents else {}
-  entropy_weight = None
-  if models.vqgan.quantizer == 'lfq':
-    entropy_weight = losses.annealed_weight(
-      step, cfg.entropy_weight, cfg.entropy_anneal_steps, cfg.entropy_anneal_factor
-    )
-    encode_kw.update(entropy_weight=entropy_weight, entropy_temperature=cfg.entropy_temperature)
+  # The quantizer's train-time keywords (LFQ's annealed entropy term) and their metrics.
+  train_terms = models.vqgan.spec.train_terms
+  terms, term_metrics = train_terms(cfg, step) if train_terms else ({}, {})
+  encode_kw.update(terms)
 
   def ae_forward(params):
     variables = {'params': params}
-    # 'gumbel': the Gumbel quantizer's training noise (the VQ quantizer takes none).
+    # 'gumbel': the Gumbel quantizer's training noise (the others take none).
     rngs = {'dropout': k_drop, 'gumbel': jax.random.fold_in(k_drop, 1)}
     z_q, qloss, indices, *latents = models.vqgan.apply(
       variables, x, ae_deterministic, train=True, rngs=rngs, method='encode', **encode_kw
@@ -226,7 +220,7 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   g_loss, ct_logits_g = jax.value_and_grad(losses.generator_loss)(logits_fake)
   _, ct_g = fake_vjp(ct_logits_g)
 
-  if cfg.get('adaptive_weight', True):
+  if cfg.adaptive_weight:
     kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
     d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
   else:
@@ -258,7 +252,7 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     logits_real, logits_fake
   )
   d_grads = jax.tree.map(jnp.add, real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
-  if cfg.get('r1_weight', 0.0) > 0:
+  if cfg.r1_weight > 0:
     r1, r1_grads = jax.value_and_grad(
       lambda dp: losses.r1_penalty(lambda inp: disc_forward(dp, stats_after_fake, inp)[0], x)
     )(state['disc_params'])
@@ -309,47 +303,38 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     'codebook_usage': codes['usage'],
     'perplexity': codes['perplexity'],
     **metrics,
+    **term_metrics,
   }
-  if entropy_weight is not None:
-    metrics['entropy_weight'] = entropy_weight
   return new_state, metrics
 
 
 def _codebook_updates(config, state, params, indices, latents, t, key):
-  """The codebook's updates after the optimizer's: the EMA codebook (written into `params`,
-  where inference reads it), the usage record and dead-code restart. `t`: this update's
-  1-based number; `key`: this step's restart key. Returns (params, state entries, metrics)."""
-  m = config.model
+  """The code-level updates after the optimizer's: the usage record, then the quantizer's own
+  (`QuantizerSpec.train_update`: the VQ's EMA codebook and dead-code restart, written into
+  `params`, where inference reads it). `t`: this update's 1-based number; `key`: this step's
+  restart key. Returns (params, state entries, metrics)."""
   out, metrics = {}, {}
   if 'code_last_used' not in state and 'quantizer' not in state:
     return params, out, metrics
-  codebook = params['quantize']['embedding']['embedding'] if m.quantizer == 'vq' else None
-  flat = None if latents is None else latents.reshape(-1, latents.shape[-1])
-  if 'quantizer' in state:
-    stats = state['quantizer']['quantize']
-    count, ema_sum = quantizer_lib.ema_update(
-      stats['ema_count'], stats['ema_sum'], flat, indices.reshape(-1), m.ema_decay
-    )
-    codebook = quantizer_lib.ema_codebook(count, ema_sum, EMA_EPS)
+  last_used = None
   if 'code_last_used' in state:
     last_used = quantizer_lib.mark_used(state['code_last_used'], indices, t)
-    window = config.train.get('usage_window', 0)
+    window = config.train.usage_window
     if window > 0:  # before any restart: re-seeded codes were not picked
       metrics['window_usage'] = quantizer_lib.window_usage(last_used, t, window)
-    if m.get('restart_window', 0) > 0:
-      dead = quantizer_lib.dead_codes(last_used, t, m.restart_window)
-      codebook, drawn = quantizer_lib.restart_codes(codebook, dead, flat, key)
-      last_used = jnp.where(dead, t, last_used)  # a fresh window for a re-seeded code
-      if 'quantizer' in state:  # count 1 at the drawn latent, as at init
-        count = jnp.where(dead, 1.0, count)
-        ema_sum = jnp.where(dead[:, None], drawn, ema_sum)
-      metrics['codes_restarted'] = jnp.sum(dead.astype(jnp.int32))
+  update = quantizer_lib.QUANTIZERS[config.model.quantizer].train_update
+  if update is not None:
+    stats = state['quantizer']['quantize'] if 'quantizer' in state else None
+    quantize, stats, last_used, more = update(
+      config.model, params['quantize'], stats, latents, indices, last_used, t, key
+    )
+    if quantize is not params['quantize']:
+      params = dict(params, quantize=quantize)
+    metrics.update(more)
+    if stats is not None:
+      out['quantizer'] = {'quantize': stats}
+  if last_used is not None:
     out['code_last_used'] = last_used
-  if 'quantizer' in state:
-    out['quantizer'] = {'quantize': {'ema_count': count, 'ema_sum': ema_sum}}
-  if codebook is not None:
-    quantize = dict(params['quantize'], embedding={'embedding': codebook})
-    params = dict(params, quantize=quantize)
   return params, out, metrics
 
 

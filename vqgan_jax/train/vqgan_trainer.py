@@ -170,8 +170,8 @@ class _CodebookHealth:
 
   def __init__(self, config, start):
     self.step = start  # the step the last metrics belong to (the step function counts)
-    self.window = config.train.get('usage_window', 0)
-    self.threshold = config.train.get('usage_warning', 0.0)
+    self.window = config.train.usage_window
+    self.threshold = config.train.usage_warning
     self.n_embed = config.model.n_embed
     self.warned = False
 
