@@ -80,19 +80,29 @@ def _refused(torch, path: str, error: pickle.UnpicklingError) -> str:
   )
 
 
-def _not_a_checkpoint(path: str) -> str:
-  """Why `path` cannot be a torch.save file, read off its first bytes; '' when it could be."""
+def zip_problem(path: str, index_note: str) -> tuple[bytes, str | None]:
+  """(the first 6 bytes of `path`, why it is not a whole zip archive): '' when it is one,
+  None when it is no zip at all (the caller knows what else it may be). `index_note` says
+  who writes the index a truncated file lost."""
   with open(path, 'rb') as f:
-    head = f.read(4)
+    head = f.read(6)
   if not head:
-    return 'the file is empty'
+    return head, 'the file is empty'
   if zipfile.is_zipfile(path):
-    return ''
-  if head == b'PK\x03\x04':
-    return (
-      'it is a truncated or damaged zip archive (torch.save writes its index at the end: '
+    return head, ''
+  if head[:4] == b'PK\x03\x04':
+    return head, (
+      f'it is a truncated or damaged zip archive ({index_note} at the end: '
       'was the download or copy complete?)'
     )
+  return head, None
+
+
+def _not_a_checkpoint(path: str) -> str:
+  """Why `path` cannot be a torch.save file, read off its first bytes; '' when it could be."""
+  head, why = zip_problem(path, 'torch.save writes its index')
+  if why is not None:
+    return why
   return '' if head[:1] == b'\x80' else 'it is neither a zip archive nor a pickle'
 
 

@@ -148,17 +148,9 @@ def save_npz(variables: Mapping, path: str) -> None:
 def _not_an_npz(path: str) -> str:
   """Why `path` cannot be a `.npz`, read off its first bytes; '' when it could be one.
   (np.load's own errors mislead: text reads as "pickled data", try `allow_pickle`.)"""
-  with open(path, 'rb') as f:
-    head = f.read(6)
-  if not head:
-    return 'the file is empty'
-  if zipfile.is_zipfile(path):
-    return ''
-  if head[:4] == b'PK\x03\x04':
-    return (
-      'it is a truncated or damaged zip archive (a .npz keeps its index at the end: was the '
-      'download or copy complete?)'
-    )
+  head, why = torch_ckpt.zip_problem(path, 'a .npz keeps its index')
+  if why is not None:
+    return why
   if head == b'\x93NUMPY':
     return 'it is a single-array .npy, not a .npz archive'
   return 'it is not a zip archive (a .npz is one)'
