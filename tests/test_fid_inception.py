@@ -22,9 +22,19 @@ from vqgan_jax import fid
 from vqgan_jax import parallel
 from vqgan_jax.convert import ConversionError
 from vqgan_jax.convert import __main__ as convert_main
+from vqgan_jax.convert.torch_ckpt import INSTALL_HINT
 from vqgan_jax.models import inception as inc
 from vqgan_jax.models import inception_load as conv
 from vqgan_jax.validate import ConfigError
+
+# As the other parity tests (tests/parity.py): without the [reference] extra the tests that
+# need torch or pytorch-fid skip with the install hint; the rest of the module runs.
+HINT = f'pytorch-fid and torch are not installed: {INSTALL_HINT}'
+
+
+def _torch():
+  """torch, or a skip with the install hint."""
+  return pytest.importorskip('torch', reason=HINT)
 
 
 def _rel(ours, ref) -> float:
@@ -48,7 +58,9 @@ def _import_pytorch_fid():
   """
   if 'pytorch_fid.fid_score' in sys.modules:
     return sys.modules['pytorch_fid.inception'], sys.modules['pytorch_fid.fid_score']
-  import torch  # noqa: F401  (before torchvision's modules)
+  _torch()  # before torchvision's modules
+  if importlib.util.find_spec('pytorch_fid') is None:
+    pytest.skip(HINT)
 
   saved = {n: m for n, m in sys.modules.items() if _is_torchvision(n)}
   try:
@@ -105,7 +117,7 @@ def _random_state_dict(seed=0):
 def torch_fid(tmp_path_factory):
   """pytorch-fid's InceptionV3([3], resize_input=True, normalize_input=True) on random
   weights read from a temp .pth, its inner `fid_inception_v3` (for `fc`), and the file."""
-  import torch
+  torch = _torch()
 
   pfi, _ = _import_pytorch_fid()
   pth = str(tmp_path_factory.mktemp('inception') / 'pt_inception-random.pth')
@@ -139,8 +151,8 @@ def images():
 def test_inception_resize_matches_torch_interpolate(hw):
   """Up- and downsampling (2 taps, no antialias) equal F.interpolate(bilinear,
   align_corners=False) to float32 round-off."""
-  import torch
-  import torch.nn.functional as F
+  torch = _torch()
+  F = torch.nn.functional
 
   x = np.random.default_rng(2).uniform(0, 1, (2, *hw, 3)).astype(np.float32)
   ours = inc.resize_bilinear_torch(x, (299, 299))
@@ -378,7 +390,7 @@ def _write_bad_weights(kind, tmp_path, monkeypatch):
     np.savez(path, mu=np.zeros(3), sigma=np.eye(3))  # e.g. a statistics file
     return path, r'other\.npz lacks \S+ \(and 471 more\): is it'
   if kind == '.pth with other keys':
-    torch = pytest.importorskip('torch')  # the [reference] extra
+    torch = _torch()
     path = tmp_path / 'resnet.pth'
     torch.save({'conv1.weight': torch.zeros(4, 3, 3, 3), 'fc.bias': torch.zeros(1008)}, path)
     return path, r'resnet\.pth lacks \S+ \(and 470 more\): is it'
