@@ -20,6 +20,7 @@ from vqgan_jax import checks
 from vqgan_jax import config_base
 from vqgan_jax import inference
 from vqgan_jax import parallel
+from vqgan_jax.models import gpt_load
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2_config
 
@@ -200,3 +201,39 @@ def test_sample_draws_more_than_batch_size_in_batches(gpt, monkeypatch):
     batch = cond[2 * i : 2 * i + 2]
     want, _ = gpt.sample(np.resize(batch, (2, 1)), jax.random.fold_in(rng, i), top_k=8)
     np.testing.assert_array_equal(codes[2 * i : 2 * i + 2], want[: len(batch)])
+
+
+def test_trainer_exports_are_the_trainers_main_runs(tmp_path):
+  """`vqgan_jax.train_stage1` / `train_stage2` (the README's API) import and are the trainers
+  `main` runs; called with a config they refuse, they say why before training anything."""
+  import vqgan_jax  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.validate import ConfigError  # pylint: disable=g-import-not-at-top
+
+  assert {'train_stage1', 'train_stage2'} <= set(vqgan_jax.__all__) & set(dir(vqgan_jax))
+  assert vqgan_jax.train_stage1 is vqgan_trainer.train_and_evaluate
+  assert vqgan_jax.train_stage2 is transformer_trainer.train_and_evaluate
+  c1 = config_base.smoke_stage1()
+  c1.model.ch = 48
+  with pytest.raises(ConfigError, match=r'^config\.model\.ch '):
+    vqgan_jax.train_stage1(c1, str(tmp_path / 'stage1'))
+  c2 = fashion_mnist_transformer.get_config('smoke')
+  with pytest.raises(DataError, match='^No codes dataset at .* run --mode=encode'):
+    vqgan_jax.train_stage2(c2, str(tmp_path / 'stage2'))
+
+
+def test_encode_and_stage_2_read_the_ema_params(vq_workdir):
+  """--mode=encode, stage-2 training, sampling and eval read the stage-1 VQGAN through
+  `gpt_load.load_frozen`, whose identity of what it read is what encode records with the
+  codes: the EMA params of a run that kept them."""
+  workdir, saved = vq_workdir
+  c = fashion_mnist_transformer.get_config('smoke')
+  c.stage1_workdir = workdir
+  c, mesh, layout = gpt_load.setup(c)
+  frozen, params, _ = gpt_load.load_frozen(c, layout, mesh, cond=False)
+  assert frozen.stage1_id['ema'] is True and frozen.stage1_id['step'] == 3
+  assert frozen.stage1_id['params_sha256'] == checkpoints.params_fingerprint(saved['params_ema'])
+  got = jax.device_get(params['stage1'])
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, saved['params_ema'])))
