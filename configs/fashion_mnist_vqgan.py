@@ -2,6 +2,10 @@
 
 python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py --workdir=/tmp/fm
 python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir=/tmp/fm_smoke
+
+`:smoke` is the tests' smoke model with the original's quantizer (what the stage-2 `:smoke`
+configs pair with); `:smoke,demo` is the same size with this demo's own choices (FSQ, a fixed
+GAN weight, EMA weights), which tests/test_main.py trains through `main`.
 """
 
 from vqgan_jax import config_base as base
@@ -37,7 +41,7 @@ def get_config(arg=None):
   )
   if args.get('smoke'):
     base.stage1_smoke(c)  # the original's quantizer (the tests' smoke model)
-  else:
+  if not args.get('smoke') or args.get('demo'):
     # Measured at this budget (experiments/results/ablate_stage1.jsonl, experiments/README.md):
     # the original's vq picks ~16% of its codes; FSQ with 4 levels on 4 channels (the same
     # 256 codes) uses all of them. The adaptive GAN weight (lambda 2-12 here) then undoes

@@ -1,4 +1,6 @@
-"""End to end: `python -m vqgan_jax.main` in subprocesses on the smoke config.
+"""End to end: `python -m vqgan_jax.main` in subprocesses on the demo's smoke config
+(`:smoke,demo`: the smoke model's size with the demo's FSQ, fixed GAN weight and EMA weights;
+the original's quantizer at smoke size goes through `main` in test_stage2.py's handoff).
 
 All runs share one TFDS data dir (Fashion-MNIST is prepared once) and one persistent JAX
 compilation cache, so only the first run pays for compiling. The uninterrupted smoke run
@@ -9,6 +11,7 @@ restore-onto-another-mesh and incompatible-resume tests.
 import hashlib
 import json
 import os
+import pickletools
 import shutil
 import signal
 import struct
@@ -27,7 +30,8 @@ from vqgan_jax import parallel
 from vqgan_jax.train import stage1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = 'configs/fashion_mnist_vqgan.py:smoke'
+SMOKE = 'smoke,demo'
+CONFIG = f'configs/fashion_mnist_vqgan.py:{SMOKE}'
 NUM_STEPS = 8  # the smoke config's
 KILL_AFTER_STEP = 4  # the smoke config checkpoints every 4 steps
 
@@ -85,6 +89,28 @@ def smoke_run(env, tmp_path_factory):
   assert proc.returncode == 0, _explain(proc)
   _TIMES['smoke run (prepares data, cold cache)'] = elapsed
   return workdir
+
+
+def _pickles(directory):
+  """Files under `directory` that are Python pickles (by name, or a whole file that parses as
+  one): loading a pickle can run code, so a workdir holds none (orbax's msgpack and array
+  files, JSON, PNG and event files are data)."""
+  found = []
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        head = f.read(2)
+        if not name.endswith(('.pkl', '.pickle')):
+          if head[:1] != b'\x80' or head[1:2] not in b'\x02\x03\x04\x05':
+            continue  # every pickle of protocol 2 and later starts with PROTO
+          f.seek(0)
+          try:
+            list(pickletools.genops(f))
+          except Exception:  # pylint: disable=broad-except
+            continue  # not a pickle after all
+        found.append(os.path.relpath(path, directory))
+  return found
 
 
 def _committed_steps(workdir):
@@ -152,6 +178,12 @@ def test_smoke_run_writes_checkpoint_events_grid_and_metrics(smoke_run):
   trains = [l for l in lines if l['split'] == 'train']
   assert [l['step'] for l in trains] == [2, 4, 6, 8]
   assert all(np.isfinite(l['total_loss']) for l in trains)
+  # The run is the demo's stage 1 (FSQ, a fixed GAN weight, EMA weights), as saved.
+  with checkpoints.Checkpointer(workdir, read_only=True) as ckpt:
+    saved = ckpt.restore_config(NUM_STEPS)
+  assert saved['model']['quantizer'] == 'fsq' and saved['loss']['adaptive_weight'] is False
+  assert saved['train']['params_ema_decay'] == 0.99
+  assert _pickles(workdir) == []
   # The smoke config's disc_start is 4 (batches seen before the step, as PL's global_step):
   # the line logged after update 4 is still D-off, from update 5 on D trains.
   assert [l['disc_factor'] for l in trains] == [0.0, 0.0, 1.0, 1.0]
@@ -189,7 +221,7 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   _TIMES['run B resumed to the end (warm cache)'] = elapsed
   assert _committed_steps(workdir)[-1] == NUM_STEPS
 
-  config = fashion_mnist_vqgan.get_config('smoke')
+  config = fashion_mnist_vqgan.get_config(SMOKE)
   step_a, state_a = _restore(smoke_run, config)
   step_b, state_b = _restore(workdir, config)
   assert step_a == step_b == NUM_STEPS
@@ -202,6 +234,9 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
   ):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  # The EMA of the weights trained beside them and resumed with them.
+  ema, raw = jax.tree.leaves(state_b['params_ema']), jax.tree.leaves(state_b['params'])
+  assert len(ema) == len(raw) and not all(np.array_equal(a, b) for a, b in zip(ema, raw))
   # Both really trained 8 steps (Adam counts the AE and D updates).
   assert int(state_b['opt_state'][0].count) == int(state_b['disc_opt_state'][0].count) == 8
   # Restarting reran the training from step 5; metrics.jsonl holds each logged step once
@@ -221,7 +256,7 @@ def test_resume_after_sigkill_gives_identical_final_state(smoke_run, env, tmp_pa
 
 @pytest.mark.slow
 def test_checkpoint_restores_onto_an_8_device_mesh(smoke_run):
-  config = fashion_mnist_vqgan.get_config('smoke')
+  config = fashion_mnist_vqgan.get_config(SMOKE)
   step, saved = _restore(smoke_run, config)  # one device, as written
   assert step == NUM_STEPS
   config.mesh.update(data=2, fsdp=4)
@@ -294,7 +329,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(smoke_run, env, tmp
   assert len(errors) == 1 and 'diverged' in errors[0] and 'step 8' in errors[0], _explain(proc)
   assert 'Traceback' not in proc.stderr, _explain(proc)
   assert _committed_steps(workdir) == [4, NUM_STEPS]
-  _, state = _restore(workdir, fashion_mnist_vqgan.get_config('smoke'))
+  _, state = _restore(workdir, fashion_mnist_vqgan.get_config(SMOKE))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
   # metrics.jsonl stays strict JSON: the diverged row holds null, not a NaN literal.
   rows = [
@@ -302,6 +337,36 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(smoke_run, env, tmp
     for l in (workdir / 'metrics.jsonl').read_text().splitlines()
   ]
   assert rows[-1]['split'] == 'train' and rows[-1]['total_loss'] is None
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_save_keeps_the_committed_checkpoints(smoke_run, env, tmp_path):
+  """A save that cannot be written stops the run with one `error:` line naming the step and
+  saying the committed steps stay; they do, and still restore."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run, workdir)
+  # A real limit (a full disk reads the same): files past 256 KiB fail with EFBIG, not
+  # SIGXFSZ (Python ignores that signal). The checkpoint's array file is larger. Set by the
+  # shell (`ulimit`), not a preexec_fn: forking this multithreaded process runs no Python.
+  cmd = _cmd(workdir, '--config.train.num_steps=12', '--config.train.eval_every=100')
+  proc = subprocess.run(
+    ['bash', '-c', 'ulimit -f 256 && exec "$@"', 'bash', *cmd],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 2, _explain(proc)
+  assert 'Traceback' not in proc.stderr, _explain(proc)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1, _explain(proc)
+  assert errors[0].startswith('error: Could not write checkpoint step 12 '), _explain(proc)
+  assert 'File too large' in errors[0] and 'committed before it stay' in errors[0]
+  assert _committed_steps(workdir) == [4, NUM_STEPS]
+  assert not [p for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name]
+  step, _ = _restore(workdir, fashion_mnist_vqgan.get_config(SMOKE))
+  assert step == NUM_STEPS
 
 
 def _tree_digest(directory):
@@ -320,9 +385,9 @@ def test_incompatible_resume_is_refused_and_leaves_the_checkpoint(smoke_run, env
   workdir = tmp_path / 'run'
   shutil.copytree(smoke_run, workdir)
   before = _tree_digest(workdir / 'checkpoints')
-  proc, _ = _main(env, workdir, '--config.model.n_embed=32')
+  proc, _ = _main(env, workdir, '--config.model.z_channels=16')
   assert proc.returncode != 0, _explain(proc)
-  assert 'model.n_embed' in proc.stderr, _explain(proc)
+  assert 'model.z_channels' in proc.stderr, _explain(proc)
   assert 'Traceback' not in proc.stderr, _explain(proc)
   assert _tree_digest(workdir / 'checkpoints') == before
 
