@@ -18,15 +18,13 @@ keep the demo's 256 codes and model size; the others toggle one thing each.
   --config=configs/fashion_mnist_vqgan.py:smoke --steps=4   a smoke run of the plumbing
 """
 
-import datetime
-import json
 import os
-import subprocess
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
+import machine
 
 from vqgan_jax import config_base
 from vqgan_jax.train import vqgan_trainer
@@ -94,8 +92,9 @@ _CLASSIFIER = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string(
   'out',
-  os.path.join(_REPO, 'experiments', 'results', 'ablate_stage1.jsonl'),
-  'JSON lines file the rows are appended to.',
+  'ablate_stage1.jsonl',
+  'Results file under experiments/results/ (or a path) the rows are appended to, with where '
+  'they ran (machine.write_row); empty: print only.',
 )
 
 EVAL_KEYS = (
@@ -146,21 +145,11 @@ def make_config(
   return c
 
 
-def _commit() -> str:
-  try:
-    out = subprocess.run(
-      ['git', 'rev-parse', '--short', 'HEAD'], cwd=_REPO, capture_output=True, text=True
-    )
-    return out.stdout.strip()
-  except OSError:
-    return ''
-
-
 def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
   config = make_config(spec, variant, seed, steps, base, classifier_workdir)
   name = '+'.join(atoms(base) + atoms(variant)) or 'vq'
   workdir = os.path.join(root, f'{name}_seed{seed}_steps{steps}')
-  commit = _commit()  # the code the run imports, not what HEAD is when it ends
+  commit = machine.info()['commit']  # the code the run imports, not HEAD when it ends
   t0 = time.perf_counter()
   result = vqgan_trainer.train_and_evaluate(config, workdir)
   row = {
@@ -172,7 +161,6 @@ def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
     'config': spec.replace(_REPO + os.sep, ''),
     'workdir': workdir,
     'commit': commit,
-    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
   return row
 
@@ -187,7 +175,6 @@ def main(argv):
     atoms(v)  # every name checked before the first run starts
   atoms(_BASE.value)
   seeds = [int(s) for s in _SEEDS.value]
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   for variant in variants:
     for seed in seeds:
       row = run_one(
@@ -199,11 +186,8 @@ def main(argv):
         _ROOT.value,
         _CLASSIFIER.value,
       )
-      line = json.dumps(row)
-      print(line, flush=True)
-      with open(_OUT.value, 'a') as f:
-        f.write(line + '\n')
-      logging.info('%s seed %d: %s', variant, seed, line)
+      row = machine.write_row(_OUT.value, row)
+      logging.info('%s seed %d: %s', variant, seed, row)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ and input gradient where they apply) and bf16 operands with float32 accumulation
 kernel gradient chunked too), interleaved, best of 5.
 """
 
-import json
 import os
 import statistics
 import time
@@ -30,6 +29,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 
 from vqgan_jax import config_base
@@ -48,6 +48,12 @@ _BATCH = flags.DEFINE_integer('batch', 0, 'Override the batch size (0: the confi
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes of our step.')
 
 _CONV_PROFILE = flags.DEFINE_bool('conv_profile', False, 'Time single convs instead.')
+_OUT = flags.DEFINE_string(
+  'out',
+  '',
+  'Results file under experiments/results/ (or a path) for the rows, with where they ran; '
+  "default bench_stage1_cpu.jsonl (--conv_profile: bench_stage1_bf16_cpu.jsonl); '-': print only.",
+)
 
 # (batch, size, in, out): the demo (b32, 32x32) and small reference (b8, 64x64) shapes.
 CONV_SHAPES = (
@@ -225,18 +231,20 @@ def conv_profile(rounds=5):
         jax.block_until_ready(fn(x, k))
         best[name] = min(best[name], time.perf_counter() - t0)
     flop = 3 * 2 * b * size * size * 9 * cin * cout
-    print(
-      json.dumps(
-        {
-          'name': 'conv3x3_fwd_bwd',
-          'shape': [b, size, size, cin, cout],
-          'ms': {n: round(1e3 * t, 2) for n, t in best.items()},
-          'gflops_per_s': {n: round(flop / t / 1e9, 1) for n, t in best.items()},
-          'load_avg_1m': os.getloadavg()[0],
-        }
-      ),
-      flush=True,
+    machine.write_row(
+      _out('bench_stage1_bf16_cpu.jsonl'),
+      {
+        'name': 'conv3x3_fwd_bwd',
+        'shape': [b, size, size, cin, cout],
+        'ms': {n: round(1e3 * t, 2) for n, t in best.items()},
+        'gflops_per_s': {n: round(flop / t / 1e9, 1) for n, t in best.items()},
+        'load_avg_1m': os.getloadavg()[0],
+      },
     )
+
+
+def _out(default):
+  return '' if _OUT.value == '-' else _OUT.value or default
 
 
 def _reference_available():
@@ -277,10 +285,8 @@ def main(argv):
         row['ratio_vs_original'] = row['images_per_s'] / orig
         row['load_avg_1m_original'] = os.getloadavg()[0]
     for row in rows:
-      print(
-        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-        flush=True,
-      )
+      row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+      machine.write_row(_out('bench_stage1_cpu.jsonl'), row)
 
 
 if __name__ == '__main__':

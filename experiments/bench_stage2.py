@@ -24,7 +24,6 @@ load; medians, and `*_best` for the fastest repetition), with `--threads` torch 
   then says how many steps were timed, and per-token cost grows with the prefix).
 """
 
-import json
 import os
 import statistics
 import time
@@ -34,6 +33,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 
 from vqgan_jax import config_base
@@ -56,6 +56,12 @@ _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
   'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).'
 )
 _ONLY = flags.DEFINE_list('only', ['train', 'sample'], 'Which benchmarks to run.')
+_OUT = flags.DEFINE_string(
+  'out',
+  'bench_stage2_cpu.jsonl',
+  'Results file under experiments/results/ (or a path) the rows are appended to, with where they '
+  'ran (machine.write_row); empty: print only.',
+)
 
 N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD = 512, 16, 8, 8, 512
 TOP_K, TEMPERATURE = 100, 1.0
@@ -269,10 +275,8 @@ def main(argv):
 
   def emit(row):
     row['load_avg_1m'] = os.getloadavg()[0]
-    print(
-      json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-      flush=True,
-    )
+    row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+    machine.write_row(_OUT.value, row)
 
   iters, warmup = _ITERS.value, _WARMUP.value
   # Same seed and batch for every dtype: the first step's loss compares them.

@@ -19,7 +19,6 @@ Sample quality (Frechet distance, class accuracy) of the two trained demos is no
 here: it needs the `--mode=eval` evaluators and trained workdirs.
 """
 
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import machine
 import numpy as np
 
 from vqgan_jax import config_base
@@ -44,6 +44,12 @@ _MAX_BATCH_S = flags.DEFINE_float(
 )
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _KINDS = flags.DEFINE_list('kinds', ['gpt', 'maskgit'], 'Which generators.')
+_OUT = flags.DEFINE_string(
+  'out',
+  'compare_generators.jsonl',
+  'Results file under experiments/results/ (or a path) the rows are appended to, with where they '
+  'ran (machine.write_row); empty: print only.',
+)
 
 N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD, N_CLASSES = 512, 16, 8, 8, 512, 10
 TOP_K, TEMPERATURE = 100, 1.0
@@ -135,7 +141,7 @@ def main(argv):
         gpt_latency = latency
       elif gpt_latency is not None:
         row['speedup_vs_gpt'] = round(gpt_latency / latency, 3)
-      print(json.dumps(row), flush=True)
+      machine.write_row(_OUT.value, row)
 
 
 if __name__ == '__main__':

@@ -20,12 +20,12 @@ Recorded 2026-11-26 (2 shared cores, load average ~7, batch 1, astronaut photo):
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 
+import machine
 import numpy as np
 
 DDCONFIG = dict(
@@ -104,6 +104,11 @@ def main():
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--keep', default='', help='keep the ckpt/yaml/converted dir here')
   parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument(
+    '--out',
+    default='convert_f16_roundtrip.jsonl',
+    help='results file under experiments/results/ (or a path); empty: print only',
+  )
   parser.add_argument(
     '--no_optimizer_states',
     action='store_true',
@@ -230,7 +235,7 @@ def main():
       'build_and_save_original_seconds': round(build_s, 2),
       'load_average': [round(v, 2) for v in os.getloadavg()],
     }
-    print(json.dumps(result))
+    machine.write_row(args.out, result)
   finally:
     if not args.keep:
       shutil.rmtree(root, ignore_errors=True)

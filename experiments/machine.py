@@ -1,11 +1,15 @@
 """Where a result row was measured: CPU model and the flags that change XLA's and oneDNN's
 code paths, core count, library versions, commit and time. Every script that writes rows
-under experiments/results/ adds these fields."""
+under experiments/results/ writes them with `write_row`, which adds these fields
+(tests/test_experiments.py checks both)."""
 
 import datetime
 import importlib.metadata
+import json
 import os
 import subprocess
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 # The flags that decide which kernels XLA:CPU and oneDNN pick.
 CPU_FLAGS = ('avx', 'avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_fp16', 'amx_bf16', 'amx_tile')
@@ -57,3 +61,20 @@ def info() -> dict:
     'jaxlib': _version('jaxlib'),
     'torch': _version('torch'),
   }
+
+
+def write_row(out: str, row: dict, echo: bool = True) -> dict:
+  """Prints `row` with where it was measured (`info()`) as one JSON line (unless `echo` is
+  False) and appends it to `out` (a file name under experiments/results/, or a path);
+  `out=''` only prints (a trial run). Returns the row as written. Notes about a run belong
+  in experiments/README.md, not in its rows."""
+  full = {**info(), **row}  # a row's own field wins (e.g. the commit a long run started at)
+  line = json.dumps(full)
+  if echo:
+    print(line, flush=True)
+  if out:
+    path = out if os.path.dirname(out) else os.path.join(RESULTS, out)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a') as f:
+      f.write(line + '\n')
+  return full

@@ -128,13 +128,12 @@ def main():
   if args.table:
     print(table(args.table))
     return
-  where = machine.info()
   rows = []
   for isa in args.isa.split(','):
-    row = {'name': 'test_bounds', **where, **run(isa, args.files, args.workers)}
+    row = machine.write_row(
+      RESULTS, {'name': 'test_bounds', **run(isa, args.files, args.workers)}, echo=False
+    )
     rows.append(row)
-    with open(RESULTS, 'a') as f:
-      f.write(json.dumps(row) + '\n')
     summary = {k: row[k] for k in ('isa', 'passed', 'failed', 'skipped', 'failures', 'seconds')}
     print(json.dumps({'run': summary, 'bounds_recorded': len(row['bounds'])}), flush=True)
   by_site = collections.defaultdict(dict)

@@ -1,0 +1,93 @@
+"""The experiment scripts write their result rows through one writer that says where each row
+was measured (experiments/machine.py): no benchmark runs here, the scripts are read (ast)."""
+
+import ast
+import glob
+import importlib.util
+import json
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(REPO, 'experiments')
+MACHINE_FIELDS = ('date', 'commit', 'cpu_model', 'cpu_flags', 'cores', 'jax', 'jaxlib', 'torch')
+
+
+def _machine():
+  spec = importlib.util.spec_from_file_location('machine', os.path.join(EXPERIMENTS, 'machine.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _writes_results(tree):
+  """Whether a script names a results file (a '.jsonl' or 'results' string)."""
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+      if node.value.endswith('.jsonl') or node.value == 'results':
+        return True
+  return False
+
+
+def _calls(tree, name):
+  return [
+    n
+    for n in ast.walk(tree)
+    if isinstance(n, ast.Call)
+    and isinstance(n.func, ast.Attribute)
+    and n.func.attr == name
+    or isinstance(n, ast.Call)
+    and isinstance(n.func, ast.Name)
+    and n.func.id == name
+  ]
+
+
+def test_every_script_that_writes_results_uses_the_row_writer():
+  scripts = sorted(glob.glob(os.path.join(EXPERIMENTS, '*.py')))
+  writers = []
+  for path in scripts:
+    if os.path.basename(path) == 'machine.py':
+      continue
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    name = os.path.relpath(path, REPO)
+    # Rows reach a file only through machine.write_row: no script appends on its own (other
+    # files, e.g. a converter's input written to a temporary folder, may be written).
+    for call in _calls(tree, 'open'):
+      modes = [a.value for a in call.args[1:2] if isinstance(a, ast.Constant)]
+      modes += [k.value.value for k in call.keywords if k.arg == 'mode']
+      assert not any('a' in str(m) for m in modes), f'{name}: open(..., {modes})'
+    if _writes_results(tree):
+      writes = [
+        c
+        for c in _calls(tree, 'write_row')
+        if isinstance(c.func, ast.Attribute) and getattr(c.func.value, 'id', '') == 'machine'
+      ]
+      assert writes, f'{name} writes under experiments/results/ without machine.write_row'
+      writers.append(name)
+  # The scripts that measured the committed rows (a script that stops naming its results
+  # file would drop out of the check above).
+  assert {
+    'experiments/ablate_stage1.py',
+    'experiments/bench_stage1.py',
+    'experiments/bench_stage2.py',
+    'experiments/compare_generators.py',
+    'experiments/convert_f16_roundtrip.py',
+    'experiments/test_bounds.py',
+  } <= set(writers), writers
+
+
+def test_the_row_writer_adds_where_the_row_was_measured(tmp_path, capsys):
+  machine = _machine()
+  out = tmp_path / 'rows.jsonl'
+  machine.write_row(str(out), {'name': 'a', 'value': 1.5})
+  machine.write_row(str(out), {'name': 'b', 'commit': 'abc1234'}, echo=False)
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['name'] for r in rows] == ['a', 'b'] and rows[0]['value'] == 1.5
+  for row in rows:
+    assert set(MACHINE_FIELDS) <= set(row), row
+    assert isinstance(row['cpu_flags'], list) and row['cores'] >= 1
+  assert rows[1]['commit'] == 'abc1234'  # the row's own commit (when its run started) wins
+  assert {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'} <= set(machine.CPU_FLAGS)
+  assert json.loads(capsys.readouterr().out) == rows[0]  # printed once, the row as written
+  machine.write_row('', {'name': 'c'})  # print only
+  assert json.loads(capsys.readouterr().out)['name'] == 'c'
