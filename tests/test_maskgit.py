@@ -3,6 +3,7 @@ schedules, the parallel-decoding sampler's invariants, the sharded step, and a t
 run through `python -m vqgan_jax.main` on a tiny random stage 1 and codes."""
 
 import functools
+import json
 import math
 import os
 import subprocess
@@ -13,15 +14,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import fashion_mnist_maskgit
 from vqgan_jax import checkpoints
+from vqgan_jax import classifier_features
 from vqgan_jax import config_base
 from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
+from vqgan_jax import metrics
 from vqgan_jax import parallel
+from vqgan_jax.data import builders
+from vqgan_jax.data import pipeline
 from vqgan_jax.data import tokens
+from vqgan_jax.models import classifier as classifier_lib
 from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.train import stage2
@@ -348,6 +355,43 @@ def _codes(codes_dir, config):
   )
 
 
+def _fake_classifier(workdir):
+  """A classifier run of random params (what eval reads of one: its params and config): 10
+  classes, 4 features, on 32x32 images."""
+  c = config_base.classifier_base()
+  c.model.update(features=(8,), hidden=4, feature_name='toy')
+  c.data.image_size = 32
+  model = classifier_lib.from_config(c.model)
+  shapes = jax.eval_shape(
+    lambda r: model.init(r, jnp.zeros((1, 32, 32, 3)))['params'], jax.random.PRNGKey(0)
+  )
+  rng = np.random.RandomState(1)
+  params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.randn(*s.shape), s.dtype), shapes)
+  with checkpoints.Checkpointer(workdir, save_every=1) as ckpt:
+    ckpt.save(1, {'params': params}, None, c, force=True)
+
+
+def _image_folder(root, per_class=6):
+  """Two classes of 32x32 RGB images: eval's reference images."""
+  rng = np.random.RandomState(2)
+  for c, name in enumerate(('dark', 'light')):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      img = np.clip(60 + 120 * c + 40 * rng.randn(32, 32, 3), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(root / name / f'{i}.png')
+  return root
+
+
+def _classifier_outputs(clf, images_m11):
+  """(features, logits) of float64 of [-1, 1] images, padded to the mesh's batch divisor."""
+  pad = -len(images_m11) % parallel.batch_divisor(clf.mesh)
+  x = np.concatenate([images_m11, np.repeat(images_m11[-1:], pad, 0)]) if pad else images_m11
+  out = clf(x)
+  return tuple(
+    np.asarray(out[k])[: len(images_m11)].astype(np.float64) for k in ('features', 'logits')
+  )
+
+
 @pytest.mark.slow
 def test_main_train_then_sample(tmp_path):
   stage1_dir, workdir, codes_dir = tmp_path / 'stage1', tmp_path / 'maskgit', tmp_path / 'codes'
@@ -398,3 +442,41 @@ def test_main_train_then_sample(tmp_path):
   assert run.kind == 'maskgit' and isinstance(run.model, maskgit_lib.MaskGIT)
   with pytest.raises(ValueError, match='training grid'):
     run.sample(run.condition_for_class([3]), grid=(32, 32))
+
+  # --mode=eval with a classifier: its fd and class accuracy equal what is computed here from
+  # the samples eval wrote and the reference images (a folder, all of it the 'train' split).
+  clf_dir, folder = tmp_path / 'classifier', _image_folder(tmp_path / 'images')
+  _fake_classifier(clf_dir)
+  out = main(
+    '--mode=eval',
+    '--config.sample.steps=4',
+    '--config.sample.schedule=square',
+    '--config.eval.num_samples=8',
+    f'--config.eval.classifier_workdir={clf_dir}',
+    '--config.data.name=folder',
+    f'--config.data.folder={folder}',
+    f'--config.data.data_dir={tmp_path / "tfds"}',
+    '--config.data.validation_fraction=0.0',
+  )
+  assert f'results: {workdir / "eval_2.json"}' in out
+  result = json.loads((workdir / 'eval_2.json').read_text())
+  assert result['sampler']['kind'] == 'maskgit' and result['sampler']['steps'] == 4
+  assert result['num_samples'] == 8 and result['reference'] == {
+    'dataset': 'folder',
+    'split': 'train',
+  }
+  drawn = np.load(workdir / 'eval_samples_2.npz')
+  np.testing.assert_array_equal(drawn['labels'], np.arange(8))  # class-balanced
+  clf = classifier_features.load_classifier(
+    str(clf_dir), parallel.make_mesh(config_base.classifier_base().mesh)
+  )
+  names = sorted(p for p in builders.list_image_folder(str(folder)).paths)
+  real = np.stack([pipeline.preprocess(builders.load_rgb(str(folder / p)), 32) for p in names])
+  fr, _ = _classifier_outputs(clf, real.astype(np.float32) / 127.5 - 1.0)
+  # Eval measured the float images it decoded; the file holds them as uint8 (1/255 apart).
+  fx, logits = _classifier_outputs(clf, drawn['images'].astype(np.float32) / 127.5 - 1.0)
+  expected = metrics.frechet_distance(
+    fr.mean(0), np.cov(fr, rowvar=False), fx.mean(0), np.cov(fx, rowvar=False)
+  )
+  assert result['fd_toy'] == pytest.approx(expected, rel=1e-2) and expected > 0
+  assert result['class_accuracy'] == np.mean(np.argmax(logits, -1) == drawn['labels'])
