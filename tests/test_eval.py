@@ -104,19 +104,20 @@ def stage1_config(folder, data_dir):
 @pytest.fixture(scope='module')
 def stage1_workdir(stage1_config, tmp_path_factory):
   """A real stage-1 checkpoint holding what the loaders read: random params of the smoke
-  VQGAN's shapes (eval does not care how the weights were found; drawing them with numpy
-  spares compiling the model's init)."""
+  VQGAN's shapes and a different random EMA copy, as a run with train.params_ema_decay keeps
+  (eval does not care how the weights were found; drawing them with numpy spares compiling
+  the model's init)."""
   workdir = str(tmp_path_factory.mktemp('vqgan'))
   mesh = parallel.make_mesh(stage1_config.mesh)
   vqgan = stage1.build_models(stage1_config).vqgan
   abstract, shardings = stage1.vqgan_param_shardings(vqgan, mesh)
   rng = np.random.default_rng(3)
-  params = jax.tree.map(
+  draw = lambda: jax.tree.map(
     lambda a, sh: jax.device_put(0.1 * rng.standard_normal(a.shape, np.float32), sh),
     abstract,
     shardings,
   )
-  state = {'step': jax.numpy.asarray(5, jax.numpy.int32), 'params': params}
+  state = {'step': jax.numpy.asarray(5, jax.numpy.int32), 'params': draw(), 'params_ema': draw()}
   with checkpoints.Checkpointer(workdir, max_to_keep=1, save_every=1) as ckpt:
     ckpt.save(5, state, None, stage1_config, force=True)
   return workdir
@@ -167,6 +168,10 @@ def test_eval_folder_reports_what_the_public_api_computes(
   rec = np.clip(vq.reconstruct(images), -1.0, 1.0)
   psnr = np.mean(np.asarray(metrics.psnr(x, rec)))
   assert result['psnr'] == pytest.approx(float(psnr), rel=1e-4)
+  # Eval read the EMA params (load_vqgan's default), not the raw ones.
+  raw = inference.load_vqgan(stage1_workdir, mesh=vq.mesh, ema=False)
+  raw_rec = np.clip(raw.reconstruct(images), -1.0, 1.0)
+  assert abs(float(np.mean(np.asarray(metrics.psnr(x, raw_rec)))) - result['psnr']) > 1e-3
   codes = vq.encode(images)
   counts = np.bincount(codes.reshape(-1), minlength=vq.model.n_embed)
   assert result['codebook_usage'] == pytest.approx(np.mean(counts > 0))
