@@ -118,6 +118,11 @@ def resolve_config(config):
     c.get('stage') == 'transformer',
     f"config.stage={c.get('stage')!r}: stage-2 runs need stage='transformer'",
   )
+  # A config file written before the rename (saved configs are upgraded as they are read).
+  check(
+    'steps' not in c.get('sample', {}),
+    "config.sample.steps is now config.sample.iterations (MaskGIT's decoding iterations)",
+  )
   # Absolute, so that the saved config finds its first stage from any working directory.
   if c.stage1_workdir:
     c.stage1_workdir = os.path.abspath(c.stage1_workdir)
