@@ -1,5 +1,6 @@
 """MaskGIT's parallel decoding (google-research/maskgit `libml/parallel_decode.py`): a whole
-code grid in T steps instead of one step per code.
+code grid in T decoding iterations (`iterations`; the GPT sampler's `steps` count its tokens)
+instead of one step per code.
 
 Start with every code masked. At step t (0-based) of T:
   1. one forward of the bidirectional transformer over [condition | current codes];
@@ -208,7 +209,7 @@ def _sample(
   history,
 ):
   b, lc = cond.shape
-  n, steps = model.block_size - lc, len(counts)
+  n, iterations = model.block_size - lc, len(counts)
   prefix = jnp.concatenate([cond, uncond], axis=0) if guided else cond
   greedy = temperature == 0
 
@@ -225,7 +226,7 @@ def _sample(
     drawn = jax.random.categorical(k_draw, logits, axis=-1)
     drawn = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), drawn[..., None], axis=-1)
-    noise = choice_temperature * (1.0 - (t + 1) / steps) * jax.random.gumbel(k_noise, (b, n))
+    noise = choice_temperature * (1.0 - (t + 1) / iterations) * jax.random.gumbel(k_noise, (b, n))
     confidence = jnp.where(unknown, logp[..., 0] + noise, jnp.inf)
     # Rank by confidence (stable, so ties still re-mask exactly counts[t] positions); decoded
     # positions rank last (+inf) and counts[t] < unknown, so they are never re-masked.
@@ -237,8 +238,8 @@ def _sample(
     return codes, hist
 
   codes = jnp.full((b, n), model.mask_id, jnp.int32)
-  hist = jnp.zeros((b, steps if history else 0, n), jnp.int32)
-  return lax.fori_loop(0, steps, step, (codes, hist))
+  hist = jnp.zeros((b, iterations if history else 0, n), jnp.int32)
+  return lax.fori_loop(0, iterations, step, (codes, hist))
 
 
 def sample_images(
