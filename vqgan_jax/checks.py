@@ -3,8 +3,11 @@ sample counts, and whether a batch fits the memory it will run in.
 
 Every public entry point (`inference`, `sampling`, `maskgit_sampling`) calls these on its
 concrete host inputs before anything compiles or allocates, so bad input is one ValueError
-naming the argument and what it allows, never codes computed from garbage. Jitted internals
-never call them (a check there would sync the device every step); traced values pass.
+naming the argument and what it allows, never codes computed from garbage. Each argument is
+checked once, by the entry point the user called: the samplers' unchecked cores
+(`sampling.images_of`, `maskgit_sampling.images_of`, ...) that the other entry points run
+take checked arguments. Jitted internals never call them (a check there would sync the
+device every step); traced values pass.
 """
 
 import math
