@@ -35,8 +35,8 @@ def get_config(arg=None):
   c.transformer.update(kind='maskgit', label_smoothing=0.1, scan_layers=True)
   c.train.dtype = 'bfloat16'
   c.data.eval_examples = -1  # all 10k test codes, as its committed figures were measured
-  # MaskGIT's decoding: 8 steps, cosine schedule, Gumbel noise 4.5 on the confidence, no top-k.
-  c.sample.update(steps=8, schedule='cosine', choice_temperature=4.5, top_k=0, temperature=1.0)
+  # MaskGIT's decoding: 8 iterations, cosine schedule, Gumbel noise 4.5 on the confidence, no top-k.
+  c.sample.update(iterations=8, schedule='cosine', choice_temperature=4.5, top_k=0, temperature=1.0)
   if args.get('smoke'):
     base.stage2_smoke(c)
     c.sample.top_k = 0

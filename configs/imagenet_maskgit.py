@@ -5,7 +5,7 @@ codes (`configs/imagenet_vqgan_f16_1024.py`, MaskGIT's codebook size); offset vo
 1024 codes, 1000 classes, a null class (class dropout 0.1 for classifier-free guidance) and the
 [MASK] id = 2026 ids, 257 positions. Training as the paper: AdamW (0.9, 0.96), lr 1e-4 (not
 scaled by the batch) with 5000 warm-up steps and cosine decay, weight decay 0.045, dropout
-0.1, label smoothing 0.1, batch 256, bf16 matmuls. Decoding: T = 8 steps (8-12 in the paper),
+0.1, label smoothing 0.1, batch 256, bf16 matmuls. Decoding: T = 8 iterations (8-12 in the paper),
 cosine schedule, choice temperature 4.5.
 
   python -m vqgan_jax.main --config=configs/imagenet_maskgit.py --workdir=W \
@@ -50,7 +50,7 @@ def get_config(arg=None):
     batch_size=256, eval_batch_size=256, num_steps=1_500_000, dtype='bfloat16', log_every=100
   )
   c.sample.update(
-    steps=8,
+    iterations=8,
     schedule='cosine',
     choice_temperature=4.5,
     temperature=1.0,

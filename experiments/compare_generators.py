@@ -72,8 +72,10 @@ def model_for(kind, dtype):
 def sampler(kind, model, params, cond, steps):
   """(a callable returning one batch of codes, its compile seconds)."""
   lib = sampling if kind == 'gpt' else maskgit_sampling
+  # The GPT's steps are its tokens; MaskGIT's its decoding iterations.
+  length = dict(steps=steps) if kind == 'gpt' else dict(iterations=steps)
   fn = jax.jit(
-    lambda p, c, k: lib.sample(p, model, c, k, steps=steps, temperature=TEMPERATURE, top_k=TOP_K)
+    lambda p, c, k: lib.sample(p, model, c, k, **length, temperature=TEMPERATURE, top_k=TOP_K)
   )
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from vqgan_jax import checks
 from vqgan_jax import config_base
 from vqgan_jax import inference
 from vqgan_jax import parallel
+from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.train import stage1
 from vqgan_jax.train import stage2_config
@@ -195,7 +196,13 @@ def test_sample_draws_more_than_batch_size_in_batches(gpt, monkeypatch):
   rng = jax.random.key(3)
   monkeypatch.setattr(gpt, 'batch_size', 2)
   cond = gpt.condition_for_class([0, 1, 2, 3, 1])
+  # The arguments are checked once per call, not again by each batch's sampler (a spy, not a
+  # mock: the real check runs).
+  check, calls = sampling.check_sampling_args, []
+  spy = lambda *a, **kw: calls.append(kw['top_k']) or check(*a, **kw)
+  monkeypatch.setattr(sampling, 'check_sampling_args', spy)
   codes, images = gpt.sample(cond, rng, top_k=8)
+  assert calls == [8]
   assert codes.shape == (5, 4, 4) and images.shape[0] == 5
   for i in range(3):
     batch = cond[2 * i : 2 * i + 2]

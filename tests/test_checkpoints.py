@@ -550,6 +550,8 @@ def test_upgrade_config_fills_the_fields_a_saved_config_predates(tmp_path):
     del section['quantizer'], section['lfq_bits']
   del stage2['transformer']['kind']
   stage2['stage1_config']['codebook_dim'] = 4
+  del stage2['sample']['iterations']
+  stage2['sample']['steps'] = 5  # MaskGIT's decoding iterations, under their old name
   with ckpt_lib.Checkpointer(tmp_path) as ck:
     ck.save(1, {'w': np.zeros(2, np.float32)}, None, stage2, force=True)
   with ckpt_lib.Checkpointer(tmp_path, read_only=True, max_to_keep=None) as ck:
@@ -557,6 +559,7 @@ def test_upgrade_config_fills_the_fields_a_saved_config_predates(tmp_path):
   assert got['stage1_config']['quantizer'] == got['cond']['model']['quantizer'] == 'vq'
   assert got['stage1_config']['lfq_bits'] == got['cond']['model']['lfq_bits'] == 0
   assert got['stage1_config']['codebook_dim'] == 4 and got['transformer']['kind'] == 'gpt'
+  assert got['sample']['iterations'] == 5 and 'steps' not in got['sample']
   classifier = {'stage': 'classifier', 'model': {'width': 8}}
   assert ckpt_lib.upgrade_config(classifier) == classifier
 

@@ -134,6 +134,11 @@ def test_layout_and_config_checks(tiny):
     stage2_config.validate_config(tiny_config(pkeep=0.9))
   with pytest.raises(ConfigError, match='label_smoothing'):
     stage2_config.validate_config(tiny_config(kind='gpt'))
+  # A config file that still sets MaskGIT's decoding iterations under their old name.
+  renamed = tiny_config()
+  renamed.sample.steps = 4
+  with pytest.raises(ConfigError, match=r'config\.sample\.steps is now config\.sample\.iterations'):
+    stage2_config.resolve_config(renamed)
 
 
 def test_bidirectional(tiny, trained):
@@ -257,7 +262,7 @@ def test_sampler_invariants(tiny, trained):
   cond = stage2.class_tokens(lay, labels)
   # temperature 0.5: the label-smoothed model gives its class's code p ~ 0.9 at temperature 1.
   run = functools.partial(
-    maskgit_sampling.sample, params, model, cond, steps=6, temperature=0.5, return_history=True
+    maskgit_sampling.sample, params, model, cond, iterations=6, temperature=0.5, return_history=True
   )
   codes, hist = run(jax.random.PRNGKey(0))
   codes, hist = np.asarray(codes), np.asarray(hist)
@@ -284,8 +289,14 @@ def test_sampler_invariants(tiny, trained):
   assert (class_codes(labels) == greedy).mean() > 0.95
   with pytest.raises(ValueError, match='schedule'):
     run(jax.random.PRNGKey(0), schedule='exp')
-  with pytest.raises(ValueError, match='steps'):
-    maskgit_sampling.sample(params, model, cond, jax.random.PRNGKey(0), steps=0)
+  with pytest.raises(ValueError, match='iterations must be an integer >= 1'):
+    maskgit_sampling.sample(params, model, cond, jax.random.PRNGKey(0), iterations=0)
+  # `steps`, its old name (the GPT's `steps` count tokens), still works with a warning.
+  with pytest.warns(DeprecationWarning, match='now `iterations`'):
+    old = maskgit_sampling.sample(
+      params, model, cond, jax.random.PRNGKey(0), steps=6, temperature=0.5
+    )
+  np.testing.assert_array_equal(np.asarray(old), codes)
 
 
 def test_sharded_step_matches_single_device(tiny, trained):
@@ -429,7 +440,7 @@ def test_main_train_then_sample(tmp_path):
 
   out = main()
   assert 'bits_per_token' in out and (workdir / 'checkpoints' / '2').is_dir()
-  out = main('--mode=sample', '--config.sample.steps=4', '--config.sample.schedule=square')
+  out = main('--mode=sample', '--config.sample.iterations=4', '--config.sample.schedule=square')
   samples = np.load(workdir / 'samples_0000002.npz')
   assert samples['tokens'].shape == (10 * 2, 16, 16)  # 10 classes x num_per_class 2
   assert 0 <= samples['tokens'].min() and samples['tokens'].max() < 64

@@ -81,28 +81,47 @@ ADDED_FIELD_DEFAULTS = {
   'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
 }
-# Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
-# config holds its first stages' model fields in stage1_config and cond.model.
+# Fields renamed since a config was saved: old name -> today's (same section), moved before
+# the defaults apply. MaskGIT's `sample.steps` meant its decoding iterations (the GPT's
+# `steps` count tokens).
+RENAMED_FIELDS = {'sample.steps': 'sample.iterations'}
+# Where the sections of ADDED_FIELD_DEFAULTS and RENAMED_FIELDS are in a saved config of each
+# stage: a stage-2 config holds its first stages' model fields in stage1_config and cond.model.
 _ADDED_FIELD_PLACES = {
   'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
-  'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
+  'transformer': {
+    'model': ('stage1_config', 'cond.model'),
+    'transformer': ('transformer',),
+    'sample': ('sample',),
+  },
 }
 
 
 def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config (plain JSON types) as today's schema reads it: each field it predates
-  (`ADDED_FIELD_DEFAULTS`) set to the value its absence meant. The one upgrade of a saved
+  (`ADDED_FIELD_DEFAULTS`) set to the value its absence meant, each renamed one
+  (`RENAMED_FIELDS`) under today's name. The one upgrade of a saved
   config, applied where one is read (`Checkpointer.restore_config`, `restore`), so that
   readers index fields instead of restating their defaults. Returns a new dict."""
   out = json.loads(json.dumps(dict(saved), default=repr))
   places = _ADDED_FIELD_PLACES.get(out.get('stage', 'vqgan'), {})
-  for name, value in ADDED_FIELD_DEFAULTS.items():
+
+  def sections(name):
     section, field = name.split('.')
     for place in places.get(section, ()):
       node = out
       for key in place.split('.'):
         node = node.get(key) if isinstance(node, dict) else None
-      if isinstance(node, dict) and field not in node:
+      if isinstance(node, dict):
+        yield node, field
+
+  for old, new in RENAMED_FIELDS.items():
+    for node, field in sections(old):
+      if field in node and new.split('.')[1] not in node:
+        node[new.split('.')[1]] = node.pop(field)
+  for name, value in ADDED_FIELD_DEFAULTS.items():
+    for node, field in sections(name):
+      if field not in node:
         node[field] = json.loads(json.dumps(value))
   return out
 

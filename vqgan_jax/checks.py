@@ -3,11 +3,15 @@ sample counts, and whether a batch fits the memory it will run in.
 
 Every public entry point (`inference`, `sampling`, `maskgit_sampling`) calls these on its
 concrete host inputs before anything compiles or allocates, so bad input is one ValueError
-naming the argument and what it allows, never codes computed from garbage. Jitted internals
-never call them (a check there would sync the device every step); traced values pass.
+naming the argument and what it allows, never codes computed from garbage. Each argument is
+checked once, by the entry point the user called: the samplers' unchecked cores
+(`sampling.images_of`, `maskgit_sampling.images_of`, ...) that the other entry points run
+take checked arguments. Jitted internals never call them (a check there would sync the
+device every step); traced values pass.
 """
 
 import math
+import numbers
 import os
 
 import jax
@@ -93,6 +97,122 @@ def images(values, name='images', *, channels, factor=1):
       '(floats in [0, 255]: pass x.astype(np.uint8); decoder outputs: np.clip(x, -1, 1))'
     )
   return x.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------
+
+
+def _is_number(x):
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def sampling_filters(temperature, top_k, top_p):
+  """The samplers' filters: temperature >= 0 (unchecked when traced by the caller's own jit),
+  top_k an int >= 0, top_p in (0, 1]; returns (top_k or None, top_p as a float)."""
+  if not isinstance(temperature, jax.core.Tracer):
+    try:
+      t = float(temperature)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'temperature must be a number >= 0, got {temperature!r}') from e
+    if not math.isfinite(t) or t < 0:
+      raise ValueError(f'temperature must be >= 0 (0 is greedy argmax), got {temperature!r}')
+  if top_k is not None and not (_is_number(top_k) and float(top_k).is_integer() and top_k >= 0):
+    raise ValueError(f'top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}')
+  if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+    raise ValueError(f'top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}')
+  return (int(top_k) if top_k else None), (1.0 if top_p is None else float(top_p))
+
+
+def sequence_fits(block_size, cond_len, image_len, length_arg):
+  """cond_len condition tokens and image_len sampled ones (set by the argument `length_arg`
+  names) fit a model of `block_size` (the last sampled token is never fed back)."""
+  if cond_len < 1 or image_len < 1:
+    raise ValueError(
+      f'need at least one conditioning token and one token to sample; got '
+      f'{cond_len} cond tokens and {length_arg}'
+    )
+  if cond_len + image_len - 1 > block_size:
+    raise ValueError(
+      f'{length_arg} ({image_len} tokens after {cond_len} cond tokens) is longer '
+      f"than the model's block_size {block_size} allows"
+    )
+
+
+def tokens(values, name, vocab_size):
+  """(batch, length) tokens, a non-empty batch of ids in [0, vocab_size); returns the length
+  (traced tokens: only the shape is checked)."""
+  shape = np.shape(values)
+  if len(shape) != 2:
+    raise ValueError(f'{name} must be (batch, length) tokens, got shape {shape}')
+  nonempty_batch(shape, name)
+  integers(values, name, 0, vocab_size, what='token ids')
+  return shape[1]
+
+
+def condition(values, num_samples, vocab_size):
+  """(Lc, the number of samples) of a sampler's `condition` ((B, Lc) or one (Lc,) token ids
+  in [0, vocab_size)) and `num_samples` (a positive int repeating a single condition)."""
+  shape = np.shape(values)
+  if len(shape) not in (1, 2) or not shape[-1]:
+    raise ValueError(f'condition must be (batch, length) or (length,) tokens, got shape {shape}')
+  rows = 1 if len(shape) == 1 else shape[0]
+  nonempty_batch((rows,), 'condition')
+  integers(values, 'condition', 0, vocab_size, what='token ids')
+  return shape[-1], repeats(rows, num_samples)
+
+
+def repeats(rows, num_samples):
+  """The number of samples `rows` conditions ask for; num_samples repeats a single one."""
+  if num_samples is None:
+    return rows
+  n = count(num_samples, 'num_samples')
+  if rows != 1:
+    raise ValueError(f'num_samples repeats one condition; got {rows}')
+  return n
+
+
+def guidance(cfg_scale, uncond_tokens, cond_shape, vocab_size):
+  """cfg_scale needs uncond_tokens of the conditions' shape; returns whether it guides."""
+  if cfg_scale is None:
+    return False
+  if uncond_tokens is None:
+    raise ValueError('cfg_scale needs uncond_tokens')
+  tokens(uncond_tokens, 'uncond_tokens', vocab_size)
+  if tuple(np.shape(uncond_tokens)) != tuple(cond_shape):
+    raise ValueError(
+      f'uncond_tokens {tuple(np.shape(uncond_tokens))} must match cond_tokens {tuple(cond_shape)}'
+    )
+  return True
+
+
+def grid(value):
+  """(h, w) of a code grid: two positive ints."""
+  if len(value) != 2 or not all(_is_number(n) and float(n).is_integer() and n > 0 for n in value):
+    raise ValueError(f'grid must be (h, w) of positive ints, got {value!r}')
+  return tuple(int(n) for n in value)
+
+
+def window(grid_h, grid_w, size):
+  """taming's sliding window: an even side >= 2, no larger than the grid."""
+  if size % 2 or size < 2:
+    raise ValueError(f'window must be even and >= 2 (taming uses 16), got {size}')
+  if grid_h < size or grid_w < size:
+    raise ValueError(f'grid {grid_h}x{grid_w} smaller than the window {size}')
+
+
+def decoding_iterations(iterations, schedule, choice_temperature, schedules):
+  """MaskGIT's decoding arguments: iterations an int >= 1, a known schedule, and a
+  choice_temperature >= 0 (unchecked when traced)."""
+  if not (_is_number(iterations) and isinstance(iterations, (int, np.integer)) and iterations >= 1):
+    raise ValueError(f'iterations must be an integer >= 1 (MaskGIT uses 8-12), got {iterations!r}')
+  if schedule not in schedules:
+    raise ValueError(f'schedule must be one of {schedules}, got {schedule!r}')
+  if not isinstance(choice_temperature, jax.core.Tracer):
+    c = float(choice_temperature)
+    if not math.isfinite(c) or c < 0:
+      raise ValueError(f'choice_temperature must be >= 0, got {choice_temperature!r}')
 
 
 # ----------------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ def stage2_base():
   c.transformer = ml_collections.ConfigDict(
     dict(
       # 'gpt': taming's autoregressive GPT (one code per sampling step); 'maskgit': a
-      # bidirectional transformer trained on masked codes, sampled in config.sample.steps
+      # bidirectional transformer trained on masked codes, sampled in config.sample.iterations
       # parallel steps (its vocabulary adds a [MASK] id last; block = cond + image length).
       kind='gpt',
       vocab_size=-1,  # -1: from the vocabulary convention (see the module docstring)
@@ -431,9 +431,9 @@ def stage2_base():
       grid_h=0,
       grid_w=0,  # 0: the training grid; larger: the sliding-window sampler (gpt only)
       seed=0,
-      # maskgit: parallel decoding steps T, the masking schedule ('cosine' | 'linear' |
+      # maskgit: parallel decoding iterations T, the masking schedule ('cosine' | 'linear' |
       # 'square') and the scale of the Gumbel noise on the confidence (annealed to 0).
-      steps=8,
+      iterations=8,
       schedule='cosine',
       choice_temperature=4.5,
     )

@@ -288,7 +288,40 @@ def evaluate_stage2(config, workdir, inception=None):
   t0 = time.perf_counter()
   mesh = parallel.make_mesh(config.mesh)
   run = inference.load_transformer_for_config(config, workdir, _step(config), mesh)
-  layout, s = run.layout, config.sample
+  labels = _eval_labels(config, run.layout)
+  exts = extractors(config, mesh, inception)
+  split = config.eval.split or config.data.train_split
+  ref = reference_stats(config, workdir, split, exts, mesh) if exts else {}
+  args = run.sampler_args()
+  codes, images, fake, logits = _sample_features(run, config, labels, exts, args)
+  result = {'num_samples': len(labels)}
+  for m, e in exts.items():
+    name = 'gfid' if m == 'fid' else m
+    result[name] = fid.fid_from_stats(ref[m], _stats(fake[m], e))
+    if m == 'fid':
+      result['inception_score'], result['inception_score_std'] = fid.inception_score(logits[m])
+    elif run.layout.kind == 'class':
+      result['class_accuracy'] = float(np.mean(np.argmax(logits[m], -1) == labels))
+  result['seconds'] = time.perf_counter() - t0
+  if run.layout.kind != 'class':
+    labels = np.full((len(labels),), -1, np.int32)
+  _save_samples(workdir, run.step, images, codes, labels)
+  # What drew the samples: figures of one model differ by these.
+  sampler = {'kind': run.kind, **args, 'top_k': int(config.sample.top_k)}
+  record = {
+    **result,
+    'step': run.step,
+    'stage': 'transformer',
+    'reference': {'dataset': config.data.name, 'split': split},
+    'extractors': _names(exts),
+    'sampler': {**sampler, 'seed': int(config.eval.seed)},
+  }
+  return result, _write_json(workdir, run.step, record)
+
+
+def _eval_labels(config, layout):
+  """The class ids of the `eval.num_samples` samples (class-balanced; zeros for an
+  unconditional model)."""
   if layout.kind == 'spatial':
     raise ConfigError(
       '--mode=eval on a spatially conditioned model is not supported: its samples need '
@@ -298,37 +331,25 @@ def evaluate_stage2(config, workdir, inception=None):
   if num < 2:
     raise ConfigError(f'config.eval.num_samples={num}: need >= 2 for a covariance')
   if layout.kind == 'class':
-    labels = np.arange(num, dtype=np.int32) % layout.n_classes  # class-balanced
-  else:
-    labels = np.zeros((num,), np.int32)
+    return np.arange(num, dtype=np.int32) % layout.n_classes  # class-balanced
+  return np.zeros((num,), np.int32)
+
+
+def _sample_features(run, config, labels, exts, args):
+  """Draws the samples of `labels` in batches of sample.batch_size and feeds each batch to
+  the extractors: (codes, uint8 images, {metric: feature statistics}, {metric: logits})."""
   cond = run.condition_for_class(labels)
-  exts = extractors(config, mesh, inception)
-  split = config.eval.split or config.data.train_split
-  ref = reference_stats(config, workdir, split, exts, mesh) if exts else {}
-  fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
-  logits = {m: [] for m in exts}
-  batch = max(1, int(s.batch_size))
+  num, batch = len(labels), max(1, int(config.sample.batch_size))
   run.batch_size = batch  # the batches below, as they are
   rng = jax.random.PRNGKey(int(config.eval.seed))
-  divisor = parallel.batch_divisor(mesh)
-  maskgit = {}
-  if run.kind == 'maskgit':
-    maskgit = dict(
-      steps=int(s.steps), schedule=s.schedule, choice_temperature=float(s.choice_temperature)
-    )
+  divisor = parallel.batch_divisor(run.mesh)
+  fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
+  logits = {m: [] for m in exts}
   all_codes, all_images = [], []
   with _bar(num, 'eval samples') as bar:
     for i, start in enumerate(range(0, num, batch)):
       try:
-        codes, images = run.sample(
-          cond[start : start + batch],
-          jax.random.fold_in(rng, i),
-          temperature=float(s.temperature),
-          top_k=int(s.top_k) or None,
-          top_p=float(s.top_p),
-          cfg_scale=float(s.cfg_scale),
-          **maskgit,
-        )
+        codes, images = run.sample(cond[start : start + batch], jax.random.fold_in(rng, i), **args)
       except ValueError as e:
         raise ConfigError(f'config.sample: {e}') from None
       images = np.clip(images, -1.0, 1.0)
@@ -342,52 +363,22 @@ def evaluate_stage2(config, workdir, inception=None):
       all_codes.append(codes)
       all_images.append(images_lib.to_uint8(images))
       bar.update(k)
-  codes, images = np.concatenate(all_codes), np.concatenate(all_images)
-  result = {'num_samples': num}
-  for m, e in exts.items():
-    name = 'gfid' if m == 'fid' else m
-    result[name] = fid.fid_from_stats(ref[m], _stats(fake[m], e))
-    lg = np.concatenate(logits[m])
-    if m == 'fid':
-      result['inception_score'], result['inception_score_std'] = fid.inception_score(lg)
-    elif layout.kind == 'class':
-      result['class_accuracy'] = float(np.mean(np.argmax(lg, -1) == labels))
-  result['seconds'] = time.perf_counter() - t0
-  step = run.step
-  if jax.process_index() == 0:
-    np.savez(
-      os.path.join(workdir, f'eval_samples_{step}.npz'),
-      images=images,
-      codes=codes,
-      labels=labels if layout.kind == 'class' else np.full((num,), -1, np.int32),
-    )
-    shown = images[: min(num, 100)]
-    grid = images_lib.make_grid(shown, int(np.ceil(np.sqrt(len(shown)))))
-    images_lib.save_png(
-      os.path.join(workdir, f'eval_{step}.png'), grid, scale=max(1, 512 // grid.shape[1])
-    )
-  path = _write_json(
-    workdir,
-    step,
-    {
-      **result,
-      'step': step,
-      'stage': 'transformer',
-      'reference': {'dataset': config.data.name, 'split': split},
-      'extractors': _names(exts),
-      # What drew the samples: figures of one model differ by these.
-      'sampler': {
-        'kind': run.kind,
-        'temperature': float(s.temperature),
-        'top_k': int(s.top_k),
-        'top_p': float(s.top_p),
-        'cfg_scale': float(s.cfg_scale),
-        'seed': int(config.eval.seed),
-        **maskgit,
-      },
-    },
+  logits = {m: np.concatenate(v) for m, v in logits.items()}
+  return np.concatenate(all_codes), np.concatenate(all_images), fake, logits
+
+
+def _save_samples(workdir, step, images, codes, labels):
+  """The eval samples as `eval_samples_<step>.npz` and a grid of the first 100 (process 0)."""
+  if jax.process_index() != 0:
+    return
+  np.savez(
+    os.path.join(workdir, f'eval_samples_{step}.npz'), images=images, codes=codes, labels=labels
   )
-  return result, path
+  shown = images[: min(len(images), 100)]
+  grid = images_lib.make_grid(shown, int(np.ceil(np.sqrt(len(shown)))))
+  images_lib.save_png(
+    os.path.join(workdir, f'eval_{step}.png'), grid, scale=max(1, 512 // grid.shape[1])
+  )
 
 
 def evaluate(config, workdir):

@@ -7,7 +7,7 @@
     gpt = vqgan_jax.load_transformer('workdirs/fm_gpt')
     codes, images = gpt.sample(gpt.condition_for_class([7] * 8), jax.random.key(0), top_k=100)
     mg = vqgan_jax.load_transformer('workdirs/fm_maskgit')  # transformer.kind='maskgit'
-    codes, images = mg.sample(mg.condition_for_class([7] * 8), steps=8, schedule='cosine')
+    codes, images = mg.sample(mg.condition_for_class([7] * 8), iterations=8, schedule='cosine')
 
 Both read the config saved with the checkpoint (no config file needed), restore the
 parameters straight into their shardings on a mesh (all devices on its batch axis by default,
@@ -187,6 +187,24 @@ class TrainedTransformer:
     checks.nonempty_batch(labels.shape, 'labels')
     return np.asarray(gpt_load.class_tokens(self.layout, labels))
 
+  def sampler_args(self) -> dict:
+    """`sample`'s filter (and, for MaskGIT, decoding) arguments as config.sample sets them:
+    what `--mode=sample` and `--mode=eval` draw with."""
+    s = self.config.sample
+    args = dict(
+      temperature=float(s.temperature),
+      top_k=int(s.top_k) or None,
+      top_p=float(s.top_p),
+      cfg_scale=float(s.cfg_scale),
+    )
+    if self.kind == 'maskgit':
+      args.update(
+        iterations=int(s.iterations),
+        schedule=s.schedule,
+        choice_temperature=float(s.choice_temperature),
+      )
+    return args
+
   def _check_condition(self, condition, num_samples):
     """condition as (B, Lc) host int32 tokens of this model's condition ids; the number of
     samples it asks for."""
@@ -246,9 +264,10 @@ class TrainedTransformer:
     cfg_scale=None,
     grid=None,
     window=None,
-    steps=None,
+    iterations=None,
     schedule=None,
     choice_temperature=None,
+    steps=None,
   ):
     """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
     float32, nominally [-1, 1]) as host arrays.
@@ -261,30 +280,44 @@ class TrainedTransformer:
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
     grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
       the training grid's side (or `window`). GPT only: MaskGIT samples the training grid.
-    steps, schedule, choice_temperature (MaskGIT only; defaults from config.sample): the
-      number of parallel decoding steps T, the masking schedule ('cosine', 'linear',
-      'square') and the scale of the Gumbel noise on the confidence.
+    iterations, schedule, choice_temperature (MaskGIT only; defaults from config.sample): the
+      number of parallel decoding iterations T, the masking schedule ('cosine', 'linear',
+      'square') and the scale of the Gumbel noise on the confidence. steps: the deprecated
+      name of iterations.
 
     Up to `self.batch_size` samples are one sampler call drawn with `rng`; more are drawn in
     calls of batch_size, the i-th with `jax.random.fold_in(rng, i)`. A batch whose estimated
     memory exceeds what the devices have free, or a result larger than the host's free
-    memory, is refused with the largest size that fits.
+    memory, is refused with the largest size that fits. Every argument is checked once,
+    before anything compiles.
     """
-    layout = self.layout
-    maskgit_args = dict(steps=steps, schedule=schedule, choice_temperature=choice_temperature)
-    if self.kind != 'maskgit' and any(v is not None for v in maskgit_args.values()):
-      given = sorted(k for k, v in maskgit_args.items() if v is not None)
+    iterations = maskgit_sampling.renamed_steps(iterations, steps)
+    decoding = dict(iterations=iterations, schedule=schedule, choice_temperature=choice_temperature)
+    if self.kind != 'maskgit' and any(v is not None for v in decoding.values()):
+      given = sorted(k for k, v in decoding.items() if v is not None)
       raise ValueError(f'{given} apply to MaskGIT models; this is a GPT (one code per step)')
     rng = jax.random.key(0) if rng is None else rng
     if condition is None:
-      if layout.kind != 'unconditional':
+      if self.layout.kind != 'unconditional':
         raise ValueError(
-          f'this {layout.kind}-conditional model needs a condition (see condition_for_class)'
+          f'this {self.layout.kind}-conditional model needs a condition (see condition_for_class)'
         )
       condition = self.condition_for_class([0])
       num_samples = 1 if num_samples is None else num_samples
     condition, n = self._check_condition(condition, num_samples)
-    grid = tuple(grid or layout.grid)
+    grid, window = self._grid_and_window(grid, window)
+    uncond = self._uncond(cfg_scale)
+    cfg_scale = None if uncond is None else cfg_scale
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
+    draw = self._sampler(condition[:1], uncond, grid, window, decoding, filters)
+    size = self._check_memory(n, num_samples, grid, window, cfg_scale is not None)
+    return self._in_batches(draw, condition, num_samples, n, size, rng, uncond)
+
+  def _grid_and_window(self, grid, window):
+    """The (h, w) grid asked for (default: the training grid) and the sliding window it
+    needs (a GPT's training grid side where larger)."""
+    layout = self.layout
+    grid = checks.grid(tuple(grid or layout.grid))
     if self.kind == 'maskgit' and (grid != tuple(layout.grid) or window is not None):
       raise ValueError(
         f'MaskGIT samples its training grid {tuple(layout.grid)} only (grid={grid}, '
@@ -299,55 +332,55 @@ class TrainedTransformer:
           'cond maps of the larger size; not supported'
         )
       window = layout.grid[0]
-    uncond = None
-    if cfg_scale is not None and cfg_scale != 1.0:
-      if layout.null_id < 0:
-        raise ValueError(
-          'cfg_scale needs a model trained with class dropout '
-          '(config.cond.drop_prob > 0, offset vocabulary)'
-        )
-      uncond = np.full((1, layout.cond_len), layout.null_id, np.int32)
+    return grid, window
+
+  def _uncond(self, cfg_scale):
+    """The (1, Lc) null condition that guidance by cfg_scale needs (None: no guidance)."""
+    if cfg_scale is None or cfg_scale == 1.0:
+      return None
+    if self.layout.null_id < 0:
+      raise ValueError(
+        'cfg_scale needs a model trained with class dropout '
+        '(config.cond.drop_prob > 0, offset vocabulary)'
+      )
+    return np.full((1, self.layout.cond_len), self.layout.null_id, np.int32)
+
+  def _sampler(self, cond_row, uncond, grid, window, decoding, filters):
+    """Checks the sampler's arguments for (1, Lc) conditions; returns `draw(params, cond,
+    uncond, key)`, the unchecked sampler of `sample_images` on device arrays."""
+    if self.kind == 'maskgit':
+      s = self.config.sample
+      given = {k: s[k] if v is None else v for k, v in decoding.items()}
+      dec, checked = maskgit_sampling.check_args(
+        self.model, cond_row, uncond_tokens=uncond, **given, **filters
+      )
+      extra = dict(decoding=dec)
+      run = maskgit_sampling.images_of
     else:
-      cfg_scale = None
-    size = self._check_memory(n, num_samples, grid, window, cfg_scale is not None)
+      checked = sampling.check_image_args(
+        self.model, cond_row, grid=grid, window=window, uncond_tokens=uncond, **filters
+      )
+      extra = dict(window=window)
+      run = sampling.images_of
+    model, vq = self.model, self.vqgan.model
+    return lambda params, cond, u, key: run(params, model, vq, cond, u, key, checked, grid, **extra)
+
+  def _in_batches(self, draw, condition, num_samples, n, size, rng, uncond):
+    """`draw` over batches of at most `size` samples, gathered to the host."""
     rep = parallel.replicated(self.mesh)
     put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
-    kw = dict(grid=grid, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale)
     params = {'gpt': self.params, 'vqgan': self.vqgan.params}
-    if self.kind == 'maskgit':
-      s = self.config.get('sample', {})
-      pick = lambda v, name, default: v if v is not None else s.get(name, default)
-      kw.update(
-        steps=pick(steps, 'steps', 8),
-        schedule=pick(schedule, 'schedule', 'cosine'),
-        choice_temperature=pick(
-          choice_temperature, 'choice_temperature', maskgit_sampling.CHOICE_TEMPERATURE
-        ),
-      )
-      sampler = maskgit_sampling.sample_images
-    else:
-      kw.update(window=window)
-      sampler = sampling.sample_images
 
-    def draw(cond, key, count):
+    def one(cond, key, count):
       # One condition repeated `count` times, or `count` conditions.
-      rows = 1 if num_samples is not None else count
-      repeat = None if num_samples is None else count
-      u = None if uncond is None else put(np.repeat(uncond, rows, axis=0))
-      codes, images = sampler(
-        params,
-        self.model,
-        self.vqgan.model,
-        put(cond),
-        key,
-        num_samples=repeat,
-        uncond_tokens=u,
-        **kw,
-      )
+      if num_samples is not None:
+        cond = np.repeat(cond, count, axis=0)
+      u = None if uncond is None else put(np.repeat(uncond, len(cond), axis=0))
+      codes, images = draw(params, put(cond), u, key)
       return parallel.gather(codes), parallel.gather(images)
 
     if n <= size:
-      return draw(condition, rng, n)
+      return one(condition, rng, n)
     out = []
     for i, start in enumerate(range(0, n, size)):
       stop = min(n, start + size)
@@ -355,7 +388,7 @@ class TrainedTransformer:
       if num_samples is None:  # the last batch padded: one compiled shape for every call
         cond = condition[start:stop]
         cond = np.concatenate([cond, np.repeat(cond[-1:], size - len(cond), axis=0)])
-      codes, images = draw(cond, jax.random.fold_in(rng, i), size)
+      codes, images = one(cond, jax.random.fold_in(rng, i), size)
       out.append((codes[: stop - start], images[: stop - start]))
     return np.concatenate([c for c, _ in out]), np.concatenate([x for _, x in out])
 

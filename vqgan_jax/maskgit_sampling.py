@@ -1,5 +1,6 @@
 """MaskGIT's parallel decoding (google-research/maskgit `libml/parallel_decode.py`): a whole
-code grid in T steps instead of one step per code.
+code grid in T decoding iterations (`iterations`; the GPT sampler's `steps` count its tokens)
+instead of one step per code.
 
 Start with every code masked. At step t (0-based) of T:
   1. one forward of the bidirectional transformer over [condition | current codes];
@@ -21,8 +22,11 @@ batches run as one batch of 2B and the logits are `uncond + cfg_scale * (cond - 
 softmax at temperature 1).
 """
 
+import dataclasses
 import functools
 import math
+from typing import Any
+import warnings
 
 import jax
 from jax import lax
@@ -35,41 +39,79 @@ from vqgan_jax.models import maskgit as maskgit_lib
 
 # MaskGIT's default scale of the Gumbel noise on the confidence (annealed to 0).
 CHOICE_TEMPERATURE = 4.5
+# MaskGIT's default number of decoding iterations T (its paper: 8-12).
+ITERATIONS = 8
 
 
-def mask_counts(n: int, steps: int, schedule: str = 'cosine'):
-  """The number of codes still masked after each of the `steps` steps, for n codes."""
+def mask_counts(n: int, iterations: int, schedule: str = 'cosine'):
+  """The number of codes still masked after each of the `iterations` steps, for n codes."""
   counts, unknown = [], n
-  for t in range(steps):
-    if t == steps - 1:
+  for t in range(iterations):
+    if t == iterations - 1:
       k = 0
     else:
-      k = math.floor(n * float(maskgit_lib.mask_ratio((t + 1) / steps, schedule, np)))
+      k = math.floor(n * float(maskgit_lib.mask_ratio((t + 1) / iterations, schedule, np)))
       k = max(1, min(unknown - 1, k))
     counts.append(k)
     unknown = k
   return tuple(counts)
 
 
-def check_args(model, cond_len, *, steps, schedule, choice_temperature, **filters):
-  """Refuses bad arguments with one ValueError before anything compiles; returns
-  (top_k, top_p) normalised."""
-  if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 1):
-    raise ValueError(f'steps must be an integer >= 1 (MaskGIT uses 8-12), got {steps!r}')
-  if schedule not in maskgit_lib.SCHEDULES:
-    raise ValueError(f'schedule must be one of {maskgit_lib.SCHEDULES}, got {schedule!r}')
-  if not isinstance(choice_temperature, jax.core.Tracer):
-    c = float(choice_temperature)
-    if not math.isfinite(c) or c < 0:
-      raise ValueError(f'choice_temperature must be >= 0, got {choice_temperature!r}')
+def renamed_steps(iterations, steps, default=None):
+  """`iterations`, or the deprecated `steps` keyword that meant it (MaskGIT's decoding
+  iterations; `steps` is the GPT sampler's number of tokens)."""
+  if steps is None:
+    return default if iterations is None else iterations
+  warnings.warn(
+    "MaskGIT's `steps` is now `iterations` (its decoding iterations)",
+    DeprecationWarning,
+    stacklevel=3,
+  )
+  if iterations is not None:
+    raise ValueError('pass iterations, not also its old name steps')
+  return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """Checked decoding arguments: MaskGIT's iterations, schedule and choice_temperature."""
+
+  iterations: int = ITERATIONS
+  schedule: str = 'cosine'
+  choice_temperature: Any = CHOICE_TEMPERATURE
+
+
+def check_args(
+  model,
+  condition,
+  *,
+  iterations,
+  schedule,
+  choice_temperature,
+  cfg_scale=None,
+  uncond_tokens=None,
+  **filters,
+):
+  """Refuses bad arguments for (B, Lc) conditions with one ValueError before anything
+  compiles; returns (`Decoding`, `sampling.Filters`) checked."""
+  checks.decoding_iterations(iterations, schedule, choice_temperature, maskgit_lib.SCHEDULES)
+  cond_len = np.shape(condition)[1]
   n = model.block_size - cond_len
   if n < 1:
     raise ValueError(
       f'{cond_len} condition tokens leave no codes to sample in block_size {model.block_size}'
     )
-  return sampling.check_sampling_args(
-    model, cond_len=cond_len, image_len=n, length_arg=f'{n} codes', **filters
+  checked = sampling.check_filters(
+    model,
+    condition,
+    cond_len=cond_len,
+    image_len=n,
+    length_arg=f'{n} codes',
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
+    **filters,
   )
+  return Decoding(int(iterations), schedule, choice_temperature), checked
 
 
 def maskgit_bytes(model, cond_len, guided=False):
@@ -87,7 +129,7 @@ def sample(
   cond_tokens,
   rng,
   *,
-  steps=8,
+  iterations=None,
   schedule='cosine',
   temperature=1.0,
   top_k=None,
@@ -96,53 +138,55 @@ def sample(
   cfg_scale=None,
   uncond_tokens=None,
   return_history=False,
+  steps=None,
 ):
-  """Decodes the N = block_size - Lc codes after the condition (B, Lc) in `steps` parallel
-  steps; returns (B, N) int32 (and with return_history the codes after every step,
-  (B, steps, N), the [MASK] id where still masked).
+  """Decodes the N = block_size - Lc codes after the condition (B, Lc) in `iterations`
+  parallel steps (default 8); returns (B, N) int32 (and with return_history the codes after
+  every iteration, (B, iterations, N), the [MASK] id where still masked).
 
   model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
   'square'. cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
+  steps: the deprecated name of iterations.
   """
+  iterations = renamed_steps(iterations, steps, ITERATIONS)
   cond_len = sampling.check_tokens(model, cond_tokens, 'cond_tokens')
-  top_k, top_p = check_args(
+  decoding, filters = check_args(
     model,
-    cond_len,
-    steps=steps,
+    cond_tokens,
+    iterations=iterations,
     schedule=schedule,
     choice_temperature=choice_temperature,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
   )
-  guided = cfg_scale is not None
-  if guided and uncond_tokens is None:
-    raise ValueError('cfg_scale needs uncond_tokens')
-  sampling.check_memory(maskgit_bytes(model, cond_len, guided), cond_tokens, params)
-  cond = jnp.asarray(cond_tokens, jnp.int32)
-  uncond = None
-  if guided:
-    sampling.check_tokens(model, uncond_tokens, 'uncond_tokens')
-    uncond = jnp.asarray(uncond_tokens, jnp.int32)
-    if uncond.shape != cond.shape:
-      raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
-  model, variables = sampling.decoding_variables(model, params)
-  codes, history = _sample(
+  sampling.check_memory(maskgit_bytes(model, cond_len, filters.guided), cond_tokens, params)
+  out = _decode(params, model, cond_tokens, uncond_tokens, rng, filters, decoding, return_history)
+  return out if return_history else out[0]
+
+
+def _decode(params, model, cond, uncond, rng, filters, decoding, history=False):
+  """`sample` on checked arguments: (codes, history)."""
+  variables, model, cond, uncond, rng, temperature, cfg_scale = filters.loop_args(
+    params, model, cond, uncond, rng
+  )
+  return _sample(
     variables,
     model,
     cond,
     uncond,
     rng,
-    jnp.float32(temperature),
-    jnp.float32(choice_temperature),
-    jnp.float32(cfg_scale if guided else 0.0),
-    counts=mask_counts(model.block_size - cond_len, int(steps), schedule),
-    top_k=top_k,
-    top_p=top_p,
-    guided=guided,
-    history=bool(return_history),
+    temperature,
+    jnp.float32(decoding.choice_temperature),
+    cfg_scale,
+    counts=mask_counts(model.block_size - cond.shape[1], decoding.iterations, decoding.schedule),
+    top_k=filters.top_k,
+    top_p=filters.top_p,
+    guided=filters.guided,
+    history=bool(history),
   )
-  return (codes, history) if return_history else codes
 
 
 @functools.partial(
@@ -165,7 +209,7 @@ def _sample(
   history,
 ):
   b, lc = cond.shape
-  n, steps = model.block_size - lc, len(counts)
+  n, iterations = model.block_size - lc, len(counts)
   prefix = jnp.concatenate([cond, uncond], axis=0) if guided else cond
   greedy = temperature == 0
 
@@ -182,7 +226,7 @@ def _sample(
     drawn = jax.random.categorical(k_draw, logits, axis=-1)
     drawn = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), drawn[..., None], axis=-1)
-    noise = choice_temperature * (1.0 - (t + 1) / steps) * jax.random.gumbel(k_noise, (b, n))
+    noise = choice_temperature * (1.0 - (t + 1) / iterations) * jax.random.gumbel(k_noise, (b, n))
     confidence = jnp.where(unknown, logp[..., 0] + noise, jnp.inf)
     # Rank by confidence (stable, so ties still re-mask exactly counts[t] positions); decoded
     # positions rank last (+inf) and counts[t] < unknown, so they are never re-masked.
@@ -194,8 +238,8 @@ def _sample(
     return codes, hist
 
   codes = jnp.full((b, n), model.mask_id, jnp.int32)
-  hist = jnp.zeros((b, steps if history else 0, n), jnp.int32)
-  return lax.fori_loop(0, steps, step, (codes, hist))
+  hist = jnp.zeros((b, iterations if history else 0, n), jnp.int32)
+  return lax.fori_loop(0, iterations, step, (codes, hist))
 
 
 def sample_images(
@@ -207,7 +251,7 @@ def sample_images(
   *,
   grid,
   num_samples=None,
-  steps=8,
+  iterations=None,
   schedule='cosine',
   temperature=1.0,
   top_k=None,
@@ -215,38 +259,47 @@ def sample_images(
   choice_temperature=CHOICE_TEMPERATURE,
   cfg_scale=None,
   uncond_tokens=None,
+  steps=None,
 ):
   """`sampling.sample_images` for MaskGIT: returns (tokens (N, h, w) int32, images (N, H, W, C)
   float32, the decoder's output). params: {'gpt': MaskGIT params, 'vqgan': VQGAN params}.
-  grid must be the training grid (h * w = block_size - Lc): MaskGIT has no sliding window."""
+  grid must be the training grid (h * w = block_size - Lc): MaskGIT has no sliding window.
+  iterations: as in `sample` (steps: its deprecated name)."""
+  iterations = renamed_steps(iterations, steps, ITERATIONS)
   cond_len, num = sampling.check_condition(model, condition, num_samples)
-  h, w = (int(x) for x in grid)
+  grid = checks.grid(grid)
+  check_grid(model, cond_len, grid)
+  condition, uncond_tokens = sampling.repeat_condition(condition, num_samples, uncond_tokens)
+  decoding, filters = check_args(
+    model,
+    condition,
+    iterations=iterations,
+    schedule=schedule,
+    choice_temperature=choice_temperature,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
+  )
+  need = maskgit_bytes(model, cond_len, filters.guided)
+  sampling.check_images_memory(params, condition, need, vqgan, grid, num_samples, num)
+  return images_of(params, model, vqgan, condition, uncond_tokens, rng, filters, grid, decoding)
+
+
+def check_grid(model, cond_len, grid):
+  """MaskGIT samples its training grid (h * w = block_size - Lc) only."""
+  h, w = grid
   n = model.block_size - cond_len
   if h * w != n:
     raise ValueError(
       f'grid {h}x{w}: MaskGIT samples the training grid ({n} codes) only; larger grids '
       '(the sliding window) need the GPT'
     )
-  need = max(
-    maskgit_bytes(model, cond_len, cfg_scale is not None), sampling.decode_bytes(vqgan, (h, w))
-  )
-  what = None if num_samples is None else f'num_samples={num}'
-  sampling.check_memory(
-    need, condition, params['gpt'], what, num, needs=' for the sampler and the decoder'
-  )
-  condition, uncond_tokens = sampling.repeat_condition(condition, num_samples, uncond_tokens)
-  tokens = sample(
-    params['gpt'],
-    model,
-    condition,
-    rng,
-    steps=steps,
-    schedule=schedule,
-    temperature=temperature,
-    top_k=top_k,
-    top_p=top_p,
-    choice_temperature=choice_temperature,
-    cfg_scale=cfg_scale,
-    uncond_tokens=uncond_tokens,
-  ).reshape(-1, h, w)
+
+
+def images_of(params, model, vqgan, condition, uncond, rng, filters, grid, decoding):
+  """`sample_images` on checked (B, Lc) conditions (already repeated) and arguments."""
+  codes, _ = _decode(params['gpt'], model, condition, uncond, rng, filters, decoding)
+  tokens = codes.reshape(-1, *grid)
   return tokens, sampling.decode_codes(vqgan, params['vqgan'], tokens)

@@ -2,7 +2,7 @@
 run's latest transformer and writes them into its workdir as `samples_<step>.png` (one row per
 class for class models) and `samples_<step>.npz` (codes, labels, condition tokens) for other
 evaluators. The jitted samplers themselves are in `sampling.py` (the GPT) and
-`maskgit_sampling.py` (MaskGIT: `config.sample.steps`, `schedule`, `choice_temperature`).
+`maskgit_sampling.py` (MaskGIT: `config.sample.iterations`, `schedule`, `choice_temperature`).
 """
 
 import os
@@ -68,23 +68,15 @@ def sample(config, workdir):
   # Every process samples the same batches (the same conditions and keys) on the mesh that
   # spans them all.
   out_codes, out_images = [], []
-  maskgit = {}
-  if run.kind == 'maskgit':
-    maskgit = dict(
-      steps=int(s.steps), schedule=s.schedule, choice_temperature=float(s.choice_temperature)
-    )
+  args = run.sampler_args()
   t0 = time.perf_counter()
   for i, start in enumerate(range(0, n, s.batch_size)):
     try:
       codes, images = run.sample(
         cond[start : start + s.batch_size],
         jax.random.fold_in(rng, i),
-        temperature=float(s.temperature),
-        top_k=int(s.top_k) or None,
-        top_p=float(s.top_p),
-        cfg_scale=float(s.cfg_scale),
         grid=grid,
-        **maskgit,
+        **args,
       )
     except ValueError as e:
       raise ConfigError(f'config.sample: {e}') from None

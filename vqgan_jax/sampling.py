@@ -13,14 +13,14 @@ filter are `uncond + cfg_scale * (cond - uncond)`. Both batches are continued wi
 Arguments: `temperature` 0 is greedy decoding (argmax of the filtered logits), as a traced
 value too, so one compile serves greedy and sampled calls. Bad arguments (a negative
 temperature, top_k < 0, top_p outside (0, 1], a sequence longer than the model's block size)
-raise one ValueError naming the argument before anything runs (`check_sampling_args`), as do
+raise one ValueError naming the argument before anything runs (`checks.sampling_filters`), as do
 condition tokens outside the vocabulary and a batch whose estimated peak memory (`gpt_bytes`,
 `decode_bytes`) exceeds what its devices have free (`checks.fits`).
 """
 
+import dataclasses
 import functools
-import math
-import numbers
+from typing import Any
 from typing import Mapping
 
 import jax
@@ -108,43 +108,15 @@ def check_sampling_args(
   `length_arg` names the argument that set `image_len` (steps, grid, window) for the block
   size message. A temperature traced by the caller's own jit cannot be checked here.
   """
-  if not isinstance(temperature, jax.core.Tracer):
-    try:
-      t = float(temperature)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f'temperature must be a number >= 0, got {temperature!r}') from e
-    if not math.isfinite(t) or t < 0:
-      raise ValueError(f'temperature must be >= 0 (0 is greedy argmax), got {temperature!r}')
-  if top_k is not None and not (_is_number(top_k) and float(top_k).is_integer() and top_k >= 0):
-    raise ValueError(f'top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}')
-  if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
-    raise ValueError(f'top_p must be in (0, 1] (1 or None: no top-p), got {top_p!r}')
-  if cond_len < 1 or image_len < 1:
-    raise ValueError(
-      f'need at least one conditioning token and one token to sample; got '
-      f'{cond_len} cond tokens and {length_arg}'
-    )
-  if cond_len + image_len - 1 > model.block_size:
-    raise ValueError(
-      f'{length_arg} ({image_len} tokens after {cond_len} cond tokens) is longer '
-      f"than the model's block_size {model.block_size} allows"
-    )
-  return (int(top_k) if top_k else None), (1.0 if top_p is None else float(top_p))
-
-
-def _is_number(x):
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+  top_k, top_p = checks.sampling_filters(temperature, top_k, top_p)
+  checks.sequence_fits(model.block_size, cond_len, image_len, length_arg)
+  return top_k, top_p
 
 
 def check_tokens(model, tokens, name):
   """(batch, length) tokens, a non-empty batch of ids in [0, model.vocab_size); returns the
   length (traced tokens: only the shape is checked)."""
-  shape = np.shape(tokens)
-  if len(shape) != 2:
-    raise ValueError(f'{name} must be (batch, length) tokens, got shape {shape}')
-  checks.nonempty_batch(shape, name)
-  checks.integers(tokens, name, 0, model.vocab_size, what='token ids')
-  return shape[1]
+  return checks.tokens(tokens, name, model.vocab_size)
 
 
 def gpt_bytes(model, *, cond_len, grid, window=None, cond_is_grid=False, guided=False):
@@ -179,13 +151,6 @@ def decode_bytes(vqgan, grid):
   return peak + checks.nbytes(h, w, vqgan.out_ch)
 
 
-def _check_window(grid_h, grid_w, window):
-  if window % 2 or window < 2:
-    raise ValueError(f'window must be even and >= 2 (taming uses 16), got {window}')
-  if grid_h < window or grid_w < window:
-    raise ValueError(f'grid {grid_h}x{grid_w} smaller than the window {window}')
-
-
 def guide(logits, cfg_scale):
   """Classifier-free guidance: a (2B, V) batch [cond; uncond] -> uncond + s * (cond - uncond)."""
   c, u = jnp.split(logits, 2, axis=0)
@@ -193,11 +158,7 @@ def guide(logits, cfg_scale):
 
 
 def _with_uncond(cond, uncond, guided):
-  if not guided:
-    return cond
-  if uncond.shape != cond.shape:
-    raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
-  return jnp.concatenate([cond, uncond], axis=0)
+  return jnp.concatenate([cond, uncond], axis=0) if guided else cond
 
 
 class _Stepper:
@@ -229,7 +190,8 @@ class _Stepper:
 
 
 # ----------------------------------------------------------------------------------------
-# Plain (KV-cached) sampler
+# Checked arguments: each public sampler checks its arguments once, then runs an unchecked
+# core that the other entry points (`sample_images`, `inference`) call with theirs.
 # ----------------------------------------------------------------------------------------
 
 
@@ -246,31 +208,61 @@ def check_memory(
 def check_condition(model, condition, num_samples):
   """(Lc, the number of samples) of a sampler's `condition` ((B, Lc) or one (Lc,) token ids
   in [0, vocab_size)) and `num_samples` (a positive int repeating a single condition)."""
-  shape = np.shape(condition)
-  if len(shape) not in (1, 2) or not shape[-1]:
-    raise ValueError(f'condition must be (batch, length) or (length,) tokens, got shape {shape}')
-  rows = 1 if len(shape) == 1 else shape[0]
-  checks.nonempty_batch((rows,), 'condition')
-  checks.integers(condition, 'condition', 0, model.vocab_size, what='token ids')
-  if num_samples is None:
-    return shape[-1], rows
-  n = checks.count(num_samples, 'num_samples')
-  if rows != 1:
-    raise ValueError(f'num_samples repeats one condition; got {rows}')
-  return shape[-1], n
+  return checks.condition(condition, num_samples, model.vocab_size)
 
 
-def _inputs(params, model, cond_tokens, uncond_tokens, cfg_scale):
-  """What both public samplers hand their jitted loops: (guided, decoding model, variables,
-  int32 cond tokens, int32 uncond tokens or None)."""
-  guided = cfg_scale is not None
-  if guided and uncond_tokens is None:
-    raise ValueError('cfg_scale needs uncond_tokens')
-  if guided:
-    check_tokens(model, uncond_tokens, 'uncond_tokens')
-  model, variables = decoding_variables(model, params)
-  uncond = jnp.asarray(uncond_tokens, jnp.int32) if guided else None
-  return guided, model, variables, jnp.asarray(cond_tokens, jnp.int32), uncond
+def check_images_memory(params, condition, per_sample, vqgan, grid, num_samples, n):
+  """`check_memory` of a `sample_images` call: the sampler or the decoder, whichever needs
+  more per sample."""
+  what = None if num_samples is None else f'num_samples={n}'
+  need = max(per_sample, decode_bytes(vqgan, grid))
+  check_memory(need, condition, params['gpt'], what, n, needs=' for the sampler and the decoder')
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+  """Checked filter and guidance arguments, as the unchecked cores take them."""
+
+  temperature: Any = 1.0
+  top_k: int | None = None
+  top_p: float = 1.0
+  cfg_scale: float | None = None
+
+  @property
+  def guided(self):
+    return self.cfg_scale is not None
+
+  def loop_args(self, params, model, cond, uncond, rng):
+    """The positional arguments of the jitted loops: (variables, decoding model, int32
+    cond, int32 uncond or None, rng, traced temperature, traced cfg_scale)."""
+    model, variables = decoding_variables(model, params)
+    cond = jnp.asarray(cond, jnp.int32)
+    uncond = jnp.asarray(uncond, jnp.int32) if self.guided else None
+    scale = jnp.float32(self.cfg_scale if self.guided else 0.0)
+    return variables, model, cond, uncond, rng, jnp.float32(self.temperature), scale
+
+
+def check_filters(
+  model, cond_tokens, *, cond_len, image_len, length_arg, temperature, top_k, top_p, cfg_scale,
+  uncond_tokens,
+):  # fmt: skip
+  """`check_sampling_args` and the guidance's tokens; returns the checked `Filters`."""
+  top_k, top_p = check_sampling_args(
+    model,
+    cond_len=cond_len,
+    image_len=image_len,
+    length_arg=length_arg,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
+  checks.guidance(cfg_scale, uncond_tokens, np.shape(cond_tokens), model.vocab_size)
+  return Filters(temperature, top_k, top_p, cfg_scale)
+
+
+# ----------------------------------------------------------------------------------------
+# Plain (KV-cached) sampler
+# ----------------------------------------------------------------------------------------
 
 
 def sample(
@@ -299,34 +291,34 @@ def sample(
   a step reads every slot of the cache it runs on, so a cache sized for the whole sequence
   would be read in full from the first token on. Tokens do not depend on the segment size.
   """
-  top_k, top_p = check_sampling_args(
+  cond_len = check_tokens(model, cond_tokens, 'cond_tokens')
+  filters = check_filters(
     model,
-    cond_len=check_tokens(model, cond_tokens, 'cond_tokens'),
+    cond_tokens,
+    cond_len=cond_len,
     image_len=steps,
     length_arg=f'steps={steps}',
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
   )
-  need = gpt_bytes(
-    model, cond_len=np.shape(cond_tokens)[1], grid=(1, steps), guided=cfg_scale is not None
-  )
+  need = gpt_bytes(model, cond_len=cond_len, grid=(1, steps), guided=filters.guided)
   check_memory(need, cond_tokens, params)
-  guided, model, variables, cond_tokens, uncond = _inputs(
-    params, model, cond_tokens, uncond_tokens, cfg_scale
+  return _sample_tokens(
+    params, model, cond_tokens, uncond_tokens, rng, filters, steps, cache_segment
   )
+
+
+def _sample_tokens(params, model, cond, uncond, rng, filters, steps, cache_segment=CACHE_SEGMENT):
+  """`sample` on checked arguments."""
   return _sample(
-    variables,
-    model,
-    cond_tokens,
-    uncond,
-    rng,
-    jnp.float32(temperature),
-    jnp.float32(cfg_scale if guided else 0.0),
-    steps=steps,
-    top_k=top_k,
-    top_p=top_p,
-    guided=guided,
+    *filters.loop_args(params, model, cond, uncond, rng),
+    steps=int(steps),
+    top_k=filters.top_k,
+    top_p=filters.top_p,
+    guided=filters.guided,
     cache_segment=max(1, int(cache_segment)),
   )
 
@@ -408,9 +400,7 @@ def repeat_condition(condition, num_samples, uncond_tokens):
   condition = jnp.asarray(condition, jnp.int32)
   if condition.ndim == 1:
     condition = condition[None]
-  if num_samples is not None:
-    if condition.shape[0] != 1:
-      raise ValueError(f'num_samples repeats one condition; got {condition.shape[0]}')
+  if num_samples is not None:  # checked: one condition (`checks.repeats`)
     condition = jnp.repeat(condition, num_samples, axis=0)
     if uncond_tokens is not None:
       uncond_tokens = jnp.repeat(
@@ -447,59 +437,52 @@ def sample_images(
   runs. Both samplers and the decoder are jitted (compiled once per shape and filter settings).
   """
   cond_len, num = check_condition(model, condition, num_samples)
-  if len(grid) != 2 or not all(_is_number(n) and float(n).is_integer() and n > 0 for n in grid):
-    raise ValueError(f'grid must be (h, w) of positive ints, got {grid!r}')
-  h, w = (int(n) for n in grid)
-  if window is None:
-    check_sampling_args(
-      model,
-      cond_len=cond_len,
-      image_len=h * w,
-      length_arg=f'grid={grid}',
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-    )
-  else:
-    _check_window(h, w, window)
-    check_sampling_args(
-      model,
-      cond_len=cond_len,
-      image_len=window * window,
-      length_arg=f'window={window}',
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-    )
-  sampler = gpt_bytes(
-    model, cond_len=cond_len, grid=(h, w), window=window, guided=cfg_scale is not None
-  )
-  what = None if num_samples is None else f'num_samples={num}'
-  need = max(sampler, decode_bytes(vqgan, (h, w)))
-  check_memory(need, condition, params['gpt'], what, num, needs=' for the sampler and the decoder')
+  grid = checks.grid(grid)
   condition, uncond_tokens = repeat_condition(condition, num_samples, uncond_tokens)
-  filters = dict(
+  filters = check_image_args(
+    model,
+    condition,
+    grid=grid,
+    window=window,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
     cfg_scale=cfg_scale,
     uncond_tokens=uncond_tokens,
   )
+  need = gpt_bytes(model, cond_len=cond_len, grid=grid, window=window, guided=filters.guided)
+  check_images_memory(params, condition, need, vqgan, grid, num_samples, num)
+  return images_of(params, model, vqgan, condition, uncond_tokens, rng, filters, grid, window)
+
+
+def check_image_args(model, condition, *, grid, window, uncond_tokens, **filters):
+  """`sample_images`'s checks of (B, Lc) conditions on a checked (h, w) grid: the window
+  (None: none), the filters and guidance; returns the checked `Filters`."""
+  h, w = grid
   if window is None:
-    tokens = sample(params['gpt'], model, condition, rng, steps=h * w, **filters)
+    image_len, length_arg = h * w, f'grid={grid}'
+  else:
+    checks.window(h, w, window)
+    image_len, length_arg = window * window, f'window={window}'
+  return check_filters(
+    model,
+    condition,
+    cond_len=np.shape(condition)[1],
+    image_len=image_len,
+    length_arg=length_arg,
+    uncond_tokens=uncond_tokens,
+    **filters,
+  )
+
+
+def images_of(params, model, vqgan, condition, uncond, rng, filters, grid, window=None):
+  """`sample_images` on checked (B, Lc) conditions (already repeated) and arguments."""
+  h, w = grid
+  if window is None:
+    tokens = _sample_tokens(params['gpt'], model, condition, uncond, rng, filters, h * w)
     tokens = tokens.reshape(-1, h, w)
   else:
-    tokens = sliding_window_sample(
-      params['gpt'],
-      model,
-      condition,
-      rng,
-      grid_h=h,
-      grid_w=w,
-      window=window,
-      cond_is_grid=False,
-      **filters,
-    )
+    tokens = _sliding_tokens(params['gpt'], model, condition, uncond, rng, filters, grid, window)
   return tokens, decode_codes(vqgan, params['vqgan'], tokens)
 
 
@@ -550,46 +533,48 @@ def sliding_window_sample(
   lengths: li <= half and li > half). All images run as one batch. temperature 0 is greedy
   (argmax); the arguments are checked as in `sample` before anything runs.
   """
-  _check_window(grid_h, grid_w, window)
+  checks.window(grid_h, grid_w, window)
   cond_len = check_tokens(model, cond_tokens, 'cond_tokens')
   if cond_is_grid is None:
     cond_is_grid = cond_len == grid_h * grid_w
-  top_k, top_p = check_sampling_args(
+  filters = check_filters(
     model,
+    cond_tokens,
     cond_len=window * window if cond_is_grid else cond_len,
     image_len=window * window,
     length_arg=f'window={window}',
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
+    cfg_scale=cfg_scale,
+    uncond_tokens=uncond_tokens,
   )
+  grid = (grid_h, grid_w)
   need = gpt_bytes(
     model,
     cond_len=cond_len,
-    grid=(grid_h, grid_w),
+    grid=grid,
     window=window,
     cond_is_grid=cond_is_grid,
-    guided=cfg_scale is not None,
+    guided=filters.guided,
   )
   check_memory(need, cond_tokens, params)
-  guided, model, variables, cond_tokens, uncond = _inputs(
-    params, model, cond_tokens, uncond_tokens, cfg_scale
+  return _sliding_tokens(
+    params, model, cond_tokens, uncond_tokens, rng, filters, grid, window, bool(cond_is_grid)
   )
+
+
+def _sliding_tokens(params, model, cond, uncond, rng, filters, grid, window, cond_is_grid=False):
+  """`sliding_window_sample` on checked arguments."""
   return _sliding(
-    variables,
-    model,
-    cond_tokens,
-    uncond,
-    rng,
-    jnp.float32(temperature),
-    jnp.float32(cfg_scale if guided else 0.0),
-    h=grid_h,
-    w=grid_w,
+    *filters.loop_args(params, model, cond, uncond, rng),
+    h=grid[0],
+    w=grid[1],
     win=window,
-    is_grid=bool(cond_is_grid),
-    top_k=top_k,
-    top_p=top_p,
-    guided=guided,
+    is_grid=cond_is_grid,
+    top_k=filters.top_k,
+    top_p=filters.top_p,
+    guided=filters.guided,
   )
 
 
@@ -613,81 +598,96 @@ def _sliding(
   top_p,
   guided,
 ):
-  b = cond.shape[0]
-  half = win // 2
   cond_all = _with_uncond(cond, uncond, guided)
-  bb = cond_all.shape[0]
   if is_grid:
-    cond_all = cond_all.reshape(bb, h, w)
-  lc = win * win if is_grid else cond_all.shape[1]
-  st = _Stepper(model, variables, rng, temperature, cfg_scale, False, top_k, top_p)
-  # Longest prefix a re-encode needs: up to (li, half) inclusive of what precedes it.
-  short_len = lc + half * win + half  # li <= half
-  full_len = lc + (win - 1) * win + half  # li > half (last rows of the grid)
+    cond_all = cond_all.reshape(cond_all.shape[0], h, w)
+  st = _Stepper(model, variables, rng, temperature, cfg_scale, guided, top_k, top_p)
+  sw = _SlidingWindow(st, cond_all, cond.shape[0], h, w, win, is_grid)
+  grid = jnp.zeros((sw.b, h, w), jnp.int32)
+  cache = model.init_cache(cond_all.shape[0], sw.lc + win * win - 1)
+  grid, _ = lax.fori_loop(0, h, sw.row, (grid, cache))
+  return grid
 
-  def guided_logits(logits):
-    return guide(logits, cfg_scale) if guided else logits
 
-  def prefill(grid, cache, r0, c0, li, lj):
+class _SlidingWindow:
+  """The traced pieces of `_sliding`: a (B, h, w) grid sampled row by row, the window
+  re-encoded where it slides and its cache extended where it rests."""
+
+  def __init__(self, st, cond_all, b, h, w, win, is_grid):
+    self.st, self.cond_all, self.b, self.h, self.w = st, cond_all, b, h, w
+    self.win, self.half, self.is_grid = win, win // 2, is_grid
+    self.lc = win * win if is_grid else cond_all.shape[1]
+    # Longest prefix a re-encode needs: up to (li, half) inclusive of what precedes it.
+    self.short_len = self.lc + self.half * win + self.half  # li <= half
+    self.full_len = self.lc + (win - 1) * win + self.half  # li > half (last rows of the grid)
+
+  def decode(self, tokens, cache, pos, logits_at):
+    """The model on the (guidance-doubled) tokens at logits_at; guided logits."""
+    st = self.st
+    logits, cache = st.model.apply(
+      st.variables, tokens, cache, pos, logits_at, method=st.model.decode
+    )
+    return self.guided(logits), cache
+
+  def guided(self, logits):
+    return guide(logits, self.st.cfg_scale) if self.st.guided else logits
+
+  def prefill(self, grid, cache, r0, c0, li, lj):
     """Encodes the window at (r0, c0) into the cache; guided logits for (li, lj)."""
+    b, bb, win = self.b, self.cond_all.shape[0], self.win
     img = lax.dynamic_slice(grid, (0, r0, c0), (b, win, win)).reshape(b, win * win)
-    if guided:
-      img = jnp.concatenate([img, img], axis=0)
-    if is_grid:
-      cw = lax.dynamic_slice(cond_all, (0, r0, c0), (bb, win, win)).reshape(bb, win * win)
-    else:
-      cw = cond_all
+    img = _with_uncond(img, img, self.st.guided)
+    cw = self.cond_all
+    if self.is_grid:
+      cw = lax.dynamic_slice(cw, (0, r0, c0), (bb, win, win)).reshape(bb, win * win)
     seq = jnp.concatenate([cw, img], axis=1)
-    at = lc - 1 + li * win + lj
+    at = self.lc - 1 + li * win + lj
 
     def run(n):
-      return lambda cache: model.apply(variables, seq[:, :n], cache, 0, at, method=model.decode)
+      model = self.st.model
+      return lambda c: model.apply(self.st.variables, seq[:, :n], c, 0, at, method=model.decode)
 
-    if short_len == full_len:
-      logits, cache = run(full_len)(cache)
+    if self.short_len == self.full_len:
+      logits, cache = run(self.full_len)(cache)
     else:
-      logits, cache = lax.cond(li <= half, run(short_len), run(full_len), cache)
-    return guided_logits(logits), cache
+      logits, cache = lax.cond(li <= self.half, run(self.short_len), run(self.full_len), cache)
+    return self.guided(logits), cache
 
+  @staticmethod
   def put(grid, i, j, tok):
     return lax.dynamic_update_slice(grid, tok[:, None, None], (0, i, j))
 
-  def extend(grid, cache, i, li, c0, j0, j1):
+  def extend(self, grid, cache, i, li, c0, j0, j1):
     """Samples columns [j0, j1) of row i with the window fixed at column c0."""
 
     def body(j, carry):
       grid, cache = carry
-      prev = lax.dynamic_slice(grid, (0, i, j - 1), (b, 1, 1)).reshape(b, 1)
-      if guided:
-        prev = jnp.concatenate([prev, prev], axis=0)
-      logits, cache = model.apply(
-        variables, prev, cache, lc + li * win + (j - 1 - c0), 0, method=model.decode
-      )
-      return put(grid, i, j, st.draw(guided_logits(logits), i * w + j)), cache
+      prev = lax.dynamic_slice(grid, (0, i, j - 1), (self.b, 1, 1)).reshape(self.b, 1)
+      prev = _with_uncond(prev, prev, self.st.guided)
+      pos = self.lc + li * self.win + (j - 1 - c0)
+      logits, cache = self.decode(prev, cache, pos, 0)
+      return self.put(grid, i, j, self.st.draw(logits, i * self.w + j)), cache
 
     return lax.fori_loop(j0, j1, body, (grid, cache))
 
-  def row(i, carry):
+  def row(self, i, carry):
+    """Samples row i: the window rests at the left, slides, then rests at the right edge."""
     grid, cache = carry
-    li = window_offset(i, h, win)
+    w, win, half = self.w, self.win, self.half
+    li = window_offset(i, self.h, win)
     r0 = i - li
-    logits, cache = prefill(grid, cache, r0, 0, li, 0)
-    grid = put(grid, i, 0, st.draw(logits, i * w))
+    logits, cache = self.prefill(grid, cache, r0, 0, li, 0)
+    grid = self.put(grid, i, 0, self.st.draw(logits, i * w))
     if w == win:  # the window never moves along the row
-      return extend(grid, cache, i, li, 0, 1, w)
-    grid, cache = extend(grid, cache, i, li, 0, 1, half + 1)
+      return self.extend(grid, cache, i, li, 0, 1, w)
+    grid, cache = self.extend(grid, cache, i, li, 0, 1, half + 1)
 
     def slide(j, carry):
       grid, cache = carry
-      logits, cache = prefill(grid, cache, r0, j - half, li, half)
-      return put(grid, i, j, st.draw(logits, i * w + j)), cache
+      logits, cache = self.prefill(grid, cache, r0, j - half, li, half)
+      return self.put(grid, i, j, self.st.draw(logits, i * w + j)), cache
 
     # The last sliding position already has the window at the right edge (c0 = w - win);
     # its cache then serves the rest of the row.
     grid, cache = lax.fori_loop(half + 1, w - half + 1, slide, (grid, cache))
-    return extend(grid, cache, i, li, w - win, w - half + 1, w)
-
-  grid = jnp.zeros((b, h, w), jnp.int32)
-  cache = model.init_cache(bb, lc + win * win - 1)
-  grid, _ = lax.fori_loop(0, h, row, (grid, cache))
-  return grid
+    return self.extend(grid, cache, i, li, w - win, w - half + 1, w)

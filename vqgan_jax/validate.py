@@ -87,6 +87,23 @@ def validate_gan_and_health(loss, t):
   _fraction(t.usage_warning, 'config.train.usage_warning', upper_open=False)
 
 
+def validate_train_counts(t, base_lr, batch_divisor):
+  """Both stages' config.train (t): batch sizes that split over the mesh's batch axes, counts
+  >= 1; and a positive config.optim.base_lr."""
+  for name in ('batch_size', 'eval_batch_size'):
+    check(
+      t[name] % batch_divisor == 0,
+      f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
+      "of the mesh's batch axes (config.mesh.data x config.mesh.fsdp)",
+    )
+  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
+    check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
+  check(
+    math.isfinite(base_lr) and base_lr > 0,
+    f'config.optim.base_lr must be a positive number, got {base_lr}',
+  )
+
+
 def validate_stage1(config, batch_divisor: int = 1):
   m, d, t, loss = config.model, config.data, config.train, config.loss
   check(len(m.ch_mult) >= 1, 'config.model.ch_mult must have at least one level')
@@ -129,15 +146,4 @@ def validate_stage1(config, batch_divisor: int = 1):
     f'config.train.conv_impl must be one of {CONV_IMPLS}, got {t.conv_impl!r}',
   )
   validate_remat(t, 'config.train', ('none', 'block'))
-  for name in ('batch_size', 'eval_batch_size'):
-    check(
-      t[name] % batch_divisor == 0,
-      f'config.train.{name}={t[name]} is not divisible by the {batch_divisor} devices '
-      "of the mesh's batch axes (config.mesh)",
-    )
-  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
-    check(t[name] >= 1, f'config.train.{name} must be >= 1, got {t[name]}')
-  check(
-    math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0,
-    f'config.optim.base_lr must be a positive number, got {config.optim.base_lr}',
-  )
+  validate_train_counts(t, config.optim.base_lr, batch_divisor)

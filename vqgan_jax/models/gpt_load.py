@@ -14,7 +14,6 @@ Nothing here imports `train/`.
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Any
 from typing import NamedTuple
@@ -37,6 +36,7 @@ from vqgan_jax.validate import DTYPES
 from vqgan_jax.validate import ConfigError
 from vqgan_jax.validate import check
 from vqgan_jax.validate import validate_remat
+from vqgan_jax.validate import validate_train_counts
 
 COND_KINDS = ('unconditional', 'class', 'spatial')
 TRANSFORMER_KINDS = ('gpt', 'maskgit')
@@ -117,6 +117,11 @@ def resolve_config(config):
   check(
     c.get('stage') == 'transformer',
     f"config.stage={c.get('stage')!r}: stage-2 runs need stage='transformer'",
+  )
+  # A config file written before the rename (saved configs are upgraded as they are read).
+  check(
+    'steps' not in c.get('sample', {}),
+    "config.sample.steps is now config.sample.iterations (MaskGIT's decoding iterations)",
   )
   # Absolute, so that the saved config finds its first stage from any working directory.
   if c.stage1_workdir:
@@ -203,74 +208,77 @@ def _layout_from(c):
   n_image = int(m.n_embed)
   grid = _grid(c.data.image_size, m, 'config.stage1_config')
   shared = bool(t.shared_vocab)
-  cond_grid, cond_n, null_id, n_classes = (), 0, -1, 0
   check(0.0 <= cond.drop_prob < 1.0, f'config.cond.drop_prob={cond.drop_prob} not in [0, 1)')
   check(
     cond.kind == 'class' or cond.drop_prob == 0.0,
     'config.cond.drop_prob (classifier-free guidance) needs cond.kind=class',
   )
+  ids, needed = _condition_ids(c, n_image, shared)
+  needed += maskgit  # MaskGIT's [MASK] id: the last id
+  vocab = _at_least(
+    t.vocab_size,
+    needed,
+    'vocab_size',
+    f'the {"shared" if shared else "offset"} vocabulary of this config needs {needed}'
+    + (' (with the [MASK] id)' if maskgit else ''),
+  )
+  # The GPT never reads the last code; MaskGIT reads the whole sequence.
+  block_needed = ids['cond_len'] + grid[0] * grid[1] - (not maskgit)
+  block = _at_least(
+    t.block_size,
+    block_needed,
+    'block_size',
+    f'{ids["cond_len"]} condition + {grid[0]}x{grid[1]} image tokens need {block_needed}',
+  )
+  return Layout(
+    kind=cond.kind,
+    n_image=n_image,
+    grid=grid,
+    cond_offset=0 if shared else n_image,
+    **ids,
+    vocab_size=vocab,
+    block_size=block,
+    transformer_kind=kind,
+    mask_id=vocab - 1 if maskgit else -1,
+  )
+
+
+def _condition_ids(c, n_image, shared):
+  """The condition's part of the layout (cond_len, sos_id, null_id, n_classes, cond_grid,
+  cond_n_embed) and the vocabulary size it needs, per config.cond.kind."""
+  cond = c.cond
+  ids = dict(cond_len=1, sos_id=-1, null_id=-1, n_classes=0, cond_grid=(), cond_n_embed=0)
   if cond.kind == 'unconditional':
-    cond_len = 1
-    offset = 0 if shared else n_image
-    sos = int(cond.sos_token) if shared else n_image
-    needed = max(n_image, sos + 1)
-  elif cond.kind == 'class':
-    n_classes = int(cond.n_classes)
+    ids['sos_id'] = sos = int(cond.sos_token) if shared else n_image
+    return ids, max(n_image, sos + 1)
+  if cond.kind == 'class':
+    ids['n_classes'] = n_classes = int(cond.n_classes)
     check(n_classes >= 1, 'config.cond.n_classes must be >= 1 for cond.kind=class')
-    cond_len, sos = 1, -1
-    offset = 0 if shared else n_image
     if cond.drop_prob > 0:
       check(
         not shared,
         'config.cond.drop_prob > 0 needs the offset vocabulary '
         '(transformer.shared_vocab=False): the shared table has no free null token',
       )
-      null_id = n_image + n_classes
-    needed = max(n_image, n_classes) if shared else n_image + n_classes + (null_id >= 0)
-  else:
-    cm = cond.model
-    check(cm.get('n_embed') is not None, 'config.cond.model.n_embed is unset')
-    check(cond.key, 'config.cond.key (the dataset feature of the cond map) is empty')
-    cond_grid = _grid(c.data.image_size, cm, 'config.cond.model')
-    cond_len, sos, cond_n = cond_grid[0] * cond_grid[1], -1, int(cm.n_embed)
-    offset = 0 if shared else n_image
-    needed = max(n_image, cond_n) if shared else n_image + cond_n
-  needed += maskgit  # MaskGIT's [MASK] id: the last id
-  vocab = int(t.vocab_size)
-  if vocab == -1:
-    vocab = needed
-  check(
-    vocab >= needed,
-    f'config.transformer.vocab_size={vocab} is too small: the '
-    f'{"shared" if shared else "offset"} vocabulary of this config needs {needed}'
-    + (' (with the [MASK] id)' if maskgit else ''),
-  )
-  # The GPT never reads the last code; MaskGIT reads the whole sequence.
-  block_needed = cond_len + grid[0] * grid[1] - (not maskgit)
-  block = int(t.block_size)
-  if block == -1:
-    block = block_needed
-  check(
-    block >= block_needed,
-    f'config.transformer.block_size={block} is too small: '
-    f'{cond_len} condition + {grid[0]}x{grid[1]} image tokens need {block_needed}',
-  )
-  return Layout(
-    kind=cond.kind,
-    n_image=n_image,
-    grid=grid,
-    cond_len=cond_len,
-    cond_offset=offset,
-    sos_id=sos,
-    null_id=null_id,
-    n_classes=n_classes,
-    cond_grid=cond_grid,
-    cond_n_embed=cond_n,
-    vocab_size=vocab,
-    block_size=block,
-    transformer_kind=kind,
-    mask_id=vocab - 1 if maskgit else -1,
-  )
+      ids['null_id'] = n_image + n_classes
+    needed = max(n_image, n_classes) if shared else n_image + n_classes + (ids['null_id'] >= 0)
+    return ids, needed
+  cm = cond.model
+  check(cm.get('n_embed') is not None, 'config.cond.model.n_embed is unset')
+  check(cond.key, 'config.cond.key (the dataset feature of the cond map) is empty')
+  ids['cond_grid'] = cond_grid = _grid(c.data.image_size, cm, 'config.cond.model')
+  ids['cond_n_embed'] = cond_n = int(cm.n_embed)
+  ids['cond_len'] = cond_grid[0] * cond_grid[1]
+  return ids, max(n_image, cond_n) if shared else n_image + cond_n
+
+
+def _at_least(value, needed, field, needs):
+  """config.transformer.<field>: -1 is `needed`; less is refused, saying what `needs` it."""
+  value = int(value)
+  if value == -1:
+    return needed
+  check(value >= needed, f'config.transformer.{field}={value} is too small: {needs}')
+  return value
 
 
 def make_layout(config) -> Layout:
@@ -307,18 +315,7 @@ def validate_config(config, batch_divisor: int = 1):
   check(tr.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {tr.dtype!r}')
   validate_remat(t, 'config.transformer', REMAT_MODES, policy_as_mode=True)
   parallel.axis_rules(config)
-  for name in ('batch_size', 'eval_batch_size'):
-    check(
-      tr[name] % batch_divisor == 0,
-      f'config.train.{name}={tr[name]} is not divisible by the {batch_divisor} devices '
-      "of the mesh's batch axes (config.mesh.data x config.mesh.fsdp)",
-    )
-  for name in ('num_steps', 'log_every', 'eval_every', 'checkpoint_every'):
-    check(tr[name] >= 1, f'config.train.{name} must be >= 1, got {tr[name]}')
-  check(
-    math.isfinite(o.base_lr) and o.base_lr > 0,
-    f'config.optim.base_lr must be a positive number, got {o.base_lr}',
-  )
+  validate_train_counts(tr, o.base_lr, batch_divisor)
   check(
     o.schedule in ('constant', 'cosine'),
     f"config.optim.schedule must be 'constant' or 'cosine', got {o.schedule!r}",

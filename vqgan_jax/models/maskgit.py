@@ -68,18 +68,7 @@ class MaskGIT(nn.Module):
     t = tokens.shape[1]
     if t > self.block_size:
       raise ValueError(f'sequence length {t} > block_size {self.block_size}')
-    if self.n_embd % self.n_head:
-      raise ValueError(f'n_embd {self.n_embd} not divisible by n_head {self.n_head}')
-    x = tf.TokenEmbed(self.vocab_size, self.n_embd, name='tok_emb')(tokens)
-    pos_emb = self.param(
-      'pos_emb',
-      nn.with_logical_partitioning(nn.initializers.normal(tf.INIT_STD), (None, None, 'embed')),
-      (1, self.block_size, self.n_embd),
-    )
-    pos_emb = nn.with_logical_constraint(pos_emb, (None, None, 'act_embed'))
-    x = x + pos_emb[:, :t]
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
+    x = tf.embed(self, tokens, 0, deterministic, nn.initializers.normal(tf.INIT_STD))
     x, _ = tf.run_blocks(self, x, deterministic, causal=False)
     x = tf._layer_norm(x, 'ln_f')
     logits = tf._dense(self.n_image, ('embed', 'vocab'), self.dtype, name='head')(x)

@@ -330,26 +330,31 @@ class GPT(nn.Module):
 
   @nn.compact
   def _forward(self, tokens, deterministic, cache, pos, logits_at):
-    if self.n_embd % self.n_head:
-      raise ValueError(f'n_embd {self.n_embd} not divisible by n_head {self.n_head}')
-    t = tokens.shape[1]
-    x = TokenEmbed(self.vocab_size, self.n_embd, name='tok_emb')(tokens)
-    pos_emb = self.param(
-      'pos_emb',
-      nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, 'embed')),
-      (1, self.block_size, self.n_embd),
-    )
-    pos_emb = nn.with_logical_constraint(pos_emb, (None, None, 'act_embed'))
-    x = x + lax.dynamic_slice_in_dim(pos_emb, pos, t, axis=1)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    x = nn.Dropout(self.embd_pdrop)(x, deterministic=deterministic)
-
+    x = embed(self, tokens, pos, deterministic, nn.initializers.zeros_init())
     x, cache = run_blocks(self, x, deterministic, cache, pos)
     if logits_at is not None:
       x = lax.dynamic_index_in_dim(x, logits_at, axis=1, keepdims=False)
     x = _layer_norm(x, 'ln_f')
     logits = _dense(self.vocab_size, ('embed', 'vocab'), self.dtype, use_bias=False, name='head')(x)
     return logits.astype(jnp.float32), cache
+
+
+def embed(module, tokens, pos, deterministic, pos_init):
+  """The GPT's and MaskGIT's input, called from their compact method: token plus learned
+  position embeddings ('tok_emb', 'pos_emb' initialised by pos_init) of tokens (B, T) at
+  positions [pos, pos + T), with dropout."""
+  if module.n_embd % module.n_head:
+    raise ValueError(f'n_embd {module.n_embd} not divisible by n_head {module.n_head}')
+  x = TokenEmbed(module.vocab_size, module.n_embd, name='tok_emb')(tokens)
+  pos_emb = module.param(
+    'pos_emb',
+    nn.with_logical_partitioning(pos_init, (None, None, 'embed')),
+    (1, module.block_size, module.n_embd),
+  )
+  pos_emb = nn.with_logical_constraint(pos_emb, (None, None, 'act_embed'))
+  x = x + lax.dynamic_slice_in_dim(pos_emb, pos, tokens.shape[1], axis=1)
+  x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+  return nn.Dropout(module.embd_pdrop)(x, deterministic=deterministic)
 
 
 # ----------------------------------------------------------------------------------------

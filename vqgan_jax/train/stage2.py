@@ -206,6 +206,38 @@ class MeshFunction:
 # ----------------------------------------------------------------------------------------
 
 
+def _adamw_step(
+  objective, model, layout: Layout, tx, schedule, frozen: Frozen, drop_prob, state, fp, batch
+):
+  """The step both transformers share: the step's keys, the codes (encoded here from images),
+  the (dropped-out) condition, the AdamW update and the norms. `objective(key, cond, codes)`
+  returns what differs: (inputs, `loss(logits) -> (loss, its metrics)`)."""
+  step = state['step']
+  k_cond, k_objective, k_drop = jax.random.split(jax.random.fold_in(state['rng'], step), 3)
+  batch = encode_batch(frozen, fp, batch)
+  codes = batch['codes'].astype(jnp.int32)
+  inputs, loss_of = objective(k_objective, cond_tokens(layout, batch, k_cond, drop_prob), codes)
+  deterministic = not (model.embd_pdrop or model.resid_pdrop or model.attn_pdrop)
+
+  def loss_fn(params):
+    logits = model.apply(
+      {'params': params}, inputs, deterministic=deterministic, rngs={'dropout': k_drop}
+    )
+    return loss_of(logits)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  metrics = {
+    'loss': loss,
+    **metrics,
+    'grad_norm': optax.global_norm(grads),
+    'param_norm': optax.global_norm(params),
+    'lr': schedule(step),
+  }
+  return dict(state, step=step + 1, params=params, opt_state=opt_state), metrics
+
+
 def train_step(
   model,
   layout: Layout,
@@ -219,35 +251,19 @@ def train_step(
   batch,
 ):
   """One AdamW step on a batch of codes (or images, encoded here); returns (state, metrics)."""
-  step = state['step']
-  rng = jax.random.fold_in(state['rng'], step)
-  k_cond, k_keep, k_drop = jax.random.split(rng, 3)
-  batch = encode_batch(frozen, frozen_params, batch)
-  codes = batch['codes'].astype(jnp.int32)
-  cond = cond_tokens(layout, batch, k_cond, drop_prob)
-  inputs = model_inputs(cond, corrupt(k_keep, codes, pkeep, layout.n_image))
-  deterministic = not (model.embd_pdrop or model.resid_pdrop or model.attn_pdrop)
 
-  def loss_fn(params):
-    logits = model.apply(
-      {'params': params}, inputs, deterministic=deterministic, rngs={'dropout': k_drop}
-    )
-    nll = image_token_nll(logits, codes, layout.cond_len, layout.n_image)
-    return jnp.mean(nll), logits
+  def objective(k_keep, cond, codes):
+    def loss(logits):
+      nll = jnp.mean(image_token_nll(logits, codes, layout.cond_len, layout.n_image))
+      pred = jnp.argmax(logits[:, layout.cond_len - 1 :, : layout.n_image], axis=-1)
+      accuracy = jnp.mean((pred == codes).astype(jnp.float32))
+      return nll, {'bits_per_token': nll / np.log(2.0), 'accuracy': accuracy}
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  pred = jnp.argmax(logits[:, layout.cond_len - 1 :, : layout.n_image], axis=-1)
-  metrics = {
-    'loss': loss,
-    'bits_per_token': loss / np.log(2.0),
-    'accuracy': jnp.mean((pred == codes).astype(jnp.float32)),
-    'grad_norm': optax.global_norm(grads),
-    'param_norm': optax.global_norm(params),
-    'lr': schedule(step),
-  }
-  return dict(state, step=step + 1, params=params, opt_state=opt_state), metrics
+    return model_inputs(cond, corrupt(k_keep, codes, pkeep, layout.n_image)), loss
+
+  return _adamw_step(
+    objective, model, layout, tx, schedule, frozen, drop_prob, state, frozen_params, batch
+  )
 
 
 def make_train_step(
@@ -255,27 +271,12 @@ def make_train_step(
 ):
   """The sharded, donated train step `(state, frozen_params, batch) -> (state, metrics)`."""
   if layout.transformer_kind == 'maskgit':
-    fn = functools.partial(
-      maskgit_train_step,
-      model,
-      layout,
-      tx,
-      schedule,
-      frozen,
-      float(config.transformer.get('label_smoothing', 0.0)),
-      float(config.cond.drop_prob),
-    )
+    step, option = maskgit_train_step, float(config.transformer.get('label_smoothing', 0.0))
   else:
-    fn = functools.partial(
-      train_step,
-      model,
-      layout,
-      tx,
-      schedule,
-      frozen,
-      float(config.transformer.pkeep),
-      float(config.cond.drop_prob),
-    )
+    step, option = train_step, float(config.transformer.pkeep)
+  fn = functools.partial(
+    step, model, layout, tx, schedule, frozen, option, float(config.cond.drop_prob)
+  )
   rep = parallel.replicated(mesh)
   jitted = jax.jit(
     fn,
@@ -373,38 +374,26 @@ def maskgit_train_step(
   batch,
 ):
   """One AdamW step of MaskGIT on a batch of codes (or images); returns (state, metrics)."""
-  step = state['step']
-  rng = jax.random.fold_in(state['rng'], step)
-  k_cond, k_mask, k_drop = jax.random.split(rng, 3)
-  batch = encode_batch(frozen, frozen_params, batch)
-  codes = batch['codes'].astype(jnp.int32)
-  b, n = codes.shape
-  mask = random_mask(jax.random.split(k_mask, b), n)
-  inputs = maskgit_inputs(layout, cond_tokens(layout, batch, k_cond, drop_prob), codes, mask)
-  deterministic = not (model.embd_pdrop or model.resid_pdrop or model.attn_pdrop)
 
-  def loss_fn(params):
-    logits = model.apply(
-      {'params': params}, inputs, deterministic=deterministic, rngs={'dropout': k_drop}
-    )[:, layout.cond_len :]
-    loss, nll = masked_token_nll(logits, codes, mask, label_smoothing)
-    return loss, (nll, logits)
+  def objective(k_mask, cond, codes):
+    mask = random_mask(jax.random.split(k_mask, codes.shape[0]), codes.shape[1])
 
-  (loss, (nll, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  w = mask.astype(jnp.float32)
-  hits = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
-  metrics = {
-    'loss': loss,
-    'bits_per_token': nll / np.log(2.0),  # per masked code, without label smoothing
-    'accuracy': jnp.sum(hits * w) / jnp.maximum(jnp.sum(w), 1.0),
-    'mask_ratio': jnp.mean(w),
-    'grad_norm': optax.global_norm(grads),
-    'param_norm': optax.global_norm(params),
-    'lr': schedule(step),
-  }
-  return dict(state, step=step + 1, params=params, opt_state=opt_state), metrics
+    def loss(logits):
+      logits = logits[:, layout.cond_len :]
+      loss, nll = masked_token_nll(logits, codes, mask, label_smoothing)
+      w = mask.astype(jnp.float32)
+      hits = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
+      return loss, {
+        'bits_per_token': nll / np.log(2.0),  # per masked code, without label smoothing
+        'accuracy': jnp.sum(hits * w) / jnp.maximum(jnp.sum(w), 1.0),
+        'mask_ratio': jnp.mean(w),
+      }
+
+    return maskgit_inputs(layout, cond, codes, mask), loss
+
+  return _adamw_step(
+    objective, model, layout, tx, schedule, frozen, drop_prob, state, frozen_params, batch
+  )
 
 
 def maskgit_eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batch):

@@ -40,6 +40,48 @@ def evaluate(eval_fn, params, frozen_params, batches, mesh):
   }
 
 
+def _data(config, workdir, layout, mesh):
+  """(frozen, its params, their shardings, the train iterator, a function returning the eval
+  batches, the batch keys the steps read): codes from the codes dataset, or images encoded in
+  the step by the frozen first stage."""
+  if config.data.source == 'images':
+    pipeline.check_splits(config.data)
+    frozen, frozen_params, frozen_sh = gpt_load.load_frozen(config, layout, mesh)
+    train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
+    eval_batches = lambda: pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
+    return frozen, frozen_params, frozen_sh, train_it, eval_batches, ('image', 'label', 'mask')
+  # Every start and resume: the codes must come from the stage 1 that will decode samples.
+  tokenizer = gpt_load.stage1_identity(config, layout, mesh)
+  builder = codes_lib.open_codes(config, workdir, layout, tokenizer)
+  tokens.check_splits(builder, config.data)
+  options = pipeline.read_options(config.data)
+  train_it = tokens.make_train_iterator(
+    builder,
+    config.data.train_split,
+    config.train.batch_size,
+    config.seed,
+    worker_count=config.data.worker_count,
+    options=options,
+  )
+  eval_batches = lambda: tokens.make_eval_iterator(
+    builder,
+    config.data.eval_split,
+    config.train.eval_batch_size,
+    max_examples=config.data.eval_examples,
+    options=options,
+  )
+  keys = ('codes', 'label', 'cond_codes', 'mask')
+  return stage2.Frozen(), {}, {}, train_it, eval_batches, keys
+
+
+def _init_from(config, state, model, tx, mesh, shardings, rules):
+  """A fresh run's state with the params of config.init_from and a fresh optimizer state."""
+  state['params'] = gpt_load.restore_gpt_params(config.init_from, model, mesh, rules=rules)
+  state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(state['params'])
+  logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
+  return state
+
+
 def train_and_evaluate(config, workdir):
   """Trains stage 2 in `workdir`, resuming from its latest checkpoint; returns the final eval.
 
@@ -58,34 +100,9 @@ def train_and_evaluate(config, workdir):
     lambda _: stage2.gpt_state_shardings(model, tx, mesh, rng, rules),
   )
 
-  if config.data.source == 'images':
-    pipeline.check_splits(config.data)
-    frozen, frozen_params, frozen_sh = gpt_load.load_frozen(config, layout, mesh)
-    train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
-    eval_batches = lambda: pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
-    keys = ('image', 'label', 'mask')
-  else:
-    frozen, frozen_params, frozen_sh = stage2.Frozen(), {}, {}
-    # Every start and resume: the codes must come from the stage 1 that will decode samples.
-    tokenizer = gpt_load.stage1_identity(config, layout, mesh)
-    builder = codes_lib.open_codes(config, workdir, layout, tokenizer)
-    tokens.check_splits(builder, config.data)
-    train_it = tokens.make_train_iterator(
-      builder,
-      config.data.train_split,
-      config.train.batch_size,
-      config.seed,
-      worker_count=config.data.worker_count,
-      options=pipeline.read_options(config.data),
-    )
-    eval_batches = lambda: tokens.make_eval_iterator(
-      builder,
-      config.data.eval_split,
-      config.train.eval_batch_size,
-      max_examples=config.data.eval_examples,
-      options=pipeline.read_options(config.data),
-    )
-    keys = ('codes', 'label', 'cond_codes', 'mask')
+  frozen, frozen_params, frozen_sh, train_it, eval_batches, keys = _data(
+    config, workdir, layout, mesh
+  )
 
   with checkpoints.Checkpointer(
     workdir, max_to_keep=config.train.max_to_keep, save_every=config.train.checkpoint_every
@@ -94,9 +111,7 @@ def train_and_evaluate(config, workdir):
       ckpt, abstract, shardings, init, train_it, config, fields=gpt_load.COMPATIBILITY_FIELDS
     )
     if not resumed and config.init_from:
-      state['params'] = gpt_load.restore_gpt_params(config.init_from, model, mesh, rules=rules)
-      state['opt_state'] = jax.jit(tx.init, out_shardings=shardings['opt_state'])(state['params'])
-      logging.info('Initialised params from %s (fresh optimizer state)', config.init_from)
+      state = _init_from(config, state, model, tx, mesh, shardings, rules)
 
     train_fn = stage2.make_train_step(
       config, model, layout, tx, schedule, mesh, shardings, frozen, frozen_sh
