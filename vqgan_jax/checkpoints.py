@@ -80,12 +80,17 @@ ADDED_FIELD_DEFAULTS = {
   'train.usage_window': 0,
   'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
+  'data.crop_codes': 0,  # stage 2: the whole code grid
 }
 # Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
 # config holds its first stages' model fields in stage1_config and cond.model.
 _ADDED_FIELD_PLACES = {
   'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
-  'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
+  'transformer': {
+    'model': ('stage1_config', 'cond.model'),
+    'transformer': ('transformer',),
+    'data': ('data',),
+  },
 }
 
 

@@ -327,6 +327,7 @@ def evaluate_stage2(config, workdir, inception=None):
           top_k=int(s.top_k) or None,
           top_p=float(s.top_p),
           cfg_scale=float(s.cfg_scale),
+          grid=layout.sample_grid,  # the data's image size (crops: by the sliding window)
           **maskgit,
         )
       except ValueError as e:

@@ -77,6 +77,7 @@ def train_and_evaluate(config, workdir):
       config.seed,
       worker_count=config.data.worker_count,
       options=pipeline.read_options(config.data),
+      crop=layout.crop,
     )
     eval_batches = lambda: tokens.make_eval_iterator(
       builder,
@@ -84,6 +85,7 @@ def train_and_evaluate(config, workdir):
       config.train.eval_batch_size,
       max_examples=config.data.eval_examples,
       options=pipeline.read_options(config.data),
+      crop=layout.crop,
     )
     keys = ('codes', 'label', 'cond_codes', 'mask')
 
