@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.stage1_config = base.stage1_model_fields(stage1)
   c.data.image_size = stage1.data.image_size
   c.data.crop_codes = int(args.get('crop', 8))
-  if smoke:
+  if smoke:  # 4 steps, one eval, two samples: the plumbing only
+    c.train.update(num_steps=4, log_every=2, eval_every=4, checkpoint_every=4)
     c.sample.update(classes=(0, 1), num_per_class=1)
   return c
