@@ -198,7 +198,8 @@ def _grid(size, model_fields, field):
 def _crop_grid(c, code_grid):
   """The grid stage 2 trains on: config.data.crop_codes x crop_codes windows of the code grid
   (random per example and epoch in training, centred in eval), or the whole grid (0)."""
-  crop = c.data.crop_codes
+  # .get: config files that set `data` to a stage-1 section (the paper's) have no such field.
+  crop = c.data.get('crop_codes', 0)
   if not crop:
     return code_grid
   check(
