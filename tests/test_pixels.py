@@ -41,9 +41,13 @@ def _fit(x, key):
   centers = kmeans.kmeans_init(x[:300], 3, key)
   counts = jnp.zeros((3,), jnp.float32)
   order = jax.random.permutation(jax.random.fold_in(key, 1), x.shape[0]).reshape(10, 300)
-  for rows in order:
-    centers, counts, metrics = kmeans.kmeans_step(centers, counts, x[rows])
-  return centers, metrics
+
+  def step(carry, rows):
+    centers, counts, _ = kmeans.kmeans_step(*carry, x[rows])
+    return (centers, counts), None
+
+  centers, counts = jax.lax.scan(step, (centers, counts), order[:-1])[0]
+  return kmeans.kmeans_step(centers, counts, x[order[-1]])[::2]
 
 
 def test_kmeans_is_deterministic_and_recovers_separated_centres():
