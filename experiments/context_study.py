@@ -25,6 +25,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 
@@ -165,6 +166,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   if not _ROOT.value:
     raise app.UsageError('--root (the folder for the runs) is required')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
   runs = []
   for item in _RUNS.value:
     f, _, seed = item.partition(':')
