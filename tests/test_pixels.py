@@ -156,10 +156,14 @@ def test_crop_codes_layout_and_old_configs():
     gpt_load.make_layout(c)
 
 
-def _main(env, config, workdir, *flags):
+def _main(cwd, config, workdir, *flags):
+  """`python -m vqgan_jax.main` run in `cwd` (the stage-2 smoke's default stage1_workdir is
+  relative), importing this checkout."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
   cmd = [sys.executable, '-m', 'vqgan_jax.main', f'--config={config}', f'--workdir={workdir}']
   proc = subprocess.run(
-    cmd + list(flags), cwd=env['CWD'], env=env, capture_output=True, text=True, timeout=600
+    cmd + list(flags), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, f'{cmd + list(flags)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}'
   return proc.stdout
@@ -168,23 +172,21 @@ def _main(env, config, workdir, *flags):
 def test_pixels_smoke_end_to_end(tmp_path):
   """configs/fashion_mnist_pixels.py:smoke fits (stage 1), --mode=encode writes 16x16 grids,
   a GPT trains on 8x8 windows of them, --mode=sample draws whole 16x16 grids."""
-  env = dict(os.environ, CWD=str(tmp_path), PYTHONUNBUFFERED='1')
-  env['PYTHONPATH'] = os.pathsep.join([REPO] + [p for p in [env.get('PYTHONPATH')] if p])
   stage1 = tmp_path / 'workdirs' / 'fashion_mnist_pixels_smoke'  # the stage-2 smoke's default
-  out = _main(env, os.path.join(REPO, 'configs/fashion_mnist_pixels.py:smoke'), stage1)
+  out = _main(tmp_path, os.path.join(REPO, 'configs/fashion_mnist_pixels.py:smoke'), stage1)
   assert 'final eval: psnr=' in out
   rows = [json.loads(line) for line in open(stage1 / 'metrics.jsonl')]
   assert [r['step'] for r in rows if r['split'] == 'eval'] == [4]
   config = os.path.join(REPO, 'configs/fashion_mnist_pixels_transformer.py:smoke')
   gpt = tmp_path / 'gpt'
-  assert 'encoded: ' in _main(env, config, gpt, '--mode=encode')
+  assert 'encoded: ' in _main(tmp_path, config, gpt, '--mode=encode')
   meta = json.loads((gpt / 'codes/vqgan_codes/fashion_mnist_16/1.0.0/metadata.json').read_text())
   assert (meta['grid_h'], meta['grid_w'], meta['n_embed']) == (16, 16, 16)
-  _main(env, config, gpt)
+  _main(tmp_path, config, gpt)
   evals = [json.loads(line) for line in open(gpt / 'metrics.jsonl')]
   evals = [r for r in evals if r['split'] == 'eval']
   assert evals and evals[-1]['num_tokens'] == 64 * evals[-1]['num_examples']  # 8x8 windows
-  out = _main(env, config, gpt, '--mode=sample')
+  out = _main(tmp_path, config, gpt, '--mode=sample')
   assert 'sampled 2 x 16x16 tokens' in out
   step = max(int(p.name) for p in (gpt / 'checkpoints').iterdir() if p.name.isdigit())
   samples = np.load(gpt / f'samples_{step:07d}.npz')
