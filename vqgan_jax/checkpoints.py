@@ -80,6 +80,7 @@ ADDED_FIELD_DEFAULTS = {
   'train.usage_window': 0,
   'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
+  'data.crop_codes': 0,  # stage 2: the whole code grid
 }
 # Fields renamed since a config was saved: old name -> today's (same section), moved before
 # the defaults apply. MaskGIT's `sample.steps` meant its decoding iterations (the GPT's
@@ -93,6 +94,7 @@ _ADDED_FIELD_PLACES = {
     'model': ('stage1_config', 'cond.model'),
     'transformer': ('transformer',),
     'sample': ('sample',),
+    'data': ('data',),
   },
 }
 

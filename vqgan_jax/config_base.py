@@ -398,6 +398,10 @@ def stage2_base():
   c.data.update(
     source='codes',  # 'codes': the dataset --mode=encode wrote; 'images': encode in the step
     codes_dir='',  # '' -> <workdir>/codes
+    # > 0: train on crop_codes x crop_codes windows of each image's code grid (random per
+    # example and epoch; centred in eval), as the original crops its high-resolution images;
+    # samples of the whole grid then come from the sliding window. 0: the whole grid.
+    crop_codes=0,
   )
   c.encode = ml_collections.ConfigDict(
     dict(
@@ -429,7 +433,9 @@ def stage2_base():
       num_samples=16,  # unconditional / spatial models
       batch_size=32,
       grid_h=0,
-      grid_w=0,  # 0: the training grid; larger: the sliding-window sampler (gpt only)
+      # 0: the whole image's code grid (MaskGIT: its training grid); larger than the training
+      # grid (or data.crop_codes): the sliding-window sampler (gpt only).
+      grid_w=0,
       seed=0,
       # maskgit: parallel decoding iterations T, the masking schedule ('cosine' | 'linear' |
       # 'square') and the scale of the Gumbel noise on the confidence (annealed to 0).

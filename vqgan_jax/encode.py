@@ -44,8 +44,8 @@ _INFORMATIONAL = ('stage1_workdir', 'stage1_step', 'tokenizer')
 def _metadata(config, layout, tokenizer):
   """What the codes depend on: equal metadata means the codes on disk are up to date."""
   return {
-    'grid_h': layout.grid[0],
-    'grid_w': layout.grid[1],
+    'grid_h': layout.code_grid[0],
+    'grid_w': layout.code_grid[1],
     'n_embed': layout.n_image,
     'cond_kind': layout.kind,
     'cond_grid': list(layout.cond_grid),
@@ -172,7 +172,7 @@ def encode(config, workdir):
     name,
     splits=splits,
     examples=examples,
-    seq_len=layout.image_len,
+    seq_len=layout.code_grid[0] * layout.code_grid[1],
     n_embed=layout.n_image,
     cond_len=layout.cond_len if spatial else 0,
     cond_n_embed=layout.cond_n_embed,
@@ -189,15 +189,16 @@ def open_codes(config, workdir, layout, tokenizer=None):
   encoded it (`check_tokenizer`)."""
   builder = tokens.open_codes(codes_dir(config, workdir), tokens.codes_name(config.data))
   meta = tokens.metadata(builder)
+  full = layout.code_grid  # stage 2 may train on crops of it (layout.crop)
   if (meta.get('grid_h'), meta.get('grid_w'), meta.get('n_embed')) != (
-    layout.grid[0],
-    layout.grid[1],
+    full[0],
+    full[1],
     layout.n_image,
   ):
     raise ConfigError(
       f'The codes dataset {builder.data_path} holds {meta.get("grid_h")}x'
       f"{meta.get('grid_w')} grids of {meta.get('n_embed')} codes, but this config's "
-      f'stage 1 gives {layout.grid[0]}x{layout.grid[1]} of {layout.n_image}: encode again '
+      f'stage 1 gives {full[0]}x{full[1]} of {layout.n_image}: encode again '
       '(--mode=encode --config.encode.overwrite=True)'
     )
   if tokenizer is not None:

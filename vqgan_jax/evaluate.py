@@ -349,7 +349,13 @@ def _sample_features(run, config, labels, exts, args):
   with _bar(num, 'eval samples') as bar:
     for i, start in enumerate(range(0, num, batch)):
       try:
-        codes, images = run.sample(cond[start : start + batch], jax.random.fold_in(rng, i), **args)
+        # grid: the data's image size (a model trained on crops samples it by the sliding window)
+        codes, images = run.sample(
+          cond[start : start + batch],
+          jax.random.fold_in(rng, i),
+          grid=run.layout.sample_grid,
+          **args,
+        )
       except ValueError as e:
         raise ConfigError(f'config.sample: {e}') from None
       images = np.clip(images, -1.0, 1.0)

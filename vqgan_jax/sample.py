@@ -56,7 +56,7 @@ def sample(config, workdir):
   config, layout, step = run.config, run.layout, run.step
   gpt_load.validate_config(config, parallel.batch_divisor(mesh))
   s = config.sample
-  grid = (s.grid_h or layout.grid[0], s.grid_w or layout.grid[1])
+  grid = (s.grid_h or layout.sample_grid[0], s.grid_w or layout.sample_grid[1])
   if s.cfg_scale != 1.0 and layout.null_id < 0:
     raise ConfigError(
       'config.sample.cfg_scale != 1 needs a model trained with class dropout '

@@ -345,12 +345,37 @@ def metadata(builder):
 # Stage-2 iterators.
 
 
+def crop_codes(codes, grid, window, rng=None):
+  """A window x window crop of a row-major code grid `grid` (h, w) stored flat (h*w,), flat:
+  uniformly placed with `rng` (a numpy Generator), else centred (`pipeline.crop`)."""
+  return np.ascontiguousarray(pipeline.crop(np.reshape(codes, grid), window, rng)).reshape(-1)
+
+
+class _CropCodes(grain.transforms.RandomMap):
+  """A random window of each record's code grid (as the original random-crops its
+  high-resolution images), with the rng grain derives from (seed, record index): the same
+  crops per seed, and a resumed iterator continues them exactly."""
+
+  def __init__(self, crop):
+    self._grid, self._window = crop
+
+  def random_map(self, element, rng):
+    return dict(element, codes=crop_codes(element['codes'], self._grid, self._window, rng))
+
+
 class _ToArrays(grain.transforms.Map):
-  """A decoded record -> int32 arrays (labels, codes), dropping the bookkeeping index."""
+  """A decoded record -> int32 arrays (labels, codes), dropping the bookkeeping index;
+  `crop` ((h, w), window): the codes' centred window."""
+
+  def __init__(self, crop=None):
+    self._crop = crop
 
   def map(self, element):
+    codes = np.asarray(element['codes'], np.int32)
+    if self._crop is not None:
+      codes = crop_codes(codes, *self._crop)
     out = {
-      'codes': np.asarray(element['codes'], np.int32),
+      'codes': codes,
       'label': np.int32(element.get('label', -1)),
     }
     if 'cond_codes' in element:
@@ -384,11 +409,14 @@ def make_train_iterator(
   process_count=None,
   source=None,
   options=None,
+  crop=None,
 ):
   """Infinite shuffled batches {'codes' int32 [B, L], 'label' [B][, 'cond_codes']}: this
   process's part of each global batch (the same global batches for any process count, see
   `pipeline.GlobalBatchSampler`); the state (`get_state`/`set_state`) is checkpointed with
-  the run. `options`: grain ReadOptions (`pipeline.read_options`)."""
+  the run. `options`: grain ReadOptions (`pipeline.read_options`). `crop` ((h, w), window):
+  each record's codes are a random window x window crop of its h x w grid
+  (`gpt_load.Layout.crop`; L = window**2)."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
   pipeline.local_batch_size(global_batch_size, process_count, 'train.batch_size')
   if source is None:
@@ -400,7 +428,7 @@ def make_train_iterator(
     )
   return pipeline.make_loader(
     source,
-    [_ToArrays()],
+    [_ToArrays()] + ([_CropCodes(crop)] if crop is not None else []),
     global_batch_size,
     seed,
     worker_count=worker_count,
@@ -413,16 +441,17 @@ def make_train_iterator(
 class _PaddedCodes(pipeline.ProcessSlice):
   """Code records in order; padding is zeros (label -1) with mask False."""
 
-  def __init__(self, source, num_examples, global_batch, local_batch, process_index):
+  def __init__(self, source, num_examples, global_batch, local_batch, process_index, crop=None):
     super().__init__(num_examples, global_batch, local_batch, process_index)
     self._source = source
     self._blank = None
+    self._arrays = _ToArrays(crop)
 
   def example(self, index):
     if index is not None:
-      return dict(_ToArrays().map(self._source[index]), mask=np.bool_(True))
+      return dict(self._arrays.map(self._source[index]), mask=np.bool_(True))
     if self._blank is None:
-      first = _ToArrays().map(self._source[0])
+      first = self._arrays.map(self._source[0])
       self._blank = {k: np.zeros_like(v) for k, v in first.items()}
       self._blank['label'] = np.int32(-1)
     return dict(self._blank, mask=np.bool_(False))
@@ -438,10 +467,12 @@ def make_eval_iterator(
   process_count=None,
   source=None,
   options=None,
+  crop=None,
 ):
   """One ordered pass over a codes split: {'codes', 'label', 'mask'[, 'cond_codes']},
   padded to whole batches (mask False), the same number of batches on every process.
-  `options`: grain ReadOptions (`pipeline.read_options`)."""
+  `options`: grain ReadOptions (`pipeline.read_options`). `crop` ((h, w), window): each
+  record's centred window (fixed, so held-out measures compare across runs)."""
   process_index, process_count = pipeline._process(process_index, process_count)  # pylint: disable=protected-access
   batch = pipeline.local_batch_size(global_batch_size, process_count, 'train.eval_batch_size')
   if source is None:
@@ -449,7 +480,7 @@ def make_eval_iterator(
   if not len(source):
     raise DataError(f'Codes split {split!r} is empty.')
   n = len(source) if max_examples is None or max_examples < 0 else min(len(source), max_examples)
-  padded = _PaddedCodes(source, n, global_batch_size, batch, process_index)
+  padded = _PaddedCodes(source, n, global_batch_size, batch, process_index, crop)
   return iter(
     grain.MapDataset.source(padded).batch(batch, drop_remainder=False).to_iter_dataset(options)
   )

@@ -159,6 +159,21 @@ class Layout:
   block_size: int
   transformer_kind: str = 'gpt'  # config.transformer.kind
   mask_id: int = -1  # maskgit: the [MASK] id (the last id of the vocabulary); gpt: -1
+  # The code grid of a whole image (what --mode=encode writes); `grid` is a window of it when
+  # stage 2 trains on crops (config.data.crop_codes), else equal. (): equal.
+  code_grid: tuple = ()
+
+  @property
+  def crop(self):
+    """(the whole code grid, the window) when stage 2 trains on crops of it, else None."""
+    full = tuple(self.code_grid or self.grid)
+    return None if full == tuple(self.grid) else (full, self.grid[0])
+
+  @property
+  def sample_grid(self):
+    """The grid sampled when config.sample.grid_h/grid_w are 0: the whole image's (a GPT
+    trained on crops draws it with the sliding window); MaskGIT's training grid."""
+    return tuple(self.grid if self.transformer_kind == 'maskgit' else self.code_grid or self.grid)
 
   @property
   def image_len(self):
@@ -185,6 +200,32 @@ def _grid(size, model_fields, field):
   return (size // f, size // f)
 
 
+def _crop_grid(c, code_grid):
+  """The grid stage 2 trains on: config.data.crop_codes x crop_codes windows of the code grid
+  (random per example and epoch in training, centred in eval), or the whole grid (0)."""
+  # .get: config files that set `data` to a stage-1 section (the paper's) have no such field.
+  crop = c.data.get('crop_codes', 0)
+  if not crop:
+    return code_grid
+  check(
+    isinstance(crop, int) and 1 <= crop <= min(code_grid),
+    f'config.data.crop_codes={crop!r} must be 0 (the whole grid) or in [1, {min(code_grid)}]: '
+    f'a window of the {code_grid[0]}x{code_grid[1]} code grid of '
+    f'config.data.image_size={c.data.image_size}',
+  )
+  check(
+    c.data.source == 'codes',
+    f"config.data.crop_codes={crop} crops the codes dataset: it needs config.data.source='codes', "
+    f'got {c.data.source!r}',
+  )
+  check(
+    c.cond.kind != 'spatial',
+    f'config.data.crop_codes={crop}: crops of a spatially conditioned model are not supported '
+    '(its cond grid would need the same crop); set it to 0',
+  )
+  return (crop, crop)
+
+
 def transformer_kind(config):
   """config.transformer.kind, 'gpt' for configs written before the field existed."""
   return config.transformer.get('kind', 'gpt')
@@ -206,7 +247,8 @@ def _layout_from(c):
       '(config.stage1_workdir) has no checkpoint to read it from',
     )
   n_image = int(m.n_embed)
-  grid = _grid(c.data.image_size, m, 'config.stage1_config')
+  code_grid = _grid(c.data.image_size, m, 'config.stage1_config')
+  grid = _crop_grid(c, code_grid)
   shared = bool(t.shared_vocab)
   check(0.0 <= cond.drop_prob < 1.0, f'config.cond.drop_prob={cond.drop_prob} not in [0, 1)')
   check(
@@ -240,6 +282,7 @@ def _layout_from(c):
     block_size=block,
     transformer_kind=kind,
     mask_id=vocab - 1 if maskgit else -1,
+    code_grid=code_grid,
   )
 
 

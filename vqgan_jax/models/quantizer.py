@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax import losses
+from vqgan_jax.models import kmeans
 from vqgan_jax.models import layers
 
 
@@ -488,6 +489,11 @@ class QuantizerSpec:
     Returns (params, stats, last_used, metrics). None: none.
   train_terms(loss, step): (keywords of its __call__, metrics) of the train step, from
     config.loss and the step (an annealed loss term); None: none.
+  pixels: it reads and writes pixels: the VQGAN has no encoder, decoder or 1x1 convs (f = 1;
+    its validate requires ch_mult of one entry and embed_dim == in_channels).
+  fit_init(m, x, key) -> (params, stats) and fit_step(m, params, stats, x) -> (params, stats,
+    metrics): a quantizer fitted on its latents x (N, embed_dim) (the pixels, for `pixels`)
+    instead of trained by the GAN loop; the stage-1 trainer then runs only these. None: none.
   """
 
   build: Callable[[Any], nn.Module]
@@ -501,6 +507,9 @@ class QuantizerSpec:
   init_state: Callable[[Any], dict] | None = None
   train_update: Callable[..., tuple] | None = None
   train_terms: Callable[[Any, Any], tuple[dict, dict]] | None = None
+  pixels: bool = False
+  fit_init: Callable[..., tuple] | None = None
+  fit_step: Callable[..., tuple] | None = None
 
 
 def _vq_checks(m):
@@ -630,6 +639,15 @@ QUANTIZERS = {
     validate=_lfq_checks,
     shape_fields=('lfq_bits',),
     train_terms=_lfq_train_terms,
+  ),
+  # f = 1: k-means over pixel values (Image GPT's palette), fitted instead of trained.
+  'kmeans': QuantizerSpec(
+    build=lambda m: kmeans.KMeansQuantizer(m.n_embed, m.embed_dim),
+    num_codes=lambda m: m.n_embed,
+    validate=kmeans.checks,
+    pixels=True,
+    fit_init=kmeans.fit_init,
+    fit_step=kmeans.fit_step,
   ),
 }
 

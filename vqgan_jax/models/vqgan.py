@@ -117,7 +117,9 @@ class VQGAN(nn.Module):
   training forward (noise from the 'gumbel' rng); otherwise its codes are argmax(logits),
   without the noise the original adds even at inference. quantizer='fsq' (fsq_levels,
   embed_dim == len(levels)) and 'lfq' (lfq_bits == embed_dim; beta is its commitment weight)
-  have no codebook; n_embed must equal their number of codes. The quantizer is the module
+  have no codebook; n_embed must equal their number of codes. quantizer='kmeans' (f = 1,
+  ch_mult=(1,)) reads pixels: no encoder, decoder or 1x1 convs, the params are its
+  centres alone (`QuantizerSpec.pixels`). The quantizer is the module
   `quantizer.QUANTIZERS[quantizer]` builds; its fields are read by that entry alone.
 
   `remat_policy` (a `jax.checkpoint_policies` name, None: off) rematerialises every
@@ -150,6 +152,14 @@ class VQGAN(nn.Module):
   conv_impl: str = 'auto'  # the CPU conv kernels: `kernels.cpu_conv`
 
   def setup(self):
+    codes = self.spec.num_codes(self)
+    if codes != self.n_embed:
+      raise ValueError(
+        f'n_embed={self.n_embed} but quantizer={self.quantizer!r} gives {codes} codes'
+      )
+    self.quantize = self.spec.build(self)
+    if self.spec.pixels:
+      return  # it reads and writes pixels: no encoder, decoder or 1x1 convs
     common = dict(
       ch=self.ch,
       ch_mult=tuple(self.ch_mult),
@@ -167,12 +177,6 @@ class VQGAN(nn.Module):
     conv = functools.partial(layers.Conv, padding=one, dtype=self.dtype, conv_impl=self.conv_impl)
     self.quant_conv = conv(self.embed_dim, 1)
     self.post_quant_conv = conv(self.z_channels, 1)
-    codes = self.spec.num_codes(self)
-    if codes != self.n_embed:
-      raise ValueError(
-        f'n_embed={self.n_embed} but quantizer={self.quantizer!r} gives {codes} codes'
-      )
-    self.quantize = self.spec.build(self)
 
   @property
   def spec(self):
@@ -202,7 +206,7 @@ class VQGAN(nn.Module):
     the quantizer's latents (B,h,w,D) (z where codes are picked, without gradient), for the
     codebook updates of the train step.
     """
-    h = self.quant_conv(self.encoder(x, deterministic))
+    h = x if self.spec.pixels else self.quant_conv(self.encoder(x, deterministic))
     if self.spec.train_forward:
       terms = dict(terms, train=train)
     out = self.quantize(h, **terms)
@@ -214,6 +218,8 @@ class VQGAN(nn.Module):
     return self.encode(x)[2]
 
   def decode(self, z_q, deterministic: bool = True):
+    if self.spec.pixels:
+      return z_q
     return self.decoder(self.post_quant_conv(z_q), deterministic)
 
   def decode_indices(self, indices):
@@ -221,6 +227,8 @@ class VQGAN(nn.Module):
 
   def decode_with_features(self, z_q, deterministic: bool = True):
     """(features entering decoder.conv_out, reconstruction)."""
+    if self.spec.pixels:
+      return z_q, z_q
     h = self.decoder.features(self.post_quant_conv(z_q), deterministic)
     return h, self.decoder.conv_out(h)
 

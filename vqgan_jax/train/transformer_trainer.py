@@ -62,6 +62,7 @@ def _data(config, workdir, layout, mesh):
     config.seed,
     worker_count=config.data.worker_count,
     options=options,
+    crop=layout.crop,
   )
   eval_batches = lambda: tokens.make_eval_iterator(
     builder,
@@ -69,6 +70,7 @@ def _data(config, workdir, layout, mesh):
     config.train.eval_batch_size,
     max_examples=config.data.eval_examples,
     options=options,
+    crop=layout.crop,
   )
   keys = ('codes', 'label', 'cond_codes', 'mask')
   return stage2.Frozen(), {}, {}, train_it, eval_batches, keys

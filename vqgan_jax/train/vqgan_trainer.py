@@ -6,6 +6,7 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -21,6 +22,7 @@ from vqgan_jax import validate
 from vqgan_jax.data import pipeline
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import vqgan_load
+from vqgan_jax.models.quantizer import QUANTIZERS
 from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 
@@ -216,6 +218,8 @@ def train_and_evaluate(config, workdir):
   """
   mesh = parallel.make_mesh(config.mesh)
   validate.validate_stage1(config, parallel.batch_divisor(mesh))
+  if QUANTIZERS[config.model.quantizer].fit_step is not None:
+    return fit_and_evaluate(config, workdir, mesh)
   # The runs this one reads, before anything is written in `workdir`.
   common.check_init_from(config.init_from, 'vqgan', config, validate.QUANTIZER_FIELDS)
   classifier = config.get('eval', {}).get('classifier_workdir', '')
@@ -276,6 +280,91 @@ def train_and_evaluate(config, workdir):
         rate=('images_per_s', config.train.batch_size),
         postfix=health.postfix,
         desc='stage1',
+      )
+    finally:
+      writer.close()
+  return result
+
+
+def fit_and_evaluate(config, workdir, mesh):
+  """Stage 1 of a fitted quantizer (`QuantizerSpec.fit_step`: k-means over pixel values):
+  its fit on config.train.num_steps batches of config.train.batch_size training images (its
+  start, `fit_init`, on one more), with the trainer's logs, evals and checkpoints. The state
+  {'step', 'params', 'fit'} is saved in the stage-1 format with the config, so --mode=encode,
+  stage 2, --mode=eval and `load_vqgan` read it as any stage-1 run; a rerun resumes exactly
+  (the data iterator's position is saved with it)."""
+  m, t = config.model, config.train
+  spec = QUANTIZERS[m.quantizer]
+  fitted = f'config.model.quantizer={m.quantizer!r} is fitted on the data, not trained'
+  validate.check(not config.init_from, f'config.init_from: {fitted}; set it to ""')
+  validate.check(
+    t.params_ema_decay == 0,
+    f'config.train.params_ema_decay={t.params_ema_decay}: {fitted} (no EMA); set it to 0',
+  )
+  workdir = common.prepare_workdir(workdir)
+  pipeline.check_splits(config.data)
+  models = vqgan_load.build_models(config)
+  lpips_params = lpips_lib.load_pretrained_params()
+  lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
+  lpips_params = jax.device_put(lpips_params, lpips_shardings)
+  key = jax.random.PRNGKey(config.seed)
+  points = lambda images: vqgan_load.to_model_range(images).reshape(-1, m.embed_dim)
+
+  def init(images):
+    params, stats = spec.fit_init(m, points(images), key)
+    return {'step': jnp.zeros((), jnp.int32), 'params': {'quantize': params}, 'fit': stats}
+
+  def step(state, images):
+    params, stats, metrics = spec.fit_step(
+      m, state['params']['quantize'], state['fit'], points(images)
+    )
+    return {'step': state['step'] + 1, 'params': {'quantize': params}, 'fit': stats}, metrics
+
+  size = config.data.image_size
+  batch = jax.ShapeDtypeStruct((t.batch_size, size, size, m.in_channels), jnp.uint8)
+  abstract = jax.eval_shape(init, batch)
+  shardings = parallel.state_shardings(abstract, mesh, parallel.axis_rules(config))
+  batch_sharding = parallel.batch_sharding(mesh)
+  init_fn = jax.jit(init, in_shardings=batch_sharding, out_shardings=shardings)
+  step_fn = jax.jit(
+    step,
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  train_it = pipeline.make_train_iterator(config.data, t.batch_size, config.seed)
+  next_batch = lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
+    'image'
+  ]
+  with checkpoints.Checkpointer(
+    workdir, max_to_keep=t.max_to_keep, save_every=t.checkpoint_every
+  ) as ckpt:
+    state, _ = common.restore_or_init(
+      ckpt, abstract, shardings, lambda: init_fn(next_batch()), train_it, config
+    )
+    eval_fn = eval_steps.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
+    start = int(jax.device_get(state['step']))
+    writer = common.Writer(workdir, start)
+    try:
+      nets = feature_nets(config, mesh)
+      state, result = common.train_loop(
+        state,
+        step_fn=step_fn,
+        next_batch=next_batch,
+        start=start,
+        total=t.num_steps,
+        train_config=t,
+        ckpt=ckpt,
+        data_state=train_it.get_state,
+        config=config,
+        writer=writer,
+        evaluate=lambda s, i: evaluate(
+          config, eval_fn, s['params'], lpips_params, mesh, workdir, i, writer, nets
+        ),
+        loss_key='inertia',
+        rate=('images_per_s', t.batch_size),
+        postfix=lambda h: dict(inertia=f'{h["inertia"]:.5f}', use=f'{h["codebook_usage"]:.0%}'),
+        desc='fit',
       )
     finally:
       writer.close()

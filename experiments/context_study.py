@@ -1,0 +1,192 @@
+"""The paper's context experiment on Fashion-MNIST (issue 27): one GPT, the demo's, over first
+stages of downsampling factor f = 1 (k-means over pixel values), 2, 4 (the demo's) and 8
+(FSQ with the demo's loss), trained on 8x8-code windows (8f x 8f pixel crops; at f = 4 and
+8 the whole 32x32 image is 8x8 / 4x4 codes) and sampled at the full 32x32 with the sliding
+window where the window is smaller.
+
+  python experiments/context_study.py --root=/tmp/context \\
+      --classifier_workdir=workdirs/fashion_mnist_classifier [--runs=1:0,1:1,2:0,4:0,4:1,8:0]
+  python experiments/context_study.py --root=/tmp/context_smoke --smoke --runs=1:0,4:0
+
+Each run (f:seed) works in <root>/f<f>_seed<seed>/{stage1,gpt} (a rerun resumes or, once a
+part is finished, only re-evaluates it): stage 1 (the k-means fit at f = 1, the demo's
+VQGAN training otherwise, its final eval over the whole test split), --mode=encode, the GPT
+(the demo's size, steps and sampling setting; its final eval: held-out bits per code on the
+windows), then --mode=eval's 1000 class-balanced full-size samples (fd_fmnist and class
+accuracy with --classifier_workdir) and a timed sampling of --time_samples after compiling.
+One JSON row per run is printed and appended to --out, with `machine.info()`; the speed-up
+against f = 1 (same seed, else seed 0) is filled in for rows after an f = 1 row of the file.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
+from vqgan_jax import config_base  # noqa: E402
+from vqgan_jax import encode as codes_lib  # noqa: E402
+from vqgan_jax import evaluate as evaluate_lib  # noqa: E402
+from vqgan_jax import inference  # noqa: E402
+from vqgan_jax.train import transformer_trainer  # noqa: E402
+from vqgan_jax.train import vqgan_trainer  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = flags.DEFINE_string('root', None, "Folder for the runs' workdirs.")
+_RUNS = flags.DEFINE_list('runs', ['1:0', '1:1', '2:0', '4:0', '4:1', '8:0'], 'f:seed runs.')
+_K = flags.DEFINE_integer('k', 16, 'k-means centres of the f = 1 first stage.')
+_WINDOW = flags.DEFINE_integer('window', 8, "The GPT's window in codes (the paper: 16).")
+_CLASSIFIER = flags.DEFINE_string(
+  'classifier_workdir', '', 'A classifier run (configs/fashion_mnist_classifier.py): fd_fmnist.'
+)
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, "--mode=eval's samples per run.")
+_TIME_SAMPLES = flags.DEFINE_integer('time_samples', 10, 'Samples of the timed sampling.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'The smoke configs (16x16 images): plumbing only.')
+_OUT = flags.DEFINE_string(
+  'out',
+  os.path.join(_REPO, 'experiments', 'results', 'context_study.jsonl'),
+  'JSON lines file the rows are appended to.',
+)
+
+# f -> the demo VQGAN's ch_mult (attention at the lowest resolution, as the demo's f = 4).
+CH_MULT = {2: (1, 2), 4: (1, 2, 2), 8: (1, 2, 2, 2)}
+
+
+def _config(name, arg=None):
+  module = config_base.load_sibling(os.path.join(_REPO, 'configs', 'x.py'), name)
+  return module.get_config(arg)
+
+
+def stage1_config(f: int, seed: int, smoke: bool):
+  """f = 1: k-means over pixels (configs/fashion_mnist_pixels.py, --k centres); else the
+  demo's VQGAN (FSQ, its loss and budget) with ch_mult giving f."""
+  if f == 1:
+    c = _config('fashion_mnist_pixels', f'k={_K.value}' + (',smoke' if smoke else ''))
+  else:
+    c = _config('fashion_mnist_vqgan', 'smoke' if smoke else None)
+    c.model.ch_mult = CH_MULT[f]
+    c.model.attn_resolutions = (c.model.resolution // f,)
+  c.seed = seed
+  c.eval.classifier_workdir = _CLASSIFIER.value
+  return c
+
+
+def stage2_config(stage1, stage1_workdir: str, f: int, seed: int, smoke: bool):
+  """The demo's GPT (configs/fashion_mnist_transformer.py) over `stage1`'s codes, on windows
+  of --window codes (the whole grid when it is no larger)."""
+  c = _config('fashion_mnist_transformer', 'smoke' if smoke else None)
+  c.stage1_workdir = stage1_workdir
+  c.stage1_config = config_base.stage1_model_fields(stage1)
+  c.data.image_size = stage1.data.image_size
+  grid = stage1.data.image_size // f
+  c.data.crop_codes = _WINDOW.value if grid > _WINDOW.value else 0
+  c.seed = seed
+  c.eval.update(classifier_workdir=_CLASSIFIER.value, num_samples=_NUM_SAMPLES.value)
+  return c
+
+
+def _timed_sampling(config, workdir, n):
+  """Seconds per full-size sample of one batch of n class-balanced samples, after a first
+  call compiled the sampler for that batch."""
+  run = inference.load_transformer_for_config(config, workdir)
+  layout, s = run.layout, config.sample
+  run.batch_size = n
+  cond = run.condition_for_class(np.arange(n, dtype=np.int32) % max(layout.n_classes, 1))
+  kw = dict(temperature=float(s.temperature), top_k=int(s.top_k) or None, grid=layout.sample_grid)
+  jax.block_until_ready(run.sample(cond, jax.random.key(0), **kw))
+  t0 = time.perf_counter()
+  jax.block_until_ready(run.sample(cond, jax.random.key(1), **kw))
+  return (time.perf_counter() - t0) / n
+
+
+def run_one(f: int, seed: int, root: str, smoke: bool) -> dict:
+  base = os.path.join(root, f'f{f}_seed{seed}')
+  wd1, wd2 = os.path.join(base, 'stage1'), os.path.join(base, 'gpt')
+  c1 = stage1_config(f, seed, smoke)
+  t0 = time.perf_counter()
+  s1 = vqgan_trainer.train_and_evaluate(c1, wd1)
+  stage1_s = time.perf_counter() - t0
+  c2 = stage2_config(c1, wd1, f, seed, smoke)
+  codes_lib.encode(c2, wd2)
+  t0 = time.perf_counter()
+  s2 = transformer_trainer.train_and_evaluate(c2, wd2)
+  gpt_s = time.perf_counter() - t0
+  ev, _ = evaluate_lib.evaluate(c2, wd2)
+  per_sample = _timed_sampling(c2, wd2, _TIME_SAMPLES.value)
+  size = c1.data.image_size
+  grid = size // f
+  window = min(grid, _WINDOW.value)
+  return {
+    'f': f,
+    'seed': seed,
+    'first_stage': f'kmeans{_K.value}' if f == 1 else f'{c1.model.quantizer}{c1.model.n_embed}',
+    'image_px': size,
+    'codes_per_image': grid * grid,
+    'window_codes': window,
+    'window_px': window * f,
+    'stage1_psnr': s1.get('psnr'),
+    'stage1_lpips': s1.get('lpips'),
+    'stage1_fd_fmnist': s1.get('fd_fmnist'),
+    'gpt_bits_per_code': s2.get('bits_per_token'),
+    # Held out on the windows: window^2 codes cover (window f)^2 pixels.
+    'gpt_bits_per_pixel': s2.get('bits_per_token', float('nan')) / (f * f),
+    'fd_fmnist': ev.get('fd_fmnist'),
+    'class_accuracy': ev.get('class_accuracy'),
+    'num_samples': ev.get('num_samples'),
+    'seconds_per_sample': per_sample,
+    'eval_seconds': ev.get('seconds'),
+    'stage1_seconds': stage1_s,
+    'gpt_seconds': gpt_s,
+    'gpt_steps': c2.train.num_steps,
+    'smoke': smoke,
+    'workdir': base,
+    **machine.info(),
+  }
+
+
+def _speedup(row, rows):
+  """seconds_per_sample of the f = 1 row (same seed, else any) over this row's."""
+  ref = [r for r in rows if r['f'] == 1 and r.get('smoke') == row.get('smoke')]
+  same = [r for r in ref if r['seed'] == row['seed']] or ref
+  if not same or not row.get('seconds_per_sample'):
+    return None
+  return same[-1]['seconds_per_sample'] / row['seconds_per_sample']
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if not _ROOT.value:
+    raise app.UsageError('--root (the folder for the runs) is required')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+  runs = []
+  for item in _RUNS.value:
+    f, _, seed = item.partition(':')
+    if int(f) not in (1, *CH_MULT):
+      raise app.UsageError(f'--runs: f={f} not in (1, {", ".join(map(str, CH_MULT))})')
+    runs.append((int(f), int(seed or 0)))
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  rows = []
+  if os.path.exists(_OUT.value):
+    with open(_OUT.value) as fh:
+      rows = [json.loads(line) for line in fh if line.strip()]
+  for f, seed in sorted(runs):  # f = 1 first: the others' speed-up reads it
+    row = run_one(f, seed, _ROOT.value, _SMOKE.value)
+    row['speedup_vs_f1'] = _speedup(row, rows)
+    rows.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(_OUT.value, 'a') as fh:
+      fh.write(line + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)
