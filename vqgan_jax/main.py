@@ -91,6 +91,7 @@ def main(argv):
 
   from vqgan_jax import encode as codes_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
@@ -136,7 +137,7 @@ def main(argv):
         result = train(config, workdir)
         if result:
           logging.info('Final eval: %s', result)
-          say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+          say(f'final eval: {metrics_lib.format_metrics(result)}')
         say(f'workdir: {os.path.abspath(workdir)}')
       elif _MODE.value == 'encode':
         path, counts, kept = codes_lib.encode(config, workdir)
@@ -147,7 +148,7 @@ def main(argv):
         say(f'codes: {path}')
       elif _MODE.value == 'eval':
         result, path = evaluate_lib.evaluate(config, workdir)
-        say('eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
+        say(f'eval: {metrics_lib.format_metrics(result)}')
         say(f'results: {path}')
       elif _MODE.value == 'sample':
         out = sample_lib.sample(config, workdir)

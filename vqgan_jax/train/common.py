@@ -17,6 +17,7 @@ import jax
 import tqdm
 
 from vqgan_jax import checkpoints
+from vqgan_jax import metrics as metrics_lib
 
 
 class RunError(RuntimeError):
@@ -259,7 +260,7 @@ def train_loop(
           _diverged(ckpt, step, loss_key, host[loss_key])
       if itstime(step, train_config.eval_every, total):
         result = evaluate(state, step)
-        say(bar, f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+        say(bar, f'eval step {step}: {metrics_lib.format_metrics(result)}')
         t0, steps_since = time.perf_counter(), 0
       ckpt.save(step, state, data_state, config, force=final)
     if pending is not None:

@@ -1,5 +1,5 @@
 """Stage 1: VQGAN training state and the fused AE + discriminator step (the models and their
-loading: `models.vqgan_load`; the eval step: `eval_steps`; the names imported from them
+loading: `models.vqgan_load`; the eval step: `stage1_eval`; the names imported from them
 with `noqa: F401` stay importable here for callers of `stage1.*`).
 
 One jitted, donated step does both updates of taming's two-optimizer iteration:
@@ -34,8 +34,6 @@ import optax
 from vqgan_jax import losses
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
-from vqgan_jax.eval_steps import eval_step  # noqa: F401
-from vqgan_jax.eval_steps import make_eval_step  # noqa: F401
 from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models.vqgan_load import Models
 from vqgan_jax.models.vqgan_load import build_models  # noqa: F401
@@ -46,6 +44,8 @@ from vqgan_jax.models.vqgan_load import restore_vqgan_params  # noqa: F401
 from vqgan_jax.models.vqgan_load import to_model_range
 from vqgan_jax.models.vqgan_load import tokenizer_identity  # noqa: F401
 from vqgan_jax.models.vqgan_load import vqgan_param_shardings  # noqa: F401
+from vqgan_jax.stage1_eval import eval_step  # noqa: F401
+from vqgan_jax.stage1_eval import make_eval_step  # noqa: F401
 from vqgan_jax.train.common import peak_learning_rate
 from vqgan_jax.train.common import setup_initial_state
 
