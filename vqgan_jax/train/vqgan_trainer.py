@@ -186,7 +186,7 @@ def train_and_evaluate(config, workdir):
     train_fn = stage1.make_train_step(config, models, mesh, shardings, lpips_shardings)
     eval_fn = stage1_eval.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
     batch_sharding = parallel.batch_sharding(mesh)
-    start, total = int(jax.device_get(state['step'])), config.train.num_steps
+    start = int(jax.device_get(state['step']))
     writer = common.Writer(workdir, start)
     health = _CodebookHealth(config, start)
     try:
@@ -205,17 +205,11 @@ def train_and_evaluate(config, workdir):
       )
       state, result = common.train_loop(
         state,
+        (config, ckpt, train_it, writer),
         step_fn=health.counted(lambda s, images: train_fn(s, lpips_params, images)),
         next_batch=lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
           'image'
         ],
-        start=start,
-        total=total,
-        train_config=config.train,
-        ckpt=ckpt,
-        data_state=train_it.get_state,
-        config=config,
-        writer=writer,
         evaluate=run_eval,
         loss_key='total_loss',
         rate=('images_per_s', config.train.batch_size),
