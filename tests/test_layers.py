@@ -21,7 +21,15 @@ LAYERS = (
   # Model families with their config construction, shardings and load(); what loading needs.
   ('models', 'validate', 'parallel', 'checkpoints'),
   # Data, samplers, feature networks' metrics, the eval steps.
-  ('data', 'sampling', 'maskgit_sampling', 'fid', 'classifier_features', 'eval_steps'),
+  (
+    'data',
+    'sampling',
+    'maskgit_sampling',
+    'fid',
+    'classifier_features',
+    'feature_nets',
+    'stage1_eval',
+  ),
   # The public loaders and the modes.
   ('inference', 'evaluate', 'sample', 'encode', 'convert'),
   ('train',),

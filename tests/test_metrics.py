@@ -127,3 +127,17 @@ def test_frechet_distance():
   np.testing.assert_allclose(metrics.frechet_distance(mu, sigma, mu2, sigma2), want, rtol=1e-9)
   with pytest.raises(ValueError):
     metrics.frechet_distance(m1, np.diag(v1), m2[:3], np.diag(v2))
+
+
+def test_one_metric_list_names_and_prints_the_evals_figures():
+  # Counts print as integers whatever their type (a trainer's row holds floats), the rest to
+  # four decimals; a feature net's distance is rFID / gFID by stage, a classifier's keeps its
+  # name.
+  line = metrics.format_metrics({'psnr': 20.46607, 'num_images': 24.0, 'fd_x': 0.8, 'n': 3})
+  assert line == 'psnr=20.4661, num_images=24, fd_x=0.8000, n=3'
+  assert metrics.feature_metric('fid', stage=1).name == 'rfid'
+  assert metrics.feature_metric('fid', stage=2).name == 'gfid'
+  assert metrics.feature_metric('fd_fmnist', stage=1).lower_is_better
+  assert [m.name for m in metrics.PER_IMAGE] == ['psnr', 'ssim', 'lpips', 'l1']
+  better = {m.name: m.lower_is_better for m in metrics.STAGE1}
+  assert better['lpips'] and better['l1'] and not better['psnr'] and not better['ssim']

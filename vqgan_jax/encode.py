@@ -90,31 +90,29 @@ def _stale(old, new):
   )
 
 
-def encode(config, workdir):
-  """Writes the codes of data.train_split and data.eval_split; returns (path, counts, kept).
-
-  Codes already on disk with the same metadata (same stage-1 params, data and grid) are kept
-  and not encoded again; different ones are replaced only with config.encode.overwrite.
-  """
-  config, mesh, layout = gpt_load.setup(config)
-  name = tokens.codes_name(config.data)
-  path = tokens.dataset_path(codes_dir(config, workdir), name)
-  # The params are restored first: whether the codes on disk are up to date depends on them.
-  frozen, params, shardings = gpt_load.load_frozen(config, layout, mesh)
-  meta = json.loads(json.dumps(_metadata(config, layout, frozen.stage1_id)))
-  if tokens.is_prepared(path):
-    old = tokens.metadata(tokens.open_codes(codes_dir(config, workdir), name))
-    why = _stale(old, meta)
-    if not why:
-      if old.get('tokenizer') is None:
-        _warn_unchecked(path, old, config)
-      logging.info('The codes in %s are up to date; not encoding again.', path)
-      builder = tokens.open_codes(codes_dir(config, workdir), name)
-      return path, {k: v.num_examples for k, v in builder.info.splits.items()}, True
+def _kept_codes(config, workdir, name, path, meta):
+  """{split: count} of the codes already on disk when they are up to date (their metadata is
+  `meta`), else None; different codes without config.encode.overwrite are a DataError."""
+  if not tokens.is_prepared(path):
+    return None
+  old = tokens.metadata(tokens.open_codes(codes_dir(config, workdir), name))
+  why = _stale(old, meta)
+  if why:
     if not config.encode.overwrite:
       raise tokens.DataError(
         f'The codes in {path} {why}: pass --config.encode.overwrite=True to encode them again.'
       )
+    return None
+  if old.get('tokenizer') is None:
+    _warn_unchecked(path, old, config)
+  logging.info('The codes in %s are up to date; not encoding again.', path)
+  builder = tokens.open_codes(codes_dir(config, workdir), name)
+  return {k: v.num_examples for k, v in builder.info.splits.items()}
+
+
+def _encoded_examples(config, layout, frozen, params, shardings, mesh, counts):
+  """`examples(split)`: the rows (codes, cond codes, label, index) of `split`'s real images,
+  encoded batch by batch; `counts[split]` is set to the split's size."""
   spatial = layout.kind == 'spatial'
   batch_sh = parallel.batch_sharding(mesh)
 
@@ -125,8 +123,6 @@ def encode(config, workdir):
   encode_jit = jax.jit(
     encode_fn, in_shardings=(shardings, batch_sh), out_shardings=parallel.replicated(mesh)
   )
-  splits = tokens.base_splits(config.data.train_split, config.data.eval_split)
-  counts = {}
 
   def examples(split):
     it, n = tokens.ordered_batches(
@@ -166,12 +162,32 @@ def encode(config, workdir):
       yield finish(*pending)
     bar.close()
 
+  return examples
+
+
+def encode(config, workdir):
+  """Writes the codes of data.train_split and data.eval_split; returns (path, counts, kept).
+
+  Codes already on disk with the same metadata (same stage-1 params, data and grid) are kept
+  and not encoded again; different ones are replaced only with config.encode.overwrite.
+  """
+  config, mesh, layout = gpt_load.setup(config)
+  name = tokens.codes_name(config.data)
+  path = tokens.dataset_path(codes_dir(config, workdir), name)
+  # The params are restored first: whether the codes on disk are up to date depends on them.
+  frozen, params, shardings = gpt_load.load_frozen(config, layout, mesh)
+  meta = json.loads(json.dumps(_metadata(config, layout, frozen.stage1_id)))
+  kept = _kept_codes(config, workdir, name, path, meta)
+  if kept is not None:
+    return path, kept, True
+  counts = {}
   t0 = time.perf_counter()
+  spatial = layout.kind == 'spatial'
   path = tokens.write_codes(
     codes_dir(config, workdir),
     name,
-    splits=splits,
-    examples=examples,
+    splits=tokens.base_splits(config.data.train_split, config.data.eval_split),
+    examples=_encoded_examples(config, layout, frozen, params, shardings, mesh, counts),
     seq_len=layout.code_grid[0] * layout.code_grid[1],
     n_embed=layout.n_image,
     cond_len=layout.cond_len if spatial else 0,

@@ -30,18 +30,20 @@ import numpy as np
 import tqdm
 
 from vqgan_jax import checkpoints
-from vqgan_jax import classifier_features
-from vqgan_jax import eval_steps
+from vqgan_jax import feature_nets
 from vqgan_jax import fid
 from vqgan_jax import images as images_lib
 from vqgan_jax import inference
-from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
+from vqgan_jax import stage1_eval
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
+from vqgan_jax.feature_nets import extractors  # noqa: F401  (evaluate.extractors, as before)
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import vqgan_load
 from vqgan_jax.validate import ConfigError
+
+_stats = stage1_eval.stats
 
 
 def _say(line):
@@ -51,24 +53,6 @@ def _say(line):
 
 def _bar(total, desc):
   return tqdm.tqdm(total=total, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True)
-
-
-def extractors(config, mesh, inception=None) -> dict:
-  """{metric name: extractor} for the feature networks the config names: 'fid' (Inception,
-  when its weights are given; otherwise one line says which file to supply) and
-  'fd_<name>' (a classifier workdir). `inception`: the weights `fid.load_weights` already
-  read (else they are read here)."""
-  out = {}
-  if inception is None:
-    inception = fid.load_weights(config.eval.inception_weights)
-  if inception is None:
-    _say(fid.MISSING_WEIGHTS)
-  else:
-    out['fid'] = fid.Extractor(inception, mesh=mesh)
-  if config.eval.classifier_workdir:
-    clf = classifier_features.load_classifier(config.eval.classifier_workdir, mesh)
-    out[f'fd_{clf.feature_name}'] = clf
-  return out
 
 
 FOLDER_FIELD = 'config.eval.folder'
@@ -155,11 +139,6 @@ def reference_stats(config, workdir, split, exts, mesh) -> dict:
   return out
 
 
-def _stats(acc, ext):
-  mu, sigma = acc.mu_sigma()
-  return {'mu': mu, 'sigma': sigma, 'count': acc.count, 'extractor': ext.name}
-
-
 def _write_json(workdir, step, result):
   path = os.path.join(workdir, f'eval_{step}.json')
   if jax.process_index() == 0:
@@ -175,22 +154,41 @@ def _step(config):
   return None if int(config.eval.step) < 0 else int(config.eval.step)
 
 
+def _stage1_source(config):
+  """(source or None, data config, what the json says was measured): `eval.folder`, listed
+  before the model loads (a wrong folder fails at once), else a split of the dataset."""
+  folder = config.eval.folder
+  if folder:
+    source = _FolderSource(os.path.abspath(os.path.expanduser(folder)))
+    return source, _data_config(config, 'folder'), {'folder': source.folder}
+  split = config.eval.split or config.data.eval_split
+  data = _data_config(config, split)
+  pipeline.check_splits(data, fields=('eval_split',))
+  return builders.get_source(data, split), data, {'dataset': config.data.name, 'split': split}
+
+
+def _skipped(source, n, num_images) -> int:
+  """The folder's files that did not decode (masked out by _FolderSource), said in one line;
+  none readable is a DataError."""
+  skipped = n - num_images
+  if skipped == n:
+    raise builders.DataError(
+      f'No readable image in {source.folder} ({FOLDER_FIELD}): all {n} files failed to decode'
+    )
+  if skipped:
+    _say(
+      f'skipped {skipped} unreadable image file(s) of {n} in {source.folder} '
+      f'({FOLDER_FIELD}); they are named in the warnings above'
+    )
+  return skipped
+
+
 def evaluate_stage1(config, workdir, inception=None):
   """Reconstruction metrics of a stage-1 workdir; returns (metrics, path of the json).
   `inception`: the FID Inception's weights when `evaluate` read them already."""
   t0 = time.perf_counter()
   mesh = parallel.make_mesh(config.mesh)
-  folder = config.eval.folder
-  if folder:  # listed before the model loads: a wrong folder fails at once
-    source = _FolderSource(os.path.abspath(os.path.expanduser(folder)))
-    data = _data_config(config, 'folder')
-    what = {'folder': source.folder}
-  else:
-    split = config.eval.split or config.data.eval_split
-    data = _data_config(config, split)
-    pipeline.check_splits(data, fields=('eval_split',))
-    source = builders.get_source(data, split)
-    what = {'dataset': config.data.name, 'split': split}
+  source, data, what = _stage1_source(config)
   vq = inference.load_vqgan(workdir, _step(config), mesh=mesh)
   if data.image_size % vq.downsample_factor:
     raise ConfigError(
@@ -200,65 +198,34 @@ def evaluate_stage1(config, workdir, inception=None):
   exts = extractors(config, mesh, inception)
   # Dataset splits: the real images' statistics are cached (reused by later evals and by
   # stage 2); a folder's are gathered in the same pass.
-  ref = {} if folder else reference_stats(config, workdir, what['split'], exts, mesh)
-  real = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items() if m not in ref}
-  fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
-
-  lpips_params = lpips_lib.load_pretrained_params()
-  lpips_sh = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
-  lpips_params = jax.device_put(lpips_params, lpips_sh)
+  ref = {} if 'folder' in what else reference_stats(config, workdir, what['split'], exts, mesh)
+  lpips_params, lpips_sh = feature_nets.load_lpips(mesh)
   models = vqgan_load.Models(vq.model, None, lpips_lib.LPIPS())
   p_sh = jax.tree.map(lambda x: x.sharding, vq.params)
-  eval_fn = eval_steps.make_eval_step(models, mesh, p_sh, lpips_sh)
-  sharding = parallel.batch_sharding(mesh)
+  eval_fn = stage1_eval.make_eval_step(models, mesh, p_sh, lpips_sh)
   n = pipeline.num_eval_examples(data, source=source)
-  totals, grid = None, None
-  batch = _batch_size(config, mesh)
+  batch, skipped = _batch_size(config, mesh), []
   with _bar(n, 'eval stage 1') as bar:
-    for local in pipeline.make_eval_iterator(data, batch, source=source):
-      g = pipeline.to_global({'image': local['image'], 'mask': local['mask']}, sharding)
-      sums, xrec = eval_fn(vq.params, lpips_params, g['image'], g['mask'])
-      mask = parallel.gather(g['mask'])
-      for m, e in exts.items():
-        fake[m].add(e(xrec)['features'], mask)
-        if m in real:
-          real[m].add(e(vqgan_load.to_model_range(g['image']))['features'], mask)
-      sums = jax.device_get(sums)
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-      keep = mask.astype(bool)  # not padding, and decoded
-      if grid is None and keep.any():
-        k = int(config.train.get('num_grid_images', 16))
-        grid = (
-          parallel.gather(g['image'])[keep][:k],
-          images_lib.to_uint8(parallel.gather(xrec)[keep][:k]),
-        )
-      bar.update(min(batch, n - bar.n))  # skipped files were read too
-  # Masked out by _FolderSource: the folder's files that did not decode.
-  skipped = n - int(totals['count']) if folder else 0
-  if folder and skipped == n:
-    raise builders.DataError(
-      f'No readable image in {source.folder} ({FOLDER_FIELD}): all {n} files failed to decode'
+    result, grid = stage1_eval.run(
+      eval_fn,
+      vq.params,
+      lpips_params,
+      pipeline.make_eval_iterator(data, batch, source=source),
+      mesh,
+      exts,
+      ref=ref,
+      num_grid=int(config.train.get('num_grid_images', 16)),
+      hooks=(
+        lambda: bar.update(min(batch, n - bar.n)),  # skipped files were read too
+        lambda count: skipped.append(_skipped(source, n, count) if 'folder' in what else 0),
+      ),
     )
-  if skipped:
-    _say(
-      f'skipped {skipped} unreadable image file(s) of {n} in {source.folder} '
-      f'({FOLDER_FIELD}); they are named in the warnings above'
-    )
-  count = max(float(totals['count']), 1.0)
-  result = {k: float(totals[k]) / count for k in ('psnr', 'ssim', 'lpips', 'l1')}
-  counts = totals['code_counts']
-  result['codebook_usage'] = float(metrics_lib.usage_from_counts(counts))
-  result['perplexity'] = float(metrics_lib.perplexity_from_counts(counts))
-  result['num_images'] = int(totals['count'])
-  if folder:
-    result['skipped_files'] = skipped
-  for m, e in exts.items():
-    reference = ref.get(m) or _stats(real[m], e)
-    result['rfid' if m == 'fid' else m] = fid.fid_from_stats(reference, _stats(fake[m], e))
+  if 'folder' in what:
+    result['skipped_files'] = skipped[0]
   result['seconds'] = time.perf_counter() - t0
   step = vq.step
   if jax.process_index() == 0:
-    _save_pairs(os.path.join(workdir, f'eval_{step}.png'), *grid)
+    stage1_eval.save_pairs(os.path.join(workdir, f'eval_{step}.png'), *grid)
   path = _write_json(
     workdir,
     step,
@@ -269,12 +236,6 @@ def evaluate_stage1(config, workdir, inception=None):
 
 def _names(exts):
   return {m: e.name for m, e in exts.items()}
-
-
-def _save_pairs(path, inputs, recons):
-  ncol = min(int(np.ceil(np.sqrt(2 * len(inputs)) / 2) * 2) or 1, len(inputs))
-  grid = images_lib.make_grid(images_lib.interleave_rows(inputs, recons, ncol), ncol)
-  images_lib.save_png(path, grid, scale=max(1, 512 // grid.shape[1]))
 
 
 def _pad(x, divisor):
@@ -394,9 +355,7 @@ def evaluate(config, workdir):
     raise checkpoints.CheckpointError(f'No checkpoints in {workdir}: train it first.')
   # The feature networks' files, checked before anything loads or computes: a bad weights file
   # is one sentence now, not a traceback after reconstructing the whole split.
-  inception = fid.load_weights(config.eval.inception_weights)
-  if config.eval.classifier_workdir:
-    classifier_features.check_workdir(config.eval.classifier_workdir)
+  inception = feature_nets.check(config)['inception']
   logging.info('Evaluating %s', workdir)
   if config.get('stage', 'vqgan') == 'vqgan':
     return evaluate_stage1(config, workdir, inception)

@@ -73,6 +73,64 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id in [0, num_processes).")
 
 
+def _check_stage_and_mode(stage, mode, config_error):
+  """One `config_error` for a stage this program lacks or a mode the stage does not have."""
+  if stage not in ('vqgan', 'transformer', 'classifier'):
+    raise config_error(f"config.stage={stage!r}: use 'vqgan', 'transformer' or 'classifier'")
+  if mode in ('encode', 'sample') and stage != 'transformer':
+    raise config_error(
+      f"--mode={mode} needs a stage-2 config (config.stage='transformer'), got stage={stage!r}"
+    )
+  if mode == 'eval' and stage == 'classifier':
+    raise config_error(
+      '--mode=eval evaluates a stage-1 or stage-2 run; a classifier run evaluates itself '
+      'at the end of training (rerun --mode=train to print it again)'
+    )
+
+
+def _run_mode(mode, stage, config, workdir, say):
+  """Runs `mode` on `workdir` and says its summary lines (process 0)."""
+  # Imported here so `--help` and flag errors do not pay for importing jax.
+  from vqgan_jax import encode as codes_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
+  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
+
+  if mode == 'train':
+    train = {
+      'vqgan': vqgan_trainer.train_and_evaluate,
+      'transformer': transformer_trainer.train_and_evaluate,
+      'classifier': classifier_trainer.train_and_evaluate,
+    }[stage]
+    result = train(config, workdir)
+    if result:
+      logging.info('Final eval: %s', result)
+      say(f'final eval: {metrics_lib.format_metrics(result)}')
+    say(f'workdir: {os.path.abspath(workdir)}')
+  elif mode == 'encode':
+    path, counts, kept = codes_lib.encode(config, workdir)
+    say(
+      ('up to date, kept: ' if kept else 'encoded: ')
+      + ', '.join(f'{k}={v}' for k, v in counts.items())
+    )
+    say(f'codes: {path}')
+  elif mode == 'eval':
+    result, path = evaluate_lib.evaluate(config, workdir)
+    say(f'eval: {metrics_lib.format_metrics(result)}')
+    say(f'results: {path}')
+  elif mode == 'sample':
+    out = sample_lib.sample(config, workdir)
+    say(
+      f'sampled {out["num_samples"]} x {out["grid"][0]}x{out["grid"][1]} tokens '
+      f'({out["tokens_per_s"]:.0f} tokens/s incl. compile)'
+    )
+    say(f'tokens: {out["npz"]}')
+    say(f'grid: {out["png"]}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -86,20 +144,13 @@ def main(argv):
     sys.exit(2)
   if started:
     print(started, flush=True)
-  # Imported here so `--help` and flag errors do not pay for importing jax.
   import jax  # pylint: disable=g-import-not-at-top
 
-  from vqgan_jax import encode as codes_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from vqgan_jax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import IncompatibleCheckpointError  # pylint: disable=g-import-not-at-top
   from vqgan_jax.data.builders import DataError  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import classifier_trainer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import transformer_trainer  # pylint: disable=g-import-not-at-top
-  from vqgan_jax.train import vqgan_trainer  # pylint: disable=g-import-not-at-top
   from vqgan_jax.train.common import RunError  # pylint: disable=g-import-not-at-top
 
   if not flags.FLAGS['verbosity'].present:
@@ -107,56 +158,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   stage = config.get('stage', 'vqgan')
-  # Several processes: the summary lines below come from process 0 (like the logs).
+  # Several processes: the summary lines come from process 0 (like the logs).
   say = print if jax.process_index() == 0 else lambda *a, **k: None
   try:
-    if stage not in ('vqgan', 'transformer', 'classifier'):
-      raise validate.ConfigError(
-        f"config.stage={stage!r}: use 'vqgan', 'transformer' or 'classifier'"
-      )
-    if _MODE.value in ('encode', 'sample') and stage != 'transformer':
-      raise validate.ConfigError(
-        f'--mode={_MODE.value} needs a stage-2 config '
-        f"(config.stage='transformer'), got stage={stage!r}"
-      )
-    if _MODE.value == 'eval' and stage == 'classifier':
-      raise validate.ConfigError(
-        '--mode=eval evaluates a stage-1 or stage-2 run; a classifier run evaluates itself '
-        'at the end of training (rerun --mode=train to print it again)'
-      )
+    _check_stage_and_mode(stage, _MODE.value, validate.ConfigError)
     # Every mode writes into the workdir (checkpoints and logs, codes, samples, eval_*.json):
     # one run at a time, or two would write the same files.
     with workdir_lock.hold(workdir, create=_MODE.value in ('train', 'encode')):
-      if _MODE.value == 'train':
-        train = {
-          'vqgan': vqgan_trainer.train_and_evaluate,
-          'transformer': transformer_trainer.train_and_evaluate,
-          'classifier': classifier_trainer.train_and_evaluate,
-        }[stage]
-        result = train(config, workdir)
-        if result:
-          logging.info('Final eval: %s', result)
-          say('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-        say(f'workdir: {os.path.abspath(workdir)}')
-      elif _MODE.value == 'encode':
-        path, counts, kept = codes_lib.encode(config, workdir)
-        say(
-          ('up to date, kept: ' if kept else 'encoded: ')
-          + ', '.join(f'{k}={v}' for k, v in counts.items())
-        )
-        say(f'codes: {path}')
-      elif _MODE.value == 'eval':
-        result, path = evaluate_lib.evaluate(config, workdir)
-        say('eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in result.items()))
-        say(f'results: {path}')
-      elif _MODE.value == 'sample':
-        out = sample_lib.sample(config, workdir)
-        say(
-          f'sampled {out["num_samples"]} x {out["grid"][0]}x{out["grid"][1]} tokens '
-          f'({out["tokens_per_s"]:.0f} tokens/s incl. compile)'
-        )
-        say(f'tokens: {out["npz"]}')
-        say(f'grid: {out["png"]}')
+      _run_mode(_MODE.value, stage, config, workdir, say)
   except (
     validate.ConfigError,
     DataError,

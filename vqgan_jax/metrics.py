@@ -5,8 +5,14 @@ SSIM map them to [0, 1] and use data range 1, so values equal the usual
 8-bit-style numbers; clip reconstructions to [-1, 1] first if they may
 overshoot. All jnp functions are batched, per image, and jit-able.
 `frechet_distance` is host-side numpy (float64), for FID-style statistics.
+
+`STAGE1` is the one list of the stage-1 eval's metrics (training's periodic eval and
+`--mode=eval` both compute and name them from it); `format_metrics` is the one way an eval's
+figures are printed.
 """
 
+import dataclasses
+from typing import Callable
 from typing import Optional
 
 import jax
@@ -155,3 +161,51 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   tr_covmean = np.sum(np.sqrt(np.clip(eig, 0.0, None)))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One reported figure: its key (in metrics.jsonl and eval_<step>.json), whether lower is
+  better, how it prints, and, for a per-image mean, how the eval step computes it:
+  `per_image(x, xrec, lpips)` -> (B,) with `lpips(x, xrec)` the frozen LPIPS."""
+
+  name: str
+  lower_is_better: Optional[bool]  # None: a count, not a quality
+  fmt: str = '.4f'
+  per_image: Optional[Callable] = None
+
+
+# The stage-1 eval's figures, in the order they are reported. The per-image ones are summed
+# over the real images by the eval step and divided by their count; the code histogram gives
+# usage and perplexity; each feature net adds a Frechet distance (`feature_metric`).
+STAGE1 = (
+  Metric('psnr', False, per_image=lambda x, y, lpips: psnr(x, y)),
+  Metric('ssim', False, per_image=lambda x, y, lpips: ssim(x, y)),
+  Metric('lpips', True, per_image=lambda x, y, lpips: lpips(x, y)),
+  Metric('l1', True, per_image=lambda x, y, lpips: jnp.mean(jnp.abs(x - y), axis=(1, 2, 3))),
+  Metric('codebook_usage', False),
+  Metric('perplexity', False),
+  Metric('num_images', None, 'd'),
+  Metric('skipped_files', None, 'd'),  # `--mode=eval` of a folder: files that did not decode
+)
+PER_IMAGE = tuple(m for m in STAGE1 if m.per_image is not None)
+_BY_NAME = {m.name: m for m in STAGE1}
+
+
+def feature_metric(net_metric: str, stage: int) -> Metric:
+  """The Frechet distance a feature net's statistics give: the FID Inception's ('fid') is
+  rFID in stage 1 (reconstructions against their inputs), gFID in stage 2 (samples against
+  a split); a classifier's ('fd_<name>') keeps its name, never called FID."""
+  if net_metric == 'fid':
+    return Metric('rfid' if stage == 1 else 'gfid', True)
+  return Metric(net_metric, True)
+
+
+def format_metrics(result: dict) -> str:
+  """`name=value, ...` of an eval's result, each as its metric prints (counts as integers,
+  the rest to four decimals)."""
+  out = []
+  for k, v in result.items():
+    fmt = _BY_NAME[k].fmt if k in _BY_NAME else ('d' if isinstance(v, int) else '.4f')
+    out.append(f'{k}={int(v) if fmt == "d" else v:{fmt}}')
+  return ', '.join(out)

@@ -199,6 +199,51 @@ def convert_vqmodel(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_net2net_keys(sd, kind: str) -> None:
+  """Every key of the state dict is converted or known to be ignored; a cond stage that is
+  the first stage repeats its keys exactly."""
+  used = {k for k in sd if k.startswith(('first_stage_model.', 'transformer.'))}
+  cond_keys = {k for k in sd if k.startswith('cond_stage_model.')}
+  if kind in ('vqgan', 'is_first_stage'):
+    used |= cond_keys
+  used |= {k for k in sd if param_mapping.ignored(k)}
+  leftover = set(sd) - used
+  if leftover:
+    raise ConversionError(
+      f'unexpected keys in the Net2NetTransformer checkpoint: {param_mapping.listing(leftover)}'
+    )
+  if kind == 'is_first_stage':
+    # The same module registered twice: its keys repeat the first stage's.
+    for k in cond_keys:
+      twin = 'first_stage_model.' + k[len('cond_stage_model.') :]
+      if twin not in sd or not np.array_equal(np.asarray(sd[k]), np.asarray(sd[twin])):
+        raise ConversionError(f'{k} differs from {twin} although cond stage is the first stage')
+
+
+GPT_FIELDS = (
+  'vocab_size',
+  'block_size',
+  'n_layer',
+  'n_head',
+  'n_embd',
+  'embd_pdrop',
+  'resid_pdrop',
+  'attn_pdrop',
+)
+
+
+def _check_gpt_params(transformer_config, gpt_params) -> None:
+  """The converted GPT params have the structure and shapes of our GPT's init."""
+  gcfg = {k: transformer_config[k] for k in GPT_FIELDS}
+  abstract = jax.eval_shape(
+    gpt_lib.GPT(**gcfg).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  )['params']
+  fa, fg = param_mapping.flat(gpt_lib.nn.unbox(abstract)), param_mapping.flat(gpt_params)
+  bad = sorted(set(fa) ^ set(fg)) + [p for p in fa if p in fg and fa[p].shape != fg[p].shape]
+  if bad:
+    raise ConversionError(f'transformer params do not match GPT({gcfg}): {bad[:12]}')
+
+
 def convert_net2net(
   sd,
   model_params: Mapping[str, Any],
@@ -228,62 +273,21 @@ def convert_net2net(
   gpt_params = param_mapping.gpt_from_torch_state_dict(
     {k: v for k, v in sd.items() if k.startswith('transformer.')}, c.transformer.n_layer
   )
-  used = {k for k in sd if k.startswith(('first_stage_model.', 'transformer.'))}
-  cond_keys = {k for k in sd if k.startswith('cond_stage_model.')}
-  if kind in ('vqgan', 'is_first_stage'):
-    used |= cond_keys
-  used |= {k for k in sd if param_mapping.ignored(k)}
-  leftover = set(sd) - used
-  if leftover:
-    raise ConversionError(
-      f'unexpected keys in the Net2NetTransformer checkpoint: {param_mapping.listing(leftover)}'
-    )
-  if kind == 'is_first_stage':
-    # The same module registered twice: its keys repeat the first stage's.
-    for k in cond_keys:
-      twin = 'first_stage_model.' + k[len('cond_stage_model.') :]
-      if twin not in sd or not np.array_equal(np.asarray(sd[k]), np.asarray(sd[twin])):
-        raise ConversionError(f'{k} differs from {twin} although cond stage is the first stage')
-  # Check structure and shapes against our GPT's init.
-  gcfg = {
-    k: c.transformer[k]
-    for k in (
-      'vocab_size',
-      'block_size',
-      'n_layer',
-      'n_head',
-      'n_embd',
-      'embd_pdrop',
-      'resid_pdrop',
-      'attn_pdrop',
-    )
-  }
-  abstract = jax.eval_shape(
-    gpt_lib.GPT(**gcfg).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  )['params']
-  fa, fg = param_mapping.flat(gpt_lib.nn.unbox(abstract)), param_mapping.flat(gpt_params)
-  bad = sorted(set(fa) ^ set(fg)) + [p for p in fa if p in fg and fa[p].shape != fg[p].shape]
-  if bad:
-    raise ConversionError(f'transformer params do not match GPT({gcfg}): {bad[:12]}')
-
-  summary['first_stage'] = convert_vqmodel(
-    sd,
-    fs['params'],
-    os.path.join(out_dir, 'first_stage'),
-    prefix='first_stage_model.',
-    extra=extra,
-    target=fs.get('target'),
-    final_dir=os.path.join(final, 'first_stage'),
-  )
+  _check_net2net_keys(sd, kind)
+  _check_gpt_params(c.transformer, gpt_params)
+  # (summary key, workdir under out_dir, state-dict prefix, yaml) of each VQModel inside.
+  stages = [('first_stage', 'first_stage', 'first_stage_model.', fs)]
   if kind == 'vqgan':
-    summary['cond_stage_model'] = convert_vqmodel(
+    stages.append(('cond_stage_model', 'cond_stage', 'cond_stage_model.', cond_cfg))
+  for key, sub, prefix, stage_cfg in stages:
+    summary[key] = convert_vqmodel(
       sd,
-      cond_cfg['params'],
-      os.path.join(out_dir, 'cond_stage'),
-      prefix='cond_stage_model.',
+      stage_cfg['params'],
+      os.path.join(out_dir, sub),
+      prefix=prefix,
       extra=extra,
-      target=cond_cfg.get('target'),
-      final_dir=os.path.join(final, 'cond_stage'),
+      target=stage_cfg.get('target'),
+      final_dir=os.path.join(final, sub),
     )
   summary['transformer_params'] = param_mapping.count_params(gpt_params)
   summary['permuter'] = c.taming.permuter

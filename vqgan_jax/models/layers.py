@@ -236,6 +236,18 @@ class Upsample(nn.Module):
     return conv(x)
 
 
+def _remat_blocks(m, channels):
+  """(block(name), attn(name)): constructors of `m`'s ResnetBlocks of `channels` and its
+  AttnBlocks, rematerialised as `m.remat_policy` says (`m`: a Level or the MidBlock)."""
+  # static_argnums counts `self`: `deterministic` (a Python bool) is argument 2.
+  resnet = remat_module(ResnetBlock, m.remat_policy, static_argnums=(2,))
+  attn = remat_module(AttnBlock, m.remat_policy)
+  return (
+    lambda name: resnet(channels, m.dropout, m.dtype, m.conv_impl, name=name),
+    lambda name: attn(m.dtype, name=name),
+  )
+
+
 class Level(nn.Module):
   """One resolution level: `num_blocks` ResnetBlocks (each followed by attention when
   `use_attn`), then an optional resampler. Named `down_i` / `up_i` by its parent."""
@@ -251,14 +263,11 @@ class Level(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    # static_argnums counts `self`: `deterministic` (a Python bool) is argument 2.
-    resnet = remat_module(ResnetBlock, self.remat_policy, static_argnums=(2,))
-    attn = remat_module(AttnBlock, self.remat_policy)
+    block, attn = _remat_blocks(self, self.out_channels)
     for j in range(self.num_blocks):
-      block = resnet(self.out_channels, self.dropout, self.dtype, self.conv_impl, name=f'block_{j}')
-      x = block(x, deterministic)
+      x = block(f'block_{j}')(x, deterministic)
       if self.use_attn:
-        x = attn(self.dtype, name=f'attn_{j}')(x)
+        x = attn(f'attn_{j}')(x)
     if self.resample == 'down':
       x = Downsample(self.dtype, self.conv_impl, name='downsample')(x)
     elif self.resample == 'up':
@@ -275,11 +284,9 @@ class MidBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    resnet = remat_module(ResnetBlock, self.remat_policy, static_argnums=(2,))
-    attn = remat_module(AttnBlock, self.remat_policy)
-    block = lambda name: resnet(self.channels, self.dropout, self.dtype, self.conv_impl, name=name)
+    block, attn = _remat_blocks(self, self.channels)
     x = block('block_1')(x, deterministic)
-    x = attn(self.dtype, name='attn_1')(x)
+    x = attn('attn_1')(x)
     return block('block_2')(x, deterministic)
 
 

@@ -116,17 +116,11 @@ def train_and_evaluate(config, workdir):
     try:
       _, result = common.train_loop(
         state,
+        (config, ckpt, train_it, writer),
         step_fn=step_fn,
         next_batch=lambda: pipeline.to_global(
           {k: v for k, v in next(train_it).items() if k in ('image', 'label')}, batch_sh
         ),
-        start=start,
-        total=config.train.num_steps,
-        train_config=config.train,
-        ckpt=ckpt,
-        data_state=train_it.get_state,
-        config=config,
-        writer=writer,
         evaluate=evaluate,
         loss_key='loss',
         rate=('images_per_s', config.train.batch_size),

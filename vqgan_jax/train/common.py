@@ -17,6 +17,7 @@ import jax
 import tqdm
 
 from vqgan_jax import checkpoints
+from vqgan_jax import metrics as metrics_lib
 
 
 class RunError(RuntimeError):
@@ -206,24 +207,19 @@ def restore_or_init(ckpt, abstract, shardings, init, data_iter, config, fields=N
 
 def train_loop(
   state,
+  run: tuple,
   *,
   step_fn: Callable,
   next_batch: Callable,
-  start: int,
-  total: int,
-  train_config,
-  ckpt,
-  data_state: Callable,
-  config,
-  writer: Writer,
   evaluate: Callable[[Any, int], dict],
   loss_key: str,
   rate: tuple[str, float],
   postfix: Callable[[dict], dict],
   desc: str,
 ):
-  """Runs steps start+1 .. total; returns (state, the last eval's result). A run that had
-  already finished (start >= total) evaluates its final state again.
+  """Runs steps start+1 .. total (from `state`'s step to config.train.num_steps); returns
+  (state, the last eval's result). A run that had already finished evaluates its final state
+  again. `run`: (config, the Checkpointer, the train iterator, the `Writer`).
 
   Every `log_every` steps the metrics are written and shown; every `eval_every` steps (and at
   the end) `evaluate(state, step)` runs; checkpoints follow `ckpt`'s schedule. The loss is
@@ -231,6 +227,9 @@ def train_loop(
   with one sentence naming the step and the last good checkpoint, and no bad state is ever
   written. `rate` = (name, units per step) of the throughput shown (images/s, tokens/s).
   """
+  config, ckpt, train_it, writer = run
+  train_config, data_state = config.train, train_it.get_state
+  start, total = int(jax.device_get(state['step'])), config.train.num_steps
   rate_name, per_step = rate
   result = {}
   bar = progress_bar(total, start, desc)
@@ -259,7 +258,7 @@ def train_loop(
           _diverged(ckpt, step, loss_key, host[loss_key])
       if itstime(step, train_config.eval_every, total):
         result = evaluate(state, step)
-        say(bar, f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+        say(bar, f'eval step {step}: {metrics_lib.format_metrics(result)}')
         t0, steps_since = time.perf_counter(), 0
       ckpt.save(step, state, data_state, config, force=final)
     if pending is not None:

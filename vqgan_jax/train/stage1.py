@@ -1,5 +1,5 @@
 """Stage 1: VQGAN training state and the fused AE + discriminator step (the models and their
-loading: `models.vqgan_load`; the eval step: `eval_steps`; the names imported from them
+loading: `models.vqgan_load`; the eval step: `stage1_eval`; the names imported from them
 with `noqa: F401` stay importable here for callers of `stage1.*`).
 
 One jitted, donated step does both updates of taming's two-optimizer iteration:
@@ -34,8 +34,6 @@ import optax
 from vqgan_jax import losses
 from vqgan_jax import metrics as metrics_lib
 from vqgan_jax import parallel
-from vqgan_jax.eval_steps import eval_step  # noqa: F401
-from vqgan_jax.eval_steps import make_eval_step  # noqa: F401
 from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models.vqgan_load import Models
 from vqgan_jax.models.vqgan_load import build_models  # noqa: F401
@@ -46,6 +44,8 @@ from vqgan_jax.models.vqgan_load import restore_vqgan_params  # noqa: F401
 from vqgan_jax.models.vqgan_load import to_model_range
 from vqgan_jax.models.vqgan_load import tokenizer_identity  # noqa: F401
 from vqgan_jax.models.vqgan_load import vqgan_param_shardings  # noqa: F401
+from vqgan_jax.stage1_eval import eval_step  # noqa: F401
+from vqgan_jax.stage1_eval import make_eval_step  # noqa: F401
 from vqgan_jax.train.common import peak_learning_rate
 from vqgan_jax.train.common import setup_initial_state
 
@@ -159,12 +159,11 @@ def _conv_kernel_vjp(h, kernel):
   return jax.vjp(conv, kernel)[1]
 
 
-def train_step(config, models: Models, disc_start: int, state, lpips_params, images):
-  """One stage-1 iteration; returns (new_state, metrics)."""
+def _autoencoder_loss(config, models: Models, state, lpips_params, x, step, rng):
+  """The autoencoder's forward (with its VJP) and its reconstruction loss (L1 + LPIPS).
+  Returns (forward: {'xrec', 'qloss', 'vjp', 'h', 'indices', 'latents'}, nll, d(nll)/d(xrec),
+  metrics, the quantizer's train-term metrics)."""
   cfg = config.loss
-  x = to_model_range(images)
-  step = state['step']
-  rng = jax.random.fold_in(state['rng'], step)
   k_lpips, k_drop = jax.random.split(rng)
   ae_deterministic = config.model.dropout == 0.0
   # The VQ codebook updates read the quantizer's latents; the original's step asks for none.
@@ -203,36 +202,32 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
     return rec + cfg.perceptual_weight * p, (rec, p)
 
   (nll, (rec_loss, p_loss)), ct_nll = jax.value_and_grad(nll_fn, has_aux=True)(xrec)
+  ae = dict(xrec=xrec, qloss=qloss, vjp=ae_vjp, h=h, indices=indices, latents=latents)
+  return ae, nll, ct_nll, {'rec_loss': rec_loss, 'p_loss': p_loss}, term_metrics
 
-  def disc_forward(d_params, stats, inp):
-    logits, updates = models.disc.apply(
-      {'params': d_params, 'batch_stats': stats}, inp, train=True, mutable=['batch_stats']
-    )
-    return logits, updates['batch_stats']
 
-  # D sees fakes and reals in separate calls (separate BatchNorm statistics), as the original.
-  logits_fake, fake_vjp, stats_after_fake = jax.vjp(
-    lambda dp, xr: disc_forward(dp, state['disc_stats'], xr),
-    state['disc_params'],
-    xrec,
-    has_aux=True,
+def _disc_forward(models: Models, d_params, stats, inp):
+  logits, updates = models.disc.apply(
+    {'params': d_params, 'batch_stats': stats}, inp, train=True, mutable=['batch_stats']
   )
-  g_loss, ct_logits_g = jax.value_and_grad(losses.generator_loss)(logits_fake)
-  _, ct_g = fake_vjp(ct_logits_g)
+  return logits, updates['batch_stats']
 
-  if cfg.adaptive_weight:
-    kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
-    d_weight = losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
-  else:
-    d_weight = jnp.asarray(cfg.disc_weight, jnp.float32)  # fixed: no last-layer gradients
-  dfactor = losses.disc_factor(step, disc_start, cfg.disc_factor)
-  gan_scale = d_weight * dfactor
-  total_loss = nll + gan_scale * g_loss + cfg.codebook_weight * qloss
-  ct_xrec = ct_nll.astype(jnp.float32) + gan_scale * ct_g.astype(jnp.float32)
-  (ae_grads,) = ae_vjp((ct_xrec.astype(xrec.dtype), jnp.asarray(cfg.codebook_weight, qloss.dtype)))
 
+def _adaptive_weight(cfg, state, h, ct_nll, ct_g):
+  """The GAN weight: taming's ratio of the last layer's NLL and generator gradient norms, or
+  the fixed `loss.disc_weight` (no last-layer gradients then)."""
+  if not cfg.adaptive_weight:
+    return jnp.asarray(cfg.disc_weight, jnp.float32)
+  kernel_vjp = _conv_kernel_vjp(h, state['params']['decoder']['conv_out']['kernel'])
+  return losses.adaptive_weight(kernel_vjp(ct_nll)[0], kernel_vjp(ct_g)[0], cfg.disc_weight)
+
+
+def _disc_loss(cfg, models: Models, state, x, dfactor, logits_fake, fake_vjp, stats_after_fake):
+  """The discriminator's loss and gradients: one real forward (after the fakes', separate
+  BatchNorm statistics, as the original), LeCAM and R1 when on. Returns (loss, grads, its
+  BatchNorm statistics, mean real logits, state entries, metrics)."""
   logits_real, real_vjp, stats = jax.vjp(
-    lambda dp: disc_forward(dp, stats_after_fake, x), state['disc_params'], has_aux=True
+    lambda dp: _disc_forward(models, dp, stats_after_fake, x), state['disc_params'], has_aux=True
   )
   extra, metrics = {}, {}
   if 'lecam' in state:
@@ -254,54 +249,98 @@ def train_step(config, models: Models, disc_start: int, state, lpips_params, ima
   d_grads = jax.tree.map(jnp.add, real_vjp(ct_real)[0], fake_vjp(ct_fake)[0])
   if cfg.r1_weight > 0:
     r1, r1_grads = jax.value_and_grad(
-      lambda dp: losses.r1_penalty(lambda inp: disc_forward(dp, stats_after_fake, inp)[0], x)
+      lambda dp: losses.r1_penalty(
+        lambda inp: _disc_forward(models, dp, stats_after_fake, inp)[0], x
+      )
     )(state['disc_params'])
     scale = dfactor * 0.5 * cfg.r1_weight
     d_grads = jax.tree.map(lambda g, r: g + scale * r, d_grads, r1_grads)
     disc_loss = disc_loss + scale * r1
     metrics['r1_penalty'] = r1
+  metrics['logits_real'] = jnp.mean(logits_real)
+  return disc_loss, d_grads, stats, extra, metrics
 
+
+def _updates(config, state, ae_grads, d_grads, indices, latents, step, rng):
+  """Both optimizers' updates, then the code-level ones and the params EMA: (the new params,
+  opt_state, disc params, disc opt_state, state entries, metrics)."""
   tx, dtx = make_optimizers(config)
   updates, opt_state = tx.update(ae_grads, state['opt_state'], state['params'])
   d_updates, d_opt_state = dtx.update(d_grads, state['disc_opt_state'], state['disc_params'])
   params = optax.apply_updates(state['params'], updates)
-  params, codebook_state, codebook_metrics = _codebook_updates(
+  params, extra, metrics = _codebook_updates(
     config, state, params, indices, latents, step + 1, jax.random.fold_in(rng, 2)
   )
-  extra.update(codebook_state)
-  metrics.update(codebook_metrics)
   if 'params_ema' in state:
     decay = config.train.params_ema_decay
     extra['params_ema'] = jax.tree.map(
       lambda e, p: decay * e + (1.0 - decay) * p, state['params_ema'], params
     )
-  codes = metrics_lib.codebook_stats(indices, config.model.n_embed)
+  disc_params = optax.apply_updates(state['disc_params'], d_updates)
+  return params, opt_state, disc_params, d_opt_state, extra, metrics
+
+
+def train_step(config, models: Models, disc_start: int, state, lpips_params, images):
+  """One stage-1 iteration; returns (new_state, metrics)."""
+  cfg = config.loss
+  x = to_model_range(images)
+  step = state['step']
+  rng = jax.random.fold_in(state['rng'], step)
+  ae, nll, ct_nll, nll_metrics, term_metrics = _autoencoder_loss(
+    config, models, state, lpips_params, x, step, rng
+  )
+  xrec, qloss = ae['xrec'], ae['qloss']
+  # D sees fakes and reals in separate calls (separate BatchNorm statistics), as the original.
+  logits_fake, fake_vjp, stats_after_fake = jax.vjp(
+    lambda dp, xr: _disc_forward(models, dp, state['disc_stats'], xr),
+    state['disc_params'],
+    xrec,
+    has_aux=True,
+  )
+  g_loss, ct_logits_g = jax.value_and_grad(losses.generator_loss)(logits_fake)
+  _, ct_g = fake_vjp(ct_logits_g)
+  d_weight = _adaptive_weight(cfg, state, ae['h'], ct_nll, ct_g)
+  dfactor = losses.disc_factor(step, disc_start, cfg.disc_factor)
+  gan_scale = d_weight * dfactor
+  total_loss = nll + gan_scale * g_loss + cfg.codebook_weight * qloss
+  ct_xrec = ct_nll.astype(jnp.float32) + gan_scale * ct_g.astype(jnp.float32)
+  (ae_grads,) = ae['vjp'](
+    (ct_xrec.astype(xrec.dtype), jnp.asarray(cfg.codebook_weight, qloss.dtype))
+  )
+  disc_loss, d_grads, stats, extra, d_metrics = _disc_loss(
+    cfg, models, state, x, dfactor, logits_fake, fake_vjp, stats_after_fake
+  )
+  params, opt_state, disc_params, d_opt_state, more, metrics = _updates(
+    config, state, ae_grads, d_grads, ae['indices'], ae['latents'], step, rng
+  )
+  codes = metrics_lib.codebook_stats(ae['indices'], config.model.n_embed)
   new_state = dict(
     state,
     step=step + 1,
     params=params,
     opt_state=opt_state,
-    disc_params=optax.apply_updates(state['disc_params'], d_updates),
+    disc_params=disc_params,
     disc_stats=stats,
     disc_opt_state=d_opt_state,
     **extra,
+    **more,
   )
   metrics = {
     'total_loss': total_loss,
     'quant_loss': qloss,
     'nll_loss': nll,
-    'rec_loss': rec_loss,
-    'p_loss': p_loss,
+    **nll_metrics,
     'g_loss': g_loss,
     'd_weight': d_weight,
     'disc_factor': dfactor,
     'disc_loss': disc_loss,
-    'logits_real': jnp.mean(logits_real),
+    'logits_real': d_metrics.pop('logits_real'),
     'logits_fake': jnp.mean(logits_fake),
     'ae_grad_norm': optax.global_norm(ae_grads),
     'disc_grad_norm': optax.global_norm(d_grads),
     'codebook_usage': codes['usage'],
     'perplexity': codes['perplexity'],
+    **d_metrics,
     **metrics,
     **term_metrics,
   }

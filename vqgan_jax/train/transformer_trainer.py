@@ -122,7 +122,7 @@ def train_and_evaluate(config, workdir):
       model, layout, mesh, shardings['params'], frozen, frozen_sh, rules
     )
     batch_sharding = parallel.batch_sharding(mesh)
-    start, total = int(jax.device_get(state['step'])), config.train.num_steps
+    start = int(jax.device_get(state['step']))
     writer = common.Writer(workdir, start)
 
     def run_eval(s, step):
@@ -140,15 +140,9 @@ def train_and_evaluate(config, workdir):
     try:
       state, result = common.train_loop(
         state,
+        (config, ckpt, train_it, writer),
         step_fn=lambda s, b: train_fn(s, frozen_params, b),
         next_batch=next_batch,
-        start=start,
-        total=total,
-        train_config=config.train,
-        ckpt=ckpt,
-        data_state=train_it.get_state,
-        config=config,
-        writer=writer,
         evaluate=run_eval,
         loss_key='loss',
         rate=('tokens_per_s', config.train.batch_size * layout.image_len),

@@ -8,88 +8,37 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
 from vqgan_jax import checkpoints
-from vqgan_jax import classifier_features
-from vqgan_jax import eval_steps
-from vqgan_jax import fid
-from vqgan_jax import images as images_lib
-from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import feature_nets
 from vqgan_jax import parallel
+from vqgan_jax import stage1_eval
 from vqgan_jax import validate
 from vqgan_jax.data import pipeline
-from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import vqgan_load
 from vqgan_jax.models.quantizer import QUANTIZERS
 from vqgan_jax.train import common
 from vqgan_jax.train import stage1
 
 
-def feature_nets(config, mesh) -> dict:
-  """{'fd_<name>': classifier} when `config.eval.classifier_workdir` names one: the training
-  evals then report the offline Frechet distance of the reconstructions too (the
-  classifier's forward costs little beside the VQGAN's and LPIPS's)."""
-  workdir = config.get('eval', {}).get('classifier_workdir', '')
-  if not workdir:
-    return {}
-  net = classifier_features.load_classifier(workdir, mesh)
-  return {f'fd_{net.feature_name}': net}
-
-
 def evaluate(config, eval_fn, params, lpips_params, mesh, workdir, step, writer, nets=None):
-  """One pass over the held-out split: PSNR, SSIM, LPIPS, L1 and codebook usage, and for each
-  of `nets` ({metric: feature extractor}) the Frechet distance between the features of the
-  inputs and of their reconstructions; writes the reconstructions of the first batch as a
-  grid."""
-  nets = nets or {}
-  it = pipeline.make_eval_iterator(config.data, config.train.eval_batch_size)
-  sharding = parallel.batch_sharding(mesh)
-  real = {m: fid.StatsAccumulator(n.feature_dim) for m, n in nets.items()}
-  fake = {m: fid.StatsAccumulator(n.feature_dim) for m, n in nets.items()}
-  totals = None
-  for batch in it:
-    gbatch = pipeline.to_global({'image': batch['image'], 'mask': batch['mask']}, sharding)
-    sums, xrec = eval_fn(params, lpips_params, gbatch['image'], gbatch['mask'])
-    if nets:
-      mask = parallel.gather(gbatch['mask'])
-      x = vqgan_load.to_model_range(gbatch['image'])
-      for m, net in nets.items():
-        real[m].add(net(x)['features'], mask)
-        fake[m].add(net(xrec)['features'], mask)
-    sums = jax.device_get(sums)
-    if totals is None:
-      _write_grid(config, gbatch['image'], xrec, workdir, step, writer)
-      totals = sums
-    else:
-      totals = jax.tree.map(np.add, totals, sums)
-  count = max(float(totals['count']), 1.0)
-  result = {k: float(totals[k]) / count for k in ('psnr', 'ssim', 'lpips', 'l1')}
-  result['codebook_usage'] = float(metrics_lib.usage_from_counts(totals['code_counts']))
-  result['perplexity'] = float(metrics_lib.perplexity_from_counts(totals['code_counts']))
-  result['num_images'] = float(totals['count'])
-  for m, net in nets.items():
-    stats = lambda acc: dict(zip(('mu', 'sigma'), acc.mu_sigma()), extractor=net.name)
-    result[m] = fid.fid_from_stats(stats(real[m]), stats(fake[m]))
+  """One pass over the held-out split (`stage1_eval.run`, as `--mode=eval`): its figures go to
+  the logs, the reconstructions of the first images to a grid."""
+  result, (inputs, recons) = stage1_eval.run(
+    eval_fn,
+    params,
+    lpips_params,
+    pipeline.make_eval_iterator(config.data, config.train.eval_batch_size),
+    mesh,
+    nets or {},
+    num_grid=config.train.num_grid_images,
+  )
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, f'reconstructions_{step:07d}.png')
+    writer.image(step, 'eval/reconstructions', stage1_eval.save_pairs(path, inputs, recons))
   writer.scalars(step, result, 'eval')
   return result
-
-
-def _write_grid(config, images, xrec, workdir, step, writer):
-  n = config.train.num_grid_images
-  inputs = parallel.gather(images)[:n]
-  recons = images_lib.to_uint8(parallel.gather(xrec)[:n])
-  if jax.process_index() != 0:
-    return
-  ncol = min(int(np.ceil(np.sqrt(2 * len(inputs)) / 2) * 2) or 1, len(inputs))
-  grid = images_lib.make_grid(images_lib.interleave_rows(inputs, recons, ncol), ncol)
-  images_lib.save_png(
-    os.path.join(workdir, f'reconstructions_{step:07d}.png'),
-    grid,
-    scale=max(1, 512 // grid.shape[1]),
-  )
-  writer.image(step, 'eval/reconstructions', grid)
 
 
 def _init_from(config, state, abstract, shardings):
@@ -222,16 +171,12 @@ def train_and_evaluate(config, workdir):
     return fit_and_evaluate(config, workdir, mesh)
   # The runs this one reads, before anything is written in `workdir`.
   common.check_init_from(config.init_from, 'vqgan', config, validate.QUANTIZER_FIELDS)
-  classifier = config.get('eval', {}).get('classifier_workdir', '')
-  if classifier:
-    classifier_features.check_workdir(classifier)
+  feature_nets.check(config, training=True)
   workdir = common.prepare_workdir(workdir)
   pipeline.check_splits(config.data)
   models = vqgan_load.build_models(config)
 
-  lpips_params = lpips_lib.load_pretrained_params()
-  lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
-  lpips_params = jax.device_put(lpips_params, lpips_shardings)
+  lpips_params, lpips_shardings = feature_nets.load_lpips(mesh)
   setup = stage1.state_setup(config, models, mesh, jax.random.PRNGKey(config.seed))
   abstract, shardings, _ = setup
   train_it = pipeline.make_train_iterator(config.data, config.train.batch_size, config.seed)
@@ -243,14 +188,14 @@ def train_and_evaluate(config, workdir):
     if not resumed and config.init_from:
       state = _init_from(config, state, abstract, shardings)
     train_fn = stage1.make_train_step(config, models, mesh, shardings, lpips_shardings)
-    eval_fn = eval_steps.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
+    eval_fn = stage1_eval.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
     batch_sharding = parallel.batch_sharding(mesh)
-    start, total = int(jax.device_get(state['step'])), config.train.num_steps
+    start = int(jax.device_get(state['step']))
     writer = common.Writer(workdir, start)
     health = _CodebookHealth(config, start)
     try:
       # With config.train.params_ema_decay the held-out eval measures the EMA params.
-      nets = feature_nets(config, mesh)
+      nets = feature_nets.extractors(config, mesh, training=True)
       run_eval = lambda s, step: evaluate(
         config,
         eval_fn,
@@ -264,17 +209,9 @@ def train_and_evaluate(config, workdir):
       )
       state, result = common.train_loop(
         state,
+        (config, ckpt, train_it, writer),
         step_fn=health.counted(lambda s, images: train_fn(s, lpips_params, images)),
-        next_batch=lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
-          'image'
-        ],
-        start=start,
-        total=total,
-        train_config=config.train,
-        ckpt=ckpt,
-        data_state=train_it.get_state,
-        config=config,
-        writer=writer,
+        next_batch=_image_feeder(train_it, batch_sharding),
         evaluate=run_eval,
         loss_key='total_loss',
         rate=('images_per_s', config.train.batch_size),
@@ -284,6 +221,11 @@ def train_and_evaluate(config, workdir):
     finally:
       writer.close()
   return result
+
+
+def _image_feeder(train_it, batch_sharding):
+  """The next global batch of training images, as the steps take it."""
+  return lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)['image']
 
 
 def fit_and_evaluate(config, workdir, mesh):
@@ -304,9 +246,7 @@ def fit_and_evaluate(config, workdir, mesh):
   workdir = common.prepare_workdir(workdir)
   pipeline.check_splits(config.data)
   models = vqgan_load.build_models(config)
-  lpips_params = lpips_lib.load_pretrained_params()
-  lpips_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), lpips_params)
-  lpips_params = jax.device_put(lpips_params, lpips_shardings)
+  lpips_params, lpips_shardings = feature_nets.load_lpips(mesh)
   key = jax.random.PRNGKey(config.seed)
   points = lambda images: vqgan_load.to_model_range(images).reshape(-1, m.embed_dim)
 
@@ -333,31 +273,22 @@ def fit_and_evaluate(config, workdir, mesh):
     donate_argnums=(0,),
   )
   train_it = pipeline.make_train_iterator(config.data, t.batch_size, config.seed)
-  next_batch = lambda: pipeline.to_global({'image': next(train_it)['image']}, batch_sharding)[
-    'image'
-  ]
+  next_batch = _image_feeder(train_it, batch_sharding)
   with checkpoints.Checkpointer(
     workdir, max_to_keep=t.max_to_keep, save_every=t.checkpoint_every
   ) as ckpt:
     state, _ = common.restore_or_init(
       ckpt, abstract, shardings, lambda: init_fn(next_batch()), train_it, config
     )
-    eval_fn = eval_steps.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
-    start = int(jax.device_get(state['step']))
-    writer = common.Writer(workdir, start)
+    eval_fn = stage1_eval.make_eval_step(models, mesh, shardings['params'], lpips_shardings)
+    writer = common.Writer(workdir, int(jax.device_get(state['step'])))
     try:
-      nets = feature_nets(config, mesh)
+      nets = feature_nets.extractors(config, mesh, training=True)
       state, result = common.train_loop(
         state,
+        (config, ckpt, train_it, writer),
         step_fn=step_fn,
         next_batch=next_batch,
-        start=start,
-        total=t.num_steps,
-        train_config=t,
-        ckpt=ckpt,
-        data_state=train_it.get_state,
-        config=config,
-        writer=writer,
         evaluate=lambda s, i: evaluate(
           config, eval_fn, s['params'], lpips_params, mesh, workdir, i, writer, nets
         ),
