@@ -96,6 +96,7 @@ def sample(
   cfg_scale=None,
   uncond_tokens=None,
   return_history=False,
+  known=None,
 ):
   """Decodes the N = block_size - Lc codes after the condition (B, Lc) in `steps` parallel
   steps; returns (B, N) int32 (and with return_history the codes after every step,
@@ -103,6 +104,9 @@ def sample(
 
   model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
   'square'. cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
+  known: (codes (B, N), keep (N,) host bools) for completion (`completion.py`): the kept
+  codes start decoded, so they are never re-masked or changed, and the schedule counts only
+  the unknown ones (at least one).
   """
   cond_len = sampling.check_tokens(model, cond_tokens, 'cond_tokens')
   top_k, top_p = check_args(
@@ -126,6 +130,12 @@ def sample(
     uncond = jnp.asarray(uncond_tokens, jnp.int32)
     if uncond.shape != cond.shape:
       raise ValueError(f'uncond_tokens {uncond.shape} must match cond_tokens {cond.shape}')
+  n = model.block_size - cond_len
+  init = None
+  if known is not None:
+    keep = np.asarray(known[1], bool).reshape(-1)
+    init = jnp.where(keep, jnp.asarray(known[0], jnp.int32), model.mask_id)
+    n = int((~keep).sum())
   model, variables = sampling.decoding_variables(model, params)
   codes, history = _sample(
     variables,
@@ -136,7 +146,8 @@ def sample(
     jnp.float32(temperature),
     jnp.float32(choice_temperature),
     jnp.float32(cfg_scale if guided else 0.0),
-    counts=mask_counts(model.block_size - cond_len, int(steps), schedule),
+    init,
+    counts=mask_counts(n, int(steps), schedule),
     top_k=top_k,
     top_p=top_p,
     guided=guided,
@@ -157,6 +168,7 @@ def _sample(
   temperature,
   choice_temperature,
   cfg_scale,
+  init,
   *,
   counts,
   top_k,
@@ -193,7 +205,7 @@ def _sample(
       hist = lax.dynamic_update_slice(hist, codes[:, None], (0, t, 0))
     return codes, hist
 
-  codes = jnp.full((b, n), model.mask_id, jnp.int32)
+  codes = jnp.full((b, n), model.mask_id, jnp.int32) if init is None else init
   hist = jnp.zeros((b, steps if history else 0, n), jnp.int32)
   return lax.fori_loop(0, steps, step, (codes, hist))
 
