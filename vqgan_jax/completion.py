@@ -82,7 +82,7 @@ def prefix_length(keep):
   if not (flat[:p].all() and not flat[p:].any()):
     raise ValueError(
       'keep must be a raster prefix for a GPT (it generates codes in raster order after the '
-      'kept ones, e.g. top_half); left_half, center_box, outside_center_box and other masks '
+      'kept ones, such as top_half); left_half, center_box, outside_center_box and other masks '
       'need a MaskGIT model'
     )
   return p
