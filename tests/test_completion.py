@@ -9,6 +9,7 @@ random params over a random smoke VQGAN's 4x4 code grids of 8x8 images.
 
 import functools
 
+import bounds
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-import bounds
 from configs import fashion_mnist_maskgit
 from configs import fashion_mnist_transformer
 from vqgan_jax import completion
