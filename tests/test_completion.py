@@ -8,6 +8,9 @@ random params over a random smoke VQGAN's 4x4 code grids of 8x8 images.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import bounds
 import flax.linen as nn
@@ -15,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import fashion_mnist_maskgit
 from configs import fashion_mnist_transformer
+from vqgan_jax import checkpoints
 from vqgan_jax import completion
 from vqgan_jax import config_base
+from vqgan_jax import evaluate
 from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
@@ -28,6 +34,7 @@ from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8  # image side: a 4x4 code grid under the smoke VQGAN's factor 2
 GRID = (4, 4)
 N = 4  # images per batch
@@ -230,3 +237,96 @@ def test_images_in_codes_out_and_8_devices_equal_one(gpt, maskgit):
     codes8, out8 = _run(run.kind, 8).complete(run.vqgan.encode(images), keep, key, cfg_scale=2.0)
     np.testing.assert_array_equal(codes8, codes, err_msg=run.kind)
     np.testing.assert_allclose(out8, out, atol=1e-5, err_msg=run.kind)
+
+
+def test_old_saved_configs_read_the_completion_fields_as_off():
+  old = checkpoints.config_to_dict(fashion_mnist_transformer.get_config('smoke'))
+  for field in ('complete_folder', 'keep', 'complete_examples', 'completions_per_image'):
+    del old['sample'][field]
+  got = checkpoints.upgrade_config(old)['sample']
+  assert got['complete_folder'] == '' and got['keep'] == 'top_half'
+  assert got['complete_examples'] == 8 and got['completions_per_image'] == 4
+
+
+# ----------------------------------------------------------------------------------------
+# Through main: --mode=sample with config.sample.complete_folder; --mode=eval's ADM .npz
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def workdirs(tmp_path_factory):
+  """(stage-1 workdir, stage-2 workdir, the stage-2 config, an image folder): random smoke
+  models saved as runs would save them (no training), over 8x8 images."""
+  root = tmp_path_factory.mktemp('complete')
+  vq_config, vq, vq_params, _ = _host_models()
+  with checkpoints.Checkpointer(root / 'stage1', save_every=1) as ckpt:
+    ckpt.save(1, {'params': vq_params}, None, vq_config, force=True)
+  c = fashion_mnist_transformer.get_config('smoke')
+  c.stage1_workdir = str(root / 'stage1')
+  c.data.image_size = SIZE
+  c.cond.drop_prob = 0.1
+  c.sample.update(batch_size=8)
+  c = gpt_load.resolve_config(c)
+  layout = gpt_load.make_layout(c)
+  model = gpt_load.build_model(c, layout)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  with checkpoints.Checkpointer(root / 'gpt', save_every=1) as ckpt:
+    ckpt.save(2, {'params': _random(shapes['params'], 2, 0.3)}, None, c, force=True)
+  folder = root / 'images'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  return root / 'stage1', root / 'gpt', c, folder
+
+
+def test_main_completes_a_folder(workdirs):
+  stage1, workdir, _, folder = workdirs
+
+  def main(*flags):
+    return subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'vqgan_jax.main',
+        '--config=configs/fashion_mnist_transformer.py:smoke',
+        f'--workdir={workdir}',
+        '--mode=sample',
+        f'--config.stage1_workdir={stage1}',
+        f'--config.data.image_size={SIZE}',
+        '--config.cond.drop_prob=0.1',
+        f'--config.sample.complete_folder={folder}',
+        *flags,
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+
+  proc = main('--config.sample.complete_examples=2', '--config.sample.completions_per_image=3')
+  assert proc.returncode == 0, f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
+  stem = workdir / 'completions_0000002_top_half'
+  out = np.load(f'{stem}.npz')
+  keep = completion.top_half(GRID)
+  assert out['inputs'].shape == (2, SIZE, SIZE, 3) and out['images'].shape == (2, 3, SIZE, SIZE, 3)
+  codes = out['codes']
+  assert codes.shape == (2, 3, *GRID)
+  np.testing.assert_array_equal(codes[:, :, keep], np.repeat(codes[:, :1, keep], 3, axis=1))
+  np.testing.assert_array_equal(out['keep'], keep)
+  np.testing.assert_array_equal(out['labels'], [-1, -1])  # a folder: unlabelled, null class
+  with Image.open(f'{stem}.png') as png:  # 2 rows of input, masked input, 3 completions
+    assert png.size[0] * (2 * (SIZE + 2) + 2) == png.size[1] * (5 * (SIZE + 2) + 2)
+
+
+def test_eval_writes_the_adm_evaluator_layout(workdirs):
+  """--mode=eval's samples .npz holds uint8 NHWC images under arr_0 and labels under arr_1,
+  what guided-diffusion's evaluations/evaluator.py reads."""
+  stage1, workdir, c, _ = workdirs
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.eval.num_samples = 4
+  evaluate.evaluate_stage2(c, str(workdir))
+  drawn = np.load(workdir / 'eval_samples_2.npz')
+  assert drawn['arr_0'].shape == (4, SIZE, SIZE, 3) and drawn['arr_0'].dtype == np.uint8
+  np.testing.assert_array_equal(drawn['arr_1'], np.arange(4))
+  assert drawn['codes'].shape == (4, *GRID)

@@ -80,12 +80,21 @@ ADDED_FIELD_DEFAULTS = {
   'train.usage_window': 0,
   'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
+  # Stage-2 completion (issue 26); absent, --mode=sample samples.
+  'sample.complete_folder': '',
+  'sample.keep': 'top_half',
+  'sample.complete_examples': 8,
+  'sample.completions_per_image': 4,
 }
 # Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
 # config holds its first stages' model fields in stage1_config and cond.model.
 _ADDED_FIELD_PLACES = {
   'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
-  'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
+  'transformer': {
+    'model': ('stage1_config', 'cond.model'),
+    'transformer': ('transformer',),
+    'sample': ('sample',),
+  },
 }
 
 

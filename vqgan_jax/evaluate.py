@@ -11,8 +11,9 @@ Stage 2 (a transformer workdir): draws `eval.num_samples` samples (class-balance
 models; they depend only on `eval.seed` and the checkpoint) and reports gFID and Inception
 Score against the reference split (`eval.split`, default `data.train_split`, the usual gFID
 protocol), `fd_<name>`, and the class accuracy of class-conditional samples (the share the
-classifier labels as the class they were drawn for). The samples are saved as an `.npz`
-(uint8 images, codes, labels) for other evaluators.
+classifier labels as the class they were drawn for). The samples are saved as an `.npz` in
+the ADM evaluator's layout (uint8 NHWC images under `arr_0`, labels under `arr_1`; and `codes`)
+for other evaluators.
 
 Results go to `<workdir>/eval_<step>.json` (process 0), with a PNG grid. Reference statistics
 of a dataset split are cached (pytorch-fid's `.npz` format) in `eval.stats_dir`.
@@ -355,11 +356,13 @@ def evaluate_stage2(config, workdir, inception=None):
   result['seconds'] = time.perf_counter() - t0
   step = run.step
   if jax.process_index() == 0:
+    # The ADM evaluator's layout (guided-diffusion evaluations/evaluator.py reads arr_0):
+    # uint8 NHWC images under arr_0, labels under arr_1, then our codes.
     np.savez(
       os.path.join(workdir, f'eval_samples_{step}.npz'),
-      images=images,
+      images,
+      labels if layout.kind == 'class' else np.full((num,), -1, np.int32),
       codes=codes,
-      labels=labels if layout.kind == 'class' else np.full((num,), -1, np.int32),
     )
     shown = images[: min(num, 100)]
     grid = images_lib.make_grid(shown, int(np.ceil(np.sqrt(len(shown)))))
