@@ -227,7 +227,8 @@ def main(argv):
         'condition': 'the test label',
         'sampler': sampler_settings(run),
         'workdir': os.path.basename(os.path.normpath(workdir)),
-        'step': run.step,
+        'step': run.step,  # the checkpoint used, of
+        'num_steps': int(run.config.train.num_steps),  # its training schedule's
       }
       if run.kind == 'gpt':
         row['note'] = GPT_NOTE
