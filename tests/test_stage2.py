@@ -863,8 +863,8 @@ def test_installed_package_handoff_and_readme_api(tmp_path, request):
     'seed': 0,
   }
   drawn = np.load(b / 'eval_samples_4.npz')
-  assert drawn['images'].shape == (12, 32, 32, 3) and drawn['images'].dtype == np.uint8
-  np.testing.assert_array_equal(drawn['labels'], np.arange(12) % 10)
+  assert drawn['arr_0'].shape == (12, 32, 32, 3) and drawn['arr_0'].dtype == np.uint8
+  np.testing.assert_array_equal(drawn['arr_1'], np.arange(12) % 10)
   # A stage-1 config with different model fields is refused with the field named.
   proc = run(
     [

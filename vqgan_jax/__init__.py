@@ -5,7 +5,8 @@ The public API:
   load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN
       .encode(images) -> codes, .decode(codes) -> images, .reconstruct(images)
   load_transformer(workdir, step=None, *, mesh=None) -> TrainedTransformer
-      .sample(condition, rng, ...) -> (codes, images), .condition_for_class(labels)
+      .sample(condition, rng, ...) -> (codes, images), .condition_for_class(labels),
+      .complete(images_or_codes, keep, rng, ...) -> (codes, images) (completion.py)
   train_stage1(config, workdir) / train_stage2(config, workdir)
       the trainers `python -m vqgan_jax.main` runs (resume from the workdir's checkpoints)
 

@@ -81,6 +81,11 @@ ADDED_FIELD_DEFAULTS = {
   'train.usage_warning': 0.0,
   'transformer.kind': 'gpt',
   'data.crop_codes': 0,  # stage 2: the whole code grid
+  # Stage-2 completion (issue 26); absent, --mode=sample samples.
+  'sample.complete_folder': '',
+  'sample.keep': 'top_half',
+  'sample.complete_examples': 8,
+  'sample.completions_per_image': 4,
 }
 # Fields renamed since a config was saved: old name -> today's (same section), moved before
 # the defaults apply. MaskGIT's `sample.steps` meant its decoding iterations (the GPT's

@@ -442,6 +442,14 @@ def stage2_base():
       iterations=8,
       schedule='cosine',
       choice_temperature=4.5,
+      # Completion instead of sampling (completion.py): an image folder or a split of
+      # config.data ('' : sample); the first complete_examples images, the codes `keep`
+      # names kept (top_half | left_half | center_box | outside_center_box; a GPT needs
+      # top_half), completions_per_image completions of each.
+      complete_folder='',
+      keep='top_half',
+      complete_examples=8,
+      completions_per_image=4,
     )
   )
   # Mesh axis sizes; -1 takes the remaining devices. The batch splits over data x fsdp;

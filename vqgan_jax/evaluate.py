@@ -11,8 +11,9 @@ Stage 2 (a transformer workdir): draws `eval.num_samples` samples (class-balance
 models; they depend only on `eval.seed` and the checkpoint) and reports gFID and Inception
 Score against the reference split (`eval.split`, default `data.train_split`, the usual gFID
 protocol), `fd_<name>`, and the class accuracy of class-conditional samples (the share the
-classifier labels as the class they were drawn for). The samples are saved as an `.npz`
-(uint8 images, codes, labels) for other evaluators.
+classifier labels as the class they were drawn for). The samples are saved as an `.npz` in
+the ADM evaluator's layout (uint8 NHWC images under `arr_0`, labels under `arr_1`; and `codes`)
+for other evaluators.
 
 Results go to `<workdir>/eval_<step>.json` (process 0), with a PNG grid. Reference statistics
 of a dataset split are cached (pytorch-fid's `.npz` format) in `eval.stats_dir`.
@@ -338,9 +339,9 @@ def _save_samples(workdir, step, images, codes, labels):
   """The eval samples as `eval_samples_<step>.npz` and a grid of the first 100 (process 0)."""
   if jax.process_index() != 0:
     return
-  np.savez(
-    os.path.join(workdir, f'eval_samples_{step}.npz'), images=images, codes=codes, labels=labels
-  )
+  # The ADM evaluator's layout (guided-diffusion evaluations/evaluator.py reads arr_0):
+  # uint8 NHWC images under arr_0, labels under arr_1 (-1 without classes), then our codes.
+  np.savez(os.path.join(workdir, f'eval_samples_{step}.npz'), images, labels, codes=codes)
   shown = images[: min(len(images), 100)]
   grid = images_lib.make_grid(shown, int(np.ceil(np.sqrt(len(shown)))))
   images_lib.save_png(

@@ -28,6 +28,7 @@ import numpy as np
 
 from vqgan_jax import checkpoints
 from vqgan_jax import checks
+from vqgan_jax import completion
 from vqgan_jax import encode as codes_lib
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
@@ -391,6 +392,102 @@ class TrainedTransformer:
       codes, images = one(cond, jax.random.fold_in(rng, i), size)
       out.append((codes[: stop - start], images[: stop - start]))
     return np.concatenate([c for c, _ in out]), np.concatenate([x for _, x in out])
+
+  def complete(self, images_or_codes, keep, rng=None, *, condition=None, **sampling_args):
+    """Completion and inpainting (`completion.py`): returns (codes (N, h, w) int32, images
+    (N, H, W, C) float32) with the codes where `keep` is set unchanged, the rest generated.
+
+    images_or_codes: (N, h, w) integer code grids of the training grid, or images
+      (`TrainedVQGAN.encode`'s: uint8, or floats in [-1, 1]) that encode to that grid.
+    keep: an (h, w) boolean mask over the code grid (`completion.KEEP_MASKS`: top_half,
+      left_half, center_box, outside_center_box); a GPT needs a raster prefix (top_half).
+    condition: (N, Lc) condition tokens (`condition_for_class(labels)`); default: the start
+      token of an unconditional model, the null class of one trained with class dropout.
+    sampling_args: `sample`'s temperature, top_k, top_p, cfg_scale (and MaskGIT's iterations,
+      schedule, choice_temperature; config.sample's by default). Batches of batch_size as
+      `sample`: the i-th with `fold_in(rng, i)` when there are several.
+    """
+    lay = self.layout
+    grid = tuple(lay.grid)
+    x = np.asarray(images_or_codes)
+    if x.ndim == 3 and x.shape[1:] == grid and np.issubdtype(x.dtype, np.integer):
+      checks.nonempty_batch(x.shape, 'images_or_codes')
+      codes = checks.integers(x, 'images_or_codes', 0, lay.n_image, what='code indices')
+    else:
+      codes = self.vqgan.encode(x)
+      if codes.shape[1:] != grid:
+        raise ValueError(
+          f'images_or_codes: images of {x.shape[1:3]} encode to a {codes.shape[1:]} code grid; '
+          f'completion needs the training grid {grid}'
+        )
+    keep = completion.check_keep(keep, grid)
+    if self.kind == 'gpt':
+      completion.prefix_length(keep)  # refused before anything compiles
+    n = len(codes)
+    if condition is None:
+      if lay.kind == 'unconditional':
+        condition = self.condition_for_class(np.zeros(n, np.int32))
+      elif lay.null_id >= 0:
+        condition = np.full((n, lay.cond_len), lay.null_id, np.int32)
+      else:
+        raise ValueError(
+          f'this {lay.kind}-conditional model needs a condition for completion '
+          '(condition_for_class(labels))'
+        )
+    condition, _ = self._check_condition(condition, None)
+    if len(condition) != n:
+      raise ValueError(f'condition has {len(condition)} rows for {n} images_or_codes')
+    kw = dict(sampling_args)
+    allowed = {'temperature', 'top_k', 'top_p', 'cfg_scale'}
+    if self.kind == 'maskgit':
+      allowed |= {'iterations', 'steps', 'schedule', 'choice_temperature'}
+    if set(kw) - allowed:
+      raise ValueError(
+        f'complete takes {sorted(allowed)} for a {self.kind}; got {sorted(set(kw) - allowed)}'
+      )
+    cfg_scale = kw.pop('cfg_scale', None)
+    uncond = None
+    if cfg_scale is not None and cfg_scale != 1.0:
+      if lay.null_id < 0:
+        raise ValueError(
+          'cfg_scale needs a model trained with class dropout '
+          '(config.cond.drop_prob > 0, offset vocabulary)'
+        )
+      uncond = np.full((1, lay.cond_len), lay.null_id, np.int32)
+    else:
+      cfg_scale = None
+    if self.kind == 'maskgit':
+      steps = kw.pop('steps', None)
+      kw['iterations'] = maskgit_sampling.renamed_steps(kw.get('iterations'), steps)
+      for k, v in self.sampler_args().items():
+        if k in ('iterations', 'schedule', 'choice_temperature') and kw.get(k) is None:
+          kw[k] = v
+    size = self._check_memory(n, None, grid, None, cfg_scale is not None)
+    rng = jax.random.key(0) if rng is None else rng
+    rep = parallel.replicated(self.mesh)
+    put = lambda a: jax.device_put(np.asarray(a, np.int32), rep)
+    flat = codes.reshape(n, -1)
+    out_codes, out_images = [], []
+    for i, start in enumerate(range(0, n, size)):
+      stop = min(n, start + size)
+      # The last batch padded: one compiled shape for every call.
+      rows = np.minimum(np.arange(start, start + min(size, n)), n - 1)
+      c = completion.complete_codes(
+        self.params,
+        self.model,
+        self.kind,
+        put(condition[rows]),
+        put(flat[rows]),
+        keep,
+        rng if n <= size else jax.random.fold_in(rng, i),
+        cfg_scale=cfg_scale,
+        uncond_tokens=None if uncond is None else put(np.repeat(uncond, len(rows), axis=0)),
+        **kw,
+      ).reshape(-1, *grid)
+      images = sampling.decode_codes(self.vqgan.model, self.vqgan.params, c)
+      out_codes.append(parallel.gather(c)[: stop - start])
+      out_images.append(parallel.gather(images)[: stop - start])
+    return np.concatenate(out_codes), np.concatenate(out_images)
 
 
 def load_transformer_for_config(config, workdir, step=None, mesh=None) -> TrainedTransformer:

@@ -139,6 +139,7 @@ def sample(
   uncond_tokens=None,
   return_history=False,
   steps=None,
+  known=None,
 ):
   """Decodes the N = block_size - Lc codes after the condition (B, Lc) in `iterations`
   parallel steps (default 8); returns (B, N) int32 (and with return_history the codes after
@@ -146,7 +147,9 @@ def sample(
 
   model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
   'square'. cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
-  steps: the deprecated name of iterations.
+  steps: the deprecated name of iterations. known: (codes (B, N), keep (N,) host bools) for
+  completion (`completion.py`): the kept codes start decoded, so they are never re-masked or
+  changed, and the schedule counts only the unknown ones (at least one).
   """
   iterations = renamed_steps(iterations, steps, ITERATIONS)
   cond_len = sampling.check_tokens(model, cond_tokens, 'cond_tokens')
@@ -163,12 +166,19 @@ def sample(
     uncond_tokens=uncond_tokens,
   )
   sampling.check_memory(maskgit_bytes(model, cond_len, filters.guided), cond_tokens, params)
-  out = _decode(params, model, cond_tokens, uncond_tokens, rng, filters, decoding, return_history)
+  out = _decode(
+    params, model, cond_tokens, uncond_tokens, rng, filters, decoding, return_history, known
+  )
   return out if return_history else out[0]
 
 
-def _decode(params, model, cond, uncond, rng, filters, decoding, history=False):
+def _decode(params, model, cond, uncond, rng, filters, decoding, history=False, known=None):
   """`sample` on checked arguments: (codes, history)."""
+  n, init = model.block_size - np.shape(cond)[1], None
+  if known is not None:
+    keep = np.asarray(known[1], bool).reshape(-1)
+    init = jnp.where(keep, jnp.asarray(known[0], jnp.int32), model.mask_id)
+    n = int((~keep).sum())
   variables, model, cond, uncond, rng, temperature, cfg_scale = filters.loop_args(
     params, model, cond, uncond, rng
   )
@@ -181,7 +191,8 @@ def _decode(params, model, cond, uncond, rng, filters, decoding, history=False):
     temperature,
     jnp.float32(decoding.choice_temperature),
     cfg_scale,
-    counts=mask_counts(model.block_size - cond.shape[1], decoding.iterations, decoding.schedule),
+    init,
+    counts=mask_counts(n, decoding.iterations, decoding.schedule),
     top_k=filters.top_k,
     top_p=filters.top_p,
     guided=filters.guided,
@@ -201,6 +212,7 @@ def _sample(
   temperature,
   choice_temperature,
   cfg_scale,
+  init,
   *,
   counts,
   top_k,
@@ -237,7 +249,7 @@ def _sample(
       hist = lax.dynamic_update_slice(hist, codes[:, None], (0, t, 0))
     return codes, hist
 
-  codes = jnp.full((b, n), model.mask_id, jnp.int32)
+  codes = jnp.full((b, n), model.mask_id, jnp.int32) if init is None else init
   hist = jnp.zeros((b, iterations if history else 0, n), jnp.int32)
   return lax.fori_loop(0, iterations, step, (codes, hist))
 
