@@ -407,61 +407,17 @@ class TrainedTransformer:
       schedule, choice_temperature; config.sample's by default). Batches of batch_size as
       `sample`: the i-th with `fold_in(rng, i)` when there are several.
     """
-    lay = self.layout
-    grid = tuple(lay.grid)
-    x = np.asarray(images_or_codes)
-    if x.ndim == 3 and x.shape[1:] == grid and np.issubdtype(x.dtype, np.integer):
-      checks.nonempty_batch(x.shape, 'images_or_codes')
-      codes = checks.integers(x, 'images_or_codes', 0, lay.n_image, what='code indices')
-    else:
-      codes = self.vqgan.encode(x)
-      if codes.shape[1:] != grid:
-        raise ValueError(
-          f'images_or_codes: images of {x.shape[1:3]} encode to a {codes.shape[1:]} code grid; '
-          f'completion needs the training grid {grid}'
-        )
+    grid = tuple(self.layout.grid)
+    codes = self._completion_codes(images_or_codes)
     keep = completion.check_keep(keep, grid)
     if self.kind == 'gpt':
       completion.prefix_length(keep)  # refused before anything compiles
     n = len(codes)
-    if condition is None:
-      if lay.kind == 'unconditional':
-        condition = self.condition_for_class(np.zeros(n, np.int32))
-      elif lay.null_id >= 0:
-        condition = np.full((n, lay.cond_len), lay.null_id, np.int32)
-      else:
-        raise ValueError(
-          f'this {lay.kind}-conditional model needs a condition for completion '
-          '(condition_for_class(labels))'
-        )
-    condition, _ = self._check_condition(condition, None)
-    if len(condition) != n:
-      raise ValueError(f'condition has {len(condition)} rows for {n} images_or_codes')
-    kw = dict(sampling_args)
-    allowed = {'temperature', 'top_k', 'top_p', 'cfg_scale'}
-    if self.kind == 'maskgit':
-      allowed |= {'iterations', 'steps', 'schedule', 'choice_temperature'}
-    if set(kw) - allowed:
-      raise ValueError(
-        f'complete takes {sorted(allowed)} for a {self.kind}; got {sorted(set(kw) - allowed)}'
-      )
+    condition = self._completion_condition(condition, n)
+    kw = self._completion_args(sampling_args)
     cfg_scale = kw.pop('cfg_scale', None)
-    uncond = None
-    if cfg_scale is not None and cfg_scale != 1.0:
-      if lay.null_id < 0:
-        raise ValueError(
-          'cfg_scale needs a model trained with class dropout '
-          '(config.cond.drop_prob > 0, offset vocabulary)'
-        )
-      uncond = np.full((1, lay.cond_len), lay.null_id, np.int32)
-    else:
-      cfg_scale = None
-    if self.kind == 'maskgit':
-      steps = kw.pop('steps', None)
-      kw['iterations'] = maskgit_sampling.renamed_steps(kw.get('iterations'), steps)
-      for k, v in self.sampler_args().items():
-        if k in ('iterations', 'schedule', 'choice_temperature') and kw.get(k) is None:
-          kw[k] = v
+    uncond = self._uncond(cfg_scale)
+    cfg_scale = None if uncond is None else cfg_scale
     size = self._check_memory(n, None, grid, None, cfg_scale is not None)
     rng = jax.random.key(0) if rng is None else rng
     rep = parallel.replicated(self.mesh)
@@ -488,6 +444,59 @@ class TrainedTransformer:
       out_codes.append(parallel.gather(c)[: stop - start])
       out_images.append(parallel.gather(images)[: stop - start])
     return np.concatenate(out_codes), np.concatenate(out_images)
+
+  def _completion_codes(self, images_or_codes):
+    """(N, h, w) codes of the training grid: given as codes, or encoded from images."""
+    lay = self.layout
+    grid = tuple(lay.grid)
+    x = np.asarray(images_or_codes)
+    if x.ndim == 3 and x.shape[1:] == grid and np.issubdtype(x.dtype, np.integer):
+      checks.nonempty_batch(x.shape, 'images_or_codes')
+      return checks.integers(x, 'images_or_codes', 0, lay.n_image, what='code indices')
+    codes = self.vqgan.encode(x)
+    if codes.shape[1:] != grid:
+      raise ValueError(
+        f'images_or_codes: images of {x.shape[1:3]} encode to a {codes.shape[1:]} code grid; '
+        f'completion needs the training grid {grid}'
+      )
+    return codes
+
+  def _completion_condition(self, condition, n):
+    """(n, Lc) checked condition tokens; by default the start token of an unconditional
+    model or the null class of one trained with class dropout."""
+    lay = self.layout
+    if condition is None:
+      if lay.kind == 'unconditional':
+        condition = self.condition_for_class(np.zeros(n, np.int32))
+      elif lay.null_id >= 0:
+        condition = np.full((n, lay.cond_len), lay.null_id, np.int32)
+      else:
+        raise ValueError(
+          f'this {lay.kind}-conditional model needs a condition for completion '
+          '(condition_for_class(labels))'
+        )
+    condition, _ = self._check_condition(condition, None)
+    if len(condition) != n:
+      raise ValueError(f'condition has {len(condition)} rows for {n} images_or_codes')
+    return condition
+
+  def _completion_args(self, sampling_args):
+    """`complete`'s sampler keywords, MaskGIT's decoding ones defaulting to config.sample's."""
+    kw = dict(sampling_args)
+    allowed = {'temperature', 'top_k', 'top_p', 'cfg_scale'}
+    if self.kind == 'maskgit':
+      allowed |= {'iterations', 'steps', 'schedule', 'choice_temperature'}
+    if set(kw) - allowed:
+      raise ValueError(
+        f'complete takes {sorted(allowed)} for a {self.kind}; got {sorted(set(kw) - allowed)}'
+      )
+    if self.kind == 'maskgit':
+      steps = kw.pop('steps', None)
+      kw['iterations'] = maskgit_sampling.renamed_steps(kw.get('iterations'), steps)
+      for k, v in self.sampler_args().items():
+        if k in ('iterations', 'schedule', 'choice_temperature') and kw.get(k) is None:
+          kw[k] = v
+    return kw
 
 
 def load_transformer_for_config(config, workdir, step=None, mesh=None) -> TrainedTransformer:
