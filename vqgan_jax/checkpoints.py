@@ -1,32 +1,30 @@
 """Checkpoints: the only module that imports orbax.
 
 One checkpoint is one step directory of three items, committed atomically by orbax's
-`CheckpointManager` (which also decides the cadence and the retention), so a crash mid-save
+`CheckpointManager` (whose policies decide the cadence and the retention), so a crash mid-save
 leaves the previous step intact:
 
   <workdir>/checkpoints/<step>/state/    the training-state pytree (OCDBT arrays)
   <workdir>/checkpoints/<step>/data/     the data-iterator state of every process (JSON)
-  <workdir>/checkpoints/<step>/config/   the run's config (JSON)
+  <workdir>/checkpoints/<step>/config/   the run's config (JSON, see `run_config`)
 
 Restores go into an abstract target carrying the *target* shardings, so a checkpoint written on
 one mesh restores onto any other mesh or process count.
 
-What this adds to orbax: the config identity check (`check_compatible`), a shape check that
-names the leaves (`_check_target`), the non-finite guard (a NaN/Inf state is never saved, so
-retention never rotates a good step out for a bad one), the fallback past a damaged step
-(restoring "the latest" takes the newest step that reads whole; a resuming writer moves the
-others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and writes.
+What this adds to orbax: the config identity check (`run_config.check_compatible`), a shape
+check that names the leaves (`_check_target`), the non-finite guard (a NaN/Inf state is never
+saved, so retention never rotates a good step out for a bad one), the fallback past a damaged
+step (restoring "the latest" takes the newest step that reads whole; a resuming writer moves
+the others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and writes.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -42,69 +40,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vqgan_jax import run_config
+from vqgan_jax.run_config import IncompatibleCheckpointError  # noqa: F401  `restore` raises it.
+
 PyTree = Any
 _log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Steps a resuming writer found unreadable (orbax lists only numeric names, so it ignores it).
 CORRUPT_SUBDIR = 'corrupt'
-
-# Fields that change the shapes or meaning of saved arrays: a checkpoint whose config differs
-# in any of these is refused. A name covers its whole subtree.
-COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage')
-
-# Fields added after checkpoints were already being written, with the value that means what a
-# config without the field meant: absent and this value compare equal, and `upgrade_config`
-# fills them into a saved config as it is read.
-ADDED_FIELD_DEFAULTS = {
-  'model.quantizer': 'vq',
-  'model.kl_weight': 1e-8,
-  'model.temperature': 1.0,
-  # Stage-1 quantizer options (issue 13); their defaults are the original's quantizer.
-  'model.codebook_dim': 0,
-  'model.codebook_l2_norm': False,
-  'model.ema_decay': 0.0,
-  'model.restart_window': 0,
-  'model.fsq_levels': [],
-  'model.lfq_bits': 0,
-  # Stage-1 loss and train options beyond the original; absent, they are off.
-  'loss.adaptive_weight': True,
-  'loss.lecam_weight': 0.0,
-  'loss.lecam_decay': 0.999,
-  'loss.r1_weight': 0.0,
-  'loss.entropy_weight': 0.0,
-  'loss.entropy_temperature': 0.01,
-  'loss.entropy_anneal_steps': 0,
-  'loss.entropy_anneal_factor': 1.0,
-  'train.params_ema_decay': 0.0,
-  'train.usage_window': 0,
-  'train.usage_warning': 0.0,
-  'transformer.kind': 'gpt',
-}
-# Where the sections of ADDED_FIELD_DEFAULTS are in a saved config of each stage: a stage-2
-# config holds its first stages' model fields in stage1_config and cond.model.
-_ADDED_FIELD_PLACES = {
-  'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
-  'transformer': {'model': ('stage1_config', 'cond.model'), 'transformer': ('transformer',)},
-}
-
-
-def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
-  """A saved config (plain JSON types) as today's schema reads it: each field it predates
-  (`ADDED_FIELD_DEFAULTS`) set to the value its absence meant. The one upgrade of a saved
-  config, applied where one is read (`Checkpointer.restore_config`, `restore`), so that
-  readers index fields instead of restating their defaults. Returns a new dict."""
-  out = json.loads(json.dumps(dict(saved), default=repr))
-  places = _ADDED_FIELD_PLACES.get(out.get('stage', 'vqgan'), {})
-  for name, value in ADDED_FIELD_DEFAULTS.items():
-    section, field = name.split('.')
-    for place in places.get(section, ()):
-      node = out
-      for key in place.split('.'):
-        node = node.get(key) if isinstance(node, dict) else None
-      if isinstance(node, dict) and field not in node:
-        node[field] = json.loads(json.dumps(value))
-  return out
 
 
 class CheckpointError(RuntimeError):
@@ -118,10 +62,6 @@ class CorruptCheckpointError(CheckpointError):
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
   """A training state holding NaN or Inf was due to be saved; nothing was written."""
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A checkpoint was written by a config that differs in a field that matters."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
@@ -167,13 +107,6 @@ def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
 # handler would fail on the missing per-process file).
 
 
-def config_to_dict(config) -> dict[str, Any]:
-  """A config (ConfigDict or mapping) as plain JSON types (tuples -> lists)."""
-  if hasattr(config, 'to_json_best_effort'):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(dict(config), default=repr))
-
-
 def _encode_data_state(s) -> dict[str, Any]:
   # Keep the type the iterator gave so `set_state` gets back exactly what it produced.
   if s is None:
@@ -206,66 +139,14 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(rows[i, :n]).decode('utf-8') for i, n in enumerate(lengths)]
 
 
-# Config compatibility.
-
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, Mapping):
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: tree}  # Lists compare whole.
-
-
-_ABSENT = object()
-
-
-def config_differences(
-  saved_config: Mapping[str, Any], config, fields: Sequence[str] = COMPATIBILITY_FIELDS
-) -> list[str]:
-  """Lines `name: checkpoint X, config Y` for each differing field."""
-  # JSON turns tuples into lists; compare like with like.
-  saved = _flatten(json.loads(json.dumps(dict(saved_config), default=repr)))
-  current = _flatten(config_to_dict(config))
-  fmt = lambda v: '<absent>' if v is _ABSENT else repr(v)
-  lines = []
-  for name in sorted(set(saved) | set(current)):
-    if not any(name == f or name.startswith(f.rstrip('.*') + '.') for f in fields):
-      continue
-    default = ADDED_FIELD_DEFAULTS.get(name, _ABSENT)
-    a, b = saved.get(name, default), current.get(name, default)
-    if a != b:
-      lines.append(f'{name}: checkpoint {fmt(a)}, config {fmt(b)}')
-  return lines
-
-
-def check_compatible(
-  saved_config: Mapping[str, Any],
-  config,
-  fields: Sequence[str] = COMPATIBILITY_FIELDS,
-  where: str = '',
-) -> None:
-  """Raises one `IncompatibleCheckpointError` naming every field of `fields` (a name covers
-  its subtree: `'model'` or `'model.*'`) where `saved_config` and `config` differ; `where`: the
-  checkpoint's path, for the message."""
-  lines = config_differences(saved_config, config, fields)
-  if lines:
-    at = f' {where}' if where else ''
-    raise IncompatibleCheckpointError(
-      f'Checkpoint{at} was written with an incompatible config; '
-      'differing fields: ' + '; '.join(lines) + '.'
-    )
-
-
 # Matching a target against what a checkpoint holds.
 
 
 def _leaves_by_path(tree) -> dict[str, Any]:
   # Namedtuples (optax states) are saved as dicts of their fields and tuples as lists, so
   # paths are compared as plain '/'-joined names.
-  def name(k):
-    return str(next((getattr(k, a) for a in ('key', 'idx', 'name') if hasattr(k, a)), k))
-
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(name(k) for k in path): leaf for path, leaf in leaves}
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): x for p, x in leaves}
 
 
 def _check_target(saved_tree, target, where: str, partial: bool) -> None:
@@ -452,20 +333,12 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
 # The manager.
 
 
-def _dropping(*parts: str) -> Callable[[logging.LogRecord], bool]:
-  """An absl log filter dropping the records whose format string holds one of `parts`."""
-  return lambda r: not (isinstance(r.msg, str) and any(p in r.msg for p in parts))
-
-
-# A read-only manager says so when it opens (test_read_only_restores_are_quiet).
-_READ_ONLY_NOTICE = _dropping('Given directory is read only=%s')
-# A failed save, logged with its traceback by each orbax thread it passes through
-# (test_failed_save_is_one_sentence_and_leaves_no_temporary).
-_SAVE_FAILURE_REPORTS = _dropping(
-  '_SignalingThread.run() raised an exception',
-  'Handler Commit operations or the Commit callback',
-  'Finalize thread (%s) failed',
-)
+def _SAVE_FAILURE_REPORTS(r: logging.LogRecord) -> bool:  # noqa: N802
+  """An absl log filter: orbax (0.12.8) logs a failed save with its traceback from each thread
+  it passes through, which `_writing` raises as one sentence (test_failed_save_is_one_sentence_
+  and_leaves_no_temporary)."""
+  reports = ('_SignalingThread.run() raised', 'Handler Commit operations', 'Finalize thread (')
+  return not (isinstance(r.msg, str) and any(p in r.msg for p in reports))
 
 
 def _manager(
@@ -477,8 +350,9 @@ def _manager(
   async_save=True,
   state_handler=None,
 ) -> ocp.CheckpointManager:
+  # Readers stay out of orbax's read_only mode, which warns on every open: they never create,
+  # clean up (a writer may be mid-save) or save (`Checkpointer.save` refuses), so write nothing.
   options = ocp.CheckpointManagerOptions(
-    read_only=read_only,
     create=not read_only,
     save_interval_steps=0,  # Unused (the policy below decides); anything else warns readers.
     # Multiples of `save_every`, and a step a preemption notice (multi-host) reaches.
@@ -486,24 +360,17 @@ def _manager(
       [ocm.FixedIntervalPolicy(save_every), ocm.PreemptionCheckpointingPolicy()]
     ),
     preservation_policy=ocm.LatestN(None if read_only else max_to_keep),  # None: keep all.
-    enable_async_checkpointing=async_save,
-    # A writer removes temporaries of saves a crash interrupted; readers never do, since a
-    # writer may be mid-save.
-    cleanup_tmp_directories=not read_only,
+    enable_async_checkpointing=async_save and not read_only,
+    cleanup_tmp_directories=not read_only,  # Temporaries of saves a crash interrupted.
   )
   handlers = {
     'state': state_handler or ocp.StandardCheckpointHandler(),
     'data': ocp.JsonCheckpointHandler(),
     'config': ocp.JsonCheckpointHandler(),
   }
-  logger = logging.getLogger('absl')  # orbax logs through absl.logging.
-  logger.addFilter(_READ_ONLY_NOTICE)
-  try:
-    return ocp.CheckpointManager(
-      directory, options=options, item_names=tuple(handlers), item_handlers=handlers
-    )
-  finally:
-    logger.removeFilter(_READ_ONLY_NOTICE)
+  return ocp.CheckpointManager(
+    directory, options=options, item_names=tuple(handlers), item_handlers=handlers
+  )
 
 
 def _require_dir(directory: str, what: str) -> None:
@@ -628,7 +495,7 @@ class Checkpointer:
         args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=ocp.args.JsonSave({'process_count': len(per_process), 'states': per_process}),
-          config=ocp.args.JsonSave(config_to_dict(config)),
+          config=ocp.args.JsonSave(run_config.config_to_dict(config)),
         ),
       )
     self._pending = step if started else None
@@ -707,7 +574,7 @@ class Checkpointer:
   def _read_config(self, step: int) -> dict[str, Any]:
     path = self.step_path(step)
     saved = _restore(self._manager, step, path, 'config', config=ocp.args.JsonRestore())['config']
-    return upgrade_config(saved)
+    return run_config.upgrade_config(saved)
 
   def restore(
     self,
@@ -715,7 +582,7 @@ class Checkpointer:
     step: int | None = None,
     *,
     config=None,
-    fields: Sequence[str] = COMPATIBILITY_FIELDS,
+    fields: Sequence[str] = run_config.COMPATIBILITY_FIELDS,
   ):
     """Restores a checkpoint onto the target shardings.
 
@@ -735,7 +602,7 @@ class Checkpointer:
       path = self.step_path(step)
       saved_config = self._read_config(step)
       if config is not None:
-        check_compatible(saved_config, config, fields, where=path)
+        run_config.check_compatible(saved_config, config, fields, where=path)
       _check_target(_read_tree_metadata(self._manager, step, path), target, path, partial=False)
       args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
       out = _restore(self._manager, step, path, 'state/data', **args)
@@ -756,7 +623,12 @@ class Checkpointer:
     return step, out, skipped
 
   def resume(
-    self, abstract_state: PyTree, iterator, *, config, fields: Sequence[str] = COMPATIBILITY_FIELDS
+    self,
+    abstract_state: PyTree,
+    iterator,
+    *,
+    config,
+    fields: Sequence[str] = run_config.COMPATIBILITY_FIELDS,
   ):
     """A run's restart: `restore`s the newest step that reads whole and moves `iterator`
     (`set_state`) to where it left off; None when there is no checkpoint yet. Newer unreadable
@@ -838,21 +710,3 @@ def restore_params(
     return _read_newest(sorted(manager.all_steps()), step, read, directory, done, empty)[1]
   finally:
     manager.close()
-
-
-def params_fingerprint(params: PyTree) -> str:
-  """The sha256 (hex) of a params tree's values: each leaf's '/'-joined path, shape and
-  float32 bytes (little-endian, C order), in sorted path order.
-
-  The same values give the same digest on any mesh or process count. Every process must call
-  it (a leaf sharded across processes is gathered whole, one leaf at a time). Cost: one host
-  copy and one sha256 pass over 4 bytes per parameter, about 0.5 s per 100M parameters.
-  """
-  digest = hashlib.sha256()
-  for path, leaf in sorted(_leaves_by_path(params).items()):
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
-    x = np.ascontiguousarray(jax.device_get(leaf), dtype='<f4')
-    digest.update(f'{path} {list(x.shape)}\n'.encode())
-    digest.update(x.data)
-  return digest.hexdigest()
