@@ -220,13 +220,6 @@ def _drop_orbax_aftermath() -> None:
     sys.unraisablehook = hook
 
 
-def _raise_quietly(error: Exception):
-  """Raises `error` (not chained: orbax's error holds the abandoned reads or the save), with
-  `_drop_orbax_aftermath` in place for when the reads orbax left pending are collected."""
-  _drop_orbax_aftermath()
-  raise error
-
-
 def _array_read_error(message: str, path: str) -> CheckpointError:
   """The error for a restore that failed inside orbax. In a multi-process run each process
   reads only its shards, so processes could disagree on a damaged step: there it is an error
@@ -245,9 +238,10 @@ def _restore(manager, step: int, path: str, what: str, **items):
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  TensorStore raises bare Exception.
     message = f'Could not restore {what} from checkpoint {path}: {_brief(e)}'
-  # The JSON items alone read the same on every process.
-  states = any(k == 'state' for k in items)
-  _raise_quietly(_array_read_error(message, path) if states else CorruptCheckpointError(message))
+  _drop_orbax_aftermath()  # For the reads orbax left pending, when they are collected.
+  # Not chained (orbax's error holds the abandoned reads); the JSON items read the same on
+  # every process.
+  raise _array_read_error(message, path) if 'state' in items else CorruptCheckpointError(message)
 
 
 def _read_tree_metadata(manager, step: int, path: str):
@@ -261,7 +255,8 @@ def _read_tree_metadata(manager, step: int, path: str):
         f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
       )
     return metadata.tree
-  _raise_quietly(CorruptCheckpointError(message))
+  _drop_orbax_aftermath()
+  raise CorruptCheckpointError(message)
 
 
 def _read_newest(steps, step, read, directory, done=None, empty=None):
@@ -302,32 +297,15 @@ def _skipped_line(skipped, step: int, done: str, moved: Sequence[str] = ()) -> s
   )
 
 
-@jax.jit
-def _finite_flags(leaves):
-  # One fused pass over the state; only a bool per leaf leaves the devices.
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
 def _nonfinite_leaves(state: PyTree) -> list[str]:
   """Paths of the floating leaves of `state` holding NaN or Inf (a collective when the
-  leaves span several processes)."""
-  finite, groups = {}, {}
-  for path, x in _leaves_by_path(state).items():
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      continue  # Integers, bools and PRNG keys cannot diverge.
-    if isinstance(x, jax.Array):  # One jitted reduction per set of devices (usually the mesh).
-      groups.setdefault(frozenset(x.sharding.device_set), []).append((path, x))
-    else:
-      finite[path] = bool(np.all(np.isfinite(x)))
-  for members in groups.values():
-    leaves = [x for _, x in members]
-    try:
-      flags = _finite_flags(leaves)
-    except ValueError:  # The same devices in another order: one reduction each.
-      flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
-    finite.update(zip([p for p, _ in members], np.asarray(jax.device_get(flags)).tolist()))
-  return [p for p in _leaves_by_path(state) if finite.get(p) is False]
+  leaves span several processes); only a bool per leaf leaves the devices."""
+  flags = {
+    p: jnp.all(jnp.isfinite(x))
+    for p, x in _leaves_by_path(state).items()
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)  # Not integers, bools or PRNG keys.
+  }
+  return [p for p, finite in jax.device_get(flags).items() if not finite]
 
 
 # The manager.
@@ -472,19 +450,14 @@ class Checkpointer:
         f'Step {step}: the training state holds NaN or Inf in '
         f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.'
       )
-    if jax.process_count() > 1:
-      # A leaf living on one process's devices has no global layout to write.
-      local = [
-        p
-        for p, x in _leaves_by_path(state).items()
-        if isinstance(x, jax.Array) and x.is_fully_addressable
-      ]
-      if local:
-        raise ValueError(
-          'Checkpointer.save: in a multi-process run every state leaf must be a global '
-          'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
-          'only: ' + ', '.join(local[:20]) + '.'
-        )
+    # In a multi-process run, a leaf living on one process's devices has no global layout.
+    local = [p for p, x in _leaves_by_path(state).items() if getattr(x, 'is_fully_addressable', 0)]
+    if local and jax.process_count() > 1:
+      raise ValueError(
+        'Checkpointer.save: in a multi-process run every state leaf must be a global '
+        'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
+        'only: ' + ', '.join(local[:20]) + '.'
+      )
     local = json.dumps(_encode_data_state(data_state() if callable(data_state) else data_state))
     per_process = [json.loads(s) for s in _gather_strings(local)]
     self.wait()  # orbax would too; here a failure names the step it belongs to.
@@ -607,16 +580,16 @@ class Checkpointer:
       args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
       out = _restore(self._manager, step, path, 'state/data', **args)
       data = out['data']
-      if data['process_count'] != jax.process_count():
-        _log.warning(
-          'Checkpoint %s was written by %d processes, this run has %d: the data iterator '
-          'restarts from its initial state.',
-          path,
-          data['process_count'],
-          jax.process_count(),
-        )
-        return out['state'], None, saved_config
-      return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
+      if data['process_count'] == jax.process_count():
+        return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
+      n = (data['process_count'], jax.process_count())
+      _log.warning(
+        'Checkpoint %s was written by %d processes, this run has %d: the data '
+        'iterator restarts from its initial state.',
+        path,
+        *n,
+      )
+      return out['state'], None, saved_config
 
     step, out, skipped = self._read_newest(step, read, done)
     self.restored_step = step
