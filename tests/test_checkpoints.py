@@ -20,6 +20,7 @@ import pytest
 
 from vqgan_jax import checkpoints as ckpt_lib
 from vqgan_jax import fingerprint
+from vqgan_jax import orbax_workarounds
 from vqgan_jax import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -761,7 +762,7 @@ def test_close_from_with_and_finally(tmp_path):
       raise RuntimeError('boom')
   ck.close()
   ck.close()
-  assert os.listdir(ck.directory) == ['1'] and id(ck) not in ckpt_lib._OPEN
+  assert os.listdir(ck.directory) == ['1'] and id(ck) not in orbax_workarounds._OPEN
 
 
 _EXIT_EARLY = textwrap.dedent("""

@@ -23,14 +23,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping
 from collections.abc import Sequence
-import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
 import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
-import threading
 from typing import Any
 
 import jax
@@ -40,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vqgan_jax import orbax_workarounds
 from vqgan_jax import run_config
 from vqgan_jax.run_config import IncompatibleCheckpointError  # noqa: F401  `restore` raises it.
 
@@ -190,36 +188,6 @@ def _brief(e: BaseException, reason_only: bool = False) -> str:
   return f'{type(e).__name__}: {text[:297] + "..." if len(text) > 300 else text}'
 
 
-def _is_orbax_aftermath(unraisable) -> bool:
-  """What orbax's event loop leaves when one of its reads or writes fails: it closes the loop
-  with the other reads suspended (reported as each coroutine is collected) and the other
-  writes in flight (their TensorStore callbacks find the loop closed)."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None:
-    return f'{os.sep}orbax{os.sep}' in code.co_filename and isinstance(
-      getattr(unraisable.exc_value, '__cause__', None), GeneratorExit
-    )
-  tb = unraisable.exc_traceback
-  while tb is not None and tb.tb_frame.f_code.co_name != 'call_soon_threadsafe':
-    tb = tb.tb_next
-  return tb is not None and str(unraisable.exc_value) == 'Event loop is closed'
-
-
-def _drop_orbax_aftermath() -> None:
-  """Drops exactly the reports of `_is_orbax_aftermath` (tracebacks with TensorStore's JSON
-  spec after our one sentence): test_failed_save_is_one_sentence_and_leaves_no_temporary fails
-  intermittently without it."""
-  previous = sys.unraisablehook
-  if not getattr(previous, '_drops_orbax_aftermath', False):
-
-    def hook(unraisable):
-      if not _is_orbax_aftermath(unraisable):
-        previous(unraisable)
-
-    hook._drops_orbax_aftermath = True  # pylint: disable=protected-access
-    sys.unraisablehook = hook
-
-
 def _array_read_error(message: str, path: str) -> CheckpointError:
   """The error for a restore that failed inside orbax. In a multi-process run each process
   reads only its shards, so processes could disagree on a damaged step: there it is an error
@@ -238,7 +206,7 @@ def _restore(manager, step: int, path: str, what: str, **items):
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  TensorStore raises bare Exception.
     message = f'Could not restore {what} from checkpoint {path}: {_brief(e)}'
-  _drop_orbax_aftermath()  # For the reads orbax left pending, when they are collected.
+  orbax_workarounds.drop_orbax_aftermath()  # The reads orbax left pending.
   # Not chained (orbax's error holds the abandoned reads); the JSON items read the same on
   # every process.
   raise _array_read_error(message, path) if 'state' in items else CorruptCheckpointError(message)
@@ -255,7 +223,7 @@ def _read_tree_metadata(manager, step: int, path: str):
         f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
       )
     return metadata.tree
-  _drop_orbax_aftermath()
+  orbax_workarounds.drop_orbax_aftermath()
   raise CorruptCheckpointError(message)
 
 
@@ -311,14 +279,6 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
 # The manager.
 
 
-def _SAVE_FAILURE_REPORTS(r: logging.LogRecord) -> bool:  # noqa: N802
-  """An absl log filter: orbax (0.12.8) logs a failed save with its traceback from each thread
-  it passes through, which `_writing` raises as one sentence (test_failed_save_is_one_sentence_
-  and_leaves_no_temporary)."""
-  reports = ('_SignalingThread.run() raised', 'Handler Commit operations', 'Finalize thread (')
-  return not (isinstance(r.msg, str) and any(p in r.msg for p in reports))
-
-
 def _manager(
   directory: str,
   *,
@@ -354,26 +314,6 @@ def _manager(
 def _require_dir(directory: str, what: str) -> None:
   if not os.path.isdir(directory):
     raise CheckpointError(f'{what}: no checkpoint directory {directory}.')
-
-
-# Checkpointers not closed yet, closed at exit by `_close_open`.
-_OPEN: dict[int, Checkpointer] = {}
-
-
-def _close_open() -> None:
-  """Commits the pending save of every Checkpointer a run left open (needed by
-  test_exit_with_a_save_in_flight_is_quiet). Registered with threading's exit hooks, which run
-  newest first before the interpreter stops its thread pools (the import of
-  concurrent.futures.thread above registers the hook that stops them); from `atexit`, orbax's
-  threads fail with "cannot schedule new futures after interpreter shutdown"."""
-  for ckpt in list(_OPEN.values()):
-    try:
-      ckpt.close()
-    except Exception as e:  # pylint: disable=broad-except
-      _log.error('Checkpointer(%r) failed to close at exit: %s', ckpt.workdir, _brief(e))
-
-
-threading._register_atexit(_close_open)  # pylint: disable=protected-access
 
 
 class Checkpointer:
@@ -414,10 +354,8 @@ class Checkpointer:
     )
     self._closed, self._failed = False, False
     self._pending: int | None = None  # The step of the save in flight.
-    if not read_only:  # Before a save can fail: orbax reports it from its threads.
-      _drop_orbax_aftermath()
-      logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Until the last writer closes.
-    _OPEN[id(self)] = self
+    if not read_only:
+      orbax_workarounds.writer_opened(self)
 
   # Saving.
 
@@ -505,14 +443,12 @@ class Checkpointer:
     if self._closed:
       return
     self._closed = True
-    _OPEN.pop(id(self), None)
     try:
       self.wait()
       if not self._failed:  # orbax's close would raise the failed save again.
         self._manager.close()
     finally:
-      if all(c.read_only for c in _OPEN.values()):
-        logging.getLogger('absl').removeFilter(_SAVE_FAILURE_REPORTS)
+      orbax_workarounds.writer_closed(self)
 
   def __enter__(self):
     return self
