@@ -20,11 +20,9 @@ the others to `checkpoints/corrupt/`), and one-sentence errors for failed reads 
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from collections.abc import Sequence
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -37,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vqgan_jax import iterator_state
 from vqgan_jax import orbax_workarounds
 from vqgan_jax import run_config
 from vqgan_jax.run_config import IncompatibleCheckpointError  # noqa: F401  `restore` raises it.
@@ -97,44 +96,6 @@ def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
     tree,
     is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding),
   )
-
-
-# JSON items: config and data-iterator state. The iterator state stays a JSON item rather than
-# grain's handler: `save` takes any iterator's state (bytes, str, JSON, None; the tests' fake
-# iterators included), and a run on another process count restarts its iterator (grain's
-# handler would fail on the missing per-process file).
-
-
-def _encode_data_state(s) -> dict[str, Any]:
-  # Keep the type the iterator gave so `set_state` gets back exactly what it produced.
-  if s is None:
-    return {'type': 'none'}
-  if isinstance(s, (bytes, bytearray)):
-    try:
-      return {'type': 'bytes', 'utf8': bytes(s).decode('utf-8')}
-    except UnicodeDecodeError:
-      return {'type': 'bytes', 'base64': base64.b64encode(bytes(s)).decode('ascii')}
-  return {'type': 'str' if isinstance(s, str) else 'json', 'value': s}
-
-
-def _decode_data_state(blob: Mapping[str, Any]):
-  if blob['type'] == 'none':
-    return None
-  if blob['type'] == 'bytes':
-    return blob['utf8'].encode('utf-8') if 'utf8' in blob else base64.b64decode(blob['base64'])
-  return blob['value']
-
-
-def _gather_strings(text: str) -> list[str]:
-  """Every process's `text`, in process order (a collective: all must call)."""
-  if jax.process_count() == 1:
-    return [text]
-  data = np.frombuffer(text.encode('utf-8'), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[: len(data)] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [bytes(rows[i, :n]).decode('utf-8') for i, n in enumerate(lengths)]
 
 
 # Matching a target against what a checkpoint holds.
@@ -396,8 +357,7 @@ class Checkpointer:
         'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
         'only: ' + ', '.join(local[:20]) + '.'
       )
-    local = json.dumps(_encode_data_state(data_state() if callable(data_state) else data_state))
-    per_process = [json.loads(s) for s in _gather_strings(local)]
+    data = iterator_state.gather(data_state)
     self.wait()  # orbax would too; here a failure names the step it belongs to.
     with self._writing(step):
       started = self._manager.save(
@@ -405,7 +365,7 @@ class Checkpointer:
         force=True,  # Decided by `should_save` above.
         args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave({'process_count': len(per_process), 'states': per_process}),
+          data=ocp.args.JsonSave(data),
           config=ocp.args.JsonSave(run_config.config_to_dict(config)),
         ),
       )
@@ -515,17 +475,7 @@ class Checkpointer:
       _check_target(_read_tree_metadata(self._manager, step, path), target, path, partial=False)
       args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
       out = _restore(self._manager, step, path, 'state/data', **args)
-      data = out['data']
-      if data['process_count'] == jax.process_count():
-        return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
-      n = (data['process_count'], jax.process_count())
-      _log.warning(
-        'Checkpoint %s was written by %d processes, this run has %d: the data '
-        'iterator restarts from its initial state.',
-        path,
-        *n,
-      )
-      return out['state'], None, saved_config
+      return out['state'], iterator_state.local(out['data'], path), saved_config
 
     step, out, skipped = self._read_newest(step, read, done)
     self.restored_step = step
@@ -562,7 +512,7 @@ class Checkpointer:
     while os.path.exists(dest):  # The same step number went bad before.
       n += 1
       dest = os.path.join(aside, f'{step}.{n}')
-    dest = _gather_strings(dest)[0]  # Process 0's, looked up before it renames.
+    dest = iterator_state.all_processes(dest)[0]  # Process 0's, looked up before it renames.
     if jax.process_index() == 0:
       os.makedirs(aside, exist_ok=True)
       os.rename(self.step_path(step), dest)
