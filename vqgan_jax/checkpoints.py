@@ -46,6 +46,7 @@ _log = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Steps a resuming writer found unreadable (orbax lists only numeric names, so it ignores it).
 CORRUPT_SUBDIR = 'corrupt'
+_FIELDS = run_config.COMPATIBILITY_FIELDS  # What `restore` and `resume` check by default.
 
 
 class CheckpointError(RuntimeError):
@@ -240,15 +241,7 @@ def _nonfinite_leaves(state: PyTree) -> list[str]:
 # The manager.
 
 
-def _manager(
-  directory: str,
-  *,
-  read_only: bool,
-  max_to_keep=None,
-  save_every=1,
-  async_save=True,
-  state_handler=None,
-) -> ocp.CheckpointManager:
+def _manager(directory, read_only, max_to_keep=None, save_every=1, async_save=True, handler=None):
   # Readers stay out of orbax's read_only mode, which warns on every open: they never create,
   # clean up (a writer may be mid-save) or save (`Checkpointer.save` refuses), so write nothing.
   options = ocp.CheckpointManagerOptions(
@@ -263,7 +256,7 @@ def _manager(
     cleanup_tmp_directories=not read_only,  # Temporaries of saves a crash interrupted.
   )
   handlers = {
-    'state': state_handler or ocp.StandardCheckpointHandler(),
+    'state': handler or ocp.StandardCheckpointHandler(),
     'data': ocp.JsonCheckpointHandler(),
     'config': ocp.JsonCheckpointHandler(),
   }
@@ -306,13 +299,7 @@ class Checkpointer:
     self.restored_step: int | None = None
     if read_only:
       _require_dir(self.directory, f'Checkpointer({self.workdir!r})')
-    self._manager = _manager(
-      self.directory,
-      read_only=read_only,
-      max_to_keep=max_to_keep,
-      save_every=save_every,
-      async_save=async_save,
-    )
+    self._manager = _manager(self.directory, read_only, max_to_keep, save_every, async_save)
     self._closed, self._failed = False, False
     self._pending: int | None = None  # The step of the save in flight.
     if not read_only:
@@ -338,16 +325,12 @@ class Checkpointer:
       return False
     bad = _nonfinite_leaves(state)
     if bad:
-      last = self.latest_step()
-      kept = (
-        f'the last good checkpoint, step {last}, stays in {self.directory}'
-        if last is not None
-        else f'no earlier checkpoint is in {self.directory}'
-      )
-      more = f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
+      last, more = self.latest_step(), f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
+      kept = f'the last good checkpoint, step {last}, stays'
+      kept = 'no earlier checkpoint is' if last is None else kept
       raise NonFiniteStateError(
-        f'Step {step}: the training state holds NaN or Inf in '
-        f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.'
+        f'Step {step}: the training state holds NaN or Inf in {", ".join(bad[:5])}{more}, so '
+        f'it was not saved; {kept} in {self.directory}.'
       )
     # In a multi-process run, a leaf living on one process's devices has no global layout.
     local = [p for p, x in _leaves_by_path(state).items() if getattr(x, 'is_fully_addressable', 0)]
@@ -437,7 +420,7 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config dict stored with a checkpoint (by default the newest step whose config
-    reads), upgraded to today's fields (`upgrade_config`)."""
+    reads), upgraded to today's fields (`run_config.upgrade_config`)."""
     return self._read_newest(step, self._read_config, 'read the config of')[1]
 
   def _read_config(self, step: int) -> dict[str, Any]:
@@ -446,12 +429,7 @@ class Checkpointer:
     return run_config.upgrade_config(saved)
 
   def restore(
-    self,
-    abstract_state: PyTree,
-    step: int | None = None,
-    *,
-    config=None,
-    fields: Sequence[str] = run_config.COMPATIBILITY_FIELDS,
+    self, abstract_state: PyTree, step: int | None = None, *, config=None, fields=_FIELDS
   ):
     """Restores a checkpoint onto the target shardings.
 
@@ -459,9 +437,10 @@ class Checkpointer:
     with `sharding=` (see `abstract_like`) or live arrays. `step`: by default the newest step
     that reads whole; newer unreadable ones are skipped with one logged line (`restored_step`
     says which was read), while a named unreadable step raises `CorruptCheckpointError`.
-    `config`: if given, checked with `check_compatible` over `fields` before any array is read
-    (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`; `data_state`
-    is this process's, or None when the process count changed (the iterator starts afresh)."""
+    `config`: if given, checked with `run_config.check_compatible` over `fields` before any
+    array is read (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`;
+    `data_state` is this process's, or None when the process count changed (the iterator
+    starts afresh)."""
     return self._restore_newest(abstract_state, step, config, fields, 'restored')[1]
 
   def _restore_newest(self, abstract_state, step, config, fields, done):
@@ -481,14 +460,7 @@ class Checkpointer:
     self.restored_step = step
     return step, out, skipped
 
-  def resume(
-    self,
-    abstract_state: PyTree,
-    iterator,
-    *,
-    config,
-    fields: Sequence[str] = run_config.COMPATIBILITY_FIELDS,
-  ):
+  def resume(self, abstract_state: PyTree, iterator, *, config, fields=_FIELDS):
     """A run's restart: `restore`s the newest step that reads whole and moves `iterator`
     (`set_state`) to where it left off; None when there is no checkpoint yet. Newer unreadable
     steps are moved to `checkpoints/corrupt/<step>` (one line says which and why), so the run
@@ -535,7 +507,7 @@ def restore_params(
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
   # orbax's PyTree handler: the Standard one has no partial restore.
-  manager = _manager(directory, read_only=True, state_handler=ocp.PyTreeCheckpointHandler())
+  manager = _manager(directory, True, handler=ocp.PyTreeCheckpointHandler())
   keys = key.split('/') if isinstance(key, str) else list(key)
   item = abstract_like(abstract_params)
   for k in reversed(keys):
