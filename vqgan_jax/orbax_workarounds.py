@@ -5,7 +5,7 @@ orbax is upgraded, and delete what they no longer need):
 - a save still in flight when the interpreter exits is committed by an exit hook on
   `threading`'s private `_register_atexit`: from `atexit`, which runs later, orbax's threads
   fail with "cannot schedule new futures after interpreter shutdown", and without a hook the
-  interpreter waits ~90 s on them or leaves the step's temporary directory
+  interpreter hangs on them (past the test's 90 s) or leaves the step's temporary directory
   (test_exit_with_a_save_in_flight_is_quiet);
 - a failed save is logged with its traceback by each orbax thread it passes through, which
   `Checkpointer` raises as one sentence: an absl log filter drops those records while a writer
