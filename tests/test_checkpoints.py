@@ -325,6 +325,30 @@ def test_interrupted_save_left_behind_is_ignored(tmp_path):
   assert not os.path.exists(tmp)
 
 
+def test_readers_write_nothing(tmp_path):
+  """Readers open orbax without its read_only mode (which warns on every open), so this class
+  keeps them from writing: no save, no cleanup, no metadata, nothing touched."""
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'params': {'x': jnp.ones(2)}}, 'one', {'stage': 'vqgan'})
+  os.makedirs(os.path.join(ck.directory, '2.orbax-checkpoint-tmp'))  # A writer's, mid-save.
+
+  def tree():
+    return sorted(
+      (os.path.relpath(os.path.join(d, n), tmp_path), os.stat(os.path.join(d, n)).st_mtime_ns)
+      for d, dirs, files in os.walk(tmp_path)
+      for n in dirs + files
+    )
+
+  before = tree()
+  target = {'params': {'x': jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True) as reader:
+    assert reader.restore(target)[1] == 'one' and reader.restore_config() == {'stage': 'vqgan'}
+    assert not reader.should_save(5, force=True)
+    assert not reader.save(5, {'params': {'x': jnp.ones(2)}}, None, {}, force=True)
+  ckpt_lib.restore_params(tmp_path, target['params'])
+  assert tree() == before
+
+
 def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path):
   target = {'x': jax.ShapeDtypeStruct((4,), jnp.float32)}
   with pytest.raises(ckpt_lib.CheckpointError, match=str(tmp_path / 'none')):
