@@ -18,6 +18,7 @@ from configs import fashion_mnist_transformer
 from vqgan_jax import checkpoints
 from vqgan_jax import checks
 from vqgan_jax import config_base
+from vqgan_jax import fingerprint
 from vqgan_jax import inference
 from vqgan_jax import parallel
 from vqgan_jax import sampling
@@ -241,6 +242,6 @@ def test_encode_and_stage_2_read_the_ema_params(vq_workdir):
   c, mesh, layout = gpt_load.setup(c)
   frozen, params, _ = gpt_load.load_frozen(c, layout, mesh, cond=False)
   assert frozen.stage1_id['ema'] is True and frozen.stage1_id['step'] == 3
-  assert frozen.stage1_id['params_sha256'] == checkpoints.params_fingerprint(saved['params_ema'])
+  assert frozen.stage1_id['params_sha256'] == fingerprint.params_fingerprint(saved['params_ema'])
   got = jax.device_get(params['stage1'])
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, saved['params_ema'])))

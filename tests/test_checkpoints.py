@@ -19,6 +19,9 @@ import optax
 import pytest
 
 from vqgan_jax import checkpoints as ckpt_lib
+from vqgan_jax import fingerprint
+from vqgan_jax import orbax_workarounds
+from vqgan_jax import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +124,7 @@ def test_round_trip_bit_equal(tmp_path):
   assert data == data_state and isinstance(data, bytes)
   assert saved_config['model']['ch_mult'] == [1, 2]
   # The config comes back as saved, upgraded to the schema of today (fields it predates filled).
-  assert saved_config == ckpt_lib.upgrade_config(ckpt_lib.config_to_dict(_config()))
+  assert saved_config == run_config.upgrade_config(run_config.config_to_dict(_config()))
 
 
 def test_resume_restores_the_latest_step_and_the_iterator(tmp_path):
@@ -259,13 +262,13 @@ def test_restore_params_subtree(tmp_path):
 
 
 def test_incompatible_config_names_every_field(tmp_path):
-  saved = ckpt_lib.config_to_dict(_config())
+  saved = run_config.config_to_dict(_config())
   # Lists from JSON equal tuples; train.* may differ on resume.
   new = _config()
   new.model.ch_mult = (1, 2)
   new.train.num_steps = 5000
   new.loss.disc_weight = 0.1
-  ckpt_lib.check_compatible(saved, new)
+  run_config.check_compatible(saved, new)
 
   new = _config(ch=128, ch_mult=(1, 2, 4))
   new.loss.disc_ndf = 32
@@ -273,7 +276,7 @@ def test_incompatible_config_names_every_field(tmp_path):
   new.model.attn_resolutions = (8,)
   new.train.num_steps = 5000
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
-    ckpt_lib.check_compatible(saved, new, where='/x/ckpt/7')
+    run_config.check_compatible(saved, new, where='/x/ckpt/7')
   msg = str(e.value)
   assert '/x/ckpt/7' in msg
   assert 'model.ch: checkpoint 64, config 128' in msg
@@ -283,9 +286,9 @@ def test_incompatible_config_names_every_field(tmp_path):
   assert 'model.attn_resolutions: checkpoint <absent>, config [8]' in msg
   assert 'num_steps' not in msg and 'disc_weight' not in msg
   # The field list is a parameter.
-  ckpt_lib.check_compatible(saved, new, fields=('loss.disc_num_layers',))
+  run_config.check_compatible(saved, new, fields=('loss.disc_num_layers',))
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='train.num_steps'):
-    ckpt_lib.check_compatible(saved, new, fields=('train.*',))
+    run_config.check_compatible(saved, new, fields=('train.*',))
 
   # restore(config=...) refuses before reading any array.
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
@@ -320,6 +323,30 @@ def test_interrupted_save_left_behind_is_ignored(tmp_path):
     x, data, _ = ck.restore(target)  # Waits for the save in flight.
   np.testing.assert_array_equal(x['x'], np.full(4, 2.0))
   assert not os.path.exists(tmp)
+
+
+def test_readers_write_nothing(tmp_path):
+  """Readers open orbax without its read_only mode (which warns on every open), so this class
+  keeps them from writing: no save, no cleanup, no metadata, nothing touched."""
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ck:
+    ck.save(1, {'params': {'x': jnp.ones(2)}}, 'one', {'stage': 'vqgan'})
+  os.makedirs(os.path.join(ck.directory, '2.orbax-checkpoint-tmp'))  # A writer's, mid-save.
+
+  def tree():
+    return sorted(
+      (os.path.relpath(os.path.join(d, n), tmp_path), os.stat(os.path.join(d, n)).st_mtime_ns)
+      for d, dirs, files in os.walk(tmp_path)
+      for n in dirs + files
+    )
+
+  before = tree()
+  target = {'params': {'x': jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  with ckpt_lib.Checkpointer(tmp_path, read_only=True) as reader:
+    assert reader.restore(target)[1] == 'one' and reader.restore_config() == {'stage': 'vqgan'}
+    assert not reader.should_save(5, force=True)
+    assert not reader.save(5, {'params': {'x': jnp.ones(2)}}, None, {}, force=True)
+  ckpt_lib.restore_params(tmp_path, target['params'])
+  assert tree() == before
 
 
 def test_missing_or_corrupt_checkpoint_names_the_path(tmp_path):
@@ -545,7 +572,7 @@ def test_upgrade_config_fills_the_fields_a_saved_config_predates(tmp_path):
   classifier's model are left alone."""
   from vqgan_jax import config_base  # pylint: disable=g-import-not-at-top
 
-  stage2 = ckpt_lib.config_to_dict(config_base.stage2_base())
+  stage2 = run_config.config_to_dict(config_base.stage2_base())
   for section in (stage2['stage1_config'], stage2['cond']['model']):
     del section['quantizer'], section['lfq_bits']
   del stage2['transformer']['kind']
@@ -561,7 +588,7 @@ def test_upgrade_config_fills_the_fields_a_saved_config_predates(tmp_path):
   assert got['stage1_config']['codebook_dim'] == 4 and got['transformer']['kind'] == 'gpt'
   assert got['sample']['iterations'] == 5 and 'steps' not in got['sample']
   classifier = {'stage': 'classifier', 'model': {'width': 8}}
-  assert ckpt_lib.upgrade_config(classifier) == classifier
+  assert run_config.upgrade_config(classifier) == classifier
 
 
 def test_fields_added_later_default_to_their_old_meaning():
@@ -570,20 +597,20 @@ def test_fields_added_later_default_to_their_old_meaning():
   from configs import common  # pylint: disable=g-import-not-at-top
 
   config = common.stage1_base()
-  old = ckpt_lib.config_to_dict(config)
-  for k in ckpt_lib.ADDED_FIELD_DEFAULTS:
+  old = run_config.config_to_dict(config)
+  for k in run_config.ADDED_FIELD_DEFAULTS:
     section, field = k.split('.')
     old.get(section, {}).pop(field, None)  # (stage-2 fields are not in a stage-1 config)
-  assert ckpt_lib.config_differences(old, config) == []
+  assert run_config.config_differences(old, config) == []
   config.model.quantizer = 'gumbel'
   config.model.temperature = 0.5
-  assert ckpt_lib.config_differences(old, config) == [
+  assert run_config.config_differences(old, config) == [
     "model.quantizer: checkpoint 'vq', config 'gumbel'",
     'model.temperature: checkpoint 1.0, config 0.5',
   ]
   # Issue 13's quantizer options: absent means the original's VQ; set, they differ.
   config.model.update(quantizer='vq', temperature=1.0, codebook_l2_norm=True, fsq_levels=(2, 2))
-  assert ckpt_lib.config_differences(old, config) == [
+  assert run_config.config_differences(old, config) == [
     'model.codebook_l2_norm: checkpoint False, config True',
     'model.fsq_levels: checkpoint [], config [2, 2]',
   ]
@@ -762,7 +789,7 @@ def test_close_from_with_and_finally(tmp_path):
       raise RuntimeError('boom')
   ck.close()
   ck.close()
-  assert os.listdir(ck.directory) == ['1'] and id(ck) not in ckpt_lib._OPEN
+  assert os.listdir(ck.directory) == ['1'] and id(ck) not in orbax_workarounds._OPEN
 
 
 _EXIT_EARLY = textwrap.dedent("""
@@ -849,8 +876,8 @@ def test_params_fingerprint_is_the_values_on_any_mesh():
     params,
     enc={'kernel': jax.device_put(params['enc']['kernel'], NamedSharding(mesh, P('x')))},
   )
-  digest = ckpt_lib.params_fingerprint(params)
-  assert len(digest) == 64 and ckpt_lib.params_fingerprint(sharded) == digest
+  digest = fingerprint.params_fingerprint(params)
+  assert len(digest) == 64 and fingerprint.params_fingerprint(sharded) == digest
   nudged = {'enc': {'kernel': params['enc']['kernel'] + np.float32(1e-6)}, 'b': params['b']}
-  assert ckpt_lib.params_fingerprint(nudged) != digest
-  assert ckpt_lib.params_fingerprint({'enc': params['enc'], 'c': params['b']}) != digest
+  assert fingerprint.params_fingerprint(nudged) != digest
+  assert fingerprint.params_fingerprint({'enc': params['enc'], 'c': params['b']}) != digest

@@ -30,6 +30,7 @@ from vqgan_jax import evaluate
 from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
+from vqgan_jax import run_config
 from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
@@ -240,10 +241,10 @@ def test_images_in_codes_out_and_8_devices_equal_one(gpt, maskgit):
 
 
 def test_old_saved_configs_read_the_completion_fields_as_off():
-  old = checkpoints.config_to_dict(fashion_mnist_transformer.get_config('smoke'))
+  old = run_config.config_to_dict(fashion_mnist_transformer.get_config('smoke'))
   for field in ('complete_folder', 'keep', 'complete_examples', 'completions_per_image'):
     del old['sample'][field]
-  got = checkpoints.upgrade_config(old)['sample']
+  got = run_config.upgrade_config(old)['sample']
   assert got['complete_folder'] == '' and got['keep'] == 'top_half'
   assert got['complete_examples'] == 8 and got['completions_per_image'] == 4
 

@@ -16,6 +16,9 @@ PACKAGE = os.path.join(REPO, 'vqgan_jax')
 LAYERS = (
   # Foundation: no model knowledge.
   ('kernels', 'config_base', 'distributed', 'checks', 'images', 'metrics', 'losses'),
+  # The saved config's schema and identity check; the params digest; orbax's workarounds;
+  # the data iterators' states.
+  ('run_config', 'fingerprint', 'orbax_workarounds', 'iterator_state'),
   # File formats: the converter's error and its safe PyTorch-file reader, which loaders share.
   ('workdir_lock', 'convert.__init__', 'convert.torch_ckpt'),
   # Model families with their config construction, shardings and load(); what loading needs.

@@ -25,6 +25,7 @@ from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import metrics
 from vqgan_jax import parallel
+from vqgan_jax import run_config
 from vqgan_jax.data import builders
 from vqgan_jax.data import pipeline
 from vqgan_jax.data import tokens
@@ -124,7 +125,7 @@ def test_layout_and_config_checks(tiny):
   del old.transformer['kind']
   old.transformer.label_smoothing = 0.0
   assert stage2_config.make_layout(old).transformer_kind == 'gpt'
-  assert not checkpoints.config_differences(
+  assert not run_config.config_differences(
     old.to_dict(), config_base.stage2_base(), ('transformer.kind',)
   )
   bad = tiny_config(kind='diffusion')

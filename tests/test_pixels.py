@@ -18,7 +18,7 @@ import pytest
 
 from configs import fashion_mnist_pixels
 from configs import fashion_mnist_pixels_transformer
-from vqgan_jax import checkpoints
+from vqgan_jax import run_config
 from vqgan_jax import validate
 from vqgan_jax.data import tokens
 from vqgan_jax.models import gpt_load
@@ -146,9 +146,9 @@ def test_crop_codes_layout_and_old_configs():
   layout = gpt_load.make_layout(c)
   assert (layout.grid, layout.code_grid, layout.sample_grid) == ((8, 8), (16, 16), (16, 16))
   assert layout.crop == ((16, 16), 8) and layout.block_size == 1 + 64 - 1
-  saved = checkpoints.config_to_dict(c)
+  saved = run_config.config_to_dict(c)
   del saved['data']['crop_codes']
-  upgraded = ml_collections.ConfigDict(checkpoints.upgrade_config(saved))
+  upgraded = ml_collections.ConfigDict(run_config.upgrade_config(saved))
   assert upgraded.data.crop_codes == 0
   assert gpt_load.make_layout(upgraded).crop is None
   c.data.crop_codes = 17

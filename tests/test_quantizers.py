@@ -21,6 +21,7 @@ from vqgan_jax import checkpoints
 from vqgan_jax import config_base
 from vqgan_jax import losses
 from vqgan_jax import parallel
+from vqgan_jax import run_config
 from vqgan_jax import validate
 from vqgan_jax.models import quantizer as Q
 from vqgan_jax.models import vqgan as vqgan_lib
@@ -375,11 +376,11 @@ def test_codebook_state_sharded_on_8_devices_equals_1():
 def test_old_config_builds_the_original_vq():
   """A saved config from before these fields, upgraded as a checkpoint's is read, builds the
   original's quantizer."""
-  fields = checkpoints.config_to_dict(_config().model)
+  fields = run_config.config_to_dict(_config().model)
   for name in ('codebook_dim', 'codebook_l2_norm', 'ema_decay', 'restart_window', 'fsq_levels'):
     del fields[name]
   del fields['lfq_bits'], fields['quantizer']
-  old = checkpoints.upgrade_config({'model': fields, 'loss': {}, 'train': {}})
+  old = run_config.upgrade_config({'model': fields, 'loss': {}, 'train': {}})
   fields = old['model']
   vq = vqgan_lib.from_config(fields)
   assert (vq.quantizer, vq.codebook_dim, vq.codebook_l2_norm, vq.ema_decay) == ('vq', 0, False, 0)
@@ -590,7 +591,7 @@ def test_old_workdir_resumes_as_vq(tmp_path, mesh1):
   rng = np.random.default_rng(0)
   old_state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract)
   old_state.update(step=np.asarray(5, np.int32), rng=np.asarray([0, 3], np.uint32))
-  old_config = checkpoints.config_to_dict(c)
+  old_config = run_config.config_to_dict(c)
   for name in ('codebook_dim', 'codebook_l2_norm', 'ema_decay', 'restart_window'):
     del old_config['model'][name]
   for name in ('fsq_levels', 'lfq_bits', 'quantizer', 'kl_weight', 'temperature'):
@@ -604,7 +605,7 @@ def test_old_workdir_resumes_as_vq(tmp_path, mesh1):
   with checkpoints.Checkpointer(tmp_path) as ckpt:
     ckpt.save(5, old_state, None, old_config, force=True)
 
-  assert vqgan_lib.from_config(checkpoints.upgrade_config(old_config)['model']).quantizer == 'vq'
+  assert vqgan_lib.from_config(run_config.upgrade_config(old_config)['model']).quantizer == 'vq'
   setup = stage1.state_setup(c, models, mesh1, jax.random.PRNGKey(0))
   assert set(setup[0]) - set(old_state) == {'code_last_used', 'params_ema'}
   with checkpoints.Checkpointer(tmp_path) as ckpt:

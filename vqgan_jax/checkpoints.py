@@ -1,38 +1,31 @@
 """Checkpoints: the only module that imports orbax.
 
 One checkpoint is one step directory of three items, committed atomically by orbax's
-`CheckpointManager` (which also decides the cadence and the retention), so a crash mid-save
+`CheckpointManager` (whose policies decide the cadence and the retention), so a crash mid-save
 leaves the previous step intact:
 
   <workdir>/checkpoints/<step>/state/    the training-state pytree (OCDBT arrays)
   <workdir>/checkpoints/<step>/data/     the data-iterator state of every process (JSON)
-  <workdir>/checkpoints/<step>/config/   the run's config (JSON)
+  <workdir>/checkpoints/<step>/config/   the run's config (JSON, see `run_config`)
 
 Restores go into an abstract target carrying the *target* shardings, so a checkpoint written on
 one mesh restores onto any other mesh or process count.
 
-What this adds to orbax: the config identity check (`check_compatible`), a shape check that
-names the leaves (`_check_target`), the non-finite guard (a NaN/Inf state is never saved, so
-retention never rotates a good step out for a bad one), the fallback past a damaged step
-(restoring "the latest" takes the newest step that reads whole; a resuming writer moves the
-others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and writes.
+What this adds to orbax: the config identity check (`run_config.check_compatible`), a shape
+check that names the leaves (`_check_target`), the non-finite guard (a NaN/Inf state is never
+saved, so retention never rotates a good step out for a bad one), the fallback past a damaged
+step (restoring "the latest" takes the newest step that reads whole; a resuming writer moves
+the others to `checkpoints/corrupt/`), and one-sentence errors for failed reads and writes.
 """
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
-import concurrent.futures.thread  # noqa: F401  Before our exit hook: see `_close_open`.
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
-import sys
-import threading
 from typing import Any
 
 import jax
@@ -42,95 +35,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from vqgan_jax import iterator_state
+from vqgan_jax import orbax_workarounds
+from vqgan_jax import run_config
+from vqgan_jax.run_config import IncompatibleCheckpointError  # noqa: F401  `restore` raises it.
+
 PyTree = Any
 _log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Steps a resuming writer found unreadable (orbax lists only numeric names, so it ignores it).
 CORRUPT_SUBDIR = 'corrupt'
-
-# Fields that change the shapes or meaning of saved arrays: a checkpoint whose config differs
-# in any of these is refused. A name covers its whole subtree.
-COMPATIBILITY_FIELDS = ('model', 'loss.disc_num_layers', 'loss.disc_ndf', 'stage')
-
-# Fields added after checkpoints were already being written, with the value that means what a
-# config without the field meant: absent and this value compare equal, and `upgrade_config`
-# fills them into a saved config as it is read.
-ADDED_FIELD_DEFAULTS = {
-  'model.quantizer': 'vq',
-  'model.kl_weight': 1e-8,
-  'model.temperature': 1.0,
-  # Stage-1 quantizer options (issue 13); their defaults are the original's quantizer.
-  'model.codebook_dim': 0,
-  'model.codebook_l2_norm': False,
-  'model.ema_decay': 0.0,
-  'model.restart_window': 0,
-  'model.fsq_levels': [],
-  'model.lfq_bits': 0,
-  # Stage-1 loss and train options beyond the original; absent, they are off.
-  'loss.adaptive_weight': True,
-  'loss.lecam_weight': 0.0,
-  'loss.lecam_decay': 0.999,
-  'loss.r1_weight': 0.0,
-  'loss.entropy_weight': 0.0,
-  'loss.entropy_temperature': 0.01,
-  'loss.entropy_anneal_steps': 0,
-  'loss.entropy_anneal_factor': 1.0,
-  'train.params_ema_decay': 0.0,
-  'train.usage_window': 0,
-  'train.usage_warning': 0.0,
-  'transformer.kind': 'gpt',
-  'data.crop_codes': 0,  # stage 2: the whole code grid
-  # Stage-2 completion (issue 26); absent, --mode=sample samples.
-  'sample.complete_folder': '',
-  'sample.keep': 'top_half',
-  'sample.complete_examples': 8,
-  'sample.completions_per_image': 4,
-}
-# Fields renamed since a config was saved: old name -> today's (same section), moved before
-# the defaults apply. MaskGIT's `sample.steps` meant its decoding iterations (the GPT's
-# `steps` count tokens).
-RENAMED_FIELDS = {'sample.steps': 'sample.iterations'}
-# Where the sections of ADDED_FIELD_DEFAULTS and RENAMED_FIELDS are in a saved config of each
-# stage: a stage-2 config holds its first stages' model fields in stage1_config and cond.model.
-_ADDED_FIELD_PLACES = {
-  'vqgan': {'model': ('model',), 'loss': ('loss',), 'train': ('train',)},
-  'transformer': {
-    'model': ('stage1_config', 'cond.model'),
-    'transformer': ('transformer',),
-    'sample': ('sample',),
-    'data': ('data',),
-  },
-}
-
-
-def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
-  """A saved config (plain JSON types) as today's schema reads it: each field it predates
-  (`ADDED_FIELD_DEFAULTS`) set to the value its absence meant, each renamed one
-  (`RENAMED_FIELDS`) under today's name. The one upgrade of a saved
-  config, applied where one is read (`Checkpointer.restore_config`, `restore`), so that
-  readers index fields instead of restating their defaults. Returns a new dict."""
-  out = json.loads(json.dumps(dict(saved), default=repr))
-  places = _ADDED_FIELD_PLACES.get(out.get('stage', 'vqgan'), {})
-
-  def sections(name):
-    section, field = name.split('.')
-    for place in places.get(section, ()):
-      node = out
-      for key in place.split('.'):
-        node = node.get(key) if isinstance(node, dict) else None
-      if isinstance(node, dict):
-        yield node, field
-
-  for old, new in RENAMED_FIELDS.items():
-    for node, field in sections(old):
-      if field in node and new.split('.')[1] not in node:
-        node[new.split('.')[1]] = node.pop(field)
-  for name, value in ADDED_FIELD_DEFAULTS.items():
-    for node, field in sections(name):
-      if field not in node:
-        node[field] = json.loads(json.dumps(value))
-  return out
+_FIELDS = run_config.COMPATIBILITY_FIELDS  # What `restore` and `resume` check by default.
 
 
 class CheckpointError(RuntimeError):
@@ -144,10 +60,6 @@ class CorruptCheckpointError(CheckpointError):
 
 class NonFiniteStateError(CheckpointError, FloatingPointError):
   """A training state holding NaN or Inf was due to be saved; nothing was written."""
-
-
-class IncompatibleCheckpointError(ValueError):
-  """A checkpoint was written by a config that differs in a field that matters."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike[str]) -> str:
@@ -187,111 +99,14 @@ def abstract_like(tree: PyTree, shardings: PyTree = None) -> PyTree:
   )
 
 
-# JSON items: config and data-iterator state. The iterator state stays a JSON item rather than
-# grain's handler: `save` takes any iterator's state (bytes, str, JSON, None; the tests' fake
-# iterators included), and a run on another process count restarts its iterator (grain's
-# handler would fail on the missing per-process file).
-
-
-def config_to_dict(config) -> dict[str, Any]:
-  """A config (ConfigDict or mapping) as plain JSON types (tuples -> lists)."""
-  if hasattr(config, 'to_json_best_effort'):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(dict(config), default=repr))
-
-
-def _encode_data_state(s) -> dict[str, Any]:
-  # Keep the type the iterator gave so `set_state` gets back exactly what it produced.
-  if s is None:
-    return {'type': 'none'}
-  if isinstance(s, (bytes, bytearray)):
-    try:
-      return {'type': 'bytes', 'utf8': bytes(s).decode('utf-8')}
-    except UnicodeDecodeError:
-      return {'type': 'bytes', 'base64': base64.b64encode(bytes(s)).decode('ascii')}
-  return {'type': 'str' if isinstance(s, str) else 'json', 'value': s}
-
-
-def _decode_data_state(blob: Mapping[str, Any]):
-  if blob['type'] == 'none':
-    return None
-  if blob['type'] == 'bytes':
-    return blob['utf8'].encode('utf-8') if 'utf8' in blob else base64.b64decode(blob['base64'])
-  return blob['value']
-
-
-def _gather_strings(text: str) -> list[str]:
-  """Every process's `text`, in process order (a collective: all must call)."""
-  if jax.process_count() == 1:
-    return [text]
-  data = np.frombuffer(text.encode('utf-8'), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data)))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[: len(data)] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [bytes(rows[i, :n]).decode('utf-8') for i, n in enumerate(lengths)]
-
-
-# Config compatibility.
-
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, Mapping):
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
-  return {prefix[:-1]: tree}  # Lists compare whole.
-
-
-_ABSENT = object()
-
-
-def config_differences(
-  saved_config: Mapping[str, Any], config, fields: Sequence[str] = COMPATIBILITY_FIELDS
-) -> list[str]:
-  """Lines `name: checkpoint X, config Y` for each differing field."""
-  # JSON turns tuples into lists; compare like with like.
-  saved = _flatten(json.loads(json.dumps(dict(saved_config), default=repr)))
-  current = _flatten(config_to_dict(config))
-  fmt = lambda v: '<absent>' if v is _ABSENT else repr(v)
-  lines = []
-  for name in sorted(set(saved) | set(current)):
-    if not any(name == f or name.startswith(f.rstrip('.*') + '.') for f in fields):
-      continue
-    default = ADDED_FIELD_DEFAULTS.get(name, _ABSENT)
-    a, b = saved.get(name, default), current.get(name, default)
-    if a != b:
-      lines.append(f'{name}: checkpoint {fmt(a)}, config {fmt(b)}')
-  return lines
-
-
-def check_compatible(
-  saved_config: Mapping[str, Any],
-  config,
-  fields: Sequence[str] = COMPATIBILITY_FIELDS,
-  where: str = '',
-) -> None:
-  """Raises one `IncompatibleCheckpointError` naming every field of `fields` (a name covers
-  its subtree: `'model'` or `'model.*'`) where `saved_config` and `config` differ; `where`: the
-  checkpoint's path, for the message."""
-  lines = config_differences(saved_config, config, fields)
-  if lines:
-    at = f' {where}' if where else ''
-    raise IncompatibleCheckpointError(
-      f'Checkpoint{at} was written with an incompatible config; '
-      'differing fields: ' + '; '.join(lines) + '.'
-    )
-
-
 # Matching a target against what a checkpoint holds.
 
 
 def _leaves_by_path(tree) -> dict[str, Any]:
   # Namedtuples (optax states) are saved as dicts of their fields and tuples as lists, so
   # paths are compared as plain '/'-joined names.
-  def name(k):
-    return str(next((getattr(k, a) for a in ('key', 'idx', 'name') if hasattr(k, a)), k))
-
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {'/'.join(name(k) for k in path): leaf for path, leaf in leaves}
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): x for p, x in leaves}
 
 
 def _check_target(saved_tree, target, where: str, partial: bool) -> None:
@@ -335,43 +150,6 @@ def _brief(e: BaseException, reason_only: bool = False) -> str:
   return f'{type(e).__name__}: {text[:297] + "..." if len(text) > 300 else text}'
 
 
-def _is_orbax_aftermath(unraisable) -> bool:
-  """What orbax's event loop leaves when one of its reads or writes fails: it closes the loop
-  with the other reads suspended (reported as each coroutine is collected) and the other
-  writes in flight (their TensorStore callbacks find the loop closed)."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None:
-    return f'{os.sep}orbax{os.sep}' in code.co_filename and isinstance(
-      getattr(unraisable.exc_value, '__cause__', None), GeneratorExit
-    )
-  tb = unraisable.exc_traceback
-  while tb is not None and tb.tb_frame.f_code.co_name != 'call_soon_threadsafe':
-    tb = tb.tb_next
-  return tb is not None and str(unraisable.exc_value) == 'Event loop is closed'
-
-
-def _drop_orbax_aftermath() -> None:
-  """Drops exactly the reports of `_is_orbax_aftermath` (tracebacks with TensorStore's JSON
-  spec after our one sentence): test_failed_save_is_one_sentence_and_leaves_no_temporary fails
-  intermittently without it."""
-  previous = sys.unraisablehook
-  if not getattr(previous, '_drops_orbax_aftermath', False):
-
-    def hook(unraisable):
-      if not _is_orbax_aftermath(unraisable):
-        previous(unraisable)
-
-    hook._drops_orbax_aftermath = True  # pylint: disable=protected-access
-    sys.unraisablehook = hook
-
-
-def _raise_quietly(error: Exception):
-  """Raises `error` (not chained: orbax's error holds the abandoned reads or the save), with
-  `_drop_orbax_aftermath` in place for when the reads orbax left pending are collected."""
-  _drop_orbax_aftermath()
-  raise error
-
-
 def _array_read_error(message: str, path: str) -> CheckpointError:
   """The error for a restore that failed inside orbax. In a multi-process run each process
   reads only its shards, so processes could disagree on a damaged step: there it is an error
@@ -390,9 +168,10 @@ def _restore(manager, step: int, path: str, what: str, **items):
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  TensorStore raises bare Exception.
     message = f'Could not restore {what} from checkpoint {path}: {_brief(e)}'
-  # The JSON items alone read the same on every process.
-  states = any(k == 'state' for k in items)
-  _raise_quietly(_array_read_error(message, path) if states else CorruptCheckpointError(message))
+  orbax_workarounds.drop_orbax_aftermath()  # The reads orbax left pending.
+  # Not chained (orbax's error holds the abandoned reads); the JSON items read the same on
+  # every process.
+  raise _array_read_error(message, path) if 'state' in items else CorruptCheckpointError(message)
 
 
 def _read_tree_metadata(manager, step: int, path: str):
@@ -406,7 +185,8 @@ def _read_tree_metadata(manager, step: int, path: str):
         f'Checkpoint {path} has no array metadata (state/_METADATA is missing).'
       )
     return metadata.tree
-  _raise_quietly(CorruptCheckpointError(message))
+  orbax_workarounds.drop_orbax_aftermath()
+  raise CorruptCheckpointError(message)
 
 
 def _read_newest(steps, step, read, directory, done=None, empty=None):
@@ -447,64 +227,24 @@ def _skipped_line(skipped, step: int, done: str, moved: Sequence[str] = ()) -> s
   )
 
 
-@jax.jit
-def _finite_flags(leaves):
-  # One fused pass over the state; only a bool per leaf leaves the devices.
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
 def _nonfinite_leaves(state: PyTree) -> list[str]:
   """Paths of the floating leaves of `state` holding NaN or Inf (a collective when the
-  leaves span several processes)."""
-  finite, groups = {}, {}
-  for path, x in _leaves_by_path(state).items():
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      continue  # Integers, bools and PRNG keys cannot diverge.
-    if isinstance(x, jax.Array):  # One jitted reduction per set of devices (usually the mesh).
-      groups.setdefault(frozenset(x.sharding.device_set), []).append((path, x))
-    else:
-      finite[path] = bool(np.all(np.isfinite(x)))
-  for members in groups.values():
-    leaves = [x for _, x in members]
-    try:
-      flags = _finite_flags(leaves)
-    except ValueError:  # The same devices in another order: one reduction each.
-      flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
-    finite.update(zip([p for p, _ in members], np.asarray(jax.device_get(flags)).tolist()))
-  return [p for p in _leaves_by_path(state) if finite.get(p) is False]
+  leaves span several processes); only a bool per leaf leaves the devices."""
+  flags = {
+    p: jnp.all(jnp.isfinite(x))
+    for p, x in _leaves_by_path(state).items()
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)  # Not integers, bools or PRNG keys.
+  }
+  return [p for p, finite in jax.device_get(flags).items() if not finite]
 
 
 # The manager.
 
 
-def _dropping(*parts: str) -> Callable[[logging.LogRecord], bool]:
-  """An absl log filter dropping the records whose format string holds one of `parts`."""
-  return lambda r: not (isinstance(r.msg, str) and any(p in r.msg for p in parts))
-
-
-# A read-only manager says so when it opens (test_read_only_restores_are_quiet).
-_READ_ONLY_NOTICE = _dropping('Given directory is read only=%s')
-# A failed save, logged with its traceback by each orbax thread it passes through
-# (test_failed_save_is_one_sentence_and_leaves_no_temporary).
-_SAVE_FAILURE_REPORTS = _dropping(
-  '_SignalingThread.run() raised an exception',
-  'Handler Commit operations or the Commit callback',
-  'Finalize thread (%s) failed',
-)
-
-
-def _manager(
-  directory: str,
-  *,
-  read_only: bool,
-  max_to_keep=None,
-  save_every=1,
-  async_save=True,
-  state_handler=None,
-) -> ocp.CheckpointManager:
+def _manager(directory, read_only, max_to_keep=None, save_every=1, async_save=True, handler=None):
+  # Readers stay out of orbax's read_only mode, which warns on every open: they never create,
+  # clean up (a writer may be mid-save) or save (`Checkpointer.save` refuses), so write nothing.
   options = ocp.CheckpointManagerOptions(
-    read_only=read_only,
     create=not read_only,
     save_interval_steps=0,  # Unused (the policy below decides); anything else warns readers.
     # Multiples of `save_every`, and a step a preemption notice (multi-host) reaches.
@@ -512,49 +252,22 @@ def _manager(
       [ocm.FixedIntervalPolicy(save_every), ocm.PreemptionCheckpointingPolicy()]
     ),
     preservation_policy=ocm.LatestN(None if read_only else max_to_keep),  # None: keep all.
-    enable_async_checkpointing=async_save,
-    # A writer removes temporaries of saves a crash interrupted; readers never do, since a
-    # writer may be mid-save.
-    cleanup_tmp_directories=not read_only,
+    enable_async_checkpointing=async_save and not read_only,
+    cleanup_tmp_directories=not read_only,  # Temporaries of saves a crash interrupted.
   )
   handlers = {
-    'state': state_handler or ocp.StandardCheckpointHandler(),
+    'state': handler or ocp.StandardCheckpointHandler(),
     'data': ocp.JsonCheckpointHandler(),
     'config': ocp.JsonCheckpointHandler(),
   }
-  logger = logging.getLogger('absl')  # orbax logs through absl.logging.
-  logger.addFilter(_READ_ONLY_NOTICE)
-  try:
-    return ocp.CheckpointManager(
-      directory, options=options, item_names=tuple(handlers), item_handlers=handlers
-    )
-  finally:
-    logger.removeFilter(_READ_ONLY_NOTICE)
+  return ocp.CheckpointManager(
+    directory, options=options, item_names=tuple(handlers), item_handlers=handlers
+  )
 
 
 def _require_dir(directory: str, what: str) -> None:
   if not os.path.isdir(directory):
     raise CheckpointError(f'{what}: no checkpoint directory {directory}.')
-
-
-# Checkpointers not closed yet, closed at exit by `_close_open`.
-_OPEN: dict[int, Checkpointer] = {}
-
-
-def _close_open() -> None:
-  """Commits the pending save of every Checkpointer a run left open (needed by
-  test_exit_with_a_save_in_flight_is_quiet). Registered with threading's exit hooks, which run
-  newest first before the interpreter stops its thread pools (the import of
-  concurrent.futures.thread above registers the hook that stops them); from `atexit`, orbax's
-  threads fail with "cannot schedule new futures after interpreter shutdown"."""
-  for ckpt in list(_OPEN.values()):
-    try:
-      ckpt.close()
-    except Exception as e:  # pylint: disable=broad-except
-      _log.error('Checkpointer(%r) failed to close at exit: %s', ckpt.workdir, _brief(e))
-
-
-threading._register_atexit(_close_open)  # pylint: disable=protected-access
 
 
 class Checkpointer:
@@ -586,19 +299,11 @@ class Checkpointer:
     self.restored_step: int | None = None
     if read_only:
       _require_dir(self.directory, f'Checkpointer({self.workdir!r})')
-    self._manager = _manager(
-      self.directory,
-      read_only=read_only,
-      max_to_keep=max_to_keep,
-      save_every=save_every,
-      async_save=async_save,
-    )
+    self._manager = _manager(self.directory, read_only, max_to_keep, save_every, async_save)
     self._closed, self._failed = False, False
     self._pending: int | None = None  # The step of the save in flight.
-    if not read_only:  # Before a save can fail: orbax reports it from its threads.
-      _drop_orbax_aftermath()
-      logging.getLogger('absl').addFilter(_SAVE_FAILURE_REPORTS)  # Until the last writer closes.
-    _OPEN[id(self)] = self
+    if not read_only:
+      orbax_workarounds.writer_opened(self)
 
   # Saving.
 
@@ -620,32 +325,22 @@ class Checkpointer:
       return False
     bad = _nonfinite_leaves(state)
     if bad:
-      last = self.latest_step()
-      kept = (
-        f'the last good checkpoint, step {last}, stays in {self.directory}'
-        if last is not None
-        else f'no earlier checkpoint is in {self.directory}'
-      )
-      more = f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
+      last, more = self.latest_step(), f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''
+      kept = f'the last good checkpoint, step {last}, stays'
+      kept = 'no earlier checkpoint is' if last is None else kept
       raise NonFiniteStateError(
-        f'Step {step}: the training state holds NaN or Inf in '
-        f'{", ".join(bad[:5])}{more}, so it was not saved; {kept}.'
+        f'Step {step}: the training state holds NaN or Inf in {", ".join(bad[:5])}{more}, so '
+        f'it was not saved; {kept} in {self.directory}.'
       )
-    if jax.process_count() > 1:
-      # A leaf living on one process's devices has no global layout to write.
-      local = [
-        p
-        for p, x in _leaves_by_path(state).items()
-        if isinstance(x, jax.Array) and x.is_fully_addressable
-      ]
-      if local:
-        raise ValueError(
-          'Checkpointer.save: in a multi-process run every state leaf must be a global '
-          'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
-          'only: ' + ', '.join(local[:20]) + '.'
-        )
-    local = json.dumps(_encode_data_state(data_state() if callable(data_state) else data_state))
-    per_process = [json.loads(s) for s in _gather_strings(local)]
+    # In a multi-process run, a leaf living on one process's devices has no global layout.
+    local = [p for p, x in _leaves_by_path(state).items() if getattr(x, 'is_fully_addressable', 0)]
+    if local and jax.process_count() > 1:
+      raise ValueError(
+        'Checkpointer.save: in a multi-process run every state leaf must be a global '
+        'jax.Array (on the mesh, e.g. from jit out_shardings); these live on one process '
+        'only: ' + ', '.join(local[:20]) + '.'
+      )
+    data = iterator_state.gather(data_state)
     self.wait()  # orbax would too; here a failure names the step it belongs to.
     with self._writing(step):
       started = self._manager.save(
@@ -653,8 +348,8 @@ class Checkpointer:
         force=True,  # Decided by `should_save` above.
         args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave({'process_count': len(per_process), 'states': per_process}),
-          config=ocp.args.JsonSave(config_to_dict(config)),
+          data=ocp.args.JsonSave(data),
+          config=ocp.args.JsonSave(run_config.config_to_dict(config)),
         ),
       )
     self._pending = step if started else None
@@ -691,14 +386,12 @@ class Checkpointer:
     if self._closed:
       return
     self._closed = True
-    _OPEN.pop(id(self), None)
     try:
       self.wait()
       if not self._failed:  # orbax's close would raise the failed save again.
         self._manager.close()
     finally:
-      if all(c.read_only for c in _OPEN.values()):
-        logging.getLogger('absl').removeFilter(_SAVE_FAILURE_REPORTS)
+      orbax_workarounds.writer_closed(self)
 
   def __enter__(self):
     return self
@@ -727,21 +420,16 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config dict stored with a checkpoint (by default the newest step whose config
-    reads), upgraded to today's fields (`upgrade_config`)."""
+    reads), upgraded to today's fields (`run_config.upgrade_config`)."""
     return self._read_newest(step, self._read_config, 'read the config of')[1]
 
   def _read_config(self, step: int) -> dict[str, Any]:
     path = self.step_path(step)
     saved = _restore(self._manager, step, path, 'config', config=ocp.args.JsonRestore())['config']
-    return upgrade_config(saved)
+    return run_config.upgrade_config(saved)
 
   def restore(
-    self,
-    abstract_state: PyTree,
-    step: int | None = None,
-    *,
-    config=None,
-    fields: Sequence[str] = COMPATIBILITY_FIELDS,
+    self, abstract_state: PyTree, step: int | None = None, *, config=None, fields=_FIELDS
   ):
     """Restores a checkpoint onto the target shardings.
 
@@ -749,9 +437,10 @@ class Checkpointer:
     with `sharding=` (see `abstract_like`) or live arrays. `step`: by default the newest step
     that reads whole; newer unreadable ones are skipped with one logged line (`restored_step`
     says which was read), while a named unreadable step raises `CorruptCheckpointError`.
-    `config`: if given, checked with `check_compatible` over `fields` before any array is read
-    (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`; `data_state`
-    is this process's, or None when the process count changed (the iterator starts afresh)."""
+    `config`: if given, checked with `run_config.check_compatible` over `fields` before any
+    array is read (`IncompatibleCheckpointError`). Returns `(state, data_state, saved_config)`;
+    `data_state` is this process's, or None when the process count changed (the iterator
+    starts afresh)."""
     return self._restore_newest(abstract_state, step, config, fields, 'restored')[1]
 
   def _restore_newest(self, abstract_state, step, config, fields, done):
@@ -761,29 +450,17 @@ class Checkpointer:
       path = self.step_path(step)
       saved_config = self._read_config(step)
       if config is not None:
-        check_compatible(saved_config, config, fields, where=path)
+        run_config.check_compatible(saved_config, config, fields, where=path)
       _check_target(_read_tree_metadata(self._manager, step, path), target, path, partial=False)
       args = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
       out = _restore(self._manager, step, path, 'state/data', **args)
-      data = out['data']
-      if data['process_count'] != jax.process_count():
-        _log.warning(
-          'Checkpoint %s was written by %d processes, this run has %d: the data iterator '
-          'restarts from its initial state.',
-          path,
-          data['process_count'],
-          jax.process_count(),
-        )
-        return out['state'], None, saved_config
-      return out['state'], _decode_data_state(data['states'][jax.process_index()]), saved_config
+      return out['state'], iterator_state.local(out['data'], path), saved_config
 
     step, out, skipped = self._read_newest(step, read, done)
     self.restored_step = step
     return step, out, skipped
 
-  def resume(
-    self, abstract_state: PyTree, iterator, *, config, fields: Sequence[str] = COMPATIBILITY_FIELDS
-  ):
+  def resume(self, abstract_state: PyTree, iterator, *, config, fields=_FIELDS):
     """A run's restart: `restore`s the newest step that reads whole and moves `iterator`
     (`set_state`) to where it left off; None when there is no checkpoint yet. Newer unreadable
     steps are moved to `checkpoints/corrupt/<step>` (one line says which and why), so the run
@@ -807,7 +484,7 @@ class Checkpointer:
     while os.path.exists(dest):  # The same step number went bad before.
       n += 1
       dest = os.path.join(aside, f'{step}.{n}')
-    dest = _gather_strings(dest)[0]  # Process 0's, looked up before it renames.
+    dest = iterator_state.all_processes(dest)[0]  # Process 0's, looked up before it renames.
     if jax.process_index() == 0:
       os.makedirs(aside, exist_ok=True)
       os.rename(self.step_path(step), dest)
@@ -830,7 +507,7 @@ def restore_params(
   directory = checkpoint_dir(workdir)
   _require_dir(directory, f'restore_params(workdir={os.fspath(workdir)!r})')
   # orbax's PyTree handler: the Standard one has no partial restore.
-  manager = _manager(directory, read_only=True, state_handler=ocp.PyTreeCheckpointHandler())
+  manager = _manager(directory, True, handler=ocp.PyTreeCheckpointHandler())
   keys = key.split('/') if isinstance(key, str) else list(key)
   item = abstract_like(abstract_params)
   for k in reversed(keys):
@@ -864,21 +541,3 @@ def restore_params(
     return _read_newest(sorted(manager.all_steps()), step, read, directory, done, empty)[1]
   finally:
     manager.close()
-
-
-def params_fingerprint(params: PyTree) -> str:
-  """The sha256 (hex) of a params tree's values: each leaf's '/'-joined path, shape and
-  float32 bytes (little-endian, C order), in sorted path order.
-
-  The same values give the same digest on any mesh or process count. Every process must call
-  it (a leaf sharded across processes is gathered whole, one leaf at a time). Cost: one host
-  copy and one sha256 pass over 4 bytes per parameter, about 0.5 s per 100M parameters.
-  """
-  digest = hashlib.sha256()
-  for path, leaf in sorted(_leaves_by_path(params).items()):
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      leaf = multihost_utils.process_allgather(leaf, tiled=True)
-    x = np.ascontiguousarray(jax.device_get(leaf), dtype='<f4')
-    digest.update(f'{path} {list(x.shape)}\n'.encode())
-    digest.update(x.data)
-  return digest.hexdigest()

@@ -32,6 +32,7 @@ from vqgan_jax import completion
 from vqgan_jax import encode as codes_lib
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
+from vqgan_jax import run_config
 from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
@@ -510,7 +511,7 @@ def load_transformer_for_config(config, workdir, step=None, mesh=None) -> Traine
       '(transformer) workdirs (load_vqgan reads stage-1 ones)'
     )
   config = gpt_load.resolve_config(config)
-  checkpoints.check_compatible(
+  run_config.check_compatible(
     saved.to_dict(),
     config,
     tuple(f for f in gpt_load.COMPATIBILITY_FIELDS if f != 'transformer.scan_layers'),

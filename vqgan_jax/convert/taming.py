@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqgan_jax import checkpoints
+from vqgan_jax import run_config
 from vqgan_jax.convert import ConversionError
 from vqgan_jax.convert import param_mapping
 from vqgan_jax.convert import torch_ckpt
@@ -129,7 +130,7 @@ def save_checkpoint(out_dir: str, state, config, step: int) -> None:
   finally:
     ckpt.close()
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(checkpoints.config_to_dict(config), f, indent=2, sort_keys=True)
+    json.dump(run_config.config_to_dict(config), f, indent=2, sort_keys=True)
 
 
 def _lpips_reference_diff(lpips_params) -> float | None:

@@ -243,7 +243,7 @@ def from_config(
   """The VQGAN described by stage-1 `model` fields (a ConfigDict or a dict, as saved in a
   checkpoint's config): the one place a config becomes a module. Every field is read as it
   is: a saved config gets the fields added after it was written when it is read
-  (`checkpoints.upgrade_config`). `frozen`: no dropout (encode, decode, stage 2). `dtype`,
+  (`run_config.upgrade_config`). `frozen`: no dropout (encode, decode, stage 2). `dtype`,
   `remat_policy` and `conv_impl` say how it runs, not what it computes (`config.train`'s).
   """
   return VQGAN(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vqgan_jax import checkpoints
+from vqgan_jax import fingerprint
 from vqgan_jax import parallel
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import vqgan as vqgan_lib
@@ -96,7 +97,7 @@ def tokenizer_identity(workdir, params, key):
   """What identifies the stage-1 params that encode codes (and decode what stage 2 samples):
   a codes dataset records it (--mode=encode) and stage 2 compares it with its stage 1.
 
-  Only `params_sha256` (`checkpoints.params_fingerprint`) decides; the run's path, step and
+  Only `params_sha256` (`fingerprint.params_fingerprint`) decides; the run's path, step and
   whether the EMA params were read say where they came from (a moved or copied run is the
   same tokenizer).
   """
@@ -104,5 +105,5 @@ def tokenizer_identity(workdir, params, key):
     'workdir': os.path.abspath(workdir),
     'step': latest_step(workdir),
     'ema': key == 'params_ema',
-    'params_sha256': checkpoints.params_fingerprint(params),
+    'params_sha256': fingerprint.params_fingerprint(params),
   }

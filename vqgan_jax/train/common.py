@@ -18,6 +18,7 @@ import tqdm
 
 from vqgan_jax import checkpoints
 from vqgan_jax import metrics as metrics_lib
+from vqgan_jax import run_config
 
 
 class RunError(RuntimeError):
@@ -78,9 +79,9 @@ def check_init_from(path: str, stage: str, config=None, fields=()) -> None:
     raise checkpoints.CheckpointError(
       f'{field} is a {saved!r} run; this {stage} run starts from a {stage} workdir'
     )
-  differences = checkpoints.config_differences(saved_config, config, fields) if fields else []
+  differences = run_config.config_differences(saved_config, config, fields) if fields else []
   if differences:
-    raise checkpoints.IncompatibleCheckpointError(
+    raise run_config.IncompatibleCheckpointError(
       f'{field} cannot start this run: '
       + '; '.join('config.' + d.replace(': checkpoint ', ': init_from run ') for d in differences)
       + '. Set these as the init_from run has them, or train from scratch'

@@ -65,7 +65,7 @@ OPTIONAL_KEYS = ('quantizer', 'code_last_used', 'lecam', 'params_ema')
 
 def optional_state_keys(config) -> tuple:
   """The train-state entries beyond the original's that a run with `config` holds (a
-  ConfigDict; a saved one as `checkpoints.upgrade_config` reads it):
+  ConfigDict; a saved one as `run_config.upgrade_config` reads it):
 
   'quantizer': the quantizer's train-time statistics, the flax collection, where its
     `QuantizerSpec.train_state` says so (the VQ's EMA codebook: model.ema_decay > 0);
