@@ -28,6 +28,7 @@ LAYERS = (
     'data',
     'sampling',
     'maskgit_sampling',
+    'completion',
     'fid',
     'classifier_features',
     'feature_nets',
