@@ -68,16 +68,6 @@ _OUT = flags.DEFINE_string(
 GPT_NOTE = 'the GPT completes raster prefixes only (top_half); center_box needs MaskGIT'
 
 
-def write_row(out, row):
-  """Prints `row` with `machine.info()` as one JSON line and appends it to `out` (if set)."""
-  line = json.dumps({**machine.info(), **row})
-  print(line, flush=True)
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'a') as f:
-      f.write(line + '\n')
-
-
 def test_subset(data, num, seed):
   """(uint8 images (num, S, S, 3), labels (num,), test indices): num / 10 per class."""
   source = builders.get_source(data, 'test')
@@ -175,13 +165,13 @@ def main(argv):
   )
   orig_scores, orig_preds = score(originals, labels)
   if _REFERENCES.value:
-    write_row(_OUT.value, {**base, 'generator': 'original', 'mask': 'all', **orig_scores})
+    machine.write_row(_OUT.value, {**base, 'generator': 'original', 'mask': 'all', **orig_scores})
     gpt.vqgan.batch_size = _BATCH.value  # one compiled shape, compiled before timing
     gpt.vqgan.decode(codes[: _BATCH.value])
     t0 = time.perf_counter()
     recon = gpt.vqgan.decode(codes)
     per = (time.perf_counter() - t0) / len(codes)
-    write_row(
+    machine.write_row(
       _OUT.value,
       {
         **base,
@@ -228,9 +218,7 @@ def main(argv):
         'step': run.step,  # the checkpoint used, of
         'num_steps': int(run.config.train.num_steps),  # its training schedule's
       }
-      if run.kind == 'gpt':
-        row['note'] = GPT_NOTE
-      write_row(_OUT.value, row)
+      machine.write_row(_OUT.value, row)
       if _GRID_DIR.value:
         os.makedirs(_GRID_DIR.value, exist_ok=True)
         save_grid(

@@ -14,8 +14,9 @@ VQGAN training otherwise, its final eval over the whole test split), --mode=enco
 (the demo's size, steps and sampling setting; its final eval: held-out bits per code on the
 windows), then --mode=eval's 1000 class-balanced full-size samples (fd_fmnist and class
 accuracy with --classifier_workdir) and a timed sampling of --time_samples after compiling.
-One JSON row per run is printed and appended to --out, with `machine.info()`; the speed-up
-against f = 1 (same seed, else seed 0) is filled in for rows after an f = 1 row of the file.
+One JSON row per run is printed and appended to --out by `machine.write_row` (with where it
+ran); the speed-up against f = 1 (same seed, else seed 0) is filled in for rows after an f = 1
+row of the file.
 """
 
 import json
@@ -148,7 +149,6 @@ def run_one(f: int, seed: int, root: str, smoke: bool) -> dict:
     'gpt_steps': c2.train.num_steps,
     'smoke': smoke,
     'workdir': base,
-    **machine.info(),
   }
 
 
@@ -181,11 +181,7 @@ def main(argv):
   for f, seed in sorted(runs):  # f = 1 first: the others' speed-up reads it
     row = run_one(f, seed, _ROOT.value, _SMOKE.value)
     row['speedup_vs_f1'] = _speedup(row, rows)
-    rows.append(row)
-    line = json.dumps(row)
-    print(line, flush=True)
-    with open(_OUT.value, 'a') as fh:
-      fh.write(line + '\n')
+    rows.append(machine.write_row(_OUT.value, row))
 
 
 if __name__ == '__main__':
