@@ -367,11 +367,9 @@ def test_full_disk_at_a_save_keeps_the_committed_checkpoints(smoke_run, env, tmp
   assert not [p for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name]
   step, _ = _restore(workdir, fashion_mnist_vqgan.get_config(SMOKE))
   assert step == NUM_STEPS
-  if 'Future exception was never retrieved' in proc.stderr:
-    # Seen in one run of two: asyncio logs the tracebacks of orbax's abandoned OCDBT writes
-    # after the error line (a leak in vqgan_jax/checkpoints.py's failed-save path, reported).
-    pytest.xfail("orbax's abandoned writes logged their tracebacks")
-  assert 'Traceback' not in proc.stderr, _explain(proc)
+  # Nor the tracebacks of orbax's abandoned writes (asyncio's "Future exception was never
+  # retrieved", 2 runs in 3 before orbax_workarounds.save_failed).
+  assert 'Traceback' not in proc.stderr and 'never retrieved' not in proc.stderr, _explain(proc)
 
 
 def _tree_digest(directory):

@@ -375,6 +375,7 @@ class Checkpointer:
         f'{_brief(e, reason_only=True)}; the steps committed before it stay.'
       )
     self._pending, self._failed = None, True
+    orbax_workarounds.save_failed()
     with contextlib.suppress(OSError):  # orbax's <step>.orbax-checkpoint-tmp[-<n>]
       for name in os.listdir(self.directory) if jax.process_index() == 0 else ():
         if name.startswith(f'{step}.orbax-checkpoint-tmp'):
