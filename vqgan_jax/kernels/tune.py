@@ -83,6 +83,7 @@ def _write(machine, key, record) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(data, f, indent=0, sort_keys=True)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users' runs
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
