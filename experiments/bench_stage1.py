@@ -46,6 +46,9 @@ _THREADS = flags.DEFINE_integer('threads', 2, 'Torch threads for the original.')
 _NO_REF = flags.DEFINE_bool('no_reference', False, 'Skip the original even if installed.')
 _BATCH = flags.DEFINE_integer('batch', 0, 'Override the batch size (0: the config default).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes of our step.')
+_CONV_IMPLS = flags.DEFINE_list(
+  'conv_impls', ['auto'], "train.conv_impl of our step, each timed ('tuned': kernels/tune.py)."
+)
 
 _CONV_PROFILE = flags.DEFINE_bool('conv_profile', False, 'Time single convs instead.')
 _OUT = flags.DEFINE_string(
@@ -73,7 +76,7 @@ CONV_SHAPES = (
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def bench_config(name, dtype='float32'):
+def bench_config(name, dtype='float32', conv_impl='auto'):
   """Our config for a benchmark name; all keep the GAN active (disc_start 0)."""
   if name == 'demo':
     demo = os.path.join(_CONFIGS_DIR, 'fashion_mnist_vqgan.py')
@@ -102,6 +105,7 @@ def bench_config(name, dtype='float32'):
   if _BATCH.value:
     c.train.batch_size = _BATCH.value
   c.train.dtype = dtype
+  c.train.conv_impl = conv_impl
   return c
 
 
@@ -265,13 +269,14 @@ def main(argv):
   use_ref = not _NO_REF.value and _reference_available()
   for name in _CONFIGS.value:
     rows = []
-    for dtype in _DTYPES.value:
-      config = bench_config(name, dtype)
+    for dtype, impl in [(d, i) for d in _DTYPES.value for i in _CONV_IMPLS.value]:
+      config = bench_config(name, dtype, impl)
       row = {
         'name': f'stage1_train_{name}',
         'batch': config.train.batch_size,
         'image_size': config.data.image_size,
         'dtype': dtype,
+        'conv_impl': impl,
         'device': jax.devices()[0].device_kind,
         'num_devices': jax.device_count(),
       }

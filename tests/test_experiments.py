@@ -6,6 +6,8 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, 'experiments')
@@ -72,6 +74,7 @@ def test_every_script_that_writes_results_uses_the_row_writer():
     'experiments/bench_stage2.py',
     'experiments/compare_generators.py',
     'experiments/convert_f16_roundtrip.py',
+    'experiments/gpu_check.py',
     'experiments/test_bounds.py',
   } <= set(writers), writers
 
@@ -91,3 +94,54 @@ def test_the_row_writer_adds_where_the_row_was_measured(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out) == rows[0]  # printed once, the row as written
   machine.write_row('', {'name': 'c'})  # print only
   assert json.loads(capsys.readouterr().out)['name'] == 'c'
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+  """experiments/gpu_check.py --tiny: every part runs (the project's own steps and samplers, at
+  toy shapes) and writes its rows with the fields the first GPU run will report."""
+  out = tmp_path / 'gpu_check.jsonl'
+  cmd = [sys.executable, os.path.join(EXPERIMENTS, 'gpu_check.py'), '--tiny', f'--out={out}']
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['name']: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {'gpu_stage1_train', 'gpu_gpt_train', 'gpu_gpt_sample', 'gpu_maskgit_sample'}
+  for row in rows.values():
+    assert set(MACHINE_FIELDS) <= set(row) and row['tiny'] is True
+    assert row['device_kind'] == 'cpu' and row['platform'] == 'cpu'
+    assert 'mfu' not in row and row['peak_bf16_tflops'] is None  # no peak known for a CPU
+  s1, gpt = rows['gpu_stage1_train'], rows['gpu_gpt_train']
+  assert s1['images_per_s'] > 0 and s1['step_tflop'] > 0 and s1['dtype'] == 'bfloat16'
+  assert gpt['tokens_per_s'] > 0 and gpt['step_tflop'] > 0 and gpt['batch'] == 4
+  for kind in ('gpt', 'maskgit'):
+    row = rows[f'gpu_{kind}_sample']
+    assert row['batch_1']['latency_s'] > 0 and row['batch_64']['latency_s'] > 0
+  assert rows['gpu_gpt_sample']['batch_64']['tokens_per_s'] > 0
+  assert rows['gpu_maskgit_sample']['iterations'] == 8
+  assert rows['gpu_maskgit_sample']['batch_1']['speedup_vs_gpt'] > 0
+
+
+def test_gpu_check_peak_table_and_flop_count():
+  spec = importlib.util.spec_from_file_location(
+    'gpu_check', os.path.join(EXPERIMENTS, 'gpu_check.py')
+  )
+  sys.path.insert(0, EXPERIMENTS)  # its `import machine`
+  try:
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+  finally:
+    sys.path.remove(EXPERIMENTS)
+  assert gpu_check.peak_flops('NVIDIA H100 80GB HBM3') == 989e12  # SXM
+  assert gpu_check.peak_flops('NVIDIA H200') == 989e12
+  assert gpu_check.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert gpu_check.peak_flops('cpu') is None
+
+  class Compiled:  # cost_analysis() is a dict in new jax, a list of one dict in older ones
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  assert gpu_check.step_flops(Compiled({'flops': 2.0})) == 2.0
+  assert gpu_check.step_flops(Compiled([{'flops': 3.0}])) == 3.0
+  assert gpu_check.step_flops(Compiled(None)) == 0.0

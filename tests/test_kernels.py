@@ -2,6 +2,9 @@
 the loop-free kernel gradient) against lax.conv_general_dilated and its autodiff, and the
 sub-pixel upsample conv against the original's repeat-then-conv."""
 
+import json
+import os
+
 import bounds
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import pytest
 
 from vqgan_jax.kernels import conv
 from vqgan_jax.kernels import cpu_conv
+from vqgan_jax.kernels import tune
 
 
 def _magnitudes(conv_fn, x, kernel, ct):
@@ -191,3 +195,87 @@ def test_upsample_conv_equals_nearest_upsample_then_conv(shape, loops, monkeypat
   yb = upsample(x.astype(jnp.bfloat16), kernel)
   assert yb.dtype == jnp.float32
   np.testing.assert_allclose(yb, y, rtol=0.05, atol=0.05 * float(jnp.abs(y).max()))
+
+
+# conv_impl='tuned'. The suite never times: `tune.measure` is replaced by a fake timer that
+# says which candidate "won", and counts its calls (timing would make the tests slow and their
+# outcome machine-dependent). The suite's 8 fake devices would make 'tuned' fall back to
+# 'auto', so `_loops_allowed` is patched to the one-device answer.
+def _fake_timer(monkeypatch, winner, calls):
+  def measure(candidates, args):
+    calls.append(sorted(candidates))
+    return {name: 1e-3 if name == winner else 2e-3 for name in candidates}
+
+  monkeypatch.setattr(tune, 'measure', measure)
+
+
+@pytest.fixture
+def tuned_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('VQGAN_JAX_CACHE', str(tmp_path))
+  monkeypatch.setattr(tune, '_CACHE', {'path': None, 'entries': None})
+  monkeypatch.setattr(cpu_conv, '_loops_allowed', lambda impl: impl != 'xla')
+  return tmp_path / 'conv_choice.json'
+
+
+def test_tuned_choice_is_cached_on_disk_keyed_by_machine_and_conv(tuned_cache, monkeypatch):
+  calls = []
+  _fake_timer(monkeypatch, 'patches', calls)
+  pad = ((1, 1), (1, 1))
+  candidates = cpu_conv.conv_candidates((2, 8, 8, 32), (3, 3, 32, 32), 1, pad)
+  assert sorted(candidates) == ['patches', 'wino', 'xla']
+  args = ('fwd', jnp.float32, (2, 8, 8, 32), (3, 3, 32, 32), 1, pad, candidates)
+  assert tune.choose(*args) == 'patches' and tune.choose(*args) == 'patches'
+  assert calls == [['patches', 'wino', 'xla']]  # timed once, then read
+  data = json.loads(tuned_cache.read_text())
+  (machine,) = data
+  assert machine.startswith('+'.join(tune.cpu_flags()) or 'noflags')
+  assert f'jax={jax.__version__}' in machine and f'cores={os.cpu_count()}' in machine
+  assert data[machine] == {
+    'fwd|float32|2x8x8x32|3x3x32x32|s1|p1:1,1:1': {
+      'choice': 'patches',
+      'ms': {'patches': 1.0, 'wino': 2.0, 'xla': 2.0},
+    }
+  }
+  assert os.listdir(tuned_cache.parent) == ['conv_choice.json']  # no temporary left
+  # A new process reads the file; another dtype, shape or direction is another entry.
+  monkeypatch.setattr(tune, '_CACHE', {'path': None, 'entries': None})
+  assert tune.choose(*args) == 'patches' and len(calls) == 1
+  tune.choose('fwd', jnp.bfloat16, *args[2:])
+  tune.choose('kernel_grad', *args[1:])
+  tune.choose('fwd', jnp.float32, (4, 8, 8, 32), *args[3:])
+  assert len(calls) == 4 and len(json.loads(tuned_cache.read_text())[machine]) == 4
+  # Another CPU kind is measured again, next to the first one's entries.
+  monkeypatch.setattr(tune, 'cpu_flags', lambda: ('avx2',))
+  assert tune.choose(*args) == 'patches' and len(calls) == 5
+  assert len(json.loads(tuned_cache.read_text())) == 2
+  # A corrupt file is measured over, not an error.
+  tuned_cache.write_text('{not json')
+  monkeypatch.setattr(tune, '_CACHE', {'path': None, 'entries': None})
+  assert tune.choose(*args) == 'patches' and len(calls) == 6
+
+
+@pytest.mark.parametrize('winner', ['xla', 'patches', 'wino'])
+def test_tuned_conv_runs_the_cached_choice(tuned_cache, winner, monkeypatch):
+  """The program traced under 'tuned' is the one the (fake) timing chose, forward, input and
+  kernel gradients, and it computes XLA's conv and gradients."""
+  calls = []
+  _fake_timer(monkeypatch, winner, calls)
+  pad = ((1, 1), (1, 1))
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 8, 8, 32), jnp.float32)
+  k = jnp.asarray(0.1 * rng.randn(3, 3, 32, 32), jnp.float32)
+  loss = lambda impl: lambda x, k: jnp.sum(jnp.square(conv.conv2d(x, k, 1, pad, impl)))
+  grad = jax.grad(loss('tuned'), (0, 1))
+  text = str(jax.make_jaxpr(grad)(x, k))
+  # fwd of x, fwd of g with the flipped kernel (same shapes: one entry), kernel gradient.
+  assert len(calls) == 2
+  choices = [r['choice'] for m in json.loads(tuned_cache.read_text()).values() for r in m.values()]
+  assert choices == [winner, winner]
+  # XLA's own: no CPU branch (`platform_dependent`); the patch matmuls loop over batch chunks,
+  # Winograd does not at this batch (one chunk).
+  assert ('branches_platforms' in text) == (winner != 'xla')
+  assert ('scan' in text) == (winner == 'patches')
+  want = jax.grad(loss('xla'), (0, 1))(x, k)
+  for got, ref in zip(jax.jit(grad)(x, k), want):
+    np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
+  assert len(calls) == 2  # the jitted trace read the cache

@@ -192,8 +192,9 @@ def stage1_base():
       # Which kernels compute the convs on CPU (vqgan_jax/kernels/cpu_conv.py): 'auto' (the
       # Winograd / patch-matmul kernels where they measured faster, on a one-device process),
       # 'cpu' (those kernels, looping over batch chunks, on any device count: one-device
-      # meshes only), 'xla' (XLA's own). Accelerators use XLA's under every choice. Like
-      # dtype, it may differ between resumes.
+      # meshes only), 'xla' (XLA's own), 'tuned' (per conv shape, the fastest of those as timed
+      # once on this machine, cached on disk: kernels/tune.py). Accelerators use XLA's under
+      # every choice. Like dtype, it may differ between resumes.
       conv_impl='auto',
       num_grid_images=16,
       # > 0: keep an EMA (this decay, e.g. 0.999) of the generator's params in the state

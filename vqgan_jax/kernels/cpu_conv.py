@@ -8,6 +8,9 @@ Chosen by `conv_impl` (`train.conv_impl` in a config; `kernels.conv` dispatches)
           device (a loop over a sharded batch would hold collectives).
   'auto'  'cpu' on a one-device process; with several devices only the loop-free kernel
           gradients. Accelerators take XLA's convs under every choice (`platform_dependent`).
+  'tuned' per conv shape and dtype, the candidate (XLA's, patch matmuls, Winograd) that
+          measured fastest on this machine (`tune`: timed once, cached on disk); one device
+          only ('auto' with several).
 """
 
 import functools
@@ -15,7 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'xla', 'cpu')
+from vqgan_jax.kernels import tune
+
+IMPLS = ('auto', 'xla', 'cpu', 'tuned')
 
 
 def lax_conv(x, kernel, strides, padding, preferred_element_type=None):
@@ -48,10 +53,10 @@ def check_impl(impl: str) -> None:
 
 
 def _loops_allowed(impl: str) -> bool:
-  """Whether the CPU conv paths may loop over batch chunks: 'cpu', or 'auto' on one device.
-  With a sharded batch the loop would hold collectives, and XLA:CPU's in-process collectives
-  deadlocked in one on the two-process tests' 2x2 mesh."""
-  return impl == 'cpu' or (impl == 'auto' and jax.device_count() == 1)
+  """Whether the CPU conv paths may loop over batch chunks: 'cpu', or 'auto' / 'tuned' on one
+  device. With a sharded batch the loop would hold collectives, and XLA:CPU's in-process
+  collectives deadlocked in one on the two-process tests' 2x2 mesh."""
+  return impl == 'cpu' or (impl in ('auto', 'tuned') and jax.device_count() == 1)
 
 
 def _batch_chunk(b, per_image, budget=None):
@@ -195,6 +200,7 @@ def wino_applies(x, kernel, strides, padding, impl):
     and min(h, w) >= 16
     and 32 <= cin <= 256
     and 32 <= cout <= 256
+    and impl != 'tuned'
     and _loops_allowed(impl)
   )
 
@@ -205,6 +211,10 @@ def wino_applies(x, kernel, strides, padding, impl):
 def conv_fast(x, kernel, strides, padding, impl):
   """`_conv` of float32 operands, on one CPU device by Winograd or `_conv_patches` where
   that is faster."""
+  if impl == 'tuned':
+    if _loops_allowed(impl):
+      return _tuned_conv(x, kernel, strides, padding)
+    impl = 'auto'
   kh, kw, cin, cout = kernel.shape
   if wino_applies(x, kernel, strides, padding, impl):
     return jax.lax.platform_dependent(
@@ -274,8 +284,69 @@ def kernel_grad(x, g, kernel, strides, padding, impl):
   native = lambda x, g: jax.vjp(lambda k: lax_conv(x, k, strides, padding), kernel)[1](g)[0]
   if impl == 'xla' or kernel.shape[-1] < 16:
     return native(x, g)
+  if impl == 'tuned':
+    if _loops_allowed(impl):
+      return _tuned_kernel_grad(x, g, kernel, strides, padding)
+    impl = 'auto'
   loops = _loops_allowed(impl)
   ours = lambda x, g: _kernel_grad_chunked(x, g, kernel.shape, strides, padding, loops).astype(
     kernel.dtype
   )
   return jax.lax.platform_dependent(x, g, cpu=ours, default=native)
+
+
+# conv_impl='tuned': the candidates of each direction, as functions of the operands alone (no
+# tracer of the caller's is closed over: `tune.choose` may run them eagerly while tracing).
+def _wino_shape(x_shape, k_shape, strides, padding):
+  return (
+    tuple(k_shape[:2]) == (3, 3)
+    and strides == 1
+    and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+    and x_shape[1] % 2 == 0
+    and x_shape[2] % 2 == 0
+    and min(x_shape[1:3]) >= 4
+  )
+
+
+def conv_candidates(x_shape, k_shape, strides, padding):
+  """{name: fn(x, kernel)} of the float32 forward conv."""
+  out = {'xla': lambda x, k: lax_conv(x, k, strides, padding)}
+  if strides == 1:
+    out['patches'] = lambda x, k: _conv_patches(x, k, padding)
+  if _wino_shape(x_shape, k_shape, strides, padding):
+    out['wino'] = lambda x, k: _wino_conv_chunked(x, _wino_kernel(k))
+  return out
+
+
+def kernel_grad_candidates(x_shape, k_shape, dtype, strides, padding):
+  """{name: fn(x, g)} of the kernel gradient (its value does not depend on the kernel)."""
+  zeros = lambda: jnp.zeros(k_shape, dtype)
+  out = {
+    'xla': lambda x, g: jax.vjp(lambda k: lax_conv(x, k, strides, padding), zeros())[1](g)[0],
+    'patches': lambda x, g: _kernel_grad_chunked(x, g, k_shape, strides, padding, True).astype(
+      dtype
+    ),
+  }
+  if jnp.dtype(dtype) == jnp.float32 and _wino_shape(x_shape, k_shape, strides, padding):
+    out['wino'] = lambda x, g: wino_conv_bwd(x, zeros(), g)[1]
+  return out
+
+
+def _tuned(direction, a, b, k_shape, strides, padding, candidates):
+  native = candidates['xla']
+  if jax.default_backend() != 'cpu':  # accelerators: XLA's convs, nothing to time
+    return native(a, b)
+  name = tune.choose(direction, a.dtype, a.shape, k_shape, strides, padding, candidates)
+  if name == 'xla':
+    return native(a, b)
+  return jax.lax.platform_dependent(a, b, cpu=candidates[name], default=native)
+
+
+def _tuned_conv(x, kernel, strides, padding):
+  candidates = conv_candidates(x.shape, kernel.shape, strides, padding)
+  return _tuned('fwd', x, kernel, kernel.shape, strides, padding, candidates)
+
+
+def _tuned_kernel_grad(x, g, kernel, strides, padding):
+  candidates = kernel_grad_candidates(x.shape, kernel.shape, kernel.dtype, strides, padding)
+  return _tuned('kernel_grad', x, g, kernel.shape, strides, padding, candidates)
