@@ -158,6 +158,9 @@ def test_sample_deterministic_and_greedy(model, params, forward):
     top_k=5,
   )
   np.testing.assert_array_equal(scanned, a)
+  # Inside a caller's jit (as the benchmarks call it): the params are tracers there.
+  jitted = jax.jit(lambda p: sampling.sample(p, model, COND, jax.random.key(7), steps=12, top_k=5))
+  np.testing.assert_array_equal(jitted(params), a)
 
   greedy = sampling.sample(params, model, COND, jax.random.key(0), steps=12, top_k=1)
   seq = np.zeros((3, 13), np.int32)  # one shape: causality makes the padding harmless

@@ -221,9 +221,10 @@ def decoding_iterations(iterations, schedule, choice_temperature, schedules):
 
 
 def devices_of(tree):
-  """The local devices the arrays of `tree` live on (a jitted call on them runs there)."""
+  """The local devices the arrays of `tree` live on (a jitted call on them runs there). Under
+  a caller's own jit the arrays are tracers, without a placement: the first local device."""
   for leaf in jax.tree.leaves(tree):
-    if isinstance(leaf, jax.Array):
+    if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
       return sorted(leaf.sharding.addressable_devices, key=lambda d: d.id)
   return jax.local_devices()[:1]
 
