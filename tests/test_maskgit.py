@@ -461,7 +461,7 @@ def test_main_train_then_sample(tmp_path):
   _fake_classifier(clf_dir)
   out = main(
     '--mode=eval',
-    '--config.sample.steps=4',
+    '--config.sample.iterations=4',
     '--config.sample.schedule=square',
     '--config.eval.num_samples=8',
     f'--config.eval.classifier_workdir={clf_dir}',

@@ -45,6 +45,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vqgan_jax import distributed  # imports no JAX
+from vqgan_jax import run_config  # plain Python: the renamed fields
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file (file.py[:arg]).', lock_config=True
@@ -192,6 +193,12 @@ def parse_flags(argv):
     key = key.strip('\'"')
     given = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
     named = [a for a in given if key in a[len('--config.') :].split('.')] or given
+    renamed = [
+      f'{old} is now {new}'
+      for old, new in run_config.RENAMED_FIELDS.items()
+      if any(a.endswith('.' + old) or a == '--config.' + old for a in named)
+    ]
+    hint = renamed or hint
     print(
       f'error: {", ".join(named) or "--config"}: the config has no field {key!r}'
       + (f'. {" ".join(hint)}' if hint else ''),
