@@ -26,7 +26,6 @@ from configs import fashion_mnist_transformer
 from vqgan_jax import checkpoints
 from vqgan_jax import completion
 from vqgan_jax import config_base
-from vqgan_jax import evaluate
 from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
@@ -318,16 +317,3 @@ def test_main_completes_a_folder(workdirs):
   np.testing.assert_array_equal(out['labels'], [-1, -1])  # a folder: unlabelled, null class
   with Image.open(f'{stem}.png') as png:  # 2 rows of input, masked input, 3 completions
     assert png.size[0] * (2 * (SIZE + 2) + 2) == png.size[1] * (5 * (SIZE + 2) + 2)
-
-
-def test_eval_writes_the_adm_evaluator_layout(workdirs):
-  """--mode=eval's samples .npz holds uint8 NHWC images under arr_0 and labels under arr_1,
-  what guided-diffusion's evaluations/evaluator.py reads."""
-  stage1, workdir, c, _ = workdirs
-  c = ml_collections.ConfigDict(c.to_dict())
-  c.eval.num_samples = 4
-  evaluate.evaluate_stage2(c, str(workdir))
-  drawn = np.load(workdir / 'eval_samples_2.npz')
-  assert drawn['arr_0'].shape == (4, SIZE, SIZE, 3) and drawn['arr_0'].dtype == np.uint8
-  np.testing.assert_array_equal(drawn['arr_1'], np.arange(4))
-  assert drawn['codes'].shape == (4, *GRID)

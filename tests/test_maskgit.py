@@ -472,13 +472,14 @@ def test_main_train_then_sample(tmp_path):
   )
   assert f'results: {workdir / "eval_2.json"}' in out
   result = json.loads((workdir / 'eval_2.json').read_text())
-  assert result['sampler']['kind'] == 'maskgit' and result['sampler']['steps'] == 4
+  assert result['sampler']['kind'] == 'maskgit' and result['sampler']['iterations'] == 4
   assert result['num_samples'] == 8 and result['reference'] == {
     'dataset': 'folder',
     'split': 'train',
   }
   drawn = np.load(workdir / 'eval_samples_2.npz')
-  np.testing.assert_array_equal(drawn['labels'], np.arange(8))  # class-balanced
+  # The ADM evaluator's layout: uint8 NHWC images under arr_0, labels under arr_1.
+  np.testing.assert_array_equal(drawn['arr_1'], np.arange(8))  # class-balanced
   clf = classifier_features.load_classifier(
     str(clf_dir), parallel.make_mesh(config_base.classifier_base().mesh)
   )
@@ -486,9 +487,9 @@ def test_main_train_then_sample(tmp_path):
   real = np.stack([pipeline.preprocess(builders.load_rgb(str(folder / p)), 32) for p in names])
   fr, _ = _classifier_outputs(clf, real.astype(np.float32) / 127.5 - 1.0)
   # Eval measured the float images it decoded; the file holds them as uint8 (1/255 apart).
-  fx, logits = _classifier_outputs(clf, drawn['images'].astype(np.float32) / 127.5 - 1.0)
+  fx, logits = _classifier_outputs(clf, drawn['arr_0'].astype(np.float32) / 127.5 - 1.0)
   expected = metrics.frechet_distance(
     fr.mean(0), np.cov(fr, rowvar=False), fx.mean(0), np.cov(fx, rowvar=False)
   )
   assert result['fd_toy'] == pytest.approx(expected, rel=1e-2) and expected > 0
-  assert result['class_accuracy'] == np.mean(np.argmax(logits, -1) == drawn['labels'])
+  assert result['class_accuracy'] == np.mean(np.argmax(logits, -1) == drawn['arr_1'])
