@@ -72,6 +72,7 @@ def test_every_script_that_writes_results_uses_the_row_writer():
     'experiments/bench_stage2.py',
     'experiments/compare_generators.py',
     'experiments/convert_f16_roundtrip.py',
+    'experiments/guidance_sweep.py',
     'experiments/test_bounds.py',
   } <= set(writers), writers
 
@@ -91,3 +92,26 @@ def test_the_row_writer_adds_where_the_row_was_measured(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out) == rows[0]  # printed once, the row as written
   machine.write_row('', {'name': 'c'})  # print only
   assert json.loads(capsys.readouterr().out)['name'] == 'c'
+
+
+def test_the_guidance_rule_picks_the_lowest_fd_at_90_percent_else_the_most_accurate_near_it():
+  spec = importlib.util.spec_from_file_location(
+    'guidance_sweep', os.path.join(EXPERIMENTS, 'guidance_sweep.py')
+  )
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+
+  def row(scale, fd, acc):
+    return {'cfg_scale': scale, 'fd_fmnist': fd, 'class_accuracy': acc}
+
+  rows = [row(1, 2.8, 0.80), row(2, 1.9, 0.91), row(3, 2.2, 0.95), row(4, 1.5, 0.88)]
+  assert sweep.pick(rows)['cfg_scale'] == 2  # 1.5 is lower but below 90%
+  # None reaches 90%: the best fd is 1.5; within 10% of it (<= 1.65) the most accurate.
+  rows = [row(1, 2.8, 0.80), row(2, 1.6, 0.86), row(3, 1.5, 0.84), row(4, 1.7, 0.89)]
+  assert sweep.pick(rows)['cfg_scale'] == 2
+  try:
+    sweep.pick([])
+  except ValueError as e:
+    assert 'no sweep rows' in str(e)
+  else:
+    raise AssertionError('pick([]) must refuse')
