@@ -48,6 +48,9 @@ _STATS = flags.DEFINE_string('stats_dir', '', 'Reference statistics cache (defau
 _ONLY = flags.DEFINE_list('only', [], 'Run only these setting indices of the grid.')
 _RULE = flags.DEFINE_bool('rule', False, "Print the rule's pick from --out's rows and exit.")
 _KIND = flags.DEFINE_string('kind', '', 'With --rule: only rows of this kind (gpt, maskgit).')
+_PLOT = flags.DEFINE_string(
+  'plot', '', 'Also write an SVG of fd_fmnist and class accuracy vs guidance scale here.'
+)
 _OUT = flags.DEFINE_string(
   'out', 'guidance_sweep.jsonl', "Rows file under experiments/results/ (or a path); '' prints."
 )
@@ -163,6 +166,80 @@ def sweep():
   return rows
 
 
+# The rows on the guidance-scale axis: each generator's grid at its other default settings.
+SCALE_AXIS = {
+  'gpt': dict(temperature=1.0, top_k=100),
+  'maskgit': dict(iterations=8, choice_temperature=4.5),
+}
+COLORS = {'gpt': '#1f77b4', 'maskgit': '#d62728'}
+
+
+def svg_plot(rows, path):
+  """Two panels, fd_fmnist and class accuracy against guidance scale, a line per generator
+  (its SCALE_AXIS rows; the latest row of each scale). No matplotlib in the venv: plain SVG."""
+  lines = {}
+  for r in rows:
+    if all(r.get(k) == v for k, v in SCALE_AXIS.get(r['kind'], {}).items()):
+      lines.setdefault(r['kind'], {})[r['cfg_scale']] = r
+  panels = [('fd_fmnist', 'fd_fmnist (lower is better)'), ('class_accuracy', 'class accuracy')]
+  w, h, pad = 360, 260, 50
+  out = [
+    f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h + 30}" '
+    'font-family="sans-serif" font-size="11">'
+  ]
+  scales = [s for line in lines.values() for s in line] or [1.0]
+  x0, x1 = min(scales), max(max(scales), min(scales) + 1)
+  for p, (key, title) in enumerate(panels):
+    vals = [r[key] for line in lines.values() for r in line.values()]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    if key == 'class_accuracy':
+      lo, hi = min(lo, MIN_ACCURACY), max(hi, MIN_ACCURACY)
+    lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+    left = p * w + pad
+
+    def xy(s, v, left=left, lo=lo, hi=hi):
+      return left + (s - x0) / (x1 - x0) * (w - pad - 10), h - pad + 10 - (v - lo) / (hi - lo) * (
+        h - pad - 20
+      )
+
+    out.append(f'<text x="{left}" y="15" font-size="13">{title}</text>')
+    out.append(
+      f'<rect x="{left}" y="20" width="{w - pad - 10}" height="{h - pad - 10}" '
+      'fill="none" stroke="#888"/>'
+    )
+    for t in range(5):
+      v = lo + (hi - lo) * t / 4
+      _, y = xy(x0, v)
+      label = f'{v:.0%}' if key == 'class_accuracy' else f'{v:.2f}'
+      out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+    for s in sorted(set(scales)):
+      x, _ = xy(s, lo)
+      out.append(f'<text x="{x:.1f}" y="{h - pad + 25}" text-anchor="middle">{s:g}</text>')
+    out.append(
+      f'<text x="{left + (w - pad) / 2}" y="{h - pad + 42}" text-anchor="middle">'
+      'guidance scale (1 = unguided)</text>'
+    )
+    if key == 'class_accuracy':
+      _, y = xy(x0, MIN_ACCURACY)
+      out.append(
+        f'<line x1="{left}" x2="{left + w - pad - 10}" y1="{y:.1f}" y2="{y:.1f}" '
+        'stroke="#888" stroke-dasharray="4 3"/>'
+      )
+    for n, (kind, line) in enumerate(sorted(lines.items())):
+      pts = [xy(s, line[s][key]) for s in sorted(line)]
+      color = COLORS.get(kind, '#2ca02c')
+      path_d = ' '.join(f'{x:.1f},{y:.1f}' for x, y in pts)
+      out.append(f'<polyline points="{path_d}" fill="none" stroke="{color}" stroke-width="2"/>')
+      out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts]
+      settings_text = ', '.join(f'{k} {v:g}' for k, v in SCALE_AXIS.get(kind, {}).items())
+      out.append(
+        f'<text x="{left + 8}" y="{36 + 14 * n}" fill="{color}">{kind} ({settings_text})</text>'
+      )
+  out.append('</svg>')
+  with open(path, 'w') as f:
+    f.write('\n'.join(out) + '\n')
+
+
 def main(argv):
   del argv
   if _RULE.value:
@@ -178,6 +255,9 @@ def main(argv):
     picked = {k: best[k] for k in keys if k in best}
     figures = {k: best[k] for k in ('fd_fmnist', 'class_accuracy', 'step', 'workdir')}
     print('pick:', json.dumps({**picked, **figures}))
+  if _PLOT.value:
+    svg_plot(read_rows(_results_path(_OUT.value)) if _OUT.value else rows, _PLOT.value)
+    print('plot:', _PLOT.value)
 
 
 if __name__ == '__main__':
