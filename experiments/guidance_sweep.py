@@ -67,6 +67,12 @@ GPT_GRID = [(s, 1.0, 100) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (3.0, 0.9, 100),
   (2.0, 1.0, 30),
   (3.0, 1.0, 30),
+  # Added after the first pass (guidance cut diversity: fd rose with the scale): a smaller
+  # scale, and a hotter sampler without top-k to give back the diversity guidance takes.
+  (1.25, 1.0, 100),
+  (2.0, 1.1, 0),
+  (2.0, 1.2, 0),
+  (3.0, 1.2, 0),
 ]
 # (cfg_scale, iterations, choice_temperature) for MaskGIT (temperature 1, no top-k).
 MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
