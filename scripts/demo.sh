@@ -2,7 +2,8 @@
 # The main job: set up, then run the whole Fashion-MNIST demo on this machine:
 #   a small classifier (the feature space of the offline Frechet distance fd_fmnist)
 #   -> stage 1 (VQGAN) -> encode the dataset to codes -> stage 2 (class-conditional GPT)
-#   -> a grid of samples, one row per class -> eval of 1000 class-balanced samples.
+#   -> a grid of guided samples, one row per class -> eval of 1000 class-balanced samples
+#   -> the top halves of held-out test images completed by the GPT.
 # Arguments go to stage 1's vqgan_jax.main, e.g. --config.train.num_steps=3000.
 # Rerunning resumes each stage from its last checkpoint in workdirs/ (a finished stage is
 # skipped by its own resume logic; codes are re-encoded only when stage 1 moved on).
@@ -36,15 +37,22 @@ stamp "encoding Fashion-MNIST to codes with the frozen VQGAN"
 $py -m vqgan_jax.main "${s2[@]}" --mode=encode --config.encode.overwrite=True
 stamp "stage 2: training the class-conditional transformer into $stage2"
 $py -m vqgan_jax.main "${s2[@]}"
+# Sampling, eval and completion draw with the config's sample settings: classifier-free
+# guidance at the scale experiments/guidance_sweep.py's rule picked.
 stamp "sampling"
 $py -m vqgan_jax.main "${s2[@]}" --mode=sample
 samples="$(ls -1 "$stage2"/samples_*.png | tail -n 1)"
 stamp "evaluating 1000 class-balanced samples against the training images"
 $py -m vqgan_jax.main "${s2[@]}" --mode=eval --config.eval.classifier_workdir="$clf" \
   --config.eval.num_samples=1000
+stamp "completing the top halves of held-out test images"
+$py -m vqgan_jax.main "${s2[@]}" --mode=sample --config.sample.complete_folder=test \
+  --config.sample.keep=top_half
+completions="$(ls -1 "$stage2"/completions_*_top_half.png | tail -n 1)"
 stamp "done"
 echo "demo: stage-1 reconstructions (odd rows: held-out inputs, even rows: reconstructions): $recon"
 echo "demo: stage-2 samples, one row per class (T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot): $samples"
+echo "demo: completions (per row: a held-out test image, its kept top half, 4 completions of the bottom half): $completions"
 # The figures above, the stage times and the machine, as one JSON file (README's demo figures
 # are quoted from a committed copy of it: docs/demo_results.json).
 DEMO_MARKS="$marks" $py - "$clf" "$stage1" "$stage2" <<'PY'
@@ -62,8 +70,11 @@ print(f"demo: classifier test accuracy {c['accuracy']:.4f} (its features define 
 print(f"demo: stage 1 on the 10k test images: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
       f"LPIPS {r['lpips']:.3f}, codebook usage {r['codebook_usage']:.1%}, "
       f"perplexity {r['perplexity']:.1f}, fd_fmnist of reconstructions {r['fd_fmnist']:.2f}")
+sampler = {k: g['sampler'][k] for k in ('cfg_scale', 'temperature', 'top_k') if k in g['sampler']}
 print(f"demo: stage 2, {g['num_samples']} class-balanced samples: fd_fmnist {g['fd_fmnist']:.2f} "
-      f"(vs the 60k training images), class accuracy {g['class_accuracy']:.1%}")
+      f"(vs the 60k training images), class accuracy {g['class_accuracy']:.1%} "
+      f"(guidance scale {sampler.get('cfg_scale')}, temperature {sampler.get('temperature')}, "
+      f"top-k {sampler.get('top_k')})")
 marks = [m.split(':', 1) for m in os.environ['DEMO_MARKS'].split(';') if m]
 stages = {what: int(t1) - int(t0) for (t0, what), (t1, _) in zip(marks, marks[1:])}
 keys = ('psnr', 'ssim', 'lpips', 'codebook_usage', 'perplexity', 'fd_fmnist', 'step')
@@ -75,6 +86,7 @@ results = {
   'stage2': {
     'eval_bits_per_code': last_eval(stage2).get('bits_per_token'),
     **{k: g[k] for k in ('num_samples', 'fd_fmnist', 'class_accuracy') if k in g},
+    'sampler': sampler,
   },
   'stage_seconds': stages,
   'total_minutes': round(int(marks[-1][0]) / 60, 1),

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from absl import flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, 'experiments')
 MACHINE_FIELDS = ('date', 'commit', 'cpu_model', 'cpu_flags', 'cores', 'jax', 'jaxlib', 'torch')
@@ -18,6 +20,22 @@ def _machine():
   spec = importlib.util.spec_from_file_location('machine', os.path.join(EXPERIMENTS, 'machine.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def _script(name):
+  """experiments/<name>.py as a module, for its functions. Its absl flags are removed from the
+  process's flags again, so scripts that define the same flag names load side by side."""
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(name, os.path.join(EXPERIMENTS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, EXPERIMENTS)  # their `import machine`
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(EXPERIMENTS)
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)
   return module
 
 
@@ -75,6 +93,7 @@ def test_every_script_that_writes_results_uses_the_row_writer():
     'experiments/compare_generators.py',
     'experiments/convert_f16_roundtrip.py',
     'experiments/gpu_check.py',
+    'experiments/guidance_sweep.py',
     'experiments/test_bounds.py',
   } <= set(writers), writers
 
@@ -121,15 +140,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
 
 
 def test_gpu_check_peak_table_and_flop_count():
-  spec = importlib.util.spec_from_file_location(
-    'gpu_check', os.path.join(EXPERIMENTS, 'gpu_check.py')
-  )
-  sys.path.insert(0, EXPERIMENTS)  # its `import machine`
-  try:
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-  finally:
-    sys.path.remove(EXPERIMENTS)
+  gpu_check = _script('gpu_check')
   assert gpu_check.peak_flops('NVIDIA H100 80GB HBM3') == 989e12  # SXM
   assert gpu_check.peak_flops('NVIDIA H200') == 989e12
   assert gpu_check.peak_flops('NVIDIA H100 PCIe') == 756e12
@@ -145,3 +156,22 @@ def test_gpu_check_peak_table_and_flop_count():
   assert gpu_check.step_flops(Compiled({'flops': 2.0})) == 2.0
   assert gpu_check.step_flops(Compiled([{'flops': 3.0}])) == 3.0
   assert gpu_check.step_flops(Compiled(None)) == 0.0
+
+
+def test_the_guidance_rule_picks_the_lowest_fd_at_90_percent_else_the_most_accurate_near_it():
+  sweep = _script('guidance_sweep')
+
+  def row(scale, fd, acc):
+    return {'cfg_scale': scale, 'fd_fmnist': fd, 'class_accuracy': acc}
+
+  rows = [row(1, 2.8, 0.80), row(2, 1.9, 0.91), row(3, 2.2, 0.95), row(4, 1.5, 0.88)]
+  assert sweep.pick(rows)['cfg_scale'] == 2  # 1.5 is lower but below 90%
+  # None reaches 90%: the best fd is 1.5; within 10% of it (<= 1.65) the most accurate.
+  rows = [row(1, 2.8, 0.80), row(2, 1.6, 0.86), row(3, 1.5, 0.84), row(4, 1.7, 0.89)]
+  assert sweep.pick(rows)['cfg_scale'] == 2
+  try:
+    sweep.pick([])
+  except ValueError as e:
+    assert 'no sweep rows' in str(e)
+  else:
+    raise AssertionError('pick([]) must refuse')

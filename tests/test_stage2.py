@@ -202,11 +202,11 @@ def test_vocabulary_conventions():
   c.transformer.update(vocab_size=20)
   with pytest.raises(ConfigError, match='vocab_size'):
     stage2_config.make_layout(c)
-  # The demo: 8x8 codes of 256 after a class token.
+  # The demo: 8x8 codes of 256 after a class token; 10 classes and the null class (guidance).
   demo = stage2_config.make_layout(
     stage2_config.resolve_config(fashion_mnist_transformer.get_config())
   )
-  assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 266, 64)
+  assert (demo.grid, demo.n_image, demo.vocab_size, demo.block_size) == ((8, 8), 256, 267, 64)
 
 
 def test_class_tokens_refuse_classes_the_model_lacks():

@@ -255,15 +255,7 @@ def evaluate_stage2(config, workdir, inception=None):
   split = config.eval.split or config.data.train_split
   ref = reference_stats(config, workdir, split, exts, mesh) if exts else {}
   args = run.sampler_args()
-  codes, images, fake, logits = _sample_features(run, config, labels, exts, args)
-  result = {'num_samples': len(labels)}
-  for m, e in exts.items():
-    name = 'gfid' if m == 'fid' else m
-    result[name] = fid.fid_from_stats(ref[m], _stats(fake[m], e))
-    if m == 'fid':
-      result['inception_score'], result['inception_score_std'] = fid.inception_score(logits[m])
-    elif run.layout.kind == 'class':
-      result['class_accuracy'] = float(np.mean(np.argmax(logits[m], -1) == labels))
+  result, codes, images, _ = sample_metrics(run, config, labels, exts, ref, args)
   result['seconds'] = time.perf_counter() - t0
   if run.layout.kind != 'class':
     labels = np.full((len(labels),), -1, np.int32)
@@ -297,9 +289,26 @@ def _eval_labels(config, layout):
   return np.zeros((num,), np.int32)
 
 
+def sample_metrics(run, config, labels, exts, ref, args):
+  """The metrics of the samples `run.sample(**args)` draws for `labels` (keys from
+  eval.seed, so one setting gives --mode=eval's figures): (metrics, codes, uint8 images,
+  seconds per batch). experiments/guidance_sweep.py calls it once per sampling setting."""
+  codes, images, fake, logits, seconds = _sample_features(run, config, labels, exts, args)
+  result = {'num_samples': len(labels)}
+  for m, e in exts.items():
+    name = 'gfid' if m == 'fid' else m
+    result[name] = fid.fid_from_stats(ref[m], _stats(fake[m], e))
+    if m == 'fid':
+      result['inception_score'], result['inception_score_std'] = fid.inception_score(logits[m])
+    elif run.layout.kind == 'class':
+      result['class_accuracy'] = float(np.mean(np.argmax(logits[m], -1) == labels))
+  return result, codes, images, seconds
+
+
 def _sample_features(run, config, labels, exts, args):
   """Draws the samples of `labels` in batches of sample.batch_size and feeds each batch to
-  the extractors: (codes, uint8 images, {metric: feature statistics}, {metric: logits})."""
+  the extractors: (codes, uint8 images, {metric: feature statistics}, {metric: logits},
+  seconds each batch took to sample and decode)."""
   cond = run.condition_for_class(labels)
   num, batch = len(labels), max(1, int(config.sample.batch_size))
   run.batch_size = batch  # the batches below, as they are
@@ -307,9 +316,10 @@ def _sample_features(run, config, labels, exts, args):
   divisor = parallel.batch_divisor(run.mesh)
   fake = {m: fid.StatsAccumulator(e.feature_dim) for m, e in exts.items()}
   logits = {m: [] for m in exts}
-  all_codes, all_images = [], []
+  all_codes, all_images, seconds = [], [], []
   with _bar(num, 'eval samples') as bar:
     for i, start in enumerate(range(0, num, batch)):
+      t0 = time.perf_counter()
       try:
         # grid: the data's image size (a model trained on crops samples it by the sliding window)
         codes, images = run.sample(
@@ -320,6 +330,7 @@ def _sample_features(run, config, labels, exts, args):
         )
       except ValueError as e:
         raise ConfigError(f'config.sample: {e}') from None
+      seconds.append(time.perf_counter() - t0)
       images = np.clip(images, -1.0, 1.0)
       k = len(images)
       mask = np.arange(k + (-k % divisor)) < k
@@ -332,7 +343,7 @@ def _sample_features(run, config, labels, exts, args):
       all_images.append(images_lib.to_uint8(images))
       bar.update(k)
   logits = {m: np.concatenate(v) for m, v in logits.items()}
-  return np.concatenate(all_codes), np.concatenate(all_images), fake, logits
+  return np.concatenate(all_codes), np.concatenate(all_images), fake, logits, seconds
 
 
 def _save_samples(workdir, step, images, codes, labels):
