@@ -339,10 +339,13 @@ def main(argv):
         'steps': layout.image_len,
         'tokens_per_s': ours,
         'tokens_per_s_best': b * layout.image_len / sample_best,
+        # One decode step (all b sequences, one token each): what a sampler regression moves.
+        'step_ms': 1e3 * sample_s / layout.image_len,
         'compile_s': samplers[d][1],
       }
       if use_ref:
         orig_s, orig_best = timed[-1]
+        row['original_step_ms'] = 1e3 * orig_s / layout.image_len
         orig = b * layout.image_len / orig_s
         row.update(
           original='sample_with_past (scripts/sample_fast.py loop)',

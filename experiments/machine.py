@@ -66,13 +66,13 @@ def info() -> dict:
 def write_row(out: str, row: dict, echo: bool = True) -> dict:
   """Prints `row` with where it was measured (`info()`) as one JSON line (unless `echo` is
   False) and appends it to `out` (a file name under experiments/results/, or a path);
-  `out=''` only prints (a trial run). Returns the row as written. Notes about a run belong
+  `out=''` or '-' only prints (a trial run). Returns the row as written. Notes about a run belong
   in experiments/README.md, not in its rows."""
   full = {**info(), **row}  # a row's own field wins (e.g. the commit a long run started at)
   line = json.dumps(full)
   if echo:
     print(line, flush=True)
-  if out:
+  if out and out != '-':
     path = out if os.path.dirname(out) else os.path.join(RESULTS, out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'a') as f:
