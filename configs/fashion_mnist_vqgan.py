@@ -6,6 +6,9 @@ python -m vqgan_jax.main --config=configs/fashion_mnist_vqgan.py:smoke --workdir
 `:smoke` is the tests' smoke model with the original's quantizer (what the stage-2 `:smoke`
 configs pair with); `:smoke,demo` is the same size with this demo's own choices (FSQ, a fixed
 GAN weight, EMA weights), which tests/test_main.py trains through `main`.
+
+`:vqvae` is the paper's VQVAE baseline at the demo's size and budget: the original's vq
+quantizer trained with the reconstruction and codebook losses only (no LPIPS, no GAN).
 """
 
 from vqgan_jax import config_base as base
@@ -53,4 +56,8 @@ def get_config(arg=None):
     # 0.128-0.129 against 0.138-0.155 for the raw weights, PSNR 20.5-20.9 against 19.1-20.6 dB
     # (two seeds each).
     c.train.params_ema_decay = 0.99
+  if args.get('vqvae'):
+    c.model.update(quantizer='vq', fsq_levels=(), embed_dim=32, n_embed=256)
+    # D still runs after disc_start (its factor is 0: it never learns, G never sees it).
+    c.loss.update(perceptual_weight=0.0, disc_factor=0.0)
   return c

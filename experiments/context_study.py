@@ -5,7 +5,8 @@ stages of downsampling factor f = 1 (k-means over pixel values), 2, 4 (the demo'
 window where the window is smaller.
 
   python experiments/context_study.py --root=/tmp/context \\
-      --classifier_workdir=workdirs/fashion_mnist_classifier [--runs=1:0,1:1,2:0,4:0,4:1,8:0]
+      --classifier_workdir=workdirs/fashion_mnist_classifier \\
+      [--runs=1:0,1:1,2:0,4:0,4:1,8:0,vqvae:0]
   python experiments/context_study.py --root=/tmp/context_smoke --smoke --runs=1:0,4:0
 
 Each run (f:seed) works in <root>/f<f>_seed<seed>/{stage1,gpt} (a rerun resumes or, once a
@@ -14,6 +15,13 @@ VQGAN training otherwise, its final eval over the whole test split), --mode=enco
 (the demo's size, steps and sampling setting; its final eval: held-out bits per code on the
 windows), then --mode=eval's 1000 class-balanced full-size samples (fd_fmnist and class
 accuracy with --classifier_workdir) and a timed sampling of --time_samples after compiling.
+`vqvae:<seed>` is the paper's baseline at f = 4: the demo's VQGAN as a VQVAE
+(configs/fashion_mnist_vqgan.py:vqvae: the original's vq, no LPIPS, no GAN).
+
+An f = 1 sample costs 1024 sliding-window steps (16 times the f = 4 sample's 64 cached ones),
+so f = 1 draws --f1_num_samples (200) for its fd and accuracy; every row also carries
+`fd_fmnist_<n>` over its first n = --f1_num_samples samples (class-balanced: labels cycle
+through the classes), the like-for-like figure (Frechet distances grow as n shrinks).
 One JSON row per run is printed and appended to --out by `machine.write_row` (with where it
 ran); the speed-up against f = 1 (same seed, else seed 0) is filled in for rows after an f = 1
 row of the file.
@@ -36,7 +44,9 @@ import machine  # noqa: E402
 from vqgan_jax import config_base  # noqa: E402
 from vqgan_jax import encode as codes_lib  # noqa: E402
 from vqgan_jax import evaluate as evaluate_lib  # noqa: E402
+from vqgan_jax import fid  # noqa: E402
 from vqgan_jax import inference  # noqa: E402
+from vqgan_jax import parallel  # noqa: E402
 from vqgan_jax.train import transformer_trainer  # noqa: E402
 from vqgan_jax.train import vqgan_trainer  # noqa: E402
 
@@ -49,6 +59,9 @@ _CLASSIFIER = flags.DEFINE_string(
   'classifier_workdir', '', 'A classifier run (configs/fashion_mnist_classifier.py): fd_fmnist.'
 )
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1000, "--mode=eval's samples per run.")
+_F1_NUM_SAMPLES = flags.DEFINE_integer(
+  'f1_num_samples', 200, "--mode=eval's samples at f = 1, and the n of every row's fd_fmnist_<n>."
+)
 _TIME_SAMPLES = flags.DEFINE_integer('time_samples', 10, 'Samples of the timed sampling.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'The smoke configs (16x16 images): plumbing only.')
 _OUT = flags.DEFINE_string(
@@ -66,13 +79,14 @@ def _config(name, arg=None):
   return module.get_config(arg)
 
 
-def stage1_config(f: int, seed: int, smoke: bool):
+def stage1_config(f: int, seed: int, smoke: bool, vqvae: bool = False):
   """f = 1: k-means over pixels (configs/fashion_mnist_pixels.py, --k centres); else the
-  demo's VQGAN (FSQ, its loss and budget) with ch_mult giving f."""
+  demo's VQGAN (FSQ, its loss and budget; `vqvae`: the VQVAE baseline) with ch_mult giving f."""
   if f == 1:
     c = _config('fashion_mnist_pixels', f'k={_K.value}' + (',smoke' if smoke else ''))
   else:
-    c = _config('fashion_mnist_vqgan', 'smoke' if smoke else None)
+    args = ','.join(a for a, on in (('smoke', smoke), ('vqvae', vqvae)) if on)
+    c = _config('fashion_mnist_vqgan', args or None)
     c.model.ch_mult = CH_MULT[f]
     c.model.attn_resolutions = (c.model.resolution // f,)
   c.seed = seed
@@ -90,8 +104,27 @@ def stage2_config(stage1, stage1_workdir: str, f: int, seed: int, smoke: bool):
   grid = stage1.data.image_size // f
   c.data.crop_codes = _WINDOW.value if grid > _WINDOW.value else 0
   c.seed = seed
-  c.eval.update(classifier_workdir=_CLASSIFIER.value, num_samples=_NUM_SAMPLES.value)
+  n = _F1_NUM_SAMPLES.value if f == 1 else _NUM_SAMPLES.value
+  c.eval.update(classifier_workdir=_CLASSIFIER.value, num_samples=n)
   return c
+
+
+def _fd_of_first(config, workdir, step, n):
+  """fd_fmnist of the first n samples --mode=eval saved (None without a classifier)."""
+  mesh = parallel.make_mesh(config.mesh)
+  exts = {m: e for m, e in evaluate_lib.extractors(config, mesh).items() if m == 'fd_fmnist'}
+  if not exts:
+    return None
+  split = config.eval.split or config.data.train_split
+  ref = evaluate_lib.reference_stats(config, workdir, split, exts, mesh)
+  with np.load(os.path.join(workdir, f'eval_samples_{step}.npz')) as z:
+    images = z['arr_0'][:n]
+  acc = fid.StatsAccumulator(exts['fd_fmnist'].feature_dim)
+  for start in range(0, len(images), 100):
+    x = images[start : start + 100].astype(np.float32) / 127.5 - 1.0
+    acc.add(exts['fd_fmnist'](x)['features'], np.ones((len(x),), bool))
+  mu, sigma = acc.mu_sigma()
+  return fid.fid_from_stats(ref['fd_fmnist'], {'mu': mu, 'sigma': sigma})
 
 
 def _timed_sampling(config, workdir, n):
@@ -108,19 +141,29 @@ def _timed_sampling(config, workdir, n):
   return (time.perf_counter() - t0) / n
 
 
-def run_one(f: int, seed: int, root: str, smoke: bool) -> dict:
-  base = os.path.join(root, f'f{f}_seed{seed}')
+def _finished(config, workdir):
+  return os.path.isdir(os.path.join(workdir, 'checkpoints', str(config.train.num_steps)))
+
+
+def run_one(f: int, seed: int, root: str, smoke: bool, vqvae: bool = False) -> dict:
+  base = os.path.join(root, f'vqvae_seed{seed}' if vqvae else f'f{f}_seed{seed}')
   wd1, wd2 = os.path.join(base, 'stage1'), os.path.join(base, 'gpt')
-  c1 = stage1_config(f, seed, smoke)
+  c1 = stage1_config(f, seed, smoke, vqvae)
+  c2 = stage2_config(c1, wd1, f, seed, smoke)
+  # A part finished before (a rerun, or workdirs copied in) is only re-evaluated: its
+  # training time is then unknown (None).
+  trained = [_finished(c1, wd1), _finished(c2, wd2)]
   t0 = time.perf_counter()
   s1 = vqgan_trainer.train_and_evaluate(c1, wd1)
-  stage1_s = time.perf_counter() - t0
-  c2 = stage2_config(c1, wd1, f, seed, smoke)
+  stage1_s = None if trained[0] else time.perf_counter() - t0
   codes_lib.encode(c2, wd2)
   t0 = time.perf_counter()
   s2 = transformer_trainer.train_and_evaluate(c2, wd2)
-  gpt_s = time.perf_counter() - t0
-  ev, _ = evaluate_lib.evaluate(c2, wd2)
+  gpt_s = None if trained[1] else time.perf_counter() - t0
+  ev, path = evaluate_lib.evaluate(c2, wd2)
+  with open(path) as fh:
+    step = json.load(fh)['step']
+  n = _F1_NUM_SAMPLES.value
   per_sample = _timed_sampling(c2, wd2, _TIME_SAMPLES.value)
   size = c1.data.image_size
   grid = size // f
@@ -128,7 +171,9 @@ def run_one(f: int, seed: int, root: str, smoke: bool) -> dict:
   return {
     'f': f,
     'seed': seed,
-    'first_stage': f'kmeans{_K.value}' if f == 1 else f'{c1.model.quantizer}{c1.model.n_embed}',
+    'first_stage': f'kmeans{_K.value}'
+    if f == 1
+    else ('vqvae_' if vqvae else '') + f'{c1.model.quantizer}{c1.model.n_embed}',
     'image_px': size,
     'codes_per_image': grid * grid,
     'window_codes': window,
@@ -141,6 +186,7 @@ def run_one(f: int, seed: int, root: str, smoke: bool) -> dict:
     'gpt_bits_per_pixel': s2.get('bits_per_token', float('nan')) / (f * f),
     'fd_fmnist': ev.get('fd_fmnist'),
     'class_accuracy': ev.get('class_accuracy'),
+    f'fd_fmnist_{n}': _fd_of_first(c2, wd2, step, n),
     'num_samples': ev.get('num_samples'),
     'seconds_per_sample': per_sample,
     'eval_seconds': ev.get('seconds'),
@@ -170,16 +216,16 @@ def main(argv):
   runs = []
   for item in _RUNS.value:
     f, _, seed = item.partition(':')
-    if int(f) not in (1, *CH_MULT):
-      raise app.UsageError(f'--runs: f={f} not in (1, {", ".join(map(str, CH_MULT))})')
-    runs.append((int(f), int(seed or 0)))
+    if f != 'vqvae' and (not f.isdigit() or int(f) not in (1, *CH_MULT)):
+      raise app.UsageError(f'--runs: f={f} not in (1, {", ".join(map(str, CH_MULT))}, vqvae)')
+    runs.append((4, int(seed or 0), True) if f == 'vqvae' else (int(f), int(seed or 0), False))
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   rows = []
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as fh:
       rows = [json.loads(line) for line in fh if line.strip()]
-  for f, seed in sorted(runs):  # f = 1 first: the others' speed-up reads it
-    row = run_one(f, seed, _ROOT.value, _SMOKE.value)
+  for f, seed, vqvae in sorted(runs):  # f = 1 first: the others' speed-up reads it
+    row = run_one(f, seed, _ROOT.value, _SMOKE.value, vqvae)
     row['speedup_vs_f1'] = _speedup(row, rows)
     rows.append(machine.write_row(_OUT.value, row))
 
