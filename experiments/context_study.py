@@ -45,6 +45,7 @@ from vqgan_jax import config_base  # noqa: E402
 from vqgan_jax import encode as codes_lib  # noqa: E402
 from vqgan_jax import evaluate as evaluate_lib  # noqa: E402
 from vqgan_jax import fid  # noqa: E402
+from vqgan_jax import images as images_lib  # noqa: E402
 from vqgan_jax import inference  # noqa: E402
 from vqgan_jax import parallel  # noqa: E402
 from vqgan_jax.train import transformer_trainer  # noqa: E402
@@ -64,6 +65,12 @@ _F1_NUM_SAMPLES = flags.DEFINE_integer(
 )
 _TIME_SAMPLES = flags.DEFINE_integer('time_samples', 10, 'Samples of the timed sampling.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'The smoke configs (16x16 images): plumbing only.')
+_REPORT = flags.DEFINE_string(
+  'report',
+  '',
+  "Train nothing: print the markdown table of --out's rows and write the samples figure (one "
+  'row of class-balanced samples per first stage, seed 0) to this PNG.',
+)
 _OUT = flags.DEFINE_string(
   'out',
   os.path.join(_REPO, 'experiments', 'results', 'context_study.jsonl'),
@@ -207,9 +214,100 @@ def _speedup(row, rows):
   return same[-1]['seconds_per_sample'] / row['seconds_per_sample']
 
 
+def _label(row):
+  if row['first_stage'].startswith('vqvae'):
+    return f'VQVAE f = {row["f"]}'
+  return f'f = {row["f"]} ({"k-means" if row["f"] == 1 else "VQGAN"})'
+
+
+def _order(rows):
+  """Rows grouped by first stage (f ascending, the VQVAE after its f), latest row per run."""
+  latest = {(r['first_stage'], r['f'], r['seed'], r.get('smoke')): r for r in rows}
+  return sorted(
+    latest.values(), key=lambda r: (r['f'], r['first_stage'].startswith('vqvae'), r['seed'])
+  )
+
+
+def _cell(values, fmt):
+  values = [v for v in values if v is not None]
+  if not values:
+    return '-'
+  if len(values) == 1:
+    return format(values[0], fmt)
+  return f'{format(np.mean(values), fmt)} ± {format(np.std(values), fmt)}'
+
+
+# (header, row key, format) of the README table; several seeds give mean ± std.
+TABLE = (
+  ('codes / image', 'codes_per_image', 'd'),
+  ('window (px)', 'window_px', 'd'),
+  ('stage-1 PSNR', 'stage1_psnr', '.2f'),
+  ('LPIPS', 'stage1_lpips', '.3f'),
+  ('bits / code', 'gpt_bits_per_code', '.3f'),
+  ('bits / pixel', 'gpt_bits_per_pixel', '.3f'),
+  ('fd_fmnist', 'fd_fmnist', '.2f'),
+  ('fd_fmnist (first n)', 'fd_fmnist_n', '.2f'),
+  ('class acc.', 'class_accuracy', '.3f'),
+  ('s / sample', 'seconds_per_sample', '.4f'),
+  ('speed-up vs f = 1', 'speedup_vs_f1', '.1f'),
+)
+
+
+def _first_n(row):
+  return next((v for k, v in row.items() if k.startswith('fd_fmnist_')), None)
+
+
+def table(rows) -> str:
+  groups = {}
+  for r in _order(rows):
+    groups.setdefault(_label(r), []).append(r)
+  lines = [
+    '| first stage | seeds | ' + ' | '.join(h for h, _, _ in TABLE) + ' |',
+    '|---' * (len(TABLE) + 2) + '|',
+  ]
+  for label, rs in groups.items():
+    cells = []
+    for _, key, fmt in TABLE:
+      if key == 'speedup_vs_f1':
+        values = [_speedup(r, rows) for r in rs]
+      elif key == 'fd_fmnist_n':  # n: --f1_num_samples of the run
+        values = [r.get(f'fd_fmnist_{r["num_samples"]}') or _first_n(r) for r in rs]
+      else:
+        values = [r.get(key) for r in rs]
+      cells.append(_cell(values, fmt) if fmt != 'd' else str(rs[0][key]))
+    seeds = ','.join(str(r['seed']) for r in rs)
+    lines.append(f'| {label} | {seeds} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def figure(rows, path, per_class=1):
+  """One row per first stage: `per_class` samples of each class from seed 0's --mode=eval
+  samples (labels cycle through the classes, so the first 10 are classes 0-9)."""
+  strips = []
+  for r in _order(rows):
+    if r['seed'] != 0:
+      continue
+    gpt = os.path.join(r['workdir'], 'gpt')
+    files = sorted(f for f in os.listdir(gpt) if f.startswith('eval_samples_'))
+    with np.load(os.path.join(gpt, files[-1])) as z:
+      images, labels = z['arr_0'], z['arr_1']
+    picked = [images[labels == k][:per_class] for k in range(10)]
+    strips.append(np.concatenate(picked))
+  ncol = 10 * per_class
+  grid = images_lib.make_grid(np.concatenate(strips), ncol)
+  images_lib.save_png(path, grid, scale=3)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if _REPORT.value:
+    with open(_OUT.value) as fh:
+      rows = [json.loads(line) for line in fh if line.strip()]
+    print(table(rows))
+    figure(rows, _REPORT.value)
+    print('figure:', _REPORT.value)
+    return
   if not _ROOT.value:
     raise app.UsageError('--root (the folder for the runs) is required')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
