@@ -30,9 +30,11 @@ from vqgan_jax import inference
 from vqgan_jax import maskgit_sampling
 from vqgan_jax import parallel
 from vqgan_jax import run_config
+from vqgan_jax import sample as sample_lib
 from vqgan_jax import sampling
 from vqgan_jax.models import gpt_load
 from vqgan_jax.models import vqgan as vqgan_lib
+from vqgan_jax.validate import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 8  # image side: a 4x4 code grid under the smoke VQGAN's factor 2
@@ -116,6 +118,13 @@ def test_keep_masks():
   assert completion.prefix_length(completion.top_half((5, 3))) == 6
   with pytest.raises(ValueError, match=r"keep must be one of \['center_box'"):
     completion.keep_mask('bottom_half', GRID)
+
+
+def test_cli_names_an_unknown_keep_before_reading_the_run(tmp_path):
+  c = fashion_mnist_transformer.get_config('smoke')
+  c.sample.update(complete_folder='test', keep='bottom_half')
+  with pytest.raises(ConfigError, match=r"^config.sample.keep must be one of \['center_box'"):
+    sample_lib.complete(c, str(tmp_path / 'no_run_here'))
 
 
 @pytest.mark.parametrize('mask', ['left_half', 'center_box', 'outside_center_box'])

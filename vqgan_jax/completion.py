@@ -56,10 +56,15 @@ KEEP_MASKS = {
 }
 
 
-def keep_mask(name, grid, field='keep'):
-  """The named mask of KEEP_MASKS over an (h, w) code grid."""
+def check_keep_name(name, field='keep'):
+  """Raises one ValueError naming `field` unless `name` is a mask of KEEP_MASKS."""
   if name not in KEEP_MASKS:
     raise ValueError(f'{field} must be one of {sorted(KEEP_MASKS)}, got {name!r}')
+
+
+def keep_mask(name, grid, field='keep'):
+  """The named mask of KEEP_MASKS over an (h, w) code grid."""
+  check_keep_name(name, field)
   return KEEP_MASKS[name](tuple(grid))
 
 

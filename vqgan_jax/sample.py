@@ -142,7 +142,7 @@ def complete(config, workdir):
   s = config.sample
   keep_name = s.keep
   try:
-    completion.keep_mask(keep_name, (2, 2), field='config.sample.keep')  # before loading
+    completion.check_keep_name(keep_name, field='config.sample.keep')  # before loading
   except ValueError as e:
     raise ConfigError(str(e)) from None
   k = int(s.completions_per_image)
