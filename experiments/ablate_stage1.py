@@ -8,7 +8,8 @@ split held out).
 Each run trains in its own workdir, <root>/<variant>_seed<seed>_steps<steps> (rerunning the
 same command resumes or, when finished, only re-evaluates it), then prints one JSON row and
 appends it to --out: variant, seed, steps, wall_s (training + the final eval, compiles
-included), and the final held-out eval: psnr, ssim, lpips, l1, codebook_usage, perplexity.
+included; null for a workdir that was finished before), and the final held-out eval: psnr,
+ssim, lpips, l1, codebook_usage, perplexity.
 
 A variant is a '+'-joined list of the atoms in VARIANTS, applied in order on top of the demo
 config (and of --base, when given): `fsq+no_gan` is FSQ without the GAN. The quantizer atoms
@@ -150,13 +151,16 @@ def run_one(spec, variant, seed, steps, base, root, classifier_workdir=''):
   name = '+'.join(atoms(base) + atoms(variant)) or 'vq'
   workdir = os.path.join(root, f'{name}_seed{seed}_steps{steps}')
   commit = machine.info()['commit']  # the code the run imports, not HEAD when it ends
+  # A run finished before (or a workdir another script trained, e.g. context_study's VQVAE)
+  # is only re-evaluated: its training time is then unknown.
+  finished = os.path.isdir(os.path.join(workdir, 'checkpoints', str(steps)))
   t0 = time.perf_counter()
   result = vqgan_trainer.train_and_evaluate(config, workdir)
   row = {
     'variant': name,
     'seed': seed,
     'steps': steps,
-    'wall_s': round(time.perf_counter() - t0, 1),
+    'wall_s': None if finished else round(time.perf_counter() - t0, 1),
     **{k: result[k] for k in EVAL_KEYS if k in result},
     'config': spec.replace(_REPO + os.sep, ''),
     'workdir': workdir,
