@@ -107,12 +107,7 @@ def ours_train(config, layout):
   """(one timed step, compile seconds, current params, the first step's loss)."""
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2_config.build_model(config, layout)
-  tx, schedule = stage2.make_optimizer(config)
-  shardings = stage2.gpt_state_shardings(model, tx, mesh)
-  state = jax.jit(lambda r: stage2.init_state(model, tx, r), out_shardings=shardings)(
-    jax.random.PRNGKey(0)
-  )
-  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
+  state, step = stage2.fresh_train(config, model, layout, mesh)
   rng = np.random.RandomState(0)
   batch = {
     'codes': jnp.asarray(rng.randint(0, N_CODES, (_BATCH.value, layout.image_len)), jnp.int32),

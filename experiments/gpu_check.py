@@ -216,18 +216,13 @@ def check_gpt_train(tiny):
   config, layout = stage2_cfg('gpt', tiny, batch)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   model = stage2_config.build_model(config, layout)
-  tx, schedule = stage2.make_optimizer(config)
-  shardings = stage2.gpt_state_shardings(model, tx, mesh)
-  state = jax.jit(lambda r: stage2.init_state(model, tx, r), out_shardings=shardings)(
-    jax.random.PRNGKey(0)
-  )
+  state, step = stage2.fresh_train(config, model, layout, mesh)
   rng = np.random.RandomState(0)
   inputs = {
     'codes': jnp.asarray(rng.randint(0, layout.n_image, (batch, layout.image_len)), jnp.int32),
     'label': jnp.asarray(rng.randint(0, config.cond.n_classes, (batch,)), jnp.int32),
   }
   t0 = time.perf_counter()
-  step = stage2.make_train_step(config, model, layout, tx, schedule, mesh, shardings)
   compiled = step.lower(state, {}, inputs).compile()
   compile_s = time.perf_counter() - t0
   holder = {'state': state}

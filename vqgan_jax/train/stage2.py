@@ -287,6 +287,16 @@ def make_train_step(
   return MeshFunction(jitted, mesh, parallel.axis_rules(config))
 
 
+def fresh_train(config, model, layout, mesh, rng=None):
+  """A freshly initialised state on `mesh` and its train step, `(state, step)`, for a model
+  without frozen first stages (what benchmarks time; the trainer restores instead)."""
+  tx, schedule = make_optimizer(config)
+  shardings = gpt_state_shardings(model, tx, mesh)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  state = jax.jit(functools.partial(init_state, model, tx), out_shardings=shardings)(rng)
+  return state, make_train_step(config, model, layout, tx, schedule, mesh, shardings)
+
+
 def eval_step(model, layout: Layout, frozen: Frozen, params, frozen_params, batch):
   """Sums over the real (mask=True) examples: image-code NLL (nats), tokens, examples."""
   batch = encode_batch(frozen, frozen_params, batch)
