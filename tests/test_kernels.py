@@ -11,9 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import fashion_mnist_transformer
+from configs import fashion_mnist_vqgan
+from vqgan_jax import validate
 from vqgan_jax.kernels import conv
 from vqgan_jax.kernels import cpu_conv
+from vqgan_jax.kernels import dtype_choice
 from vqgan_jax.kernels import tune
+from vqgan_jax.models import gpt_load
+from vqgan_jax.models import vqgan_load
+from vqgan_jax.validate import ConfigError
 
 
 def _magnitudes(conv_fn, x, kernel, ct):
@@ -279,3 +286,30 @@ def test_tuned_conv_runs_the_cached_choice(tuned_cache, winner, monkeypatch):
   for got, ref in zip(jax.jit(grad)(x, k), want):
     np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
   assert len(calls) == 2  # the jitted trace read the cache
+
+
+def test_auto_dtype_is_the_measured_faster_one_per_stage_and_cpu_kind(monkeypatch):
+  resolve = dtype_choice.resolve
+  assert resolve('float32', 'transformer', 'gpu') == 'float32'  # named dtypes pass through
+  assert resolve('bfloat16', 'vqgan', 'cpu', ()) == 'bfloat16'
+  assert resolve('auto', 'vqgan', 'gpu') == resolve('auto', 'transformer', 'tpu') == 'bfloat16'
+  amx = ('avx2', 'avx512f', 'amx_bf16')
+  assert [resolve('auto', s, 'cpu', amx) for s in dtype_choice.STAGES] == ['float32', 'bfloat16']
+  assert resolve('auto', 'transformer', 'cpu', ('avx2',)) == 'bfloat16'
+  assert resolve('auto', 'transformer', 'cpu', ()) == 'float32'  # unmeasured kind: float32
+  with pytest.raises(ValueError, match='stage must be one of'):
+    resolve('auto', 'gpt', 'cpu', ())
+  # Built from configs: this process's backend and flags decide.
+  monkeypatch.setattr(tune, 'cpu_flags', lambda: ('avx2',))
+  c1 = fashion_mnist_vqgan.get_config('smoke')
+  c1.train.dtype = 'auto'
+  validate.validate_stage1(c1)
+  assert vqgan_load.build_models(c1).vqgan.dtype == jnp.float32
+  c2 = fashion_mnist_transformer.get_config('smoke')
+  c2.train.dtype = 'auto'
+  c2.stage1_config.update(c1.model.to_dict())
+  layout = gpt_load.make_layout(c2)
+  assert gpt_load.build_model(c2, layout).dtype == jnp.bfloat16
+  c2.train.dtype = 'float16'
+  with pytest.raises(ConfigError, match=r"dtype must be one of \('float32', 'bfloat16', 'auto'\)"):
+    gpt_load.validate_config(c2)

@@ -182,7 +182,7 @@ def stage1_base():
       eval_every=5000,
       checkpoint_every=5000,
       max_to_keep=3,
-      dtype='float32',  # compute dtype; bfloat16 on accelerators
+      dtype='float32',  # compute dtype: bfloat16 on accelerators; 'auto': kernels/dtype_choice.py
       # Rematerialisation of the VQGAN: 'none', or 'block': each ResnetBlock and AttnBlock
       # under nn.remat with the jax.checkpoint_policies policy `remat_policy`. Parameter names
       # and values are unchanged, so (like dtype) it may differ between resumes; it lives
@@ -420,7 +420,7 @@ def stage2_base():
       eval_every=5000,
       checkpoint_every=5000,
       max_to_keep=3,
-      dtype='float32',  # compute dtype; bfloat16 on accelerators
+      dtype='float32',  # compute dtype: bfloat16 on accelerators; 'auto': kernels/dtype_choice.py
     )
   )
   c.sample = ml_collections.ConfigDict(

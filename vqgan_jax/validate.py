@@ -9,8 +9,10 @@ from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models.layers import REMAT_POLICIES
 from vqgan_jax.models.quantizer import QUANTIZERS
 
-# config.train.dtype -> the compute dtype (parameters, optimizer state and losses stay float32).
+# config.train.dtype -> the compute dtype (parameters, optimizer state and losses stay float32);
+# 'auto' is the one measured faster for the stage on this machine (kernels/dtype_choice.py).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPE_NAMES = (*DTYPES, 'auto')
 
 
 class ConfigError(ValueError):
@@ -140,7 +142,7 @@ def validate_stage1(config, batch_divisor: int = 1):
   check(loss.disc_num_layers >= 1, 'config.loss.disc_num_layers must be >= 1')
   check(loss.disc_start >= 0, f'config.loss.disc_start must be >= 0, got {loss.disc_start}')
   validate_gan_and_health(loss, t)
-  check(t.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {t.dtype!r}')
+  check(t.dtype in DTYPE_NAMES, f'config.train.dtype must be one of {DTYPE_NAMES}, got {t.dtype!r}')
   check(
     t.conv_impl in CONV_IMPLS,
     f'config.train.conv_impl must be one of {CONV_IMPLS}, got {t.conv_impl!r}',

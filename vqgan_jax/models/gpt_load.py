@@ -27,11 +27,13 @@ import ml_collections
 from vqgan_jax import checkpoints
 from vqgan_jax import checks
 from vqgan_jax import parallel
+from vqgan_jax.kernels import dtype_choice
 from vqgan_jax.models import maskgit as maskgit_lib
 from vqgan_jax.models import quantizer as quantizer_lib
 from vqgan_jax.models import transformer as gpt_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models import vqgan_load
+from vqgan_jax.validate import DTYPE_NAMES
 from vqgan_jax.validate import DTYPES
 from vqgan_jax.validate import ConfigError
 from vqgan_jax.validate import check
@@ -355,7 +357,9 @@ def validate_config(config, batch_divisor: int = 1):
       f"config.transformer.label_smoothing={smoothing} applies to kind='maskgit' only "
       "(the GPT's loss is the original's; set it to 0)",
     )
-  check(tr.dtype in DTYPES, f'config.train.dtype must be one of {tuple(DTYPES)}, got {tr.dtype!r}')
+  check(
+    tr.dtype in DTYPE_NAMES, f'config.train.dtype must be one of {DTYPE_NAMES}, got {tr.dtype!r}'
+  )
   validate_remat(t, 'config.transformer', REMAT_MODES, policy_as_mode=True)
   parallel.axis_rules(config)
   validate_train_counts(tr, o.base_lr, batch_divisor)
@@ -429,7 +433,7 @@ def build_model(config, layout: Layout, scan_layers=None):
     embd_pdrop=t.embd_pdrop,
     resid_pdrop=t.resid_pdrop,
     attn_pdrop=t.attn_pdrop,
-    dtype=DTYPES[config.train.dtype],
+    dtype=DTYPES[dtype_choice.resolve(config.train.dtype, 'transformer')],
     remat=gpt_remat(t),
     scan_layers=t.scan_layers if scan_layers is None else scan_layers,
     n_image=layout.n_image,

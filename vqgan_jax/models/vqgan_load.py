@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from vqgan_jax import checkpoints
 from vqgan_jax import fingerprint
 from vqgan_jax import parallel
+from vqgan_jax.kernels import dtype_choice
 from vqgan_jax.models import lpips as lpips_lib
 from vqgan_jax.models import vqgan as vqgan_lib
 from vqgan_jax.models.discriminator import NLayerDiscriminator
@@ -36,7 +37,8 @@ def remat_policy_name(config):
 
 
 def build_models(config) -> Models:
-  dtype, impl = DTYPES[config.train.dtype], config.train.conv_impl
+  dtype = DTYPES[dtype_choice.resolve(config.train.dtype, 'vqgan')]
+  impl = config.train.conv_impl
   remat = remat_policy_name(config)
   vqgan = vqgan_lib.from_config(config.model, dtype=dtype, remat_policy=remat, conv_impl=impl)
   disc = NLayerDiscriminator(
