@@ -254,6 +254,14 @@ def test_schedule_mask_counts(schedule):
   assert maskgit_sampling.mask_counts(256, 4, 'square') == (240, 192, 112, 0)
 
 
+def test_confidence_scores():
+  """'sampled' scores the drawn code, 'max' the position's likeliest, whatever was drawn."""
+  logp = jnp.log(jnp.asarray([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
+  drawn = jnp.asarray([[2, 0]])
+  np.testing.assert_allclose(maskgit_sampling.score(logp, drawn, 'sampled'), np.log([[0.1, 0.1]]))
+  np.testing.assert_allclose(maskgit_sampling.score(logp, drawn, 'max'), np.log([[0.7, 0.8]]))
+
+
 def test_sampler_invariants(tiny, trained):
   """Every step leaves exactly the schedule's count masked, a decoded code never changes,
   nothing is masked at the end, a key always gives the same codes, and each class's samples
@@ -265,16 +273,19 @@ def test_sampler_invariants(tiny, trained):
   run = functools.partial(
     maskgit_sampling.sample, params, model, cond, iterations=6, temperature=0.5, return_history=True
   )
-  codes, hist = run(jax.random.PRNGKey(0))
-  codes, hist = np.asarray(codes), np.asarray(hist)
-  masked = hist == lay.mask_id
   counts = maskgit_sampling.mask_counts(16, 6, 'cosine')
-  np.testing.assert_array_equal(masked.sum(-1), np.broadcast_to(counts, (len(labels), 6)))
-  for t in range(5):
-    kept = ~masked[:, t]
-    assert np.all(hist[:, t + 1][kept] == hist[:, t][kept]), t  # kept codes stay
-  assert not masked[:, -1].any() and np.array_equal(codes, hist[:, -1])
-  assert codes.min() >= 0 and codes.max() < lay.n_image
+  for confidence in maskgit_sampling.CONFIDENCES:
+    codes, hist = run(jax.random.PRNGKey(0), confidence=confidence)
+    codes, hist = np.asarray(codes), np.asarray(hist)
+    masked = hist == lay.mask_id
+    np.testing.assert_array_equal(masked.sum(-1), np.broadcast_to(counts, (len(labels), 6)))
+    for t in range(5):
+      kept = ~masked[:, t]
+      assert np.all(hist[:, t + 1][kept] == hist[:, t][kept]), t  # kept codes stay
+    assert not masked[:, -1].any() and np.array_equal(codes, hist[:, -1])
+    assert codes.min() >= 0 and codes.max() < lay.n_image
+    assert (class_codes(labels) == codes).mean() > 0.95, confidence
+  codes, hist = (np.asarray(a) for a in run(jax.random.PRNGKey(0)))  # 'sampled', the default
   np.testing.assert_array_equal(np.asarray(run(jax.random.PRNGKey(0))[0]), codes)
   assert (class_codes(labels) == codes).mean() > 0.95
   other = np.asarray(run(jax.random.PRNGKey(1), temperature=3.0)[0])
@@ -290,6 +301,8 @@ def test_sampler_invariants(tiny, trained):
   assert (class_codes(labels) == greedy).mean() > 0.95
   with pytest.raises(ValueError, match='schedule'):
     run(jax.random.PRNGKey(0), schedule='exp')
+  with pytest.raises(ValueError, match=r"confidence must be one of \('sampled', 'max'\)"):
+    run(jax.random.PRNGKey(0), confidence='drawn')
   with pytest.raises(ValueError, match='iterations must be an integer >= 1'):
     maskgit_sampling.sample(params, model, cond, jax.random.PRNGKey(0), iterations=0)
   # `steps`, its old name (the GPT's `steps` count tokens), still works with a warning.

@@ -111,7 +111,8 @@ def complete_codes(
 
   kind: 'gpt' or 'maskgit' (`model` and its params); cond: (B, Lc) condition tokens;
   uncond_tokens with cfg_scale: guidance's unconditional condition. sampling_args: the
-  sampler's own (temperature, top_k, top_p; MaskGIT's iterations, schedule, choice_temperature).
+  sampler's own (temperature, top_k, top_p; MaskGIT's iterations, schedule, choice_temperature,
+  confidence).
   """
   keep = np.asarray(keep, bool)
   n = np.shape(codes)[1]

@@ -439,10 +439,13 @@ def stage2_base():
       grid_w=0,
       seed=0,
       # maskgit: parallel decoding iterations T, the masking schedule ('cosine' | 'linear' |
-      # 'square') and the scale of the Gumbel noise on the confidence (annealed to 0).
+      # 'square'), the scale of the Gumbel noise on the confidence (annealed to 0) and the
+      # confidence: 'sampled' (MaskGIT's: log p of the drawn code) | 'max' (the position's
+      # largest log p, blind to the draw: maskgit_sampling.CONFIDENCES says why).
       iterations=8,
       schedule='cosine',
       choice_temperature=4.5,
+      confidence='sampled',
       # Completion instead of sampling (completion.py): an image folder or a split of
       # config.data ('' : sample); the first complete_examples images, the codes `keep`
       # names kept (top_half | left_half | center_box | outside_center_box; a GPT needs

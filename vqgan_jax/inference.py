@@ -204,6 +204,7 @@ class TrainedTransformer:
         iterations=int(s.iterations),
         schedule=s.schedule,
         choice_temperature=float(s.choice_temperature),
+        confidence=s.confidence,
       )
     return args
 
@@ -269,6 +270,7 @@ class TrainedTransformer:
     iterations=None,
     schedule=None,
     choice_temperature=None,
+    confidence=None,
     steps=None,
   ):
     """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
@@ -282,10 +284,11 @@ class TrainedTransformer:
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
     grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
       the training grid's side (or `window`). GPT only: MaskGIT samples the training grid.
-    iterations, schedule, choice_temperature (MaskGIT only; defaults from config.sample): the
-      number of parallel decoding iterations T, the masking schedule ('cosine', 'linear',
-      'square') and the scale of the Gumbel noise on the confidence. steps: the deprecated
-      name of iterations.
+    iterations, schedule, choice_temperature, confidence (MaskGIT only; defaults from
+      config.sample): the number of parallel decoding iterations T, the masking schedule
+      ('cosine', 'linear', 'square'), the scale of the Gumbel noise on the confidence and what
+      the confidence is ('sampled', MaskGIT's; 'max': `maskgit_sampling.CONFIDENCES`). steps:
+      the deprecated name of iterations.
 
     Up to `self.batch_size` samples are one sampler call drawn with `rng`; more are drawn in
     calls of batch_size, the i-th with `jax.random.fold_in(rng, i)`. A batch whose estimated
@@ -294,7 +297,12 @@ class TrainedTransformer:
     before anything compiles.
     """
     iterations = maskgit_sampling.renamed_steps(iterations, steps)
-    decoding = dict(iterations=iterations, schedule=schedule, choice_temperature=choice_temperature)
+    decoding = dict(
+      iterations=iterations,
+      schedule=schedule,
+      choice_temperature=choice_temperature,
+      confidence=confidence,
+    )
     if self.kind != 'maskgit' and any(v is not None for v in decoding.values()):
       given = sorted(k for k, v in decoding.items() if v is not None)
       raise ValueError(f'{given} apply to MaskGIT models; this is a GPT (one code per step)')
@@ -486,7 +494,7 @@ class TrainedTransformer:
     kw = dict(sampling_args)
     allowed = {'temperature', 'top_k', 'top_p', 'cfg_scale'}
     if self.kind == 'maskgit':
-      allowed |= {'iterations', 'steps', 'schedule', 'choice_temperature'}
+      allowed |= {'iterations', 'steps', *maskgit_sampling.DECODING_ARGS}
     if set(kw) - allowed:
       raise ValueError(
         f'complete takes {sorted(allowed)} for a {self.kind}; got {sorted(set(kw) - allowed)}'
@@ -495,7 +503,7 @@ class TrainedTransformer:
       steps = kw.pop('steps', None)
       kw['iterations'] = maskgit_sampling.renamed_steps(kw.get('iterations'), steps)
       for k, v in self.sampler_args().items():
-        if k in ('iterations', 'schedule', 'choice_temperature') and kw.get(k) is None:
+        if k in maskgit_sampling.DECODING_ARGS and kw.get(k) is None:
           kw[k] = v
     return kw
 
