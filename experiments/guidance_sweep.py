@@ -74,7 +74,8 @@ GPT_GRID = [(s, 1.0, 100) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (2.0, 1.2, 0),
   (3.0, 1.2, 0),
 ]
-# (cfg_scale, iterations, choice_temperature) for MaskGIT (temperature 1, no top-k).
+# (cfg_scale, iterations, choice_temperature[, temperature, top_k, confidence]) for MaskGIT
+# (default temperature 1, no top-k, MaskGIT's 'sampled' confidence).
 MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (2.0, 8, 2.0),
   (2.0, 8, 1.0),
@@ -83,6 +84,43 @@ MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (2.0, 12, 4.5),
   (2.0, 16, 4.5),
   (3.0, 12, 4.5),
+  # Added (issue 26, item 2): label smoothing 0.1 trains MaskGIT to give every code some
+  # mass (0.1 / 256 each), which temperature-1 draws sample; top-k and a cooler draw cut it.
+  (2.0, 8, 4.5, 1.0, 50),
+  (2.0, 4, 4.5, 1.0, 50),
+  (2.0, 8, 4.5, 0.8, 0),
+  (2.0, 8, 4.5, 1.0, 10),
+  # They did not (fd rose): MaskGIT's samples lack diversity, not precision. More randomness:
+  # a hotter draw, more Gumbel noise on the confidence.
+  (2.0, 8, 4.5, 1.3, 0),
+  (2.0, 8, 10.0),
+  (2.0, 8, 16.0),
+  (3.0, 8, 16.0),
+  (2.0, 4, 10.0),
+  # The hotter draw helped most (fd 7.24 at 87.6%): around it, with more guidance.
+  (2.5, 8, 4.5, 1.3, 0),
+  (3.0, 8, 4.5, 1.3, 0),
+  (3.0, 8, 4.5, 1.5, 0),
+  (2.0, 8, 4.5, 1.5, 0),
+  (3.0, 4, 4.5, 1.3, 0),
+  (3.0, 8, 4.5, 1.8, 0),
+  (4.0, 8, 4.5, 1.5, 0),
+  (4.0, 8, 4.5, 1.8, 0),
+  (3.0, 12, 4.5, 1.5, 0),
+  (4.0, 8, 4.5, 2.2, 0),
+  # Hotter draws plateau near fd 7. Why the draws need heating: MaskGIT ranks by the drawn
+  # code's log p, keeping the draws that came out likely. Ranking by the position's largest
+  # log p (blind to the draw) leaves each kept code a plain draw (confidence='max').
+  (2.0, 8, 4.5, 1.0, 0, 'max'),
+  (3.0, 8, 4.5, 1.0, 0, 'max'),
+  (2.5, 8, 4.5, 1.0, 0, 'max'),
+  (4.0, 8, 4.5, 1.0, 0, 'max'),
+  (3.0, 8, 2.0, 1.0, 0, 'max'),
+  (3.0, 8, 0.0, 1.0, 0, 'max'),
+  (3.0, 4, 4.5, 1.0, 0, 'max'),
+  (3.0, 12, 4.5, 1.0, 0, 'max'),
+  (3.0, 8, 4.5, 1.2, 0, 'max'),
+  (1.0, 8, 4.5, 1.0, 0, 'max'),
 ]
 
 
@@ -90,9 +128,10 @@ def settings(kind):
   """The grid of `kind` as `TrainedTransformer.sample` keyword arguments."""
   if kind == 'gpt':
     return [dict(cfg_scale=s, temperature=t, top_k=k) for s, t, k in GPT_GRID]
+  defaults = (1.0, 0, 'sampled')
   return [
-    dict(cfg_scale=s, iterations=n, choice_temperature=c, temperature=1.0, top_k=0)
-    for s, n, c in MASKGIT_GRID
+    dict(cfg_scale=s, iterations=n, choice_temperature=c, temperature=t, top_k=k, confidence=f)
+    for s, n, c, t, k, f in (g + defaults[len(g) - 3 :] for g in MASKGIT_GRID)
   ]
 
 
@@ -172,21 +211,25 @@ def sweep():
   return rows
 
 
-# The rows on the guidance-scale axis: each generator's grid at its other default settings.
-SCALE_AXIS = {
-  'gpt': dict(temperature=1.0, top_k=100),
-  'maskgit': dict(iterations=8, choice_temperature=4.5),
-}
-COLORS = {'gpt': '#1f77b4', 'maskgit': '#d62728'}
+# The plot's lines against guidance scale: (kind, the other settings held, colour). A row
+# without a setting had its default (ROW_DEFAULTS: rows from before the field).
+_MASKGIT_T8 = dict(iterations=8, choice_temperature=4.5, temperature=1.0, top_k=0)
+SCALE_AXIS = (
+  ('gpt', dict(temperature=1.0, top_k=100), '#1f77b4'),
+  ('maskgit', dict(_MASKGIT_T8, confidence='sampled'), '#d62728'),
+  ('maskgit', dict(_MASKGIT_T8, confidence='max'), '#2ca02c'),
+)
+ROW_DEFAULTS = {'confidence': 'sampled'}
 
 
 def svg_plot(rows, path):
   """Two panels, fd_fmnist and class accuracy against guidance scale, a line per generator
   (its SCALE_AXIS rows; the latest row of each scale). No matplotlib in the venv: plain SVG."""
   lines = {}
-  for r in rows:
-    if all(r.get(k) == v for k, v in SCALE_AXIS.get(r['kind'], {}).items()):
-      lines.setdefault(r['kind'], {})[r['cfg_scale']] = r
+  for n, (kind, held, _) in enumerate(SCALE_AXIS):
+    for r in rows:
+      if r['kind'] == kind and all(r.get(k, ROW_DEFAULTS.get(k)) == v for k, v in held.items()):
+        lines.setdefault(n, {})[r['cfg_scale']] = r
   panels = [('fd_fmnist', 'fd_fmnist (lower is better)'), ('class_accuracy', 'class accuracy')]
   w, h, pad = 360, 260, 50
   out = [
@@ -231,15 +274,15 @@ def svg_plot(rows, path):
         f'<line x1="{left}" x2="{left + w - pad - 10}" y1="{y:.1f}" y2="{y:.1f}" '
         'stroke="#888" stroke-dasharray="4 3"/>'
       )
-    for n, (kind, line) in enumerate(sorted(lines.items())):
+    for row, (n, line) in enumerate(sorted(lines.items())):
+      kind, held, color = SCALE_AXIS[n]
       pts = [xy(s, line[s][key]) for s in sorted(line)]
-      color = COLORS.get(kind, '#2ca02c')
       path_d = ' '.join(f'{x:.1f},{y:.1f}' for x, y in pts)
       out.append(f'<polyline points="{path_d}" fill="none" stroke="{color}" stroke-width="2"/>')
       out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts]
-      settings_text = ', '.join(f'{k} {v:g}' for k, v in SCALE_AXIS.get(kind, {}).items())
+      settings_text = ', '.join(f'{k} {v:g}' if k != 'confidence' else v for k, v in held.items())
       out.append(
-        f'<text x="{left + 8}" y="{36 + 14 * n}" fill="{color}">{kind} ({settings_text})</text>'
+        f'<text x="{left + 8}" y="{36 + 14 * row}" fill="{color}">{kind} ({settings_text})</text>'
       )
   out.append('</svg>')
   with open(path, 'w') as f:
@@ -258,6 +301,7 @@ def main(argv):
   for kind in kinds:
     best = pick([r for r in rows if r['kind'] == kind])
     keys = ('kind', 'cfg_scale', 'temperature', 'top_k', 'iterations', 'choice_temperature')
+    keys += ('confidence',)
     picked = {k: best[k] for k in keys if k in best}
     figures = {k: best[k] for k in ('fd_fmnist', 'class_accuracy', 'step', 'workdir')}
     print('pick:', json.dumps({**picked, **figures}))
