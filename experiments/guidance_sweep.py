@@ -47,6 +47,7 @@ _SEED = flags.DEFINE_integer('seed', -1, 'eval.seed of the samples (-1: the run 
 _STATS = flags.DEFINE_string('stats_dir', '', 'Reference statistics cache (default: workdir).')
 _SETTINGS = flags.DEFINE_list('settings', [], 'Run only these setting indices of the grid.')
 _RULE = flags.DEFINE_bool('rule', False, "Print the rule's pick from --out's rows and exit.")
+_TABLE = flags.DEFINE_bool('table', False, "With --rule: also print each kind's markdown table.")
 _KIND = flags.DEFINE_string('kind', '', 'With --rule: only rows of this kind (gpt, maskgit).')
 _PLOT = flags.DEFINE_string(
   'plot', '', 'Also write an SVG of fd_fmnist and class accuracy vs guidance scale here.'
@@ -289,6 +290,49 @@ def svg_plot(rows, path):
     f.write('\n'.join(out) + '\n')
 
 
+# The markdown table's columns per kind: (header, row key).
+TABLE_COLUMNS = {
+  'gpt': (('scale', 'cfg_scale'), ('temperature', 'temperature'), ('top-k', 'top_k')),
+  'maskgit': (
+    ('scale', 'cfg_scale'),
+    ('T', 'iterations'),
+    ('choice temperature', 'choice_temperature'),
+    ('temperature', 'temperature'),
+    ('top-k', 'top_k'),
+    ('confidence', 'confidence'),
+  ),
+}
+
+
+def table(rows, kind) -> str:
+  """The README's markdown table of `kind`'s rows (the latest of each setting, sorted), the
+  rule's pick in bold."""
+  columns = TABLE_COLUMNS[kind]
+  latest = {}
+  for r in rows:
+    if r['kind'] == kind:
+      latest[tuple(r.get(k, ROW_DEFAULTS.get(k)) for _, k in columns)] = r
+  best = pick(list(latest.values()))
+  cell = lambda v: (
+    'none'
+    if v == 0 and not isinstance(v, float)
+    else f'{v:g}'
+    if isinstance(v, (int, float))
+    else str(v)
+  )
+  lines = [
+    '| ' + ' | '.join(h for h, _ in columns) + ' | fd_fmnist | class accuracy |',
+    '|---' * (len(columns) + 2) + '|',
+  ]
+  for key in sorted(latest, key=lambda k: tuple(str(v) if isinstance(v, str) else v for v in k)):
+    r = latest[key]
+    cells = [cell(v) for v in key] + [f'{r["fd_fmnist"]:.2f}', f'{r["class_accuracy"]:.1%}']
+    if r is best:
+      cells = [f'**{c}**' for c in cells]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   if _RULE.value:
@@ -305,6 +349,8 @@ def main(argv):
     picked = {k: best[k] for k in keys if k in best}
     figures = {k: best[k] for k in ('fd_fmnist', 'class_accuracy', 'step', 'workdir')}
     print('pick:', json.dumps({**picked, **figures}))
+    if _TABLE.value:
+      print(table([r for r in rows if r['kind'] == kind], kind))
   if _PLOT.value:
     svg_plot(read_rows(_results_path(_OUT.value)) if _OUT.value else rows, _PLOT.value)
     print('plot:', _PLOT.value)
