@@ -37,6 +37,8 @@ from absl import flags
 from absl import logging
 import jax
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
@@ -283,19 +285,27 @@ def table(rows) -> str:
 def figure(rows, path, per_class=1):
   """One row per first stage: `per_class` samples of each class from seed 0's --mode=eval
   samples (labels cycle through the classes, so the first 10 are classes 0-9)."""
-  strips = []
+  strips, names = [], []
   for r in _order(rows):
     if r['seed'] != 0:
       continue
+    names.append(_label(r))
     gpt = os.path.join(r['workdir'], 'gpt')
     files = sorted(f for f in os.listdir(gpt) if f.startswith('eval_samples_'))
     with np.load(os.path.join(gpt, files[-1])) as z:
       images, labels = z['arr_0'], z['arr_1']
     picked = [images[labels == k][:per_class] for k in range(10)]
     strips.append(np.concatenate(picked))
-  ncol = 10 * per_class
+  ncol, scale, margin = 10 * per_class, 3, 150
   grid = images_lib.make_grid(np.concatenate(strips), ncol)
-  images_lib.save_png(path, grid, scale=3)
+  img = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).convert('RGB')
+  img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  out = Image.new('RGB', (img.width + margin, img.height), 'white')
+  out.paste(img, (margin, 0))
+  draw, row_h = ImageDraw.Draw(out), img.height / len(names)
+  for i, label in enumerate(names):
+    draw.text((6, int((i + 0.5) * row_h) - 6), label, fill='black')
+  out.save(path)
 
 
 def main(argv):
