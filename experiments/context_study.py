@@ -249,7 +249,7 @@ TABLE = (
   ('bits / pixel', 'gpt_bits_per_pixel', '.3f'),
   ('fd_fmnist', 'fd_fmnist', '.2f'),
   ('fd_fmnist (first n)', 'fd_fmnist_n', '.2f'),
-  ('class acc.', 'class_accuracy', '.3f'),
+  ('class acc.', 'class_accuracy', '.1%'),
   ('s / sample', 'seconds_per_sample', '.4f'),
   ('speed-up vs f = 1', 'speedup_vs_f1', '.1f'),
 )
@@ -263,8 +263,10 @@ def table(rows) -> str:
   groups = {}
   for r in _order(rows):
     groups.setdefault(_label(r), []).append(r)
+  n = _F1_NUM_SAMPLES.value
+  headers = [h.replace('first n', f'first {n}') for h, _, _ in TABLE]
   lines = [
-    '| first stage | seeds | ' + ' | '.join(h for h, _, _ in TABLE) + ' |',
+    '| first stage | seeds | ' + ' | '.join(headers) + ' |',
     '|---' * (len(TABLE) + 2) + '|',
   ]
   for label, rs in groups.items():
