@@ -16,7 +16,8 @@ STAGES = ('vqgan', 'transformer')
 # CPU kind -> {stage: the faster dtype measured there}.
 #   avx512_bf16 (2-core AVX-512 VM with BF16/AMX, 2026-12-07): the VQGAN step bf16 13.7 vs
 #     float32 14.1 images/s (conv_impl auto; tuned 15.6 vs 16.2): XLA's bf16 convs do not
-#     use the bf16 units; the GPT's KV-cached sampler 1020 vs 659 tokens/s.
+#     use the bf16 units; the GPT's KV-cached sampler 1020 vs 659 tokens/s (its train step
+#     not yet measured on this kind).
 #   avx2 (2-core AVX2 VM, 2026-11): the VQGAN step bf16 1.23x vs float32 1.60x the original's;
 #     the GPT train step 750-920 vs 660-700 tokens/s, its sampler 720-820 vs 620-720.
 CPU_TABLE = {
