@@ -274,8 +274,8 @@ def table(rows) -> str:
     for _, key, fmt in TABLE:
       if key == 'speedup_vs_f1':
         values = [_speedup(r, rows) for r in rs]
-      elif key == 'fd_fmnist_n':  # n: --f1_num_samples of the run
-        values = [r.get(f'fd_fmnist_{r["num_samples"]}') or _first_n(r) for r in rs]
+      elif key == 'fd_fmnist_n':  # n: the run's --f1_num_samples
+        values = [_first_n(r) for r in rs]
       else:
         values = [r.get(key) for r in rs]
       cells.append(_cell(values, fmt) if fmt != 'd' else str(rs[0][key]))
