@@ -265,9 +265,9 @@ def _sample(
     k_draw, k_noise = jax.random.split(jax.random.fold_in(rng, t))
     drawn = jax.random.categorical(k_draw, logits, axis=-1)
     drawn = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-    logp = score(jax.nn.log_softmax(logits, axis=-1), drawn, confidence)
+    scored = score(jax.nn.log_softmax(logits, axis=-1), drawn, confidence)
     noise = choice_temperature * (1.0 - (t + 1) / iterations) * jax.random.gumbel(k_noise, (b, n))
-    ranked = jnp.where(unknown, logp + noise, jnp.inf)
+    ranked = jnp.where(unknown, scored + noise, jnp.inf)
     # Rank by confidence (stable, so ties still re-mask exactly counts[t] positions); decoded
     # positions rank last (+inf) and counts[t] < unknown, so they are never re-masked.
     rank = jnp.argsort(jnp.argsort(ranked, axis=-1, stable=True), axis=-1, stable=True)
