@@ -185,6 +185,33 @@ def test_eval_folder_reports_what_the_public_api_computes(
   assert result['fd_stripes'] > 0
 
 
+def test_eval_runs_on_the_kernels_of_its_config_not_of_the_run(
+  stage1_config, stage1_workdir, folder, monkeypatch
+):
+  # The run was trained with 'auto'; an eval on another machine picks its own kernels
+  # (`train.conv_impl`, e.g. 'tuned') for the VQGAN and LPIPS's VGG16 alike.
+  config = _eval_config(stage1_config, folder=folder)
+  config.train.conv_impl = 'cpu'
+  seen, load = {}, inference.load_vqgan
+  original_lpips = evaluate.lpips_lib.LPIPS
+
+  def spy_load(*args, **kwargs):
+    vq = load(*args, **kwargs)
+    seen['vqgan'] = vq.model.conv_impl
+    return vq
+
+  def spy_lpips(**kwargs):
+    seen['lpips'] = kwargs.get('conv_impl', 'auto')
+    return original_lpips(**kwargs)
+
+  monkeypatch.setattr(inference, 'load_vqgan', spy_load)
+  monkeypatch.setattr(evaluate.lpips_lib, 'LPIPS', spy_lpips)
+  result, _ = evaluate.evaluate(config, stage1_workdir)
+  assert seen == {'vqgan': 'cpu', 'lpips': 'cpu'}
+  assert result['num_images'] == 2 * PER_CLASS
+  assert inference.load_vqgan(stage1_workdir).model.conv_impl == 'auto'  # the API's default
+
+
 def test_eval_split_caches_the_reference_statistics(
   stage1_config, stage1_workdir, classifier_workdir
 ):

@@ -2,7 +2,7 @@
 
 The public API:
 
-  load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN
+  load_vqgan(workdir, step=None, *, mesh=None, ema=True, conv_impl='auto') -> TrainedVQGAN
       .encode(images) -> codes, .decode(codes) -> images, .reconstruct(images)
   load_transformer(workdir, step=None, *, mesh=None) -> TrainedTransformer
       .sample(condition, rng, ...) -> (codes, images), .condition_for_class(labels),

@@ -190,7 +190,10 @@ def evaluate_stage1(config, workdir, inception=None):
   t0 = time.perf_counter()
   mesh = parallel.make_mesh(config.mesh)
   source, data, what = _stage1_source(config)
-  vq = inference.load_vqgan(workdir, _step(config), mesh=mesh)
+  # The kernels this config runs on (train.conv_impl), not the ones the run was trained with:
+  # eval is forward passes, LPIPS's VGG16 most of them.
+  impl = config.train.conv_impl
+  vq = inference.load_vqgan(workdir, _step(config), mesh=mesh, conv_impl=impl)
   if data.image_size % vq.downsample_factor:
     raise ConfigError(
       f"config.data.image_size={data.image_size} is not divisible by the VQGAN's "
@@ -201,7 +204,7 @@ def evaluate_stage1(config, workdir, inception=None):
   # stage 2); a folder's are gathered in the same pass.
   ref = {} if 'folder' in what else reference_stats(config, workdir, what['split'], exts, mesh)
   lpips_params, lpips_sh = feature_nets.load_lpips(mesh)
-  models = vqgan_load.Models(vq.model, None, lpips_lib.LPIPS())
+  models = vqgan_load.Models(vq.model, None, lpips_lib.LPIPS(conv_impl=impl))
   p_sh = jax.tree.map(lambda x: x.sharding, vq.params)
   eval_fn = stage1_eval.make_eval_step(models, mesh, p_sh, lpips_sh)
   n = pipeline.num_eval_examples(data, source=source)

@@ -140,7 +140,7 @@ def _model_range(x):
   return x.astype(jnp.float32)
 
 
-def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
+def load_vqgan(workdir, step=None, *, mesh=None, ema=True, conv_impl='auto') -> TrainedVQGAN:
   """The VQGAN of a stage-1 workdir (a training run or a converted release).
 
   Args:
@@ -149,6 +149,8 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
     mesh: where the parameters live; default: every device on the batch axis.
     ema: use the exponential moving average of the generator's parameters when the run kept
       one (`params_ema` in its state); otherwise, and with ema=False, the trained params.
+    conv_impl: the CPU conv kernels it runs on (`kernels.cpu_conv`; 'tuned': the fastest
+      measured on this machine). How it computes, not what: the run's own is not read.
   """
   config, step = _saved_config(workdir, step)
   if config.get('stage', 'vqgan') != 'vqgan':
@@ -157,7 +159,7 @@ def load_vqgan(workdir, step=None, *, mesh=None, ema=True) -> TrainedVQGAN:
       'workdirs (load_transformer reads stage-2 ones)'
     )
   mesh = mesh or _default_mesh()
-  model = vqgan_lib.from_config(config.model, frozen=True)
+  model = vqgan_lib.from_config(config.model, frozen=True, conv_impl=conv_impl)
   rules = _rules(config)
   params = vqgan_load.restore_vqgan_params(workdir, model, mesh, rules, step=step, ema=ema)
   return TrainedVQGAN(model, params, config, step, mesh)
