@@ -74,6 +74,8 @@ GPT_GRID = [(s, 1.0, 100) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (2.0, 1.1, 0),
   (2.0, 1.2, 0),
   (3.0, 1.2, 0),
+  # Between 1.5 and 2 without top-k, where a GPT trained twice as long crosses 90%.
+  (1.75, 1.0, 0),
 ]
 # (cfg_scale, iterations, choice_temperature[, temperature, top_k, confidence]) for MaskGIT
 # (default temperature 1, no top-k, MaskGIT's 'sampled' confidence).
