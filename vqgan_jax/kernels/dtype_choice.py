@@ -14,10 +14,10 @@ from vqgan_jax.kernels import tune
 
 STAGES = ('vqgan', 'transformer')
 # CPU kind -> {stage: the faster dtype measured there}.
-#   avx512_bf16 (2-core AVX-512 VM with BF16/AMX, 2026-12-07): the VQGAN step bf16 13.7 vs
-#     float32 14.1 images/s (conv_impl auto; tuned 15.6 vs 16.2): XLA's bf16 convs do not
-#     use the bf16 units; the GPT's KV-cached sampler 1020 vs 659 tokens/s (its train step
-#     not yet measured on this kind).
+#   avx512_bf16 (2-core AVX-512 VM with BF16/AMX, 2026-12-07, idle rows): the VQGAN step
+#     bf16 30.7 vs float32 35.8 images/s (conv_impl tuned: 32.5 vs 35.9): XLA's bf16 convs do
+#     not use the bf16 units; the GPT train step 1075 vs 785 tokens/s, its KV-cached sampler
+#     676-1020 vs 504-659.
 #   avx2 (2-core AVX2 VM, 2026-11): the VQGAN step bf16 1.23x vs float32 1.60x the original's;
 #     the GPT train step 750-920 vs 660-700 tokens/s, its sampler 720-820 vs 620-720.
 CPU_TABLE = {
