@@ -1,6 +1,7 @@
 """Stage-2 throughput: the GPT train step and the sampler, vs the original PyTorch code.
 
   python experiments/bench_stage2.py [--iters=5] [--no_reference] [--dtypes=float32,bfloat16]
+      [--layouts=scan,unrolled]
 
 The issue's workload: batch 8 x 256 tokens (SOS + 256 codes), 8 layers, 8 heads, 512 wide,
 vocab 513 (512 codes + SOS), AdamW; sampling 256 tokens for 8 sequences, top-k 100,
@@ -9,7 +10,8 @@ temperature 1. Prints one JSON object per line: `name`, `tokens_per_s`, and with
 timed in the same process in alternation with ours (A, B, A, B: both see the same machine
 load; medians, and `*_best` for the fastest repetition), with `--threads` torch threads:
 
-* stage2_train_step: our sharded, donated `stage2.make_train_step` vs the original GPT
+* stage2_train_step: our sharded, donated `stage2.make_train_step`, per dtype and per layer
+  layout (`scan_layers`: the base config's `nn.scan`, or unrolled `blocks_{l}`), vs the original GPT
   (`vqgan_jax.testing.reference.build_gpt`) with taming's AdamW parameter groups (decay on Linear
   weights only), cross-entropy over the image positions, backward and step. Also the achieved
   GFLOP/s: (6 x matmul params x tokens + 12 x layers x T^2 x width x batch) / step time.
@@ -51,6 +53,11 @@ _DTYPES = flags.DEFINE_list(
   ['float32', 'bfloat16'],
   'Compute dtypes of ours; each is timed against the same original.',
 )
+_LAYOUTS = flags.DEFINE_list(
+  'layouts',
+  ['scan', 'unrolled'],
+  "Layer layouts of ours' train step: 'scan' (the base config, pods) and/or 'unrolled'.",
+)
 _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step / sampled in parallel.')
 _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
   'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).'
@@ -67,13 +74,13 @@ N_CODES, GRID, N_LAYER, N_HEAD, N_EMBD = 512, 16, 8, 8, 512
 TOP_K, TEMPERATURE = 100, 1.0
 
 
-def bench_config(dtype):
+def bench_config(dtype, scan_layers=True):
   c = config_base.stage2_base()
   c.stage1_config.update(n_embed=N_CODES, ch_mult=(1, 1, 2, 2, 4))  # f16: 256 px -> 16x16
   c.data.image_size = 256
   c.cond.kind = 'unconditional'
   c.transformer.update(
-    n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False, scan_layers=True
+    n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD, shared_vocab=False, scan_layers=scan_layers
   )
   c.train.update(batch_size=_BATCH.value, dtype=dtype)
   c.mesh.update(data=1, fsdp=1, tensor=1)
@@ -131,7 +138,8 @@ def ours_sample(config, layout, params):
   model = stage2_config.build_model(config, layout, scan_layers=False)
   from vqgan_jax.models import transformer as tf  # pylint: disable=g-import-not-at-top
 
-  params = tf.unstack_layers(params)
+  if config.transformer.scan_layers:
+    params = tf.unstack_layers(params)
   cond = stage2.class_tokens(layout, np.zeros((_BATCH.value,), np.int32))
   key = jax.random.PRNGKey(0)
   run = lambda: jax.block_until_ready(
@@ -253,8 +261,16 @@ def main(argv):
   del argv
   use_ref = not _NO_REF.value and _reference_available()
   dtypes = list(_DTYPES.value)
-  configs = {d: stage2_config.resolve_config(bench_config(d)) for d in dtypes}
-  layout = stage2_config.make_layout(configs[dtypes[0]])
+  layouts = list(_LAYOUTS.value)
+  if not layouts or set(layouts) - {'scan', 'unrolled'}:
+    raise app.UsageError(f"--layouts: 'scan' and/or 'unrolled', got {layouts}")
+  # (dtype, layout) pairs; the sampler runs on the first layout's trained parameters.
+  pairs = [(d, lay) for d in dtypes for lay in layouts]
+  configs = {
+    (d, lay): stage2_config.resolve_config(bench_config(d, scan_layers=lay == 'scan'))
+    for d, lay in pairs
+  }
+  layout = stage2_config.make_layout(configs[pairs[0]])
   assert (layout.vocab_size, layout.seq_len, layout.image_len) == (513, 256, 256)
   b = _BATCH.value
   common = {
@@ -274,32 +290,34 @@ def main(argv):
     machine.write_row(_OUT.value, row)
 
   iters, warmup = _ITERS.value, _WARMUP.value
-  # Same seed and batch for every dtype: the first step's loss compares them.
-  trains = {d: ours_train(configs[d], layout) for d in dtypes}
+  # Same seed and batch for every dtype and layout: the first step's loss compares them.
+  trains = {p: ours_train(configs[p], layout) for p in pairs}
   n_matmul, flops = train_flops(layout, b)
   gpt = None
   if 'train' in _ONLY.value:
-    fns = [trains[d][0] for d in dtypes]
+    fns = [trains[p][0] for p in pairs]
     if use_ref:
       orig_once, gpt = original_train(layout, _THREADS.value)
       fns.append(orig_once)
     timed = _interleaved(fns, iters, warmup)
-    loss0 = trains[dtypes[0]][3]
-    for i, d in enumerate(dtypes):
+    loss0 = trains[pairs[0]][3]
+    for i, (d, lay) in enumerate(pairs):
       step_s, best_s = timed[i]
       row = {
         'name': 'stage2_train_step',
         'dtype': d,
+        'scan_layers': lay == 'scan',
         **common,
         'tokens_per_s': b * layout.seq_len / step_s,
         'tokens_per_s_best': b * layout.seq_len / best_s,
         'step_ms': 1e3 * step_s,
-        'compile_s': trains[d][1],
+        'compile_s': trains[d, lay][1],
         'gflops_per_s': flops / step_s / 1e9,
         'matmul_params': n_matmul,
         'gflop_per_step': flops / 1e9,
-        'first_loss': trains[d][3],
-        f'first_loss_rel_diff_vs_{dtypes[0]}': abs(trains[d][3] - loss0) / abs(loss0),
+        'first_loss': trains[d, lay][3],
+        f'first_loss_rel_diff_vs_{pairs[0][0]}_{pairs[0][1]}': abs(trains[d, lay][3] - loss0)
+        / abs(loss0),
       }
       if use_ref:
         orig_s, orig_best = timed[-1]
@@ -311,7 +329,9 @@ def main(argv):
         )
       emit(row)
   if 'sample' in _ONLY.value:
-    samplers = {d: ours_sample(configs[d], layout, trains[d][2]()) for d in dtypes}
+    samplers = {
+      d: ours_sample(configs[d, layouts[0]], layout, trains[d, layouts[0]][2]()) for d in dtypes
+    }
     fns, steps = [samplers[d][0] for d in dtypes], 0
     if use_ref:
       if gpt is None:
