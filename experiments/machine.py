@@ -1,5 +1,5 @@
 """Where a result row was measured: CPU model and the flags that change XLA's and oneDNN's
-code paths, core count, library versions, commit and time. Every script that writes rows
+code paths, core count, library versions, the malloc, commit and time. Every script that writes rows
 under experiments/results/ writes them with `write_row`, which adds these fields
 (tests/test_experiments.py checks both)."""
 
@@ -8,6 +8,8 @@ import importlib.metadata
 import json
 import os
 import subprocess
+
+from vqgan_jax import malloc
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
@@ -60,6 +62,8 @@ def info() -> dict:
     'jax': _version('jax'),
     'jaxlib': _version('jaxlib'),
     'torch': _version('torch'),
+    # XLA:CPU's step times depend on it (vqgan_jax/malloc.py).
+    'malloc': malloc.name(),
   }
 
 

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/malloc.sh
 py=.venv/bin/python
 # LLVM at -O1 for XLA:CPU's own loops: the same step times here (stage-1 step 1.160 vs
 # 1.164 s, GPT step 0.947 vs 0.947 s), 13 s less compiling for stage 1's step. Convs and

@@ -13,7 +13,17 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, 'experiments')
-MACHINE_FIELDS = ('date', 'commit', 'cpu_model', 'cpu_flags', 'cores', 'jax', 'jaxlib', 'torch')
+MACHINE_FIELDS = (
+  'date',
+  'commit',
+  'cpu_model',
+  'cpu_flags',
+  'cores',
+  'jax',
+  'jaxlib',
+  'torch',
+  'malloc',
+)
 
 
 def _machine():

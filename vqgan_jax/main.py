@@ -147,6 +147,7 @@ def main(argv):
     print(started, flush=True)
   import jax  # pylint: disable=g-import-not-at-top
 
+  from vqgan_jax import malloc  # pylint: disable=g-import-not-at-top
   from vqgan_jax import validate  # pylint: disable=g-import-not-at-top
   from vqgan_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   from vqgan_jax.checkpoints import CheckpointError  # pylint: disable=g-import-not-at-top
@@ -157,6 +158,8 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # orbax and TFDS log every file operation at INFO; the progress bar says what matters.
     logging.set_verbosity(logging.WARNING)
+  if jax.default_backend() == 'cpu' and malloc.name() == 'glibc':
+    logging.warning(malloc.HINT)
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   stage = config.get('stage', 'vqgan')
   # Several processes: the summary lines come from process 0 (like the logs).
