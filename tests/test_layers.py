@@ -15,7 +15,7 @@ PACKAGE = os.path.join(REPO, 'vqgan_jax')
 # its longest listed prefix; a package's own file is 'pkg.__init__' ('__init__': vqgan_jax's).
 LAYERS = (
   # Foundation: no model knowledge.
-  ('kernels', 'config_base', 'distributed', 'checks', 'images', 'metrics', 'losses'),
+  ('kernels', 'config_base', 'distributed', 'checks', 'images', 'metrics', 'losses', 'malloc'),
   # The saved config's schema and identity check; the params digest; orbax's workarounds;
   # the data iterators' states.
   ('run_config', 'fingerprint', 'orbax_workarounds', 'iterator_state'),

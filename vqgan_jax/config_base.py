@@ -372,7 +372,8 @@ def stage2_base():
       label_smoothing=0.0,  # maskgit: of its masked-code loss (MaskGIT: 0.1); gpt: must be 0
       shared_vocab=False,
       # Train under nn.scan over stacked layer params (the checkpointed layout too); the sampler
-      # unstacks them into the per-layer layout it needs.
+      # unstacks them into the per-layer layout it needs. On CPU False trains faster (the demo
+      # configs set it; experiments/bench_stage2.py times both).
       scan_layers=True,
       # Rematerialisation per block: 'none' | 'block' (nn.remat with remat_policy, a
       # jax.checkpoint_policies name); 'full' = block with nothing_saveable; a policy name

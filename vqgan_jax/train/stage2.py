@@ -30,8 +30,9 @@ of the global batch); class dropout as for the GPT. Held-out: the NLL of the mas
 under masks drawn the same way from a key that depends only on the example's codes, so every
 eval (any batch size, mesh or process count) scores the same masks.
 
-Parameter layout: training runs with `scan_layers=True` by default (stacked `blocks`, 2x
-faster on CPU) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
+Parameter layout: training runs with `scan_layers=True` by default (stacked `blocks`: one
+layer to compile, the pods' layout; on CPU unrolled layers train faster, see
+`models.transformer`) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
 save time). The run's config records it (`transformer.scan_layers`); restoring for sampling
 or fine-tuning reads it from the saved config and converts (`restore_gpt_params`).
 
