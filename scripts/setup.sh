@@ -9,27 +9,31 @@ extras="${1:-}"
 
 fmnist=/usr/share/datasets/fashion-mnist
 # TCMalloc: XLA:CPU allocates each step's temporaries afresh, and glibc maps and unmaps the large
-# ones every step; preloaded (scripts/malloc.sh), TCMalloc keeps them. GPT train step on the
-# AVX-512 VM: 815 against 1024 ms (bf16). Optional: the scripts run without it.
+# ones every step; preloaded (scripts/malloc.sh), TCMalloc reuses them (the benchmark GPT's bf16
+# train step 847 against 1185 ms on the AVX-512 VM). Optional: installed where apt-get runs
+# without a password prompt (root, or sudo -n), once per machine; the scripts run without it.
 tcmalloc_lib() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \
   | awk '$1 == "libtcmalloc_minimal.so.4" {print $NF; exit}'; }
+tried="${XDG_CACHE_HOME:-$HOME/.cache}/vqgan_jax/tcmalloc-install-tried"
 packages=()
 [ -f "$fmnist/t10k-images-idx3-ubyte.gz" ] || packages+=(dataset-fashion-mnist)
-[ -n "$(tcmalloc_lib)" ] || [ "${VQGAN_JAX_TCMALLOC:-1}" = 0 ] || packages+=(libtcmalloc-minimal4)
-if [ ${#packages[@]} -gt 0 ]; then
-  if command -v apt-get >/dev/null 2>&1; then
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    echo "setup: installing Debian's ${packages[*]}"
-    $sudo apt-get update -qq >/dev/null || true
-    for package in "${packages[@]}"; do
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null \
-        || echo "setup: warning: apt-get could not install $package" >&2
-    done
-  fi
-  if [ ! -f "$fmnist/t10k-images-idx3-ubyte.gz" ]; then
-    echo "setup: warning: no Fashion-MNIST in $fmnist; put the four IDX .gz files into a" \
-         "folder and pass --config.data.source_dir=DIR" >&2
-  fi
+if [ -z "$(tcmalloc_lib)" ] && [ "${VQGAN_JAX_TCMALLOC:-1}" != 0 ] && [ ! -f "$tried" ] \
+  && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+  packages+=(libtcmalloc-minimal4)
+  mkdir -p "$(dirname "$tried")" && touch "$tried"
+fi
+if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing Debian's ${packages[*]}"
+  $sudo apt-get update -qq >/dev/null || true
+  for package in "${packages[@]}"; do
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$package" >/dev/null \
+      || echo "setup: warning: apt-get could not install $package" >&2
+  done
+fi
+if [ ! -f "$fmnist/t10k-images-idx3-ubyte.gz" ]; then
+  echo "setup: warning: no Fashion-MNIST in $fmnist; put the four IDX .gz files into a" \
+       "folder and pass --config.data.source_dir=DIR" >&2
 fi
 
 python="${PYTHON:-python3}"
