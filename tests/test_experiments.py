@@ -100,6 +100,7 @@ def test_every_script_that_writes_results_uses_the_row_writer():
     'experiments/ablate_stage1.py',
     'experiments/bench_stage1.py',
     'experiments/bench_stage2.py',
+    'experiments/code_floor.py',
     'experiments/compare_generators.py',
     'experiments/convert_f16_roundtrip.py',
     'experiments/gpu_check.py',
