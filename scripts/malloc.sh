@@ -1,7 +1,7 @@
 # Sourced by the scripts that run JAX: preloads TCMalloc when it is installed (scripts/setup.sh
 # installs Debian's libtcmalloc-minimal4). XLA:CPU allocates each step's temporaries afresh;
 # glibc's malloc maps and unmaps the large ones every time (page faults on every step), TCMalloc
-# reuses them: the benchmark's GPT train step 815 against 1024 ms (bf16, AVX-512 VM).
+# reuses them: the benchmark GPT's bf16 train step 847 against 1185 ms (AVX-512 VM).
 # VQGAN_JAX_TCMALLOC=0 keeps glibc's malloc.
 if [ "${VQGAN_JAX_TCMALLOC:-1}" != 0 ] && [[ "${LD_PRELOAD:-}" != *tcmalloc* ]]; then
   _tcmalloc="$({ ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \

@@ -1,8 +1,9 @@
 """Which malloc this process runs on: XLA:CPU allocates each step's temporaries afresh, and with
 glibc's malloc the large ones are mapped and unmapped every step. Preloading TCMalloc
-(`scripts/malloc.sh`, which the README's scripts source) made the benchmark GPT's train step
-815 against 1024 ms (bf16, 2-core AVX-512 VM). Result rows record it (experiments/machine.py),
-and a CPU run on glibc says how to get it (main.py)."""
+(`scripts/malloc.sh`, which the README's scripts source) made the benchmark GPT's bf16 train
+step 847 against 1185 ms (2-core AVX-512 VM, experiments/results/bench_stage2_cpu.jsonl).
+Result rows record it (experiments/machine.py), and a CPU run on glibc says how to get it
+(main.py)."""
 
 _LIBRARIES = (('libtcmalloc', 'tcmalloc'), ('libjemalloc', 'jemalloc'), ('libmimalloc', 'mimalloc'))
 

@@ -34,8 +34,8 @@ Two layouts. `GPT(scan_layers=False)` (the default) owns one `blocks_{l}` subtre
 the canonical layout of checkpoints and conversion, and the one the sampler runs on (per-layer
 weights are loop invariants of its decode loop; indexing stacked weights inside a loop copies
 them every step). `GPT(scan_layers=True)` runs the layers under `nn.scan` (one layer to
-compile; on XLA:CPU it trains slower than unrolled layers: the benchmark GPT's bf16 step 1589
-against 1024 ms on an AVX-512 VM, the demo GPT's float32 step 1.06 against 0.97 s on an AVX2 VM,
+compile; on XLA:CPU it trains slower than unrolled layers: the benchmark GPT's bf16 step 1468
+against 847 ms on an AVX-512 VM, the demo GPT's float32 step 1.06 against 0.97 s on an AVX2 VM,
 experiments/bench_stage2.py) and its `init` produces one `blocks` subtree whose leaves carry a
 leading layer axis (logical name `layers`). `stack_layers` / `unstack_layers` convert between
 the two; both models compute the same function.

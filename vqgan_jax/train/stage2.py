@@ -32,8 +32,8 @@ eval (any batch size, mesh or process count) scores the same masks.
 
 Parameter layout: training runs with `scan_layers=True` by default (stacked `blocks`: one
 layer to compile, the pods' layout; on CPU unrolled layers train faster, see
-`models.transformer`) and checkpoints that layout as is (the optimizer state mirrors it; no copy at
-save time). The run's config records it (`transformer.scan_layers`); restoring for sampling
+`models.transformer`) and checkpoints that layout as is (the optimizer state mirrors it; no
+copy at save time). The run's config records it (`transformer.scan_layers`); restoring for sampling
 or fine-tuning reads it from the saved config and converts (`restore_gpt_params`).
 
 The GPT's construction, shardings and restore and the frozen encoders live in
