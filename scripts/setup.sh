@@ -12,7 +12,7 @@ fmnist=/usr/share/datasets/fashion-mnist
 # ones every step; preloaded (scripts/malloc.sh), TCMalloc reuses them (the benchmark GPT's bf16
 # train step 847 against 1185 ms on the AVX-512 VM). Optional: installed where apt-get runs
 # without a password prompt (root, or sudo -n), once per machine; the scripts run without it.
-tcmalloc_lib() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } \
+tcmalloc_lib() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } \
   | awk '$1 == "libtcmalloc_minimal.so.4" {print $NF; exit}'; }
 tried="${XDG_CACHE_HOME:-$HOME/.cache}/vqgan_jax/tcmalloc-install-tried"
 packages=()
