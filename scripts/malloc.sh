@@ -4,8 +4,7 @@
 # reuses them: the benchmark GPT's bf16 train step 847 against 1185 ms (AVX-512 VM).
 # VQGAN_JAX_TCMALLOC=0 keeps glibc's malloc.
 if [ "${VQGAN_JAX_TCMALLOC:-1}" != 0 ] && [[ "${LD_PRELOAD:-}" != *tcmalloc* ]]; then
-  _tcmalloc="$({ ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } \
-    | awk '$1 == "libtcmalloc_minimal.so.4" {print $NF; exit}')"
+  _tcmalloc="$(bash "$(dirname "${BASH_SOURCE[0]}")/tcmalloc_path.sh")"
   if [ -n "$_tcmalloc" ]; then
     export LD_PRELOAD="$_tcmalloc${LD_PRELOAD:+:$LD_PRELOAD}"
     # Its "large alloc" notice for every allocation over 1 GiB is noise here.

@@ -12,12 +12,11 @@ fmnist=/usr/share/datasets/fashion-mnist
 # ones every step; preloaded (scripts/malloc.sh), TCMalloc reuses them (the benchmark GPT's bf16
 # train step 847 against 1185 ms on the AVX-512 VM). Optional: installed where apt-get runs
 # without a password prompt (root, or sudo -n), once per machine; the scripts run without it.
-tcmalloc_lib() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } \
-  | awk '$1 == "libtcmalloc_minimal.so.4" {print $NF; exit}'; }
 tried="${XDG_CACHE_HOME:-$HOME/.cache}/vqgan_jax/tcmalloc-install-tried"
 packages=()
 [ -f "$fmnist/t10k-images-idx3-ubyte.gz" ] || packages+=(dataset-fashion-mnist)
-if [ -z "$(tcmalloc_lib)" ] && [ "${VQGAN_JAX_TCMALLOC:-1}" != 0 ] && [ ! -f "$tried" ] \
+if [ -z "$(bash scripts/tcmalloc_path.sh)" ] && [ "${VQGAN_JAX_TCMALLOC:-1}" != 0 ] \
+  && [ ! -f "$tried" ] \
   && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
   packages+=(libtcmalloc-minimal4)
   mkdir -p "$(dirname "$tried")" && touch "$tried"

@@ -57,13 +57,14 @@ def test_a_real_process_on_glibc_and_on_the_scripts_tcmalloc():
 def test_the_scripts_survive_a_machine_without_ldconfig(tmp_path):
   """demo.sh and test.sh source scripts/malloc.sh under `set -euo pipefail`: where no ldconfig
   answers (another OS, a minimal image) it must leave LD_PRELOAD alone, not end the script."""
-  text = open(os.path.join(REPO, 'scripts', 'malloc.sh')).read()
-  assert text.count('ldconfig -p') == 2, 'update this test with the script'
-  no_ldconfig = text.replace('/sbin/ldconfig -p', '/nonexistent/ldconfig -p').replace(
+  lookup = open(os.path.join(REPO, 'scripts', 'tcmalloc_path.sh')).read()
+  assert lookup.count('ldconfig -p') == 2, 'update this test with the script'
+  no_ldconfig = lookup.replace('/sbin/ldconfig -p', '/nonexistent/ldconfig -p').replace(
     'ldconfig -p 2>/dev/null ||', 'no-such-ldconfig -p 2>/dev/null ||', 1
   )
+  (tmp_path / 'tcmalloc_path.sh').write_text(no_ldconfig)
   script = tmp_path / 'malloc.sh'
-  script.write_text(no_ldconfig)
+  script.write_text(open(os.path.join(REPO, 'scripts', 'malloc.sh')).read())
   env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
   proc = subprocess.run(
     ['bash', '-c', f'set -euo pipefail; source {script}; echo "done:${{LD_PRELOAD:-}}"'],
