@@ -262,6 +262,13 @@ def test_confidence_scores():
   np.testing.assert_allclose(maskgit_sampling.score(logp, drawn, 'max'), np.log([[0.7, 0.8]]))
 
 
+def test_step_temperature_moves_linearly_from_temperature_to_final_temperature():
+  temps = [maskgit_sampling.step_temperature(1.0, 2.0, t, 5) for t in range(5)]
+  np.testing.assert_allclose(temps, [1.0, 1.25, 1.5, 1.75, 2.0])
+  assert maskgit_sampling.step_temperature(0.7, 0.7, 3, 8) == 0.7
+  assert maskgit_sampling.step_temperature(1.5, 0.5, 0, 1) == 1.5  # one iteration: the first
+
+
 def test_sampler_invariants(tiny, trained):
   """Every step leaves exactly the schedule's count masked, a decoded code never changes,
   nothing is masked at the end, a key always gives the same codes, and each class's samples
@@ -305,6 +312,15 @@ def test_sampler_invariants(tiny, trained):
     run(jax.random.PRNGKey(0), confidence='drawn')
   with pytest.raises(ValueError, match='iterations must be an integer >= 1'):
     maskgit_sampling.sample(params, model, cond, jax.random.PRNGKey(0), iterations=0)
+  # final_temperature: equal to temperature is the constant temperature (the same codes);
+  # from 3.0 (flat) at the first step to 0.5 at the last, the draws differ.
+  np.testing.assert_array_equal(
+    np.asarray(run(jax.random.PRNGKey(0), final_temperature=0.5)[0]), codes
+  )
+  ramped = np.asarray(run(jax.random.PRNGKey(0), temperature=3.0, final_temperature=0.5)[0])
+  assert not np.array_equal(ramped, codes)
+  with pytest.raises(ValueError, match='final_temperature must be >= 0'):
+    run(jax.random.PRNGKey(0), final_temperature=-1.0)
   # `steps`, its old name (the GPT's `steps` count tokens), still works with a warning.
   with pytest.warns(DeprecationWarning, match='now `iterations`'):
     old = maskgit_sampling.sample(

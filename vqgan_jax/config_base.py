@@ -442,11 +442,14 @@ def stage2_base():
       # maskgit: parallel decoding iterations T, the masking schedule ('cosine' | 'linear' |
       # 'square'), the scale of the Gumbel noise on the confidence (annealed to 0) and the
       # confidence: 'sampled' (MaskGIT's: log p of the drawn code) | 'max' (the position's
-      # largest log p, blind to the draw: maskgit_sampling.CONFIDENCES says why).
+      # largest log p, blind to the draw: maskgit_sampling.CONFIDENCES says why);
+      # final_temperature: the draws' temperature at the last iteration, linear from
+      # `temperature` at the first (< 0: `temperature` throughout).
       iterations=8,
       schedule='cosine',
       choice_temperature=4.5,
       confidence='sampled',
+      final_temperature=-1.0,
       # Completion instead of sampling (completion.py): an image folder or a split of
       # config.data ('' : sample); the first complete_examples images, the codes `keep`
       # names kept (top_half | left_half | center_box | outside_center_box; a GPT needs

@@ -49,6 +49,13 @@ def _saved_config(workdir, step):
     return ml_collections.ConfigDict(ckpt.restore_config(step)), latest if step is None else step
 
 
+def _final_temperature(sample_config):
+  """config.sample.final_temperature as the sampler takes it: None (< 0: the temperature
+  throughout) or the draws' temperature at MaskGIT's last iteration."""
+  value = float(sample_config.get('final_temperature', -1.0))
+  return None if value < 0 else value
+
+
 def _default_mesh():
   return parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
 
@@ -207,6 +214,7 @@ class TrainedTransformer:
         schedule=s.schedule,
         choice_temperature=float(s.choice_temperature),
         confidence=s.confidence,
+        final_temperature=_final_temperature(s),
       )
     return args
 
@@ -273,6 +281,7 @@ class TrainedTransformer:
     schedule=None,
     choice_temperature=None,
     confidence=None,
+    final_temperature=None,
     steps=None,
   ):
     """Draws code grids and decodes them: returns (codes (N, h, w) int32, images (N, H, W, C)
@@ -286,11 +295,12 @@ class TrainedTransformer:
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
     grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
       the training grid's side (or `window`). GPT only: MaskGIT samples the training grid.
-    iterations, schedule, choice_temperature, confidence (MaskGIT only; defaults from
-      config.sample): the number of parallel decoding iterations T, the masking schedule
-      ('cosine', 'linear', 'square'), the scale of the Gumbel noise on the confidence and what
-      the confidence is ('sampled', MaskGIT's; 'max': `maskgit_sampling.CONFIDENCES`). steps:
-      the deprecated name of iterations.
+    iterations, schedule, choice_temperature, confidence, final_temperature (MaskGIT only;
+      defaults from config.sample): the number of parallel decoding iterations T, the masking
+      schedule ('cosine', 'linear', 'square'), the scale of the Gumbel noise on the confidence,
+      what the confidence is ('sampled', MaskGIT's; 'max': `maskgit_sampling.CONFIDENCES`) and
+      the draws' temperature at the last iteration (linear from `temperature` at the first).
+      steps: the deprecated name of iterations.
 
     Up to `self.batch_size` samples are one sampler call drawn with `rng`; more are drawn in
     calls of batch_size, the i-th with `jax.random.fold_in(rng, i)`. A batch whose estimated
@@ -304,6 +314,7 @@ class TrainedTransformer:
       schedule=schedule,
       choice_temperature=choice_temperature,
       confidence=confidence,
+      final_temperature=final_temperature,
     )
     if self.kind != 'maskgit' and any(v is not None for v in decoding.values()):
       given = sorted(k for k, v in decoding.items() if v is not None)
@@ -361,8 +372,8 @@ class TrainedTransformer:
     """Checks the sampler's arguments for (1, Lc) conditions; returns `draw(params, cond,
     uncond, key)`, the unchecked sampler of `sample_images` on device arrays."""
     if self.kind == 'maskgit':
-      s = self.config.sample
-      given = {k: s[k] if v is None else v for k, v in decoding.items()}
+      defaults = self.sampler_args()
+      given = {k: defaults[k] if v is None else v for k, v in decoding.items()}
       dec, checked = maskgit_sampling.check_args(
         self.model, cond_row, uncond_tokens=uncond, **given, **filters
       )

@@ -5,7 +5,8 @@ instead of one step per code.
 Start with every code masked. At step t (0-based) of T:
   1. one forward of the bidirectional transformer over [condition | current codes];
   2. draw a code at every position (temperature, top-k, top-p: `sampling.filter_logits`);
-     positions already decoded keep theirs;
+     positions already decoded keep theirs. With `final_temperature` the draws' temperature
+     moves linearly from `temperature` at step 0 to it at step T - 1;
   3. confidence = a score + choice_temperature * (1 - (t + 1) / T) * Gumbel noise; decoded
      positions get +inf. The score (`confidence`): 'sampled', MaskGIT's, log p of the drawn
      code (under the distribution it was drawn from); 'max', the largest log p at the
@@ -50,7 +51,7 @@ ITERATIONS = 8
 # there, before looking at the draw, so each kept code is a plain draw from its conditional.
 CONFIDENCES = ('sampled', 'max')
 # The decoding keywords beside the filters (config.sample's defaults in TrainedTransformer).
-DECODING_ARGS = ('iterations', 'schedule', 'choice_temperature', 'confidence')
+DECODING_ARGS = ('iterations', 'schedule', 'choice_temperature', 'confidence', 'final_temperature')
 
 
 def mask_counts(n: int, iterations: int, schedule: str = 'cosine'):
@@ -90,6 +91,7 @@ class Decoding:
   schedule: str = 'cosine'
   choice_temperature: Any = CHOICE_TEMPERATURE
   confidence: str = 'sampled'
+  final_temperature: Any = None  # None: the filters' temperature at every step
 
 
 def check_args(
@@ -100,6 +102,7 @@ def check_args(
   schedule,
   choice_temperature,
   confidence='sampled',
+  final_temperature=None,
   cfg_scale=None,
   uncond_tokens=None,
   **filters,
@@ -109,6 +112,10 @@ def check_args(
   checks.decoding_iterations(iterations, schedule, choice_temperature, maskgit_lib.SCHEDULES)
   if confidence not in CONFIDENCES:
     raise ValueError(f'confidence must be one of {CONFIDENCES}, got {confidence!r}')
+  if final_temperature is not None and not isinstance(final_temperature, jax.core.Tracer):
+    f = float(final_temperature)
+    if not math.isfinite(f) or f < 0:
+      raise ValueError(f'final_temperature must be >= 0 (or None), got {final_temperature!r}')
   cond_len = np.shape(condition)[1]
   n = model.block_size - cond_len
   if n < 1:
@@ -125,7 +132,8 @@ def check_args(
     uncond_tokens=uncond_tokens,
     **filters,
   )
-  return Decoding(int(iterations), schedule, choice_temperature, confidence), checked
+  decoding = Decoding(int(iterations), schedule, choice_temperature, confidence, final_temperature)
+  return decoding, checked
 
 
 def maskgit_bytes(model, cond_len, guided=False):
@@ -150,6 +158,7 @@ def sample(
   top_p=1.0,
   choice_temperature=CHOICE_TEMPERATURE,
   confidence='sampled',
+  final_temperature=None,
   cfg_scale=None,
   uncond_tokens=None,
   return_history=False,
@@ -162,6 +171,8 @@ def sample(
 
   model: a `MaskGIT` (either parameter layout). schedule: 'cosine' (MaskGIT's), 'linear' or
   'square'. confidence: what ranks the draws ('sampled': MaskGIT's; 'max': CONFIDENCES).
+  final_temperature: the draws' temperature at the last step, reached linearly from
+  `temperature` at the first (None: `temperature` throughout).
   cfg_scale (with uncond_tokens, e.g. the null class): classifier-free guidance.
   steps: the deprecated name of iterations. known: (codes (B, N), keep (N,) host bools) for
   completion (`completion.py`): the kept codes start decoded, so they are never re-masked or
@@ -176,6 +187,7 @@ def sample(
     schedule=schedule,
     choice_temperature=choice_temperature,
     confidence=confidence,
+    final_temperature=final_temperature,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
@@ -199,6 +211,7 @@ def _decode(params, model, cond, uncond, rng, filters, decoding, history=False, 
   variables, model, cond, uncond, rng, temperature, cfg_scale = filters.loop_args(
     params, model, cond, uncond, rng
   )
+  final = temperature if decoding.final_temperature is None else decoding.final_temperature
   return _sample(
     variables,
     model,
@@ -206,6 +219,7 @@ def _decode(params, model, cond, uncond, rng, filters, decoding, history=False, 
     uncond,
     rng,
     temperature,
+    jnp.float32(final),
     jnp.float32(decoding.choice_temperature),
     cfg_scale,
     init,
@@ -216,6 +230,12 @@ def _decode(params, model, cond, uncond, rng, filters, decoding, history=False, 
     guided=filters.guided,
     history=bool(history),
   )
+
+
+def step_temperature(temperature, final_temperature, t, iterations):
+  """The draws' temperature at step t (0-based) of `iterations`: `temperature` at the first,
+  `final_temperature` at the last, linear between (the same throughout when they are equal)."""
+  return temperature + (final_temperature - temperature) * (t / max(iterations - 1, 1))
 
 
 def score(logp, drawn, confidence):
@@ -237,6 +257,7 @@ def _sample(
   uncond,
   rng,
   temperature,
+  final_temperature,
   choice_temperature,
   cfg_scale,
   init,
@@ -251,7 +272,6 @@ def _sample(
   b, lc = cond.shape
   n, iterations = model.block_size - lc, len(counts)
   prefix = jnp.concatenate([cond, uncond], axis=0) if guided else cond
-  greedy = temperature == 0
 
   def step(t, carry):
     codes, hist = carry
@@ -260,8 +280,10 @@ def _sample(
     logits = model.apply(variables, jnp.concatenate([prefix, x], axis=1))[:, lc:]
     if guided:
       logits = sampling.guide(logits, cfg_scale)
+    tau = step_temperature(temperature, final_temperature, t, iterations)
     # As sampling.py: temperature 0 is a select (argmax), not a recompile.
-    logits = sampling.filter_logits(logits, jnp.where(greedy, 1.0, temperature), top_k, top_p)
+    greedy = tau == 0
+    logits = sampling.filter_logits(logits, jnp.where(greedy, 1.0, tau), top_k, top_p)
     k_draw, k_noise = jax.random.split(jax.random.fold_in(rng, t))
     drawn = jax.random.categorical(k_draw, logits, axis=-1)
     drawn = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
@@ -298,6 +320,7 @@ def sample_images(
   top_p=1.0,
   choice_temperature=CHOICE_TEMPERATURE,
   confidence='sampled',
+  final_temperature=None,
   cfg_scale=None,
   uncond_tokens=None,
   steps=None,
@@ -318,6 +341,7 @@ def sample_images(
     schedule=schedule,
     choice_temperature=choice_temperature,
     confidence=confidence,
+    final_temperature=final_temperature,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,

@@ -51,6 +51,7 @@ ADDED_FIELD_DEFAULTS = {
   'sample.complete_examples': 8,
   'sample.completions_per_image': 4,
   'sample.confidence': 'sampled',  # MaskGIT's ranking of its draws
+  'sample.final_temperature': -1.0,  # MaskGIT: the temperature throughout
 }
 # Fields renamed since a config was saved: old name -> today's (same section), moved before
 # the defaults apply. MaskGIT's `sample.steps` meant its decoding iterations (the GPT's

@@ -3,7 +3,7 @@ run's latest transformer and writes them into its workdir as `samples_<step>.png
 class for class models) and `samples_<step>.npz` (codes, labels, condition tokens) for other
 evaluators. The jitted samplers themselves are in `sampling.py` (the GPT) and
 `maskgit_sampling.py` (MaskGIT: `config.sample.iterations`, `schedule`, `choice_temperature`,
-`confidence`).
+`confidence`, `final_temperature`).
 
 With `config.sample.complete_folder` (an image folder, or a split of `config.data`) it
 completes images instead (`complete`): the first `complete_examples` images, the codes that
