@@ -77,8 +77,9 @@ GPT_GRID = [(s, 1.0, 100) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   # Between 1.5 and 2 without top-k, where a GPT trained twice as long crosses 90%.
   (1.75, 1.0, 0),
 ]
-# (cfg_scale, iterations, choice_temperature[, temperature, top_k, confidence]) for MaskGIT
-# (default temperature 1, no top-k, MaskGIT's 'sampled' confidence).
+# (cfg_scale, iterations, choice_temperature[, temperature, top_k, confidence,
+# final_temperature]) for MaskGIT (default temperature 1, no top-k, MaskGIT's 'sampled'
+# confidence, the temperature at every iteration: final_temperature None).
 MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (2.0, 8, 2.0),
   (2.0, 8, 1.0),
@@ -124,6 +125,24 @@ MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (3.0, 12, 4.5, 1.0, 0, 'max'),
   (3.0, 8, 4.5, 1.2, 0, 'max'),
   (1.0, 8, 4.5, 1.0, 0, 'max'),
+  # Sampler or model? Choice temperature 1000 swamps the ranking, so the codes are decoded in
+  # a random order; at T = 64 one code per iteration: exact draws from the model's own joint
+  # (an any-order autoregression), which no decoding schedule can beat unguided.
+  (1.0, 64, 1000.0, 1.0, 0, 'max'),
+  (1.0, 8, 1000.0, 1.0, 0, 'max'),
+  # Draws that warm up over the iterations (final_temperature): cool while the few first codes
+  # set the layout, hot for the many last ones, whose draws the ranking still filters.
+  (3.0, 8, 4.5, 1.0, 0, 'sampled', 2.0),
+  (3.0, 8, 4.5, 2.0, 0, 'sampled', 1.0),
+  (3.0, 8, 4.5, 0.8, 0, 'sampled', 2.2),
+  (3.25, 8, 4.5, 1.0, 0, 'sampled', 2.0),
+  (3.5, 8, 4.5, 1.0, 0, 'sampled', 2.0),
+  (3.5, 8, 4.5, 0.8, 0, 'sampled', 2.2),
+  (4.0, 8, 4.5, 1.0, 0, 'sampled', 2.5),
+  (2.0, 8, 4.5, 1.0, 0, 'sampled', 2.0),
+  (2.5, 8, 4.5, 1.0, 0, 'sampled', 2.0),
+  (3.25, 8, 3.0, 1.0, 0, 'sampled', 2.0),
+  (3.25, 8, 6.0, 1.0, 0, 'sampled', 2.0),
 ]
 
 
@@ -131,10 +150,11 @@ def settings(kind):
   """The grid of `kind` as `TrainedTransformer.sample` keyword arguments."""
   if kind == 'gpt':
     return [dict(cfg_scale=s, temperature=t, top_k=k) for s, t, k in GPT_GRID]
-  defaults = (1.0, 0, 'sampled')
+  defaults = (1.0, 0, 'sampled', None)
+  keys = ('temperature', 'top_k', 'confidence', 'final_temperature')
   return [
-    dict(cfg_scale=s, iterations=n, choice_temperature=c, temperature=t, top_k=k, confidence=f)
-    for s, n, c, t, k, f in (g + defaults[len(g) - 3 :] for g in MASKGIT_GRID)
+    dict(cfg_scale=s, iterations=n, choice_temperature=c, **dict(zip(keys, rest)))
+    for s, n, c, *rest in (g + defaults[len(g) - 3 :] for g in MASKGIT_GRID)
   ]
 
 
@@ -208,6 +228,7 @@ def sweep():
       'workdir': os.path.abspath(_WORKDIR.value),
       'step': run.step,
       'drop_prob': float(config.cond.drop_prob),
+      'label_smoothing': float(config.transformer.get('label_smoothing', 0.0)),
       'reference': split,
     }
     rows.append(machine.write_row(_OUT.value, row))
@@ -216,13 +237,19 @@ def sweep():
 
 # The plot's lines against guidance scale: (kind, the other settings held, colour). A row
 # without a setting had its default (ROW_DEFAULTS: rows from before the field).
-_MASKGIT_T8 = dict(iterations=8, choice_temperature=4.5, temperature=1.0, top_k=0)
+_MASKGIT_T8 = dict(
+  iterations=8, choice_temperature=4.5, temperature=1.0, top_k=0, final_temperature=None
+)
 SCALE_AXIS = (
   ('gpt', dict(temperature=1.0, top_k=100), '#1f77b4'),
   ('maskgit', dict(_MASKGIT_T8, confidence='sampled'), '#d62728'),
   ('maskgit', dict(_MASKGIT_T8, confidence='max'), '#2ca02c'),
+  ('maskgit', dict(_MASKGIT_T8, confidence='sampled', final_temperature=2.0), '#9467bd'),
 )
-ROW_DEFAULTS = {'confidence': 'sampled'}
+# Short names in the plot's legend.
+LEGEND = {'iterations': 'T', 'choice_temperature': 'choice temp.', 'temperature': 'temp.'}
+LEGEND.update(top_k='top-k', final_temperature='to')
+ROW_DEFAULTS = {'confidence': 'sampled', 'final_temperature': None}
 
 
 def svg_plot(rows, path):
@@ -283,7 +310,11 @@ def svg_plot(rows, path):
       path_d = ' '.join(f'{x:.1f},{y:.1f}' for x, y in pts)
       out.append(f'<polyline points="{path_d}" fill="none" stroke="{color}" stroke-width="2"/>')
       out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts]
-      settings_text = ', '.join(f'{k} {v:g}' if k != 'confidence' else v for k, v in held.items())
+      settings_text = ', '.join(
+        f'{LEGEND.get(k, k)} {v:g}' if k != 'confidence' else v
+        for k, v in held.items()
+        if v is not None and not (k == 'top_k' and v == 0)
+      )
       out.append(
         f'<text x="{left + 8}" y="{36 + 14 * row}" fill="{color}">{kind} ({settings_text})</text>'
       )
@@ -302,6 +333,7 @@ TABLE_COLUMNS = {
     ('temperature', 'temperature'),
     ('top-k', 'top_k'),
     ('confidence', 'confidence'),
+    ('final temperature', 'final_temperature'),
   ),
 }
 
@@ -316,7 +348,9 @@ def table(rows, kind) -> str:
       latest[tuple(r.get(k, ROW_DEFAULTS.get(k)) for _, k in columns)] = r
   best = pick(list(latest.values()))
   cell = lambda v: (
-    'none'
+    '-'
+    if v is None
+    else 'none'
     if v == 0 and not isinstance(v, float)
     else f'{v:g}'
     if isinstance(v, (int, float))
@@ -326,7 +360,10 @@ def table(rows, kind) -> str:
     '| ' + ' | '.join(h for h, _ in columns) + ' | fd_fmnist | class accuracy |',
     '|---' * (len(columns) + 2) + '|',
   ]
-  for key in sorted(latest, key=lambda k: tuple(str(v) if isinstance(v, str) else v for v in k)):
+  order = lambda k: tuple(
+    (1, str(v)) if isinstance(v, str) else (0, -1 if v is None else v) for v in k
+  )
+  for key in sorted(latest, key=order):
     r = latest[key]
     cells = [cell(v) for v in key] + [f'{r["fd_fmnist"]:.2f}', f'{r["class_accuracy"]:.1%}']
     if r is best:
@@ -347,7 +384,7 @@ def main(argv):
   for kind in kinds:
     best = pick([r for r in rows if r['kind'] == kind])
     keys = ('kind', 'cfg_scale', 'temperature', 'top_k', 'iterations', 'choice_temperature')
-    keys += ('confidence',)
+    keys += ('confidence', 'final_temperature')
     picked = {k: best[k] for k in keys if k in best}
     figures = {k: best[k] for k in ('fd_fmnist', 'class_accuracy', 'step', 'workdir')}
     print('pick:', json.dumps({**picked, **figures}))
