@@ -45,15 +45,8 @@ def get_config(arg=None):
   # temperature 1.5 (scale 3) and 11.96 / 89.8% at scale 2 and temperature 1. MaskGIT keeps its
   # most confident draws, so its samples are less varied than the model: hotter draws give the
   # variety back, and late in the decoding, where the many last codes are drawn, most cheaply.
-  c.sample.update(
-    iterations=8,
-    schedule='cosine',
-    choice_temperature=4.5,
-    top_k=0,
-    temperature=1.0,
-    final_temperature=2.0,
-    cfg_scale=3.25,
-  )
+  c.sample.update(iterations=8, choice_temperature=4.5, top_k=0, cfg_scale=3.25)
+  c.sample.update(temperature=1.0, final_temperature=2.0)
   if args.get('smoke'):
     base.stage2_smoke(c)
     c.sample.top_k = 0
