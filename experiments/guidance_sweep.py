@@ -127,7 +127,7 @@ MASKGIT_GRID = [(s, 8, 4.5) for s in (1.0, 1.5, 2.0, 3.0, 4.0)] + [
   (1.0, 8, 4.5, 1.0, 0, 'max'),
   # Sampler or model? Choice temperature 1000 swamps the ranking, so the codes are decoded in
   # a random order; at T = 64 one code per iteration: exact draws from the model's own joint
-  # (an any-order autoregression), which no decoding schedule can beat unguided.
+  # (an any-order autoregression), what any faster decoding approximates.
   (1.0, 64, 1000.0, 1.0, 0, 'max'),
   (1.0, 8, 1000.0, 1.0, 0, 'max'),
   # Draws that warm up over the iterations (final_temperature): cool while the few first codes
