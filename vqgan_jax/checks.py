@@ -108,16 +108,23 @@ def _is_number(x):
   return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
+def nonnegative(value, name, note=''):
+  """A finite number >= 0 (a temperature); unchecked when traced by the caller's own jit.
+  `note` follows '>= 0' in the message."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  try:
+    v = float(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{name} must be a number >= 0, got {value!r}') from e
+  if not math.isfinite(v) or v < 0:
+    raise ValueError(f'{name} must be >= 0{note}, got {value!r}')
+
+
 def sampling_filters(temperature, top_k, top_p):
   """The samplers' filters: temperature >= 0 (unchecked when traced by the caller's own jit),
   top_k an int >= 0, top_p in (0, 1]; returns (top_k or None, top_p as a float)."""
-  if not isinstance(temperature, jax.core.Tracer):
-    try:
-      t = float(temperature)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f'temperature must be a number >= 0, got {temperature!r}') from e
-    if not math.isfinite(t) or t < 0:
-      raise ValueError(f'temperature must be >= 0 (0 is greedy argmax), got {temperature!r}')
+  nonnegative(temperature, 'temperature', ' (0 is greedy argmax)')
   if top_k is not None and not (_is_number(top_k) and float(top_k).is_integer() and top_k >= 0):
     raise ValueError(f'top_k must be an integer >= 0 (0 or None: no top-k), got {top_k!r}')
   if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
@@ -209,10 +216,7 @@ def decoding_iterations(iterations, schedule, choice_temperature, schedules):
     raise ValueError(f'iterations must be an integer >= 1 (MaskGIT uses 8-12), got {iterations!r}')
   if schedule not in schedules:
     raise ValueError(f'schedule must be one of {schedules}, got {schedule!r}')
-  if not isinstance(choice_temperature, jax.core.Tracer):
-    c = float(choice_temperature)
-    if not math.isfinite(c) or c < 0:
-      raise ValueError(f'choice_temperature must be >= 0, got {choice_temperature!r}')
+  nonnegative(choice_temperature, 'choice_temperature')
 
 
 # ----------------------------------------------------------------------------------------

@@ -112,10 +112,8 @@ def check_args(
   checks.decoding_iterations(iterations, schedule, choice_temperature, maskgit_lib.SCHEDULES)
   if confidence not in CONFIDENCES:
     raise ValueError(f'confidence must be one of {CONFIDENCES}, got {confidence!r}')
-  if final_temperature is not None and not isinstance(final_temperature, jax.core.Tracer):
-    f = float(final_temperature)
-    if not math.isfinite(f) or f < 0:
-      raise ValueError(f'final_temperature must be >= 0 (or None), got {final_temperature!r}')
+  if final_temperature is not None:
+    checks.nonnegative(final_temperature, 'final_temperature', ' (or None)')
   cond_len = np.shape(condition)[1]
   n = model.block_size - cond_len
   if n < 1:
