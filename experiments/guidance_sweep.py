@@ -247,8 +247,13 @@ SCALE_AXIS = (
   ('maskgit', dict(_MASKGIT_T8, confidence='sampled', final_temperature=2.0), '#9467bd'),
 )
 # Short names in the plot's legend.
-LEGEND = {'iterations': 'T', 'choice_temperature': 'choice temp.', 'temperature': 'temp.'}
-LEGEND.update(top_k='top-k', final_temperature='to')
+LEGEND = dict(
+  iterations='T',
+  choice_temperature='choice temp.',
+  temperature='temp.',
+  top_k='top-k',
+  final_temperature='to',  # "temp. 1, to 2"
+)
 ROW_DEFAULTS = {'confidence': 'sampled', 'final_temperature': None}
 
 
