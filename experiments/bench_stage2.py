@@ -21,6 +21,11 @@ load; medians, and `*_best` for the fastest repetition), with `--threads` torch 
   original GPT's `forward_with_past` (which is): step 0 feeds the conditioning, later steps
   one token with all presents concatenated along time, logits / temperature, HF
   `top_k_top_p_filtering`, softmax, multinomial.
+* stage2_sample_dots (`--only=dots`): what bounds one decode step on this machine. The step's
+  weight dots alone (every layer's qkv, projection and MLP matrices and the head, `batch`
+  rows each, one jitted chain, random weights of the bench model's shapes) against one
+  streaming read of the same bytes: `dots_gb_per_s` is the weights' bytes over the chain's
+  time, `stream_gb_per_s` what memory delivers to a plain reduction over them.
 * stage2_sample_recompute: the same sampler vs `Net2NetTransformer.sample`, which reruns the
   GPT on the whole prefix for every token (--orig_recompute_steps to shorten it; the row
   then says how many steps were timed, and per-token cost grows with the prefix).
@@ -62,7 +67,9 @@ _BATCH = flags.DEFINE_integer('batch', 8, 'Sequences per step / sampled in paral
 _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
   'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).'
 )
-_ONLY = flags.DEFINE_list('only', ['train', 'sample'], 'Which benchmarks to run.')
+_ONLY = flags.DEFINE_list(
+  'only', ['train', 'sample'], "Which benchmarks to run: train, sample and/or dots (the bound)."
+)
 _OUT = flags.DEFINE_string(
   'out',
   'bench_stage2_cpu.jsonl',
@@ -257,8 +264,47 @@ def original_samplers(gpt, layout, threads):
   return with_past, recompute, steps
 
 
+def _best_s(fn, *args, reps=5, inner=20):
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t0) / inner)
+  return best
+
+
+def sample_dots(dtype, vocab):
+  """(seconds of one decode step's weight dots, seconds of one streaming read of the same
+  weights, their bytes): see stage2_sample_dots in the module docstring."""
+  rng = np.random.RandomState(0)
+  c = N_EMBD
+  shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] * N_LAYER + [(c, vocab)]
+  weights = [jnp.asarray(0.02 * rng.randn(*s), dtype) for s in shapes]
+
+  def dot(h, w):  # as mixed_einsum computes: operands in `dtype`, float32 accumulation
+    return jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32)
+
+  @jax.jit
+  def chain(x, weights):
+    for l in range(N_LAYER):
+      qkv, proj, fc, fc_proj = weights[4 * l : 4 * l + 4]
+      x = x + dot(dot(x, qkv)[:, :c], proj)
+      x = x + dot(jax.nn.gelu(dot(x, fc)), fc_proj)
+    return dot(x, weights[-1])
+
+  stream = jax.jit(lambda weights: sum(w.astype(jnp.float32).sum() for w in weights))
+  x = jnp.asarray(rng.randn(_BATCH.value, c), jnp.float32)
+  nbytes = sum(w.nbytes for w in weights)
+  return _best_s(chain, x, weights), _best_s(stream, weights), nbytes
+
+
 def main(argv):
   del argv
+  if set(_ONLY.value) - {'train', 'sample', 'dots'}:
+    raise app.UsageError(f'--only: train, sample and/or dots, got {_ONLY.value}')
   use_ref = not _NO_REF.value and _reference_available()
   dtypes = list(_DTYPES.value)
   layouts = list(_LAYOUTS.value)
@@ -291,7 +337,9 @@ def main(argv):
 
   iters, warmup = _ITERS.value, _WARMUP.value
   # Same seed and batch for every dtype and layout: the first step's loss compares them.
-  trains = {p: ours_train(configs[p], layout) for p in pairs}
+  trains = {}
+  if {'train', 'sample'} & set(_ONLY.value):
+    trains = {p: ours_train(configs[p], layout) for p in pairs}
   n_matmul, flops = train_flops(layout, b)
   gpt = None
   if 'train' in _ONLY.value:
@@ -328,6 +376,21 @@ def main(argv):
           ratio_vs_original=orig_s / step_s,
         )
       emit(row)
+  if 'dots' in _ONLY.value:
+    for d in dtypes:
+      dots_s, stream_s, nbytes = sample_dots(jnp.dtype(d), layout.vocab_size)
+      emit(
+        {
+          'name': 'stage2_sample_dots',
+          'dtype': d,
+          **common,
+          'weight_mb': nbytes / 1e6,
+          'dots_ms': 1e3 * dots_s,
+          'dots_gb_per_s': nbytes / dots_s / 1e9,
+          'stream_ms': 1e3 * stream_s,
+          'stream_gb_per_s': nbytes / stream_s / 1e9,
+        }
+      )
   if 'sample' in _ONLY.value:
     samplers = {
       d: ours_sample(configs[d, layouts[0]], layout, trains[d, layouts[0]][2]()) for d in dtypes

@@ -17,7 +17,9 @@ STAGES = ('vqgan', 'transformer')
 #   avx512_bf16 (2-core AVX-512 VM with BF16/AMX, 2026-12-07, idle rows): the VQGAN step
 #     bf16 30.7 vs float32 35.8 images/s (conv_impl tuned: 32.5 vs 35.9): XLA's bf16 convs do
 #     not use the bf16 units; the GPT train step 1075 vs 785 tokens/s, its KV-cached sampler
-#     676-1020 vs 504-659.
+#     676-1020 vs 504-659. Without AMX (2-core AMD EPYC Zen 4 VM, 2026-12-07) the same
+#     answers: the VQGAN step bf16 34.7 vs float32 43.2 (tuned 41.4 vs 44.3), the GPT train
+#     step 1235 vs 839 (unrolled 1482 vs 931), its sampler 915 vs 796.
 #   avx2 (2-core AVX2 VM, 2026-11): the VQGAN step bf16 1.23x vs float32 1.60x the original's;
 #     the GPT train step 750-920 vs 660-700 tokens/s, its sampler 720-820 vs 620-720.
 CPU_TABLE = {
