@@ -7,4 +7,5 @@ bash scripts/setup.sh test,reference
 source scripts/malloc.sh
 # Two workers, one test file each at a time (a file's module-scoped fixtures are built once):
 # compiling is single-threaded, so two files compile side by side on a 2-core machine.
-exec .venv/bin/python -m pytest -q -n "${VQGAN_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
+# Files are handed out in collection order, longest first (tests/conftest.py, FILE_SECONDS).
+exec .venv/bin/python -m pytest -q -n "${VQGAN_JAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

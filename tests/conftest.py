@@ -4,6 +4,7 @@ The device count must be fixed before JAX initialises its backends, hence here,
 before any test module imports jax.
 """
 
+import collections
 import os
 
 # Tests compile far more than they compute (most of a test's time is XLA:CPU compiling, most
@@ -19,3 +20,33 @@ if os.environ.get('VQGAN_JAX_BOUNDS_LOG'):  # experiments/test_bounds.py: record
   import bounds  # noqa: E402
 
   bounds.record_allclose()
+
+
+# Seconds each slow file takes on a 2-core VM in the parallel suite (`pytest --durations=0`,
+# summed per file). xdist's default hands files out by test count, so the files with few but
+# long end-to-end tests started last and ran alone for minutes; scripts/test.sh turns that off
+# (--no-loadscope-reorder) and the files are collected longest first instead.
+FILE_SECONDS = {
+  'test_stage2.py': 250,
+  'test_main.py': 230,
+  'test_multihost.py': 190,
+  'test_train.py': 90,
+  'test_experiments.py': 60,
+  'test_eval.py': 60,
+  'test_maskgit.py': 55,
+  'test_bf16.py': 50,
+  'test_models.py': 50,
+  'test_pixels.py': 40,
+  'test_parity_stage2.py': 40,
+  'test_sampling.py': 40,
+  'test_quantizers.py': 35,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  path = lambda item: item.nodeid.split('::')[0]
+  counts = collections.Counter(map(path, items))
+  rank = lambda p: (-FILE_SECONDS.get(os.path.basename(p), 0), -counts[p])
+  order = {p: i for i, p in enumerate(sorted(counts, key=rank))}
+  items.sort(key=lambda item: order[path(item)])  # stable: a file's own order is kept
