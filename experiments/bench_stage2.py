@@ -68,7 +68,7 @@ _ORIG_RECOMPUTE_STEPS = flags.DEFINE_integer(
   'orig_recompute_steps', 256, 'Steps of Net2NetTransformer.sample to time (0: skip).'
 )
 _ONLY = flags.DEFINE_list(
-  'only', ['train', 'sample'], "Which benchmarks to run: train, sample and/or dots (the bound)."
+  'only', ['train', 'sample'], 'Which benchmarks to run: train, sample and/or dots (the bound).'
 )
 _OUT = flags.DEFINE_string(
   'out',
