@@ -229,6 +229,8 @@ def sweep():
       'step': run.step,
       'drop_prob': float(config.cond.drop_prob),
       'label_smoothing': float(config.transformer.get('label_smoothing', 0.0)),
+      'base_lr': float(config.optim.base_lr),
+      'num_steps': int(config.train.num_steps),
       'reference': split,
     }
     rows.append(machine.write_row(_OUT.value, row))
