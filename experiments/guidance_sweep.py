@@ -210,8 +210,13 @@ def sweep():
   for i in chosen:
     args = {**run.sampler_args(), **grid[i]}
     args['top_k'] = int(args['top_k']) or None
+    call = dict(args)
+    if 'final_temperature' in call and call['final_temperature'] is None:
+      # A constant temperature, said explicitly: the sampler reads None as "the config's
+      # default", and a run trained with a warming config.sample would warm.
+      call['final_temperature'] = call['temperature']
     t0 = time.perf_counter()
-    result, *_, seconds = evaluate.sample_metrics(run, config, labels, exts, ref, args)
+    result, *_, seconds = evaluate.sample_metrics(run, config, labels, exts, ref, call)
     timed = seconds[1:] or seconds
     row = {
       'name': 'guidance_sweep',
