@@ -194,6 +194,16 @@ def _config(workdir):
   return ml_collections.ConfigDict(config.to_dict()), step
 
 
+def sampler_call(args):
+  """The sampler's keywords for a setting's `args`: a constant temperature (final_temperature
+  None) said explicitly, since the sampler reads None as the run's config default, and a run
+  trained with a warming config.sample would warm."""
+  call = dict(args)
+  if 'final_temperature' in call and call['final_temperature'] is None:
+    call['final_temperature'] = call['temperature']
+  return call
+
+
 def sweep():
   config, step = _config(_WORKDIR.value)
   mesh = parallel.make_mesh(config.mesh)
@@ -210,13 +220,10 @@ def sweep():
   for i in chosen:
     args = {**run.sampler_args(), **grid[i]}
     args['top_k'] = int(args['top_k']) or None
-    call = dict(args)
-    if 'final_temperature' in call and call['final_temperature'] is None:
-      # A constant temperature, said explicitly: the sampler reads None as "the config's
-      # default", and a run trained with a warming config.sample would warm.
-      call['final_temperature'] = call['temperature']
     t0 = time.perf_counter()
-    result, *_, seconds = evaluate.sample_metrics(run, config, labels, exts, ref, call)
+    result, *_, seconds = evaluate.sample_metrics(
+      run, config, labels, exts, ref, sampler_call(args)
+    )
     timed = seconds[1:] or seconds
     row = {
       'name': 'guidance_sweep',
