@@ -196,8 +196,9 @@ def _config(workdir):
 
 def sampler_call(args):
   """The sampler's keywords for a setting's `args`: a constant temperature (final_temperature
-  None) said explicitly, since the sampler reads None as the run's config default, and a run
-  trained with a warming config.sample would warm."""
+  None) said explicitly, so that a row states what was drawn whatever the run's config.sample
+  warms to (before `TrainedTransformer.sample` read a temperature given alone as constant, it
+  warmed such runs: the bug of 2026-12-07)."""
   call = dict(args)
   if 'final_temperature' in call and call['final_temperature'] is None:
     call['final_temperature'] = call['temperature']

@@ -326,3 +326,23 @@ def test_main_completes_a_folder(workdirs):
   np.testing.assert_array_equal(out['labels'], [-1, -1])  # a folder: unlabelled, null class
   with Image.open(f'{stem}.png') as png:  # 2 rows of input, masked input, 3 completions
     assert png.size[0] * (2 * (SIZE + 2) + 2) == png.size[1] * (5 * (SIZE + 2) + 2)
+
+
+def test_an_explicit_temperature_is_constant_and_the_default_is_the_runs_schedule(maskgit):
+  """The run's config warms its draws (1 to 2). Left out, the temperatures are the config's;
+  a temperature given alone is that temperature throughout, for sample and complete alike."""
+  assert maskgit.sampler_args()['final_temperature'] == 2.0
+  cond, key = maskgit.condition_for_class([1]), jax.random.key(2)
+  draw = lambda **kw: maskgit.sample(cond, key, num_samples=N, **kw)[0]
+  np.testing.assert_array_equal(draw(), draw(temperature=1.0, final_temperature=2.0))
+  np.testing.assert_array_equal(draw(temperature=1.5), draw(temperature=1.5, final_temperature=1.5))
+  assert not np.array_equal(draw(temperature=1.5), draw(temperature=1.5, final_temperature=2.0))
+  np.testing.assert_array_equal(
+    draw(final_temperature=3.0), draw(temperature=1.0, final_temperature=3.0)
+  )
+
+  x, keep = _codes(maskgit), completion.center_box(GRID)
+  fill = lambda **kw: maskgit.complete(x, keep, key, condition=_cond(maskgit), **kw)[0]
+  np.testing.assert_array_equal(fill(), fill(temperature=1.0, final_temperature=2.0))
+  np.testing.assert_array_equal(fill(temperature=1.5), fill(temperature=1.5, final_temperature=1.5))
+  assert not np.array_equal(fill(temperature=1.5), fill(temperature=1.5, final_temperature=2.0))

@@ -271,7 +271,7 @@ class TrainedTransformer:
     rng=None,
     *,
     num_samples=None,
-    temperature=1.0,
+    temperature=None,
     top_k=None,
     top_p=1.0,
     cfg_scale=None,
@@ -290,7 +290,8 @@ class TrainedTransformer:
     condition: (N, Lc) condition tokens (`condition_for_class`, or cond codes + offset for
       spatial models); None for an unconditional model (then num_samples, default 1).
     num_samples: repeat a single condition that many times (a positive int).
-    temperature: > 0 divides the logits; 0 is greedy (argmax) decoding.
+    temperature: > 0 divides the logits; 0 is greedy (argmax) decoding. Default 1.0 (MaskGIT:
+      config.sample's temperature and final_temperature, the run's schedule of draws).
     top_k / top_p: keep the k most likely codes / the smallest set with probability >= p.
     cfg_scale: classifier-free guidance (models trained with config.cond.drop_prob > 0).
     grid: (h, w) of the code grid; larger than the training grid uses the sliding window of
@@ -300,7 +301,9 @@ class TrainedTransformer:
       schedule ('cosine', 'linear', 'square'), the scale of the Gumbel noise on the confidence,
       what the confidence is ('sampled', MaskGIT's; 'max': `maskgit_sampling.CONFIDENCES`) and
       the draws' temperature at the last iteration (linear from `temperature` at the first).
-      steps: the deprecated name of iterations.
+      A temperature given without final_temperature is the temperature throughout: config's
+      final_temperature goes with config's temperature only. steps: the deprecated name of
+      iterations.
 
     Up to `self.batch_size` samples are one sampler call drawn with `rng`; more are drawn in
     calls of batch_size, the i-th with `jax.random.fold_in(rng, i)`. A batch whose estimated
@@ -319,6 +322,7 @@ class TrainedTransformer:
     if self.kind != 'maskgit' and any(v is not None for v in decoding.values()):
       given = sorted(k for k, v in decoding.items() if v is not None)
       raise ValueError(f'{given} apply to MaskGIT models; this is a GPT (one code per step)')
+    temperature, decoding['final_temperature'] = self._temperatures(temperature, final_temperature)
     rng = jax.random.key(0) if rng is None else rng
     if condition is None:
       if self.layout.kind != 'unconditional':
@@ -335,6 +339,20 @@ class TrainedTransformer:
     draw = self._sampler(condition[:1], uncond, grid, window, decoding, filters)
     size = self._check_memory(n, num_samples, grid, window, cfg_scale is not None)
     return self._in_batches(draw, condition, num_samples, n, size, rng, uncond)
+
+  def _temperatures(self, temperature, final_temperature):
+    """(temperature, final_temperature) to draw with. A MaskGIT run's config may warm its draws
+    (config.sample.final_temperature); that schedule applies when no temperature is given. A
+    temperature given alone is constant: warming it to the config's final temperature would
+    draw something the caller did not ask for (guidance_sweep's bug of 2026-12-07)."""
+    if self.kind != 'maskgit':
+      return 1.0 if temperature is None else temperature, final_temperature
+    if temperature is None:
+      config = self.sampler_args()
+      temperature = config['temperature']
+      if final_temperature is None:
+        final_temperature = config['final_temperature']
+    return temperature, temperature if final_temperature is None else final_temperature
 
   def _grid_and_window(self, grid, window):
     """The (h, w) grid asked for (default: the training grid) and the sliding window it
@@ -426,7 +444,8 @@ class TrainedTransformer:
     condition: (N, Lc) condition tokens (`condition_for_class(labels)`); default: the start
       token of an unconditional model, the null class of one trained with class dropout.
     sampling_args: `sample`'s temperature, top_k, top_p, cfg_scale (and MaskGIT's iterations,
-      schedule, choice_temperature; config.sample's by default). Batches of batch_size as
+      schedule, choice_temperature, confidence, final_temperature; config.sample's by default,
+      the temperatures as `sample` resolves them). Batches of batch_size as
       `sample`: the i-th with `fold_in(rng, i)` when there are several.
     """
     grid = tuple(self.layout.grid)
@@ -516,8 +535,12 @@ class TrainedTransformer:
       steps = kw.pop('steps', None)
       kw['iterations'] = maskgit_sampling.renamed_steps(kw.get('iterations'), steps)
       for k, v in self.sampler_args().items():
-        if k in maskgit_sampling.DECODING_ARGS and kw.get(k) is None:
+        if k in maskgit_sampling.DECODING_ARGS and k != 'final_temperature' and kw.get(k) is None:
           kw[k] = v
+    temperature, final = self._temperatures(kw.get('temperature'), kw.get('final_temperature'))
+    kw['temperature'] = temperature
+    if self.kind == 'maskgit':
+      kw['final_temperature'] = final
     return kw
 
 
