@@ -200,17 +200,6 @@ def _config(workdir):
   return ml_collections.ConfigDict(config.to_dict()), step
 
 
-def sampler_call(args):
-  """The sampler's keywords for a setting's `args`: a constant temperature (final_temperature
-  None) said explicitly, so that a row states what was drawn whatever the run's config.sample
-  warms to (before `TrainedTransformer.sample` read a temperature given alone as constant, it
-  warmed such runs: the bug of 2026-12-07)."""
-  call = dict(args)
-  if 'final_temperature' in call and call['final_temperature'] is None:
-    call['final_temperature'] = call['temperature']
-  return call
-
-
 def sweep():
   config, step = _config(_WORKDIR.value)
   mesh = parallel.make_mesh(config.mesh)
@@ -228,9 +217,9 @@ def sweep():
     args = {**run.sampler_args(), **grid[i]}
     args['top_k'] = int(args['top_k']) or None
     t0 = time.perf_counter()
-    result, *_, seconds = evaluate.sample_metrics(
-      run, config, labels, exts, ref, sampler_call(args)
-    )
+    # A setting's final_temperature None is its temperature throughout: `sample` reads a
+    # temperature given without a final one as constant, whatever the run's config warms to.
+    result, *_, seconds = evaluate.sample_metrics(run, config, labels, exts, ref, args)
     timed = seconds[1:] or seconds
     row = {
       'name': 'guidance_sweep',

@@ -336,6 +336,9 @@ def test_an_explicit_temperature_is_constant_and_the_default_is_the_runs_schedul
   draw = lambda **kw: maskgit.sample(cond, key, num_samples=N, **kw)[0]
   np.testing.assert_array_equal(draw(), draw(temperature=1.0, final_temperature=2.0))
   np.testing.assert_array_equal(draw(temperature=1.5), draw(temperature=1.5, final_temperature=1.5))
+  # guidance_sweep's constant settings pass final_temperature=None explicitly: the same.
+  constant = draw(temperature=1.5, final_temperature=None)
+  np.testing.assert_array_equal(constant, draw(temperature=1.5, final_temperature=1.5))
   assert not np.array_equal(draw(temperature=1.5), draw(temperature=1.5, final_temperature=2.0))
   np.testing.assert_array_equal(
     draw(final_temperature=3.0), draw(temperature=1.0, final_temperature=3.0)

@@ -169,16 +169,6 @@ def test_gpu_check_peak_table_and_flop_count():
   assert gpu_check.step_flops(Compiled(None)) == 0.0
 
 
-def test_a_constant_temperature_setting_is_not_the_runs_warming_default():
-  sweep = _script('guidance_sweep')
-  constant = dict(cfg_scale=3.0, temperature=1.5, final_temperature=None)
-  assert sweep.sampler_call(constant)['final_temperature'] == 1.5
-  assert constant['final_temperature'] is None  # the row still says constant
-  warming = dict(temperature=1.0, final_temperature=2.0)
-  assert sweep.sampler_call(warming)['final_temperature'] == 2.0
-  assert 'final_temperature' not in sweep.sampler_call(dict(temperature=1.0, top_k=100))  # GPT
-
-
 def test_the_guidance_rule_picks_the_lowest_fd_at_90_percent_else_the_most_accurate_near_it():
   sweep = _script('guidance_sweep')
 
